@@ -62,3 +62,45 @@ pub trait PageCache {
     /// when handed back.
     fn free_table(&mut self, pa: Pa);
 }
+
+impl<T: PtMemory + ?Sized> PtMemory for &T {
+    #[inline(always)]
+    fn table(&self, pa: Pa) -> &[AtomicU64; ENTRIES] {
+        (**self).table(pa)
+    }
+    #[inline(always)]
+    fn refcount(&self, pa: Pa) -> &AtomicU32 {
+        (**self).refcount(pa)
+    }
+}
+
+impl<T: TlbOps + ?Sized> TlbOps for &T {
+    #[inline(always)]
+    fn tlbi_leaf(&self, addr: u64, level: Level) {
+        (**self).tlbi_leaf(addr, level)
+    }
+    #[inline(always)]
+    fn tlbi_leaf_local(&self, addr: u64, level: Level) {
+        (**self).tlbi_leaf_local(addr, level)
+    }
+    #[inline(always)]
+    fn tlbi_range(&self, start: u64, end: u64) {
+        (**self).tlbi_range(start, end)
+    }
+    #[inline(always)]
+    fn tlbi_all(&self) {
+        (**self).tlbi_all()
+    }
+    #[inline(always)]
+    fn dcache_clean_poc(&self, pa: Pa, size: u64) {
+        (**self).dcache_clean_poc(pa, size)
+    }
+    #[inline(always)]
+    fn icache_inval_pou(&self, pa: Pa, size: u64) {
+        (**self).icache_inval_pou(pa, size)
+    }
+    #[inline(always)]
+    fn needs_dcache_maintenance(&self) -> bool {
+        (**self).needs_dcache_maintenance()
+    }
+}

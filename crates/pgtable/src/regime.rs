@@ -84,8 +84,7 @@ impl Regime for Stage2 {
     #[inline(always)]
     fn valid_prot(prot: S2Prot) -> bool {
         // Executable device memory makes no sense at stage-2.
-        !(prot.contains(S2Prot::DEVICE) && prot.contains(S2Prot::X))
-            && !(prot.contains(S2Prot::DEVICE) && prot.contains(S2Prot::NORMAL_NC))
+        !prot.contains(S2Prot::DEVICE) || !prot.intersects(S2Prot::X.union(S2Prot::NORMAL_NC))
     }
 }
 

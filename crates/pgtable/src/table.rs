@@ -60,7 +60,12 @@ pub const fn el2_geometry(va_bits: u32) -> Result<S2Geometry, PtError> {
     }
     let g = Granule::Size4K;
     let levels = (va_bits - g.shift()).div_ceil(g.bits_per_level());
-    Ok(S2Geometry { granule: g, ipa_bits: va_bits, start_level: Level((4 - levels) as u8), root_pages: 1 })
+    Ok(S2Geometry {
+        granule: g,
+        ipa_bits: va_bits,
+        start_level: Level((4 - levels) as u8),
+        root_pages: 1,
+    })
 }
 
 /// A page table of regime `R`. Not `Clone`: holding `&mut PageTable` is the
@@ -85,7 +90,12 @@ impl<R: Regime> PageTable<R> {
     /// A table whose root is `geo.root_pages` contiguous, zeroed pages at
     /// `root` (aligned to their total size), provided by the caller.
     pub const fn new(root: Pa, geo: S2Geometry, feat: S2Features) -> Self {
-        PageTable { root, geo, feat, _regime: PhantomData }
+        PageTable {
+            root,
+            geo,
+            feat,
+            _regime: PhantomData,
+        }
     }
 
     /// Physical address of the root table.
@@ -218,7 +228,11 @@ impl<R: Regime> PageTable<R> {
             return None;
         }
         let off = a & (level_size(leaf.level) - 1);
-        Some((Pa(oa(leaf.pte).0 + off), R::prot_of(leaf.pte, self.feat), leaf.level))
+        Some((
+            Pa(oa(leaf.pte).0 + off),
+            R::prot_of(leaf.pte, self.feat),
+            leaf.level,
+        ))
     }
 
     /// Calls `f(addr, level, pte)` for every non-zero leaf entry in
@@ -281,13 +295,26 @@ impl<R: Regime> PageTable<R> {
 
 impl PageTable<Stage2> {
     /// Clears write permission on every valid leaf in the range, in place.
-    /// No TLB invalidation: the caller flushes once for the whole range.
+    /// No TLB invalidation inside the range: the caller flushes it once. A
+    /// block straddling the range's edge is protected whole and invalidated
+    /// here, since the caller's flush does not cover its outside part.
     ///
     /// # Errors
     /// Range/alignment errors.
-    pub fn wrprotect<E: PtMemory + TlbOps>(&mut self, env: &E, ipa: Ipa, size: u64) -> Result<(), PtError> {
+    pub fn wrprotect<E: PtMemory + TlbOps>(
+        &mut self,
+        env: &E,
+        ipa: Ipa,
+        size: u64,
+    ) -> Result<(), PtError> {
         let end = self.check_range(ipa.0, size)?;
-        let mut v = AttrVisitor { set: 0, clear: s2::S2AP_W, young: false, test_af: false };
+        let mut v = AttrVisitor {
+            set: 0,
+            clear: s2::S2AP_W,
+            young: false,
+            test_af: false,
+            flush_partial: true,
+        };
         walk_range(env, self.root, &self.geo, ipa.0, end, false, &mut v)
     }
 
@@ -297,7 +324,12 @@ impl PageTable<Stage2> {
     /// # Errors
     /// [`PtError::Again`] if nothing valid is mapped (the guest retries and
     /// takes a translation fault instead); range errors.
-    pub fn relax_perms<E: PtMemory + TlbOps>(&mut self, env: &E, ipa: Ipa, prot: S2Prot) -> Result<(), PtError> {
+    pub fn relax_perms<E: PtMemory + TlbOps>(
+        &mut self,
+        env: &E,
+        ipa: Ipa,
+        prot: S2Prot,
+    ) -> Result<(), PtError> {
         relax_perms_impl(self, env, ipa, prot, false)
     }
 
@@ -364,7 +396,10 @@ impl PageTable<Stage2> {
         if annotation.0 == 0 || annotation.is_valid() || annotation.is_locked() {
             return Err(PtError::InvalidProt);
         }
-        let mut v = AnnotateVisitor { value: annotation.0, cache };
+        let mut v = AnnotateVisitor {
+            value: annotation.0,
+            cache,
+        };
         walk_range(env, self.root, &self.geo, ipa.0, end, false, &mut v)
     }
 }
@@ -388,7 +423,8 @@ impl<R: Regime> SharedPageTable<'_, R> {
         flags: MapFlags,
         cache: &mut C,
     ) -> Result<(), PtError> {
-        self.pt.do_map(env, addr, size, pa, prot, flags, cache, true)
+        self.pt
+            .do_map(env, addr, size, pa, prot, flags, cache, true)
     }
 
     /// See [`PageTable::get_leaf`].
@@ -407,7 +443,12 @@ impl SharedPageTable<'_, Stage2> {
     ///
     /// # Errors
     /// As [`PageTable::relax_perms`], plus [`PtError::Again`] on a lost race.
-    pub fn relax_perms<E: PtMemory + TlbOps>(&self, env: &E, ipa: Ipa, prot: S2Prot) -> Result<(), PtError> {
+    pub fn relax_perms<E: PtMemory + TlbOps>(
+        &self,
+        env: &E,
+        ipa: Ipa,
+        prot: S2Prot,
+    ) -> Result<(), PtError> {
         relax_perms_impl(self.pt, env, ipa, prot, true)
     }
 
@@ -506,14 +547,23 @@ fn relax_perms_impl<E: PtMemory + TlbOps>(
     if prot.contains(S2Prot::W) {
         set |= s2::S2AP_W;
     }
-    let clear = if prot.contains(S2Prot::X) { s2::XN_MASK } else { 0 };
+    let clear = if prot.contains(S2Prot::X) {
+        s2::XN_MASK
+    } else {
+        0
+    };
     let (_, _, level) = update_leaf_in_place(pt, env, ipa, shared, |pte| (pte | set) & !clear)?;
     let size = level_size(level);
     env.tlbi_leaf_local(ipa.0 & !(size - 1), level);
     Ok(())
 }
 
-fn mkyoung_impl<E: PtMemory + TlbOps>(pt: &PageTable<Stage2>, env: &E, ipa: Ipa, shared: bool) -> Result<(), PtError> {
+fn mkyoung_impl<E: PtMemory + TlbOps>(
+    pt: &PageTable<Stage2>,
+    env: &E,
+    ipa: Ipa,
+    shared: bool,
+) -> Result<(), PtError> {
     update_leaf_in_place(pt, env, ipa, shared, |pte| pte | bits::AF).map(|_| ())
 }
 
@@ -526,7 +576,13 @@ fn test_clear_young_impl<E: PtMemory + TlbOps>(
     shared: bool,
 ) -> Result<bool, PtError> {
     let end = pt.check_range(ipa.0, size)?;
-    let mut v = AttrVisitor { set: 0, clear: if clear { bits::AF } else { 0 }, young: false, test_af: true };
+    let mut v = AttrVisitor {
+        set: 0,
+        clear: if clear { bits::AF } else { 0 },
+        young: false,
+        test_af: true,
+        flush_partial: false,
+    };
     walk_range(env, pt.root, &pt.geo, ipa.0, end, shared, &mut v)?;
     Ok(v.young)
 }
@@ -565,7 +621,10 @@ impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
     }
 
     #[inline(always)]
-    fn install_leaf<E: PtMemory + TlbOps>(&mut self, ctx: &mut VisitCtx<'_, E>) -> Result<Next, PtError> {
+    fn install_leaf<E: PtMemory + TlbOps>(
+        &mut self,
+        ctx: &mut VisitCtx<'_, E>,
+    ) -> Result<Next, PtError> {
         let pa = ctx.addr.wrapping_add(self.pa_delta);
         let new = make_leaf(pa, ctx.level, self.attrs);
         let old = ctx.old;
@@ -717,6 +776,9 @@ struct AttrVisitor {
     clear: u64,
     young: bool,
     test_af: bool,
+    /// Invalidate blocks that straddle the range's edges: they change
+    /// beyond the range the caller will flush.
+    flush_partial: bool,
 }
 
 impl<E: PtMemory + TlbOps> Visitor<E> for AttrVisitor {
@@ -736,6 +798,9 @@ impl<E: PtMemory + TlbOps> Visitor<E> for AttrVisitor {
         let new = (old | self.set) & !self.clear;
         if new != old {
             ctx.set(new)?;
+            if self.flush_partial && !ctx.fully_covered() {
+                ctx.env.tlbi_leaf(ctx.addr, ctx.level);
+            }
         }
         Ok(Next::Continue)
     }

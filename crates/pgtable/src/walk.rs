@@ -266,7 +266,10 @@ fn apply_delta<E: PtMemory>(env: &E, table: Pa, delta: i32, shared: bool) {
         // Exclusive walk: no concurrent updates, and no atomic RMW (which
         // would fault on Device memory while the EL2 MMU is still off).
         let v = rc.load(Ordering::Relaxed) as i64 + delta as i64;
-        debug_assert!((0..=ENTRIES as i64).contains(&v), "table refcount out of range: {v}");
+        debug_assert!(
+            (0..=ENTRIES as i64).contains(&v),
+            "table refcount out of range: {v}"
+        );
         rc.store(v as u32, Ordering::Relaxed);
     }
 }
@@ -327,8 +330,22 @@ where
     let mut next = Next::Continue;
     let mut cur = old;
     if table && V::TABLE_PRE || !table && V::LEAF {
-        let mut ctx = VisitCtx { env, entry, old, addr, start, end, level, shared, delta };
-        next = if table { v.table_pre(&mut ctx)? } else { v.leaf(&mut ctx)? };
+        let mut ctx = VisitCtx {
+            env,
+            entry,
+            old,
+            addr,
+            start,
+            end,
+            level,
+            shared,
+            delta,
+        };
+        next = if table {
+            v.table_pre(&mut ctx)?
+        } else {
+            v.leaf(&mut ctx)?
+        };
         cur = entry.load(Ordering::Acquire);
     }
     if next == Next::SkipChildren || !is_table(cur, level) {
@@ -337,7 +354,17 @@ where
     let child_level = Level(level.0 + 1);
     walk_table(env, oa(cur), child_level, start, end, shared, v)?;
     if V::TABLE_POST {
-        let mut ctx = VisitCtx { env, entry, old: cur, addr, start, end, level, shared, delta };
+        let mut ctx = VisitCtx {
+            env,
+            entry,
+            old: cur,
+            addr,
+            start,
+            end,
+            level,
+            shared,
+            delta,
+        };
         v.table_post(&mut ctx)?;
     }
     Ok(())
@@ -424,6 +451,11 @@ pub(crate) fn build_annotated<E: PtMemory, C: PageCache>(
 }
 
 /// Gives back a detached table built for an update that lost a race.
-pub(crate) fn discard_table<E: PtMemory, C: PageCache>(env: &E, cache: &mut C, table: Pa, level: Level) {
+pub(crate) fn discard_table<E: PtMemory, C: PageCache>(
+    env: &E,
+    cache: &mut C,
+    table: Pa,
+    level: Level,
+) {
     free_subtree(env, cache, table, level);
 }

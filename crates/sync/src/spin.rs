@@ -4,10 +4,10 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::ops::{Deref, DerefMut};
 
-#[cfg(loom)]
-use loom::sync::atomic::{AtomicBool, Ordering};
 #[cfg(not(loom))]
 use core::sync::atomic::{AtomicBool, Ordering};
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, Ordering};
 
 use crate::order::{self, LockClass};
 
@@ -28,13 +28,21 @@ impl<T> SpinLock<T> {
     /// A new unlocked lock of `class`.
     #[cfg(not(loom))]
     pub const fn new(value: T, class: LockClass) -> Self {
-        SpinLock { locked: AtomicBool::new(false), class, value: UnsafeCell::new(value) }
+        SpinLock {
+            locked: AtomicBool::new(false),
+            class,
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// A new unlocked lock of `class`.
     #[cfg(loom)]
     pub fn new(value: T, class: LockClass) -> Self {
-        SpinLock { locked: AtomicBool::new(false), class, value: UnsafeCell::new(value) }
+        SpinLock {
+            locked: AtomicBool::new(false),
+            class,
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// The lock's class.

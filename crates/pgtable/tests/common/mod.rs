@@ -23,7 +23,9 @@ pub struct HeapMem {
 impl HeapMem {
     pub fn new(pages: usize) -> Self {
         HeapMem {
-            pages: (0..pages).map(|_| std::array::from_fn(|_| AtomicU64::new(0))).collect(),
+            pages: (0..pages)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
             refs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
         }
     }
@@ -35,7 +37,9 @@ impl HeapMem {
         self.pages.len()
     }
     pub fn is_zero(&self, pa: Pa) -> bool {
-        self.table(pa).iter().all(|e| e.load(Ordering::Relaxed) == 0)
+        self.table(pa)
+            .iter()
+            .all(|e| e.load(Ordering::Relaxed) == 0)
     }
 }
 
@@ -66,7 +70,13 @@ impl TestCache {
             .rev()
             .map(|i| Pa(MEM_BASE + (i as u64) * 4096))
             .collect();
-        TestCache { free, out: HashSet::new(), total: count, allocs: 0, fail_after: None }
+        TestCache {
+            free,
+            out: HashSet::new(),
+            total: count,
+            allocs: 0,
+            fail_after: None,
+        }
     }
     pub fn outstanding(&self) -> usize {
         self.out.len()
@@ -78,7 +88,11 @@ impl TestCache {
     pub fn check_all_free_zero(&self, mem: &HeapMem) {
         for pa in &self.free {
             assert!(mem.is_zero(*pa), "page {pa:?} returned non-zero");
-            assert_eq!(mem.refcount(*pa).load(Ordering::Relaxed), 0, "page {pa:?} refcount");
+            assert_eq!(
+                mem.refcount(*pa).load(Ordering::Relaxed),
+                0,
+                "page {pa:?} refcount"
+            );
         }
     }
 }
@@ -97,7 +111,10 @@ impl PageCache for TestCache {
         Some(pa)
     }
     fn free_table(&mut self, pa: Pa) {
-        assert!(self.out.remove(&pa.0), "page {pa:?} freed twice or never allocated");
+        assert!(
+            self.out.remove(&pa.0),
+            "page {pa:?} freed twice or never allocated"
+        );
         self.free.push(pa);
     }
 }
