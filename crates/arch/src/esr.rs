@@ -324,14 +324,26 @@ mod tests {
         assert!(a.write);
         assert_eq!(
             a.syndrome,
-            Some(AccessSyndrome { sas: 3, sse: false, srt: 9, sf: true, ar: false })
+            Some(AccessSyndrome {
+                sas: 3,
+                sse: false,
+                srt: 9,
+                sf: true,
+                ar: false
+            })
         );
         assert_eq!(a.status, FaultStatus::Translation(Level(2)));
     }
 
     #[test]
     fn encode_round_trips_the_observed_abort() {
-        let s = AccessSyndrome { sas: 3, sse: false, srt: 9, sf: true, ar: false };
+        let s = AccessSyndrome {
+            sas: 3,
+            sse: false,
+            srt: 9,
+            sf: true,
+            ar: false,
+        };
         let e = Esr::data_abort(Some(s), true, false, FaultStatus::Translation(Level(2)));
         assert_eq!(e, Esr(0x93c9_8046));
     }

@@ -273,10 +273,7 @@ impl S2Pte {
     /// An invalid entry carrying an owner annotation.
     #[inline(always)]
     pub const fn owner_annotation(owner: u8) -> S2Pte {
-        S2Pte(
-            (s2::INVALID_TYPE_OWNER << s2::INVALID_TYPE_SHIFT)
-                | ((owner as u64) << 2),
-        )
+        S2Pte((s2::INVALID_TYPE_OWNER << s2::INVALID_TYPE_SHIFT) | ((owner as u64) << 2))
     }
 
     /// An invalid entry recording a donation to guest `handle` at `gfn`.
@@ -557,12 +554,23 @@ mod tests {
         assert_eq!(wb.0, 0x0040_0008_0000_17ff);
         assert_eq!(wb.kind(Level(3)), PteKind::Page);
         // Normal NC, R only, exec.
-        let nc = S2Pte::leaf(pa, Level(3), S2Prot::R | S2Prot::X | S2Prot::NORMAL_NC, NOFWB);
-        assert_eq!(nc.0, 0x0000_0008_0000_1000 | 0b11 | (0b0101 << 2) | (1 << 6) | (3 << 8) | (1 << 10));
+        let nc = S2Pte::leaf(
+            pa,
+            Level(3),
+            S2Prot::R | S2Prot::X | S2Prot::NORMAL_NC,
+            NOFWB,
+        );
+        assert_eq!(
+            nc.0,
+            0x0000_0008_0000_1000 | 0b11 | (0b0101 << 2) | (1 << 6) | (3 << 8) | (1 << 10)
+        );
         assert_eq!(nc.prot(NOFWB), S2Prot::R | S2Prot::X | S2Prot::NORMAL_NC);
         // Device nGnRE, RW, never executable, not shareable-inner.
         let dev = S2Pte::leaf(pa, Level(3), S2Prot::RW | S2Prot::DEVICE, NOFWB);
-        assert_eq!(dev.0, 0x0040_0008_0000_1000 | 0b11 | (0b0001 << 2) | (3 << 6) | (1 << 10));
+        assert_eq!(
+            dev.0,
+            0x0040_0008_0000_1000 | 0b11 | (0b0001 << 2) | (3 << 6) | (1 << 10)
+        );
         assert_eq!(dev.prot(NOFWB), S2Prot::RW | S2Prot::DEVICE);
     }
 
@@ -600,7 +608,10 @@ mod tests {
         assert_eq!(d.0, 0x2005_0000_4000_1000);
         assert_eq!(
             d.annotation(),
-            Some(Annotation::Donation { handle: 0x1005, gfn: 0x4_0001 })
+            Some(Annotation::Donation {
+                handle: 0x1005,
+                gfn: 0x4_0001
+            })
         );
         assert_eq!(S2Pte::donation_annotation(0x0fff, 0), None);
         assert_eq!(S2Pte::donation_annotation(0x1000, 1 << 36), None);
@@ -625,7 +636,10 @@ mod tests {
     fn el2_descriptor_bytes() {
         // Normal WB RW data: AttrIndx 1, AP[1] RES1, SH inner, AF, XN.
         let d = El2Pte::leaf(Pa(0x4008_0000), Level(3), El2Prot::RW);
-        assert_eq!(d.0, 0x0040_0000_4008_0000 | 0b11 | (1 << 2) | (1 << 6) | (3 << 8) | (1 << 10));
+        assert_eq!(
+            d.0,
+            0x0040_0000_4008_0000 | 0b11 | (1 << 2) | (1 << 6) | (3 << 8) | (1 << 10)
+        );
         assert_eq!(d.prot(), El2Prot::RW);
         // Text: read-only, executable.
         let t = El2Pte::leaf(Pa(0x4008_0000), Level(3), El2Prot::RX);

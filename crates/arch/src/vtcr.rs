@@ -42,8 +42,17 @@ impl S2Geometry {
         let root_bits = ipa_bits - granule.level_shift(start_level);
         let entries = 1usize << root_bits;
         let per_page = granule.entries();
-        let root_pages = if entries <= per_page { 1 } else { entries / per_page };
-        Ok(S2Geometry { granule, ipa_bits, start_level, root_pages })
+        let root_pages = if entries <= per_page {
+            1
+        } else {
+            entries / per_page
+        };
+        Ok(S2Geometry {
+            granule,
+            ipa_bits,
+            start_level,
+            root_pages,
+        })
     }
 
     /// Size of the IPA space in bytes.
@@ -150,7 +159,10 @@ pub const fn vtcr(ipa_bits: u32, parange: u8, opts: VtcrOptions) -> Result<u64, 
     let ps = if parange > 5 { 5 } else { parange } as u64;
     let pa_bits_eff = if pa_bits > 48 { 48 } else { pa_bits };
     if ipa_bits > pa_bits_eff {
-        return Err(VtcrError::IpaExceedsPa { ipa_bits, pa_bits: pa_bits_eff });
+        return Err(VtcrError::IpaExceedsPa {
+            ipa_bits,
+            pa_bits: pa_bits_eff,
+        });
     }
     let mut v = (64 - ipa_bits as u64)
         | (geo.sl0() << 6)
@@ -192,20 +204,39 @@ mod tests {
         assert_eq!(vtcr(48, 5, VtcrOptions::default()), Ok(0x8005_3590));
         // 44-bit with VS and HA on a 52-bit CPU: PS capped to 48 bits.
         assert_eq!(
-            vtcr(44, 6, VtcrOptions { vmid16: true, hw_access_flag: true }),
+            vtcr(
+                44,
+                6,
+                VtcrOptions {
+                    vmid16: true,
+                    hw_access_flag: true
+                }
+            ),
             Ok(0x8005_3594 | (1 << 19) | (1 << 21))
         );
     }
 
     #[test]
     fn vtcr_rejects_bad_inputs() {
-        assert_eq!(vtcr(31, 2, VtcrOptions::default()), Err(VtcrError::IpaBits(31)));
-        assert_eq!(vtcr(49, 5, VtcrOptions::default()), Err(VtcrError::IpaBits(49)));
+        assert_eq!(
+            vtcr(31, 2, VtcrOptions::default()),
+            Err(VtcrError::IpaBits(31))
+        );
+        assert_eq!(
+            vtcr(49, 5, VtcrOptions::default()),
+            Err(VtcrError::IpaBits(49))
+        );
         assert_eq!(
             vtcr(44, 2, VtcrOptions::default()),
-            Err(VtcrError::IpaExceedsPa { ipa_bits: 44, pa_bits: 40 })
+            Err(VtcrError::IpaExceedsPa {
+                ipa_bits: 44,
+                pa_bits: 40
+            })
         );
-        assert_eq!(vtcr(40, 9, VtcrOptions::default()), Err(VtcrError::PaRange(9)));
+        assert_eq!(
+            vtcr(40, 9, VtcrOptions::default()),
+            Err(VtcrError::PaRange(9))
+        );
     }
 
     #[test]

@@ -204,9 +204,14 @@ fn op_split_remap_1g_2m(t: &mut PeerTable) {
     );
 }
 
+/// Builds the starting table of an operation.
+type Setup = fn() -> PeerTable;
+/// The timed work of an operation.
+type Op = fn(&mut PeerTable);
+
 /// Runs `op` `iters` times, each on a fresh table from `setup`; returns the
 /// time spent in `op` only.
-fn time_op(iters: u64, setup: fn() -> PeerTable, op: fn(&mut PeerTable)) -> Duration {
+fn time_op(iters: u64, setup: Setup, op: Op) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let mut t = setup();
@@ -338,7 +343,7 @@ impl BitsIsZero for aarch64_paging::descriptor::Descriptor<Stage2Attributes> {
 /// address, flags and page count over the whole 1 GiB. Panics on a mismatch.
 pub fn sanity() {
     let ro = (rw_flags() - Stage2Attributes::S2AP_ACCESS_RW) | Stage2Attributes::S2AP_ACCESS_RO;
-    let cases: [(&str, fn() -> PeerTable, fn(&mut PeerTable), Expect); 8] = [
+    let cases: [(&str, Setup, Op, Expect); 8] = [
         (
             "map_1g_4k",
             setup_empty,

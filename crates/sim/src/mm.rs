@@ -1,0 +1,961 @@
+//! Host process memory: the userspace mapping behind memslots.
+//!
+//! A [`ProcessMm`] holds VMAs ([`VmaKind`]: anonymous 4K, anonymous THP,
+//! hugetlb 2M/1G, read-only file, PFNMAP device region). [`ProcessMm::fault_in`]
+//! resolves a host virtual address to a frame, allocating it on first touch
+//! (anonymous memory zeroed, file pages filled with the file's contents,
+//! swapped-out pages restored), and returns a [`Pin`]: a reference on the
+//! frame, released on drop.
+//!
+//! # Events and notifiers
+//! Page reclaim, migration, munmap, THP split and mm exit are delivered to
+//! registered [`MmuNotifier`] listeners *before* the frame is reused or
+//! freed: `invalidate_range_start` returns from every listener before the
+//! mm frees, copies or remaps anything, then `invalidate_range_end` follows.
+//! A pinned frame is never reclaimed, migrated or split (the operation skips
+//! it or fails with [`MmError::Pinned`], as Linux does with elevated
+//! refcounts); munmap and exit of a pinned frame detach it and the last
+//! [`Pin`] drop frees it. Listeners must not call back into the mm's locked
+//! operations (munmap and exit hold the mm lock for write while notifying).
+//!
+//! # Locking
+//! The mm lock (a `RwLock`) guards the VMA tree; each VMA's frames are under
+//! a per-VMA mutex. [`ProcessMm::with_vma`] runs a closure under the read
+//! lock with a `&Vma` that cannot escape it: the host snapshots what it needs
+//! there, then drops the lock before pinning pages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+use pkvm_arch::{Hva, Pa, PAGE_SIZE};
+
+use crate::Machine;
+
+const ORPHAN: u32 = 1 << 31;
+const HVA_BASE: u64 = 0x1_0000_0000;
+
+/// A host mapping size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PageSize {
+    /// 4 KiB.
+    Size4K,
+    /// 2 MiB.
+    Size2M,
+    /// 1 GiB.
+    Size1G,
+}
+
+impl PageSize {
+    /// Bytes.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => 4 << 10,
+            PageSize::Size2M => 2 << 20,
+            PageSize::Size1G => 1 << 30,
+        }
+    }
+
+    /// Buddy order.
+    pub const fn order(self) -> u32 {
+        match self {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 9,
+            PageSize::Size1G => 18,
+        }
+    }
+}
+
+/// What backs a VMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmaKind {
+    /// Anonymous memory in 4K pages.
+    Anonymous4K,
+    /// Anonymous memory backed by 2M pages where a whole aligned 2M chunk
+    /// is inside the VMA and untouched, else 4K.
+    AnonymousThp,
+    /// hugetlbfs, 2M pages.
+    Hugetlb2M,
+    /// hugetlbfs, 1G pages.
+    Hugetlb1G,
+    /// A read-only private file mapping; contents are [`file_word`].
+    ReadOnlyFile {
+        /// Identifies the file's contents.
+        file_id: u64,
+    },
+    /// A PFNMAP of physical memory with no page structs: not refcounted,
+    /// never reclaimed or migrated.
+    PfnMap {
+        /// Physical address mapped at the VMA start.
+        pa: Pa,
+    },
+}
+
+impl VmaKind {
+    /// Alignment and length granule `mmap` requires.
+    pub const fn granule(self) -> u64 {
+        match self {
+            VmaKind::AnonymousThp | VmaKind::Hugetlb2M => 2 << 20,
+            VmaKind::Hugetlb1G => 1 << 30,
+            _ => PAGE_SIZE,
+        }
+    }
+}
+
+/// The 64-bit word at byte `offset` (8-aligned) of file `file_id`.
+pub const fn file_word(file_id: u64, offset: u64) -> u64 {
+    (file_id.rotate_left(40) ^ offset ^ 0xf11e_0000_0000_0000).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// A VMA. Only seen through [`ProcessMm::with_vma`].
+#[derive(Debug)]
+pub struct Vma {
+    start: Hva,
+    len: u64,
+    kind: VmaKind,
+}
+
+impl Vma {
+    /// First address.
+    pub fn start(&self) -> Hva {
+        self.start
+    }
+    /// One past the last address.
+    pub fn end(&self) -> Hva {
+        self.start + self.len
+    }
+    /// Length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the VMA is empty (never: mmap rejects empty lengths).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Kind.
+    pub fn kind(&self) -> VmaKind {
+        self.kind
+    }
+    /// Whether writes are allowed.
+    pub fn writable(&self) -> bool {
+        !matches!(self.kind, VmaKind::ReadOnlyFile { .. })
+    }
+    /// Whether `hva` is inside.
+    pub fn contains(&self, hva: Hva) -> bool {
+        hva.0 >= self.start.0 && hva.0 < self.start.0 + self.len
+    }
+    /// The hugetlb page size, if this is a hugetlb VMA.
+    pub fn hugetlb_size(&self) -> Option<PageSize> {
+        match self.kind {
+            VmaKind::Hugetlb2M => Some(PageSize::Size2M),
+            VmaKind::Hugetlb1G => Some(PageSize::Size1G),
+            _ => None,
+        }
+    }
+    /// For PFNMAP: the physical address behind `hva`.
+    pub fn pfnmap_pa(&self, hva: Hva) -> Option<Pa> {
+        match self.kind {
+            VmaKind::PfnMap { pa } if self.contains(hva) => Some(pa + (hva.0 - self.start.0)),
+            _ => None,
+        }
+    }
+}
+
+/// Why an mm operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MmError {
+    /// No VMA covers the address (caller error, like a SIGSEGV).
+    #[error("no mapping at {0:?}")]
+    NoVma(Hva),
+    /// Write fault on a read-only VMA.
+    #[error("{0:?} is mapped read-only")]
+    ReadOnly(Hva),
+    /// Length or alignment unsuitable for the VMA kind (caller error).
+    #[error("bad length {len:#x} for {kind:?}")]
+    BadLength {
+        /// Requested length.
+        len: u64,
+        /// Kind.
+        kind: VmaKind,
+    },
+    /// A PFNMAP of memory that does not exist (caller error).
+    #[error("pfnmap target {0:?} is not backed")]
+    BadPfnMap(Pa),
+    /// The range does not exactly match one VMA (partial munmap is unsupported).
+    #[error("{start:?}+{len:#x} is not exactly one mapping")]
+    NotAVma {
+        /// Start.
+        start: Hva,
+        /// Length.
+        len: u64,
+    },
+    /// Out of host memory.
+    #[error("out of host memory")]
+    OutOfMemory,
+    /// The frame is pinned (migration / split refused).
+    #[error("page at {0:?} is pinned")]
+    Pinned(Hva),
+    /// Nothing is resident at the address.
+    #[error("nothing resident at {0:?}")]
+    NotResident(Hva),
+    /// Not a transparent huge page.
+    #[error("{0:?} is not a transparent huge page")]
+    NotThp(Hva),
+    /// The operation does not apply to this VMA kind.
+    #[error("operation not supported on {0:?}")]
+    Unsupported(VmaKind),
+    /// The mm has exited.
+    #[error("the process has exited")]
+    Exited,
+}
+
+/// What caused an invalidation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MmEvent {
+    /// munmap.
+    Unmap,
+    /// Page reclaim (swap-out / file page drop).
+    Reclaim,
+    /// Page migration (compaction, NUMA).
+    Migrate,
+    /// A transparent huge page split into 4K pages.
+    ThpSplit,
+    /// Process exit (after `release`).
+    Exit,
+}
+
+/// An invalidated range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidateRange {
+    /// First address.
+    pub start: Hva,
+    /// One past the last.
+    pub end: Hva,
+    /// Why.
+    pub event: MmEvent,
+}
+
+/// A listener for changes to the mm's mappings (Linux MMU notifiers).
+pub trait MmuNotifier: Send + Sync {
+    /// The frames behind `range` are about to change; stop using them
+    /// before returning.
+    fn invalidate_range_start(&self, range: &InvalidateRange);
+    /// The change announced by the matching start is done.
+    fn invalidate_range_end(&self, range: &InvalidateRange);
+    /// Clears the listener's accessed state for `[start, end)`; whether any
+    /// was set.
+    fn clear_young(&self, _start: Hva, _end: Hva) -> bool {
+        false
+    }
+    /// Whether the listener's accessed state is set anywhere in the range.
+    fn test_young(&self, _start: Hva, _end: Hva) -> bool {
+        false
+    }
+    /// The mm is exiting: drop every use of it.
+    fn release(&self) {}
+}
+
+/// Handle returned by [`ProcessMm::register_notifier`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NotifierId(u64);
+
+/// Counters of a [`ProcessMm`], in 4K pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmStats {
+    /// Pages allocated for the process.
+    pub frames_allocated: u64,
+    /// Pages freed.
+    pub frames_freed: u64,
+    /// Pages swapped out and not yet back.
+    pub swapped: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Folio {
+    pa: Pa,
+    size: PageSize,
+    young: bool,
+    busy: bool,
+}
+
+struct VmaNode {
+    vma: Vma,
+    folios: Mutex<BTreeMap<u64, Folio>>,
+    cv: Condvar,
+}
+
+impl VmaNode {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Folio>> {
+        self.folios.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn find(folios: &BTreeMap<u64, Folio>, hva: u64) -> Option<(u64, Folio)> {
+    folios
+        .range(..=hva)
+        .next_back()
+        .filter(|(s, f)| hva < *s + f.size.bytes())
+        .map(|(s, f)| (*s, *f))
+}
+
+struct MmCore {
+    machine: Arc<Machine>,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+}
+
+impl MmCore {
+    fn pin_word(&self, pa: Pa) -> &AtomicU32 {
+        self.machine
+            .mem()
+            .pin_word(pa)
+            .expect("process frames are RAM")
+    }
+
+    fn free_folio(&self, pa: Pa, size: PageSize) {
+        if let Err(e) = self.machine.host_frames().free(pa, size.order()) {
+            debug_assert!(false, "process frame free failed: {e}");
+        }
+        self.freed
+            .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+    }
+
+    /// Detaches a folio from the mm: freed now if unpinned, else by the
+    /// last unpin.
+    fn orphan(&self, f: &Folio) {
+        let prev = self.pin_word(f.pa).fetch_or(ORPHAN, Ordering::AcqRel);
+        if prev & !ORPHAN == 0 {
+            self.pin_word(f.pa).store(0, Ordering::Release);
+            self.free_folio(f.pa, f.size);
+        }
+    }
+
+    fn unpin(&self, pa: Pa, size: PageSize) {
+        let w = self.pin_word(pa);
+        let prev = w.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev & !ORPHAN != 0, "unpin of an unpinned frame {pa:?}");
+        if prev == ORPHAN | 1 {
+            w.store(0, Ordering::Release);
+            self.free_folio(pa, size);
+        }
+    }
+}
+
+/// A pinned reference to the frame behind a host address.
+#[must_use = "dropping the pin releases the frame reference"]
+pub struct Pin {
+    core: Option<Arc<MmCore>>,
+    hva: Hva,
+    folio_hva: Hva,
+    folio_pa: Pa,
+    size: PageSize,
+    writable: bool,
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pin")
+            .field("hva", &self.hva)
+            .field("pa", &self.pa())
+            .field("size", &self.size)
+            .field("writable", &self.writable)
+            .field("refcounted", &self.refcounted())
+            .finish()
+    }
+}
+
+impl Pin {
+    /// The 4K frame behind the faulting address.
+    pub fn pa(&self) -> Pa {
+        Pa(self.folio_pa.0 + ((self.hva.0 - self.folio_hva.0) & !(PAGE_SIZE - 1)))
+    }
+    /// The host address faulted in.
+    pub fn hva(&self) -> Hva {
+        self.hva
+    }
+    /// First frame of the host mapping containing the address.
+    pub fn folio_pa(&self) -> Pa {
+        self.folio_pa
+    }
+    /// First address of the host mapping containing the address.
+    pub fn folio_hva(&self) -> Hva {
+        self.folio_hva
+    }
+    /// Size of the host mapping (4K, 2M or 1G).
+    pub fn size(&self) -> PageSize {
+        self.size
+    }
+    /// Whether the page may be mapped writable.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+    /// Whether the frame is refcounted (false for PFNMAP).
+    pub fn refcounted(&self) -> bool {
+        self.core.is_some()
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Some(core) = &self.core {
+            core.unpin(self.folio_pa, self.size);
+        }
+    }
+}
+
+struct MmInner {
+    vmas: BTreeMap<u64, Arc<VmaNode>>,
+    next: u64,
+    exited: bool,
+}
+
+impl MmInner {
+    fn find(&self, hva: Hva) -> Option<&Arc<VmaNode>> {
+        self.vmas
+            .range(..=hva.0)
+            .next_back()
+            .map(|(_, n)| n)
+            .filter(|n| n.vma.contains(hva))
+    }
+}
+
+type Listeners = Vec<(NotifierId, Arc<dyn MmuNotifier>)>;
+
+/// A host process's memory.
+pub struct ProcessMm {
+    core: Arc<MmCore>,
+    inner: RwLock<MmInner>,
+    listeners: Mutex<Listeners>,
+    next_id: AtomicU64,
+    swap: Mutex<HashMap<u64, Vec<u64>>>,
+}
+
+impl std::fmt::Debug for ProcessMm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessMm")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl ProcessMm {
+    /// An empty address space allocating from `machine`'s host memory.
+    pub fn new(machine: Arc<Machine>) -> ProcessMm {
+        ProcessMm {
+            core: Arc::new(MmCore {
+                machine,
+                allocated: AtomicU64::new(0),
+                freed: AtomicU64::new(0),
+            }),
+            inner: RwLock::new(MmInner {
+                vmas: BTreeMap::new(),
+                next: HVA_BASE,
+                exited: false,
+            }),
+            listeners: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+            swap: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, MmInner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, MmInner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn listeners(&self) -> Listeners {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Registers a listener.
+    pub fn register_notifier(&self, n: Arc<dyn MmuNotifier>) -> NotifierId {
+        let id = NotifierId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, n));
+        id
+    }
+
+    /// Unregisters a listener.
+    pub fn unregister_notifier(&self, id: NotifierId) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id);
+    }
+
+    fn notify_start(&self, r: &InvalidateRange) -> Listeners {
+        let l = self.listeners();
+        for (_, n) in &l {
+            n.invalidate_range_start(r);
+        }
+        l
+    }
+
+    fn notify_end(l: &Listeners, r: &InvalidateRange) {
+        for (_, n) in l {
+            n.invalidate_range_end(r);
+        }
+    }
+
+    /// Maps `len` bytes of `kind`, aligned as the kind needs.
+    ///
+    /// # Errors
+    /// [`MmError::BadLength`] if `len` is zero or not a multiple of the
+    /// kind's granule; [`MmError::BadPfnMap`] for an unbacked PFNMAP target;
+    /// [`MmError::Exited`].
+    pub fn mmap(&self, len: u64, kind: VmaKind) -> Result<Hva, MmError> {
+        let g = kind.granule();
+        if len == 0 || len % g != 0 {
+            return Err(MmError::BadLength { len, kind });
+        }
+        if let VmaKind::PfnMap { pa } = kind {
+            let mem = self.core.machine.mem();
+            if !pa.is_aligned(PAGE_SIZE) || !(mem.is_device(pa, len) || mem.is_ram(pa, len)) {
+                return Err(MmError::BadPfnMap(pa));
+            }
+        }
+        let mut inner = self.write();
+        if inner.exited {
+            return Err(MmError::Exited);
+        }
+        let start = inner.next.div_ceil(g) * g;
+        // Leave a guard gap so VMAs never touch.
+        inner.next = start + len + (2 << 20);
+        let node = VmaNode {
+            vma: Vma {
+                start: Hva(start),
+                len,
+                kind,
+            },
+            folios: Mutex::new(BTreeMap::new()),
+            cv: Condvar::new(),
+        };
+        inner.vmas.insert(start, Arc::new(node));
+        Ok(Hva(start))
+    }
+
+    /// Runs `f` on the VMA containing `hva` (or `None`) under the mm read lock.
+    pub fn with_vma<R>(&self, hva: Hva, f: impl FnOnce(Option<&Vma>) -> R) -> R {
+        let inner = self.read();
+        f(inner.find(hva).map(|n| &n.vma))
+    }
+
+    /// Faults `hva` in (for writing if `write`) and pins its frame.
+    ///
+    /// # Errors
+    /// [`MmError::NoVma`], [`MmError::ReadOnly`], [`MmError::OutOfMemory`],
+    /// [`MmError::Exited`].
+    pub fn fault_in(&self, hva: Hva, write: bool) -> Result<Pin, MmError> {
+        let inner = self.read();
+        if inner.exited {
+            return Err(MmError::Exited);
+        }
+        let node = inner.find(hva).ok_or(MmError::NoVma(hva))?.clone();
+        drop(inner);
+        let vma = &node.vma;
+        if write && !vma.writable() {
+            return Err(MmError::ReadOnly(hva));
+        }
+        if let VmaKind::PfnMap { pa } = vma.kind {
+            let page = hva.align_down(PAGE_SIZE);
+            return Ok(Pin {
+                core: None,
+                hva,
+                folio_hva: page,
+                folio_pa: pa + (page.0 - vma.start.0),
+                size: PageSize::Size4K,
+                writable: true,
+            });
+        }
+        let mut folios = node.lock();
+        loop {
+            if let Some((start, f)) = find(&folios, hva.0) {
+                if f.busy {
+                    folios = node.cv.wait(folios).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                self.core.pin_word(f.pa).fetch_add(1, Ordering::AcqRel);
+                if let Some(x) = folios.get_mut(&start) {
+                    x.young = true;
+                }
+                return Ok(Pin {
+                    core: Some(self.core.clone()),
+                    hva,
+                    folio_hva: Hva(start),
+                    folio_pa: f.pa,
+                    size: f.size,
+                    writable: vma.writable(),
+                });
+            }
+            let size = match vma.kind {
+                VmaKind::Hugetlb2M => PageSize::Size2M,
+                VmaKind::Hugetlb1G => PageSize::Size1G,
+                VmaKind::AnonymousThp => {
+                    let chunk = hva.0 & !((2 << 20) - 1);
+                    let inside = chunk >= vma.start.0 && chunk + (2 << 20) <= vma.end().0;
+                    let untouched = folios.range(chunk..chunk + (2 << 20)).next().is_none();
+                    if inside && untouched {
+                        PageSize::Size2M
+                    } else {
+                        PageSize::Size4K
+                    }
+                }
+                _ => PageSize::Size4K,
+            };
+            let frames = self.core.machine.host_frames();
+            let (pa, size) = match frames.alloc(size.order()) {
+                Ok(pa) => (pa, size),
+                // THP falls back to small pages, like Linux.
+                Err(_) if vma.kind == VmaKind::AnonymousThp && size != PageSize::Size4K => (
+                    frames.alloc(0).map_err(|_| MmError::OutOfMemory)?,
+                    PageSize::Size4K,
+                ),
+                Err(_) => return Err(MmError::OutOfMemory),
+            };
+            let start = hva.0 & !(size.bytes() - 1);
+            self.populate(vma, start, pa, size);
+            self.core
+                .allocated
+                .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+            folios.insert(
+                start,
+                Folio {
+                    pa,
+                    size,
+                    young: false,
+                    busy: false,
+                },
+            );
+        }
+    }
+
+    /// Fills a newly allocated folio: zero, file contents, or swapped data.
+    fn populate(&self, vma: &Vma, start: u64, pa: Pa, size: PageSize) {
+        let mem = self.core.machine.mem();
+        mem.zero(pa, size.bytes()).expect("host frames are RAM");
+        if let VmaKind::ReadOnlyFile { file_id } = vma.kind {
+            let base = start - vma.start.0;
+            let words: Vec<u64> = (0..size.bytes() / 8)
+                .map(|i| file_word(file_id, base + i * 8))
+                .collect();
+            mem.write_words(pa, &words).expect("host frames are RAM");
+            return;
+        }
+        let mut swap = self.swap.lock().unwrap_or_else(|e| e.into_inner());
+        let mut page = start;
+        while page < start + size.bytes() {
+            if let Some(data) = swap.remove(&page) {
+                mem.write_words(pa + (page - start), &data)
+                    .expect("host frames are RAM");
+            }
+            page += PAGE_SIZE;
+        }
+    }
+
+    /// The frame and size resident at `hva`, without pinning (for tests).
+    pub fn resident(&self, hva: Hva) -> Option<(Pa, PageSize)> {
+        let inner = self.read();
+        let node = inner.find(hva)?;
+        let folios = node.lock();
+        find(&folios, hva.0).map(|(s, f)| (f.pa + ((hva.0 - s) & !(PAGE_SIZE - 1)), f.size))
+    }
+
+    /// Unmaps the VMA `[start, start+len)` (exactly one VMA). Listeners are
+    /// told first; pinned frames are freed when their last pin drops.
+    ///
+    /// # Errors
+    /// [`MmError::NotAVma`].
+    pub fn munmap(&self, start: Hva, len: u64) -> Result<(), MmError> {
+        let mut inner = self.write();
+        match inner.vmas.get(&start.0) {
+            Some(n) if n.vma.len == len => {}
+            _ => return Err(MmError::NotAVma { start, len }),
+        }
+        let r = InvalidateRange {
+            start,
+            end: start + len,
+            event: MmEvent::Unmap,
+        };
+        let l = self.notify_start(&r);
+        let node = inner.vmas.remove(&start.0).expect("checked above");
+        self.drop_folios(&node);
+        self.swap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&k, _| k < start.0 || k >= start.0 + len);
+        drop(inner);
+        Self::notify_end(&l, &r);
+        Ok(())
+    }
+
+    fn drop_folios(&self, node: &VmaNode) {
+        if matches!(node.vma.kind, VmaKind::PfnMap { .. }) {
+            return;
+        }
+        let folios = std::mem::take(&mut *node.lock());
+        for f in folios.values() {
+            self.core.orphan(f);
+        }
+    }
+
+    /// Marks the unpinned folios of `node` in `[start, end)` busy.
+    fn take_unpinned(&self, node: &VmaNode, start: u64, end: u64) -> Vec<(u64, Folio)> {
+        let mut folios = node.lock();
+        let mut out = Vec::new();
+        for (&s, f) in folios.range_mut(..end) {
+            if s + f.size.bytes() <= start || f.busy {
+                continue;
+            }
+            if self.core.pin_word(f.pa).load(Ordering::Acquire) == 0 {
+                f.busy = true;
+                out.push((s, *f));
+            }
+        }
+        out
+    }
+
+    /// Reclaims every unpinned resident page in `[start, start+len)`:
+    /// anonymous pages are swapped out (their contents come back on the next
+    /// fault-in), file pages dropped. Hugetlb and PFNMAP are never reclaimed.
+    /// Returns the number of 4K pages freed.
+    pub fn reclaim(&self, start: Hva, len: u64) -> u64 {
+        let nodes: Vec<Arc<VmaNode>> = {
+            let inner = self.read();
+            inner
+                .vmas
+                .values()
+                .filter(|n| n.vma.start.0 < start.0 + len && n.vma.end().0 > start.0)
+                .filter(|n| {
+                    matches!(
+                        n.vma.kind,
+                        VmaKind::Anonymous4K | VmaKind::AnonymousThp | VmaKind::ReadOnlyFile { .. }
+                    )
+                })
+                .cloned()
+                .collect()
+        };
+        let mem = self.core.machine.mem();
+        let mut pages = 0;
+        for node in nodes {
+            for (s, f) in self.take_unpinned(&node, start.0, start.0 + len) {
+                let r = InvalidateRange {
+                    start: Hva(s),
+                    end: Hva(s + f.size.bytes()),
+                    event: MmEvent::Reclaim,
+                };
+                let l = self.notify_start(&r);
+                if !matches!(node.vma.kind, VmaKind::ReadOnlyFile { .. }) {
+                    let mut swap = self.swap.lock().unwrap_or_else(|e| e.into_inner());
+                    for i in 0..f.size.bytes() / PAGE_SIZE {
+                        let mut data = vec![0u64; 512];
+                        mem.read_words(f.pa + i * PAGE_SIZE, &mut data)
+                            .expect("host frames are RAM");
+                        swap.insert(s + i * PAGE_SIZE, data);
+                    }
+                }
+                node.lock().remove(&s);
+                self.core.free_folio(f.pa, f.size);
+                pages += f.size.bytes() / PAGE_SIZE;
+                node.cv.notify_all();
+                Self::notify_end(&l, &r);
+            }
+        }
+        pages
+    }
+
+    fn folio_at(&self, hva: Hva) -> Result<(Arc<VmaNode>, u64, Folio), MmError> {
+        let inner = self.read();
+        if inner.exited {
+            return Err(MmError::Exited);
+        }
+        let node = inner.find(hva).ok_or(MmError::NoVma(hva))?.clone();
+        drop(inner);
+        let folios = node.lock();
+        let (s, f) = find(&folios, hva.0).ok_or(MmError::NotResident(hva))?;
+        drop(folios);
+        Ok((node, s, f))
+    }
+
+    /// Migrates the page (or huge page) at `hva` to a new frame: listeners
+    /// are told, then contents copied, the new frame installed and the old
+    /// one freed. Returns the new frame of the folio.
+    ///
+    /// # Errors
+    /// [`MmError::Pinned`] if the frame is pinned; [`MmError::NotResident`],
+    /// [`MmError::NoVma`], [`MmError::OutOfMemory`], [`MmError::Unsupported`]
+    /// for PFNMAP.
+    pub fn migrate(&self, hva: Hva) -> Result<Pa, MmError> {
+        let (node, s, _) = self.folio_at(hva)?;
+        if let VmaKind::PfnMap { .. } = node.vma.kind {
+            return Err(MmError::Unsupported(node.vma.kind));
+        }
+        let taken = self.take_unpinned(&node, s, s + 1);
+        let Some(&(_, f)) = taken.first() else {
+            return Err(MmError::Pinned(hva));
+        };
+        let new = match self.core.machine.host_frames().alloc(f.size.order()) {
+            Ok(pa) => pa,
+            Err(_) => {
+                if let Some(x) = node.lock().get_mut(&s) {
+                    x.busy = false;
+                }
+                node.cv.notify_all();
+                return Err(MmError::OutOfMemory);
+            }
+        };
+        self.core
+            .allocated
+            .fetch_add(f.size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+        let r = InvalidateRange {
+            start: Hva(s),
+            end: Hva(s + f.size.bytes()),
+            event: MmEvent::Migrate,
+        };
+        let l = self.notify_start(&r);
+        let mem = self.core.machine.mem();
+        mem.copy(new, f.pa, f.size.bytes())
+            .expect("host frames are RAM");
+        if let Some(x) = node.lock().get_mut(&s) {
+            x.pa = new;
+            x.busy = false;
+        }
+        self.core.free_folio(f.pa, f.size);
+        node.cv.notify_all();
+        Self::notify_end(&l, &r);
+        Ok(new)
+    }
+
+    /// Splits the transparent huge page at `hva` into 4K pages (same frames).
+    ///
+    /// # Errors
+    /// [`MmError::NotThp`], [`MmError::Pinned`], [`MmError::NotResident`],
+    /// [`MmError::NoVma`].
+    pub fn split_thp(&self, hva: Hva) -> Result<(), MmError> {
+        let (node, s, f) = self.folio_at(hva)?;
+        if node.vma.kind != VmaKind::AnonymousThp || f.size != PageSize::Size2M {
+            return Err(MmError::NotThp(hva));
+        }
+        let taken = self.take_unpinned(&node, s, s + 1);
+        if taken.is_empty() {
+            return Err(MmError::Pinned(hva));
+        }
+        let r = InvalidateRange {
+            start: Hva(s),
+            end: Hva(s + f.size.bytes()),
+            event: MmEvent::ThpSplit,
+        };
+        let l = self.notify_start(&r);
+        self.core
+            .machine
+            .host_frames()
+            .split_allocation(f.pa, f.size.order())
+            .expect("THP frames are allocated");
+        {
+            let mut folios = node.lock();
+            folios.remove(&s);
+            for i in 0..512 {
+                folios.insert(
+                    s + i * PAGE_SIZE,
+                    Folio {
+                        pa: f.pa + i * PAGE_SIZE,
+                        size: PageSize::Size4K,
+                        young: f.young,
+                        busy: false,
+                    },
+                );
+            }
+        }
+        node.cv.notify_all();
+        Self::notify_end(&l, &r);
+        Ok(())
+    }
+
+    fn young_in(&self, start: Hva, end: Hva, clear: bool) -> bool {
+        let inner = self.read();
+        let mut young = false;
+        for n in inner
+            .vmas
+            .values()
+            .filter(|n| n.vma.start.0 < end.0 && n.vma.end().0 > start.0)
+        {
+            for (s, f) in n.lock().range_mut(..end.0) {
+                if s + f.size.bytes() > start.0 && f.young {
+                    young = true;
+                    if clear {
+                        f.young = false;
+                    }
+                }
+            }
+        }
+        young
+    }
+
+    /// Ages `[start, end)`: clears the mm's and every listener's accessed
+    /// state; whether any was set.
+    pub fn age(&self, start: Hva, end: Hva) -> bool {
+        let mut young = self.young_in(start, end, true);
+        for (_, n) in self.listeners() {
+            young |= n.clear_young(start, end);
+        }
+        young
+    }
+
+    /// Whether `[start, end)` was accessed (mm or any listener), without
+    /// clearing.
+    pub fn test_age(&self, start: Hva, end: Hva) -> bool {
+        let mut young = self.young_in(start, end, false);
+        for (_, n) in self.listeners() {
+            young |= n.test_young(start, end);
+        }
+        young
+    }
+
+    /// Process exit: listeners' `release` first, then every VMA is torn down
+    /// (pinned frames freed by their last unpin). Idempotent.
+    pub fn exit(&self) {
+        let mut inner = self.write();
+        if inner.exited {
+            return;
+        }
+        inner.exited = true;
+        for (_, n) in self.listeners() {
+            n.release();
+        }
+        let vmas = std::mem::take(&mut inner.vmas);
+        for node in vmas.values() {
+            self.drop_folios(node);
+        }
+        self.swap.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Whether [`ProcessMm::exit`] ran.
+    pub fn exited(&self) -> bool {
+        self.read().exited
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MmStats {
+        MmStats {
+            frames_allocated: self.core.allocated.load(Ordering::Relaxed),
+            frames_freed: self.core.freed.load(Ordering::Relaxed),
+            swapped: self.swap.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+        }
+    }
+}
+
+impl Drop for ProcessMm {
+    fn drop(&mut self) {
+        self.exit();
+    }
+}
+
+#[cfg(test)]
+mod tests;
