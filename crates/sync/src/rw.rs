@@ -7,10 +7,10 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::ops::{Deref, DerefMut};
 
-#[cfg(loom)]
-use loom::sync::atomic::{AtomicU32, Ordering};
 #[cfg(not(loom))]
 use core::sync::atomic::{AtomicU32, Ordering};
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU32, Ordering};
 
 use crate::order::{self, LockClass};
 
@@ -43,13 +43,21 @@ impl<T> RwSpinLock<T> {
     /// A new unlocked lock.
     #[cfg(not(loom))]
     pub const fn new(value: T, class: LockClass) -> Self {
-        RwSpinLock { state: AtomicU32::new(0), class, value: UnsafeCell::new(value) }
+        RwSpinLock {
+            state: AtomicU32::new(0),
+            class,
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// A new unlocked lock.
     #[cfg(loom)]
     pub fn new(value: T, class: LockClass) -> Self {
-        RwSpinLock { state: AtomicU32::new(0), class, value: UnsafeCell::new(value) }
+        RwSpinLock {
+            state: AtomicU32::new(0),
+            class,
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// Shared access; waits while a writer holds or waits for the lock.
@@ -122,7 +130,9 @@ impl<T> RwSpinLock<T> {
 
 impl<T> fmt::Debug for RwSpinLock<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RwSpinLock").field("class", &self.class).finish_non_exhaustive()
+        f.debug_struct("RwSpinLock")
+            .field("class", &self.class)
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,0 +1,36 @@
+//! The hardware layer of the EL2 image: every `unsafe` of the image lives
+//! below this module, in small files with `// SAFETY:` comments.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`start`] | entry asm, per-CPU stacks and data, secondary CPU start |
+//! | [`console`] | PL011 driver, `println!`, panic handler |
+//! | [`exit`] | semihosting exit (status to QEMU), PSCI calls over SMC |
+//! | [`dt`] | device tree parsing (`fdt` crate) into [`dt::Platform`] |
+//! | [`mmu`] | EL2 stage-1: bootstrap blocks, then `PageTable<El2>` |
+//! | [`hw`] | `PtMemory` and `TlbOps` for real hardware |
+//! | [`phys`] | access to identity-mapped physical memory |
+//! | [`vectors`] | EL2 exception vectors |
+//! | [`switch`] | the world switch: guest GPRs, EL1 sysregs, FP/SIMD, timer, PAC keys |
+//! | [`handoff`] | the block xtask passes at 0x4800_0000 |
+
+pub mod console;
+pub mod dt;
+pub mod exit;
+pub mod handoff;
+pub mod hw;
+pub mod mmu;
+pub mod phys;
+pub mod start;
+pub mod switch;
+pub mod sysreg;
+pub mod vectors;
+
+/// Base of RAM on QEMU virt (checked against the device tree).
+pub const RAM_BASE: u64 = 0x4000_0000;
+/// Largest RAM the per-page metadata covers.
+pub const MAX_RAM: u64 = 2 << 30;
+/// Maximum number of physical CPUs.
+pub const MAX_CPUS: usize = 8;
+/// Stack size per CPU (see `link.ld`).
+pub const STACK_SIZE: u64 = 0x1_0000;

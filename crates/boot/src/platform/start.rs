@@ -1,0 +1,162 @@
+//! Entry at EL2, per-CPU stacks and data, secondary CPUs.
+//!
+//! QEMU enters `_start` on the boot CPU at EL2 with the MMU off (the other
+//! CPUs start powered off, waiting for PSCI CPU_ON). Every CPU runs
+//! `pkvm_cpu_entry` with x0 = its index: it picks its 64 KiB stack from
+//! `.stacks`, stops FP/SIMD traps (CPTR_EL2), installs the EL2 vectors and
+//! enters Rust. CPU 0 also zeroes `.bss` first. `TPIDR_EL2` points at the
+//! CPU's [`PerCpu`] once Rust runs.
+
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use super::{MAX_CPUS, STACK_SIZE};
+
+global_asm!(
+    r#"
+.section .text.boot, "ax"
+.global _start
+_start:
+    mov     x0, #0
+    b       pkvm_cpu_entry
+
+.global pkvm_secondary_entry
+pkvm_secondary_entry:
+    // PSCI CPU_ON: x0 = context id = our CPU index.
+pkvm_cpu_entry:
+    msr     daifset, #0xf
+    cmp     x0, #{max_cpus}
+    b.hs    9f
+    ldr     x1, =__stacks_start
+    mov     x2, #{stack_size}
+    madd    x1, x0, x2, x1
+    add     x1, x1, x2
+    mov     sp, x1
+    // CPTR_EL2 (E2H=0 layout): RES1 bits 13:12 and 9:0, TFP (bit 10) = 0.
+    mov     x1, #0x33ff
+    msr     cptr_el2, x1
+    ldr     x1, =pkvm_el2_vectors
+    msr     vbar_el2, x1
+    isb
+    cbnz    x0, 2f
+    ldr     x1, =__bss_start
+    ldr     x2, =__bss_end
+1:  cmp     x1, x2
+    b.hs    2f
+    str     xzr, [x1], #8
+    b       1b
+2:  bl      pkvm_rust_entry
+9:  wfe
+    b       9b
+"#,
+    max_cpus = const MAX_CPUS,
+    stack_size = const STACK_SIZE,
+);
+
+extern "C" {
+    fn pkvm_secondary_entry();
+}
+
+/// Per-CPU data. `host_sp` and `vcpu` are used by the world switch asm
+/// (offsets 0 and 8, checked below).
+#[repr(C)]
+pub struct PerCpu {
+    /// Host stack pointer saved while a guest runs.
+    pub host_sp: AtomicU64,
+    /// The running vCPU's register block while a guest runs.
+    pub vcpu: AtomicU64,
+    /// This CPU's index.
+    pub index: AtomicUsize,
+    /// Set once the CPU runs Rust code with its MMU on.
+    pub online: AtomicBool,
+}
+
+const _: () = assert!(core::mem::offset_of!(PerCpu, host_sp) == 0);
+const _: () = assert!(core::mem::offset_of!(PerCpu, vcpu) == 8);
+
+#[allow(clippy::declare_interior_mutable_const)]
+const PERCPU_INIT: PerCpu = PerCpu {
+    host_sp: AtomicU64::new(0),
+    vcpu: AtomicU64::new(0),
+    index: AtomicUsize::new(0),
+    online: AtomicBool::new(false),
+};
+
+static PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
+
+/// This CPU's index (0 = boot CPU).
+pub fn cpu_index() -> usize {
+    let p = crate::read_sysreg!("tpidr_el2") as *const PerCpu;
+    if p.is_null() {
+        return 0;
+    }
+    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
+    // an element of the static PERCPU array.
+    unsafe { (*p).index.load(Ordering::Relaxed) }
+}
+
+/// Whether CPU `idx` is up.
+pub fn is_online(idx: usize) -> bool {
+    PERCPU
+        .get(idx)
+        .is_some_and(|p| p.online.load(Ordering::Acquire))
+}
+
+#[no_mangle]
+extern "C" fn pkvm_rust_entry(cpu: usize) -> ! {
+    if cpu == 0 {
+        super::mmu::bootstrap_and_enable();
+    } else {
+        super::mmu::enable_secondary();
+    }
+    let pc = &PERCPU[cpu];
+    pc.index.store(cpu, Ordering::Relaxed);
+    crate::write_sysreg!("tpidr_el2", pc as *const PerCpu as u64);
+    super::switch::init_cpu();
+    pc.online.store(true, Ordering::Release);
+    if cpu == 0 {
+        let info = super::dt::init();
+        crate::boot_main(info)
+    } else {
+        crate::secondary_main(cpu)
+    }
+}
+
+/// Why a secondary CPU could not be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuStartError {
+    /// Index out of range of our per-CPU data.
+    BadIndex(usize),
+    /// The firmware refused (PSCI return code).
+    Psci(i64),
+    /// The CPU did not come online.
+    Timeout(usize),
+}
+
+/// Starts CPU `idx` (device-tree `reg` = `mpidr`) at the common entry with
+/// PSCI CPU_ON over SMC and waits until it is online.
+///
+/// # Errors
+/// See [`CpuStartError`].
+pub fn start_secondary(idx: usize, mpidr: u64) -> Result<(), CpuStartError> {
+    if idx == 0 || idx >= MAX_CPUS {
+        return Err(CpuStartError::BadIndex(idx));
+    }
+    super::mmu::publish_for_secondaries();
+    let r = super::exit::psci_call(
+        pkvm_arch::smccc::psci::CPU_ON_64,
+        mpidr,
+        pkvm_secondary_entry as *const () as usize as u64,
+        idx as u64,
+    );
+    if r != 0 {
+        return Err(CpuStartError::Psci(r));
+    }
+    for _ in 0..100_000_000u64 {
+        if is_online(idx) {
+            return Ok(());
+        }
+        core::hint::spin_loop();
+    }
+    Err(CpuStartError::Timeout(idx))
+}

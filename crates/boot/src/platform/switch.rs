@@ -1,0 +1,447 @@
+//! The world switch between the hypervisor (EL2) and a guest (EL1/EL0).
+//!
+//! [`run`] loads the VM's stage-2 configuration (VTCR, VTTBR, HCR) and the
+//! vCPU's EL1 state (system registers, timer, pointer-authentication keys),
+//! then `__guest_enter` saves the host's callee-saved registers (x19-x30,
+//! d8-d15) on the EL2 stack, records the stack pointer and the vCPU's
+//! [`GuestRegs`] in the per-CPU data, loads the guest's FP/SIMD and general
+//! registers and `eret`s. Any exception from the guest lands in
+//! `__guest_exit` (via the vectors), which stores the guest's registers
+//! back, restores the host's and returns the vector index. [`run`] then
+//! reads the syndrome registers and saves the EL1 state.
+//!
+//! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
+//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly.
+
+use core::arch::global_asm;
+use core::mem::offset_of;
+
+use crate::{read_sysreg, write_sysreg};
+
+/// Guest general-purpose, PC, PSTATE and FP/SIMD registers (used by asm).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GuestRegs {
+    /// x0..x30.
+    pub x: [u64; 31],
+    /// PC (ELR_EL2 on exit).
+    pub pc: u64,
+    /// PSTATE (SPSR_EL2 on exit).
+    pub pstate: u64,
+    _pad: u64,
+    /// q0..q31.
+    pub v: [u128; 32],
+    /// FPSR.
+    pub fpsr: u64,
+    /// FPCR.
+    pub fpcr: u64,
+}
+
+const _: () = assert!(offset_of!(GuestRegs, pc) == 248);
+const _: () = assert!(offset_of!(GuestRegs, pstate) == 256);
+const _: () = assert!(offset_of!(GuestRegs, v) == 272);
+const _: () = assert!(offset_of!(GuestRegs, fpsr) == 784);
+const _: () = assert!(offset_of!(GuestRegs, fpcr) == 792);
+
+impl Default for GuestRegs {
+    fn default() -> Self {
+        GuestRegs {
+            x: [0; 31],
+            pc: 0,
+            pstate: PSTATE_EL1H_MASKED,
+            _pad: 0,
+            v: [0; 32],
+            fpsr: 0,
+            fpcr: 0,
+        }
+    }
+}
+
+/// PSTATE for EL1h with D, A, I, F masked (the architectural reset state).
+pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+
+global_asm!(
+    r#"
+.section .text
+.global __guest_enter
+__guest_enter:
+    // x0 = &mut GuestRegs. Save host callee-saved state.
+    stp     x29, x30, [sp, #-16]!
+    stp     x27, x28, [sp, #-16]!
+    stp     x25, x26, [sp, #-16]!
+    stp     x23, x24, [sp, #-16]!
+    stp     x21, x22, [sp, #-16]!
+    stp     x19, x20, [sp, #-16]!
+    stp     d14, d15, [sp, #-16]!
+    stp     d12, d13, [sp, #-16]!
+    stp     d10, d11, [sp, #-16]!
+    stp     d8, d9, [sp, #-16]!
+    mrs     x1, tpidr_el2
+    mov     x2, sp
+    str     x2, [x1, #0]
+    str     x0, [x1, #8]
+    // Guest FP/SIMD.
+    add     x2, x0, #272
+    ldp     q0, q1, [x2, #0]
+    ldp     q2, q3, [x2, #32]
+    ldp     q4, q5, [x2, #64]
+    ldp     q6, q7, [x2, #96]
+    ldp     q8, q9, [x2, #128]
+    ldp     q10, q11, [x2, #160]
+    ldp     q12, q13, [x2, #192]
+    ldp     q14, q15, [x2, #224]
+    ldp     q16, q17, [x2, #256]
+    ldp     q18, q19, [x2, #288]
+    ldp     q20, q21, [x2, #320]
+    ldp     q22, q23, [x2, #352]
+    ldp     q24, q25, [x2, #384]
+    ldp     q26, q27, [x2, #416]
+    ldp     q28, q29, [x2, #448]
+    ldp     q30, q31, [x2, #480]
+    ldr     x3, [x0, #784]
+    msr     fpsr, x3
+    ldr     x3, [x0, #792]
+    msr     fpcr, x3
+    ldr     x3, [x0, #248]
+    msr     elr_el2, x3
+    ldr     x3, [x0, #256]
+    msr     spsr_el2, x3
+    // Guest GPRs.
+    ldp     x2, x3, [x0, #16]
+    ldp     x4, x5, [x0, #32]
+    ldp     x6, x7, [x0, #48]
+    ldp     x8, x9, [x0, #64]
+    ldp     x10, x11, [x0, #80]
+    ldp     x12, x13, [x0, #96]
+    ldp     x14, x15, [x0, #112]
+    ldp     x16, x17, [x0, #128]
+    ldp     x18, x19, [x0, #144]
+    ldp     x20, x21, [x0, #160]
+    ldp     x22, x23, [x0, #176]
+    ldp     x24, x25, [x0, #192]
+    ldp     x26, x27, [x0, #208]
+    ldp     x28, x29, [x0, #224]
+    ldr     x30, [x0, #240]
+    ldp     x0, x1, [x0, #0]
+    eret
+
+.global __guest_exit
+__guest_exit:
+    // x0 = vector index; guest x0, x1 at [sp]; other GPRs are the guest's.
+    mrs     x1, tpidr_el2
+    ldr     x1, [x1, #8]
+    stp     x2, x3, [x1, #16]
+    stp     x4, x5, [x1, #32]
+    stp     x6, x7, [x1, #48]
+    stp     x8, x9, [x1, #64]
+    stp     x10, x11, [x1, #80]
+    stp     x12, x13, [x1, #96]
+    stp     x14, x15, [x1, #112]
+    stp     x16, x17, [x1, #128]
+    stp     x18, x19, [x1, #144]
+    stp     x20, x21, [x1, #160]
+    stp     x22, x23, [x1, #176]
+    stp     x24, x25, [x1, #192]
+    stp     x26, x27, [x1, #208]
+    stp     x28, x29, [x1, #224]
+    str     x30, [x1, #240]
+    ldp     x2, x3, [sp], #16
+    stp     x2, x3, [x1, #0]
+    mrs     x2, elr_el2
+    str     x2, [x1, #248]
+    mrs     x2, spsr_el2
+    str     x2, [x1, #256]
+    add     x2, x1, #272
+    stp     q0, q1, [x2, #0]
+    stp     q2, q3, [x2, #32]
+    stp     q4, q5, [x2, #64]
+    stp     q6, q7, [x2, #96]
+    stp     q8, q9, [x2, #128]
+    stp     q10, q11, [x2, #160]
+    stp     q12, q13, [x2, #192]
+    stp     q14, q15, [x2, #224]
+    stp     q16, q17, [x2, #256]
+    stp     q18, q19, [x2, #288]
+    stp     q20, q21, [x2, #320]
+    stp     q22, q23, [x2, #352]
+    stp     q24, q25, [x2, #384]
+    stp     q26, q27, [x2, #416]
+    stp     q28, q29, [x2, #448]
+    stp     q30, q31, [x2, #480]
+    mrs     x3, fpsr
+    str     x3, [x1, #784]
+    mrs     x3, fpcr
+    str     x3, [x1, #792]
+    // Host state back.
+    mrs     x1, tpidr_el2
+    ldr     x2, [x1, #0]
+    mov     sp, x2
+    str     xzr, [x1, #8]
+    ldp     d8, d9, [sp], #16
+    ldp     d10, d11, [sp], #16
+    ldp     d12, d13, [sp], #16
+    ldp     d14, d15, [sp], #16
+    ldp     x19, x20, [sp], #16
+    ldp     x21, x22, [sp], #16
+    ldp     x23, x24, [sp], #16
+    ldp     x25, x26, [sp], #16
+    ldp     x27, x28, [sp], #16
+    ldp     x29, x30, [sp], #16
+    ret
+"#
+);
+
+extern "C" {
+    fn __guest_enter(regs: *mut GuestRegs) -> u64;
+}
+
+/// EL1 system registers of a vCPU.
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct El1Sysregs {
+    pub sctlr: u64,
+    pub actlr: u64,
+    pub cpacr: u64,
+    pub ttbr0: u64,
+    pub ttbr1: u64,
+    pub tcr: u64,
+    pub esr: u64,
+    pub afsr0: u64,
+    pub afsr1: u64,
+    pub far: u64,
+    pub mair: u64,
+    pub amair: u64,
+    pub vbar: u64,
+    pub contextidr: u64,
+    pub tpidr_el1: u64,
+    pub tpidr_el0: u64,
+    pub tpidrro_el0: u64,
+    pub sp_el1: u64,
+    pub sp_el0: u64,
+    pub elr: u64,
+    pub spsr: u64,
+    pub par: u64,
+    pub cntkctl: u64,
+    pub mdscr: u64,
+    pub csselr: u64,
+}
+
+/// SCTLR_EL1 at reset: MMU and caches off, RES1 bits set.
+pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+
+impl El1Sysregs {
+    /// The architectural reset state used for a new vCPU.
+    pub fn reset() -> Self {
+        El1Sysregs {
+            sctlr: SCTLR_EL1_RESET,
+            ..Default::default()
+        }
+    }
+}
+
+macro_rules! sysregs_xfer {
+    ($s:ident, $dir:ident; $($f:ident = $r:literal),* $(,)?) => {
+        $( sysregs_xfer!(@one $s, $dir, $f, $r); )*
+    };
+    (@one $s:ident, load, $f:ident, $r:literal) => { write_sysreg!($r, $s.$f) };
+    (@one $s:ident, save, $f:ident, $r:literal) => { $s.$f = read_sysreg!($r) };
+}
+
+macro_rules! el1_list {
+    ($s:ident, $dir:ident) => {
+        sysregs_xfer!($s, $dir;
+            sctlr = "sctlr_el1", actlr = "actlr_el1", cpacr = "cpacr_el1", ttbr0 = "ttbr0_el1",
+            ttbr1 = "ttbr1_el1", tcr = "tcr_el1", esr = "esr_el1", afsr0 = "afsr0_el1",
+            afsr1 = "afsr1_el1", far = "far_el1", mair = "mair_el1", amair = "amair_el1",
+            vbar = "vbar_el1", contextidr = "contextidr_el1", tpidr_el1 = "tpidr_el1",
+            tpidr_el0 = "tpidr_el0", tpidrro_el0 = "tpidrro_el0", sp_el1 = "sp_el1",
+            sp_el0 = "sp_el0", elr = "elr_el1", spsr = "spsr_el1", par = "par_el1",
+            cntkctl = "cntkctl_el1", mdscr = "mdscr_el1", csselr = "csselr_el1",
+        )
+    };
+}
+
+/// Guest virtual timer state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimerState {
+    /// CNTV_CTL_EL0.
+    pub ctl: u64,
+    /// CNTV_CVAL_EL0.
+    pub cval: u64,
+    /// CNTVOFF_EL2 (per VM).
+    pub voff: u64,
+}
+
+/// Pointer-authentication keys (APIA, APIB, APDA, APDB, APGA; lo/hi).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PacKeys(pub [u64; 10]);
+
+macro_rules! pac_list {
+    ($k:ident, $dir:ident) => {
+        pac_list!(@x $k, $dir;
+            0 = "S3_0_C2_C1_0", 1 = "S3_0_C2_C1_1", 2 = "S3_0_C2_C1_2", 3 = "S3_0_C2_C1_3",
+            4 = "S3_0_C2_C2_0", 5 = "S3_0_C2_C2_1", 6 = "S3_0_C2_C2_2", 7 = "S3_0_C2_C2_3",
+            8 = "S3_0_C2_C3_0", 9 = "S3_0_C2_C3_1")
+    };
+    (@x $k:ident, load; $($i:literal = $r:literal),*) => { $( write_sysreg!($r, $k.0[$i]); )* };
+    (@x $k:ident, save; $($i:literal = $r:literal),*) => { $( $k.0[$i] = read_sysreg!($r); )* };
+}
+
+/// Whether the CPU implements pointer authentication (so the key
+/// registers exist).
+pub fn has_pauth() -> bool {
+    let isar1 = read_sysreg!("id_aa64isar1_el1");
+    let isar2 = read_sysreg!("S3_0_C0_C6_2"); // ID_AA64ISAR2_EL1
+    let field = |v: u64, sh: u32| (v >> sh) & 0xf;
+    field(isar1, 4)
+        | field(isar1, 8)
+        | field(isar1, 24)
+        | field(isar1, 28)
+        | field(isar2, 8)
+        | field(isar2, 12)
+        != 0
+}
+
+/// A vCPU's full architectural state as the world switch sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuState {
+    /// General registers (first: the asm uses a pointer to this).
+    pub regs: GuestRegs,
+    /// EL1 system registers.
+    pub sys: El1Sysregs,
+    /// Virtual timer.
+    pub timer: TimerState,
+    /// Pointer-authentication keys.
+    pub pac: PacKeys,
+    /// VMPIDR_EL2 (what the guest reads as MPIDR_EL1).
+    pub vmpidr: u64,
+}
+
+impl VcpuState {
+    /// A vCPU at reset: EL1h, interrupts masked, MMU off, entering at `pc`
+    /// with `x0..x3 = args`; `mpidr_aff` is its affinity.
+    pub fn new(pc: u64, args: [u64; 4], mpidr_aff: u64) -> Self {
+        let mut regs = GuestRegs {
+            pc,
+            ..GuestRegs::default()
+        };
+        regs.x[..4].copy_from_slice(&args);
+        VcpuState {
+            regs,
+            sys: El1Sysregs::reset(),
+            timer: TimerState::default(),
+            pac: PacKeys::default(),
+            vmpidr: (1 << 31) | mpidr_aff,
+        }
+    }
+}
+
+/// The VM-wide registers for a guest entry.
+#[derive(Clone, Copy, Debug)]
+pub struct VmRegs {
+    /// VTTBR_EL2 (root + VMID).
+    pub vttbr: u64,
+    /// VTCR_EL2.
+    pub vtcr: u64,
+    /// HCR_EL2.
+    pub hcr: u64,
+}
+
+/// HCR_EL2 for guests: VM (stage 2), SWIO, FMO/IMO/AMO (physical interrupts
+/// to EL2), FB/BSU inner (broadcast maintenance), TWI/TWE (trap WFx), TSC
+/// (trap SMC), RW (EL1 is AArch64), APK/API (PAC instructions and key
+/// registers do not trap: keys are switched by [`run`]).
+pub const HCR_GUEST: u64 = 1
+    | (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 9)
+    | (1 << 10)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 19)
+    | (1 << 31)
+    | (1 << 40)
+    | (1 << 41);
+
+/// Why the guest stopped running.
+#[derive(Clone, Copy, Debug)]
+pub struct Exit {
+    /// Vector index: 8 sync, 9 IRQ, 10 FIQ, 11 SError from AArch64; 12-15 from AArch32.
+    pub kind: u64,
+    /// ESR_EL2.
+    pub esr: u64,
+    /// FAR_EL2.
+    pub far: u64,
+    /// HPFAR_EL2.
+    pub hpfar: u64,
+}
+
+/// Vector index of a synchronous exception from a lower AArch64 EL.
+pub const EXIT_SYNC: u64 = 8;
+/// Vector index of an IRQ from a lower AArch64 EL.
+pub const EXIT_IRQ: u64 = 9;
+
+/// ID_AA64MMFR0_EL1.PARange of this CPU.
+pub fn parange() -> u8 {
+    (read_sysreg!("id_aa64mmfr0_el1") & 0xf) as u8
+}
+
+/// This CPU's MPIDR affinity bits.
+pub fn this_mpidr() -> u64 {
+    super::sysreg::mpidr()
+}
+
+/// Per-CPU EL2 set-up for running guests.
+pub fn init_cpu() {
+    // CNTHCTL_EL2 (E2H=0): EL1PCTEN | EL1PCEN — guests may use the
+    // physical counter and timer.
+    write_sysreg!("cnthctl_el2", 3);
+    write_sysreg!("cntvoff_el2", 0);
+    // VPIDR_EL2: guests see the real MIDR.
+    write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
+    write_sysreg!("hcr_el2", 1 << 31);
+    super::sysreg::isb();
+}
+
+/// Runs the vCPU until it exits to EL2.
+pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, pauth: bool) -> Exit {
+    write_sysreg!("vtcr_el2", vm.vtcr);
+    write_sysreg!("vttbr_el2", vm.vttbr);
+    write_sysreg!("hcr_el2", vm.hcr);
+    write_sysreg!("vmpidr_el2", vcpu.vmpidr);
+    write_sysreg!("cntvoff_el2", vcpu.timer.voff);
+    let s = &vcpu.sys;
+    el1_list!(s, load);
+    write_sysreg!("cntv_cval_el0", vcpu.timer.cval);
+    write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
+    if pauth {
+        let k = &vcpu.pac;
+        pac_list!(k, load);
+    }
+    super::sysreg::isb();
+    // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
+    // saves/restores every callee-saved register and the stack pointer
+    // around the guest run, the guest runs under stage-2 with memory
+    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
+    let kind = unsafe { __guest_enter(&mut vcpu.regs) };
+    let exit = Exit {
+        kind,
+        esr: read_sysreg!("esr_el2"),
+        far: read_sysreg!("far_el2"),
+        hpfar: read_sysreg!("hpfar_el2"),
+    };
+    let s = &mut vcpu.sys;
+    el1_list!(s, save);
+    vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");
+    vcpu.timer.cval = read_sysreg!("cntv_cval_el0");
+    // Stop the guest's timer while it is not running.
+    write_sysreg!("cntv_ctl_el0", 0);
+    if pauth {
+        let k = &mut vcpu.pac;
+        pac_list!(k, save);
+    }
+    exit
+}

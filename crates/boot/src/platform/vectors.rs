@@ -1,0 +1,91 @@
+//! EL2 exception vectors.
+//!
+//! - Exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
+//!   AArch32) push the guest's x0/x1, load the vector index into x0 and
+//!   branch to `__guest_exit` (see [`super::switch`]), which returns from
+//!   `__guest_enter` into Rust with the exit kind.
+//! - Exceptions taken at EL2 itself are hypervisor bugs: the registers are
+//!   saved and [`el2_exception`] prints them and panics (failure exit).
+
+use core::arch::global_asm;
+
+global_asm!(
+    r#"
+.macro CUR_ENTRY kind
+    .balign 128
+    sub     sp, sp, #272
+    stp     x0, x1, [sp, #0]
+    mov     x0, #\kind
+    b       pkvm_el2_self_exception
+.endm
+.macro GUEST_ENTRY kind
+    .balign 128
+    stp     x0, x1, [sp, #-16]!
+    mov     x0, #\kind
+    b       __guest_exit
+.endm
+
+.section .text.vectors, "ax"
+.balign 2048
+.global pkvm_el2_vectors
+pkvm_el2_vectors:
+    CUR_ENTRY 0
+    CUR_ENTRY 1
+    CUR_ENTRY 2
+    CUR_ENTRY 3
+    CUR_ENTRY 4
+    CUR_ENTRY 5
+    CUR_ENTRY 6
+    CUR_ENTRY 7
+    GUEST_ENTRY 8
+    GUEST_ENTRY 9
+    GUEST_ENTRY 10
+    GUEST_ENTRY 11
+    GUEST_ENTRY 12
+    GUEST_ENTRY 13
+    GUEST_ENTRY 14
+    GUEST_ENTRY 15
+
+pkvm_el2_self_exception:
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    str     x30, [sp, #240]
+    mov     x1, x0
+    mov     x0, sp
+    bl      pkvm_el2_exception
+1:  b       1b
+"#
+);
+
+/// Registers saved by an EL2-self exception (x0..x30).
+#[repr(C)]
+pub struct SelfFrame {
+    x: [u64; 31],
+}
+
+/// Handler of exceptions taken at EL2: always a hypervisor bug.
+#[no_mangle]
+extern "C" fn pkvm_el2_exception(frame: &SelfFrame, kind: u64) -> ! {
+    let esr = crate::read_sysreg!("esr_el2");
+    let elr = crate::read_sysreg!("elr_el2");
+    let far = crate::read_sysreg!("far_el2");
+    crate::println!(
+        "EL2 exception (vector {kind}) ESR_EL2={esr:#x} (EC {:#x}) ELR_EL2={elr:#x} FAR_EL2={far:#x} lr={:#x} sp={:#x}",
+        esr >> 26,
+        frame.x[30],
+        frame as *const SelfFrame as u64 + 272
+    );
+    panic!("unexpected exception at EL2");
+}

@@ -1,0 +1,183 @@
+//! The VM's stage-2 MMU as the host sees it: who owns the tables, the MMU
+//! lock, the invalidation sequence, MMU-notifier handling and teardown.
+//!
+//! - Standard mode: the host owns a [`PageTable<Stage2>`]. Guest faults map
+//!   under the MMU read lock with shared walks; notifiers, memslot changes
+//!   and teardown take the write lock.
+//! - Protected mode: the hypervisor owns the tables; the host maps by
+//!   hypercalls under the MMU write lock and remembers, per mapping, the
+//!   host page reference it holds (released when the mapping goes).
+//!
+//! Teardown has one owner: the state lives in an `Option` under the MMU
+//! write lock and whoever takes it (VM destroy or the mm-exit notifier,
+//! whichever runs first) frees everything; the other finds `None` (seed
+//! 003: no double free).
+
+use alloc::collections::BTreeMap;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use pkvm_arch::vtcr::S2Geometry;
+use pkvm_arch::{Gfn, Ipa, PAGE_SIZE};
+use pkvm_pgtable::{PageTable, Stage2};
+use pkvm_sync::{LockClass, RwSpinLock};
+
+use crate::hypcall::{self, HypCallError};
+use crate::platform::HostPlatform;
+
+/// A host page reference held for a range of guest frames mapped through
+/// the hypervisor (protected mode).
+pub(crate) struct HypMapping<Pin> {
+    pub npages: u64,
+    /// Keeps the host pages alive while the guest maps them.
+    pub _pin: Pin,
+}
+
+/// Who owns the stage-2 and what it maps.
+pub(crate) enum S2State<Pin> {
+    /// Host-managed tables.
+    Standard(PageTable<Stage2>),
+    /// Hypervisor-managed tables: the mappings the host asked for, by
+    /// first gfn.
+    Protected(BTreeMap<u64, HypMapping<Pin>>),
+}
+
+/// The MMU lock and what it protects. `None` once torn down.
+pub(crate) struct Mmu<Pin> {
+    pub state: RwSpinLock<Option<S2State<Pin>>>,
+    /// Bumped at the end of every invalidation.
+    seq: AtomicU64,
+    /// Invalidations in progress (between start and end).
+    in_progress: AtomicU64,
+    /// Union of the in-progress invalidation ranges (IPA), valid while
+    /// `in_progress > 0`; written under the write lock.
+    range: RwSpinLock<(u64, u64)>,
+}
+
+impl<Pin> Mmu<Pin> {
+    pub fn new(state: S2State<Pin>) -> Self {
+        Mmu {
+            state: RwSpinLock::new(Some(state), LockClass::HostMmu),
+            seq: AtomicU64::new(0),
+            in_progress: AtomicU64::new(0),
+            range: RwSpinLock::new((0, 0), LockClass::Leaf),
+        }
+    }
+
+    /// The invalidation sequence, sampled before pinning a page.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Whether a fault that sampled `seq` must retry because an
+    /// invalidation of `ipa` ran or is running since. Called under the MMU
+    /// lock.
+    pub fn retry(&self, seq: u64, ipa: Ipa) -> bool {
+        if self.in_progress.load(Ordering::Acquire) != 0 {
+            let (s, e) = *self.range.read();
+            if ipa.0 >= s && ipa.0 < e {
+                return true;
+            }
+        }
+        self.seq.load(Ordering::Acquire) != seq
+    }
+
+    pub fn invalidate_begin(&self, start: Ipa, end: Ipa) {
+        let mut r = self.range.write();
+        if self.in_progress.fetch_add(1, Ordering::AcqRel) == 0 {
+            *r = (start.0, end.0);
+        } else {
+            *r = (r.0.min(start.0), r.1.max(end.0));
+        }
+    }
+
+    pub fn invalidate_end(&self) {
+        self.seq.fetch_add(1, Ordering::AcqRel);
+        self.in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Unmaps `[start, end)` from host-managed tables, widened to whole blocks
+/// at the edges so that no table page is needed; returns emptied tables to
+/// the platform.
+pub(crate) fn unmap_standard<P: HostPlatform>(
+    p: &alloc::sync::Arc<P>,
+    vmid: u16,
+    pt: &mut PageTable<Stage2>,
+    start: Ipa,
+    end: Ipa,
+) {
+    let env = p.s2_env(vmid);
+    let widen = |ipa: Ipa, up: bool| {
+        let leaf = pt.get_leaf(&env, ipa);
+        let size = pkvm_arch::Granule::Size4K.level_size(leaf.level);
+        if pkvm_pgtable::walk::is_valid_leaf(leaf.pte, leaf.level) && size > PAGE_SIZE {
+            if up {
+                Ipa(ipa.0.div_ceil(size) * size)
+            } else {
+                ipa.align_down(size)
+            }
+        } else {
+            ipa
+        }
+    };
+    let s = widen(start, false);
+    let e = if end.0 == 0 {
+        end
+    } else {
+        widen(Ipa(end.0 - 1), true).max(end)
+    };
+    let mut cache = crate::platform::HostPageCache::new(p.clone());
+    // Whole blocks at the edges: the walk never splits, so it never
+    // allocates; it only frees emptied tables into `cache`.
+    let r = pt.unmap(&env, s, e.0 - s.0, &mut cache);
+    debug_assert!(r.is_ok(), "unmap of whole blocks failed: {r:?}");
+}
+
+/// Unshares (non-protected VM) the hypervisor mappings overlapping
+/// `[start, end)` and drops their page references. Donated pages of a
+/// protected VM stay with the guest: the host cannot take them back.
+pub(crate) fn unmap_protected<P: HostPlatform, Pin>(
+    p: &P,
+    cpu: usize,
+    handle: u16,
+    maps: &mut BTreeMap<u64, HypMapping<Pin>>,
+    start: Ipa,
+    end: Ipa,
+) -> Result<(), HypCallError> {
+    let (sg, eg) = (start.gfn().0, end.0.div_ceil(PAGE_SIZE));
+    let keys: alloc::vec::Vec<u64> = maps
+        .range(..eg)
+        .rev()
+        .take_while(|(k, m)| **k + m.npages > sg)
+        .map(|(k, _)| *k)
+        .collect();
+    for k in keys {
+        let m = &maps[&k];
+        for g in k..k + m.npages {
+            hypcall::unshare_guest(p, cpu, handle, Gfn(g))?;
+        }
+        maps.remove(&k);
+    }
+    Ok(())
+}
+
+/// Tears the stage-2 state down (standard mode): the table is destroyed
+/// without TLB maintenance after one whole-VMID flush.
+pub(crate) fn destroy_standard<P: HostPlatform>(
+    p: &alloc::sync::Arc<P>,
+    vmid: u16,
+    pt: PageTable<Stage2>,
+    geo: &S2Geometry,
+) {
+    let env = p.s2_env(vmid);
+    pkvm_pgtable::TlbOps::tlbi_all(&env);
+    let mut cache = crate::platform::HostPageCache::new(p.clone());
+    let root = pt.destroy(&env, &mut cache);
+    drop(env);
+    p.free_pages(root, root_order(geo));
+}
+
+/// Allocation order of the concatenated root.
+pub(crate) fn root_order(geo: &S2Geometry) -> u32 {
+    geo.root_pages.trailing_zeros()
+}

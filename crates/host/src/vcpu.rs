@@ -1,0 +1,479 @@
+//! vCPUs and the run loop: enter the guest through a [`VcpuBackend`],
+//! handle what the host can (stage-2 faults, PSCI, SMCCC), and return to
+//! the VMM with a [`VcpuExit`] for the rest.
+
+use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
+
+use pkvm_arch::esr::Esr;
+use pkvm_arch::{Ipa, PAGE_SIZE};
+
+use crate::fault::{FaultKind, GuestFault};
+use crate::hypcall;
+use crate::mmu::{HypMapping, S2State};
+use crate::pipeline::{self, Mapped, MemFaultError, Route};
+use crate::platform::{
+    GuestExit, HostPageCache, HostPlatform, ProcessMemory, VcpuBackend, VcpuContext,
+};
+use crate::psci::{self, PsciCaller, PsciOutcome, SystemEvent};
+use crate::reset::{self, Readiness};
+use crate::vm::{Vm, VmError};
+
+/// Why `run` returned to the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// A guest access to emulated memory. For a read, the VMM passes the
+    /// value to [`Vcpu::complete_mmio`] before the next run.
+    Mmio {
+        /// Guest-physical address.
+        addr: Ipa,
+        /// Access size in bytes.
+        len: u8,
+        /// Write.
+        write: bool,
+        /// The value written (writes only).
+        data: u64,
+    },
+    /// The guest asked for a shutdown, reset or suspend.
+    SystemEvent(SystemEvent),
+    /// The vCPU is powered off or suspended: wait for a kick, then run again.
+    Sleep,
+    /// WFI/WFE: nothing pending to deliver (no interrupt controller model).
+    Wfi,
+    /// A physical interrupt / preemption: the VMM may run again.
+    Interrupted,
+    /// The simulated guest program finished.
+    Halted,
+    /// The host could not handle an exit; the guest cannot continue.
+    InternalError(RunError),
+}
+
+/// An exit the host cannot handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunError {
+    /// A device access without a valid syndrome (KVM_EXIT_ARM_NISV).
+    MmioWithoutSyndrome(Ipa),
+    /// A fault status the host does not handle.
+    UnsupportedFault(u64),
+    /// A trap the host does not emulate (ESR).
+    UnhandledTrap(u64),
+    /// Memory fault handling failed.
+    Memory(MemFaultError),
+    /// The VM failed (torn down, hypervisor refusal, no memory).
+    Vm(VmError),
+    /// The simulated guest detected corrupted memory.
+    GuestCheckFailed,
+}
+
+/// A claimed vCPU: owns its context and its page cache. One thread runs it.
+pub struct Vcpu<P: HostPlatform, M: ProcessMemory> {
+    vm: Arc<Vm<P, M>>,
+    index: usize,
+    ctx: VcpuContext,
+    cache: HostPageCache<P>,
+    /// The MMIO read waiting for the VMM's data.
+    pending_mmio: Option<GuestFault>,
+    pending_mmio_value: Option<u64>,
+}
+
+impl<P: HostPlatform, M: ProcessMemory> core::fmt::Debug for Vcpu<P, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pages a fault may need for tables: one per level below the root.
+fn cache_min<P: HostPlatform, M: ProcessMemory>(vm: &Vm<P, M>) -> usize {
+    (3 - vm.geometry().start_level.0) as usize
+}
+
+/// Puts a loaded vCPU (protected mode) on every exit path.
+struct Loaded<'a, P: HostPlatform> {
+    platform: &'a P,
+    cpu: usize,
+}
+
+impl<P: HostPlatform> Drop for Loaded<'_, P> {
+    fn drop(&mut self) {
+        let r = hypcall::vcpu_put(self.platform, self.cpu);
+        debug_assert!(r.is_ok(), "vcpu_put: {r:?}");
+    }
+}
+
+impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
+    pub(crate) fn new(vm: Arc<Vm<P, M>>, index: usize) -> Self {
+        let cache = HostPageCache::new(vm.platform.clone());
+        Vcpu {
+            vm,
+            index,
+            ctx: VcpuContext::default(),
+            cache,
+            pending_mmio: None,
+            pending_mmio_value: None,
+        }
+    }
+
+    /// The vCPU index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm<P, M>> {
+        &self.vm
+    }
+
+    /// The architectural context.
+    pub fn context(&self) -> &VcpuContext {
+        &self.ctx
+    }
+
+    /// The architectural context, mutable (for the VMM's register setup).
+    pub fn context_mut(&mut self) -> &mut VcpuContext {
+        &mut self.ctx
+    }
+
+    /// Gives the VMM's result of an MMIO read; the next [`Vcpu::run`]
+    /// completes the guest's load with it.
+    pub fn complete_mmio(&mut self, value: u64) {
+        if self.pending_mmio.is_some() {
+            self.pending_mmio_value = Some(value);
+        }
+    }
+
+    /// Runs the vCPU until something needs the VMM.
+    pub fn run<B: VcpuBackend>(&mut self, be: &mut B) -> VcpuExit {
+        let cpu = be.cpu();
+        if let Some(f) = self.pending_mmio.take() {
+            let v = self.pending_mmio_value.take().unwrap_or(0);
+            be.complete_mmio(&mut self.ctx, &f, v);
+        }
+        let vm = self.vm.clone();
+        if let Err(e) = vm.ensure_hyp_init(cpu) {
+            return VcpuExit::InternalError(RunError::Vm(e));
+        }
+        let _loaded = match vm.handle() {
+            Some(h) => match hypcall::vcpu_load(&*vm.platform, cpu, h, self.index) {
+                Ok(_) => Some(Loaded {
+                    platform: &*vm.platform,
+                    cpu,
+                }),
+                Err(e) => return VcpuExit::InternalError(RunError::Vm(e.into())),
+            },
+            None => None,
+        };
+        loop {
+            match reset::prepare_to_run(&*vm, self.index, &mut self.ctx.gprs, &mut self.ctx.sys) {
+                Ok(Readiness::Run { .. }) => {}
+                Ok(Readiness::Sleep(_)) => return VcpuExit::Sleep,
+                Err(_) => {
+                    return VcpuExit::InternalError(RunError::Vm(VmError::NoSuchVcpu(self.index)))
+                }
+            }
+            let s2 = match vm.stage_two() {
+                Ok(s) => s,
+                Err(e) => return VcpuExit::InternalError(RunError::Vm(e)),
+            };
+            let exit = be.enter(&mut self.ctx, &s2);
+            match exit {
+                GuestExit::Abort { esr, far, hpfar } => match GuestFault::decode(esr, far, hpfar) {
+                    Ok(fault) => {
+                        if let Some(exit) = self.handle_abort(be, cpu, &fault) {
+                            return exit;
+                        }
+                    }
+                    Err(_) => return VcpuExit::InternalError(RunError::UnhandledTrap(esr)),
+                },
+                GuestExit::Call { esr } => {
+                    vm.stats.guest_calls.fetch_add(1, Ordering::Relaxed);
+                    if let Some(exit) = self.handle_call(Esr(esr)) {
+                        return exit;
+                    }
+                }
+                GuestExit::Wfx => return VcpuExit::Wfi,
+                GuestExit::Interrupt => return VcpuExit::Interrupted,
+                GuestExit::ProgramDone => return VcpuExit::Halted,
+                GuestExit::GuestCheckFailed => {
+                    return VcpuExit::InternalError(RunError::GuestCheckFailed)
+                }
+                GuestExit::Unhandled { esr } => {
+                    return VcpuExit::InternalError(RunError::UnhandledTrap(esr))
+                }
+            }
+        }
+    }
+
+    /// An HVC/SMC from the guest: PSCI and SMCCC arch calls are emulated;
+    /// anything else gets SMCCC NOT_SUPPORTED in x0 (and a trapped SMC is
+    /// stepped over), from the PSCI module.
+    fn handle_call(&mut self, esr: Esr) -> Option<VcpuExit> {
+        let vm = &*self.vm;
+        let big_endian = self.ctx.sys.is_big_endian();
+        let caller = PsciCaller::from_esr(self.index, esr, big_endian)?;
+        match psci::handle_psci(vm, &caller, &mut self.ctx.gprs) {
+            Ok(PsciOutcome::Continue) => None,
+            Ok(PsciOutcome::WaitForInterrupt) => Some(VcpuExit::Wfi),
+            Ok(PsciOutcome::PowerOff) | Ok(PsciOutcome::Suspended) => Some(VcpuExit::Sleep),
+            Ok(PsciOutcome::Exit(ev)) => Some(VcpuExit::SystemEvent(ev)),
+            Err(_) => Some(VcpuExit::InternalError(RunError::Vm(VmError::NoSuchVcpu(self.index)))),
+        }
+    }
+
+    fn handle_abort<B: VcpuBackend>(
+        &mut self,
+        be: &mut B,
+        cpu: usize,
+        fault: &GuestFault,
+    ) -> Option<VcpuExit> {
+        let vm = self.vm.clone();
+        // The invalidation sequence is sampled before the memslot lookup:
+        // a slot deleted after this point bumps it (see Vm::invalidate_ipa).
+        let seq = vm.mmu.seq();
+        let slot = vm.slots.read().find(fault.ipa).copied();
+        match pipeline::classify(fault, vm.geometry().ipa_size(), slot.as_ref()) {
+            Route::InjectAbort => {
+                vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
+                be.inject_abort(&mut self.ctx, fault);
+                None
+            }
+            Route::Mmio => {
+                vm.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                let s = fault.syndrome.expect("Route::Mmio has a syndrome");
+                let data = if fault.write {
+                    let v = if s.srt == 31 {
+                        0
+                    } else {
+                        self.ctx.gprs.x[s.srt as usize]
+                    };
+                    let bits = 8 * s.size() as u32;
+                    if bits == 64 {
+                        v
+                    } else {
+                        v & ((1u64 << bits) - 1)
+                    }
+                } else {
+                    0
+                };
+                if fault.write {
+                    // Nothing to wait for: step past the store now.
+                    be.complete_mmio(&mut self.ctx, fault, 0);
+                } else {
+                    self.pending_mmio = Some(*fault);
+                }
+                Some(VcpuExit::Mmio {
+                    addr: fault.ipa,
+                    len: s.size(),
+                    write: fault.write,
+                    data,
+                })
+            }
+            Route::MmioNoSyndrome => Some(VcpuExit::InternalError(RunError::MmioWithoutSyndrome(
+                fault.ipa,
+            ))),
+            Route::SkipCacheMaintenance => {
+                be.complete_mmio(&mut self.ctx, fault, 0);
+                None
+            }
+            Route::Unsupported => Some(VcpuExit::InternalError(RunError::UnsupportedFault(
+                fault.ipa.0,
+            ))),
+            Route::AccessFlag(_) => {
+                vm.stats.access_flag_faults.fetch_add(1, Ordering::Relaxed);
+                self.handle_access_flag(cpu, fault);
+                None
+            }
+            Route::Memory(slot) => match self.memory_fault(cpu, fault, &slot, seq) {
+                Ok(_) => None,
+                Err(e) => Some(VcpuExit::InternalError(RunError::Memory(e))),
+            },
+        }
+    }
+
+    fn handle_access_flag(&mut self, cpu: usize, fault: &GuestFault) {
+        let vm = &*self.vm;
+        let state = vm.mmu.state.read();
+        match state.as_ref() {
+            Some(S2State::Standard(pt)) => {
+                let env = vm.platform.s2_env(vm.vmid().unwrap_or(0));
+                // Not mapped any more: the guest retries and faults again.
+                let _ = pt.shared().mkyoung(&env, fault.page());
+            }
+            Some(S2State::Protected(_)) => {
+                if let Some(h) = vm.handle() {
+                    let _ = hypcall::mkyoung_guest(&*vm.platform, cpu, h, fault.page().gfn());
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The memory fault pipeline.
+    fn memory_fault(
+        &mut self,
+        cpu: usize,
+        fault: &GuestFault,
+        slot: &crate::memslot::Memslot,
+        seq: u64,
+    ) -> Result<Mapped, MemFaultError> {
+        let vm = self.vm.clone();
+        match fault.kind {
+            FaultKind::Permission => vm.stats.permission_faults.fetch_add(1, Ordering::Relaxed),
+            _ => vm.stats.translation_faults.fetch_add(1, Ordering::Relaxed),
+        };
+        // Step 2: before any lock.
+        if vm.handle().is_none() && fault.kind != FaultKind::Permission {
+            pipeline::topup(&mut self.cache, cache_min(&vm))?;
+        }
+        // Step 3: the VMA snapshot; the VMA itself never leaves this call.
+        let hva = slot.hva_of(fault.page());
+        let vma = pipeline::snapshot_vma(&*vm.mm, hva)?;
+        // Steps 4-6: pin (RAII) and decide.
+        let Some(target) = pipeline::pin_target(&*vm.mm, fault, slot, &vma)? else {
+            vm.stats.retries.fetch_add(1, Ordering::Relaxed);
+            return Ok(Mapped::Retry);
+        };
+        // Step 7.
+        let result = match vm.handle() {
+            None => {
+                let state = vm.mmu.state.read();
+                let Some(S2State::Standard(pt)) = state.as_ref() else {
+                    return Err(MemFaultError::Dead);
+                };
+                if vm.mmu.retry(seq, fault.ipa) {
+                    Ok(Mapped::Retry)
+                } else {
+                    pipeline::map_standard(
+                        &*vm.platform,
+                        vm.vmid().unwrap_or(0),
+                        pt,
+                        fault,
+                        &target,
+                        &mut self.cache,
+                    )
+                }
+                // `target.pin` drops after the lock: the page reference is
+                // released on every path.
+            }
+            Some(_) => self.map_protected(cpu, fault, target, seq),
+        };
+        match result {
+            Ok(Mapped::Map(size)) => {
+                vm.stats.bytes_mapped.fetch_add(size, Ordering::Relaxed);
+                let i = match size {
+                    PAGE_SIZE => 0,
+                    s if s == 2 << 20 => 1,
+                    _ => 2,
+                };
+                vm.stats.maps_by_size[i].fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Mapped::Retry) => {
+                vm.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn map_protected(
+        &mut self,
+        cpu: usize,
+        fault: &GuestFault,
+        t: pipeline::Target<M::Pin>,
+        seq: u64,
+    ) -> Result<Mapped, MemFaultError> {
+        let vm = self.vm.clone();
+        let npages = t.size / PAGE_SIZE;
+        let gfn = t.ipa.gfn().0;
+        let mut pin = Some(t.pin);
+        // The hypervisor's memcache running dry is not the guest's business:
+        // top it up outside the lock and continue within this fault.
+        let mut done = 0;
+        let mut outcome = Err(MemFaultError::NoMemory);
+        for _ in 0..4 {
+            let mut state = vm.mmu.state.write();
+            let Some(S2State::Protected(maps)) = state.as_mut() else {
+                return Err(MemFaultError::Dead);
+            };
+            if done == 0 {
+                if vm.mmu.retry(seq, fault.ipa) {
+                    return Ok(Mapped::Retry);
+                }
+                if let Some((k, m)) = maps.range(..=gfn + npages - 1).next_back() {
+                    if *k + m.npages > gfn {
+                        // Mapped already (another vCPU, or a permission upgrade).
+                        if fault.kind == FaultKind::Permission {
+                            let r = hypcall::relax_perms_guest(&*vm.platform, cpu, fault.page().gfn(), t.prot);
+                            return r.map(|_| Mapped::Relaxed).map_err(MemFaultError::Hyp);
+                        }
+                        return Ok(Mapped::Retry);
+                    }
+                }
+            }
+            let r = pipeline::map_protected(
+                &*vm.platform,
+                cpu,
+                vm.config().protected,
+                t.ipa,
+                t.pa,
+                npages,
+                t.prot,
+                &mut done,
+            );
+            match r {
+                Ok(()) => {
+                    maps.insert(gfn, HypMapping { npages, _pin: pin.take().expect("pin") });
+                    return Ok(Mapped::Map(t.size));
+                }
+                Err(e) if e.is_no_memory() => {
+                    // Pages already shared/donated stay; the next attempt
+                    // continues after them.
+                    drop(state);
+                    let need = (npages / 512 + 4) as usize;
+                    if vm.topup_hyp_memcache(cpu, need).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    outcome = Err(MemFaultError::Hyp(e));
+                    break;
+                }
+            }
+        }
+        // Failed part-way: a non-protected VM's shares are taken back; a
+        // protected VM's donations cannot be, so they are recorded (with
+        // the page reference) for teardown to reclaim.
+        if done > 0 {
+            if vm.config().protected {
+                let mut state = vm.mmu.state.write();
+                if let Some(S2State::Protected(maps)) = state.as_mut() {
+                    maps.insert(gfn, HypMapping { npages: done, _pin: pin.take().expect("pin") });
+                }
+            } else {
+                self.undo_partial(cpu, t.ipa, done);
+            }
+        }
+        outcome
+    }
+
+    /// Takes back the first `npages` pages of an interrupted multi-page
+    /// share so no guest mapping outlives the host reference. Donations
+    /// cannot be undone by the host: those pages stay the guest's, and are
+    /// recorded so teardown reclaims them.
+    fn undo_partial(&mut self, cpu: usize, ipa: Ipa, npages: u64) {
+        let vm = &*self.vm;
+        let Some(h) = vm.handle() else { return };
+        for i in 0..npages {
+            let _ = hypcall::unshare_guest(&*vm.platform, cpu, h, pkvm_arch::Gfn(ipa.gfn().0 + i));
+        }
+    }
+}
+
+impl<P: HostPlatform, M: ProcessMemory> Drop for Vcpu<P, M> {
+    fn drop(&mut self) {
+        self.vm.vcpus[self.index]
+            .claimed
+            .store(false, Ordering::Release);
+    }
+}

@@ -1,0 +1,699 @@
+//! VMs: creation, memslots, MMU notifiers, PSCI plumbing and teardown.
+//!
+//! # The pKVM handle (seed 001)
+//! In protected mode the VM's hypervisor handle is reserved when the VM is
+//! created, so every early path (MMU notifiers, memslot changes) has a
+//! valid handle. The reservation is recorded in the VM as
+//! `Option<HypVm>`, decided once from the platform's mode; teardown
+//! releases exactly what that `Option` holds (unreserve if the hyp VM was
+//! never initialised, start/reclaim/finalize if it was). An acquire without
+//! its release, or a release under a different condition, cannot be
+//! written.
+//!
+//! # Teardown (seed 003)
+//! [`Vm::teardown`] can be reached from VM destroy and from the mm-exit
+//! notifier at the same time. Each piece of state it frees sits in an
+//! `Option` under a lock and is taken exactly once; the second caller finds
+//! nothing to free.
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use pkvm_arch::pte::S2Prot;
+use pkvm_arch::vtcr::S2Geometry;
+use pkvm_arch::{Granule, Hva, Ipa, Pa, PAGE_SIZE};
+use pkvm_pgtable::{PageTable, Stage2};
+use pkvm_sync::{LockClass, RwSpinLock, SpinLock};
+
+use crate::hypcall::{self, HypCallError};
+use crate::memslot::{MemslotError, Memslots, SlotChange, UserMemoryRegion};
+use crate::mmu::{self, Mmu, S2State};
+use crate::platform::{HostPlatform, ProcessMemory, StageTwo};
+use crate::psci::{PsciConfig, PsciVm, VcpuPower};
+use crate::vmid::Vmid;
+
+/// How a VM is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// IPA size in bits (32..=48).
+    pub ipa_bits: u32,
+    /// A protected VM (needs protected mode): its memory is donated to it
+    /// and unreachable by the host.
+    pub protected: bool,
+    /// Number of vCPUs.
+    pub nr_vcpus: usize,
+    /// PSCI emulation settings.
+    pub psci: PsciConfig,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            ipa_bits: 40,
+            protected: false,
+            nr_vcpus: 1,
+            psci: PsciConfig::default(),
+        }
+    }
+}
+
+/// Largest vCPU count per VM.
+pub const MAX_VCPUS: usize = 64;
+
+/// Why a VM operation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmError {
+    /// IPA size outside 32..=48.
+    IpaBits(u32),
+    /// vCPU count outside 1..=MAX_VCPUS.
+    VcpuCount(usize),
+    /// A protected VM needs the hypervisor in protected mode.
+    NotProtectedMode,
+    /// All VMIDs are in use.
+    NoVmid,
+    /// Out of memory.
+    NoMemory,
+    /// A memslot request was invalid.
+    Memslot(MemslotError),
+    /// The hypervisor refused a call.
+    Hyp(HypCallError),
+    /// No such vCPU.
+    NoSuchVcpu(usize),
+    /// The vCPU is already claimed by a thread.
+    VcpuBusy(usize),
+    /// The VM was torn down.
+    Dead,
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmError::IpaBits(b) => write!(f, "IPA size {b} bits is outside 32..=48"),
+            VmError::VcpuCount(n) => write!(f, "{n} vCPUs is outside 1..={MAX_VCPUS}"),
+            VmError::NotProtectedMode => {
+                write!(f, "protected VMs need the hypervisor in protected mode")
+            }
+            VmError::NoVmid => write!(f, "no free VMID"),
+            VmError::NoMemory => write!(f, "out of memory"),
+            VmError::Memslot(e) => write!(f, "memslot: {e}"),
+            VmError::Hyp(e) => write!(f, "{e}"),
+            VmError::NoSuchVcpu(i) => write!(f, "no vCPU {i}"),
+            VmError::VcpuBusy(i) => write!(f, "vCPU {i} is already in use"),
+            VmError::Dead => write!(f, "the VM was torn down"),
+        }
+    }
+}
+
+impl From<MemslotError> for VmError {
+    fn from(e: MemslotError) -> Self {
+        VmError::Memslot(e)
+    }
+}
+
+impl From<HypCallError> for VmError {
+    fn from(e: HypCallError) -> Self {
+        VmError::Hyp(e)
+    }
+}
+
+/// Per-VM statistics.
+#[derive(Debug, Default)]
+pub struct VmStats {
+    /// Stage-2 translation faults handled.
+    pub translation_faults: AtomicU64,
+    /// Permission faults handled.
+    pub permission_faults: AtomicU64,
+    /// Access-flag faults handled.
+    pub access_flag_faults: AtomicU64,
+    /// Faults that returned to the guest to retry (race, invalidation).
+    pub retries: AtomicU64,
+    /// Bytes mapped by faults.
+    pub bytes_mapped: AtomicU64,
+    /// Mappings by size: 4K, 2M, 1G.
+    pub maps_by_size: [AtomicU64; 3],
+    /// MMIO exits.
+    pub mmio_exits: AtomicU64,
+    /// Aborts injected into the guest.
+    pub injected_aborts: AtomicU64,
+    /// Guest hypercalls (HVC/SMC) handled.
+    pub guest_calls: AtomicU64,
+    /// Notifier invalidations.
+    pub invalidations: AtomicU64,
+}
+
+/// A snapshot of [`VmStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmStatsSnapshot {
+    /// Translation faults.
+    pub translation_faults: u64,
+    /// Permission faults.
+    pub permission_faults: u64,
+    /// Access-flag faults.
+    pub access_flag_faults: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Bytes mapped.
+    pub bytes_mapped: u64,
+    /// Mappings of 4K, 2M, 1G.
+    pub maps_by_size: [u64; 3],
+    /// MMIO exits.
+    pub mmio_exits: u64,
+    /// Injected aborts.
+    pub injected_aborts: u64,
+    /// Guest hypercalls.
+    pub guest_calls: u64,
+    /// Invalidations.
+    pub invalidations: u64,
+}
+
+impl VmStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> VmStatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VmStatsSnapshot {
+            translation_faults: r(&self.translation_faults),
+            permission_faults: r(&self.permission_faults),
+            access_flag_faults: r(&self.access_flag_faults),
+            retries: r(&self.retries),
+            bytes_mapped: r(&self.bytes_mapped),
+            maps_by_size: [
+                r(&self.maps_by_size[0]),
+                r(&self.maps_by_size[1]),
+                r(&self.maps_by_size[2]),
+            ],
+            mmio_exits: r(&self.mmio_exits),
+            injected_aborts: r(&self.injected_aborts),
+            guest_calls: r(&self.guest_calls),
+            invalidations: r(&self.invalidations),
+        }
+    }
+}
+
+/// The hypervisor side of a VM in protected mode.
+pub(crate) struct HypVm {
+    pub handle: u16,
+    /// `Some` until teardown took it; `initialized` once INIT_VM succeeded.
+    pub state: SpinLock<Option<HypVmState>>,
+}
+
+pub(crate) struct HypVmState {
+    pub initialized: bool,
+    /// Pages donated to the hypervisor (VM, vCPU, root, memcache), freed
+    /// back after FINALIZE_TEARDOWN returns them.
+    pub donated: Vec<(Pa, u32)>,
+}
+
+/// Per-vCPU state shared between threads.
+pub(crate) struct VcpuShared {
+    pub power: SpinLock<VcpuPower>,
+    pub claimed: AtomicBool,
+}
+
+/// A virtual machine.
+pub struct Vm<P: HostPlatform, M: ProcessMemory> {
+    pub(crate) platform: Arc<P>,
+    pub(crate) mm: Arc<M>,
+    pub(crate) cfg: VmConfig,
+    pub(crate) geo: S2Geometry,
+    /// Host VMID (standard mode).
+    pub(crate) vmid: Option<Vmid>,
+    pub(crate) slots: RwSpinLock<Memslots>,
+    pub(crate) mmu: Mmu<M::Pin>,
+    pub(crate) vcpus: Vec<VcpuShared>,
+    pub(crate) hyp: Option<HypVm>,
+    pub(crate) stats: VmStats,
+    /// Where the boot vCPU starts.
+    pub(crate) boot: SpinLock<crate::reset::BootParams>,
+}
+
+impl<P: HostPlatform, M: ProcessMemory> fmt::Debug for Vm<P, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("cfg", &self.cfg)
+            .field("vmid", &self.vmid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
+    /// Creates a VM. In protected mode its hypervisor handle is reserved now
+    /// (so early paths always have one); in standard mode the host allocates
+    /// its stage-2 root.
+    ///
+    /// # Errors
+    /// Invalid configuration, no VMID / memory, or the hypervisor's refusal.
+    pub fn create(
+        platform: Arc<P>,
+        mm: Arc<M>,
+        cfg: VmConfig,
+        cpu: usize,
+    ) -> Result<Arc<Self>, VmError> {
+        let geo = S2Geometry::new(Granule::Size4K, cfg.ipa_bits)
+            .map_err(|_| VmError::IpaBits(cfg.ipa_bits))?;
+        if cfg.nr_vcpus == 0 || cfg.nr_vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(cfg.nr_vcpus));
+        }
+        let protected_mode = platform.protected_mode();
+        if cfg.protected && !protected_mode {
+            return Err(VmError::NotProtectedMode);
+        }
+        let (vmid, hyp, state) = if protected_mode {
+            let handle = hypcall::reserve_vm(&*platform, cpu)?;
+            let hyp = HypVm {
+                handle,
+                state: SpinLock::new(
+                    Some(HypVmState {
+                        initialized: false,
+                        donated: Vec::new(),
+                    }),
+                    LockClass::HostVm,
+                ),
+            };
+            (None, Some(hyp), S2State::Protected(BTreeMap::new()))
+        } else {
+            let vmid = Vmid::alloc().ok_or(VmError::NoVmid)?;
+            let order = mmu::root_order(&geo);
+            let root = platform.alloc_pages(order).ok_or(VmError::NoMemory)?;
+            let pt = PageTable::<Stage2>::new(root, geo, platform.s2_features());
+            (Some(vmid), None, S2State::Standard(pt))
+        };
+        let vcpus = (0..cfg.nr_vcpus)
+            .map(|_| VcpuShared {
+                power: VcpuPower::new_lock(),
+                claimed: AtomicBool::new(false),
+            })
+            .collect();
+        Ok(Arc::new(Vm {
+            platform,
+            mm,
+            cfg,
+            geo,
+            vmid,
+            slots: RwSpinLock::new(Memslots::new(), LockClass::HostSlots),
+            mmu: Mmu::new(state),
+            vcpus,
+            hyp,
+            stats: VmStats::default(),
+            boot: SpinLock::new(crate::reset::BootParams::default(), LockClass::HostVm),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// The stage-2 geometry.
+    pub fn geometry(&self) -> S2Geometry {
+        self.geo
+    }
+
+    /// The pKVM handle (protected mode).
+    pub fn handle(&self) -> Option<u16> {
+        self.hyp.as_ref().map(|h| h.handle)
+    }
+
+    /// The host VMID (standard mode).
+    pub fn vmid(&self) -> Option<u16> {
+        self.vmid.as_ref().map(Vmid::get)
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> &VmStats {
+        &self.stats
+    }
+
+    /// The platform.
+    pub fn platform(&self) -> &Arc<P> {
+        &self.platform
+    }
+
+    /// The process memory.
+    pub fn mm(&self) -> &Arc<M> {
+        &self.mm
+    }
+
+    /// A copy of the memslots.
+    pub fn memslots(&self) -> Memslots {
+        self.slots.read().clone()
+    }
+
+    /// Sets where vCPU 0 starts, and powers the VM on (vCPU 0 running,
+    /// the others off until a guest `CPU_ON`).
+    ///
+    /// # Errors
+    /// None in practice (the VM has at least one vCPU).
+    pub fn power_on(&self, boot: crate::reset::BootParams) -> Result<(), VmError> {
+        *self.boot.lock() = boot;
+        crate::reset::power_on_vm(self, &boot).map_err(|_| VmError::VcpuCount(0))
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: creates, moves, changes the flags of,
+    /// or deletes a memslot. A deleted or moved slot's old range is
+    /// unmapped from stage-2 before this returns.
+    ///
+    /// # Errors
+    /// [`VmError::Memslot`] naming the problem; nothing changed.
+    pub fn set_user_memory_region(
+        &self,
+        r: UserMemoryRegion,
+        cpu: usize,
+    ) -> Result<SlotChange, VmError> {
+        let change = {
+            let mut slots = self.slots.write();
+            let change = slots.check(&r, self.cfg.ipa_bits)?;
+            slots.apply(change);
+            change
+        };
+        match change {
+            SlotChange::Delete(old) | SlotChange::Move { old, .. } => {
+                self.invalidate_ipa(old.start(), old.end(), cpu);
+            }
+            SlotChange::FlagsOnly { old, new } if new.logging() && !old.logging() => {
+                self.wrprotect_range(new.start(), new.end(), cpu);
+            }
+            _ => {}
+        }
+        Ok(change)
+    }
+
+    /// Unmaps `[start, end)` from stage-2 as an invalidation (sequence
+    /// bumped, so a fault that raced it retries).
+    fn invalidate_ipa(&self, start: Ipa, end: Ipa, cpu: usize) {
+        self.mmu.invalidate_begin(start, end);
+        self.unmap_ipa(start, end, cpu);
+        self.mmu.invalidate_end();
+    }
+
+    fn unmap_ipa(&self, start: Ipa, end: Ipa, cpu: usize) {
+        let mut state = self.mmu.state.write();
+        match state.as_mut() {
+            Some(S2State::Standard(pt)) => {
+                mmu::unmap_standard(&self.platform, self.vmid().unwrap_or(0), pt, start, end);
+            }
+            Some(S2State::Protected(maps)) => {
+                if !self.cfg.protected {
+                    if let Some(h) = &self.hyp {
+                        let r =
+                            mmu::unmap_protected(&*self.platform, cpu, h.handle, maps, start, end);
+                        debug_assert!(r.is_ok(), "unshare refused: {r:?}");
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Write-protects `[start, end)` (dirty logging enabled) and flushes.
+    fn wrprotect_range(&self, start: Ipa, end: Ipa, cpu: usize) {
+        let mut state = self.mmu.state.write();
+        match state.as_mut() {
+            Some(S2State::Standard(pt)) => {
+                let env = self.platform.s2_env(self.vmid().unwrap_or(0));
+                let r = pt.wrprotect(&env, start, end.0 - start.0);
+                debug_assert!(r.is_ok(), "wrprotect of a memslot failed: {r:?}");
+                pkvm_pgtable::TlbOps::tlbi_range(&env, start.0, end.0);
+            }
+            Some(S2State::Protected(_)) => {
+                if let Some(h) = &self.hyp {
+                    let _ = hypcall::call(
+                        &*self.platform,
+                        cpu,
+                        "wrprotect_guest",
+                        pkvm_hyp::hvc::id::WRPROTECT_GUEST,
+                        &[
+                            h.handle as u64,
+                            start.gfn().0,
+                            (end.0 - start.0) / PAGE_SIZE,
+                        ],
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// IPA ranges backed by `[start, end)` of host memory.
+    fn ipa_ranges(&self, start: Hva, end: Hva) -> Vec<(Ipa, Ipa)> {
+        self.slots
+            .read()
+            .iter()
+            .filter_map(|s| s.ipa_range_of_hva(start, end))
+            .collect()
+    }
+
+    /// MMU notifier: the host is about to change `[start, end)`; unmap what
+    /// stage-2 maps from it. No guest fault can map it again until
+    /// [`Vm::mmu_notifier_invalidate_end`].
+    pub fn mmu_notifier_invalidate_start(&self, start: Hva, end: Hva, cpu: usize) {
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        let ranges = self.ipa_ranges(start, end);
+        let (lo, hi) = ranges
+            .iter()
+            .fold((u64::MAX, 0), |(lo, hi), (s, e)| (lo.min(s.0), hi.max(e.0)));
+        // Always counts as in progress, even when no slot is affected, so
+        // that begin/end stay balanced.
+        self.mmu.invalidate_begin(Ipa(lo.min(hi)), Ipa(hi));
+        for (s, e) in ranges {
+            self.unmap_ipa(s, e, cpu);
+        }
+    }
+
+    /// MMU notifier: the change of the range is complete.
+    pub fn mmu_notifier_invalidate_end(&self) {
+        self.mmu.invalidate_end();
+    }
+
+    /// MMU notifier: whether the guest accessed `[start, end)` recently;
+    /// clears the access flags if `clear`.
+    pub fn mmu_notifier_age(&self, start: Hva, end: Hva, clear: bool, cpu: usize) -> bool {
+        let ranges = self.ipa_ranges(start, end);
+        let state = self.mmu.state.read();
+        let mut young = false;
+        for (s, e) in ranges {
+            match state.as_ref() {
+                Some(S2State::Standard(pt)) => {
+                    let env = self.platform.s2_env(self.vmid().unwrap_or(0));
+                    young |= pt
+                        .shared()
+                        .test_clear_young(&env, s, e.0 - s.0, clear)
+                        .unwrap_or(false);
+                }
+                Some(S2State::Protected(_)) => {
+                    if let Some(h) = &self.hyp {
+                        young |= hypcall::test_clear_young_guest(
+                            &*self.platform,
+                            cpu,
+                            h.handle,
+                            s.gfn(),
+                            (e.0 - s.0) / PAGE_SIZE,
+                            clear,
+                        )
+                        .unwrap_or(false);
+                    }
+                }
+                None => {}
+            }
+        }
+        young
+    }
+
+    /// MMU notifier: the process address space is going away (mm exit).
+    /// Tears the stage-2 down now; VM destroy later finds nothing to free.
+    pub fn mmu_notifier_release(&self, cpu: usize) {
+        self.teardown(cpu);
+    }
+
+    /// Tears the VM's memory down: stage-2 tables (standard mode) or the
+    /// hypervisor VM (protected mode: teardown, reclaim of every guest
+    /// page, finalize; or unreserve if never initialised), and every page
+    /// the host donated. Safe to call any number of times from any thread:
+    /// each piece is taken exactly once.
+    pub fn teardown(&self, cpu: usize) {
+        let taken = self.mmu.state.write().take();
+        match taken {
+            Some(S2State::Standard(pt)) => {
+                mmu::destroy_standard(&self.platform, self.vmid().unwrap_or(0), pt, &self.geo);
+            }
+            Some(S2State::Protected(maps)) => {
+                self.teardown_hyp(cpu, Some(maps));
+            }
+            None => {
+                if let Some(h) = &self.hyp {
+                    if h.state.lock().is_some() {
+                        self.teardown_hyp(cpu, None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn teardown_hyp(&self, cpu: usize, maps: Option<BTreeMap<u64, mmu::HypMapping<M::Pin>>>) {
+        let Some(h) = &self.hyp else { return };
+        let Some(state) = h.state.lock().take() else {
+            return;
+        };
+        let p = &*self.platform;
+        if state.initialized {
+            // Every vCPU was put (vCPU handles put on every exit path).
+            let r = hypcall::start_teardown(p, cpu, h.handle);
+            debug_assert!(r.is_ok(), "start_teardown: {r:?}");
+            if let Some(maps) = &maps {
+                for (gfn, m) in maps {
+                    for g in *gfn..*gfn + m.npages {
+                        let r = hypcall::reclaim_guest_page(p, cpu, h.handle, pkvm_arch::Gfn(g));
+                        debug_assert!(r.is_ok(), "reclaim gfn {g:#x}: {r:?}");
+                    }
+                }
+            }
+            let r = hypcall::finalize_teardown(p, cpu, h.handle);
+            debug_assert!(r.is_ok(), "finalize_teardown: {r:?}");
+        } else {
+            let r = hypcall::unreserve_vm(p, cpu, h.handle);
+            debug_assert!(r.is_ok(), "unreserve_vm: {r:?}");
+        }
+        // The guest pages' references go only now that the guest lost them.
+        drop(maps);
+        for (pa, order) in state.donated {
+            p.free_pages(pa, order);
+        }
+    }
+
+    /// Initialises the hypervisor VM on first run (protected mode): donates
+    /// its memory, then initialises every vCPU. Idempotent.
+    pub(crate) fn ensure_hyp_init(&self, cpu: usize) -> Result<(), VmError> {
+        let Some(h) = &self.hyp else { return Ok(()) };
+        let mut guard = h.state.lock();
+        let state = guard.as_mut().ok_or(VmError::Dead)?;
+        if state.initialized {
+            return Ok(());
+        }
+        let p = &*self.platform;
+        let (vm_pages, vcpu_pages, root_pages) = hypcall::get_sizes(p, cpu, self.cfg.ipa_bits)?;
+        let order_of = |n: u64| n.max(1).next_power_of_two().trailing_zeros();
+        let vm_order = order_of(vm_pages);
+        let root_order = order_of(root_pages);
+        let vm_mem = p.alloc_pages(vm_order).ok_or(VmError::NoMemory)?;
+        let Some(root) = p.alloc_pages(root_order) else {
+            p.free_pages(vm_mem, vm_order);
+            return Err(VmError::NoMemory);
+        };
+        let config = pkvm_hyp::VmConfig {
+            ipa_bits: self.cfg.ipa_bits,
+            nr_vcpus: self.cfg.nr_vcpus as u8,
+            protected: self.cfg.protected,
+        };
+        if let Err(e) =
+            hypcall::init_vm(p, cpu, h.handle, vm_mem.pfn(), root.pfn(), config.encode())
+        {
+            // The hypervisor gave the memory back and kept the reservation.
+            p.free_pages(vm_mem, vm_order);
+            p.free_pages(root, root_order);
+            return Err(e.into());
+        }
+        state.donated.push((vm_mem, vm_order));
+        state.donated.push((root, root_order));
+        state.initialized = true;
+        let vcpu_order = order_of(vcpu_pages);
+        for i in 0..self.cfg.nr_vcpus {
+            let mem = p.alloc_pages(vcpu_order).ok_or(VmError::NoMemory)?;
+            if let Err(e) = hypcall::init_vcpu(p, cpu, h.handle, i, mem.pfn()) {
+                p.free_pages(mem, vcpu_order);
+                return Err(e.into());
+            }
+            state.donated.push((mem, vcpu_order));
+        }
+        Ok(())
+    }
+
+    /// Donates `n` pages to the hypervisor's memcache for this VM.
+    pub(crate) fn topup_hyp_memcache(&self, cpu: usize, n: usize) -> Result<(), VmError> {
+        let Some(h) = &self.hyp else { return Ok(()) };
+        for _ in 0..n {
+            let pa = self.platform.alloc_pages(0).ok_or(VmError::NoMemory)?;
+            let mut guard = h.state.lock();
+            let state = guard.as_mut().ok_or(VmError::Dead)?;
+            match hypcall::topup_memcache(&*self.platform, cpu, h.handle, pa.pfn(), 1) {
+                Ok(_) => state.donated.push((pa, 0)),
+                Err(e) => {
+                    drop(guard);
+                    self.platform.free_pages(pa, 0);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What a guest entry needs to know about stage-2.
+    pub(crate) fn stage_two(&self) -> Result<StageTwo, VmError> {
+        match (&self.hyp, self.mmu.state.read().as_ref()) {
+            (Some(h), Some(_)) => Ok(StageTwo::Hyp { handle: h.handle }),
+            (None, Some(S2State::Standard(pt))) => Ok(StageTwo::Host {
+                vmid: self.vmid().unwrap_or(0),
+                root: pt.root(),
+                geo: self.geo,
+            }),
+            _ => Err(VmError::Dead),
+        }
+    }
+
+    /// Claims vCPU `index` for the calling thread.
+    ///
+    /// # Errors
+    /// No such vCPU, or already claimed.
+    pub fn vcpu(self: &Arc<Self>, index: usize) -> Result<crate::vcpu::Vcpu<P, M>, VmError> {
+        let v = self.vcpus.get(index).ok_or(VmError::NoSuchVcpu(index))?;
+        if v.claimed.swap(true, Ordering::AcqRel) {
+            return Err(VmError::VcpuBusy(index));
+        }
+        Ok(crate::vcpu::Vcpu::new(self.clone(), index))
+    }
+
+    /// Translation of `ipa` in host-managed stage-2 (standard mode; for
+    /// tests and statistics).
+    pub fn s2_translate(&self, ipa: Ipa) -> Option<(Pa, S2Prot, u64)> {
+        let state = self.mmu.state.read();
+        match state.as_ref() {
+            Some(S2State::Standard(pt)) => {
+                let env = self.platform.s2_env(self.vmid().unwrap_or(0));
+                pt.translate(&env, ipa)
+                    .map(|(pa, prot, l)| (pa, prot, Granule::Size4K.level_size(l)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Number of guest frames mapped through the hypervisor (protected mode).
+    pub fn hyp_mapped_pages(&self) -> u64 {
+        match self.mmu.state.read().as_ref() {
+            Some(S2State::Protected(m)) => m.values().map(|m| m.npages).sum(),
+            _ => 0,
+        }
+    }
+}
+
+impl<P: HostPlatform, M: ProcessMemory> Drop for Vm<P, M> {
+    fn drop(&mut self) {
+        self.teardown(0);
+    }
+}
+
+impl<P: HostPlatform, M: ProcessMemory> PsciVm for Vm<P, M> {
+    fn psci_config(&self) -> PsciConfig {
+        self.cfg.psci
+    }
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+    fn vcpu_power(&self, index: usize) -> &SpinLock<VcpuPower> {
+        &self.vcpus[index].power
+    }
+    fn kick_vcpu(&self, index: usize) {
+        let id = self.vmid().or(self.handle()).unwrap_or(0);
+        self.platform.kick_vcpu(id, index);
+    }
+}

@@ -1,0 +1,355 @@
+//! The hypervisor state: the page pool, the host's stage-2, the VM table and
+//! the VMs, created once at init from what the platform hands over.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use pkvm_arch::pte::S2Features;
+use pkvm_arch::pte::S2Pte;
+use pkvm_arch::vtcr::S2Geometry;
+use pkvm_arch::{Granule, Ipa, Level, Pa, PAGE_SIZE};
+use pkvm_pgtable::{PageCache, PageTable, PtMemory, TlbOps};
+use pkvm_sync::{LockClass, SpinLock};
+
+use crate::error::HypError;
+use crate::mem_protect::HostMmu;
+use crate::meta::{MemMap, PageState};
+use crate::platform::{HypPlatform, MemRegion};
+use crate::pool::HypPool;
+use crate::vm::{HypVm, VmTable};
+
+/// Number of VM table slots (handles `0x1000..0x10ff`, VMIDs `1..=255`).
+pub const MAX_VMS: usize = 255;
+/// vCPUs per VM.
+pub const MAX_VCPUS: usize = 16;
+/// Physical CPUs.
+pub const MAX_CPUS: usize = 32;
+/// Host memory regions.
+pub const MAX_REGIONS: usize = 16;
+/// Pages of hyp VM state the host donates at `init_vm`.
+pub const VM_PAGES: u64 = 1;
+/// Pages of hyp vCPU state (the register context) donated at `init_vcpu`.
+pub const VCPU_PAGES: u64 = 1;
+/// Largest number of pages one memcache top-up may donate.
+pub const MAX_TOPUP_PAGES: u64 = 16;
+/// Owner id of the hypervisor in host stage-2 annotations.
+pub const OWNER_HYP: u8 = 1;
+/// The first VM handle.
+pub const HANDLE_BASE: u16 = 0x1000;
+
+/// What the platform hands the hypervisor at init.
+#[derive(Clone, Copy, Debug)]
+pub struct HypConfig<'a> {
+    /// Metadata for every page of the managed range (all host memory).
+    pub mem: MemMap,
+    /// The host's normal memory regions (inside `mem`, page aligned).
+    pub regions: &'a [MemRegion],
+    /// The hypervisor's page pool: `pool_pages` pages at `pool_base`.
+    pub pool_base: Pa,
+    /// Size of the pool in pages.
+    pub pool_pages: u64,
+    /// Pages at the start of the pool already in use (stay allocated).
+    pub pool_reserved: u64,
+    /// IPA size of the host's identity stage-2 (covers every region).
+    pub host_ipa_bits: u32,
+    /// Stage-2 descriptor features of the CPU.
+    pub features: S2Features,
+}
+
+/// Counters for tests and the simulator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HypStats {
+    /// Pages in the hyp pool's range.
+    pub pool_pages: u64,
+    /// Free pages in the hyp pool.
+    pub pool_free: u64,
+    /// Pages the VMs hold on to (VM and vCPU state, stage-2 root and table
+    /// pages, memcache pages).
+    pub vm_pages: u64,
+    /// Live VMs.
+    pub live_vms: u64,
+}
+
+/// The trusted hypervisor core. See the crate documentation for the trust
+/// boundary and the lock order.
+pub struct Hyp<P: HypPlatform> {
+    pub(crate) plat: P,
+    pub(crate) mem: MemMap,
+    pub(crate) regions: [MemRegion; MAX_REGIONS],
+    pub(crate) nr_regions: usize,
+    pub(crate) pool: HypPool,
+    pub(crate) host: SpinLock<HostMmu>,
+    pub(crate) table: SpinLock<VmTable<MAX_VMS>>,
+    pub(crate) vms: [SpinLock<Option<HypVm>>; MAX_VMS],
+    pub(crate) finalized: AtomicBool,
+    pub(crate) feat: S2Features,
+    pub(crate) hvc_count: AtomicU64,
+    /// Table pages the host stage-2 may need to change one page's mapping.
+    pub(crate) host_levels: usize,
+}
+
+/// The page-table environment for one stage-2: the platform's memory plus
+/// the TLB operations of one VMID.
+pub(crate) struct Env<'a, P: HypPlatform> {
+    plat: &'a P,
+    tlb: P::Tlb,
+}
+
+impl<P: HypPlatform> PtMemory for Env<'_, P> {
+    fn table(&self, pa: Pa) -> &[core::sync::atomic::AtomicU64; 512] {
+        self.plat.table(pa)
+    }
+    fn refcount(&self, pa: Pa) -> &core::sync::atomic::AtomicU32 {
+        self.plat.refcount(pa)
+    }
+}
+
+impl<P: HypPlatform> TlbOps for Env<'_, P> {
+    fn tlbi_leaf(&self, addr: u64, level: Level) {
+        self.tlb.tlbi_leaf(addr, level)
+    }
+    fn tlbi_leaf_local(&self, addr: u64, level: Level) {
+        self.tlb.tlbi_leaf_local(addr, level)
+    }
+    fn tlbi_range(&self, start: u64, end: u64) {
+        self.tlb.tlbi_range(start, end)
+    }
+    fn tlbi_all(&self) {
+        self.tlb.tlbi_all()
+    }
+    fn dcache_clean_poc(&self, pa: Pa, size: u64) {
+        self.tlb.dcache_clean_poc(pa, size)
+    }
+    fn icache_inval_pou(&self, pa: Pa, size: u64) {
+        self.tlb.icache_inval_pou(pa, size)
+    }
+    fn needs_dcache_maintenance(&self) -> bool {
+        self.tlb.needs_dcache_maintenance()
+    }
+}
+
+/// Largest number of table pages one prepared operation reserves.
+pub(crate) const RESERVE_MAX: usize = 16;
+
+/// Table pages taken from the hyp pool *before* a commit, so the commit
+/// cannot run out of memory. Unused pages go back to the pool on drop.
+pub(crate) struct Reserve<'a, P: HypPlatform> {
+    pool: &'a HypPool,
+    plat: &'a P,
+    pages: [Pa; RESERVE_MAX],
+    n: usize,
+}
+
+impl<'a, P: HypPlatform> Reserve<'a, P> {
+    /// Takes `count` zeroed pages from the pool.
+    pub(crate) fn new(pool: &'a HypPool, plat: &'a P, count: usize) -> Result<Self, HypError> {
+        assert!(
+            count <= RESERVE_MAX,
+            "hyp bug: reserve of {count} table pages"
+        );
+        let mut r = Reserve {
+            pool,
+            plat,
+            pages: [Pa(0); RESERVE_MAX],
+            n: 0,
+        };
+        for _ in 0..count {
+            // On failure `r` is dropped and gives back what it took.
+            let pa = pool.alloc(0).map_err(|_| HypError::NoMemory)?;
+            r.pages[r.n] = pa;
+            r.n += 1;
+        }
+        Ok(r)
+    }
+}
+
+impl<P: HypPlatform> PageCache for Reserve<'_, P> {
+    fn alloc_table(&mut self) -> Option<Pa> {
+        if self.n == 0 {
+            return None;
+        }
+        self.n -= 1;
+        Some(self.pages[self.n])
+    }
+    fn free_table(&mut self, pa: Pa) {
+        if self.n < RESERVE_MAX {
+            self.pages[self.n] = pa;
+            self.n += 1;
+        } else {
+            self.pool.put(self.plat, pa);
+        }
+    }
+}
+
+impl<P: HypPlatform> Drop for Reserve<'_, P> {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            self.pool.put(self.plat, self.pages[i]);
+        }
+    }
+}
+
+impl<P: HypPlatform> Hyp<P> {
+    /// Sets up the hypervisor: the page pool over the configured range
+    /// (marked hyp-owned and annotated in the host stage-2), the host's
+    /// empty identity stage-2, an empty VM table. Starts unfinalised.
+    ///
+    /// # Errors
+    /// [`HypError::BadArgument`] / [`HypError::BadAddress`] for an
+    /// inconsistent configuration (platform bug), [`HypError::NoMemory`] if
+    /// the pool cannot hold the host stage-2's root.
+    pub fn new(plat: P, cfg: &HypConfig<'_>) -> Result<Hyp<P>, HypError> {
+        let mem = cfg.mem;
+        if cfg.regions.len() > MAX_REGIONS || cfg.regions.is_empty() {
+            return Err(HypError::BadArgument {
+                what: "region count",
+                value: cfg.regions.len() as u64,
+            });
+        }
+        let mut regions = [MemRegion {
+            base: Pa(0),
+            size: 0,
+        }; MAX_REGIONS];
+        for (i, r) in cfg.regions.iter().enumerate() {
+            let ok = r.base.is_aligned(PAGE_SIZE)
+                && r.size % PAGE_SIZE == 0
+                && mem.contains(r.base, r.size / PAGE_SIZE)
+                && r.end().0 <= 1u64 << cfg.host_ipa_bits.min(48);
+            if !ok {
+                return Err(HypError::BadAddress { pa: r.base });
+            }
+            if cfg.regions[..i]
+                .iter()
+                .any(|o| r.base < o.end() && o.base < r.end())
+            {
+                return Err(HypError::BadAddress { pa: r.base });
+            }
+            regions[i] = *r;
+        }
+        let geo = S2Geometry::new(Granule::Size4K, cfg.host_ipa_bits).map_err(|_| {
+            HypError::BadArgument {
+                what: "host IPA bits",
+                value: cfg.host_ipa_bits as u64,
+            }
+        })?;
+        let pool = HypPool::new(&plat, mem, cfg.pool_base, cfg.pool_pages, cfg.pool_reserved)
+            .map_err(|_| HypError::BadAddress { pa: cfg.pool_base })?;
+        for i in 0..cfg.pool_pages {
+            let pa = cfg.pool_base + i * PAGE_SIZE;
+            mem.set_host_state(pa, PageState::NoPage);
+            mem.set_hyp_state(pa, PageState::Owned);
+        }
+        let order = geo.root_pages.trailing_zeros() as u8;
+        let root = pool.alloc(order).map_err(|_| HypError::NoMemory)?;
+        let mut pgt = PageTable::new(root, geo, cfg.features);
+        {
+            let env = Env {
+                plat: &plat,
+                tlb: plat.tlb(0),
+            };
+            let levels = 3 - geo.start_level.0 as usize;
+            let mut res = Reserve::new(&pool, &plat, 2 * levels)?;
+            let ann = S2Pte::owner_annotation(OWNER_HYP);
+            pgt.annotate(
+                &env,
+                Ipa(cfg.pool_base.0),
+                cfg.pool_pages * PAGE_SIZE,
+                ann,
+                &mut res,
+            )
+            .map_err(|_| HypError::BadAddress { pa: cfg.pool_base })?;
+        }
+        Ok(Hyp {
+            plat,
+            mem,
+            regions,
+            nr_regions: cfg.regions.len(),
+            pool,
+            host: SpinLock::new(HostMmu::new(pgt, mem), LockClass::HypHostMmu),
+            table: SpinLock::new(VmTable::new(), LockClass::HypVmTable),
+            vms: core::array::from_fn(|_| SpinLock::new(None, LockClass::HypVm)),
+            finalized: AtomicBool::new(false),
+            feat: cfg.features,
+            hvc_count: AtomicU64::new(0),
+            host_levels: 3 - geo.start_level.0 as usize,
+        })
+    }
+
+    /// The platform.
+    pub fn platform(&self) -> &P {
+        &self.plat
+    }
+
+    /// The page metadata (read-only use: tests, the simulator's checks).
+    pub fn memmap(&self) -> &MemMap {
+        &self.mem
+    }
+
+    /// The hyp page pool.
+    pub fn pool(&self) -> &HypPool {
+        &self.pool
+    }
+
+    /// The host memory regions.
+    pub fn regions(&self) -> &[MemRegion] {
+        &self.regions[..self.nr_regions]
+    }
+
+    /// Whether the host has finalised protection (the `FINALIZE` hypercall).
+    pub fn is_finalized(&self) -> bool {
+        self.finalized.load(Ordering::Acquire)
+    }
+
+    /// Switches to the after-finalisation hypercall band (like
+    /// `__pkvm_prot_finalize`). Idempotence is not needed: the call that does
+    /// this is only available before.
+    pub fn finalize(&self) {
+        self.finalized.store(true, Ordering::Release);
+    }
+
+    /// Whether any of the hypervisor's locks is held (tests assert none is,
+    /// between calls).
+    pub fn any_lock_held(&self) -> bool {
+        self.pool.is_locked()
+            || self.host.is_locked()
+            || self.table.is_locked()
+            || self.vms.iter().any(|v| v.is_locked())
+    }
+
+    /// Counters (takes the VM table lock and each VM's lock in turn).
+    pub fn stats(&self) -> HypStats {
+        let t = self.table.lock();
+        let mut s = HypStats {
+            pool_pages: self.pool.total_pages(),
+            pool_free: self.pool.free_pages(),
+            ..HypStats::default()
+        };
+        for (i, slot) in self.vms.iter().enumerate() {
+            if let Some(vm) = slot.lock().as_ref() {
+                s.vm_pages += vm.owned_pages();
+                if t.is_live(i) {
+                    s.live_vms += 1;
+                }
+            }
+        }
+        s
+    }
+
+    pub(crate) fn host_env(&self) -> Env<'_, P> {
+        Env {
+            plat: &self.plat,
+            tlb: self.plat.tlb(0),
+        }
+    }
+
+    pub(crate) fn guest_env(&self, vmid: u16) -> Env<'_, P> {
+        Env {
+            plat: &self.plat,
+            tlb: self.plat.tlb(vmid),
+        }
+    }
+
+    /// The region holding `[pa, pa + len)`, if one does.
+    pub(crate) fn region_of(&self, pa: Pa, len: u64) -> Option<&MemRegion> {
+        self.regions().iter().find(|r| r.contains(pa, len))
+    }
+}

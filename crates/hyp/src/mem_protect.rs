@@ -1,0 +1,577 @@
+//! Page ownership (pKVM's mem_protect): who may access each physical page.
+//!
+//! States: host and hyp states live in the page metadata (see
+//! [`crate::meta`]); a guest's state lives in the software bits of its
+//! stage-2 PTE (OWNED = none, SHARED_OWNED = SW0, SHARED_BORROWED = SW1).
+//! Every page is in exactly one of these combinations:
+//!
+//! | host          | hyp             | guests                         |
+//! |---------------|-----------------|--------------------------------|
+//! | OWNED         | NOPAGE          | -                              |
+//! | SHARED_OWNED  | SHARED_BORROWED | - (shared with the hyp)        |
+//! | SHARED_OWNED  | NOPAGE          | `guest_shares` x SHARED_BORROWED (non-protected guests) |
+//! | NOPAGE        | OWNED           | - (pool, VM state, memcaches, guest tables) |
+//! | NOPAGE        | NOPAGE          | one guest OWNED (donated)      |
+//!
+//! The host's stage-2 agrees: pages the host may access have either no
+//! entry (mapped lazily by [`Hyp::host_mem_abort`]) or a valid identity
+//! entry; hyp pages carry an owner annotation, donated pages a (handle, gfn)
+//! donation annotation, always at page granularity outside the pool.
+//!
+//! Every transition checks all its preconditions first and reserves the
+//! table pages its commit may need; the commit then cannot fail. A refused
+//! transition leaves no trace.
+
+use pkvm_arch::pte::S2Prot;
+use pkvm_arch::pte::{Annotation, S2Pte};
+use pkvm_arch::vtcr::S2Geometry;
+use pkvm_arch::{Gfn, Ipa, Level, Pa, Pfn, PAGE_SIZE};
+use pkvm_pgtable::{MapFlags, PageTable, PtError, Stage2};
+
+use crate::error::HypError;
+use crate::hyp::{Hyp, Reserve, OWNER_HYP};
+use crate::meta::{MemMap, PageState};
+use crate::platform::HypPlatform;
+use crate::vm::{guest_state, HypVm, McCache};
+
+/// The host's stage-2 and the host/hyp page states: only reachable through
+/// the host MMU lock, so `&mut HostMmu` is the proof the lock is held.
+pub struct HostMmu {
+    pub(crate) pgt: PageTable<Stage2>,
+    mem: MemMap,
+}
+
+/// Panics if a commit step fails although its checks passed (a bug).
+pub(crate) fn commit<T>(r: Result<T, PtError>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("hyp bug: {what} failed after its checks passed: {e}"),
+    }
+}
+
+impl HostMmu {
+    pub(crate) fn new(pgt: PageTable<Stage2>, mem: MemMap) -> HostMmu {
+        HostMmu { pgt, mem }
+    }
+
+    /// The host stage-2's geometry.
+    pub fn geometry(&self) -> S2Geometry {
+        self.pgt.geometry()
+    }
+
+    pub(crate) fn host(&self, pa: Pa) -> PageState {
+        self.mem.host_state(pa)
+    }
+
+    pub(crate) fn hyp(&self, pa: Pa) -> PageState {
+        self.mem.hyp_state(pa)
+    }
+
+    pub(crate) fn shares(&self, pa: Pa) -> u16 {
+        self.mem.guest_shares(pa)
+    }
+
+    pub(crate) fn set(&mut self, pa: Pa, host: PageState, hyp: PageState) {
+        self.mem.set_host_state(pa, host);
+        self.mem.set_hyp_state(pa, hyp);
+    }
+
+    pub(crate) fn set_shares(&mut self, pa: Pa, n: u16) {
+        self.mem.set_guest_shares(pa, n);
+    }
+
+    /// Checks that every page of `[pa, pa + nr)` is host `host` / hyp `hyp`
+    /// and, for host-owned pages, not shared with any guest.
+    pub(crate) fn expect(
+        &self,
+        pa: Pa,
+        nr: u64,
+        host: PageState,
+        hyp: PageState,
+    ) -> Result<(), HypError> {
+        for i in 0..nr {
+            let p = pa + i * PAGE_SIZE;
+            let (h, y) = (self.host(p), self.hyp(p));
+            if h != host || y != hyp || (h == PageState::Owned && self.shares(p) != 0) {
+                return Err(HypError::WrongState {
+                    pa: p,
+                    host: h,
+                    hyp: y,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<P: HypPlatform> Hyp<P> {
+    /// Validates a host-provided range: `nr >= 1` pages of normal memory
+    /// inside one host memory region.
+    pub(crate) fn check_memory(&self, pa: Pa, nr: u64) -> Result<(), HypError> {
+        let len = nr.checked_mul(PAGE_SIZE).ok_or(HypError::BadArgument {
+            what: "page count",
+            value: nr,
+        })?;
+        if nr == 0 {
+            return Err(HypError::BadArgument {
+                what: "page count",
+                value: nr,
+            });
+        }
+        if !pa.is_aligned(PAGE_SIZE)
+            || self.region_of(pa, len).is_none()
+            || !self.mem.contains(pa, nr)
+        {
+            return Err(HypError::BadAddress { pa });
+        }
+        Ok(())
+    }
+
+    /// Table pages a commit may need to annotate or map one contiguous
+    /// range of at most 512 pages in the host stage-2.
+    pub(crate) fn host_range_tables(&self) -> usize {
+        2 * self.host_levels
+    }
+
+    // ---- host <-> hyp sharing ------------------------------------------
+
+    /// host OWNED & hyp NOPAGE -> host SHARED_OWNED, hyp SHARED_BORROWED.
+    /// The host keeps its mapping.
+    ///
+    /// # Errors
+    /// [`HypError::BadAddress`], [`HypError::WrongState`].
+    pub fn host_share_hyp(&self, pfn: Pfn) -> Result<(), HypError> {
+        let pa = pfn.addr();
+        self.check_memory(pa, 1)?;
+        let mut host = self.host.lock();
+        host.expect(pa, 1, PageState::Owned, PageState::NoPage)?;
+        host.set(pa, PageState::SharedOwned, PageState::SharedBorrowed);
+        Ok(())
+    }
+
+    /// The reverse of [`Hyp::host_share_hyp`]; refused while the hyp has the
+    /// page pinned.
+    ///
+    /// # Errors
+    /// [`HypError::BadAddress`], [`HypError::WrongState`], [`HypError::Pinned`].
+    pub fn host_unshare_hyp(&self, pfn: Pfn) -> Result<(), HypError> {
+        let pa = pfn.addr();
+        self.check_memory(pa, 1)?;
+        let mut host = self.host.lock();
+        host.expect(pa, 1, PageState::SharedOwned, PageState::SharedBorrowed)?;
+        if self.mem.hyp_pins(pa) != 0 {
+            return Err(HypError::Pinned { pa });
+        }
+        host.set(pa, PageState::Owned, PageState::NoPage);
+        Ok(())
+    }
+
+    /// Pins `nr` pages the host shared with the hyp, so the host cannot
+    /// unshare them while the hyp uses them.
+    ///
+    /// # Errors
+    /// [`HypError::BadAddress`], [`HypError::WrongState`] if a page is not
+    /// shared with the hyp, [`HypError::TooManyShares`] on pin overflow.
+    pub fn hyp_pin_shared(&self, pa: Pa, nr: u64) -> Result<(), HypError> {
+        self.check_memory(pa, nr)?;
+        let _host = self.host.lock();
+        for i in 0..nr {
+            let p = pa + i * PAGE_SIZE;
+            let (h, y) = (self.mem.host_state(p), self.mem.hyp_state(p));
+            if y != PageState::SharedBorrowed {
+                return Err(HypError::WrongState {
+                    pa: p,
+                    host: h,
+                    hyp: y,
+                });
+            }
+            if self.mem.hyp_pins(p) == u16::MAX {
+                return Err(HypError::TooManyShares { pa: p });
+            }
+        }
+        for i in 0..nr {
+            let p = pa + i * PAGE_SIZE;
+            self.mem.set_hyp_pins(p, self.mem.hyp_pins(p) + 1);
+        }
+        Ok(())
+    }
+
+    /// Drops pins taken by [`Hyp::hyp_pin_shared`].
+    ///
+    /// # Errors
+    /// [`HypError::BadAddress`]; [`HypError::Internal`] if a page is not
+    /// pinned (a hypervisor bug).
+    pub fn hyp_unpin_shared(&self, pa: Pa, nr: u64) -> Result<(), HypError> {
+        self.check_memory(pa, nr)?;
+        let _host = self.host.lock();
+        if (0..nr).any(|i| self.mem.hyp_pins(pa + i * PAGE_SIZE) == 0) {
+            return Err(HypError::Internal("unpin of an unpinned page"));
+        }
+        for i in 0..nr {
+            let p = pa + i * PAGE_SIZE;
+            self.mem.set_hyp_pins(p, self.mem.hyp_pins(p) - 1);
+        }
+        Ok(())
+    }
+
+    // ---- host <-> hyp donation -----------------------------------------
+
+    /// Commit of host OWNED -> hyp OWNED for `[pa, pa + nr)` (checked with
+    /// `expect(.., Owned, NoPage)` before): annotate each page owner=hyp in
+    /// the host stage-2 (page granularity, so giving pages back never needs
+    /// a table page).
+    pub(crate) fn commit_host_donate_hyp(
+        &self,
+        host: &mut HostMmu,
+        pa: Pa,
+        nr: u64,
+        res: &mut Reserve<'_, P>,
+    ) {
+        let env = self.host_env();
+        let ann = S2Pte::owner_annotation(OWNER_HYP);
+        for i in 0..nr {
+            let p = pa + i * PAGE_SIZE;
+            commit(
+                host.pgt.annotate(&env, Ipa(p.0), PAGE_SIZE, ann, res),
+                "host donate annotation",
+            );
+            host.set(p, PageState::NoPage, PageState::Owned);
+        }
+    }
+
+    /// Commit of hyp OWNED -> host OWNED (checked with
+    /// `expect(.., NoPage, Owned)` before): zero, then map back.
+    pub(crate) fn commit_hyp_donate_host(
+        &self,
+        host: &mut HostMmu,
+        pa: Pa,
+        nr: u64,
+        res: &mut Reserve<'_, P>,
+    ) {
+        for i in 0..nr {
+            let p = pa + i * PAGE_SIZE;
+            self.plat.zero_page(p);
+            self.host_map_back(host, p, res);
+            host.set(p, PageState::Owned, PageState::NoPage);
+        }
+    }
+
+    /// Gives the host its identity mapping of one page back (replacing an
+    /// annotation).
+    pub(crate) fn host_map_back(&self, host: &mut HostMmu, pa: Pa, res: &mut Reserve<'_, P>) {
+        let env = self.host_env();
+        commit(
+            host.pgt.map(
+                &env,
+                Ipa(pa.0),
+                PAGE_SIZE,
+                pa,
+                S2Prot::RWX,
+                MapFlags::FORCE_PAGE,
+                res,
+            ),
+            "host map back",
+        );
+    }
+
+    /// host OWNED -> hyp OWNED for `nr` pages at `pa` (used for VM state and
+    /// memcache pages; also available to the platform).
+    ///
+    /// # Errors
+    /// [`HypError::BadAddress`], [`HypError::WrongState`],
+    /// [`HypError::NoMemory`] if the host stage-2 needs a table page the pool
+    /// cannot give.
+    pub fn host_donate_hyp(&self, pa: Pa, nr: u64) -> Result<(), HypError> {
+        self.check_memory(pa, nr)?;
+        if nr > 512 {
+            return Err(HypError::BadArgument {
+                what: "page count",
+                value: nr,
+            });
+        }
+        let mut host = self.host.lock();
+        host.expect(pa, nr, PageState::Owned, PageState::NoPage)?;
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables())?;
+        self.commit_host_donate_hyp(&mut host, pa, nr, &mut res);
+        Ok(())
+    }
+
+    // ---- the host's stage-2 ----------------------------------------------
+
+    /// Handles a host stage-2 fault at `pa`: maps the largest block around
+    /// it that is unmapped, unannotated and inside one memory region (MMIO
+    /// outside the managed range is mapped as a device page).
+    ///
+    /// # Errors
+    /// [`HypError::HostAccessDenied`] if the host does not own the page (the
+    /// caller injects an abort into the host); [`HypError::NoMemory`] if the
+    /// pool cannot give a table page; [`HypError::Again`] if the entry is
+    /// being changed.
+    pub fn host_mem_abort(&self, pa: Pa) -> Result<(), HypError> {
+        let page = pa.align_down(PAGE_SIZE);
+        let mut host = self.host.lock();
+        let env = self.host_env();
+        let leaf = host.pgt.get_leaf(&env, Ipa(page.0));
+        let pte = S2Pte(leaf.pte);
+        if pte.is_valid() {
+            return Ok(()); // Another CPU mapped it first.
+        }
+        if pte.is_locked() {
+            return Err(HypError::Again);
+        }
+        if pte.0 != 0 {
+            return Err(HypError::HostAccessDenied { pa });
+        }
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
+        let Some(region) = self.region_of(page, PAGE_SIZE).copied() else {
+            if self.mem.index(page).is_some() {
+                return Err(HypError::HostAccessDenied { pa });
+            }
+            let prot = S2Prot::RW | S2Prot::DEVICE;
+            return match host.pgt.map(
+                &env,
+                Ipa(page.0),
+                PAGE_SIZE,
+                page,
+                prot,
+                MapFlags::FORCE_PAGE,
+                &mut res,
+            ) {
+                Ok(()) | Err(PtError::Again) => Ok(()),
+                Err(_) => Err(HypError::HostAccessDenied { pa }),
+            };
+        };
+        let granule = host.pgt.geometry().granule;
+        let mut level = leaf.level.0.max(1);
+        loop {
+            let size = granule.level_size(Level(level));
+            let base = page.align_down(size);
+            if level == 3 || region.contains(base, size) {
+                return match host.pgt.map(
+                    &env,
+                    Ipa(base.0),
+                    size,
+                    base,
+                    S2Prot::RWX,
+                    MapFlags::NONE,
+                    &mut res,
+                ) {
+                    Ok(()) | Err(PtError::Again) => Ok(()),
+                    Err(e) => Err(HypError::Internal(match e {
+                        PtError::NoMemory => "host stage-2 reserve too small",
+                        _ => "host stage-2 map failed",
+                    })),
+                };
+            }
+            level += 1;
+        }
+    }
+
+    /// The host stage-2 entry covering `pa` (tests and the simulator).
+    pub fn host_pte(&self, pa: Pa) -> (S2Pte, Level) {
+        let host = self.host.lock();
+        let leaf = host.pgt.get_leaf(&self.host_env(), Ipa(pa.0));
+        (S2Pte(leaf.pte), leaf.level)
+    }
+
+    // ---- host <-> guest ----------------------------------------------------
+
+    /// host OWNED (or SHARED_OWNED toward guests) & guest NOPAGE ->
+    /// host SHARED_OWNED (+1 share), guest SHARED_BORROWED with `prot`.
+    pub(crate) fn share_guest_locked(
+        &self,
+        host: &mut HostMmu,
+        vm: &mut HypVm,
+        pfn: Pfn,
+        gfn: Gfn,
+        prot: S2Prot,
+    ) -> Result<(), HypError> {
+        if vm.protected {
+            return Err(HypError::WrongVmKind { handle: vm.handle });
+        }
+        let pa = pfn.addr();
+        self.check_memory(pa, 1)?;
+        let ipa = vm.check_gfn(gfn, 1)?;
+        let (h, y, n) = (host.host(pa), host.hyp(pa), host.shares(pa));
+        let ok = y == PageState::NoPage
+            && (h == PageState::Owned || (h == PageState::SharedOwned && n > 0));
+        if !ok {
+            return Err(HypError::WrongState {
+                pa,
+                host: h,
+                hyp: y,
+            });
+        }
+        if n == u16::MAX {
+            return Err(HypError::TooManyShares { pa });
+        }
+        let env = self.guest_env(vm.vmid);
+        if vm.pgt.get_leaf(&env, ipa).pte != 0 {
+            return Err(HypError::GfnMapped { gfn });
+        }
+        if vm.memcache.len() < vm.levels() {
+            return Err(HypError::NoMemory);
+        }
+        // Commit.
+        let mut mc = McCache::new(&mut vm.memcache, &mut vm.tables, &self.plat);
+        let flags = MapFlags::FORCE_PAGE | MapFlags::NO_REPLACE;
+        commit(
+            vm.pgt
+                .map(&env, ipa, PAGE_SIZE, pa, prot | S2Prot::SW1, flags, &mut mc),
+            "guest share map",
+        );
+        host.set(pa, PageState::SharedOwned, PageState::NoPage);
+        host.set_shares(pa, n + 1);
+        Ok(())
+    }
+
+    /// guest SHARED_BORROWED -> NOPAGE; host share count -1, OWNED at zero.
+    pub(crate) fn unshare_guest_locked(
+        &self,
+        host: &mut HostMmu,
+        vm: &mut HypVm,
+        gfn: Gfn,
+    ) -> Result<(), HypError> {
+        if vm.protected {
+            return Err(HypError::WrongVmKind { handle: vm.handle });
+        }
+        let ipa = vm.check_gfn(gfn, 1)?;
+        let env = self.guest_env(vm.vmid);
+        let pte = vm
+            .leaf_page(&env, ipa)
+            .ok_or(HypError::GfnNotMapped { gfn })?;
+        if guest_state(pte, vm.pgt.features()) != PageState::SharedBorrowed {
+            return Err(HypError::GfnNotMapped { gfn });
+        }
+        let pa = pte.oa();
+        let n = host.shares(pa);
+        if host.host(pa) != PageState::SharedOwned || n == 0 {
+            return Err(HypError::Internal(
+                "guest-borrowed page not shared by the host",
+            ));
+        }
+        // Commit.
+        let mut mc = McCache::new(&mut vm.memcache, &mut vm.tables, &self.plat);
+        commit(
+            vm.pgt.unmap(&env, ipa, PAGE_SIZE, &mut mc),
+            "guest unshare unmap",
+        );
+        self.drop_guest_share(host, pa, n);
+        Ok(())
+    }
+
+    fn drop_guest_share(&self, host: &mut HostMmu, pa: Pa, n: u16) {
+        host.set_shares(pa, n - 1);
+        if n == 1 {
+            host.set(pa, PageState::Owned, PageState::NoPage);
+        }
+    }
+
+    /// host OWNED -> guest OWNED (protected VMs): the host entry is
+    /// annotated with (handle, gfn).
+    pub(crate) fn donate_guest_locked(
+        &self,
+        host: &mut HostMmu,
+        vm: &mut HypVm,
+        pfn: Pfn,
+        gfn: Gfn,
+    ) -> Result<(), HypError> {
+        if !vm.protected {
+            return Err(HypError::WrongVmKind { handle: vm.handle });
+        }
+        let pa = pfn.addr();
+        self.check_memory(pa, 1)?;
+        let ipa = vm.check_gfn(gfn, 1)?;
+        host.expect(pa, 1, PageState::Owned, PageState::NoPage)?;
+        let env = self.guest_env(vm.vmid);
+        if vm.pgt.get_leaf(&env, ipa).pte != 0 {
+            return Err(HypError::GfnMapped { gfn });
+        }
+        if vm.memcache.len() < vm.levels() {
+            return Err(HypError::NoMemory);
+        }
+        let ann = S2Pte::donation_annotation(vm.handle, gfn.0).ok_or(HypError::BadArgument {
+            what: "gfn",
+            value: gfn.0,
+        })?;
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
+        // Commit.
+        let henv = self.host_env();
+        commit(
+            host.pgt
+                .annotate(&henv, Ipa(pa.0), PAGE_SIZE, ann, &mut res),
+            "host donation annotation",
+        );
+        host.set(pa, PageState::NoPage, PageState::NoPage);
+        let mut mc = McCache::new(&mut vm.memcache, &mut vm.tables, &self.plat);
+        let flags = MapFlags::FORCE_PAGE | MapFlags::NO_REPLACE;
+        commit(
+            vm.pgt
+                .map(&env, ipa, PAGE_SIZE, pa, S2Prot::RWX, flags, &mut mc),
+            "guest donate map",
+        );
+        Ok(())
+    }
+
+    /// Gives one page of a dying guest back to the host: a donated page is
+    /// zeroed and becomes host OWNED; a shared one drops its share.
+    pub(crate) fn reclaim_locked(
+        &self,
+        host: &mut HostMmu,
+        vm: &mut HypVm,
+        gfn: Gfn,
+    ) -> Result<(), HypError> {
+        let ipa = vm.check_gfn(gfn, 1)?;
+        let env = self.guest_env(vm.vmid);
+        let pte = vm
+            .leaf_page(&env, ipa)
+            .ok_or(HypError::GfnNotMapped { gfn })?;
+        let pa = pte.oa();
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
+        match guest_state(pte, vm.pgt.features()) {
+            PageState::Owned => {
+                self.check_donated(host, vm.handle, pa, gfn)?;
+                // Commit.
+                self.plat.zero_page(pa);
+                let mut mc = McCache::new(&mut vm.memcache, &mut vm.tables, &self.plat);
+                commit(vm.pgt.unmap(&env, ipa, PAGE_SIZE, &mut mc), "reclaim unmap");
+                self.host_map_back(host, pa, &mut res);
+                host.set(pa, PageState::Owned, PageState::NoPage);
+            }
+            PageState::SharedBorrowed => {
+                let n = host.shares(pa);
+                if host.host(pa) != PageState::SharedOwned || n == 0 {
+                    return Err(HypError::Internal(
+                        "guest-borrowed page not shared by the host",
+                    ));
+                }
+                let mut mc = McCache::new(&mut vm.memcache, &mut vm.tables, &self.plat);
+                commit(vm.pgt.unmap(&env, ipa, PAGE_SIZE, &mut mc), "reclaim unmap");
+                self.drop_guest_share(host, pa, n);
+            }
+            _ => return Err(HypError::GfnNotMapped { gfn }),
+        }
+        Ok(())
+    }
+
+    /// Checks that `pa` is donated to guest `handle` at `gfn`.
+    pub(crate) fn check_donated(
+        &self,
+        host: &HostMmu,
+        handle: u16,
+        pa: Pa,
+        gfn: Gfn,
+    ) -> Result<(), HypError> {
+        let (h, y) = (host.host(pa), host.hyp(pa));
+        let ann = S2Pte(host.pgt.get_leaf(&self.host_env(), Ipa(pa.0)).pte).annotation();
+        if h != PageState::NoPage
+            || y != PageState::NoPage
+            || ann != Some(Annotation::Donation { handle, gfn: gfn.0 })
+        {
+            return Err(HypError::Internal(
+                "guest-owned page without a matching donation record",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,392 @@
+//! Booting the EL2 image under QEMU.
+//!
+//! The image learns what to do from a *handoff block*: one 4 KiB page that
+//! xtask writes to a file and QEMU loads at [`HANDOFF_PA`] with
+//! `-device loader,file=..,addr=..,force-raw=on`. An external guest file is
+//! loaded the same way at [`GUEST_PA`] (right after the block). Without a
+//! handoff block (plain `qemu -kernel image`) the image runs its demo.
+//!
+//! Handoff layout (little-endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `PKVMHOF1` |
+//! | 8 | 4 | version (1) |
+//! | 12 | 4 | flags (0) |
+//! | 16 | 32 | scenario name, NUL-padded |
+//! | 48 | 8 | guest load address (0 if none) |
+//! | 56 | 8 | guest size in bytes |
+//! | 64 | 4 | guest vCPUs |
+//! | 68 | 4 | guest memory in MiB |
+//! | 72 | 4 | command-line length |
+//! | 76 | 4 | reserved |
+//! | 80 | 1024 | command line (not NUL-terminated) |
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::RunArgs;
+
+/// Physical address of the handoff block (see the module docs).
+pub const HANDOFF_PA: u64 = 0x4800_0000;
+/// Physical address an external guest file is loaded at.
+pub const GUEST_PA: u64 = HANDOFF_PA + 0x1000;
+/// Largest external guest file: up to the page pool at 0x5000_0000.
+pub const GUEST_MAX: u64 = 0x5000_0000 - GUEST_PA;
+/// Handoff magic.
+pub const MAGIC: &[u8; 8] = b"PKVMHOF1";
+const CMDLINE_MAX: usize = 1024;
+
+/// What to ask the image to do.
+#[derive(Debug, Clone, Default)]
+pub struct RunSpec {
+    /// Scenario name (`demo` when empty).
+    pub scenario: String,
+    /// External guest file, its vCPU count, memory and command line.
+    pub guest: Option<PathBuf>,
+    /// Guest vCPUs.
+    pub smp: u32,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Guest command line.
+    pub append: String,
+}
+
+impl RunSpec {
+    /// The spec for `cargo xtask run` options.
+    ///
+    /// # Errors
+    /// Out-of-range `--smp`/`--mem` or an over-long `--append`.
+    pub fn from_args(a: &RunArgs) -> Result<RunSpec> {
+        ensure!(
+            (1..=8).contains(&a.smp),
+            "--smp must be 1..=8, got {}",
+            a.smp
+        );
+        ensure!(
+            (1..=512).contains(&a.mem),
+            "--mem must be 1..=512 MiB, got {}",
+            a.mem
+        );
+        let append = a.append.clone().unwrap_or_default();
+        ensure!(
+            append.len() <= CMDLINE_MAX,
+            "--append is longer than {CMDLINE_MAX} bytes"
+        );
+        let scenario = match (&a.guest, &a.scenario) {
+            (Some(_), _) => "guest".to_string(),
+            (None, Some(s)) => s.clone(),
+            (None, None) => "demo".to_string(),
+        };
+        ensure!(scenario.len() < 32, "scenario name too long");
+        Ok(RunSpec {
+            scenario,
+            guest: a.guest.clone(),
+            smp: a.smp,
+            mem_mib: a.mem,
+            append,
+        })
+    }
+
+    /// A built-in scenario.
+    pub fn scenario(name: &str) -> RunSpec {
+        RunSpec {
+            scenario: name.into(),
+            smp: 1,
+            mem_mib: 64,
+            ..RunSpec::default()
+        }
+    }
+}
+
+/// Encodes the handoff block for `spec` with a guest of `guest_size` bytes.
+pub fn handoff_block(spec: &RunSpec, guest_size: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[0..8].copy_from_slice(MAGIC);
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let name = spec.scenario.as_bytes();
+    let n = name.len().min(31);
+    b[16..16 + n].copy_from_slice(&name[..n]);
+    if spec.guest.is_some() {
+        b[48..56].copy_from_slice(&GUEST_PA.to_le_bytes());
+        b[56..64].copy_from_slice(&guest_size.to_le_bytes());
+    }
+    b[64..68].copy_from_slice(&spec.smp.to_le_bytes());
+    b[68..72].copy_from_slice(&spec.mem_mib.to_le_bytes());
+    let cmd = spec.append.as_bytes();
+    let n = cmd.len().min(CMDLINE_MAX);
+    b[72..76].copy_from_slice(&(n as u32).to_le_bytes());
+    b[80..80 + n].copy_from_slice(&cmd[..n]);
+    b
+}
+
+/// How to treat the console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// Print every line as it arrives (and keep it).
+    Stream,
+    /// Only keep it (tests print it on failure).
+    Capture,
+}
+
+/// What a QEMU run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// QEMU's exit code (`None`: killed by the timeout or a signal).
+    pub exit_code: Option<i32>,
+    /// The console transcript.
+    pub console: String,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// The QEMU command line of this project (the issue's), plus the loader
+/// devices for the handoff block and guest.
+pub fn qemu_command(image: &Path, handoff: Option<&Path>, guest: Option<&Path>) -> Command {
+    let mut c = Command::new(crate::prereq::QEMU);
+    c.args([
+        "-M",
+        "virt,virtualization=on,gic-version=3",
+        "-cpu",
+        "max,pauth-impdef=on",
+        "-smp",
+        "4",
+        "-m",
+        "1G",
+        "-nographic",
+        "-semihosting",
+        "-no-reboot",
+        "-kernel",
+    ])
+    .arg(image);
+    if let Some(h) = handoff {
+        c.arg("-device").arg(format!(
+            "loader,file={},addr={HANDOFF_PA:#x},force-raw=on",
+            h.display()
+        ));
+    }
+    if let Some(g) = guest {
+        c.arg("-device").arg(format!(
+            "loader,file={},addr={GUEST_PA:#x},force-raw=on",
+            g.display()
+        ));
+    }
+    c
+}
+
+/// Boots `image` with `spec`; kills QEMU after `timeout` (if given).
+///
+/// # Errors
+/// QEMU cannot be started, or the guest file is unusable.
+pub fn boot(
+    image: &Path,
+    spec: &RunSpec,
+    console: Console,
+    timeout: Option<Duration>,
+) -> Result<Outcome> {
+    let guest_size = match &spec.guest {
+        Some(g) => {
+            let len = std::fs::metadata(g)
+                .with_context(|| format!("guest file {}", g.display()))?
+                .len();
+            ensure!(len > 0, "guest file {} is empty", g.display());
+            ensure!(
+                len <= GUEST_MAX,
+                "guest file {} is larger than {GUEST_MAX} bytes",
+                g.display()
+            );
+            len
+        }
+        None => 0,
+    };
+    let dir = crate::image::boot_target_dir().join("handoff");
+    std::fs::create_dir_all(&dir)?;
+    let handoff = dir.join(format!(
+        "handoff-{}-{}.bin",
+        std::process::id(),
+        spec.scenario
+    ));
+    std::fs::write(&handoff, handoff_block(spec, guest_size))?;
+    let guest = spec
+        .guest
+        .as_ref()
+        .map(|g| std::fs::canonicalize(g).unwrap_or_else(|_| g.clone()));
+    let mut cmd = qemu_command(image, Some(&handoff), guest.as_deref());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if console == Console::Capture {
+        cmd.stdin(Stdio::null());
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child.stdout.take().context("qemu stdout")?;
+    let err = child.stderr.take().context("qemu stderr")?;
+    let tx2 = tx.clone();
+    let t_out = std::thread::spawn(move || pump(out, tx, console));
+    let t_err = std::thread::spawn(move || pump(err, tx2, console));
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if timeout.is_some_and(|t| start.elapsed() > t) {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = t_out.join();
+    let _ = t_err.join();
+    let console_text: String = rx.try_iter().collect();
+    let _ = std::fs::remove_file(&handoff);
+    Ok(Outcome {
+        exit_code: status.and_then(|s| s.code()),
+        console: console_text,
+        timed_out,
+        elapsed: start.elapsed(),
+    })
+}
+
+fn pump(r: impl Read, tx: mpsc::Sender<String>, console: Console) {
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let s = String::from_utf8_lossy(&line).replace('\r', "");
+                if console == Console::Stream {
+                    print!("{s}");
+                }
+                let _ = tx.send(s);
+            }
+        }
+    }
+}
+
+/// A QEMU integration test: a scenario, and what the console and exit
+/// status must show.
+pub struct QemuTest {
+    /// Test name.
+    pub name: &'static str,
+    /// What to boot.
+    pub spec: RunSpec,
+    /// Expected QEMU exit code.
+    pub exit_code: i32,
+    /// Lines that must appear (substring match), in any order.
+    pub markers: Vec<String>,
+}
+
+/// Markers that fail any test when they appear.
+pub const FORBIDDEN: &[&str] = &["PANIC", "panicked at", "EL2 exception"];
+
+/// Runs one test; `Ok(())` when exit status and markers are as expected.
+///
+/// # Errors
+/// A description of what was wrong (the console is printed by the caller).
+pub fn check(t: &QemuTest, o: &Outcome) -> Result<()> {
+    if o.timed_out {
+        bail!("timed out after {:.1?}", o.elapsed);
+    }
+    let mut problems = Vec::new();
+    if o.exit_code != Some(t.exit_code) {
+        problems.push(format!(
+            "exit code {:?}, expected {}",
+            o.exit_code, t.exit_code
+        ));
+    }
+    for m in &t.markers {
+        if !o.console.contains(m.as_str()) {
+            problems.push(format!("missing console marker {m:?}"));
+        }
+    }
+    for f in FORBIDDEN {
+        if o.console.contains(f) {
+            problems.push(format!("forbidden console marker {f:?}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_block_encodes_fields_at_documented_offsets() {
+        let spec = RunSpec {
+            scenario: "guest".into(),
+            guest: Some(PathBuf::from("/x")),
+            smp: 2,
+            mem_mib: 96,
+            append: "console=ttyAMA0".into(),
+        };
+        let b = handoff_block(&spec, 1234);
+        assert_eq!(b.len(), 4096);
+        assert_eq!(&b[0..8], MAGIC);
+        assert_eq!(&b[16..21], b"guest");
+        assert_eq!(b[21], 0);
+        assert_eq!(u64::from_le_bytes(b[48..56].try_into().unwrap()), GUEST_PA);
+        assert_eq!(u64::from_le_bytes(b[56..64].try_into().unwrap()), 1234);
+        assert_eq!(u32::from_le_bytes(b[64..68].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(b[68..72].try_into().unwrap()), 96);
+        assert_eq!(u32::from_le_bytes(b[72..76].try_into().unwrap()), 15);
+        assert_eq!(&b[80..95], b"console=ttyAMA0");
+    }
+
+    #[test]
+    fn run_args_are_validated() {
+        let bad = RunArgs {
+            smp: 0,
+            mem: 64,
+            ..RunArgs::default()
+        };
+        assert!(RunSpec::from_args(&bad).is_err());
+        let bad = RunArgs {
+            smp: 1,
+            mem: 0,
+            ..RunArgs::default()
+        };
+        assert!(RunSpec::from_args(&bad).is_err());
+        let ok = RunArgs {
+            smp: 1,
+            mem: 64,
+            ..RunArgs::default()
+        };
+        assert_eq!(RunSpec::from_args(&ok).unwrap().scenario, "demo");
+    }
+
+    #[test]
+    fn check_reports_missing_and_forbidden_markers() {
+        let t = QemuTest {
+            name: "t",
+            spec: RunSpec::scenario("demo"),
+            exit_code: 0,
+            markers: vec!["all good".into()],
+        };
+        let mk = |code, console: &str| Outcome {
+            exit_code: Some(code),
+            console: console.into(),
+            timed_out: false,
+            elapsed: Duration::ZERO,
+        };
+        assert!(check(&t, &mk(0, "x\nall good\n")).is_ok());
+        assert!(check(&t, &mk(1, "all good\n")).is_err());
+        assert!(check(&t, &mk(0, "nothing\n")).is_err());
+        assert!(check(&t, &mk(0, "all good\nPANIC at foo\n")).is_err());
+    }
+}

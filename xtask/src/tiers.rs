@@ -1,0 +1,323 @@
+//! `cargo xtask test`: every test tier, in order, with a summary line.
+//!
+//! A tier is one command (or one QEMU integration test); it passes or fails
+//! as a whole. The last line printed is always `xtask: N passed, M failed`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::qemu::{self, Console, QemuTest, RunSpec};
+use crate::{image, prereq, repo_root, target_dir};
+
+/// Crates with loom models (run with `--cfg loom`, `--lib loom` filter).
+/// Crates that do not exist yet or contain no loom test are skipped.
+pub const LOOM_CRATES: &[(&str, &str)] = &[
+    ("pkvm-sync", "crates/sync"),
+    ("pkvm-hyp", "crates/hyp"),
+    ("pkvm-host", "crates/host"),
+];
+
+/// Time limit of one QEMU integration test.
+pub const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Tally {
+    passed: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, r: Result<String>) {
+        match r {
+            Ok(note) => {
+                println!(
+                    "xtask: tier {name}: ok{}",
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({note})")
+                    }
+                );
+                self.passed.push(name.into());
+            }
+            Err(e) => {
+                println!("xtask: tier {name}: FAILED: {e:#}");
+                self.failed.push(name.into());
+            }
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(repo_root());
+    c
+}
+
+fn run_status(mut c: Command) -> Result<String> {
+    let st = c.status().with_context(|| format!("starting {c:?}"))?;
+    if !st.success() {
+        bail!("{c:?} exited with {st}");
+    }
+    Ok(String::new())
+}
+
+/// Runs `c`, echoing its output, and sums the `test result:` closing lines.
+fn run_tests(mut c: Command) -> Result<String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    c.stdout(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("starting {c:?}"))?;
+    let out = child.stdout.take().context("stdout")?;
+    let (mut passed, mut failed, mut suites) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_result_line(&line) {
+            passed += p;
+            failed += f;
+            suites += 1;
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("{c:?} exited with {st} ({passed} tests passed, {failed} failed)");
+    }
+    Ok(format!("{passed} tests passed in {suites} suites"))
+}
+
+/// Parses `test result: ok. 12 passed; 0 failed; ...` into `(12, 0)`.
+pub fn parse_result_line(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let num = |key: &str| -> Option<u64> {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(key)?
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some((num(" passed")?, num(" failed")?))
+}
+
+fn has_loom_tests(dir: &Path) -> bool {
+    fn walk(d: &Path) -> bool {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return false;
+        };
+        rd.flatten().any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p)
+            } else {
+                p.extension().is_some_and(|x| x == "rs")
+                    && std::fs::read_to_string(&p).is_ok_and(|s| s.contains("loom::model"))
+            }
+        })
+    }
+    walk(&dir.join("src"))
+}
+
+fn loom_tier() -> Result<String> {
+    let root = repo_root();
+    let present: Vec<&str> = LOOM_CRATES
+        .iter()
+        .filter(|(_, dir)| {
+            root.join(dir).join("Cargo.toml").exists() && has_loom_tests(&root.join(dir))
+        })
+        .map(|(name, _)| *name)
+        .collect();
+    if present.is_empty() {
+        return Ok("no crate has loom tests yet; skipped".into());
+    }
+    let mut c = cargo();
+    c.env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", target_dir().join("loom"))
+        .args(["test", "--release"]);
+    for p in &present {
+        c.arg("-p").arg(p);
+    }
+    c.args(["--lib", "loom"]);
+    run_tests(c).map(|n| format!("{n}; crates: {}", present.join(", ")))
+}
+
+fn boot_build_tier() -> Result<String> {
+    prereq::ensure(false)?;
+    let built = image::build_all()?;
+    Ok(format!("image {}", built.image.display()))
+}
+
+fn boot_lint_tier() -> Result<String> {
+    image::fmt_check()?;
+    image::clippy()?;
+    Ok(String::new())
+}
+
+/// The QEMU integration tests.
+pub fn qemu_tests() -> Result<Vec<QemuTest>> {
+    let gdir = image::boot_target_dir().join("external-guest");
+    std::fs::create_dir_all(&gdir)?;
+    let gfile = gdir.join("hello.bin");
+    std::fs::write(&gfile, crate::asm::external_test_guest())?;
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    Ok(vec![
+        QemuTest {
+            name: "qemu:touch-64m",
+            spec: RunSpec::scenario("touch"),
+            exit_code: 0,
+            markers: s(&[
+                "vm touch-4k: stage-2 faults 16384,",
+                "vm touch-2m: stage-2 faults 32,",
+                "vm touch-4k: guest verified 64 MiB: ok",
+                "vm touch-2m: guest verified 64 MiB: ok",
+                "pool: back to starting count",
+                "scenario touch: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:exits",
+            spec: RunSpec::scenario("exits"),
+            exit_code: 0,
+            markers: s(&[
+                "[mmio] hello through the emulated PL011",
+                "vm mmio: mmio exit outside memslots",
+                "vm hvc: undefined hvc returned NOT_SUPPORTED",
+                "vm psci: powered off (PSCI SYSTEM_OFF)",
+                "scenario exits: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:demo-smp",
+            spec: RunSpec::scenario("demo"),
+            exit_code: 0,
+            markers: s(&[
+                "demo: concurrent VMs on distinct CPUs with distinct VMIDs",
+                "pool: back to starting count",
+                "scenario demo: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:external-guest",
+            spec: RunSpec {
+                scenario: "guest".into(),
+                guest: Some(gfile),
+                smp: 1,
+                mem_mib: 32,
+                append: "console=ttyAMA0 xtask-test".into(),
+            },
+            exit_code: 0,
+            markers: s(&[
+                &format!("[guest] {}", crate::asm::GUEST_MESSAGE),
+                "vm guest: powered off (PSCI SYSTEM_OFF)",
+            ]),
+        },
+    ])
+}
+
+fn qemu_tier(image: &Path, t: &QemuTest, verbose: bool) -> Result<String> {
+    let o = qemu::boot(image, &t.spec, Console::Capture, Some(QEMU_TIMEOUT))?;
+    let r = qemu::check(t, &o);
+    if r.is_err() || verbose {
+        println!(
+            "---- console of {} ----\n{}---- end of console ----",
+            t.name, o.console
+        );
+    }
+    r.map(|()| format!("{:.1?}", o.elapsed))
+}
+
+/// Runs every tier (or those matching `only`); returns the exit code.
+///
+/// # Errors
+/// Only for failures of xtask itself; tier failures are counted.
+pub fn run_all(only: Option<&str>, verbose: bool) -> Result<i32> {
+    let start = Instant::now();
+    let mut t = Tally {
+        passed: vec![],
+        failed: vec![],
+    };
+    let want = |name: &str| only.is_none_or(|o| name.contains(o));
+    if want("fmt") {
+        let mut c = cargo();
+        c.args(["fmt", "--all", "--check"]);
+        t.record("fmt", run_status(c));
+    }
+    if want("clippy") {
+        let mut c = cargo();
+        c.args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        t.record("clippy", run_status(c));
+    }
+    if want("test") {
+        let mut c = cargo();
+        c.args(["test", "--workspace"]);
+        t.record("test", run_tests(c));
+    }
+    if want("loom") {
+        t.record("loom", loom_tier());
+    }
+    let qemu_wanted: Vec<QemuTest> = qemu_tests()?.into_iter().filter(|q| want(q.name)).collect();
+    let mut image_ok = true;
+    if want("boot") || !qemu_wanted.is_empty() {
+        let r = boot_build_tier();
+        image_ok = r.is_ok();
+        t.record("boot:build", r);
+    }
+    if want("boot") {
+        t.record("boot:fmt+clippy", boot_lint_tier());
+    }
+    if !qemu_wanted.is_empty() {
+        let img = image::boot_target_dir()
+            .join(prereq::TARGET)
+            .join("release")
+            .join(image::IMAGE_PKG);
+        let have = prereq::ensure(true);
+        for q in &qemu_wanted {
+            let r = match (&have, image_ok) {
+                (Err(e), _) => Err(anyhow::anyhow!("prerequisites: {e:#}")),
+                (_, false) => Err(anyhow::anyhow!("the image did not build")),
+                _ => qemu_tier(&img, q, verbose),
+            };
+            t.record(q.name, r);
+        }
+    }
+    println!("xtask: took {:.0?}", start.elapsed());
+    if !t.failed.is_empty() {
+        println!("xtask: failed tiers: {}", t.failed.join(", "));
+    }
+    println!(
+        "xtask: {} passed, {} failed",
+        t.passed.len(),
+        t.failed.len()
+    );
+    Ok(if t.failed.is_empty() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closing_line_is_parsed() {
+        assert_eq!(
+            parse_result_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s"),
+            Some((12, 0))
+        );
+        assert_eq!(
+            parse_result_line("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_result_line("running 3 tests"), None);
+    }
+}
