@@ -15,7 +15,14 @@ use crate::{repo_root, target_dir};
 
 /// The guest payload packages (`crates/boot/guests/<name>`, binary `<name>`),
 /// each embedded in the image as `<name>.bin`.
-pub const GUESTS: &[&str] = &["guest-toucher", "guest-mmio", "guest-hvc", "guest-psci"];
+pub const GUESTS: &[&str] = &[
+    "guest-toucher",
+    "guest-mmio",
+    "guest-hvc",
+    "guest-psci",
+    "guest-smp",
+    "guest-spin",
+];
 
 /// The image package and binary name.
 pub const IMAGE_PKG: &str = "pkvm-boot";

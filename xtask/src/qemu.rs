@@ -55,7 +55,12 @@ pub struct RunSpec {
     pub mem_mib: u32,
     /// Guest command line.
     pub append: String,
+    /// Physical CPUs QEMU emulates (`-smp`); 0 means [`DEFAULT_HOST_CPUS`].
+    pub host_cpus: u32,
 }
+
+/// Physical CPUs of a QEMU run unless a spec asks otherwise.
+pub const DEFAULT_HOST_CPUS: u32 = 4;
 
 impl RunSpec {
     /// The spec for `cargo xtask run` options.
@@ -90,6 +95,7 @@ impl RunSpec {
             smp: a.smp,
             mem_mib: a.mem,
             append,
+            host_cpus: 0,
         })
     }
 
@@ -100,6 +106,16 @@ impl RunSpec {
             smp: 1,
             mem_mib: 64,
             ..RunSpec::default()
+        }
+    }
+
+    /// A scheduler scenario (`sched-*`): `vcpus` guest vCPUs on
+    /// `host_cpus` physical CPUs.
+    pub fn sched(name: &str, vcpus: u32, host_cpus: u32) -> RunSpec {
+        RunSpec {
+            smp: vcpus,
+            host_cpus,
+            ..RunSpec::scenario(name)
         }
     }
 }
@@ -147,9 +163,14 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
-/// The QEMU command line of this project (the issue's), plus the loader
-/// devices for the handoff block and guest.
-pub fn qemu_command(image: &Path, handoff: Option<&Path>, guest: Option<&Path>) -> Command {
+/// The QEMU command line of this project (the issue's) with `cpus`
+/// physical CPUs, plus the loader devices for the handoff block and guest.
+pub fn qemu_command(
+    image: &Path,
+    handoff: Option<&Path>,
+    guest: Option<&Path>,
+    cpus: u32,
+) -> Command {
     let mut c = Command::new(crate::prereq::QEMU);
     c.args([
         "-M",
@@ -157,7 +178,7 @@ pub fn qemu_command(image: &Path, handoff: Option<&Path>, guest: Option<&Path>) 
         "-cpu",
         "max,pauth-impdef=on",
         "-smp",
-        "4",
+        &cpus.to_string(),
         "-m",
         "1G",
         "-nographic",
@@ -218,7 +239,12 @@ pub fn boot(
         .guest
         .as_ref()
         .map(|g| std::fs::canonicalize(g).unwrap_or_else(|_| g.clone()));
-    let mut cmd = qemu_command(image, Some(&handoff), guest.as_deref());
+    let cpus = if spec.host_cpus == 0 {
+        DEFAULT_HOST_CPUS
+    } else {
+        spec.host_cpus
+    };
+    let mut cmd = qemu_command(image, Some(&handoff), guest.as_deref(), cpus);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     if console == Console::Capture {
         cmd.stdin(Stdio::null());
@@ -334,6 +360,7 @@ mod tests {
             smp: 2,
             mem_mib: 96,
             append: "console=ttyAMA0".into(),
+            host_cpus: 0,
         };
         let b = handoff_block(&spec, 1234);
         assert_eq!(b.len(), 4096);
@@ -346,6 +373,21 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b[68..72].try_into().unwrap()), 96);
         assert_eq!(u32::from_le_bytes(b[72..76].try_into().unwrap()), 15);
         assert_eq!(&b[80..95], b"console=ttyAMA0");
+    }
+
+    #[test]
+    fn sched_spec_sets_vcpus_and_host_cpus() {
+        let s = RunSpec::sched("sched-smp", 8, 2);
+        assert_eq!((s.scenario.as_str(), s.smp, s.host_cpus), ("sched-smp", 8, 2));
+        let b = handoff_block(&s, 0);
+        assert_eq!(u32::from_le_bytes(b[64..68].try_into().unwrap()), 8);
+        let cmd = qemu_command(Path::new("img"), None, None, s.host_cpus);
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let i = args.iter().position(|a| a == "-smp").unwrap();
+        assert_eq!(args[i + 1], "2");
     }
 
     #[test]

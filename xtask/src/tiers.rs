@@ -209,6 +209,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 smp: 1,
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
+                host_cpus: 0,
             },
             exit_code: 0,
             markers: s(&[
@@ -216,7 +217,55 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "vm guest: powered off (PSCI SYSTEM_OFF)",
             ]),
         },
+        sched_smp_test("qemu:sched-smp-4on4", 4, 4),
+        sched_smp_test("qemu:sched-smp-8on2", 8, 2),
+        QemuTest {
+            name: "qemu:sched-spin-2cpus",
+            spec: RunSpec::sched("sched-spin", 5, 2),
+            exit_code: 0,
+            markers: s(&[
+                "sched: 5 vCPUs on 2 physical CPUs",
+                "[spin vcpu 2] worker vCPU 2: step 5/5",
+                "[spin vcpu 3] worker vCPU 3: step 5/5",
+                "[spin vcpu 4] worker vCPU 4: step 5/5",
+                "[spin vcpu 0] all 3 workers finished while vCPU 1 spins",
+                "vm spin: powered off (PSCI SYSTEM_OFF)",
+                "sched: spinning vCPU 1 preempted",
+                "scenario sched-spin: PASS",
+            ]),
+        },
     ])
+}
+
+/// The SMP guest with `vcpus` vCPUs on `cpus` physical CPUs: each secondary
+/// must report in twice (once per CPU_ON round) with its MPIDR_EL1.
+fn sched_smp_test(name: &'static str, vcpus: u32, cpus: u32) -> QemuTest {
+    let mut markers = vec![
+        format!("sched: {vcpus} vCPUs on {cpus} physical CPUs"),
+        "[smp vcpu 0] boot vCPU: MPIDR_EL1 0x80000000".to_string(),
+    ];
+    for i in 1..vcpus {
+        for round in 1..=2 {
+            markers.push(format!(
+                "[smp vcpu {i}] secondary vCPU {i}: MPIDR_EL1 {:#x}, reporting in (round {round})",
+                0x8000_0000u32 | i
+            ));
+        }
+        markers.push(format!("sched: vCPU {i}: started 2x,"));
+    }
+    markers.extend(
+        [
+            format!("[smp vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF", vcpus - 1),
+            "vm smp: powered off (PSCI SYSTEM_OFF)".to_string(),
+            "scenario sched-smp: PASS".to_string(),
+        ],
+    );
+    QemuTest {
+        name,
+        spec: RunSpec::sched("sched-smp", vcpus, cpus),
+        exit_code: 0,
+        markers,
+    }
 }
 
 fn qemu_tier(image: &Path, t: &QemuTest, verbose: bool) -> Result<String> {

@@ -24,14 +24,21 @@
 
 pub mod demo;
 pub mod platform;
+pub mod sched;
 
 /// Called on the boot CPU with the MMU, console and device tree ready.
 pub fn boot_main(info: &'static platform::dt::Platform) -> ! {
+    if sched::scenario::wants(info) {
+        platform::exit::exit(sched::scenario::main(info))
+    }
     let code = demo::main(info);
     platform::exit::exit(code)
 }
 
 /// Called on each secondary CPU once its MMU is on.
 pub fn secondary_main(cpu: usize) -> ! {
+    if sched::scenario::active() {
+        sched::scenario::secondary(cpu)
+    }
     demo::secondary(cpu)
 }

@@ -144,6 +144,10 @@ pub enum MemslotError {
     NoSuchSlot(u32),
     /// An existing slot's size or host address cannot change (delete it first).
     InvalidChange(u32),
+    /// READONLY / LOG_DIRTY_PAGES on a protected VM (caller error): its
+    /// memory is donated to it, so the host can neither keep it read-only
+    /// nor write-protect it (KVM refuses these flags with EPERM too).
+    ProtectedVmFlags(u32),
 }
 
 impl fmt::Display for MemslotError {
@@ -171,6 +175,10 @@ impl fmt::Display for MemslotError {
                     "slot {s}: size and userspace address cannot change; delete it first"
                 )
             }
+            MemslotError::ProtectedVmFlags(x) => write!(
+                f,
+                "memslot flags {x:#x}: a protected VM's memory cannot be read-only or dirty-logged"
+            ),
         }
     }
 }

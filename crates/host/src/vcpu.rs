@@ -217,7 +217,9 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             Ok(PsciOutcome::WaitForInterrupt) => Some(VcpuExit::Wfi),
             Ok(PsciOutcome::PowerOff) | Ok(PsciOutcome::Suspended) => Some(VcpuExit::Sleep),
             Ok(PsciOutcome::Exit(ev)) => Some(VcpuExit::SystemEvent(ev)),
-            Err(_) => Some(VcpuExit::InternalError(RunError::Vm(VmError::NoSuchVcpu(self.index)))),
+            Err(_) => Some(VcpuExit::InternalError(RunError::Vm(VmError::NoSuchVcpu(
+                self.index,
+            )))),
         }
     }
 
@@ -404,7 +406,12 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                     if *k + m.npages > gfn {
                         // Mapped already (another vCPU, or a permission upgrade).
                         if fault.kind == FaultKind::Permission {
-                            let r = hypcall::relax_perms_guest(&*vm.platform, cpu, fault.page().gfn(), t.prot);
+                            let r = hypcall::relax_perms_guest(
+                                &*vm.platform,
+                                cpu,
+                                fault.page().gfn(),
+                                t.prot,
+                            );
                             return r.map(|_| Mapped::Relaxed).map_err(MemFaultError::Hyp);
                         }
                         return Ok(Mapped::Retry);
@@ -423,7 +430,13 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             );
             match r {
                 Ok(()) => {
-                    maps.insert(gfn, HypMapping { npages, _pin: pin.take().expect("pin") });
+                    maps.insert(
+                        gfn,
+                        HypMapping {
+                            npages,
+                            _pin: pin.take().expect("pin"),
+                        },
+                    );
                     return Ok(Mapped::Map(t.size));
                 }
                 Err(e) if e.is_no_memory() => {
@@ -448,7 +461,13 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             if vm.config().protected {
                 let mut state = vm.mmu.state.write();
                 if let Some(S2State::Protected(maps)) = state.as_mut() {
-                    maps.insert(gfn, HypMapping { npages: done, _pin: pin.take().expect("pin") });
+                    maps.insert(
+                        gfn,
+                        HypMapping {
+                            npages: done,
+                            _pin: pin.take().expect("pin"),
+                        },
+                    );
                 }
             } else {
                 self.undo_partial(cpu, t.ipa, done);

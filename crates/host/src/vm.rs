@@ -29,7 +29,9 @@ use pkvm_pgtable::{PageTable, Stage2};
 use pkvm_sync::{LockClass, RwSpinLock, SpinLock};
 
 use crate::hypcall::{self, HypCallError};
-use crate::memslot::{MemslotError, Memslots, SlotChange, UserMemoryRegion};
+use crate::memslot::{
+    MemslotError, Memslots, SlotChange, UserMemoryRegion, MEM_LOG_DIRTY_PAGES, MEM_READONLY,
+};
 use crate::mmu::{self, Mmu, S2State};
 use crate::platform::{HostPlatform, ProcessMemory, StageTwo};
 use crate::psci::{PsciConfig, PsciVm, VcpuPower};
@@ -362,6 +364,15 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         r: UserMemoryRegion,
         cpu: usize,
     ) -> Result<SlotChange, VmError> {
+        // A protected VM's pages are donated (mapped RWX by the hypervisor,
+        // out of the host's reach): READONLY would not hold and dirty
+        // logging could not write-protect.
+        if self.cfg.protected
+            && r.memory_size != 0
+            && r.flags & (MEM_READONLY | MEM_LOG_DIRTY_PAGES) != 0
+        {
+            return Err(MemslotError::ProtectedVmFlags(r.flags).into());
+        }
         let change = {
             let mut slots = self.slots.write();
             let change = slots.check(&r, self.cfg.ipa_bits)?;
@@ -394,16 +405,15 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             Some(S2State::Standard(pt)) => {
                 mmu::unmap_standard(&self.platform, self.vmid().unwrap_or(0), pt, start, end);
             }
-            Some(S2State::Protected(maps)) => {
-                if !self.cfg.protected {
-                    if let Some(h) = &self.hyp {
-                        let r =
-                            mmu::unmap_protected(&*self.platform, cpu, h.handle, maps, start, end);
-                        debug_assert!(r.is_ok(), "unshare refused: {r:?}");
-                    }
+            // A protected VM's donated pages cannot be taken back by the
+            // host: the host's pins keep them, nothing to unmap.
+            Some(S2State::Protected(maps)) if !self.cfg.protected => {
+                if let Some(h) = &self.hyp {
+                    let r = mmu::unmap_protected(&*self.platform, cpu, h.handle, maps, start, end);
+                    debug_assert!(r.is_ok(), "unshare refused: {r:?}");
                 }
             }
-            None => {}
+            Some(S2State::Protected(_)) | None => {}
         }
     }
 

@@ -24,7 +24,9 @@ pub struct SimBackend {
 
 impl std::fmt::Debug for SimBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimBackend").field("cpu", &self.cpu.id()).finish_non_exhaustive()
+        f.debug_struct("SimBackend")
+            .field("cpu", &self.cpu.id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -33,7 +35,15 @@ impl SimBackend {
     /// between checks for kicks.
     pub fn new(mut cpu: SimCpu, platform: Arc<SimPlatform>, budget: u64) -> Self {
         cpu.set_budget(budget);
-        SimBackend { cpu, platform, loaded: None, kick: None, progress: None, last_accesses: 0, guest_error: None }
+        SimBackend {
+            cpu,
+            platform,
+            loaded: None,
+            kick: None,
+            progress: None,
+            last_accesses: 0,
+            guest_error: None,
+        }
     }
 
     /// Kicks set this token (see [`SimPlatform::register_vcpu_thread`]).
@@ -97,9 +107,17 @@ impl VcpuBackend for SimBackend {
             self.last_accesses = a;
         }
         match exit {
-            SimExit::Abort { esr, far, hpfar } => GuestExit::Abort { esr: esr.0, far, hpfar },
-            SimExit::Hvc { imm } => GuestExit::Call { esr: Esr::hvc(imm).0 },
-            SimExit::Smc { imm } => GuestExit::Call { esr: Esr::smc(imm).0 },
+            SimExit::Abort { esr, far, hpfar } => GuestExit::Abort {
+                esr: esr.0,
+                far,
+                hpfar,
+            },
+            SimExit::Hvc { imm } => GuestExit::Call {
+                esr: Esr::hvc(imm).0,
+            },
+            SimExit::Smc { imm } => GuestExit::Call {
+                esr: Esr::smc(imm).0,
+            },
             SimExit::Wfi => GuestExit::Wfx,
             SimExit::ProgramDone => GuestExit::ProgramDone,
             SimExit::Preempted => GuestExit::Interrupt,
@@ -110,12 +128,64 @@ impl VcpuBackend for SimBackend {
         }
     }
 
-    fn complete_mmio(&mut self, ctx: &mut VcpuContext, _fault: &GuestFault, value: u64) {
+    fn complete_mmio(&mut self, ctx: &mut VcpuContext, fault: &GuestFault, value: u64) {
+        let value = match fault.syndrome {
+            Some(s) if !fault.write => load_value(s, value),
+            _ => value,
+        };
         self.cpu.emulate_pending(value);
         ctx.gprs.x.copy_from_slice(self.cpu.regs());
     }
 
     fn inject_abort(&mut self, _ctx: &mut VcpuContext, _fault: &GuestFault) {
         self.cpu.inject_abort();
+    }
+}
+
+/// What an emulated load of `s.size()` bytes puts in its destination
+/// register when the VMM supplies `data` (KVM's `kvm_handle_mmio_return`):
+/// only the access's bytes, sign-extended if SSE, and a 32-bit register
+/// (SF=0) keeps only the low word.
+fn load_value(s: pkvm_arch::esr::AccessSyndrome, data: u64) -> u64 {
+    let bits = 8 * u32::from(s.size());
+    let mut v = if bits == 64 {
+        data
+    } else {
+        data & ((1u64 << bits) - 1)
+    };
+    if s.sse && bits < 64 {
+        let shift = 64 - bits;
+        v = (((v << shift) as i64) >> shift) as u64;
+    }
+    if !s.sf {
+        v &= 0xffff_ffff;
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_value;
+    use pkvm_arch::esr::AccessSyndrome;
+
+    fn syn(sas: u8, sse: bool, sf: bool) -> AccessSyndrome {
+        AccessSyndrome {
+            sas,
+            sse,
+            srt: 1,
+            sf,
+            ar: false,
+        }
+    }
+
+    #[test]
+    fn emulated_loads_keep_only_the_access_bytes_and_extend_as_the_syndrome_says() {
+        let d = 0x1122_3344_5566_7788;
+        assert_eq!(load_value(syn(0, false, false), d), 0x88);
+        assert_eq!(load_value(syn(2, false, false), d), 0x5566_7788);
+        assert_eq!(load_value(syn(3, false, true), d), d);
+        assert_eq!(load_value(syn(0, true, true), 0x80), 0xffff_ffff_ffff_ff80);
+        assert_eq!(load_value(syn(1, true, false), 0x8000), 0xffff_8000);
+        assert_eq!(load_value(syn(1, true, true), 0x7fff), 0x7fff);
     }
 }

@@ -15,6 +15,7 @@ use pkvm_host::vcpu_state::mpidr_affinity;
 use pkvm_host::{VcpuExit, VmConfig, VmStatsSnapshot};
 use pkvm_sim::cpu::{GuestProgram, Op};
 use pkvm_sim::mm::{ProcessMm, VmaKind};
+pub use pkvm_sim::Coherence;
 use pkvm_sim::{Machine, Phase, SimConfig, Workload};
 
 use crate::backend::SimBackend;
@@ -73,6 +74,14 @@ pub struct Config {
     pub seed: u64,
     /// Guest accesses completed so far (for a progress bar).
     pub progress: Option<Arc<AtomicU64>>,
+    /// How much TLB coherence checking the machine does.
+    pub coherence: Coherence,
+    /// Back the simulated RAM with host memory before the run, so the
+    /// measurement excludes the host kernel's first-touch page faults.
+    pub prefault: bool,
+    /// The guest remembers what it wrote and checks what it reads back
+    /// (simulator bookkeeping per write; off for raw speed).
+    pub verify: bool,
 }
 
 impl Default for Config {
@@ -87,6 +96,9 @@ impl Default for Config {
             psci_boot: false,
             seed: 1,
             progress: None,
+            coherence: Coherence::EveryUse,
+            prefault: false,
+            verify: true,
         }
     }
 }
@@ -245,7 +257,15 @@ impl GuestProgram for PsciBoot {
         if let Some(&t) = self.targets.get(self.next) {
             self.next += 1;
             self.issued = true;
-            return Some(Op::Hvc { imm: 0, args: [psci::CPU_ON_64 as u64, mpidr_affinity(t), 0x8_0000, t as u64] });
+            return Some(Op::Hvc {
+                imm: 0,
+                args: [
+                    psci::CPU_ON_64 as u64,
+                    mpidr_affinity(t),
+                    0x8_0000,
+                    t as u64,
+                ],
+            });
         }
         self.then.next_op(regs)
     }
@@ -278,16 +298,21 @@ pub struct Setup {
 /// See [`RunFailure`].
 pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
     let g = cfg.backing.granule();
-    if guest_bytes == 0 || guest_bytes % g != 0 {
+    if guest_bytes == 0 || !guest_bytes.is_multiple_of(g) {
         return Err(RunFailure::Config(format!(
             "guest memory {guest_bytes:#x} must be a non-zero multiple of the backing page size {g:#x}"
         )));
     }
     if cfg.vcpus == 0 || cfg.vcpus > 16 {
-        return Err(RunFailure::Config(format!("{} vCPUs: 1..=16 supported", cfg.vcpus)));
+        return Err(RunFailure::Config(format!(
+            "{} vCPUs: 1..=16 supported",
+            cfg.vcpus
+        )));
     }
     if cfg.protected_vm && cfg.mode != Mode::Protected {
-        return Err(RunFailure::Config("a protected VM needs --mode protected".into()));
+        return Err(RunFailure::Config(
+            "a protected VM needs --mode protected".into(),
+        ));
     }
     let gib = 1u64 << 30;
     // Guest memory, room for alignment of huge pages, tables and the hyp.
@@ -296,8 +321,16 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
         mem_size,
         hyp_carveout: 128 << 20,
         ncpus: cfg.vcpus.max(1),
+        coherence: cfg.coherence,
         ..SimConfig::default()
     })?;
+    if cfg.prefault {
+        let (base, size) = machine.host_frames().range();
+        machine
+            .mem()
+            .populate(base, size)
+            .map_err(|e| RunFailure::Config(format!("prefaulting simulated RAM: {e}")))?;
+    }
     let platform = SimPlatform::new(machine.clone(), cfg.mode)?;
     let mm = Arc::new(ProcessMm::new(machine.clone()));
     let process = SimProcess::new(mm.clone());
@@ -307,7 +340,12 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
     let vm = SimVm::create(
         platform.clone(),
         Arc::new(process.clone()),
-        VmConfig { ipa_bits: 40, protected: cfg.protected_vm, nr_vcpus: cfg.vcpus, ..VmConfig::default() },
+        VmConfig {
+            ipa_bits: 40,
+            protected: cfg.protected_vm,
+            nr_vcpus: cfg.vcpus,
+            ..VmConfig::default()
+        },
         0,
     )?;
     mm.register_notifier(VmNotifier::new(&vm));
@@ -322,7 +360,16 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
         },
         0,
     )?;
-    Ok(Setup { machine, platform, process, vm, hva, guest_bytes, frames_before, hyp_free_before })
+    Ok(Setup {
+        machine,
+        platform,
+        process,
+        vm,
+        hva,
+        guest_bytes,
+        frames_before,
+        hyp_free_before,
+    })
 }
 
 /// Runs the demand-paging workload and tears everything down.
@@ -330,14 +377,27 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
 /// # Errors
 /// See [`RunFailure`].
 pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
-    let guest_bytes = if cfg.overlap { cfg.bytes_per_vcpu } else { cfg.bytes_per_vcpu * cfg.vcpus as u64 };
+    let guest_bytes = if cfg.overlap {
+        cfg.bytes_per_vcpu
+    } else {
+        cfg.bytes_per_vcpu * cfg.vcpus as u64
+    };
     let s = setup(cfg, guest_bytes)?;
     let n = cfg.vcpus;
     if cfg.psci_boot {
-        s.vm.power_on(BootParams { entry: 0x8_0000, x0: 0, big_endian: false })?;
+        s.vm.power_on(BootParams {
+            entry: 0x8_0000,
+            x0: 0,
+            big_endian: false,
+        })?;
     } else {
         for i in 0..n {
-            s.vm.vcpu_power(i).lock().power_on(ResetState { pc: 0x8_0000, context_id: 0, big_endian: false, reset: true });
+            s.vm.vcpu_power(i).lock().power_on(ResetState {
+                pc: 0x8_0000,
+                context_id: 0,
+                big_endian: false,
+                reset: true,
+            });
         }
     }
     let pages_per_vcpu = cfg.bytes_per_vcpu / 4096;
@@ -355,14 +415,27 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
             let results = results.clone();
             let progress = cfg.progress.clone();
             let failed = psci_failed.clone();
-            let base = if cfg.overlap { GUEST_BASE } else { GUEST_BASE + i as u64 * cfg.bytes_per_vcpu };
-            let (seed, bytes, overlap, psci_boot) = (cfg.seed, cfg.bytes_per_vcpu, cfg.overlap, cfg.psci_boot);
+            let base = if cfg.overlap {
+                GUEST_BASE
+            } else {
+                GUEST_BASE + i as u64 * cfg.bytes_per_vcpu
+            };
+            let (seed, bytes, overlap, psci_boot, verify) = (
+                cfg.seed,
+                cfg.bytes_per_vcpu,
+                cfg.overlap,
+                cfg.psci_boot,
+                cfg.verify,
+            );
             scope.spawn(move || {
                 let r = (|| -> Result<VcpuReport, RunFailure> {
                     SimPlatform::set_current_cpu(i);
                     let mut vcpu = vm.vcpu(i)?;
                     let cpu = machine.cpu(i)?;
-                    let touch = Workload::new(seed.wrapping_add(i as u64), [Phase::touch_pages(base, bytes).verify(!overlap)]);
+                    let touch = Workload::new(
+                        seed.wrapping_add(i as u64),
+                        [Phase::touch_pages(base, bytes).verify(verify && !overlap)],
+                    );
                     let mut be = SimBackend::new(cpu, platform.clone(), 1 << 16);
                     if psci_boot && i == 0 {
                         be.cpu_mut().set_program(Box::new(PsciBoot {
@@ -402,11 +475,20 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
                                 }
                             }
                             VcpuExit::SystemEvent(e) => {
-                                break Err(RunFailure::Vcpu { index: i, what: format!("unexpected system event {e:?}") })
+                                break Err(RunFailure::Vcpu {
+                                    index: i,
+                                    what: format!("unexpected system event {e:?}"),
+                                })
                             }
                             VcpuExit::InternalError(e) => {
-                                let detail = be.guest_error.map(|g| format!(" ({g})")).unwrap_or_default();
-                                break Err(RunFailure::Vcpu { index: i, what: format!("{e:?}{detail}") });
+                                let detail = be
+                                    .guest_error
+                                    .map(|g| format!(" ({g})"))
+                                    .unwrap_or_default();
+                                break Err(RunFailure::Vcpu {
+                                    index: i,
+                                    what: format!("{e:?}{detail}"),
+                                });
                             }
                         }
                     };
@@ -433,13 +515,21 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         per_vcpu.push(r?);
     }
     if psci_failed.load(Ordering::Relaxed) {
-        return Err(RunFailure::Vcpu { index: 0, what: "a PSCI CPU_ON did not return SUCCESS".into() });
+        return Err(RunFailure::Vcpu {
+            index: 0,
+            what: "a PSCI CPU_ON did not return SUCCESS".into(),
+        });
     }
     per_vcpu.sort_by_key(|v| v.index);
     finish(s, cfg, per_vcpu, total)
 }
 
-fn finish(s: Setup, cfg: &Config, per_vcpu: Vec<VcpuReport>, total: Duration) -> Result<Report, RunFailure> {
+fn finish(
+    s: Setup,
+    cfg: &Config,
+    per_vcpu: Vec<VcpuReport>,
+    total: Duration,
+) -> Result<Report, RunFailure> {
     let faults = FaultReport::from(s.vm.stats().snapshot());
     let hypercalls = s.platform.hvcs.load(Ordering::Relaxed);
     // Tear down: the VM (single owner), then the process memory.

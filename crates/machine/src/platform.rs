@@ -36,7 +36,10 @@ pub struct UpdatingEnv {
 impl UpdatingEnv {
     fn new(machine: &Arc<Machine>, vmid: u16) -> Self {
         machine.begin_update(vmid);
-        UpdatingEnv { env: machine.env(vmid).on_cpu(CURRENT_CPU.with(Cell::get)), vmid }
+        UpdatingEnv {
+            env: machine.env(vmid).on_cpu(CURRENT_CPU.with(Cell::get)),
+            vmid,
+        }
     }
 }
 
@@ -120,7 +123,9 @@ pub struct SimPlatform {
 
 impl std::fmt::Debug for SimPlatform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimPlatform").field("protected", &self.hyp.is_some()).finish_non_exhaustive()
+        f.debug_struct("SimPlatform")
+            .field("protected", &self.hyp.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -150,10 +155,17 @@ impl SimPlatform {
             Mode::Protected => {
                 let cfg = machine.config();
                 let pages = (cfg.mem_size / 4096) as usize;
-                let meta: &'static [PageMeta] =
-                    Box::leak((0..pages).map(|_| PageMeta::new()).collect::<Vec<_>>().into_boxed_slice());
+                let meta: &'static [PageMeta] = Box::leak(
+                    (0..pages)
+                        .map(|_| PageMeta::new())
+                        .collect::<Vec<_>>()
+                        .into_boxed_slice(),
+                );
                 let (host_base, host_size) = machine.host_frames().range();
-                let regions = [MemRegion { base: host_base, size: host_size }];
+                let regions = [MemRegion {
+                    base: host_base,
+                    size: host_size,
+                }];
                 let (pool_base, pool_size) = machine.hyp_carveout();
                 let end = cfg.mem_base.0 + cfg.mem_size;
                 let host_ipa_bits = (64 - (end - 1).leading_zeros()).max(32);
@@ -166,12 +178,23 @@ impl SimPlatform {
                     host_ipa_bits,
                     features: Default::default(),
                 };
-                let hyp = Hyp::new(SimHyp { machine: machine.clone() }, &hcfg).map_err(PlatformError::Hyp)?;
+                let hyp = Hyp::new(
+                    SimHyp {
+                        machine: machine.clone(),
+                    },
+                    &hcfg,
+                )
+                .map_err(PlatformError::Hyp)?;
                 hyp.finalize();
                 Some(hyp)
             }
         };
-        Ok(Arc::new(SimPlatform { machine, hyp, kicks: Mutex::new(HashMap::new()), hvcs: AtomicU64::new(0) }))
+        Ok(Arc::new(SimPlatform {
+            machine,
+            hyp,
+            kicks: Mutex::new(HashMap::new()),
+            hvcs: AtomicU64::new(0),
+        }))
     }
 
     /// The machine.
@@ -191,12 +214,19 @@ impl SimPlatform {
 
     /// Registers the calling thread as vCPU `index` of VM `id` (VMID or
     /// handle) for kicks; returns the pending-kick token.
-    pub fn register_vcpu_thread(&self, id: u16, index: usize) -> Arc<std::sync::atomic::AtomicBool> {
+    pub fn register_vcpu_thread(
+        &self,
+        id: u16,
+        index: usize,
+    ) -> Arc<std::sync::atomic::AtomicBool> {
         let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.kicks
-            .lock()
-            .unwrap()
-            .insert((id, index), KickSlot { thread: std::thread::current(), pending: pending.clone() });
+        self.kicks.lock().unwrap().insert(
+            (id, index),
+            KickSlot {
+                thread: std::thread::current(),
+                pending: pending.clone(),
+            },
+        );
         pending
     }
 
@@ -214,7 +244,10 @@ impl pkvm_host::HostPlatform for SimPlatform {
     }
 
     fn alloc_pages(&self, order: u32) -> Option<Pa> {
-        self.machine.host_frames().alloc_zeroed(self.machine.mem(), order).ok()
+        self.machine
+            .host_frames()
+            .alloc_zeroed(self.machine.mem(), order)
+            .ok()
     }
 
     fn free_pages(&self, pa: Pa, order: u32) {

@@ -107,7 +107,9 @@ pub struct VmNotifier {
 impl VmNotifier {
     /// A notifier for `vm`.
     pub fn new(vm: &Arc<SimVm>) -> Arc<VmNotifier> {
-        Arc::new(VmNotifier { vm: Arc::downgrade(vm) })
+        Arc::new(VmNotifier {
+            vm: Arc::downgrade(vm),
+        })
     }
 }
 
@@ -123,10 +125,14 @@ impl MmuNotifier for VmNotifier {
         }
     }
     fn clear_young(&self, start: Hva, end: Hva) -> bool {
-        self.vm.upgrade().is_some_and(|vm| vm.mmu_notifier_age(start, end, true, NOTIFIER_CPU))
+        self.vm
+            .upgrade()
+            .is_some_and(|vm| vm.mmu_notifier_age(start, end, true, NOTIFIER_CPU))
     }
     fn test_young(&self, start: Hva, end: Hva) -> bool {
-        self.vm.upgrade().is_some_and(|vm| vm.mmu_notifier_age(start, end, false, NOTIFIER_CPU))
+        self.vm
+            .upgrade()
+            .is_some_and(|vm| vm.mmu_notifier_age(start, end, false, NOTIFIER_CPU))
     }
     fn release(&self) {
         if let Some(vm) = self.vm.upgrade() {

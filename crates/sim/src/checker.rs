@@ -168,6 +168,16 @@ impl Checker {
         }
     }
 
+    /// Every registered VM context.
+    pub(crate) fn registered(&self) -> Vec<VmContext> {
+        self.contexts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .copied()
+            .collect()
+    }
+
     pub(crate) fn register(&self, ctx: VmContext) {
         self.contexts
             .write()
@@ -326,8 +336,31 @@ impl Checker {
     }
 
     /// Checks every entry `cpu` caches for `ctx.vmid`.
-    pub(crate) fn scan(&self, mem: &PhysMem, tlbs: &[Tlb], cpu: usize, ctx: &VmContext) {
+    /// Checks the entries `cpu` caches for `ctx.vmid`. With `full == false`
+    /// (the guest-entry scan) an entry whose leaf descriptor still holds
+    /// the cached value is taken as fresh without a walk: every change the
+    /// page-table code makes to a translation rewrites or zeroes the leaf
+    /// descriptor (freed tables are zeroed), so only a stale upper-level
+    /// entry over an intact old table escapes it, and that is still caught
+    /// on its next use (every-use mode) and by the full scan of
+    /// [`Machine::check`](crate::Machine::check).
+    pub(crate) fn scan(
+        &self,
+        mem: &PhysMem,
+        tlbs: &[Tlb],
+        cpu: usize,
+        ctx: &VmContext,
+        full: bool,
+    ) {
         for (ipa, cached) in tlbs[cpu].entries(ctx.vmid) {
+            if !full && cached.desc.0 != 0 {
+                if let Some(word) = mem.try_table(cached.desc.align_down(4096)) {
+                    let now = word[((cached.desc.0 & 0xfff) / 8) as usize].load(Ordering::Acquire);
+                    if now == cached.pte.0 {
+                        continue;
+                    }
+                }
+            }
             // Check each 4K page a block covers only at its first page and
             // at a few probes: a block is stale if any covered address is;
             // blocks are rare in the TLB, so check every page of 2M blocks and

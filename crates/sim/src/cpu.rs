@@ -603,7 +603,7 @@ impl SimCpu {
         ck.process_suspects(m.mem(), m.tlbs(), Some(ctx.vmid));
         let epoch = ck.epoch(ctx.vmid);
         if self.scanned_epoch != Some(epoch) {
-            ck.scan(m.mem(), m.tlbs(), self.id, ctx);
+            ck.scan(m.mem(), m.tlbs(), self.id, ctx, false);
             // Only a scan with no update in flight covers this epoch fully.
             if ck.in_flight(ctx.vmid) == 0 && ck.epoch(ctx.vmid) == epoch {
                 self.scanned_epoch = Some(epoch);

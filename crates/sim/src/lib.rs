@@ -336,6 +336,15 @@ impl Machine {
     /// Re-evaluates every pending suspect and returns all violations so far.
     /// Call at the end of a run, with no update in flight.
     pub fn check(&self) -> Vec<Violation> {
+        // A full scan of every CPU's cached entries of every live VM, with
+        // complete table walks (no fast path).
+        for ctx in self.checker.registered() {
+            if self.checker.in_flight(ctx.vmid) == 0 {
+                for cpu in 0..self.tlbs.len() {
+                    self.checker.scan(&self.mem, &self.tlbs, cpu, &ctx, true);
+                }
+            }
+        }
         self.checker.process_suspects(&self.mem, &self.tlbs, None);
         self.checker.violations()
     }
@@ -359,7 +368,7 @@ impl Machine {
     /// entry).
     pub fn scan_tlb(&self, cpu: usize, ctx: &VmContext) {
         if cpu < self.tlbs.len() {
-            self.checker.scan(&self.mem, &self.tlbs, cpu, ctx);
+            self.checker.scan(&self.mem, &self.tlbs, cpu, ctx, true);
         }
     }
 

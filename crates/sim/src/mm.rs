@@ -282,6 +282,10 @@ struct VmaNode {
     vma: Vma,
     folios: Mutex<BTreeMap<u64, Folio>>,
     cv: Condvar,
+    /// Set (under the folios lock) once munmap/exit dropped the folios: a
+    /// fault-in that found the node before must not populate it again (the
+    /// new folio would never be freed).
+    dead: std::sync::atomic::AtomicBool,
 }
 
 impl VmaNode {
@@ -537,6 +541,7 @@ impl ProcessMm {
             },
             folios: Mutex::new(BTreeMap::new()),
             cv: Condvar::new(),
+            dead: std::sync::atomic::AtomicBool::new(false),
         };
         inner.vmas.insert(start, Arc::new(node));
         Ok(Hva(start))
@@ -577,6 +582,10 @@ impl ProcessMm {
         }
         let mut folios = node.lock();
         loop {
+            // munmap/exit ran since the VMA lookup.
+            if node.dead.load(Ordering::Acquire) {
+                return Err(MmError::NoVma(hva));
+            }
             if let Some((start, f)) = find(&folios, hva.0) {
                 if f.busy {
                     folios = node.cv.wait(folios).unwrap_or_else(|e| e.into_inner());
@@ -700,7 +709,11 @@ impl ProcessMm {
         if matches!(node.vma.kind, VmaKind::PfnMap { .. }) {
             return;
         }
-        let folios = std::mem::take(&mut *node.lock());
+        let folios = {
+            let mut g = node.lock();
+            node.dead.store(true, Ordering::Release);
+            std::mem::take(&mut *g)
+        };
         for f in folios.values() {
             self.core.orphan(f);
         }

@@ -148,6 +148,8 @@ pub struct S2Leaf {
     pub pte: S2Pte,
     /// Its level.
     pub level: Level,
+    /// Physical address of the descriptor in its table (0 if unknown).
+    pub desc: Pa,
 }
 
 impl S2Leaf {
@@ -254,7 +256,11 @@ pub fn walk(mem: &PhysMem, ctx: &VmContext, ipa: u64) -> Result<S2Leaf, FaultSta
                 if pte.oa().0 >= oa_limit {
                     return Err(FaultStatus::AddressSize(level));
                 }
-                return Ok(S2Leaf { pte, level });
+                return Ok(S2Leaf {
+                    pte,
+                    level,
+                    desc: Pa(table.0 + idx as u64 * 8),
+                });
             }
         }
     }

@@ -298,6 +298,21 @@ impl PhysMem {
         Ok(())
     }
 
+    /// Backs `[pa, pa+len)` of RAM with host memory now, as real RAM is
+    /// there before anything runs: benchmarks then measure the simulated
+    /// work, not the host kernel's first-touch faults.
+    ///
+    /// # Errors
+    /// Not RAM, or the host kernel refused.
+    pub fn populate(&self, pa: Pa, len: u64) -> Result<(), MemError> {
+        if !self.is_ram(pa, len) {
+            return Err(MemError::Unbacked { pa, len });
+        }
+        self.ram
+            .populate((pa.0 - self.base) as usize, len as usize)
+            .map_err(|_| MemError::Unbacked { pa, len })
+    }
+
     /// Zeroes `[pa, pa+len)`. Large page-aligned RAM ranges are given back to
     /// the host kernel instead (they read as zero and stop costing memory);
     /// only use this on frames nobody else is accessing.

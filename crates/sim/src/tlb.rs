@@ -21,7 +21,7 @@
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use pkvm_arch::pte::S2Pte;
-use pkvm_arch::Level;
+use pkvm_arch::{Level, Pa};
 
 use crate::mmu::{level_shift, S2Leaf};
 
@@ -36,6 +36,8 @@ pub const L1_SLOTS: usize = 16;
 struct Slot {
     tag: AtomicU64,
     pte: AtomicU64,
+    /// Physical address of the descriptor the entry was filled from.
+    desc: AtomicU64,
 }
 
 const IPA_MASK: u64 = (1 << 48) - 1;
@@ -125,6 +127,7 @@ impl Tlb {
                 return Some(S2Leaf {
                     pte: S2Pte(s.pte.load(Ordering::Relaxed)),
                     level: Level(level),
+                    desc: Pa(s.desc.load(Ordering::Relaxed)),
                 });
             }
         }
@@ -148,6 +151,7 @@ impl Tlb {
         let tag = make_tag(vmid, ipa & !(leaf.size() - 1));
         s.tag.store(0, Ordering::Relaxed);
         s.pte.store(leaf.pte.0, Ordering::Relaxed);
+        s.desc.store(leaf.desc.0, Ordering::Relaxed);
         s.tag.store(tag, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.gen.load(Ordering::SeqCst) != gen {
@@ -272,13 +276,14 @@ impl Tlb {
     }
 
     /// A consistent read of a slot from any thread.
-    fn read_slot(s: &Slot) -> Option<(u64, S2Pte)> {
+    fn read_slot(s: &Slot) -> Option<(u64, S2Pte, Pa)> {
         let t = s.tag.load(Ordering::Acquire);
         if t == 0 {
             return None;
         }
         let p = s.pte.load(Ordering::Acquire);
-        (s.tag.load(Ordering::Acquire) == t).then_some((t, S2Pte(p)))
+        let d = s.desc.load(Ordering::Acquire);
+        (s.tag.load(Ordering::Acquire) == t).then_some((t, S2Pte(p), Pa(d)))
     }
 
     /// Every entry cached for `vmid`: (block-aligned IPA, leaf).
@@ -286,13 +291,14 @@ impl Tlb {
         let mut out = Vec::new();
         for l in [1u8, 2, 3] {
             for s in self.array(l).iter() {
-                if let Some((t, pte)) = Self::read_slot(s) {
+                if let Some((t, pte, desc)) = Self::read_slot(s) {
                     if tag_vmid(t) == vmid {
                         out.push((
                             tag_ipa(t),
                             S2Leaf {
                                 pte,
                                 level: Level(l),
+                                desc,
                             },
                         ));
                     }
@@ -306,20 +312,21 @@ impl Tlb {
     pub(crate) fn holds(&self, vmid: u16, ipa: u64, leaf: &S2Leaf) -> bool {
         let s = self.slot(leaf.level.0, vmid, ipa);
         let want = make_tag(vmid, ipa & !(leaf.size() - 1));
-        matches!(Self::read_slot(s), Some((t, pte)) if t == want && pte == leaf.pte)
+        matches!(Self::read_slot(s), Some((t, pte, _)) if t == want && pte == leaf.pte)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pkvm_arch::pte::S2Features;
     use pkvm_arch::pte::S2Prot;
-    use pkvm_arch::{pte::S2Features, Pa};
 
     fn leaf(pa: u64, level: u8) -> S2Leaf {
         S2Leaf {
             pte: S2Pte::leaf(Pa(pa), Level(level), S2Prot::RW, S2Features::default()),
             level: Level(level),
+            desc: Pa(0),
         }
     }
 

@@ -13,10 +13,13 @@
 //! | [`vectors`] | EL2 exception vectors |
 //! | [`switch`] | the world switch: guest GPRs, EL1 sysregs, FP/SIMD, timer, PAC keys |
 //! | [`handoff`] | the block xtask passes at 0x4800_0000 |
+//! | [`gic`] | GICv3: distributor, redistributors, CPU interface, SGIs |
+//! | [`timer`] | the EL2 physical timer (preemption tick) |
 
 pub mod console;
 pub mod dt;
 pub mod exit;
+pub mod gic;
 pub mod handoff;
 pub mod hw;
 pub mod mmu;
@@ -24,6 +27,7 @@ pub mod phys;
 pub mod start;
 pub mod switch;
 pub mod sysreg;
+pub mod timer;
 pub mod vectors;
 
 /// Base of RAM on QEMU virt (checked against the device tree).

@@ -1,0 +1,47 @@
+//! The EL2 physical timer (`CNTHP_*_EL2`), used as the scheduler's
+//! preemption tick. On QEMU virt its interrupt is PPI 10 = INTID 26 (the
+//! device tree's timer node lists it as the fourth interrupt).
+//!
+//! The timer is one-shot: [`arm_after`] sets a deadline (TVAL) and enables
+//! it with the interrupt unmasked; when the deadline passes the (level)
+//! interrupt stays asserted until [`disable`] (or a new deadline), which
+//! the GIC driver calls before ending the interrupt.
+
+use crate::{read_sysreg, write_sysreg};
+
+/// INTID of the EL2 physical timer interrupt on QEMU virt.
+pub const PPI_EL2_PHYS: u32 = 26;
+
+/// CNTHP_CTL_EL2.ENABLE.
+const CTL_ENABLE: u64 = 1;
+
+/// Counter frequency in Hz (CNTFRQ_EL0).
+pub fn frequency() -> u64 {
+    read_sysreg!("cntfrq_el0")
+}
+
+/// The physical count (CNTPCT_EL0).
+pub fn now() -> u64 {
+    super::sysreg::isb();
+    read_sysreg!("cntpct_el0")
+}
+
+/// Counter ticks in `us` microseconds.
+pub fn ticks_for_us(us: u64) -> u64 {
+    frequency().saturating_mul(us) / 1_000_000
+}
+
+/// Arms the timer to fire `ticks` counter ticks from now (capped to the
+/// 32-bit TVAL range) and enables it, interrupt unmasked.
+pub fn arm_after(ticks: u64) {
+    let t = ticks.clamp(1, i32::MAX as u64);
+    write_sysreg!("cnthp_tval_el2", t);
+    write_sysreg!("cnthp_ctl_el2", CTL_ENABLE);
+    super::sysreg::isb();
+}
+
+/// Disables the timer (its interrupt deasserts).
+pub fn disable() {
+    write_sysreg!("cnthp_ctl_el2", 0);
+    super::sysreg::isb();
+}

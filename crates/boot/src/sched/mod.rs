@@ -1,0 +1,394 @@
+//! The vCPU scheduler: M vCPUs on N physical CPUs (M > N allowed).
+//!
+//! # Model
+//! The scheduler owns the vCPU objects (any type implementing
+//! [`SchedVcpu`]: "run until something needs the scheduler"). One global
+//! FIFO run queue holds the indices of runnable vCPUs; every physical CPU
+//! runs [`Scheduler::run_cpu`]: pop a vCPU, arm the EL2 timer for one
+//! time slice ([`Scheduler::slice_us`]), run it, act on the outcome:
+//!
+//! | outcome | meaning (pkvm-host `VcpuExit`) | then |
+//! |---|---|---|
+//! | [`Outcome::Preempted`] | `Interrupted`: physical IRQ (timer tick or kick SGI) | back to the tail of the queue |
+//! | [`Outcome::Yield`] | `Wfi`: nothing to deliver (no interrupt controller model) | tail of the queue |
+//! | [`Outcome::Sleep`] | `Sleep`: powered off (PSCI CPU_OFF) or suspended | off the queue until [`Scheduler::kick`] |
+//! | [`Outcome::VmEnd`] | `SystemEvent` / internal error | every CPU leaves `run_cpu` |
+//!
+//! A vCPU that is `Stopped` in its PSCI power state is therefore never on
+//! the queue: the PSCI code (`pkvm_host::psci`) publishes a `CPU_ON` in the
+//! target's power state under its lock and then calls
+//! `PsciVm::kick_vcpu`, which the VM forwards to [`Scheduler::kick`]:
+//! a sleeping vCPU is queued; a running one is sent the kick SGI so it
+//! leaves the guest and sees its new requests; a queued one needs nothing.
+//!
+//! # Lost wake-ups
+//! Each vCPU has a state (`SLEEPING`, `QUEUED`, `RUNNING`) and a `kicked`
+//! flag. [`Scheduler::kick`] sets `kicked`, then tries `SLEEPING ->
+//! QUEUED`. A CPU whose vCPU returned `Sleep` stores `SLEEPING`, then reads
+//! `kicked` and tries the same transition. Both sides use sequentially
+//! consistent operations, so at least one of them sees the other and
+//! exactly one (the CAS winner) queues the vCPU.
+//!
+//! # Idle CPUs
+//! A CPU with nothing to run marks itself idle, re-checks the queue and
+//! waits with `wfi` (interrupts masked at EL2; the timer is armed as a
+//! backstop). Queuing a vCPU sends the kick SGI to one idle CPU.
+//!
+//! # Plugging in pkvm-host's run loop
+//! `pkvm_host::Vcpu::run(&mut backend) -> VcpuExit` fits [`SchedVcpu`]
+//! through a small adapter: loop on `run`, emulate `Mmio` exits and go
+//! round again, map `Interrupted`/`Wfi`/`Sleep` to the outcomes above and
+//! `SystemEvent`/`InternalError` to [`Outcome::VmEnd`]. Its backend's
+//! `enter` must, on an IRQ exit (`switch::EXIT_IRQ`), call
+//! [`crate::platform::gic::drain`] and return `GuestExit::Interrupt`; its
+//! `HostPlatform::kick_vcpu` must call [`Scheduler::kick`]. Until that
+//! loop lands, [`vm`] is a minimal VM (eager stage-2, PL011, PSCI and
+//! reset from `pkvm_host`) used by the scenarios in [`scenario`].
+#![forbid(unsafe_code)]
+
+pub mod scenario;
+pub mod vm;
+
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use pkvm_sync::{LockClass, SpinLock};
+
+use crate::platform::{gic, timer, MAX_CPUS};
+
+/// vCPUs one scheduler can hold.
+pub const MAX_SCHED_VCPUS: usize = 16;
+
+/// Default time slice: 10 ms.
+pub const DEFAULT_SLICE_US: u64 = 10_000;
+
+/// Why a vCPU's run returned to the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A physical interrupt (preemption tick or kick) took it out of the guest.
+    Preempted,
+    /// It waits for an interrupt (WFI) or CPU_SUSPEND: let others run.
+    Yield,
+    /// It is powered off or suspended: not runnable until kicked.
+    Sleep,
+    /// The VM is over.
+    VmEnd(VmEnd),
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmEnd {
+    /// PSCI SYSTEM_OFF.
+    PowerOff,
+    /// PSCI SYSTEM_RESET (the scenarios treat it as the end).
+    Reset,
+    /// The host could not continue (message says why).
+    Error(&'static str),
+}
+
+/// A vCPU the scheduler can run.
+pub trait SchedVcpu: Send {
+    /// Runs the vCPU on physical CPU `cpu` until it needs the scheduler.
+    /// The EL2 timer is armed for one slice around the call.
+    fn run(&mut self, cpu: usize) -> Outcome;
+}
+
+/// Something that can make a vCPU notice new requests (the VM's side of
+/// `PsciVm::kick_vcpu`).
+pub trait Kick: Sync {
+    /// Kicks vCPU `index`.
+    fn kick(&self, index: usize);
+}
+
+const EMPTY: u8 = 0;
+const SLEEPING: u8 = 1;
+const QUEUED: u8 = 2;
+const RUNNING: u8 = 3;
+
+/// The FIFO run queue (indices of `QUEUED` vCPUs; each at most once).
+struct RunQueue {
+    ring: [u8; MAX_SCHED_VCPUS],
+    head: usize,
+    len: usize,
+}
+
+impl RunQueue {
+    fn push(&mut self, i: usize) {
+        // Each vCPU is queued at most once (the state CAS guarantees it),
+        // so the ring never overflows.
+        assert!(self.len < MAX_SCHED_VCPUS, "run queue overflow (internal bug)");
+        self.ring[(self.head + self.len) % MAX_SCHED_VCPUS] = i as u8;
+        self.len += 1;
+    }
+    fn pop(&mut self) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        let i = self.ring[self.head] as usize;
+        self.head = (self.head + 1) % MAX_SCHED_VCPUS;
+        self.len -= 1;
+        Some(i)
+    }
+}
+
+/// Per-vCPU scheduling statistics.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Times it was picked to run.
+    pub runs: AtomicU64,
+    /// `Preempted` outcomes.
+    pub preempted: AtomicU64,
+    /// `Yield` outcomes.
+    pub yields: AtomicU64,
+    /// `Sleep` outcomes.
+    pub sleeps: AtomicU64,
+    /// Physical CPUs it ran on (bit per CPU).
+    pub cpus: AtomicU64,
+}
+
+/// The scheduler (usually a `static`; `new` is `const`).
+pub struct Scheduler<V> {
+    slots: [SpinLock<Option<V>>; MAX_SCHED_VCPUS],
+    state: [AtomicU8; MAX_SCHED_VCPUS],
+    kicked: [AtomicBool; MAX_SCHED_VCPUS],
+    on_cpu: [AtomicUsize; MAX_SCHED_VCPUS],
+    queue: SpinLock<RunQueue>,
+    idle: AtomicUsize,
+    stop: AtomicBool,
+    end: SpinLock<Option<VmEnd>>,
+    in_loop: AtomicUsize,
+    slice_us: AtomicU64,
+    /// Per-vCPU statistics.
+    pub stats: [VcpuStats; MAX_SCHED_VCPUS],
+    /// Per physical CPU: vCPU runs.
+    pub cpu_runs: [AtomicU64; MAX_CPUS],
+    /// Per physical CPU: times it went idle.
+    pub cpu_idle: [AtomicU64; MAX_CPUS],
+}
+
+impl<V: SchedVcpu> Default for Scheduler<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<V: SchedVcpu> Scheduler<V> {
+    /// An empty scheduler.
+    pub const fn new() -> Self {
+        Scheduler {
+            slots: [const { SpinLock::new(None, LockClass::HostVm) }; MAX_SCHED_VCPUS],
+            state: [const { AtomicU8::new(EMPTY) }; MAX_SCHED_VCPUS],
+            kicked: [const { AtomicBool::new(false) }; MAX_SCHED_VCPUS],
+            on_cpu: [const { AtomicUsize::new(usize::MAX) }; MAX_SCHED_VCPUS],
+            queue: SpinLock::new(
+                RunQueue {
+                    ring: [0; MAX_SCHED_VCPUS],
+                    head: 0,
+                    len: 0,
+                },
+                LockClass::Leaf,
+            ),
+            idle: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            end: SpinLock::new(None, LockClass::Leaf),
+            in_loop: AtomicUsize::new(0),
+            slice_us: AtomicU64::new(DEFAULT_SLICE_US),
+            stats: [const {
+                VcpuStats {
+                    runs: AtomicU64::new(0),
+                    preempted: AtomicU64::new(0),
+                    yields: AtomicU64::new(0),
+                    sleeps: AtomicU64::new(0),
+                    cpus: AtomicU64::new(0),
+                }
+            }; MAX_SCHED_VCPUS],
+            cpu_runs: [const { AtomicU64::new(0) }; MAX_CPUS],
+            cpu_idle: [const { AtomicU64::new(0) }; MAX_CPUS],
+        }
+    }
+
+    /// Sets the time slice (microseconds).
+    pub fn set_slice_us(&self, us: u64) {
+        self.slice_us.store(us.max(100), Ordering::Relaxed);
+    }
+
+    /// The time slice in microseconds.
+    pub fn slice_us(&self) -> u64 {
+        self.slice_us.load(Ordering::Relaxed)
+    }
+
+    /// Hands vCPU `index` to the scheduler, sleeping (not runnable until
+    /// kicked).
+    ///
+    /// # Errors
+    /// `Err(v)` if `index` is out of range or already taken.
+    pub fn add(&self, index: usize, v: V) -> Result<(), V> {
+        if index >= MAX_SCHED_VCPUS {
+            return Err(v);
+        }
+        let mut slot = self.slots[index].lock();
+        if slot.is_some() {
+            return Err(v);
+        }
+        *slot = Some(v);
+        self.state[index].store(SLEEPING, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn enqueue(&self, index: usize) {
+        self.queue.lock().push(index);
+        // Wake one idle CPU, if any.
+        let idle = self.idle.load(Ordering::SeqCst);
+        if idle != 0 {
+            gic::send_sgi(gic::SGI_KICK, idle.trailing_zeros() as usize);
+        }
+    }
+
+    /// Makes vCPU `index` notice new requests: queue it if it sleeps, force
+    /// it out of the guest if it runs.
+    pub fn kick(&self, index: usize) {
+        if index >= MAX_SCHED_VCPUS {
+            return;
+        }
+        self.kicked[index].store(true, Ordering::SeqCst);
+        match self.state[index].load(Ordering::SeqCst) {
+            SLEEPING => {
+                if self.state[index]
+                    .compare_exchange(SLEEPING, QUEUED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    self.enqueue(index);
+                }
+            }
+            RUNNING => {
+                let cpu = self.on_cpu[index].load(Ordering::SeqCst);
+                if cpu != crate::platform::start::cpu_index() {
+                    gic::send_sgi(gic::SGI_KICK, cpu);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends the run: every CPU leaves [`Scheduler::run_cpu`] (those in a
+    /// guest are kicked out). The first end reason is kept.
+    pub fn stop(&self, why: VmEnd) {
+        {
+            let mut e = self.end.lock();
+            if e.is_none() {
+                *e = Some(why);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        gic::send_sgi_others(gic::SGI_KICK);
+    }
+
+    /// How the run ended, once it has.
+    pub fn end(&self) -> Option<VmEnd> {
+        *self.end.lock()
+    }
+
+    /// Whether [`Scheduler::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// CPUs currently inside [`Scheduler::run_cpu`].
+    pub fn cpus_in_loop(&self) -> usize {
+        self.in_loop.load(Ordering::SeqCst)
+    }
+
+    fn pick(&self) -> Option<usize> {
+        self.queue.lock().pop()
+    }
+
+    fn idle_wait(&self, cpu: usize) {
+        let bit = 1usize << cpu;
+        self.idle.fetch_or(bit, Ordering::SeqCst);
+        let empty = self.queue.lock().len == 0;
+        if empty && !self.stopped() {
+            self.cpu_idle[cpu].fetch_add(1, Ordering::Relaxed);
+            // Backstop: never sleep longer than a slice.
+            timer::arm_after(timer::ticks_for_us(self.slice_us()));
+            let _ = gic::wait_for_interrupt();
+            timer::disable();
+        }
+        self.idle.fetch_and(!bit, Ordering::SeqCst);
+    }
+
+    /// The scheduling loop of physical CPU `cpu`; returns once
+    /// [`Scheduler::stop`] was called.
+    pub fn run_cpu(&self, cpu: usize) {
+        self.in_loop.fetch_add(1, Ordering::SeqCst);
+        while !self.stopped() {
+            let Some(i) = self.pick() else {
+                self.idle_wait(cpu);
+                continue;
+            };
+            if self.state[i]
+                .compare_exchange(QUEUED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                continue; // not ours (cannot happen: queued once)
+            }
+            self.on_cpu[i].store(cpu, Ordering::SeqCst);
+            self.kicked[i].store(false, Ordering::SeqCst);
+            let st = &self.stats[i];
+            st.runs.fetch_add(1, Ordering::Relaxed);
+            st.cpus.fetch_or(1 << cpu, Ordering::Relaxed);
+            self.cpu_runs[cpu].fetch_add(1, Ordering::Relaxed);
+            let outcome = {
+                let mut slot = self.slots[i].lock();
+                match slot.as_mut() {
+                    Some(v) => {
+                        timer::arm_after(timer::ticks_for_us(self.slice_us()));
+                        let o = v.run(cpu);
+                        timer::disable();
+                        o
+                    }
+                    None => Outcome::VmEnd(VmEnd::Error("scheduled an empty vCPU slot")),
+                }
+            };
+            self.on_cpu[i].store(usize::MAX, Ordering::SeqCst);
+            match outcome {
+                Outcome::Preempted | Outcome::Yield => {
+                    let c = if outcome == Outcome::Preempted {
+                        &st.preempted
+                    } else {
+                        &st.yields
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    self.state[i].store(QUEUED, Ordering::SeqCst);
+                    self.enqueue(i);
+                }
+                Outcome::Sleep => {
+                    st.sleeps.fetch_add(1, Ordering::Relaxed);
+                    self.state[i].store(SLEEPING, Ordering::SeqCst);
+                    if self.kicked[i].load(Ordering::SeqCst)
+                        && self.state[i]
+                            .compare_exchange(SLEEPING, QUEUED, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                    {
+                        self.enqueue(i);
+                    }
+                }
+                Outcome::VmEnd(e) => {
+                    self.state[i].store(SLEEPING, Ordering::SeqCst);
+                    self.stop(e);
+                }
+            }
+        }
+        self.in_loop.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Runs `f` on vCPU `index` (e.g. to read its statistics) when it is
+    /// not running.
+    pub fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&V) -> R) -> Option<R> {
+        self.slots.get(index)?.lock().as_ref().map(f)
+    }
+}
+
+impl<V: SchedVcpu> Kick for Scheduler<V> {
+    fn kick(&self, index: usize) {
+        Scheduler::kick(self, index)
+    }
+}

@@ -1,0 +1,331 @@
+//! pkvm-host's [`VcpuBackend`] over the hardware world switch
+//! ([`crate::platform::switch`]): the real counterpart of the simulator's
+//! `SimBackend`.
+//!
+//! The vCPU's architectural state the host owns ([`VcpuContext`]: GPRs, PC,
+//! PSTATE, EL1 system registers, virtual timer) is copied into the world
+//! switch's [`VcpuState`] before each entry and back after it; the state
+//! only the hardware layer needs (FP/SIMD, ACTLR, timer offset,
+//! pointer-authentication keys) stays in the backend, which lives as long
+//! as the vCPU's thread.
+//!
+//! Exit mapping: stage-2 data/instruction aborts -> `Abort` (ESR, FAR,
+//! HPFAR); HVC -> `Call` (ELR is already past the HVC); SMC -> `Call` with
+//! the PC still on the SMC (pkvm-host's PSCI code steps a trapped SMC);
+//! WFI/WFE -> `Wfx` with the PC stepped; IRQ/FIQ -> `Interrupt`; anything
+//! else -> `Unhandled`. Two exits never leave the backend: the VMM's
+//! hypercall filter (see [`CallFilter`]) and trapped system-register
+//! accesses (read as zero, writes ignored), which pkvm-host does not
+//! emulate.
+
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use pkvm_arch::esr::{ec, Esr, FaultStatus};
+use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
+use pkvm_host::fault::GuestFault;
+use pkvm_host::vcpu_state::pstate;
+use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
+
+use super::platform::BootHyp;
+use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, HCR_GUEST};
+
+/// The VMM's hypercall filter: sees every guest HVC first (x0..x30 of the
+/// guest); returns `true` if it handled the call (results in the registers),
+/// `false` to let pkvm-host handle it. KVM's SMCCC filter with
+/// "forward to user space" plays this role.
+pub type CallFilter<'a> = &'a dyn Fn(&mut [u64; 31]) -> bool;
+
+/// Exit counts seen by the backend (including those it handles itself).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendStats {
+    /// Guest entries.
+    pub entries: u64,
+    /// Exits of any kind.
+    pub exits: u64,
+    /// Stage-2 aborts.
+    pub aborts: u64,
+    /// HVC/SMC.
+    pub calls: u64,
+    /// Calls the VMM's filter handled.
+    pub filtered: u64,
+    /// WFI/WFE.
+    pub wfx: u64,
+    /// IRQ/FIQ.
+    pub irq: u64,
+    /// Trapped system-register accesses (RAZ/WI).
+    pub sysreg: u64,
+    /// Kicks noticed before an entry.
+    pub kicks: u64,
+}
+
+/// A vCPU's hardware side on one physical CPU.
+pub struct HwBackend<'a> {
+    cpu: usize,
+    st: VcpuState,
+    pauth: bool,
+    parange: u8,
+    kick: Arc<AtomicBool>,
+    hyp: Option<&'static BootHyp>,
+    filter: CallFilter<'a>,
+    /// FAR_EL2 of the last abort (the VA an injected abort reports).
+    last_far: u64,
+    /// x1..x3 for the first entry after the boot reset (pkvm-host's
+    /// `BootParams` only sets x0).
+    boot_args: Option<(u64, [u64; 3])>,
+    /// VMID of the last entry (as loaded in VTTBR_EL2).
+    pub last_vmid: u16,
+    /// Counters.
+    pub stats: BackendStats,
+}
+
+impl<'a> HwBackend<'a> {
+    /// A backend on physical CPU `cpu` (the calling CPU) polling `kick`;
+    /// `hyp` is the hypervisor in protected mode.
+    pub fn new(
+        cpu: usize,
+        kick: Arc<AtomicBool>,
+        hyp: Option<&'static BootHyp>,
+        filter: CallFilter<'a>,
+    ) -> Self {
+        HwBackend {
+            cpu,
+            st: VcpuState::new(0, [0; 4], 0),
+            pauth: switch::has_pauth(),
+            parange: switch::parange(),
+            kick,
+            hyp,
+            filter,
+            last_far: 0,
+            boot_args: None,
+            last_vmid: 0,
+            stats: BackendStats::default(),
+        }
+    }
+
+    /// Sets x1..x3 on the first entry at `pc` (after the boot reset).
+    pub fn set_boot_args(&mut self, pc: u64, args: [u64; 3]) {
+        self.boot_args = Some((pc, args));
+    }
+
+    fn vm_regs(&self, s2: &StageTwo) -> Option<VmRegs> {
+        let (root, vmid, ipa_bits) = match *s2 {
+            StageTwo::Host { vmid, root, geo } => (root, vmid, geo.ipa_bits),
+            StageTwo::Hyp { .. } => {
+                let c = self.hyp?.loaded_vcpu_context(self.cpu)?;
+                (c.s2_root, c.vmid, c.geometry.ipa_bits)
+            }
+        };
+        Some(VmRegs {
+            vttbr: vttbr(root, vmid),
+            vtcr: vtcr(ipa_bits, self.parange, VtcrOptions::default()).ok()?,
+            hcr: HCR_GUEST,
+        })
+    }
+
+    fn load(&mut self, ctx: &VcpuContext) {
+        let (g, s) = (&ctx.gprs, &ctx.sys);
+        let st = &mut self.st;
+        st.regs.x = g.x;
+        st.regs.pc = g.pc;
+        st.regs.pstate = g.pstate;
+        st.sys.sp_el0 = g.sp;
+        st.sys.sctlr = s.sctlr_el1;
+        st.sys.cpacr = s.cpacr_el1;
+        st.sys.ttbr0 = s.ttbr0_el1;
+        st.sys.ttbr1 = s.ttbr1_el1;
+        st.sys.tcr = s.tcr_el1;
+        st.sys.mair = s.mair_el1;
+        st.sys.amair = s.amair_el1;
+        st.sys.vbar = s.vbar_el1;
+        st.sys.contextidr = s.contextidr_el1;
+        st.sys.esr = s.esr_el1;
+        st.sys.far = s.far_el1;
+        st.sys.afsr0 = s.afsr0_el1;
+        st.sys.afsr1 = s.afsr1_el1;
+        st.sys.par = s.par_el1;
+        st.sys.tpidr_el0 = s.tpidr_el0;
+        st.sys.tpidrro_el0 = s.tpidrro_el0;
+        st.sys.tpidr_el1 = s.tpidr_el1;
+        st.sys.sp_el1 = s.sp_el1;
+        st.sys.elr = s.elr_el1;
+        st.sys.spsr = s.spsr_el1;
+        st.sys.cntkctl = s.cntkctl_el1;
+        st.sys.mdscr = s.mdscr_el1;
+        st.sys.csselr = s.csselr_el1;
+        st.vmpidr = s.mpidr_el1;
+        st.timer.ctl = s.cntv_ctl_el0;
+        st.timer.cval = s.cntv_cval_el0;
+    }
+
+    fn save(&self, ctx: &mut VcpuContext) {
+        let st = &self.st;
+        let (g, s) = (&mut ctx.gprs, &mut ctx.sys);
+        g.x = st.regs.x;
+        g.pc = st.regs.pc;
+        g.pstate = st.regs.pstate;
+        g.sp = st.sys.sp_el0;
+        s.sctlr_el1 = st.sys.sctlr;
+        s.cpacr_el1 = st.sys.cpacr;
+        s.ttbr0_el1 = st.sys.ttbr0;
+        s.ttbr1_el1 = st.sys.ttbr1;
+        s.tcr_el1 = st.sys.tcr;
+        s.mair_el1 = st.sys.mair;
+        s.amair_el1 = st.sys.amair;
+        s.vbar_el1 = st.sys.vbar;
+        s.contextidr_el1 = st.sys.contextidr;
+        s.esr_el1 = st.sys.esr;
+        s.far_el1 = st.sys.far;
+        s.afsr0_el1 = st.sys.afsr0;
+        s.afsr1_el1 = st.sys.afsr1;
+        s.par_el1 = st.sys.par;
+        s.tpidr_el0 = st.sys.tpidr_el0;
+        s.tpidrro_el0 = st.sys.tpidrro_el0;
+        s.tpidr_el1 = st.sys.tpidr_el1;
+        s.sp_el1 = st.sys.sp_el1;
+        s.elr_el1 = st.sys.elr;
+        s.spsr_el1 = st.sys.spsr;
+        s.cntkctl_el1 = st.sys.cntkctl;
+        s.mdscr_el1 = st.sys.mdscr;
+        s.csselr_el1 = st.sys.csselr;
+        s.mpidr_el1 = st.vmpidr;
+        s.cntv_ctl_el0 = st.timer.ctl;
+        s.cntv_cval_el0 = st.timer.cval;
+    }
+
+    /// One world switch; `None` when the backend handled the exit itself.
+    fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
+        let exit = switch::run(vm, &mut self.st, self.pauth);
+        self.stats.exits += 1;
+        match exit.kind {
+            EXIT_SYNC => {}
+            EXIT_IRQ | 10 => {
+                self.stats.irq += 1;
+                return Some(GuestExit::Interrupt);
+            }
+            _ => return Some(GuestExit::Unhandled { esr: exit.esr }),
+        }
+        let esr = Esr(exit.esr);
+        match esr.ec() {
+            ec::DABT_LOW | ec::IABT_LOW => {
+                self.stats.aborts += 1;
+                self.last_far = exit.far;
+                Some(GuestExit::Abort {
+                    esr: exit.esr,
+                    far: exit.far,
+                    hpfar: exit.hpfar,
+                })
+            }
+            ec::HVC64 => {
+                self.stats.calls += 1;
+                if (self.filter)(&mut self.st.regs.x) {
+                    self.stats.filtered += 1;
+                    None
+                } else {
+                    Some(GuestExit::Call { esr: exit.esr })
+                }
+            }
+            ec::SMC64 => {
+                self.stats.calls += 1;
+                Some(GuestExit::Call { esr: exit.esr })
+            }
+            ec::WFX => {
+                self.stats.wfx += 1;
+                self.st.regs.pc += 4;
+                Some(GuestExit::Wfx)
+            }
+            ec::SYS64 => {
+                self.stats.sysreg += 1;
+                let iss = esr.iss();
+                let rt = ((iss >> 5) & 0x1f) as usize;
+                if iss & 1 == 1 && rt < 31 {
+                    self.st.regs.x[rt] = 0;
+                }
+                self.st.regs.pc += 4;
+                None
+            }
+            _ => Some(GuestExit::Unhandled { esr: exit.esr }),
+        }
+    }
+}
+
+impl VcpuBackend for HwBackend<'_> {
+    fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    fn enter(&mut self, ctx: &mut VcpuContext, s2: &StageTwo) -> GuestExit {
+        if self.kick.swap(false, Ordering::AcqRel) {
+            self.stats.kicks += 1;
+            return GuestExit::Interrupt;
+        }
+        let Some(vm) = self.vm_regs(s2) else {
+            return GuestExit::Unhandled { esr: 0 };
+        };
+        self.last_vmid = (vm.vttbr >> 48) as u16;
+        if let Some((pc, args)) = self.boot_args {
+            if ctx.gprs.pc == pc {
+                ctx.gprs.x[1..4].copy_from_slice(&args);
+                self.boot_args = None;
+            }
+        }
+        self.load(ctx);
+        self.stats.entries += 1;
+        let exit = loop {
+            if let Some(e) = self.run_once(&vm) {
+                break e;
+            }
+        };
+        self.save(ctx);
+        exit
+    }
+
+    fn complete_mmio(&mut self, ctx: &mut VcpuContext, fault: &GuestFault, value: u64) {
+        if let (false, Some(s)) = (fault.write, fault.syndrome) {
+            if s.srt < 31 {
+                let bits = 8 * s.size() as u32;
+                let mut v = if bits >= 64 {
+                    value
+                } else {
+                    value & ((1u64 << bits) - 1)
+                };
+                if s.sse && bits < 64 && v & (1 << (bits - 1)) != 0 {
+                    v |= !((1u64 << bits) - 1);
+                }
+                if !s.sf {
+                    v &= 0xffff_ffff;
+                }
+                ctx.gprs.x[s.srt as usize] = v;
+            }
+        }
+        ctx.gprs.pc += 4;
+    }
+
+    /// KVM's `inject_abt64`: ESR_EL1 (EC by source EL, IL, FSC external
+    /// abort), FAR_EL1 (the faulting VA), ELR_EL1/SPSR_EL1 from the
+    /// interrupted context, PSTATE EL1h with DAIF masked, PC at VBAR_EL1 +
+    /// 0x000 (from EL1t), 0x200 (from EL1h) or 0x400 (from EL0).
+    fn inject_abort(&mut self, ctx: &mut VcpuContext, fault: &GuestFault) {
+        let mode = ctx.gprs.pstate & pstate::MODE_MASK;
+        let from_el0 = mode == pstate::MODE_EL0T;
+        let off = match mode {
+            pstate::MODE_EL0T => 0x400,
+            0b00100 => 0x000,
+            _ => 0x200,
+        };
+        let ec = match (fault.exec, from_el0) {
+            (true, true) => ec::IABT_LOW,
+            (true, false) => ec::IABT_CUR,
+            (false, true) => ec::DABT_LOW,
+            (false, false) => ec::DABT_CUR,
+        };
+        let s = &mut ctx.sys;
+        s.esr_el1 =
+            ((ec as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
+        s.far_el1 = self.last_far;
+        s.elr_el1 = ctx.gprs.pc;
+        s.spsr_el1 = ctx.gprs.pstate;
+        ctx.gprs.pstate = pstate::RESET;
+        ctx.gprs.pc = s.vbar_el1 + off;
+    }
+}

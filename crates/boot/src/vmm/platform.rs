@@ -1,0 +1,219 @@
+//! The machine services of the EL2 image as pkvm-host and pkvm-hyp see
+//! them: the real counterpart of `pkvm-machine`'s `SimPlatform`/`SimHyp`.
+//!
+//! - [`BootPlatform`] implements [`HostPlatform`]: stage-2 environments are
+//!   the hardware `TlbOps`/`PtMemory` of [`HwS2`] for a VMID; pages come
+//!   from the image's page pool ([`super::pool`]); the hypercall is a
+//!   direct call into the in-image [`Hyp`] ([`hyp_call`]: host and
+//!   hypervisor both run at EL2 for now); kicks set a per-vCPU flag the
+//!   vCPU's thread polls (no IPI until the GIC work lands).
+//! - [`HwHyp`] implements [`HypPlatform`] over the EL2 identity map.
+//! - [`init_hyp`] sets the hypervisor up over the RAM the image manages,
+//!   with the carve-out as its pool, and finalises it through the
+//!   `FINALIZE` hypercall.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use pkvm_arch::{Pa, Pfn};
+use pkvm_host::HostPlatform;
+use pkvm_hyp::{Hyp, HypConfig, HypError, HypPlatform, MemMap, MemRegion, PageMeta};
+use pkvm_pgtable::env::ENTRIES;
+use pkvm_pgtable::PtMemory;
+use pkvm_sync::{LockClass, SpinLock};
+
+use super::pool;
+use crate::platform::hw::{HwEl2, HwS2};
+use crate::platform::start;
+
+/// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
+/// VMID (the root address is not needed for TLBI).
+pub fn s2_env(vmid: u16) -> HwS2 {
+    HwS2 {
+        vttbr: (vmid as u64) << 48,
+    }
+}
+
+/// Table pages and page metadata through the EL2 identity map.
+static EL2: HwEl2 = HwEl2;
+
+/// The hypervisor's view of the machine.
+#[derive(Debug)]
+pub struct HwHyp;
+
+impl PtMemory for HwHyp {
+    fn table(&self, pa: Pa) -> &[AtomicU64; ENTRIES] {
+        EL2.table(pa)
+    }
+    fn refcount(&self, pa: Pa) -> &AtomicU32 {
+        EL2.refcount(pa)
+    }
+}
+
+impl HypPlatform for HwHyp {
+    type Tlb = HwS2;
+    fn tlb(&self, vmid: u16) -> HwS2 {
+        s2_env(vmid)
+    }
+    fn cpu_id(&self) -> usize {
+        start::cpu_index()
+    }
+}
+
+/// The hypervisor of this boot, once [`init_hyp`] ran.
+pub type BootHyp = Hyp<HwHyp>;
+
+static HYP: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, LockClass::Leaf);
+
+/// Why the hypervisor could not be set up.
+#[derive(Clone, Copy, Debug)]
+pub enum HypInitError {
+    /// `Hyp::new` refused the configuration (a platform bug).
+    Init(HypError),
+    /// The `FINALIZE` hypercall failed (status).
+    Finalize(i64),
+}
+
+impl core::fmt::Display for HypInitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            HypInitError::Init(e) => write!(f, "pkvm-hyp init refused: {e}"),
+            HypInitError::Finalize(s) => write!(f, "FINALIZE hypercall failed: {s}"),
+        }
+    }
+}
+
+/// Sets the hypervisor up (once per boot; later calls return the same
+/// one): page metadata for all of RAM `[ram_start, ram_end)`, the host's
+/// memory `regions`, the carve-out `pool` (base, bytes) as its page pool.
+/// Then the host issues `FINALIZE`.
+///
+/// # Errors
+/// See [`HypInitError`].
+pub fn init_hyp(
+    ram: (u64, u64),
+    regions: &[MemRegion],
+    pool: (Pa, u64),
+) -> Result<&'static BootHyp, HypInitError> {
+    let mut slot = HYP.lock();
+    if let Some(h) = *slot {
+        return Ok(h);
+    }
+    let pages = ((ram.1 - ram.0) / 4096) as usize;
+    let mut meta = Vec::with_capacity(pages);
+    meta.resize_with(pages, PageMeta::new);
+    let meta: &'static [PageMeta] = Box::leak(meta.into_boxed_slice());
+    let host_ipa_bits = (64 - (ram.1 - 1).leading_zeros()).max(32);
+    let cfg = HypConfig {
+        mem: MemMap::new(meta, Pfn(ram.0 >> 12)),
+        regions,
+        pool_base: pool.0,
+        pool_pages: pool.1 / 4096,
+        pool_reserved: 0,
+        host_ipa_bits,
+        features: Default::default(),
+    };
+    let hyp: &'static BootHyp =
+        Box::leak(Box::new(Hyp::new(HwHyp, &cfg).map_err(HypInitError::Init)?));
+    let mut regs = [0u64; 8];
+    regs[0] = pkvm_hyp::hvc::id::FINALIZE as u64;
+    hyp_call(Some(hyp), start::cpu_index(), &mut regs);
+    if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
+        return Err(HypInitError::Finalize(regs[0] as i64));
+    }
+    *slot = Some(hyp);
+    Ok(hyp)
+}
+
+/// The host -> hypervisor call: the only place the host enters pkvm-hyp.
+/// Host and hypervisor both run at EL2 in this image, so this is a direct
+/// call of [`Hyp::handle_host_hvc`]; once the host moves to EL1 it becomes
+/// an `hvc #0` with `regs` in x0..x7 (and the EL2 vectors call
+/// `handle_host_hvc`).
+pub fn hyp_call(hyp: Option<&BootHyp>, cpu: usize, regs: &mut [u64; 8]) {
+    match hyp {
+        Some(h) => h.handle_host_hvc(cpu, regs),
+        None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
+    }
+}
+
+/// The platform the host runs on in the image.
+pub struct BootPlatform {
+    hyp: Option<&'static BootHyp>,
+    kicks: SpinLock<BTreeMap<(u16, usize), Arc<AtomicBool>>>,
+    /// Hypercalls made.
+    pub hvcs: AtomicU64,
+}
+
+impl core::fmt::Debug for BootPlatform {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BootPlatform")
+            .field("protected", &self.hyp.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BootPlatform {
+    /// Standard mode (the host manages guest stage-2), or protected mode
+    /// over `hyp`.
+    pub fn new(hyp: Option<&'static BootHyp>) -> Arc<BootPlatform> {
+        Arc::new(BootPlatform {
+            hyp,
+            kicks: SpinLock::new(BTreeMap::new(), LockClass::Leaf),
+            hvcs: AtomicU64::new(0),
+        })
+    }
+
+    /// The hypervisor (protected mode).
+    pub fn hyp(&self) -> Option<&'static BootHyp> {
+        self.hyp
+    }
+
+    /// Registers the calling vCPU thread of vCPU `index` of the VM `id`
+    /// (VMID or pKVM handle) for kicks; returns its pending-kick flag.
+    pub fn register_vcpu(&self, id: u16, index: usize) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.kicks.lock().insert((id, index), flag.clone());
+        flag
+    }
+
+    /// Forgets a vCPU thread.
+    pub fn unregister_vcpu(&self, id: u16, index: usize) {
+        self.kicks.lock().remove(&(id, index));
+    }
+}
+
+impl HostPlatform for BootPlatform {
+    type S2Env<'a> = HwS2;
+
+    fn s2_env(&self, vmid: u16) -> HwS2 {
+        s2_env(vmid)
+    }
+
+    fn alloc_pages(&self, order: u32) -> Option<Pa> {
+        pool::alloc(order)
+    }
+
+    fn free_pages(&self, pa: Pa, order: u32) {
+        pool::free(pa, order)
+    }
+
+    fn protected_mode(&self) -> bool {
+        self.hyp.is_some()
+    }
+
+    fn hvc(&self, cpu: usize, regs: &mut [u64; 8]) {
+        self.hvcs.fetch_add(1, Ordering::Relaxed);
+        hyp_call(self.hyp, cpu, regs)
+    }
+
+    fn kick_vcpu(&self, vmid: u16, index: usize) {
+        let flag = self.kicks.lock().get(&(vmid, index)).cloned();
+        if let Some(f) = flag {
+            f.store(true, Ordering::Release);
+        }
+    }
+}
