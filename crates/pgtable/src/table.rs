@@ -157,9 +157,20 @@ impl<R: Regime> PageTable<R> {
         if size == 0 {
             return Ok(());
         }
+        let attrs = R::leaf_attrs(prot, self.feat);
+        if size == PAGE_SIZE {
+            // The fault path: one page. A direct descent handles the common
+            // case (tables present or missing, the page entry empty); any
+            // other situation falls back to the general walker, which sees
+            // exactly what the descent left (only new, empty tables).
+            let maint = (env.needs_dcache_maintenance() && R::cacheable(prot), R::executable(prot));
+            if let Some(r) = map_page_fast(self, env, addr, pa, attrs, maint, cache, shared) {
+                return r;
+            }
+        }
         let mut v = MapVisitor::<R, C> {
             pa_delta: pa.0.wrapping_sub(addr),
-            attrs: R::leaf_attrs(prot, self.feat),
+            attrs,
             cacheable: R::cacheable(prot),
             exec: R::executable(prot),
             flags,
@@ -475,13 +486,88 @@ impl SharedPageTable<'_, Stage2> {
     }
 }
 
+/// Maps one page by direct descent when that is all it takes: every level
+/// is a table or empty (missing tables are installed from `cache`), and the
+/// page entry is empty. Returns `None`, having changed nothing but adding
+/// empty tables, when anything else is found (blocks, annotations, an
+/// existing page, a lost race): the general walker then decides.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn map_page_fast<R: Regime, E: PtMemory + TlbOps, C: PageCache>(
+    pt: &PageTable<R>,
+    env: &E,
+    addr: u64,
+    pa: Pa,
+    attrs: u64,
+    (clean, exec): (bool, bool),
+    cache: &mut C,
+    shared: bool,
+) -> Option<Result<(), PtError>> {
+    let mut level = pt.geo.start_level;
+    let span = level_size(level) * ENTRIES as u64;
+    let mut table = Pa(pt.root.0 + (addr >> span.trailing_zeros()) * PAGE_SIZE);
+    loop {
+        let entry = &env.table(table)[Granule::Size4K.index(addr, level)];
+        let old = entry.load(Ordering::Acquire);
+        if level.0 == 3 {
+            if old != 0 {
+                return None;
+            }
+            if clean {
+                env.dcache_clean_poc(pa, PAGE_SIZE);
+            }
+            if exec {
+                env.icache_inval_pou(pa, PAGE_SIZE);
+            }
+            let new = make_leaf(pa.0, level, attrs);
+            if shared {
+                if entry.compare_exchange(0, new, Ordering::Release, Ordering::Relaxed).is_err() {
+                    return None;
+                }
+                env.refcount(table).fetch_add(1, Ordering::Relaxed);
+            } else {
+                entry.store(new, Ordering::Release);
+                let rc = env.refcount(table);
+                rc.store(rc.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
+            return Some(Ok(()));
+        }
+        if is_table(old, level) {
+            table = oa(old);
+            level = Level(level.0 + 1);
+            continue;
+        }
+        if old != 0 {
+            return None;
+        }
+        let Some(child) = cache.alloc_table() else {
+            return Some(Err(PtError::NoMemory));
+        };
+        let desc = make_table(child);
+        if shared {
+            if entry.compare_exchange(0, desc, Ordering::Release, Ordering::Relaxed).is_err() {
+                cache.free_table(child);
+                return None;
+            }
+            env.refcount(table).fetch_add(1, Ordering::Relaxed);
+        } else {
+            entry.store(desc, Ordering::Release);
+            let rc = env.refcount(table);
+            rc.store(rc.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        table = child;
+        level = Level(level.0 + 1);
+    }
+}
+
+#[inline]
 fn get_leaf_raw<E: PtMemory>(env: &E, root: Pa, geo: &S2Geometry, addr: u64) -> Leaf {
     let mut level = geo.start_level;
     if addr >= geo.ipa_size() {
         return Leaf { pte: 0, level };
     }
     let span = level_size(level) * ENTRIES as u64;
-    let page = addr / span;
+    let page = addr >> span.trailing_zeros();
     let mut table = Pa(root.0 + page * PAGE_SIZE);
     loop {
         let idx = Granule::Size4K.index(addr, level);
@@ -504,7 +590,7 @@ fn update_leaf_in_place<E: PtMemory + TlbOps>(
     pt.check_range(ipa.0 & !(PAGE_SIZE - 1), PAGE_SIZE)?;
     let mut level = pt.geo.start_level;
     let span = level_size(level) * ENTRIES as u64;
-    let mut table = Pa(pt.root.0 + (ipa.0 / span) * PAGE_SIZE);
+    let mut table = Pa(pt.root.0 + (ipa.0 >> span.trailing_zeros()) * PAGE_SIZE);
     loop {
         let entry = &env.table(table)[Granule::Size4K.index(ipa.0, level)];
         let pte = entry.load(Ordering::Acquire);
@@ -665,6 +751,25 @@ impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
     }
 }
 
+impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
+    #[inline]
+    fn install_page_table<E: PtMemory + TlbOps>(&mut self, ctx: &mut VisitCtx<'_, E>) -> Result<Next, PtError> {
+        let child = self.cache.alloc_table().ok_or(PtError::NoMemory)?;
+        let pa = ctx.addr.wrapping_add(self.pa_delta);
+        self.maintain(ctx.env, pa, ctx.size());
+        let leaf = make_leaf(pa, Level(3), self.attrs);
+        for (i, e) in ctx.env.table(child).iter().enumerate() {
+            e.store(leaf + ((i as u64) << 12), Ordering::Relaxed);
+        }
+        ctx.env.refcount(child).store(ENTRIES as u32, Ordering::Relaxed);
+        if let Err(e) = ctx.set(make_table(child)) {
+            discard_table(ctx.env, self.cache, child, Level(3));
+            return Err(e);
+        }
+        Ok(Next::SkipChildren)
+    }
+}
+
 impl<E: PtMemory + TlbOps, R: Regime, C: PageCache> Visitor<E> for MapVisitor<'_, R, C> {
     const LEAF: bool = true;
     const TABLE_PRE: bool = true;
@@ -705,6 +810,12 @@ impl<E: PtMemory + TlbOps, R: Regime, C: PageCache> Visitor<E> for MapVisitor<'_
         }
         if old & walk::LOCKED != 0 && old & s2::INVALID_TYPE_MASK == 0 {
             return Err(PtError::Again);
+        }
+        if old == 0 && ctx.level.0 == 2 && ctx.fully_covered() {
+            // A whole empty 2M range mapped with pages: build the level-3
+            // table detached (plain stores, nothing can see it yet), then
+            // publish it with one entry update.
+            return self.install_page_table(ctx);
         }
         let child = build_annotated(ctx.env, self.cache, old)?;
         if let Err(e) = ctx.set(make_table(child)) {
@@ -783,8 +894,38 @@ struct AttrVisitor {
 
 impl<E: PtMemory + TlbOps> Visitor<E> for AttrVisitor {
     const LEAF: bool = true;
-    const TABLE_PRE: bool = false;
+    const TABLE_PRE: bool = true;
     const TABLE_POST: bool = false;
+
+    /// A level-3 table entirely inside the range: update its pages in one
+    /// tight loop (same per-entry rules as `leaf`, no TLB maintenance is
+    /// needed for fully covered pages).
+    #[inline(always)]
+    fn table_pre(&mut self, ctx: &mut VisitCtx<'_, E>) -> Result<Next, PtError> {
+        if ctx.level.0 != 2 || !ctx.fully_covered() {
+            return Ok(Next::Continue);
+        }
+        for e in ctx.env.table(oa(ctx.old)).iter() {
+            let old = e.load(Ordering::Acquire);
+            if !is_valid_leaf(old, Level(3)) {
+                continue;
+            }
+            if self.test_af && old & bits::AF != 0 {
+                self.young = true;
+            }
+            let new = (old | self.set) & !self.clear;
+            if new == old {
+                continue;
+            }
+            if ctx.shared {
+                e.compare_exchange(old, new, Ordering::Release, Ordering::Relaxed)
+                    .map_err(|_| PtError::Again)?;
+            } else {
+                e.store(new, Ordering::Release);
+            }
+        }
+        Ok(Next::SkipChildren)
+    }
 
     #[inline(always)]
     fn leaf(&mut self, ctx: &mut VisitCtx<'_, E>) -> Result<Next, PtError> {

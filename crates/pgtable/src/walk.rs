@@ -222,6 +222,7 @@ pub trait Visitor<E> {
 
 /// Walks `[start, end)` of the table rooted at `root` with geometry `geo`.
 /// The range must already be validated and page aligned.
+#[inline]
 pub(crate) fn walk_range<E, V>(
     env: &E,
     root: Pa,
@@ -239,7 +240,7 @@ where
     let span = level_size(level) * ENTRIES as u64;
     let mut addr = start;
     while addr < end {
-        let page = (addr / span) as usize;
+        let page = (addr >> span.trailing_zeros()) as usize;
         debug_assert!(page < geo.root_pages);
         let table = Pa(root.0 + (page as u64) * G.size());
         let page_end = ((page as u64) + 1) * span;
@@ -274,6 +275,7 @@ fn apply_delta<E: PtMemory>(env: &E, table: Pa, delta: i32, shared: bool) {
     }
 }
 
+#[inline]
 fn walk_table<E, V>(
     env: &E,
     table: Pa,
@@ -327,7 +329,6 @@ where
 {
     let old = entry.load(Ordering::Acquire);
     let table = is_table(old, level);
-    let mut next = Next::Continue;
     let mut cur = old;
     if table && V::TABLE_PRE || !table && V::LEAF {
         let mut ctx = VisitCtx {
@@ -341,14 +342,18 @@ where
             shared,
             delta,
         };
-        next = if table {
+        let next = if table {
             v.table_pre(&mut ctx)?
         } else {
             v.leaf(&mut ctx)?
         };
+        if next == Next::SkipChildren {
+            return Ok(());
+        }
+        // The visitor may have installed a table: re-read.
         cur = entry.load(Ordering::Acquire);
     }
-    if next == Next::SkipChildren || !is_table(cur, level) {
+    if !is_table(cur, level) {
         return Ok(());
     }
     let child_level = Level(level.0 + 1);
