@@ -3,7 +3,14 @@
 //! a plain `cargo check` works).
 use std::path::PathBuf;
 
-const GUESTS: &[&str] = &["guest-toucher", "guest-mmio", "guest-hvc", "guest-psci", "guest-smp", "guest-spin"];
+const GUESTS: &[&str] = &[
+    "guest-toucher",
+    "guest-mmio",
+    "guest-hvc",
+    "guest-psci",
+    "guest-smp",
+    "guest-spin",
+];
 
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

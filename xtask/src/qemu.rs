@@ -378,7 +378,10 @@ mod tests {
     #[test]
     fn sched_spec_sets_vcpus_and_host_cpus() {
         let s = RunSpec::sched("sched-smp", 8, 2);
-        assert_eq!((s.scenario.as_str(), s.smp, s.host_cpus), ("sched-smp", 8, 2));
+        assert_eq!(
+            (s.scenario.as_str(), s.smp, s.host_cpus),
+            ("sched-smp", 8, 2)
+        );
         let b = handoff_block(&s, 0);
         assert_eq!(u32::from_le_bytes(b[64..68].try_into().unwrap()), 8);
         let cmd = qemu_command(Path::new("img"), None, None, s.host_cpus);

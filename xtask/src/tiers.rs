@@ -171,8 +171,8 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             spec: RunSpec::scenario("touch"),
             exit_code: 0,
             markers: s(&[
-                "vm touch-4k: stage-2 faults 16384,",
-                "vm touch-2m: stage-2 faults 32,",
+                "vm touch-4k: touched slot: stage-2 faults 16384,",
+                "vm touch-2m: touched slot: stage-2 faults 32,",
                 "vm touch-4k: guest verified 64 MiB: ok",
                 "vm touch-2m: guest verified 64 MiB: ok",
                 "pool: back to starting count",
@@ -196,9 +196,32 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             spec: RunSpec::scenario("demo"),
             exit_code: 0,
             markers: s(&[
+                "mode: standard",
                 "demo: concurrent VMs on distinct CPUs with distinct VMIDs",
+                "mode: protected",
+                "vm pvm-2m: guest verified 16 MiB: ok",
                 "pool: back to starting count",
                 "scenario demo: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:protected",
+            spec: RunSpec::scenario("protected"),
+            exit_code: 0,
+            markers: s(&[
+                "mode: protected (pkvm-hyp owns guest stage-2",
+                "vm pshare-4k: touched slot: stage-2 faults 16384,",
+                "vm pvm-2m: touched slot: stage-2 faults 32,",
+                "vm pshare-4k: guest verified 64 MiB: ok",
+                "vm pvm-2m: guest verified 64 MiB: ok",
+                "[pmmio] hello through the emulated PL011",
+                "vm pmmio: mmio exit outside memslots",
+                "vm phvc: undefined hvc returned NOT_SUPPORTED",
+                "vm ppsci: guest took an injected abort",
+                "vm ppsci: powered off (PSCI SYSTEM_OFF)",
+                "hyp (after teardown): pool",
+                "pool: back to starting count",
+                "scenario protected: PASS",
             ]),
         },
         QemuTest {
@@ -253,13 +276,14 @@ fn sched_smp_test(name: &'static str, vcpus: u32, cpus: u32) -> QemuTest {
         }
         markers.push(format!("sched: vCPU {i}: started 2x,"));
     }
-    markers.extend(
-        [
-            format!("[smp vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF", vcpus - 1),
-            "vm smp: powered off (PSCI SYSTEM_OFF)".to_string(),
-            "scenario sched-smp: PASS".to_string(),
-        ],
-    );
+    markers.extend([
+        format!(
+            "[smp vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF",
+            vcpus - 1
+        ),
+        "vm smp: powered off (PSCI SYSTEM_OFF)".to_string(),
+        "scenario sched-smp: PASS".to_string(),
+    ]);
     QemuTest {
         name,
         spec: RunSpec::sched("sched-smp", vcpus, cpus),

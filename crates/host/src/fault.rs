@@ -26,6 +26,11 @@ pub enum FaultKind {
 pub struct GuestFault {
     /// The faulting IPA (page from HPFAR, offset from FAR).
     pub ipa: Ipa,
+    /// FAR_EL2: the guest virtual address of the access (for an injected
+    /// abort's FAR_EL1); not valid when `fnv`.
+    pub far: u64,
+    /// FAR not valid.
+    pub fnv: bool,
     /// The kind of fault.
     pub kind: FaultKind,
     /// The level the walk stopped at, when the status has one.
@@ -70,6 +75,8 @@ impl GuestFault {
         };
         Ok(GuestFault {
             ipa: esr::fault_ipa(hpfar, far),
+            far,
+            fnv: abort.fnv,
             kind,
             level: abort.status.level(),
             exec: abort.instruction,

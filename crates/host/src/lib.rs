@@ -34,6 +34,9 @@ extern crate alloc;
 
 pub mod fault;
 pub mod hypcall;
+mod loom_shim;
+#[cfg(all(test, loom))]
+mod loom_tests;
 pub mod memslot;
 mod mmu;
 pub mod pipeline;

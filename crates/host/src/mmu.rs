@@ -13,8 +13,8 @@
 //! whichever runs first) frees everything; the other finds `None` (seed
 //! 003: no double free).
 
+use crate::loom_shim::{AtomicU64, Ordering};
 use alloc::collections::BTreeMap;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use pkvm_arch::vtcr::S2Geometry;
 use pkvm_arch::{Gfn, Ipa, PAGE_SIZE};

@@ -145,7 +145,8 @@ pub enum GuestExit {
         /// ESR_EL2.
         esr: u64,
     },
-    /// WFI/WFE.
+    /// WFI/WFE. The backend has already stepped the PC past the
+    /// instruction (the trap returns to it otherwise).
     Wfx,
     /// A physical interrupt or the preemption timer: check requests and
     /// re-enter.

@@ -5,8 +5,9 @@
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
-use pkvm_arch::esr::Esr;
-use pkvm_arch::{Ipa, PAGE_SIZE};
+use pkvm_arch::esr::{ec, Esr};
+use pkvm_arch::smccc;
+use pkvm_arch::{Ipa, Pa, PAGE_SIZE};
 
 use crate::fault::{FaultKind, GuestFault};
 use crate::hypcall;
@@ -36,6 +37,22 @@ pub enum VcpuExit {
     },
     /// The guest asked for a shutdown, reset or suspend.
     SystemEvent(SystemEvent),
+    /// An HVC/SMC outside the PSCI/SMCCC-architecture ranges the host
+    /// emulates (e.g. a vendor call), forwarded to the VMM (KVM's
+    /// `KVM_EXIT_HYPERCALL`). x0 is already `NOT_SUPPORTED` and an SMC was
+    /// stepped over, so a VMM that does not know the call can simply run
+    /// again; one that does writes its results into
+    /// [`Vcpu::context_mut`]`().gprs.x[0..4]`.
+    Hypercall {
+        /// The SMCCC function id (x0 at the call).
+        func: u32,
+        /// Arguments x1..x6.
+        args: [u64; 6],
+        /// SMC (else HVC).
+        smc: bool,
+        /// The instruction's immediate.
+        imm: u16,
+    },
     /// The vCPU is powered off or suspended: wait for a kick, then run again.
     Sleep,
     /// WFI/WFE: nothing pending to deliver (no interrupt controller model).
@@ -212,6 +229,19 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         let vm = &*self.vm;
         let big_endian = self.ctx.sys.is_big_endian();
         let caller = PsciCaller::from_esr(self.index, esr, big_endian)?;
+        let func = self.ctx.gprs.x[0] as u32;
+        let owner = smccc::FunctionId(func).owner();
+        if owner != smccc::OWNER_ARCH && owner != smccc::OWNER_STANDARD {
+            let x = &mut self.ctx.gprs.x;
+            let args = [x[1], x[2], x[3], x[4], x[5], x[6]];
+            x[0] = smccc::ret::NOT_SUPPORTED as u64;
+            let smc = esr.ec() == ec::SMC64;
+            if smc {
+                // A trapped SMC returns to the SMC itself: step over it.
+                self.ctx.gprs.pc = self.ctx.gprs.pc.wrapping_add(4);
+            }
+            return Some(VcpuExit::Hypercall { func, args, smc, imm: esr.imm16() });
+        }
         match psci::handle_psci(vm, &caller, &mut self.ctx.gprs) {
             Ok(PsciOutcome::Continue) => None,
             Ok(PsciOutcome::WaitForInterrupt) => Some(VcpuExit::Wfi),
@@ -386,8 +416,9 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         seq: u64,
     ) -> Result<Mapped, MemFaultError> {
         let vm = self.vm.clone();
-        let npages = t.size / PAGE_SIZE;
-        let gfn = t.ipa.gfn().0;
+        let (mut ipa, mut pa) = (t.ipa, t.pa);
+        let mut npages = t.size / PAGE_SIZE;
+        let mut gfn = t.ipa.gfn().0;
         let mut pin = Some(t.pin);
         // The hypervisor's memcache running dry is not the guest's business:
         // top it up outside the lock and continue within this fault.
@@ -402,8 +433,18 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 if vm.mmu.retry(seq, fault.ipa) {
                     return Ok(Mapped::Retry);
                 }
+                let fg = fault.page().gfn().0;
+                let covers = |(k, m): (&u64, &HypMapping<M::Pin>)| *k + m.npages > fg;
                 if let Some((k, m)) = maps.range(..=gfn + npages - 1).next_back() {
-                    if *k + m.npages > gfn {
+                    if *k + m.npages > gfn && !maps.range(..=fg).next_back().is_some_and(covers) {
+                        // Part of the block is mapped but not the faulting
+                        // page (a protected VM's donation interrupted
+                        // part-way, or pages mapped while logging): map
+                        // just that page, or the guest would retry forever.
+                        pa = Pa(pa.0 + (fg - gfn) * PAGE_SIZE);
+                        ipa = fault.page();
+                        (gfn, npages) = (fg, 1);
+                    } else if *k + m.npages > gfn {
                         // Mapped already (another vCPU, or a permission upgrade).
                         if fault.kind == FaultKind::Permission {
                             let r = hypcall::relax_perms_guest(
@@ -422,8 +463,8 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 &*vm.platform,
                 cpu,
                 vm.config().protected,
-                t.ipa,
-                t.pa,
+                ipa,
+                pa,
                 npages,
                 t.prot,
                 &mut done,
@@ -437,7 +478,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                             _pin: pin.take().expect("pin"),
                         },
                     );
-                    return Ok(Mapped::Map(t.size));
+                    return Ok(Mapped::Map(npages * PAGE_SIZE));
                 }
                 Err(e) if e.is_no_memory() => {
                     // Pages already shared/donated stay; the next attempt
@@ -470,7 +511,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                     );
                 }
             } else {
-                self.undo_partial(cpu, t.ipa, done);
+                self.undo_partial(cpu, ipa, done);
             }
         }
         outcome

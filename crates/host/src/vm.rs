@@ -203,6 +203,9 @@ pub(crate) struct HypVm {
 
 pub(crate) struct HypVmState {
     pub initialized: bool,
+    /// vCPUs initialised in the hypervisor (in index order); a first run
+    /// that failed part-way resumes from here.
+    pub vcpus_ready: usize,
     /// Pages donated to the hypervisor (VM, vCPU, root, memcache), freed
     /// back after FINALIZE_TEARDOWN returns them.
     pub donated: Vec<(Pa, u32)>,
@@ -269,6 +272,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
                 state: SpinLock::new(
                     Some(HypVmState {
                         initialized: false,
+                        vcpus_ready: 0,
                         donated: Vec::new(),
                     }),
                     LockClass::HostVm,
@@ -578,12 +582,17 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         let Some(h) = &self.hyp else { return Ok(()) };
         let mut guard = h.state.lock();
         let state = guard.as_mut().ok_or(VmError::Dead)?;
-        if state.initialized {
+        if state.initialized && state.vcpus_ready == self.cfg.nr_vcpus {
             return Ok(());
         }
         let p = &*self.platform;
         let (vm_pages, vcpu_pages, root_pages) = hypcall::get_sizes(p, cpu, self.cfg.ipa_bits)?;
         let order_of = |n: u64| n.max(1).next_power_of_two().trailing_zeros();
+        let vcpu_order = order_of(vcpu_pages);
+        if state.initialized {
+            // A previous first run failed after INIT_VM: finish the vCPUs.
+            return self.init_hyp_vcpus(cpu, h.handle, state, vcpu_order);
+        }
         let vm_order = order_of(vm_pages);
         let root_order = order_of(root_pages);
         let vm_mem = p.alloc_pages(vm_order).ok_or(VmError::NoMemory)?;
@@ -607,14 +616,26 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         state.donated.push((vm_mem, vm_order));
         state.donated.push((root, root_order));
         state.initialized = true;
-        let vcpu_order = order_of(vcpu_pages);
-        for i in 0..self.cfg.nr_vcpus {
+        self.init_hyp_vcpus(cpu, h.handle, state, vcpu_order)
+    }
+
+    /// Initialises the hyp vCPUs not yet initialised, in index order.
+    fn init_hyp_vcpus(
+        &self,
+        cpu: usize,
+        handle: u16,
+        state: &mut HypVmState,
+        vcpu_order: u32,
+    ) -> Result<(), VmError> {
+        let p = &*self.platform;
+        for i in state.vcpus_ready..self.cfg.nr_vcpus {
             let mem = p.alloc_pages(vcpu_order).ok_or(VmError::NoMemory)?;
-            if let Err(e) = hypcall::init_vcpu(p, cpu, h.handle, i, mem.pfn()) {
+            if let Err(e) = hypcall::init_vcpu(p, cpu, handle, i, mem.pfn()) {
                 p.free_pages(mem, vcpu_order);
                 return Err(e.into());
             }
             state.donated.push((mem, vcpu_order));
+            state.vcpus_ready = i + 1;
         }
         Ok(())
     }

@@ -129,6 +129,8 @@ pub struct ExitCounts {
     pub sleep: u64,
     /// WFI.
     pub wfi: u64,
+    /// Hypercalls forwarded to the VMM.
+    pub hypercalls: u64,
 }
 
 /// Results of a run.
@@ -442,7 +444,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
                             targets: (1..vm.vcpu_count()).collect(),
                             next: 0,
                             issued: false,
-                            failed,
+                            failed: failed.clone(),
                             then: touch,
                         }));
                     } else {
@@ -468,6 +470,9 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
                                     std::thread::park_timeout(Duration::from_millis(5));
                                 }
                             }
+                            // Not a call this VMM knows: the guest sees
+                            // NOT_SUPPORTED (already in x0).
+                            VcpuExit::Hypercall { .. } => exits.hypercalls += 1,
                             VcpuExit::Mmio { write, .. } => {
                                 exits.mmio += 1;
                                 if !write {

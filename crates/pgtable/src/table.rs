@@ -163,7 +163,10 @@ impl<R: Regime> PageTable<R> {
             // case (tables present or missing, the page entry empty); any
             // other situation falls back to the general walker, which sees
             // exactly what the descent left (only new, empty tables).
-            let maint = (env.needs_dcache_maintenance() && R::cacheable(prot), R::executable(prot));
+            let maint = (
+                env.needs_dcache_maintenance() && R::cacheable(prot),
+                R::executable(prot),
+            );
             if let Some(r) = map_page_fast(self, env, addr, pa, attrs, maint, cache, shared) {
                 return r;
             }
@@ -521,7 +524,10 @@ fn map_page_fast<R: Regime, E: PtMemory + TlbOps, C: PageCache>(
             }
             let new = make_leaf(pa.0, level, attrs);
             if shared {
-                if entry.compare_exchange(0, new, Ordering::Release, Ordering::Relaxed).is_err() {
+                if entry
+                    .compare_exchange(0, new, Ordering::Release, Ordering::Relaxed)
+                    .is_err()
+                {
                     return None;
                 }
                 env.refcount(table).fetch_add(1, Ordering::Relaxed);
@@ -545,7 +551,10 @@ fn map_page_fast<R: Regime, E: PtMemory + TlbOps, C: PageCache>(
         };
         let desc = make_table(child);
         if shared {
-            if entry.compare_exchange(0, desc, Ordering::Release, Ordering::Relaxed).is_err() {
+            if entry
+                .compare_exchange(0, desc, Ordering::Release, Ordering::Relaxed)
+                .is_err()
+            {
                 cache.free_table(child);
                 return None;
             }
@@ -753,7 +762,10 @@ impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
 
 impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
     #[inline]
-    fn install_page_table<E: PtMemory + TlbOps>(&mut self, ctx: &mut VisitCtx<'_, E>) -> Result<Next, PtError> {
+    fn install_page_table<E: PtMemory + TlbOps>(
+        &mut self,
+        ctx: &mut VisitCtx<'_, E>,
+    ) -> Result<Next, PtError> {
         let child = self.cache.alloc_table().ok_or(PtError::NoMemory)?;
         let pa = ctx.addr.wrapping_add(self.pa_delta);
         self.maintain(ctx.env, pa, ctx.size());
@@ -761,7 +773,9 @@ impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
         for (i, e) in ctx.env.table(child).iter().enumerate() {
             e.store(leaf + ((i as u64) << 12), Ordering::Relaxed);
         }
-        ctx.env.refcount(child).store(ENTRIES as u32, Ordering::Relaxed);
+        ctx.env
+            .refcount(child)
+            .store(ENTRIES as u32, Ordering::Relaxed);
         if let Err(e) = ctx.set(make_table(child)) {
             discard_table(ctx.env, self.cache, child, Level(3));
             return Err(e);

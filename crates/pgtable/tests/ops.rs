@@ -107,7 +107,6 @@ fn map_uses_largest_aligned_block_and_exact_descriptor_bytes() {
         pt.translate(&env, Ipa(2 * G1G + G2M + 0x123)),
         Some((Pa(0x80_4020_0123), S2Prot::RW, Level(3)))
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -135,7 +134,6 @@ fn misaligned_pa_degrades_to_smaller_mappings() {
         pt.translate(&env, Ipa(G2M + 0x5000)).unwrap().0,
         Pa(0x1000_6000)
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -159,7 +157,6 @@ fn force_page_maps_only_level3() {
     .unwrap();
     assert_eq!(pt.get_leaf(&env, Ipa(0)).level, Level(3));
     assert_eq!(pt.get_leaf(&env, Ipa(G2M - 4096)).level, Level(3));
-    drop(env);
     f.finish(pt);
 }
 
@@ -212,7 +209,6 @@ fn remapping_identical_entry_returns_again_and_relax_upgrades() {
         ),
         Err(PtError::AlreadyMapped { addr: 0x1000 })
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -258,7 +254,6 @@ fn mapping_inside_a_block_splits_it_and_keeps_the_rest() {
         Some((Pa(G1G + 5 * G2M), S2Prot::RW, Level(2)))
     );
     assert_eq!(f.cache.allocs, 2);
-    drop(env);
     f.finish(pt);
 }
 
@@ -297,7 +292,6 @@ fn mapping_a_block_over_a_table_collapses_and_frees_it() {
         before - 1,
         "the level-3 table was freed"
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -341,7 +335,6 @@ fn unmap_frees_empty_tables_and_splits_straddling_blocks() {
         pt.translate(&env, Ipa(G2M + 0x2000)).unwrap().0,
         Pa(G2M + 0x2000)
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -374,7 +367,6 @@ fn wrprotect_mkyoung_and_test_clear_young() {
     pt.mkyoung(&env, Ipa(G2M)).unwrap();
     assert!(pt.test_clear_young(&env, Ipa(G2M), 4096, false).unwrap());
     assert_eq!(pt.mkyoung(&env, Ipa(0x4000_0000)), Err(PtError::Again));
-    drop(env);
     f.finish(pt);
 }
 
@@ -422,7 +414,6 @@ fn split_uses_one_page_per_2m_and_513_per_1g() {
         pt.translate(&env, Ipa(G2M + 0x3000)),
         Some((Pa(G2M + 0x3000), S2Prot::R, Level(3)))
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -457,7 +448,6 @@ fn split_without_memory_fails_cleanly() {
         "block untouched"
     );
     f.cache.fail_after = None;
-    drop(env);
     f.finish(pt);
 }
 
@@ -484,17 +474,13 @@ fn map_without_memory_leaves_table_consistent() {
     // What got mapped is exactly right; the rest is unmapped.
     let mut mapped = 0;
     for i in 0..(8 * G2M / 4096) {
-        match pt.translate(&env, Ipa(i * 4096)) {
-            Some((pa, _, _)) => {
-                assert_eq!(pa, Pa(0x1000 + i * 4096));
-                mapped += 1;
-            }
-            None => {}
+        if let Some((pa, _, _)) = pt.translate(&env, Ipa(i * 4096)) {
+            assert_eq!(pa, Pa(0x1000 + i * 4096));
+            mapped += 1;
         }
     }
     assert_eq!(mapped, 2 * 512);
     f.check_refcounts(&pt);
-    drop(env);
     f.finish(pt);
 }
 
@@ -571,7 +557,6 @@ fn annotations_replace_mappings_and_survive_splits() {
         0,
         "emptied level-3 and level-2 tables freed"
     );
-    drop(env);
     f.finish(pt);
 }
 
@@ -614,7 +599,7 @@ fn caller_errors_are_typed_never_panics() {
     assert_eq!(
         pt.map(
             &env,
-            Ipa(u64::MAX & !0xfff),
+            Ipa(!0xfffu64),
             8192,
             Pa(0),
             S2Prot::R,
@@ -622,7 +607,7 @@ fn caller_errors_are_typed_never_panics() {
             c
         ),
         Err(PtError::OutOfRange {
-            addr: u64::MAX & !0xfff,
+            addr: !0xfffu64,
             size: 8192
         })
     );
@@ -662,7 +647,6 @@ fn caller_errors_are_typed_never_panics() {
     )
     .unwrap();
     assert!(f.mem.table(Pa(MEM_BASE + 3 * 4096))[511].load(Ordering::Relaxed) != 0);
-    drop(env);
     f.finish(pt);
 }
 

@@ -181,7 +181,9 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     })?;
     // SGIs and PPIs: everything off and not pending, group 1, one priority.
     wr32(rd + GICR_ICENABLER0, u32::MAX);
-    wait("GICR_CTLR.RWP", || rd32(rd + GICR_CTLR) & GICR_CTLR_RWP == 0)?;
+    wait("GICR_CTLR.RWP", || {
+        rd32(rd + GICR_CTLR) & GICR_CTLR_RWP == 0
+    })?;
     wr32(rd + GICR_ICPENDR0, u32::MAX);
     wr32(rd + GICR_IGROUPR0, u32::MAX);
     let prio = u32::from_ne_bytes([PRIORITY; 4]);
@@ -209,8 +211,7 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
 
 /// Whether [`init_cpu`] succeeded on `cpu`.
 pub fn cpu_ready(cpu: usize) -> bool {
-    RD.get(cpu)
-        .is_some_and(|r| r.load(Ordering::Acquire) != 0)
+    RD.get(cpu).is_some_and(|r| r.load(Ordering::Acquire) != 0)
 }
 
 /// Acknowledges the highest-priority pending group-1 interrupt: its INTID,
@@ -318,4 +319,3 @@ pub fn wait_for_interrupt() -> Drained {
     unsafe { core::arch::asm!("dsb sy", "wfi", options(nostack, preserves_flags)) };
     drain()
 }
-

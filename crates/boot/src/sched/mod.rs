@@ -36,16 +36,19 @@
 //!
 //! # Plugging in pkvm-host's run loop
 //! `pkvm_host::Vcpu::run(&mut backend) -> VcpuExit` fits [`SchedVcpu`]
-//! through a small adapter: loop on `run`, emulate `Mmio` exits and go
-//! round again, map `Interrupted`/`Wfi`/`Sleep` to the outcomes above and
-//! `SystemEvent`/`InternalError` to [`Outcome::VmEnd`]. Its backend's
+//! through the adapter [`host::HostRunner`]: loop on `run`, emulate `Mmio`
+//! exits and go round again, map `Interrupted`/`Wfi`/`Sleep` to the
+//! outcomes above and `SystemEvent`/`InternalError` to
+//! [`Outcome::VmEnd`]. Its backend's
 //! `enter` must, on an IRQ exit (`switch::EXIT_IRQ`), call
 //! [`crate::platform::gic::drain`] and return `GuestExit::Interrupt`; its
-//! `HostPlatform::kick_vcpu` must call [`Scheduler::kick`]. Until that
-//! loop lands, [`vm`] is a minimal VM (eager stage-2, PL011, PSCI and
+//! `HostPlatform::kick_vcpu` must call [`Scheduler::kick`]. Until the
+//! image's VMM (`crate::vmm`) creates its vCPUs through it, [`vm`] is a
+//! minimal VM (eager stage-2, PL011, PSCI and
 //! reset from `pkvm_host`) used by the scenarios in [`scenario`].
 #![forbid(unsafe_code)]
 
+pub mod host;
 pub mod scenario;
 pub mod vm;
 
@@ -115,7 +118,10 @@ impl RunQueue {
     fn push(&mut self, i: usize) {
         // Each vCPU is queued at most once (the state CAS guarantees it),
         // so the ring never overflows.
-        assert!(self.len < MAX_SCHED_VCPUS, "run queue overflow (internal bug)");
+        assert!(
+            self.len < MAX_SCHED_VCPUS,
+            "run queue overflow (internal bug)"
+        );
         self.ring[(self.head + self.len) % MAX_SCHED_VCPUS] = i as u8;
         self.len += 1;
     }
@@ -251,13 +257,12 @@ impl<V: SchedVcpu> Scheduler<V> {
         }
         self.kicked[index].store(true, Ordering::SeqCst);
         match self.state[index].load(Ordering::SeqCst) {
-            SLEEPING => {
+            SLEEPING
                 if self.state[index]
                     .compare_exchange(SLEEPING, QUEUED, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    self.enqueue(index);
-                }
+                    .is_ok() =>
+            {
+                self.enqueue(index);
             }
             RUNNING => {
                 let cpu = self.on_cpu[index].load(Ordering::SeqCst);

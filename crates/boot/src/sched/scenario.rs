@@ -220,7 +220,9 @@ fn report(vm: &SchedVm, vcpus: usize, online: usize, ms: u64, spin: bool, off: b
             println!("check failed: the spinning vCPU 1 was never preempted by the timer");
             ok = false;
         } else {
-            println!("sched: spinning vCPU 1 preempted {t}x by the EL2 timer; the others made progress");
+            println!(
+                "sched: spinning vCPU 1 preempted {t}x by the EL2 timer; the others made progress"
+            );
         }
     } else if ok {
         println!(

@@ -158,8 +158,15 @@ impl SchedVm {
             power: [const { SpinLock::new(VcpuPower::new(PowerState::Stopped), LockClass::HostVcpu) };
                 MAX_SCHED_VCPUS],
             regs: SpinLock::new(None, LockClass::Leaf),
-            uart: [const { SpinLock::new(LineBuf { buf: [0; 160], n: 0 }, LockClass::Leaf) };
-                MAX_SCHED_VCPUS],
+            uart: [const {
+                SpinLock::new(
+                    LineBuf {
+                        buf: [0; 160],
+                        n: 0,
+                    },
+                    LockClass::Leaf,
+                )
+            }; MAX_SCHED_VCPUS],
             starts: [const { AtomicU64::new(0) }; MAX_SCHED_VCPUS],
             timer_exits: [const { AtomicU64::new(0) }; MAX_SCHED_VCPUS],
             kick_exits: [const { AtomicU64::new(0) }; MAX_SCHED_VCPUS],
@@ -226,8 +233,9 @@ impl SchedVm {
         )
         .map_err(|_| SchedVmError::Map)?;
         env.tlbi_all();
-        // The table lives as long as the image: it is never torn down.
-        core::mem::forget(pt);
+        // `pt` goes out of scope; its pages stay the VM's stage-2 for the
+        // image's lifetime (the VM is never torn down: the image exits
+        // after the scenario).
         self.vcpus.store(vcpus, Ordering::Release);
         *self.regs.lock() = Some(regs);
         println!(
@@ -353,7 +361,7 @@ impl SchedVmVcpu {
         (g, sys)
     }
 
-    fn from_host(&mut self, g: &GuestGprs, sys: &El1SysRegs) {
+    fn load_host(&mut self, g: &GuestGprs, sys: &El1SysRegs) {
         let r = &mut self.st.regs;
         r.x = g.x;
         r.pc = g.pc;
@@ -421,7 +429,7 @@ impl SchedVcpu for SchedVmVcpu {
             match reset::prepare_to_run(vm, i, &mut g, &mut sys) {
                 Ok(Readiness::Run { reset: None }) => {}
                 Ok(Readiness::Run { reset: Some(_) }) => {
-                    self.from_host(&g, &sys);
+                    self.load_host(&g, &sys);
                     self.st.regs.v = [0; 32];
                     self.st.regs.fpsr = 0;
                     self.st.regs.fpcr = 0;
@@ -454,7 +462,7 @@ impl SchedVcpu for SchedVmVcpu {
                         return Outcome::VmEnd(VmEnd::Error("not a call"));
                     };
                     let r = handle_psci(vm, &caller, &mut g);
-                    self.from_host(&g, &sys);
+                    self.load_host(&g, &sys);
                     match r {
                         Ok(PsciOutcome::Continue) | Ok(PsciOutcome::PowerOff) => {}
                         Ok(PsciOutcome::WaitForInterrupt) => return Outcome::Yield,

@@ -6,8 +6,10 @@
 //! PSTATE, EL1 system registers, virtual timer) is copied into the world
 //! switch's [`VcpuState`] before each entry and back after it; the state
 //! only the hardware layer needs (FP/SIMD, ACTLR, timer offset,
-//! pointer-authentication keys) stays in the backend, which lives as long
-//! as the vCPU's thread.
+//! pointer-authentication keys) is not in `VcpuContext`, so it lives in a
+//! per-vCPU [`VcpuState`] the VMM owns and lends to the backend
+//! ([`HwBackend::new`]): a vCPU that moves between physical CPUs (the
+//! scheduler) keeps it.
 //!
 //! Exit mapping: stage-2 data/instruction aborts -> `Abort` (ESR, FAR,
 //! HPFAR); HVC -> `Call` (ELR is already past the HVC); SMC -> `Call` with
@@ -28,6 +30,7 @@ use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 
 use super::platform::BootHyp;
+use crate::platform::gic;
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, HCR_GUEST};
 
 /// The VMM's hypercall filter: sees every guest HVC first (x0..x30 of the
@@ -59,10 +62,16 @@ pub struct BackendStats {
     pub kicks: u64,
 }
 
+/// The hardware-only state of a new vCPU (FP/SIMD zero, PAC keys zero,
+/// timer offset 0); the rest is loaded from `VcpuContext` at each entry.
+pub fn new_hw_state() -> VcpuState {
+    VcpuState::new(0, [0; 4], 0)
+}
+
 /// A vCPU's hardware side on one physical CPU.
 pub struct HwBackend<'a> {
     cpu: usize,
-    st: VcpuState,
+    st: &'a mut VcpuState,
     pauth: bool,
     parange: u8,
     kick: Arc<AtomicBool>,
@@ -80,17 +89,19 @@ pub struct HwBackend<'a> {
 }
 
 impl<'a> HwBackend<'a> {
-    /// A backend on physical CPU `cpu` (the calling CPU) polling `kick`;
-    /// `hyp` is the hypervisor in protected mode.
+    /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU
+    /// whose hardware-only state is `hw` (see [`new_hw_state`]) and whose
+    /// kick flag is `kick`; `hyp` is the hypervisor in protected mode.
     pub fn new(
         cpu: usize,
+        hw: &'a mut VcpuState,
         kick: Arc<AtomicBool>,
         hyp: Option<&'static BootHyp>,
         filter: CallFilter<'a>,
     ) -> Self {
         HwBackend {
             cpu,
-            st: VcpuState::new(0, [0; 4], 0),
+            st: hw,
             pauth: switch::has_pauth(),
             parange: switch::parange(),
             kick,
@@ -125,7 +136,7 @@ impl<'a> HwBackend<'a> {
 
     fn load(&mut self, ctx: &VcpuContext) {
         let (g, s) = (&ctx.gprs, &ctx.sys);
-        let st = &mut self.st;
+        let st = &mut *self.st;
         st.regs.x = g.x;
         st.regs.pc = g.pc;
         st.regs.pstate = g.pstate;
@@ -159,7 +170,7 @@ impl<'a> HwBackend<'a> {
     }
 
     fn save(&self, ctx: &mut VcpuContext) {
-        let st = &self.st;
+        let st = &*self.st;
         let (g, s) = (&mut ctx.gprs, &mut ctx.sys);
         g.x = st.regs.x;
         g.pc = st.regs.pc;
@@ -195,12 +206,17 @@ impl<'a> HwBackend<'a> {
 
     /// One world switch; `None` when the backend handled the exit itself.
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
-        let exit = switch::run(vm, &mut self.st, self.pauth);
+        let exit = switch::run(vm, self.st, self.pauth);
         self.stats.exits += 1;
         match exit.kind {
             EXIT_SYNC => {}
             EXIT_IRQ | 10 => {
                 self.stats.irq += 1;
+                // Acknowledge and end what is pending (the GIC driver
+                // handles the timer tick and the kick SGI).
+                if gic::cpu_ready(self.cpu) {
+                    let _ = gic::drain();
+                }
                 return Some(GuestExit::Interrupt);
             }
             _ => return Some(GuestExit::Unhandled { esr: exit.esr }),
@@ -320,8 +336,7 @@ impl VcpuBackend for HwBackend<'_> {
             (false, false) => ec::DABT_CUR,
         };
         let s = &mut ctx.sys;
-        s.esr_el1 =
-            ((ec as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
+        s.esr_el1 = ((ec as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
         s.far_el1 = self.last_far;
         s.elr_el1 = ctx.gprs.pc;
         s.spsr_el1 = ctx.gprs.pstate;

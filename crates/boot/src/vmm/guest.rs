@@ -15,7 +15,7 @@ use pkvm_host::reset::BootParams;
 use pkvm_host::{VcpuExit, VmConfig};
 use pkvm_sync::{LockClass, SpinLock};
 
-use super::backend::HwBackend;
+use super::backend::{self, HwBackend};
 use super::fdtgen;
 use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
@@ -190,7 +190,11 @@ pub fn create(
     if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
         return Err(VmmError::BadConfig("vCPU count"));
     }
-    let dtb_reserve = if spec.dtb_bootargs.is_some() { BLOCK } else { 0 };
+    let dtb_reserve = if spec.dtb_bootargs.is_some() {
+        BLOCK
+    } else {
+        0
+    };
     if spec.load_offset + spec.image.len() as u64 + dtb_reserve > spec.mem {
         return Err(VmmError::ImageTooBig);
     }
@@ -496,9 +500,10 @@ impl GuestVm {
             }
         };
         let id = self.kick_id();
-        let kick = self.platform.register_vcpu(id, index);
+        let kick = self.platform.register_vcpu(id, index, cpu);
         let filter = |x: &mut [u64; 31]| self.filter(x);
-        let mut be = HwBackend::new(cpu, kick.clone(), self.platform.hyp(), &filter);
+        let mut hw = backend::new_hw_state();
+        let mut be = HwBackend::new(cpu, &mut hw, kick.clone(), self.platform.hyp(), &filter);
         if index == 0 && self.boot_args != [0; 3] {
             be.set_boot_args(self.entry, self.boot_args);
         }

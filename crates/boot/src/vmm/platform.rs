@@ -27,7 +27,7 @@ use pkvm_sync::{LockClass, SpinLock};
 
 use super::pool;
 use crate::platform::hw::{HwEl2, HwS2};
-use crate::platform::start;
+use crate::platform::{gic, start};
 
 /// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
 /// VMID (the root address is not needed for TLBI).
@@ -140,10 +140,13 @@ pub fn hyp_call(hyp: Option<&BootHyp>, cpu: usize, regs: &mut [u64; 8]) {
     }
 }
 
+/// A registered vCPU thread: its pending-kick flag and physical CPU.
+type KickTarget = (Arc<AtomicBool>, usize);
+
 /// The platform the host runs on in the image.
 pub struct BootPlatform {
     hyp: Option<&'static BootHyp>,
-    kicks: SpinLock<BTreeMap<(u16, usize), Arc<AtomicBool>>>,
+    kicks: SpinLock<BTreeMap<(u16, usize), KickTarget>>,
     /// Hypercalls made.
     pub hvcs: AtomicU64,
 }
@@ -172,11 +175,12 @@ impl BootPlatform {
         self.hyp
     }
 
-    /// Registers the calling vCPU thread of vCPU `index` of the VM `id`
-    /// (VMID or pKVM handle) for kicks; returns its pending-kick flag.
-    pub fn register_vcpu(&self, id: u16, index: usize) -> Arc<AtomicBool> {
+    /// Registers the thread of vCPU `index` of the VM `id` (VMID or pKVM
+    /// handle), running on physical CPU `cpu`, for kicks; returns its
+    /// pending-kick flag.
+    pub fn register_vcpu(&self, id: u16, index: usize, cpu: usize) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
-        self.kicks.lock().insert((id, index), flag.clone());
+        self.kicks.lock().insert((id, index), (flag.clone(), cpu));
         flag
     }
 
@@ -210,10 +214,16 @@ impl HostPlatform for BootPlatform {
         hyp_call(self.hyp, cpu, regs)
     }
 
+    /// Sets the vCPU's kick flag (seen before its next guest entry and by
+    /// its sleep loop); if its CPU's GIC interface is up, also sends it the
+    /// kick SGI so a vCPU inside the guest exits now.
     fn kick_vcpu(&self, vmid: u16, index: usize) {
-        let flag = self.kicks.lock().get(&(vmid, index)).cloned();
-        if let Some(f) = flag {
+        let target = self.kicks.lock().get(&(vmid, index)).cloned();
+        if let Some((f, cpu)) = target {
             f.store(true, Ordering::Release);
+            if cpu != start::cpu_index() && gic::cpu_ready(cpu) {
+                gic::send_sgi(gic::SGI_KICK, cpu);
+            }
         }
     }
 }

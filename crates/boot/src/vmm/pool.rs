@@ -175,13 +175,21 @@ pub fn alloc_folio(order: u32) -> Option<Pa> {
 /// Takes another reference on a folio (its head frame).
 pub fn get_folio(pa: Pa) {
     let prev = refcount(pa).fetch_add(1, Ordering::AcqRel);
-    assert!(prev > 0, "reference on free folio {:#x} (internal bug)", pa.0);
+    assert!(
+        prev > 0,
+        "reference on free folio {:#x} (internal bug)",
+        pa.0
+    );
 }
 
 /// Drops a reference on a folio of `2^order` frames; the last one frees it.
 pub fn put_folio(pa: Pa, order: u32) {
     let prev = refcount(pa).fetch_sub(1, Ordering::AcqRel);
-    assert!(prev > 0, "reference underflow on {:#x} (internal bug)", pa.0);
+    assert!(
+        prev > 0,
+        "reference underflow on {:#x} (internal bug)",
+        pa.0
+    );
     if prev == 1 {
         free(pa, order);
     }

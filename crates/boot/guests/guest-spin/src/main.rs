@@ -39,8 +39,11 @@ extern "C" fn smp_secondary_main(index: u64) -> ! {
         }
     }
     for step in 1..=5 {
-        let x = busy(100_000);
-        println!("worker vCPU {i}: step {step}/5 (checksum {:#x})", x & 0xffff);
+        let x = busy(1_000_000);
+        println!(
+            "worker vCPU {i}: step {step}/5 (checksum {:#x})",
+            x & 0xffff
+        );
     }
     DONE[i].store(1, Ordering::Release);
     let r = smp::cpu_off();
@@ -59,7 +62,10 @@ pub fn guest_main(nvcpus: u64, _: u64, _: u64, _: u64) -> u64 {
         println!("need at least 3 vCPUs (boot, spinner, worker), got {n}: FAIL");
         return 1;
     }
-    println!("boot vCPU: {n} vCPUs: vCPU 1 spins forever, vCPUs 2..{} work", n - 1);
+    println!(
+        "boot vCPU: {n} vCPUs: vCPU 1 spins forever, vCPUs 2..{} work",
+        n - 1
+    );
     for i in 1..n {
         let r = smp::cpu_on(i);
         if r != 0 {

@@ -1,0 +1,695 @@
+//! The VMM of the EL2 image: guests run through pkvm-host's run loop and
+//! fault pipeline and, in protected mode, pkvm-hyp's hypercalls — the same
+//! code the simulator (`pkvm-machine`) tests. Safe code only; the hardware
+//! is reached through [`crate::platform`].
+//!
+//! - [`pool`]: the physical page pool (orders, page references).
+//! - [`platform`]: `HostPlatform` / `HypPlatform` for the real machine and
+//!   the hypervisor's set-up.
+//! - [`process`]: the VMM's process memory (VMAs backing memslots).
+//! - [`backend`]: `VcpuBackend` over the world switch.
+//! - [`guest`]: a VM of the VMM and its vCPU thread loop.
+//! - [`fdtgen`]: the VM device tree.
+//! - this file: the memory layout, "threads" (one job per physical CPU)
+//!   and the scenarios xtask runs (`demo`, `touch`, `exits`, `protected`,
+//!   `guest`, `panic`).
+//!
+//! Physical memory (QEMU virt, 1 GiB): image and handoff below
+//! `POOL_START` (0x5000_0000); then the host page pool; then the heap
+//! ([`HEAP_SIZE`]); the hypervisor's carve-out ([`HYP_CARVEOUT`]) at the
+//! end of RAM. The carve-out is kept out of the host pool in both modes.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod fdtgen;
+pub mod guest;
+pub mod platform;
+pub mod pool;
+pub mod process;
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use pkvm_arch::Pa;
+use pkvm_hyp::MemRegion;
+use pkvm_sync::{LockClass, SpinLock};
+
+use crate::platform::dt::Platform;
+use crate::platform::handoff::POOL_START;
+use crate::platform::{phys, start, MAX_CPUS};
+use crate::println;
+use guest::{code, GuestVm, VmEnd, VmSpec};
+use platform::BootPlatform;
+use process::{Backing, BootProcess};
+
+static GUEST_TOUCHER: &[u8] =
+    include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/guest-toucher.bin"));
+static GUEST_MMIO: &[u8] = include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/guest-mmio.bin"));
+static GUEST_HVC: &[u8] = include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/guest-hvc.bin"));
+static GUEST_PSCI: &[u8] = include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/guest-psci.bin"));
+
+const MIB: u64 = 1 << 20;
+/// The hypervisor's page pool at the end of RAM.
+pub const HYP_CARVEOUT: u64 = 16 * MIB;
+/// The global allocator's heap, below the carve-out.
+pub const HEAP_SIZE: u64 = 32 * MIB;
+
+/// A vCPU thread: a job for one physical CPU.
+type Job = Box<dyn FnOnce() + Send>;
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_JOB: SpinLock<Option<Job>> = SpinLock::new(None, LockClass::Leaf);
+static MAILBOX: [SpinLock<Option<Job>>; MAX_CPUS] = [NO_JOB; MAX_CPUS];
+static BUSY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static NCPUS: AtomicUsize = AtomicUsize::new(1);
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+static MAX_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// The job loop of a secondary CPU.
+pub fn secondary(cpu: usize) -> ! {
+    loop {
+        let job = MAILBOX[cpu].lock().take();
+        match job {
+            Some(j) => {
+                j();
+                BUSY[cpu].store(false, Ordering::Release);
+            }
+            None => core::hint::spin_loop(),
+        }
+    }
+}
+
+fn vcpu_job(g: &Arc<GuestVm>, i: usize) -> Job {
+    let g = g.clone();
+    Box::new(move || {
+        let now = RUNNING.fetch_add(1, Ordering::AcqRel) + 1;
+        MAX_RUNNING.fetch_max(now, Ordering::AcqRel);
+        g.vcpu_thread(i);
+        RUNNING.fetch_sub(1, Ordering::AcqRel);
+    })
+}
+
+/// Runs every vCPU of every VM, one vCPU thread per physical CPU: VMs are
+/// packed into waves of at most one vCPU per CPU (a VM's vCPUs always in
+/// the same wave), secondaries first, the boot CPU last.
+fn run_vms(vms: &[Arc<GuestVm>]) -> bool {
+    use pkvm_host::psci::PsciVm;
+    let n = NCPUS.load(Ordering::Relaxed);
+    let mut i = 0;
+    while i < vms.len() {
+        let mut jobs: Vec<Job> = Vec::new();
+        while i < vms.len() {
+            let need = vms[i].vm.vcpu_count();
+            if need > n {
+                println!(
+                    "vm {}: {need} vCPUs but only {n} physical CPUs",
+                    vms[i].name
+                );
+                return false;
+            }
+            if jobs.len() + need > n {
+                break;
+            }
+            jobs.extend((0..need).map(|v| vcpu_job(&vms[i], v)));
+            i += 1;
+        }
+        // vCPU 0 of the first VM goes to the boot CPU only if the wave
+        // needs every CPU; the rest go to secondaries.
+        let k = jobs.len();
+        let mut mine = None;
+        for (j, job) in jobs.into_iter().enumerate() {
+            let cpu = if j + 1 < n { j + 1 } else { 0 };
+            if cpu == 0 {
+                mine = Some(job);
+            } else {
+                BUSY[cpu].store(true, Ordering::Release);
+                *MAILBOX[cpu].lock() = Some(job);
+            }
+        }
+        if let Some(job) = mine {
+            job();
+        }
+        for j in 0..k {
+            let cpu = if j + 1 < n { j + 1 } else { 0 };
+            while cpu != 0 && BUSY[cpu].load(Ordering::Acquire) {
+                core::hint::spin_loop();
+            }
+        }
+    }
+    true
+}
+
+/// The physical memory layout of this boot.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    ram: (u64, u64),
+    pool: (u64, u64),
+    carveout: (u64, u64),
+}
+
+impl Layout {
+    fn of(p: &Platform) -> Layout {
+        let carve = p.ram_end - HYP_CARVEOUT;
+        let heap = carve - HEAP_SIZE;
+        Layout {
+            ram: (p.ram_start, p.ram_end),
+            pool: (POOL_START, heap),
+            carveout: (carve, p.ram_end),
+        }
+    }
+}
+
+/// Entry of the VMM on the boot CPU; returns the exit status.
+pub fn main(p: &'static Platform) -> i32 {
+    let lay = Layout::of(p);
+    crate::heap::init(lay.pool.1, HEAP_SIZE);
+    pool::init(lay.pool.0, lay.pool.1);
+    let mut online = 1;
+    for i in 1..p.ncpus {
+        match start::start_secondary(i, p.cpus[i]) {
+            Ok(()) => online += 1,
+            Err(e) => {
+                println!(
+                    "cpus: CPU {i} (MPIDR {:#x}) did not start: {e:?}",
+                    p.cpus[i]
+                );
+                break;
+            }
+        }
+    }
+    NCPUS.store(online, Ordering::Relaxed);
+    let start_free = pool::free_frames();
+    println!(
+        "cpus: {online} online (secondaries started with PSCI CPU_ON over SMC); pool: {start_free} free frames ({} MiB) at {:#x}; heap {} MiB; hyp carve-out {} MiB at {:#x}",
+        start_free as u64 * 4096 / MIB,
+        lay.pool.0,
+        HEAP_SIZE / MIB,
+        HYP_CARVEOUT / MIB,
+        lay.carveout.0
+    );
+    let scenario = p.handoff.as_ref().map(|h| h.scenario()).unwrap_or("demo");
+    println!("scenario {scenario}: start");
+    let process = Arc::new(BootProcess::new());
+    let (ok, code) = match scenario {
+        "demo" => bool_code(demo(&lay, &process)),
+        "touch" => bool_code(touch(&process)),
+        "exits" => bool_code(exits(&process)),
+        "protected" => bool_code(protected(&lay, &process, true)),
+        "guest" => guest(p, &process),
+        "panic" => panic!("deliberate panic (scenario \"panic\")"),
+        other => {
+            println!(
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, panic)"
+            );
+            (false, 2)
+        }
+    };
+    let end_free = pool::free_frames();
+    let pool_ok = end_free == start_free;
+    if pool_ok {
+        println!("pool: back to starting count ({end_free} free frames)");
+    } else {
+        println!("pool: NOT back to starting count: {start_free} at start, {end_free} now");
+    }
+    let (used, _) = crate::heap::usage();
+    println!("heap: {} KiB in use at the end", used >> 10);
+    if ok && pool_ok {
+        println!("scenario {scenario}: PASS");
+        code
+    } else {
+        println!("scenario {scenario}: FAIL");
+        if code == 0 {
+            1
+        } else {
+            code
+        }
+    }
+}
+
+fn bool_code(ok: bool) -> (bool, i32) {
+    (ok, if ok { 0 } else { 1 })
+}
+
+fn check(what: &str, ok: bool) -> bool {
+    if !ok {
+        println!("check failed: {what}");
+    }
+    ok
+}
+
+/// A built-in guest VM.
+#[allow(clippy::too_many_arguments)]
+fn builtin(
+    plat: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    name: &'static str,
+    image: &'static [u8],
+    mem: u64,
+    backing: Backing,
+    protected: bool,
+    touch: Option<(u64, u64)>,
+) -> Option<Arc<GuestVm>> {
+    if image.is_empty() {
+        println!("vm {name}: guest payload missing (build with `cargo xtask`)");
+        return None;
+    }
+    let spec = VmSpec {
+        name,
+        mem,
+        backing,
+        image,
+        load_offset: 0,
+        vcpus: 1,
+        dtb_bootargs: None,
+        protected,
+        touch,
+    };
+    match guest::create(plat, process, &spec) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            println!("vm {name}: create failed: {e}");
+            None
+        }
+    }
+}
+
+/// A memory toucher of `size` bytes at `base` in `mem` bytes of RAM.
+fn toucher(
+    plat: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    name: &'static str,
+    mem: u64,
+    (base, size): (u64, u64),
+    backing: Backing,
+    protected: bool,
+) -> Option<Arc<GuestVm>> {
+    builtin(
+        plat,
+        process,
+        name,
+        GUEST_TOUCHER,
+        mem,
+        backing,
+        protected,
+        Some((base, size)),
+    )
+}
+
+/// Checks a toucher: verified values, and exactly one resolved stage-2
+/// fault per 4K page (4K backing) or per 2M block (2M backing) of the
+/// touched slot.
+fn touch_ok(g: &GuestVm, size: u64) -> bool {
+    let pages = size / 4096;
+    let faults = g.touch_faults();
+    let want = match g.backing {
+        Backing::Page4K => pages,
+        Backing::Block2M => size / (2 * MIB),
+    };
+    println!(
+        "vm {}: touched slot: stage-2 faults {faults}, {} MiB with {} backing (expected {want})",
+        g.name,
+        size / MIB,
+        match g.backing {
+            Backing::Page4K => "4K",
+            Backing::Block2M => "2M",
+        }
+    );
+    check("touch report", g.report(code::TOUCH) == Some((0, pages)))
+        & check("fault count", faults == want)
+}
+
+/// Prints how a VM ended and its statistics, destroys it and prints what
+/// came back. Returns whether it powered off normally.
+fn finish(g: Arc<GuestVm>) -> bool {
+    let name = g.name;
+    let end = g.end();
+    match end {
+        Some(VmEnd::PowerOff) => println!("vm {name}: powered off (PSCI SYSTEM_OFF)"),
+        other => println!("vm {name}: ended: {other:?}"),
+    }
+    g.print_stats();
+    let mapped = g.vm.stats().snapshot().bytes_mapped / 4096;
+    let frames = g.destroy();
+    println!(
+        "vm {name}: destroyed: {mapped} pages were mapped by faults; its VMAs released {frames} frames"
+    );
+    end == Some(VmEnd::PowerOff)
+}
+
+fn finish_all(vms: Vec<Arc<GuestVm>>) -> bool {
+    let mut ok = true;
+    for g in vms {
+        ok &= finish(g);
+    }
+    ok
+}
+
+/// Two VMs touch 64 MiB each at once: 4K pages (16384 faults) and 2M
+/// blocks (32 faults).
+fn touch(process: &Arc<BootProcess>) -> bool {
+    let plat = BootPlatform::new(None);
+    println!("mode: standard (the host manages guest stage-2 with pkvm-pgtable)");
+    let r = (0x4400_0000, 64 * MIB);
+    let Some(a) = toucher(
+        &plat,
+        process,
+        "touch-4k",
+        128 * MIB,
+        r,
+        Backing::Page4K,
+        false,
+    ) else {
+        return false;
+    };
+    let Some(b) = toucher(
+        &plat,
+        process,
+        "touch-2m",
+        128 * MIB,
+        r,
+        Backing::Block2M,
+        false,
+    ) else {
+        return false;
+    };
+    let vms = alloc::vec![a, b];
+    let mut ok = run_vms(&vms);
+    ok &= touch_ok(&vms[0], r.1) & touch_ok(&vms[1], r.1);
+    ok & finish_all(vms)
+}
+
+fn exit_vms(
+    plat: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    names: [&'static str; 3],
+) -> Option<[Arc<GuestVm>; 3]> {
+    let m = builtin(
+        plat,
+        process,
+        names[0],
+        GUEST_MMIO,
+        4 * MIB,
+        Backing::Page4K,
+        false,
+        None,
+    )?;
+    let h = builtin(
+        plat,
+        process,
+        names[1],
+        GUEST_HVC,
+        4 * MIB,
+        Backing::Page4K,
+        false,
+        None,
+    )?;
+    let p = builtin(
+        plat,
+        process,
+        names[2],
+        GUEST_PSCI,
+        4 * MIB,
+        Backing::Page4K,
+        false,
+        None,
+    )?;
+    Some([m, h, p])
+}
+
+fn exits_ok(m: &GuestVm, h: &GuestVm, p: &GuestVm) -> bool {
+    let v11 = pkvm_arch::smccc::psci::version(1, 1) as u64;
+    let ns = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
+    let esr = p.report(code::EXCEPTION).map_or(0, |r| r.0);
+    check(
+        "mmio: unclaimed mmio exit",
+        m.counters.mmio_unclaimed.load(Ordering::Relaxed) >= 1,
+    ) & check(
+        "mmio: unbacked read value",
+        m.report(code::MMIO_READ) == Some((0, 0x0a00_0000)),
+    ) & check(
+        "hvc: undefined hvc -> NOT_SUPPORTED",
+        h.report(code::HVC_UNDEF).map(|r| r.0) == Some(ns),
+    ) & check(
+        "hvc: PSCI version",
+        h.report(code::PSCI_VERSION) == Some((v11, 0)),
+    ) & check(
+        "hvc: trapped smc on an HVC-conduit VM -> NOT_SUPPORTED",
+        h.report(code::SMC) == Some((ns, 0)),
+    ) & check(
+        "psci: injected instruction abort (EC 0x21, FSC 0x10)",
+        esr >> 26 == 0x21 && esr & 0x3f == 0x10,
+    ) & check(
+        "psci: wfi exit",
+        p.counters.wfi.load(Ordering::Relaxed) >= 1,
+    )
+}
+
+/// MMIO, HVC/SMC and PSCI/abort-injection guests at once.
+fn exits(process: &Arc<BootProcess>) -> bool {
+    let plat = BootPlatform::new(None);
+    let Some([m, h, p]) = exit_vms(&plat, process, ["mmio", "hvc", "psci"]) else {
+        return false;
+    };
+    let vms = alloc::vec![m, h, p];
+    let mut ok = run_vms(&vms);
+    ok &= exits_ok(&vms[0], &vms[1], &vms[2]);
+    ok & finish_all(vms)
+}
+
+/// Whether the VMs ran concurrently (at most one wave) on distinct CPUs
+/// with distinct VMIDs.
+fn concurrency_ok(vms: &[Arc<GuestVm>]) -> bool {
+    let vmids: Vec<u16> = vms
+        .iter()
+        .map(|g| g.hw_vmid.load(Ordering::Relaxed))
+        .collect();
+    let cpus: Vec<usize> = vms
+        .iter()
+        .map(|g| g.cpus[0].load(Ordering::Relaxed))
+        .collect();
+    let distinct = |v: &[u64]| (0..v.len()).all(|i| (0..i).all(|j| v[i] != v[j]));
+    let vm64: Vec<u64> = vmids.iter().map(|&v| v as u64).collect();
+    let wave = NCPUS.load(Ordering::Relaxed).min(vms.len());
+    let cpu64: Vec<u64> = cpus[..wave].iter().map(|&c| c as u64).collect();
+    let max = MAX_RUNNING.load(Ordering::Relaxed);
+    println!("demo: at most {max} VMs running at once; VMIDs {vmids:?}; CPUs {cpus:?}");
+    let conc = max >= 2 && distinct(&vm64) && distinct(&cpu64) && wave >= 2;
+    if conc {
+        println!("demo: concurrent VMs on distinct CPUs with distinct VMIDs");
+    }
+    check("concurrency", conc)
+}
+
+/// Standard mode: five VMs over the CPUs.
+fn demo_standard(process: &Arc<BootProcess>) -> bool {
+    let plat = BootPlatform::new(None);
+    println!("mode: standard (the host manages guest stage-2 with pkvm-pgtable)");
+    let r = (0x4200_0000, 32 * MIB);
+    let Some(a) = toucher(
+        &plat,
+        process,
+        "toucher-4k",
+        64 * MIB,
+        r,
+        Backing::Page4K,
+        false,
+    ) else {
+        return false;
+    };
+    let Some(b) = toucher(
+        &plat,
+        process,
+        "toucher-2m",
+        64 * MIB,
+        r,
+        Backing::Block2M,
+        false,
+    ) else {
+        return false;
+    };
+    let Some([m, h, p]) = exit_vms(&plat, process, ["mmio", "hvc", "psci"]) else {
+        return false;
+    };
+    MAX_RUNNING.store(0, Ordering::Relaxed);
+    let vms = alloc::vec![a, b, m, h, p];
+    let mut ok = run_vms(&vms);
+    ok &= concurrency_ok(&vms);
+    ok &= touch_ok(&vms[0], r.1) & touch_ok(&vms[1], r.1);
+    ok &= exits_ok(&vms[2], &vms[3], &vms[4]);
+    ok & finish_all(vms)
+}
+
+fn print_hyp(plat: &BootPlatform, when: &str) -> pkvm_hyp::HypStats {
+    let s = plat.hyp().map(|h| h.stats()).unwrap_or_default();
+    println!(
+        "hyp ({when}): pool {} of {} pages free, {} pages held for VMs, {} live VMs, {} hypercalls from the host",
+        s.pool_free,
+        s.pool_pages,
+        s.vm_pages,
+        s.live_vms,
+        plat.hvcs.load(Ordering::Relaxed)
+    );
+    s
+}
+
+/// Protected mode: pkvm-hyp set up over RAM (carve-out as its pool),
+/// finalised; a non-protected VM whose memory is shared and a protected VM
+/// whose memory is donated, both touching memory, plus the exit guests.
+fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
+    let (ps, pe) = pool::range();
+    let regions = [MemRegion {
+        base: Pa(ps),
+        size: pe - ps,
+    }];
+    let hyp = match platform::init_hyp(
+        lay.ram,
+        &regions,
+        (Pa(lay.carveout.0), lay.carveout.1 - lay.carveout.0),
+    ) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("mode: protected: {e}");
+            return false;
+        }
+    };
+    let plat = BootPlatform::new(Some(hyp));
+    println!(
+        "mode: protected (pkvm-hyp owns guest stage-2; host memory {:#x}..{:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
+        ps,
+        pe,
+        (lay.carveout.1 - lay.carveout.0) / MIB,
+        lay.carveout.0
+    );
+    let before = print_hyp(&plat, "before the VMs");
+    let size = if full { 64 * MIB } else { 16 * MIB };
+    let r = (0x4400_0000, size);
+    let Some(a) = toucher(
+        &plat,
+        process,
+        "pshare-4k",
+        128 * MIB,
+        r,
+        Backing::Page4K,
+        false,
+    ) else {
+        return false;
+    };
+    let Some(b) = toucher(
+        &plat,
+        process,
+        "pvm-2m",
+        128 * MIB,
+        r,
+        Backing::Block2M,
+        true,
+    ) else {
+        return false;
+    };
+    let mut vms = alloc::vec![a, b];
+    if full {
+        let Some([m, h, p]) = exit_vms(&plat, process, ["pmmio", "phvc", "ppsci"]) else {
+            return false;
+        };
+        vms.extend([m, h, p]);
+    }
+    MAX_RUNNING.store(0, Ordering::Relaxed);
+    let mut ok = run_vms(&vms);
+    ok &= concurrency_ok(&vms[..2]);
+    ok &= touch_ok(&vms[0], r.1) & touch_ok(&vms[1], r.1);
+    if full {
+        ok &= exits_ok(&vms[2], &vms[3], &vms[4]);
+    }
+    ok &= finish_all(vms);
+    let after = print_hyp(&plat, "after teardown");
+    ok &= check(
+        "hyp: no VM state left",
+        after.vm_pages == 0 && after.live_vms == 0,
+    );
+    println!(
+        "hyp: {} pool pages now hold the host stage-2 tables split by donations",
+        before.pool_free as i64 - after.pool_free as i64
+    );
+    ok
+}
+
+/// The default demo: the VMs in standard mode, then the hypervisor in
+/// protected mode with shared and donated guest memory.
+fn demo(lay: &Layout, process: &Arc<BootProcess>) -> bool {
+    let start = pool::free_frames();
+    let mut ok = demo_standard(process);
+    let mid = pool::free_frames();
+    ok &= check("pool back after the standard-mode VMs", mid == start);
+    ok & protected(lay, process, false)
+}
+
+/// An external guest from the handoff block: returns (ok, exit status);
+/// status 0 iff the guest powered off with PSCI SYSTEM_OFF.
+fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
+    let Some(h) = p.handoff.as_ref() else {
+        return (false, 2);
+    };
+    let Some((gpa, gsize)) = h.guest else {
+        println!("guest: no guest file in the handoff block");
+        return (false, 2);
+    };
+    let ncpus = NCPUS.load(Ordering::Relaxed);
+    let vcpus = h.smp as usize;
+    if vcpus == 0 || vcpus > guest::MAX_VCPUS || vcpus > ncpus {
+        println!(
+            "guest: {vcpus} vCPUs requested; 1..={} supported here",
+            guest::MAX_VCPUS.min(ncpus)
+        );
+        return (false, 2);
+    }
+    let plat = BootPlatform::new(None);
+    let mem = h.mem_mib as u64 * MIB;
+    let created = phys::with_slice(Pa(gpa), gsize, |img| {
+        // A Linux arm64 Image has "ARM\x64" at 0x38 and its text offset at 8.
+        let is_image = img.len() >= 64 && img[0x38..0x3c] == *b"ARMd";
+        let load_offset = if is_image {
+            let text = u64::from_le_bytes(img[8..16].try_into().unwrap_or([0; 8]));
+            let size = u64::from_le_bytes(img[16..24].try_into().unwrap_or([0; 8]));
+            if size == 0 {
+                0x8_0000
+            } else {
+                text
+            }
+        } else {
+            0
+        };
+        println!(
+            "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
+            if is_image {
+                "Linux arm64 Image"
+            } else {
+                "flat binary"
+            },
+            guest::GUEST_RAM + load_offset,
+            mem / MIB
+        );
+        let spec = VmSpec {
+            name: "guest",
+            mem,
+            backing: Backing::Page4K,
+            image: img,
+            load_offset,
+            vcpus,
+            dtb_bootargs: Some(h.cmdline()),
+            protected: false,
+            touch: None,
+        };
+        guest::create(&plat, process, &spec)
+    });
+    let g = match created {
+        Ok(x) => x,
+        Err(e) => {
+            println!("guest: cannot create the VM: {e}");
+            return (false, 2);
+        }
+    };
+    let ran = run_vms(core::slice::from_ref(&g));
+    let ok = ran & finish(g);
+    (ok, if ok { 0 } else { 1 })
+}

@@ -1,0 +1,340 @@
+//! Loom models of the host's two races, on the real types:
+//! - fault vs. invalidate: the real [`Mmu`] (sequence, in-progress count,
+//!   range, MMU lock; loom atomics through `loom_shim`): a stale frame is
+//!   never left mapped;
+//! - two concurrent teardowns (seed 003: VM destroy vs. the mm-exit
+//!   notifier) through the real [`Vm::teardown`] with a fake platform that
+//!   counts allocations, frees and hypercalls: everything is freed exactly
+//!   once, and a guest page's host reference is dropped only after the
+//!   hypervisor finalized the teardown.
+//!
+//! They are unit tests (not `tests/`) because `Mmu` and the VM's internal
+//! state are crate-private, and because `cargo xtask test` runs loom models
+//! with `--lib loom`. Run:
+//! `RUSTFLAGS="--cfg loom" cargo test -p pkvm-host --release --lib loom`.
+
+extern crate std;
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32 as CoreAtomicU32, AtomicU64 as CoreAtomicU64};
+
+use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use loom::sync::Mutex;
+use pkvm_arch::{Hva, Ipa, Level, Pa};
+use pkvm_hyp::hvc::{id, ret};
+use pkvm_pgtable::env::ENTRIES;
+use pkvm_pgtable::{PtMemory, TlbOps};
+
+use crate::mmu::{HypMapping, Mmu, S2State};
+use crate::platform::{HostPlatform, PinError, PinnedPage, ProcessMemory, VmaInfo};
+use crate::vm::{Vm, VmConfig};
+
+fn bounded(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.max_branches = 100_000;
+    b.check(f);
+}
+
+// ---------------------------------------------------------------- (a)
+
+const IPA: Ipa = Ipa(0x4000_0000);
+
+/// The host page behind the guest page: which frame the process maps now
+/// and which frames were freed.
+struct Host {
+    frame: AtomicU64,
+    freed: [AtomicBool; 3],
+    /// The stage-2 entry: 0 or the mapped frame (written under the MMU lock
+    /// by the fault, as a shared-walk CAS does; cleared under the write
+    /// lock by the invalidation).
+    pte: AtomicU64,
+}
+
+fn fault(mmu: &Mmu<()>, h: &Host, check_retry: bool) {
+    let seq = mmu.seq();
+    // "Pin": the frame the process maps now.
+    let frame = h.frame.load(Ordering::Acquire);
+    let guard = mmu.state.read();
+    if guard.is_some() && !(check_retry && mmu.retry(seq, IPA)) {
+        let _ = h
+            .pte
+            .compare_exchange(0, frame, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+fn migrate(mmu: &Mmu<()>, h: &Host) {
+    mmu.invalidate_begin(IPA, IPA + 0x1000);
+    {
+        let _w = mmu.state.write();
+        h.pte.store(0, Ordering::Release);
+    }
+    // The process moves the page to frame 2 and frees frame 1.
+    h.frame.store(2, Ordering::Release);
+    h.freed[1].store(true, Ordering::Release);
+    mmu.invalidate_end();
+}
+
+fn fault_vs_invalidate(check_retry: bool) {
+    bounded(move || {
+        let mmu = loom::sync::Arc::new(Mmu::<()>::new(S2State::Protected(BTreeMap::new())));
+        let h = loom::sync::Arc::new(Host {
+            frame: AtomicU64::new(1),
+            freed: [
+                AtomicBool::new(false),
+                AtomicBool::new(false),
+                AtomicBool::new(false),
+            ],
+            pte: AtomicU64::new(0),
+        });
+        let (m2, h2) = (mmu.clone(), h.clone());
+        let t = loom::thread::spawn(move || migrate(&m2, &h2));
+        fault(&mmu, &h, check_retry);
+        t.join().unwrap();
+        let pte = h.pte.load(Ordering::Acquire);
+        assert!(
+            pte == 0 || !h.freed[pte as usize].load(Ordering::Acquire),
+            "freed frame {pte} left mapped"
+        );
+    });
+}
+
+#[test]
+fn loom_fault_vs_invalidate_never_maps_a_freed_frame() {
+    fault_vs_invalidate(true);
+}
+
+/// The model is able to see the bug: without the sequence check the stale
+/// frame does get mapped in some interleaving.
+#[test]
+#[should_panic(expected = "left mapped")]
+fn loom_fault_without_the_sequence_check_maps_a_freed_frame() {
+    fault_vs_invalidate(false);
+}
+
+// ---------------------------------------------------------------- (b)
+
+const BASE: u64 = 0x1000_0000;
+const PAGES: usize = 16;
+
+struct Tables {
+    t: Vec<[CoreAtomicU64; ENTRIES]>,
+    rc: Vec<CoreAtomicU32>,
+}
+
+/// A fake machine: 16 pages of "memory", an allocator that panics on a
+/// double free, a hypervisor that answers every call and counts them.
+struct FakePlat {
+    protected: bool,
+    mem: Tables,
+    used: Mutex<[bool; PAGES]>,
+    calls: Mutex<BTreeMap<u32, u32>>,
+    finalized: AtomicBool,
+}
+
+impl FakePlat {
+    fn new(protected: bool) -> Self {
+        FakePlat {
+            protected,
+            mem: Tables {
+                t: (0..PAGES)
+                    .map(|_| core::array::from_fn(|_| CoreAtomicU64::new(0)))
+                    .collect(),
+                rc: (0..PAGES).map(|_| CoreAtomicU32::new(0)).collect(),
+            },
+            used: Mutex::new([false; PAGES]),
+            calls: Mutex::new(BTreeMap::new()),
+            finalized: AtomicBool::new(false),
+        }
+    }
+    fn in_use(&self) -> usize {
+        self.used.lock().unwrap().iter().filter(|u| **u).count()
+    }
+    fn calls(&self, f: u32) -> u32 {
+        self.calls.lock().unwrap().get(&f).copied().unwrap_or(0)
+    }
+}
+
+struct Env<'a>(&'a Tables);
+
+impl PtMemory for Env<'_> {
+    fn table(&self, pa: Pa) -> &[CoreAtomicU64; ENTRIES] {
+        &self.0.t[((pa.0 - BASE) / 4096) as usize]
+    }
+    fn refcount(&self, pa: Pa) -> &CoreAtomicU32 {
+        &self.0.rc[((pa.0 - BASE) / 4096) as usize]
+    }
+}
+
+impl TlbOps for Env<'_> {
+    fn tlbi_leaf(&self, _: u64, _: Level) {}
+    fn tlbi_leaf_local(&self, _: u64, _: Level) {}
+    fn tlbi_range(&self, _: u64, _: u64) {}
+    fn tlbi_all(&self) {}
+    fn dcache_clean_poc(&self, _: Pa, _: u64) {}
+    fn icache_inval_pou(&self, _: Pa, _: u64) {}
+}
+
+impl HostPlatform for FakePlat {
+    type S2Env<'a> = Env<'a>;
+    fn s2_env(&self, _vmid: u16) -> Env<'_> {
+        Env(&self.mem)
+    }
+    fn alloc_pages(&self, order: u32) -> Option<Pa> {
+        let n = 1usize << order;
+        let mut used = self.used.lock().unwrap();
+        let i = (0..PAGES)
+            .step_by(n)
+            .find(|&i| i + n <= PAGES && used[i..i + n].iter().all(|u| !u))?;
+        used[i..i + n].iter_mut().for_each(|u| *u = true);
+        Some(Pa(BASE + i as u64 * 4096))
+    }
+    fn free_pages(&self, pa: Pa, order: u32) {
+        let i = ((pa.0 - BASE) / 4096) as usize;
+        let mut used = self.used.lock().unwrap();
+        for u in &mut used[i..i + (1 << order)] {
+            assert!(*u, "double free of {pa:?}");
+            *u = false;
+        }
+    }
+    fn protected_mode(&self) -> bool {
+        self.protected
+    }
+    fn hvc(&self, _cpu: usize, regs: &mut [u64; 8]) {
+        let f = regs[0] as u32;
+        *self.calls.lock().unwrap().entry(f).or_default() += 1;
+        regs[0] = ret::SUCCESS as u64;
+        match f {
+            id::RESERVE_VM => regs[1] = 0x1000,
+            id::GET_SIZES => regs[1..4].copy_from_slice(&[1, 1, 1]),
+            id::FINALIZE_TEARDOWN => self.finalized.store(true, Ordering::Release),
+            _ => {}
+        }
+    }
+    fn kick_vcpu(&self, _: u16, _: usize) {}
+}
+
+/// A guest page's host reference: must not be released before the
+/// hypervisor finalized the teardown (the guest still maps it until then).
+struct FakePin(Arc<FakePlat>);
+
+impl Drop for FakePin {
+    fn drop(&mut self) {
+        assert!(
+            self.0.finalized.load(Ordering::Acquire),
+            "page reference dropped while the guest may still map the page"
+        );
+    }
+}
+
+impl PinnedPage for FakePin {
+    fn pa(&self) -> Pa {
+        Pa(0)
+    }
+    fn folio_pa(&self) -> Pa {
+        Pa(0)
+    }
+    fn folio_hva(&self) -> Hva {
+        Hva(0)
+    }
+    fn size(&self) -> u64 {
+        4096
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn is_device(&self) -> bool {
+        false
+    }
+}
+
+struct NoMm;
+
+impl ProcessMemory for NoMm {
+    type Pin = FakePin;
+    fn with_vma<R>(&self, _: Hva, f: impl FnOnce(Option<&dyn VmaInfo>) -> R) -> R {
+        f(None)
+    }
+    fn pin(&self, hva: Hva, _: bool) -> Result<FakePin, PinError> {
+        Err(PinError::BadAddress(hva))
+    }
+}
+
+/// Creates a VM (initialised in the hypervisor and with one guest page
+/// mapped if `run`), races VM destroy against the mm-exit notifier, and
+/// returns the platform.
+fn race_teardowns(protected_mode: bool, protected_vm: bool, run: bool) -> Arc<FakePlat> {
+    let p = Arc::new(FakePlat::new(protected_mode));
+    let cfg = VmConfig {
+        protected: protected_vm,
+        ..VmConfig::default()
+    };
+    let vm = Vm::create(p.clone(), Arc::new(NoMm), cfg, 0).expect("create");
+    if run {
+        vm.ensure_hyp_init(0).expect("hyp init");
+        if let Some(S2State::Protected(m)) = vm.mmu.state.write().as_mut() {
+            m.insert(
+                0x40000,
+                HypMapping {
+                    npages: 1,
+                    _pin: FakePin(p.clone()),
+                },
+            );
+        }
+    }
+    let vm2 = vm.clone();
+    let t = loom::thread::spawn(move || vm2.mmu_notifier_release(1));
+    vm.teardown(0);
+    t.join().unwrap();
+    drop(vm);
+    p
+}
+
+#[test]
+fn loom_concurrent_teardowns_free_the_standard_stage2_once() {
+    bounded(|| {
+        let p = race_teardowns(false, false, false);
+        assert_eq!(p.in_use(), 0, "stage-2 root leaked");
+    });
+}
+
+#[test]
+fn loom_concurrent_teardowns_unreserve_a_never_run_hyp_vm_once() {
+    bounded(|| {
+        let p = race_teardowns(true, false, false);
+        assert_eq!(p.calls(id::UNRESERVE_VM), 1);
+        assert_eq!(p.calls(id::START_TEARDOWN), 0);
+        assert_eq!(p.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_concurrent_teardowns_finalize_a_hyp_vm_once() {
+    for protected_vm in [false, true] {
+        bounded(move || {
+            let p = race_teardowns(true, protected_vm, true);
+            assert_eq!(p.calls(id::UNRESERVE_VM), 0);
+            assert_eq!(p.calls(id::START_TEARDOWN), 1);
+            assert_eq!(p.calls(id::FINALIZE_TEARDOWN), 1);
+            if protected_vm {
+                assert_eq!(p.calls(id::RECLAIM_GUEST_PAGE), 1, "donated page reclaimed");
+            }
+            assert_eq!(p.in_use(), 0, "donated pages freed back");
+        });
+    }
+}
+
+#[test]
+fn loom_tmp_single() {
+    bounded(|| {
+        let p = Arc::new(FakePlat::new(false));
+        let vm = Vm::create(p.clone(), Arc::new(NoMm), VmConfig::default(), 0).expect("create");
+        std::eprintln!("created");
+        vm.teardown(0);
+        std::eprintln!("torn down");
+        drop(vm);
+        std::eprintln!("dropped");
+    });
+}
