@@ -8,6 +8,12 @@
 //!   once, and a guest page's host reference is dropped only after the
 //!   hypervisor finalized the teardown.
 //!
+//! (The teardown models once hit loom's branch limit because
+//! `RwSpinLock::write` stored a "writer waiting" flag inside its spin loop;
+//! the lock now spins read-only, as loom requires, and they run normally.
+//! Before that change the finalize model found the teardown race fixed in
+//! `Vm::teardown`.)
+//!
 //! They are unit tests (not `tests/`) because `Mmu` and the VM's internal
 //! state are crate-private, and because `cargo xtask test` runs loom models
 //! with `--lib loom`. Run:
@@ -324,17 +330,4 @@ fn loom_concurrent_teardowns_finalize_a_hyp_vm_once() {
             assert_eq!(p.in_use(), 0, "donated pages freed back");
         });
     }
-}
-
-#[test]
-fn loom_tmp_single() {
-    bounded(|| {
-        let p = Arc::new(FakePlat::new(false));
-        let vm = Vm::create(p.clone(), Arc::new(NoMm), VmConfig::default(), 0).expect("create");
-        std::eprintln!("created");
-        vm.teardown(0);
-        std::eprintln!("torn down");
-        drop(vm);
-        std::eprintln!("dropped");
-    });
 }

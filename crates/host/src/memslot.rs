@@ -386,8 +386,8 @@ mod tests {
                 },
             ),
             (
-                region(1, 0, 0x1000, u64::MAX & !0xfff, 0),
-                MemslotError::BadUserspaceAddr(u64::MAX & !0xfff),
+                region(1, 0, 0x1000, !0xfffu64, 0),
+                MemslotError::BadUserspaceAddr(!0xfffu64),
             ),
             (
                 region(1, 0x1f_f000, 0x2000, 0, 0),

@@ -535,13 +535,12 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             Some(S2State::Protected(maps)) => {
                 self.teardown_hyp(cpu, Some(maps));
             }
-            None => {
-                if let Some(h) = &self.hyp {
-                    if h.state.lock().is_some() {
-                        self.teardown_hyp(cpu, None);
-                    }
-                }
-            }
+            // Someone else took the stage-2 state: the hypervisor VM is
+            // theirs to tear down, with the page references of what it
+            // maps. Tearing it down here (without those mappings) would
+            // let the owner drop the references before the guest lost the
+            // pages, and skip reclaiming donated pages.
+            None => {}
         }
     }
 

@@ -6,8 +6,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use pkvm_arch::pte::S2Features;
 use pkvm_arch::pte::S2Pte;
 use pkvm_arch::vtcr::S2Geometry;
-use pkvm_arch::{Granule, Ipa, Level, Pa, PAGE_SIZE};
-use pkvm_pgtable::{PageCache, PageTable, PtMemory, TlbOps};
+use pkvm_arch::{Granule, Ipa, Pa, PAGE_SIZE};
+use pkvm_pgtable::{PageCache, PageTable};
 use pkvm_sync::{LockClass, SpinLock};
 
 use crate::error::HypError;
@@ -87,45 +87,9 @@ pub struct Hyp<P: HypPlatform> {
     pub(crate) host_levels: usize,
 }
 
-/// The page-table environment for one stage-2: the platform's memory plus
-/// the TLB operations of one VMID.
-pub(crate) struct Env<'a, P: HypPlatform> {
-    plat: &'a P,
-    tlb: P::Tlb,
-}
-
-impl<P: HypPlatform> PtMemory for Env<'_, P> {
-    fn table(&self, pa: Pa) -> &[core::sync::atomic::AtomicU64; 512] {
-        self.plat.table(pa)
-    }
-    fn refcount(&self, pa: Pa) -> &core::sync::atomic::AtomicU32 {
-        self.plat.refcount(pa)
-    }
-}
-
-impl<P: HypPlatform> TlbOps for Env<'_, P> {
-    fn tlbi_leaf(&self, addr: u64, level: Level) {
-        self.tlb.tlbi_leaf(addr, level)
-    }
-    fn tlbi_leaf_local(&self, addr: u64, level: Level) {
-        self.tlb.tlbi_leaf_local(addr, level)
-    }
-    fn tlbi_range(&self, start: u64, end: u64) {
-        self.tlb.tlbi_range(start, end)
-    }
-    fn tlbi_all(&self) {
-        self.tlb.tlbi_all()
-    }
-    fn dcache_clean_poc(&self, pa: Pa, size: u64) {
-        self.tlb.dcache_clean_poc(pa, size)
-    }
-    fn icache_inval_pou(&self, pa: Pa, size: u64) {
-        self.tlb.icache_inval_pou(pa, size)
-    }
-    fn needs_dcache_maintenance(&self) -> bool {
-        self.tlb.needs_dcache_maintenance()
-    }
-}
+/// The page-table environment of one translation context: the platform's
+/// table memory with the TLB maintenance of one VMID.
+pub(crate) type Env<'a, P> = pkvm_pgtable::SplitEnv<&'a P, <P as HypPlatform>::Tlb>;
 
 /// Largest number of table pages one prepared operation reserves.
 pub(crate) const RESERVE_MAX: usize = 16;
@@ -243,7 +207,7 @@ impl<P: HypPlatform> Hyp<P> {
         let mut pgt = PageTable::new(root, geo, cfg.features);
         {
             let env = Env {
-                plat: &plat,
+                mem: &plat,
                 tlb: plat.tlb(0),
             };
             let levels = 3 - geo.start_level.0 as usize;
@@ -336,14 +300,14 @@ impl<P: HypPlatform> Hyp<P> {
 
     pub(crate) fn host_env(&self) -> Env<'_, P> {
         Env {
-            plat: &self.plat,
+            mem: &self.plat,
             tlb: self.plat.tlb(0),
         }
     }
 
     pub(crate) fn guest_env(&self, vmid: u16) -> Env<'_, P> {
         Env {
-            plat: &self.plat,
+            mem: &self.plat,
             tlb: self.plat.tlb(vmid),
         }
     }

@@ -239,7 +239,7 @@ fn out_of_range_ipas_inject_aborts_and_the_guest_continues() {
             Box::new(Script::new([
                 Op::read(top, 8),
                 Op::write(Ipa((1 << 36) + 0x1234_5000), 4),
-                Op::exec(Ipa(u64::MAX & !0xfff & ((1 << 48) - 1))),
+                Op::exec(Ipa(0xffff_ffff_f000)),
                 Op::exec(MMIO), // fetch from non-memory: abort too
                 Op::write(RAM, 8),
                 Op::read(RAM, 8),

@@ -55,7 +55,7 @@ impl GuestProgram for StressProgram {
             return None;
         }
         self.n += 1;
-        if self.n % 64 == 0 {
+        if self.n & 63 == 0 {
             let ipa = SCRATCH + self.rng.below(SCRATCH_SIZE / 8) * 8;
             let kind = if self.rng.chance(500) {
                 AccessKind::Write

@@ -104,3 +104,56 @@ impl<T: TlbOps + ?Sized> TlbOps for &T {
         (**self).needs_dcache_maintenance()
     }
 }
+
+/// An environment assembled from a memory and a TLB implementation: the
+/// usual way to pair a platform's table memory with the TLB maintenance of
+/// one translation context.
+#[derive(Debug)]
+pub struct SplitEnv<M, T> {
+    /// Table memory.
+    pub mem: M,
+    /// TLB and cache maintenance.
+    pub tlb: T,
+}
+
+impl<M: PtMemory, T> PtMemory for SplitEnv<M, T> {
+    #[inline(always)]
+    fn table(&self, pa: Pa) -> &[AtomicU64; ENTRIES] {
+        self.mem.table(pa)
+    }
+    #[inline(always)]
+    fn refcount(&self, pa: Pa) -> &AtomicU32 {
+        self.mem.refcount(pa)
+    }
+}
+
+impl<M, T: TlbOps> TlbOps for SplitEnv<M, T> {
+    #[inline(always)]
+    fn tlbi_leaf(&self, addr: u64, level: Level) {
+        self.tlb.tlbi_leaf(addr, level)
+    }
+    #[inline(always)]
+    fn tlbi_leaf_local(&self, addr: u64, level: Level) {
+        self.tlb.tlbi_leaf_local(addr, level)
+    }
+    #[inline(always)]
+    fn tlbi_range(&self, start: u64, end: u64) {
+        self.tlb.tlbi_range(start, end)
+    }
+    #[inline(always)]
+    fn tlbi_all(&self) {
+        self.tlb.tlbi_all()
+    }
+    #[inline(always)]
+    fn dcache_clean_poc(&self, pa: Pa, size: u64) {
+        self.tlb.dcache_clean_poc(pa, size)
+    }
+    #[inline(always)]
+    fn icache_inval_pou(&self, pa: Pa, size: u64) {
+        self.tlb.icache_inval_pou(pa, size)
+    }
+    #[inline(always)]
+    fn needs_dcache_maintenance(&self) -> bool {
+        self.tlb.needs_dcache_maintenance()
+    }
+}

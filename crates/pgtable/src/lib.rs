@@ -32,7 +32,7 @@ pub mod regime;
 pub mod table;
 pub mod walk;
 
-pub use env::{PageCache, PtMemory, TlbOps};
+pub use env::{PageCache, PtMemory, SplitEnv, TlbOps};
 pub use error::PtError;
 pub use regime::{El2, Regime, Stage2};
 pub use table::{Leaf, MapFlags, PageTable, SharedPageTable};

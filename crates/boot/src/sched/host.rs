@@ -1,96 +1,113 @@
 //! The adapter that lets the scheduler run pkvm-host vCPUs:
-//! [`HostRunner`] wraps a claimed `pkvm_host::Vcpu` and implements
+//! [`HostRunner`] owns a claimed `pkvm_host::Vcpu` and implements
 //! [`SchedVcpu`] by calling `Vcpu::run` with a backend for the current
 //! physical CPU until an exit needs the scheduler.
 //!
-//! What the VMM provides ([`HostVmm`]): a `VcpuBackend` for physical CPU
-//! `cpu` (the world switch; on an IRQ exit it must call
-//! [`crate::platform::gic::drain`] and return `GuestExit::Interrupt`), and
-//! its MMIO emulation. Its `HostPlatform::kick_vcpu` must forward to
-//! [`super::Scheduler::kick`] so PSCI `CPU_ON` queues a sleeping target
-//! and a running target is sent the kick SGI.
+//! What the VMM provides ([`HostVmm`]): a `VcpuBackend` for vCPU `index`
+//! on physical CPU `cpu` (the world switch, lending the vCPU's
+//! hardware-only state; on an IRQ exit it must call
+//! [`crate::platform::gic::drain`] and return `GuestExit::Interrupt`), the
+//! handling of every exit that is not the scheduler's business (MMIO,
+//! hypercalls, system events), and whether the VM is over. Its
+//! `HostPlatform::kick_vcpu` must forward to [`super::Scheduler::kick`] so
+//! PSCI `CPU_ON` queues a sleeping target and a running target is sent the
+//! kick SGI.
 //!
-//! Exit mapping: `Mmio` is emulated here and the vCPU re-entered;
-//! `Interrupted` -> [`Outcome::Preempted`]; `Wfi` -> [`Outcome::Yield`];
-//! `Sleep` -> [`Outcome::Sleep`]; `SystemEvent` -> [`Outcome::VmEnd`]
-//! (shutdown, reset; suspend is an error: not offered); `Halted` and
-//! `InternalError` -> [`Outcome::VmEnd`] with an error.
+//! Exit mapping, after [`HostVmm::exit`] has seen the exit: a VM that is
+//! over -> [`Outcome::Done`]; `Interrupted` -> [`Outcome::Preempted`];
+//! `Wfi` -> [`Outcome::Yield`]; `Sleep` -> [`Outcome::Sleep`]; `Mmio` and
+//! `Hypercall` -> run again; `SystemEvent`, `Halted`, `InternalError` ->
+//! [`Outcome::Done`] (the VMM stops the VM, which retires its other vCPUs).
 
-use pkvm_host::psci::SystemEventKind;
+use alloc::sync::Arc;
+
 use pkvm_host::{HostPlatform, ProcessMemory, Vcpu, VcpuBackend, VcpuExit};
 
-use super::{Outcome, SchedVcpu, VmEnd};
+use super::{Outcome, SchedVcpu};
 
-/// The VMM side a [`HostRunner`] needs.
-pub trait HostVmm: Sync {
-    /// The backend type (borrows the VMM).
+/// The VMM side a [`HostRunner`] needs (implemented by the VMM's VM type).
+pub trait HostVmm: Send + Sync {
+    /// The host platform of its VMs.
+    type Platform: HostPlatform;
+    /// The process memory behind its memslots.
+    type Memory: ProcessMemory;
+    /// The backend type (borrows the VMM: the vCPU's hardware-only state).
     type Backend<'a>: VcpuBackend
     where
         Self: 'a;
 
-    /// A backend that enters guests on physical CPU `cpu`.
-    fn backend(&self, cpu: usize) -> Self::Backend<'_>;
+    /// A backend that enters vCPU `index` on physical CPU `cpu`, lending it
+    /// that vCPU's hardware-only state (FP/SIMD, PAC keys) for the run.
+    fn backend(&self, cpu: usize, index: usize) -> Self::Backend<'_>;
 
-    /// Emulates an MMIO access of vCPU `index`; returns the value read
-    /// (ignored for writes).
-    fn mmio(&self, index: usize, addr: u64, len: u8, write: bool, data: u64) -> u64;
+    /// Called with the backend at the end of each scheduler run of the
+    /// vCPU (e.g. to collect its statistics).
+    fn after_run(&self, be: Self::Backend<'_>);
+
+    /// Called before each `Vcpu::run` (e.g. to notice a pending reset).
+    fn before_run(&self, vcpu: &Vcpu<Self::Platform, Self::Memory>, be: &mut Self::Backend<'_>);
+
+    /// Sees every exit of `Vcpu::run`: emulates MMIO (calling
+    /// `Vcpu::complete_mmio` for reads), answers hypercalls (results in
+    /// `Vcpu::context_mut`), stops the VM on a system event or error, and
+    /// counts.
+    fn exit(&self, vcpu: &mut Vcpu<Self::Platform, Self::Memory>, exit: &VcpuExit);
+
+    /// Whether the VM is over (its vCPUs leave the scheduler).
+    fn stopping(&self) -> bool;
 }
 
 /// A pkvm-host vCPU the scheduler can run.
-pub struct HostRunner<P: HostPlatform, M: ProcessMemory, V: HostVmm + 'static> {
-    vcpu: Vcpu<P, M>,
-    vmm: &'static V,
+pub struct HostRunner<V: HostVmm> {
+    vcpu: Vcpu<V::Platform, V::Memory>,
+    vmm: Arc<V>,
 }
 
-impl<P: HostPlatform, M: ProcessMemory, V: HostVmm + 'static> HostRunner<P, M, V> {
-    /// Wraps a claimed vCPU.
-    pub fn new(vcpu: Vcpu<P, M>, vmm: &'static V) -> Self {
+impl<V: HostVmm> HostRunner<V> {
+    /// Wraps a claimed vCPU of `vmm`'s VM.
+    pub fn new(vcpu: Vcpu<V::Platform, V::Memory>, vmm: Arc<V>) -> Self {
         HostRunner { vcpu, vmm }
     }
 
     /// The wrapped vCPU.
-    pub fn vcpu(&self) -> &Vcpu<P, M> {
+    pub fn vcpu(&self) -> &Vcpu<V::Platform, V::Memory> {
         &self.vcpu
+    }
+
+    /// The VMM.
+    pub fn vmm(&self) -> &Arc<V> {
+        &self.vmm
     }
 }
 
-impl<P, M, V> SchedVcpu for HostRunner<P, M, V>
+impl<V: HostVmm> SchedVcpu for HostRunner<V>
 where
-    P: HostPlatform,
-    M: ProcessMemory,
-    V: HostVmm + 'static,
-    Vcpu<P, M>: Send,
+    Vcpu<V::Platform, V::Memory>: Send,
 {
     fn run(&mut self, cpu: usize) -> Outcome {
-        let mut be = self.vmm.backend(cpu);
-        loop {
-            match self.vcpu.run(&mut be) {
-                VcpuExit::Mmio {
-                    addr,
-                    len,
-                    write,
-                    data,
-                } => {
-                    let v = self.vmm.mmio(self.vcpu.index(), addr.0, len, write, data);
-                    if !write {
-                        self.vcpu.complete_mmio(v);
-                    }
-                }
-                VcpuExit::Interrupted => return Outcome::Preempted,
-                VcpuExit::Wfi => return Outcome::Yield,
-                VcpuExit::Sleep => return Outcome::Sleep,
-                VcpuExit::SystemEvent(ev) => {
-                    return Outcome::VmEnd(match ev.kind {
-                        SystemEventKind::Shutdown => VmEnd::PowerOff,
-                        SystemEventKind::Reset => VmEnd::Reset,
-                        SystemEventKind::Suspend => VmEnd::Error("SYSTEM_SUSPEND (not offered)"),
-                    })
-                }
-                VcpuExit::Halted => return Outcome::VmEnd(VmEnd::Error("vCPU halted")),
-                VcpuExit::InternalError(_) => {
-                    return Outcome::VmEnd(VmEnd::Error("host internal error"))
+        let vmm = &*self.vmm;
+        if vmm.stopping() {
+            return Outcome::Done;
+        }
+        let mut be = vmm.backend(cpu, self.vcpu.index());
+        let outcome = loop {
+            vmm.before_run(&self.vcpu, &mut be);
+            let exit = self.vcpu.run(&mut be);
+            vmm.exit(&mut self.vcpu, &exit);
+            if vmm.stopping() {
+                break Outcome::Done;
+            }
+            match exit {
+                VcpuExit::Interrupted => break Outcome::Preempted,
+                VcpuExit::Wfi => break Outcome::Yield,
+                VcpuExit::Sleep => break Outcome::Sleep,
+                VcpuExit::Mmio { .. } | VcpuExit::Hypercall { .. } => {}
+                VcpuExit::SystemEvent(_) | VcpuExit::Halted | VcpuExit::InternalError(_) => {
+                    break Outcome::Done
                 }
             }
-        }
+        };
+        vmm.after_run(be);
+        outcome
     }
 }

@@ -2,22 +2,27 @@
 //!
 //! # Model
 //! The scheduler owns the vCPU objects (any type implementing
-//! [`SchedVcpu`]: "run until something needs the scheduler"). One global
-//! FIFO run queue holds the indices of runnable vCPUs; every physical CPU
-//! runs [`Scheduler::run_cpu`]: pop a vCPU, arm the EL2 timer for one
-//! time slice ([`Scheduler::slice_us`]), run it, act on the outcome:
+//! [`SchedVcpu`]: "run until something needs the scheduler"), in slots
+//! handed out by [`Scheduler::add`]. One global FIFO run queue holds the
+//! slots of runnable vCPUs; every physical CPU runs
+//! [`Scheduler::run_cpu`]: pop a vCPU, arm the EL2 timer for one time
+//! slice ([`Scheduler::slice_us`]), run it, act on the outcome:
 //!
 //! | outcome | meaning (pkvm-host `VcpuExit`) | then |
 //! |---|---|---|
 //! | [`Outcome::Preempted`] | `Interrupted`: physical IRQ (timer tick or kick SGI) | back to the tail of the queue |
 //! | [`Outcome::Yield`] | `Wfi`: nothing to deliver (no interrupt controller model) | tail of the queue |
 //! | [`Outcome::Sleep`] | `Sleep`: powered off (PSCI CPU_OFF) or suspended | off the queue until [`Scheduler::kick`] |
-//! | [`Outcome::VmEnd`] | `SystemEvent` / internal error | every CPU leaves `run_cpu` |
+//! | [`Outcome::Done`] | its VM is over (`SystemEvent`, internal error, VM stopped) | the slot is emptied and the vCPU dropped |
 //!
-//! A vCPU that is `Stopped` in its PSCI power state is therefore never on
-//! the queue: the PSCI code (`pkvm_host::psci`) publishes a `CPU_ON` in the
-//! target's power state under its lock and then calls
-//! `PsciVm::kick_vcpu`, which the VM forwards to [`Scheduler::kick`]:
+//! A run ([`Scheduler::begin`] .. the last `Done`) ends by itself when no
+//! vCPU is left: every CPU then leaves `run_cpu`. Several VMs can share
+//! one run; a VM ending only retires its own vCPUs.
+//!
+//! A vCPU that is `Stopped` in its PSCI power state is never on the queue:
+//! the PSCI code (`pkvm_host::psci`) publishes a `CPU_ON` in the target's
+//! power state under its lock and then calls `PsciVm::kick_vcpu`, which
+//! the VMM's `HostPlatform::kick_vcpu` forwards to [`Scheduler::kick`]:
 //! a sleeping vCPU is queued; a running one is sent the kick SGI so it
 //! leaves the guest and sees its new requests; a queued one needs nothing.
 //!
@@ -27,30 +32,22 @@
 //! QUEUED`. A CPU whose vCPU returned `Sleep` stores `SLEEPING`, then reads
 //! `kicked` and tries the same transition. Both sides use sequentially
 //! consistent operations, so at least one of them sees the other and
-//! exactly one (the CAS winner) queues the vCPU.
+//! exactly one (the CAS winner) queues the vCPU. A kick SGI sent to a CPU
+//! about to enter the guest is not lost either: EL2 runs with interrupts
+//! masked, so it stays pending and the guest exits at once.
 //!
 //! # Idle CPUs
 //! A CPU with nothing to run marks itself idle, re-checks the queue and
 //! waits with `wfi` (interrupts masked at EL2; the timer is armed as a
 //! backstop). Queuing a vCPU sends the kick SGI to one idle CPU.
 //!
-//! # Plugging in pkvm-host's run loop
-//! `pkvm_host::Vcpu::run(&mut backend) -> VcpuExit` fits [`SchedVcpu`]
-//! through the adapter [`host::HostRunner`]: loop on `run`, emulate `Mmio`
-//! exits and go round again, map `Interrupted`/`Wfi`/`Sleep` to the
-//! outcomes above and `SystemEvent`/`InternalError` to
-//! [`Outcome::VmEnd`]. Its backend's
-//! `enter` must, on an IRQ exit (`switch::EXIT_IRQ`), call
-//! [`crate::platform::gic::drain`] and return `GuestExit::Interrupt`; its
-//! `HostPlatform::kick_vcpu` must call [`Scheduler::kick`]. Until the
-//! image's VMM (`crate::vmm`) creates its vCPUs through it, [`vm`] is a
-//! minimal VM (eager stage-2, PL011, PSCI and
-//! reset from `pkvm_host`) used by the scenarios in [`scenario`].
+//! # pkvm-host vCPUs
+//! [`host::HostRunner`] adapts a claimed `pkvm_host::Vcpu` to
+//! [`SchedVcpu`]; the VMM (`crate::vmm`) provides the backend and the
+//! emulation through [`host::HostVmm`].
 #![forbid(unsafe_code)]
 
 pub mod host;
-pub mod scenario;
-pub mod vm;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
@@ -73,19 +70,8 @@ pub enum Outcome {
     Yield,
     /// It is powered off or suspended: not runnable until kicked.
     Sleep,
-    /// The VM is over.
-    VmEnd(VmEnd),
-}
-
-/// How a VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmEnd {
-    /// PSCI SYSTEM_OFF.
-    PowerOff,
-    /// PSCI SYSTEM_RESET (the scenarios treat it as the end).
-    Reset,
-    /// The host could not continue (message says why).
-    Error(&'static str),
+    /// Its VM is over: the vCPU leaves the scheduler (and is dropped).
+    Done,
 }
 
 /// A vCPU the scheduler can run.
@@ -98,8 +84,8 @@ pub trait SchedVcpu: Send {
 /// Something that can make a vCPU notice new requests (the VM's side of
 /// `PsciVm::kick_vcpu`).
 pub trait Kick: Sync {
-    /// Kicks vCPU `index`.
-    fn kick(&self, index: usize);
+    /// Kicks the vCPU in scheduler slot `slot`.
+    fn kick(&self, slot: usize);
 }
 
 const EMPTY: u8 = 0;
@@ -107,7 +93,7 @@ const SLEEPING: u8 = 1;
 const QUEUED: u8 = 2;
 const RUNNING: u8 = 3;
 
-/// The FIFO run queue (indices of `QUEUED` vCPUs; each at most once).
+/// The FIFO run queue (slots of `QUEUED` vCPUs; each at most once).
 struct RunQueue {
     ring: [u8; MAX_SCHED_VCPUS],
     head: usize,
@@ -136,7 +122,7 @@ impl RunQueue {
     }
 }
 
-/// Per-vCPU scheduling statistics.
+/// Per-vCPU scheduling statistics (reset by [`Scheduler::begin`]).
 #[derive(Debug, Default)]
 pub struct VcpuStats {
     /// Times it was picked to run.
@@ -151,6 +137,20 @@ pub struct VcpuStats {
     pub cpus: AtomicU64,
 }
 
+impl VcpuStats {
+    fn clear(&self) {
+        for c in [
+            &self.runs,
+            &self.preempted,
+            &self.yields,
+            &self.sleeps,
+            &self.cpus,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The scheduler (usually a `static`; `new` is `const`).
 pub struct Scheduler<V> {
     slots: [SpinLock<Option<V>>; MAX_SCHED_VCPUS],
@@ -160,10 +160,11 @@ pub struct Scheduler<V> {
     queue: SpinLock<RunQueue>,
     idle: AtomicUsize,
     stop: AtomicBool,
-    end: SpinLock<Option<VmEnd>>,
+    /// vCPUs added and not yet `Done`.
+    live: AtomicUsize,
     in_loop: AtomicUsize,
     slice_us: AtomicU64,
-    /// Per-vCPU statistics.
+    /// Per-slot statistics.
     pub stats: [VcpuStats; MAX_SCHED_VCPUS],
     /// Per physical CPU: vCPU runs.
     pub cpu_runs: [AtomicU64; MAX_CPUS],
@@ -195,7 +196,7 @@ impl<V: SchedVcpu> Scheduler<V> {
             ),
             idle: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
-            end: SpinLock::new(None, LockClass::Leaf),
+            live: AtomicUsize::new(0),
             in_loop: AtomicUsize::new(0),
             slice_us: AtomicU64::new(DEFAULT_SLICE_US),
             stats: [const {
@@ -222,26 +223,40 @@ impl<V: SchedVcpu> Scheduler<V> {
         self.slice_us.load(Ordering::Relaxed)
     }
 
-    /// Hands vCPU `index` to the scheduler, sleeping (not runnable until
-    /// kicked).
-    ///
-    /// # Errors
-    /// `Err(v)` if `index` is out of range or already taken.
-    pub fn add(&self, index: usize, v: V) -> Result<(), V> {
-        if index >= MAX_SCHED_VCPUS {
-            return Err(v);
+    /// Starts a new run: clears the stop flag and the statistics. Call it
+    /// before [`Scheduler::add`]ing the run's vCPUs, while no CPU is in
+    /// [`Scheduler::run_cpu`].
+    pub fn begin(&self) {
+        self.stop.store(false, Ordering::SeqCst);
+        for s in &self.stats {
+            s.clear();
         }
-        let mut slot = self.slots[index].lock();
-        if slot.is_some() {
-            return Err(v);
+        for c in self.cpu_runs.iter().chain(&self.cpu_idle) {
+            c.store(0, Ordering::Relaxed);
         }
-        *slot = Some(v);
-        self.state[index].store(SLEEPING, Ordering::SeqCst);
-        Ok(())
     }
 
-    fn enqueue(&self, index: usize) {
-        self.queue.lock().push(index);
+    /// Hands a vCPU to the scheduler in the first free slot, sleeping (not
+    /// runnable until kicked); returns the slot.
+    ///
+    /// # Errors
+    /// `Err(v)` if every slot is taken.
+    pub fn add(&self, v: V) -> Result<usize, V> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut s = slot.lock();
+            if s.is_none() && self.state[i].load(Ordering::SeqCst) == EMPTY {
+                *s = Some(v);
+                self.kicked[i].store(false, Ordering::SeqCst);
+                self.live.fetch_add(1, Ordering::SeqCst);
+                self.state[i].store(SLEEPING, Ordering::SeqCst);
+                return Ok(i);
+            }
+        }
+        Err(v)
+    }
+
+    fn enqueue(&self, slot: usize) {
+        self.queue.lock().push(slot);
         // Wake one idle CPU, if any.
         let idle = self.idle.load(Ordering::SeqCst);
         if idle != 0 {
@@ -249,23 +264,23 @@ impl<V: SchedVcpu> Scheduler<V> {
         }
     }
 
-    /// Makes vCPU `index` notice new requests: queue it if it sleeps, force
-    /// it out of the guest if it runs.
-    pub fn kick(&self, index: usize) {
-        if index >= MAX_SCHED_VCPUS {
+    /// Makes the vCPU in `slot` notice new requests: queue it if it sleeps,
+    /// force it out of the guest if it runs.
+    pub fn kick(&self, slot: usize) {
+        if slot >= MAX_SCHED_VCPUS {
             return;
         }
-        self.kicked[index].store(true, Ordering::SeqCst);
-        match self.state[index].load(Ordering::SeqCst) {
+        self.kicked[slot].store(true, Ordering::SeqCst);
+        match self.state[slot].load(Ordering::SeqCst) {
             SLEEPING
-                if self.state[index]
+                if self.state[slot]
                     .compare_exchange(SLEEPING, QUEUED, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok() =>
             {
-                self.enqueue(index);
+                self.enqueue(slot);
             }
             RUNNING => {
-                let cpu = self.on_cpu[index].load(Ordering::SeqCst);
+                let cpu = self.on_cpu[slot].load(Ordering::SeqCst);
                 if cpu != crate::platform::start::cpu_index() {
                     gic::send_sgi(gic::SGI_KICK, cpu);
                 }
@@ -274,27 +289,21 @@ impl<V: SchedVcpu> Scheduler<V> {
         }
     }
 
-    /// Ends the run: every CPU leaves [`Scheduler::run_cpu`] (those in a
-    /// guest are kicked out). The first end reason is kept.
-    pub fn stop(&self, why: VmEnd) {
-        {
-            let mut e = self.end.lock();
-            if e.is_none() {
-                *e = Some(why);
-            }
-        }
+    /// Ends the run early: every CPU leaves [`Scheduler::run_cpu`] (those
+    /// in a guest are kicked out); vCPUs still in slots stay there.
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         gic::send_sgi_others(gic::SGI_KICK);
     }
 
-    /// How the run ended, once it has.
-    pub fn end(&self) -> Option<VmEnd> {
-        *self.end.lock()
-    }
-
-    /// Whether [`Scheduler::stop`] was called.
+    /// Whether the run is over ([`Scheduler::stop`], or no vCPU left).
     pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// vCPUs added and not yet done.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
     }
 
     /// CPUs currently inside [`Scheduler::run_cpu`].
@@ -320,8 +329,8 @@ impl<V: SchedVcpu> Scheduler<V> {
         self.idle.fetch_and(!bit, Ordering::SeqCst);
     }
 
-    /// The scheduling loop of physical CPU `cpu`; returns once
-    /// [`Scheduler::stop`] was called.
+    /// The scheduling loop of physical CPU `cpu`; returns once the run is
+    /// over (every vCPU done, or [`Scheduler::stop`]).
     pub fn run_cpu(&self, cpu: usize) {
         self.in_loop.fetch_add(1, Ordering::SeqCst);
         while !self.stopped() {
@@ -341,17 +350,22 @@ impl<V: SchedVcpu> Scheduler<V> {
             st.runs.fetch_add(1, Ordering::Relaxed);
             st.cpus.fetch_or(1 << cpu, Ordering::Relaxed);
             self.cpu_runs[cpu].fetch_add(1, Ordering::Relaxed);
+            let mut retired = None;
             let outcome = {
                 let mut slot = self.slots[i].lock();
-                match slot.as_mut() {
+                let o = match slot.as_mut() {
                     Some(v) => {
                         timer::arm_after(timer::ticks_for_us(self.slice_us()));
                         let o = v.run(cpu);
                         timer::disable();
                         o
                     }
-                    None => Outcome::VmEnd(VmEnd::Error("scheduled an empty vCPU slot")),
+                    None => Outcome::Done,
+                };
+                if o == Outcome::Done {
+                    retired = slot.take();
                 }
+                o
             };
             self.on_cpu[i].store(usize::MAX, Ordering::SeqCst);
             match outcome {
@@ -376,24 +390,54 @@ impl<V: SchedVcpu> Scheduler<V> {
                         self.enqueue(i);
                     }
                 }
-                Outcome::VmEnd(e) => {
-                    self.state[i].store(SLEEPING, Ordering::SeqCst);
-                    self.stop(e);
+                Outcome::Done => {
+                    // Dropped outside the slot lock (a pkvm-host vCPU frees
+                    // its page cache and VM reference).
+                    drop(retired);
+                    self.state[i].store(EMPTY, Ordering::SeqCst);
+                    if self.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        self.stop();
+                    }
                 }
             }
         }
         self.in_loop.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Runs `f` on vCPU `index` (e.g. to read its statistics) when it is
-    /// not running.
-    pub fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&V) -> R) -> Option<R> {
-        self.slots.get(index)?.lock().as_ref().map(f)
+    /// Runs `f` on the vCPU in `slot` (e.g. to read its statistics) when
+    /// it is not running.
+    pub fn with_vcpu<R>(&self, slot: usize, f: impl FnOnce(&V) -> R) -> Option<R> {
+        self.slots.get(slot)?.lock().as_ref().map(f)
     }
 }
 
 impl<V: SchedVcpu> Kick for Scheduler<V> {
-    fn kick(&self, index: usize) {
-        Scheduler::kick(self, index)
+    fn kick(&self, slot: usize) {
+        Scheduler::kick(self, slot)
+    }
+}
+
+/// A CPU bitmask printed as `{0,1}`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CpuList(pub u64);
+
+impl core::fmt::Display for CpuList {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{{")?;
+        let mut first = true;
+        for c in (0..64).filter(|c| self.0 & (1 << c) != 0) {
+            if !first {
+                write!(f, ",")?;
+            }
+            write!(f, "{c}")?;
+            first = false;
+        }
+        write!(f, "}}")
+    }
+}
+
+impl core::fmt::Debug for CpuList {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(self, f)
     }
 }

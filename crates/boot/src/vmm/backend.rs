@@ -7,39 +7,34 @@
 //! switch's [`VcpuState`] before each entry and back after it; the state
 //! only the hardware layer needs (FP/SIMD, ACTLR, timer offset,
 //! pointer-authentication keys) is not in `VcpuContext`, so it lives in a
-//! per-vCPU [`VcpuState`] the VMM owns and lends to the backend
-//! ([`HwBackend::new`]): a vCPU that moves between physical CPUs (the
-//! scheduler) keeps it.
+//! per-vCPU [`VcpuHw`] the VMM owns (one lock per vCPU) and lends to the
+//! backend for one scheduler run ([`HwBackend::new`] takes the guard): a
+//! vCPU that moves between physical CPUs keeps it, and two vCPUs never
+//! share it.
 //!
 //! Exit mapping: stage-2 data/instruction aborts -> `Abort` (ESR, FAR,
 //! HPFAR); HVC -> `Call` (ELR is already past the HVC); SMC -> `Call` with
 //! the PC still on the SMC (pkvm-host's PSCI code steps a trapped SMC);
-//! WFI/WFE -> `Wfx` with the PC stepped; IRQ/FIQ -> `Interrupt`; anything
-//! else -> `Unhandled`. Two exits never leave the backend: the VMM's
-//! hypercall filter (see [`CallFilter`]) and trapped system-register
-//! accesses (read as zero, writes ignored), which pkvm-host does not
-//! emulate.
-
-use alloc::sync::Arc;
-use core::sync::atomic::{AtomicBool, Ordering};
+//! WFI/WFE -> `Wfx` with the PC stepped; IRQ/FIQ -> `Interrupt` after
+//! acknowledging what is pending ([`gic::drain`]: the scheduler's timer
+//! tick or kick SGI); anything else -> `Unhandled`. Trapped
+//! system-register accesses never leave the backend (read as zero, writes
+//! ignored): pkvm-host does not emulate them. Vendor hypercalls (guest-rt's
+//! report) reach the VMM as pkvm-host's `VcpuExit::Hypercall`.
 
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 use pkvm_host::fault::GuestFault;
 use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
+use pkvm_sync::SpinGuard;
 
 use super::platform::BootHyp;
 use crate::platform::gic;
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, HCR_GUEST};
 
-/// The VMM's hypercall filter: sees every guest HVC first (x0..x30 of the
-/// guest); returns `true` if it handled the call (results in the registers),
-/// `false` to let pkvm-host handle it. KVM's SMCCC filter with
-/// "forward to user space" plays this role.
-pub type CallFilter<'a> = &'a dyn Fn(&mut [u64; 31]) -> bool;
-
-/// Exit counts seen by the backend (including those it handles itself).
+/// Exit counts seen by the backend (including those it handles itself),
+/// accumulated over the vCPU's life.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BackendStats {
     /// Guest entries.
@@ -50,73 +45,96 @@ pub struct BackendStats {
     pub aborts: u64,
     /// HVC/SMC.
     pub calls: u64,
-    /// Calls the VMM's filter handled.
-    pub filtered: u64,
     /// WFI/WFE.
     pub wfx: u64,
-    /// IRQ/FIQ.
+    /// IRQ/FIQ exits.
     pub irq: u64,
+    /// IRQ exits on which the EL2 timer (the preemption tick) was pending.
+    pub timer_irqs: u64,
+    /// IRQ exits on which a kick SGI was pending.
+    pub kick_irqs: u64,
     /// Trapped system-register accesses (RAZ/WI).
     pub sysreg: u64,
-    /// Kicks noticed before an entry.
-    pub kicks: u64,
+    /// Resets applied before an entry (boot, each PSCI CPU_ON).
+    pub resets: u64,
 }
 
-/// The hardware-only state of a new vCPU (FP/SIMD zero, PAC keys zero,
-/// timer offset 0); the rest is loaded from `VcpuContext` at each entry.
-pub fn new_hw_state() -> VcpuState {
-    VcpuState::new(0, [0; 4], 0)
-}
-
-/// A vCPU's hardware side on one physical CPU.
-pub struct HwBackend<'a> {
-    cpu: usize,
-    st: &'a mut VcpuState,
-    pauth: bool,
-    parange: u8,
-    kick: Arc<AtomicBool>,
-    hyp: Option<&'static BootHyp>,
-    filter: CallFilter<'a>,
-    /// FAR_EL2 of the last abort (the VA an injected abort reports).
-    last_far: u64,
-    /// x1..x3 for the first entry after the boot reset (pkvm-host's
+/// The hardware-only state of one vCPU, lent to its backend while it runs.
+#[derive(Debug)]
+pub struct VcpuHw {
+    /// The world switch's view (FP/SIMD, PAC keys, timer offset live only
+    /// here; the rest is loaded from `VcpuContext` at each entry).
+    pub st: VcpuState,
+    /// Counters.
+    pub stats: BackendStats,
+    /// x1..x3 for the first entry at the given PC (pkvm-host's
     /// `BootParams` only sets x0).
     boot_args: Option<(u64, [u64; 3])>,
     /// VMID of the last entry (as loaded in VTTBR_EL2).
     pub last_vmid: u16,
-    /// Counters.
-    pub stats: BackendStats,
 }
 
-impl<'a> HwBackend<'a> {
-    /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU
-    /// whose hardware-only state is `hw` (see [`new_hw_state`]) and whose
-    /// kick flag is `kick`; `hyp` is the hypervisor in protected mode.
-    pub fn new(
-        cpu: usize,
-        hw: &'a mut VcpuState,
-        kick: Arc<AtomicBool>,
-        hyp: Option<&'static BootHyp>,
-        filter: CallFilter<'a>,
-    ) -> Self {
-        HwBackend {
-            cpu,
-            st: hw,
-            pauth: switch::has_pauth(),
-            parange: switch::parange(),
-            kick,
-            hyp,
-            filter,
-            last_far: 0,
+impl VcpuHw {
+    /// A new vCPU's hardware-only state: FP/SIMD zero, PAC keys zero, timer
+    /// offset 0.
+    pub fn new() -> Self {
+        VcpuHw {
+            st: VcpuState::new(0, [0; 4], 0),
+            stats: BackendStats::default(),
             boot_args: None,
             last_vmid: 0,
-            stats: BackendStats::default(),
         }
     }
 
     /// Sets x1..x3 on the first entry at `pc` (after the boot reset).
     pub fn set_boot_args(&mut self, pc: u64, args: [u64; 3]) {
         self.boot_args = Some((pc, args));
+    }
+
+    /// A reset is about to be applied by pkvm-host (boot or PSCI CPU_ON):
+    /// the state pkvm-host does not know about goes back to its reset
+    /// value too (FP/SIMD registers, FPSR, FPCR).
+    pub fn on_reset(&mut self) {
+        self.stats.resets += 1;
+        let r = &mut self.st.regs;
+        r.v = [0; 32];
+        r.fpsr = 0;
+        r.fpcr = 0;
+    }
+}
+
+impl Default for VcpuHw {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A vCPU's hardware side on one physical CPU, for one scheduler run.
+pub struct HwBackend<'a> {
+    cpu: usize,
+    hw: SpinGuard<'a, VcpuHw>,
+    pauth: bool,
+    parange: u8,
+    hyp: Option<&'static BootHyp>,
+}
+
+impl<'a> HwBackend<'a> {
+    /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU whose
+    /// hardware-only state is `hw` (held for the backend's life); `hyp` is
+    /// the hypervisor in protected mode.
+    pub fn new(cpu: usize, hw: SpinGuard<'a, VcpuHw>, hyp: Option<&'static BootHyp>) -> Self {
+        HwBackend {
+            cpu,
+            hw,
+            pauth: switch::has_pauth(),
+            parange: switch::parange(),
+            hyp,
+        }
+    }
+
+    /// The vCPU's hardware-only state.
+    pub fn hw(&mut self) -> &mut VcpuHw {
+        &mut *self.hw
     }
 
     fn vm_regs(&self, s2: &StageTwo) -> Option<VmRegs> {
@@ -136,7 +154,7 @@ impl<'a> HwBackend<'a> {
 
     fn load(&mut self, ctx: &VcpuContext) {
         let (g, s) = (&ctx.gprs, &ctx.sys);
-        let st = &mut *self.st;
+        let st = &mut self.hw.st;
         st.regs.x = g.x;
         st.regs.pc = g.pc;
         st.regs.pstate = g.pstate;
@@ -170,7 +188,7 @@ impl<'a> HwBackend<'a> {
     }
 
     fn save(&self, ctx: &mut VcpuContext) {
-        let st = &*self.st;
+        let st = &self.hw.st;
         let (g, s) = (&mut ctx.gprs, &mut ctx.sys);
         g.x = st.regs.x;
         g.pc = st.regs.pc;
@@ -206,16 +224,19 @@ impl<'a> HwBackend<'a> {
 
     /// One world switch; `None` when the backend handled the exit itself.
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
-        let exit = switch::run(vm, self.st, self.pauth);
-        self.stats.exits += 1;
+        let hw = &mut *self.hw;
+        let exit = switch::run(vm, &mut hw.st, self.pauth);
+        hw.stats.exits += 1;
         match exit.kind {
             EXIT_SYNC => {}
             EXIT_IRQ | 10 => {
-                self.stats.irq += 1;
-                // Acknowledge and end what is pending (the GIC driver
-                // handles the timer tick and the kick SGI).
+                hw.stats.irq += 1;
+                // Acknowledge and end what is pending: the scheduler's
+                // preemption tick and kick SGI only need the exit itself.
                 if gic::cpu_ready(self.cpu) {
-                    let _ = gic::drain();
+                    let d = gic::drain();
+                    hw.stats.timer_irqs += d.timer as u64;
+                    hw.stats.kick_irqs += d.kick as u64;
                 }
                 return Some(GuestExit::Interrupt);
             }
@@ -224,40 +245,30 @@ impl<'a> HwBackend<'a> {
         let esr = Esr(exit.esr);
         match esr.ec() {
             ec::DABT_LOW | ec::IABT_LOW => {
-                self.stats.aborts += 1;
-                self.last_far = exit.far;
+                hw.stats.aborts += 1;
                 Some(GuestExit::Abort {
                     esr: exit.esr,
                     far: exit.far,
                     hpfar: exit.hpfar,
                 })
             }
-            ec::HVC64 => {
-                self.stats.calls += 1;
-                if (self.filter)(&mut self.st.regs.x) {
-                    self.stats.filtered += 1;
-                    None
-                } else {
-                    Some(GuestExit::Call { esr: exit.esr })
-                }
-            }
-            ec::SMC64 => {
-                self.stats.calls += 1;
+            ec::HVC64 | ec::SMC64 => {
+                hw.stats.calls += 1;
                 Some(GuestExit::Call { esr: exit.esr })
             }
             ec::WFX => {
-                self.stats.wfx += 1;
-                self.st.regs.pc += 4;
+                hw.stats.wfx += 1;
+                hw.st.regs.pc += 4;
                 Some(GuestExit::Wfx)
             }
             ec::SYS64 => {
-                self.stats.sysreg += 1;
+                hw.stats.sysreg += 1;
                 let iss = esr.iss();
                 let rt = ((iss >> 5) & 0x1f) as usize;
                 if iss & 1 == 1 && rt < 31 {
-                    self.st.regs.x[rt] = 0;
+                    hw.st.regs.x[rt] = 0;
                 }
-                self.st.regs.pc += 4;
+                hw.st.regs.pc += 4;
                 None
             }
             _ => Some(GuestExit::Unhandled { esr: exit.esr }),
@@ -271,22 +282,19 @@ impl VcpuBackend for HwBackend<'_> {
     }
 
     fn enter(&mut self, ctx: &mut VcpuContext, s2: &StageTwo) -> GuestExit {
-        if self.kick.swap(false, Ordering::AcqRel) {
-            self.stats.kicks += 1;
-            return GuestExit::Interrupt;
-        }
         let Some(vm) = self.vm_regs(s2) else {
             return GuestExit::Unhandled { esr: 0 };
         };
-        self.last_vmid = (vm.vttbr >> 48) as u16;
-        if let Some((pc, args)) = self.boot_args {
+        let hw = &mut *self.hw;
+        hw.last_vmid = (vm.vttbr >> 48) as u16;
+        if let Some((pc, args)) = hw.boot_args {
             if ctx.gprs.pc == pc {
                 ctx.gprs.x[1..4].copy_from_slice(&args);
-                self.boot_args = None;
+                hw.boot_args = None;
             }
         }
+        hw.stats.entries += 1;
         self.load(ctx);
-        self.stats.entries += 1;
         let exit = loop {
             if let Some(e) = self.run_once(&vm) {
                 break e;
@@ -337,7 +345,7 @@ impl VcpuBackend for HwBackend<'_> {
         };
         let s = &mut ctx.sys;
         s.esr_el1 = ((ec as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
-        s.far_el1 = self.last_far;
+        s.far_el1 = if fault.fnv { 0 } else { fault.far };
         s.elr_el1 = ctx.gprs.pc;
         s.spsr_el1 = ctx.gprs.pstate;
         ctx.gprs.pstate = pstate::RESET;

@@ -1,7 +1,9 @@
 //! A VM as the VMM sees it: a `pkvm_host::Vm` with its memslots over VMAs
 //! of the VMM's process memory, its image (and device tree) loaded, the
-//! emulated PL011, the results guests report, and the vCPU thread loop
-//! around `Vcpu::run`.
+//! emulated PL011 (one line buffer per vCPU), the results guests report,
+//! each vCPU's hardware-only state, and the exit handling the scheduler's
+//! [`HostRunner`](crate::sched::host::HostRunner) calls around
+//! `Vcpu::run` ([`HostVmm`]).
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -10,16 +12,17 @@ use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
 use pkvm_arch::{Hva, Ipa};
 use pkvm_host::memslot::UserMemoryRegion;
-use pkvm_host::psci::{PsciVm, SystemEventKind};
+use pkvm_host::psci::{PowerState, PsciVm, Requests, SystemEventKind};
 use pkvm_host::reset::BootParams;
-use pkvm_host::{VcpuExit, VmConfig};
+use pkvm_host::{Vcpu, VcpuExit, VmConfig};
 use pkvm_sync::{LockClass, SpinLock};
 
-use super::backend::{self, HwBackend};
+use super::backend::{self, HwBackend, VcpuHw};
 use super::fdtgen;
 use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
 use crate::println;
+use crate::sched::host::HostVmm;
 
 /// The host VM type in the image.
 pub type BootVm = pkvm_host::Vm<BootPlatform, BootProcess>;
@@ -28,8 +31,8 @@ pub type BootVm = pkvm_host::Vm<BootPlatform, BootProcess>;
 pub const GUEST_RAM: u64 = 0x4000_0000;
 /// IPA size of every VM.
 pub const IPA_BITS: u32 = 40;
-/// Most vCPUs per VM here (one physical CPU each).
-pub const MAX_VCPUS: usize = 8;
+/// Most vCPUs per VM here (the scheduler's slots).
+pub const MAX_VCPUS: usize = crate::sched::MAX_SCHED_VCPUS;
 /// The vendor report hypercall of guest-rt.
 pub const REPORT_FID: u64 = 0xc600_0100;
 const BLOCK: u64 = 2 << 20;
@@ -70,6 +73,8 @@ pub struct VmSpec<'a> {
     /// A region of RAM (IPA, bytes; 2M aligned) in a memslot of its own,
     /// so its faults are counted apart; x0/x1 of the boot vCPU.
     pub touch: Option<(u64, u64)>,
+    /// x0 of the boot vCPU (when neither a device tree nor `touch` sets it).
+    pub x0: Option<u64>,
 }
 
 /// Why a VM could not be created.
@@ -128,12 +133,11 @@ pub struct VmmCounters {
     pub interrupted: AtomicU64,
     /// Sleeps (powered-off vCPU waiting for a kick).
     pub sleeps: AtomicU64,
-    /// Guest entries (all vCPUs).
-    pub entries: AtomicU64,
     /// Reports through the vendor hypercall.
     pub reports: AtomicU64,
-    /// Trapped sysreg accesses (RAZ/WI in the backend).
-    pub sysreg: AtomicU64,
+    /// Hypercall exits outside PSCI/SMCCC that the VMM did not know
+    /// (answered NOT_SUPPORTED).
+    pub unknown_calls: AtomicU64,
 }
 
 /// A line buffer for the emulated UART.
@@ -157,17 +161,23 @@ pub struct GuestVm {
     pub mem: u64,
     /// Backing.
     pub backing: Backing,
-    boot_args: [u64; 3],
     entry: u64,
     reports: SpinLock<[Option<(u64, u64)>; code::COUNT]>,
-    uart: SpinLock<LineBuf>,
+    /// Per vCPU: the emulated UART's line buffer.
+    uart: Vec<SpinLock<LineBuf>>,
+    /// Per vCPU: the hardware-only state, lent to its backend.
+    hw: Vec<SpinLock<VcpuHw>>,
     end: SpinLock<Option<VmEnd>>,
     stopping: AtomicBool,
     warned_unclaimed: AtomicBool,
+    /// vCPUs of this VM inside a scheduler run right now.
+    running: AtomicUsize,
     /// Counters.
     pub counters: VmmCounters,
-    /// Physical CPU of each vCPU's thread (usize::MAX: never ran).
-    pub cpus: [AtomicUsize; MAX_VCPUS],
+    /// Per vCPU: physical CPUs it ran on (bit per CPU).
+    pub cpus: Vec<AtomicU64>,
+    /// Per vCPU: its scheduler slot while scheduled (usize::MAX: none).
+    pub slots: Vec<AtomicUsize>,
     /// VMID the hardware ran it with (0 until it ran).
     pub hw_vmid: AtomicU16,
 }
@@ -235,21 +245,32 @@ pub fn create(
         touch_vma: None,
         mem: spec.mem,
         backing: spec.backing,
-        boot_args: [0; 3],
         entry: GUEST_RAM + spec.load_offset,
         reports: SpinLock::new([None; code::COUNT], LockClass::Leaf),
-        uart: SpinLock::new(
-            LineBuf {
-                buf: [0; 160],
-                n: 0,
-            },
-            LockClass::Leaf,
-        ),
+        uart: (0..spec.vcpus)
+            .map(|_| {
+                SpinLock::new(
+                    LineBuf {
+                        buf: [0; 160],
+                        n: 0,
+                    },
+                    LockClass::Leaf,
+                )
+            })
+            .collect(),
+        // Taken by the scheduler's runner before any pkvm-host lock.
+        hw: (0..spec.vcpus)
+            .map(|_| SpinLock::new(VcpuHw::new(), LockClass::HostVm))
+            .collect(),
         end: SpinLock::new(None, LockClass::Leaf),
         stopping: AtomicBool::new(false),
         warned_unclaimed: AtomicBool::new(false),
+        running: AtomicUsize::new(0),
         counters: VmmCounters::default(),
-        cpus: [const { AtomicUsize::new(usize::MAX) }; MAX_VCPUS],
+        cpus: (0..spec.vcpus).map(|_| AtomicU64::new(0)).collect(),
+        slots: (0..spec.vcpus)
+            .map(|_| AtomicUsize::new(usize::MAX))
+            .collect(),
         hw_vmid: AtomicU16::new(0),
     };
     let cpu = crate::platform::start::cpu_index();
@@ -282,9 +303,12 @@ pub fn create(
         g.release_vmas();
         return Err(e);
     }
+    if let Some(v) = spec.x0 {
+        x0 = v;
+    }
     if let Some((t, n)) = spec.touch {
         x0 = t;
-        g.boot_args = [n, 0, 0];
+        g.hw[0].lock().set_boot_args(g.entry, [n, 0, 0]);
     }
     g.vm.power_on(BootParams {
         entry: g.entry,
@@ -362,7 +386,7 @@ impl GuestVm {
     }
 
     /// Stops the VM: records why (the first reason wins) and kicks every
-    /// vCPU thread.
+    /// vCPU, so each leaves the scheduler.
     pub fn stop(&self, why: VmEnd) {
         {
             let mut e = self.end.lock();
@@ -376,11 +400,18 @@ impl GuestVm {
         }
     }
 
-    fn uart_putc(&self, c: u8) {
-        let mut u = self.uart.lock();
+    fn uart_putc(&self, index: usize, c: u8) {
+        let Some(u) = self.uart.get(index) else {
+            return;
+        };
+        let mut u = u.lock();
         if c == b'\n' || u.n == u.buf.len() {
             let line = core::str::from_utf8(&u.buf[..u.n]).unwrap_or("<non-utf8 output>");
-            println!("[{}] {line}", self.name);
+            if self.uart.len() > 1 {
+                println!("[{} vcpu {index}] {line}", self.name);
+            } else {
+                println!("[{}] {line}", self.name);
+            }
             u.n = 0;
             if c == b'\n' {
                 return;
@@ -396,14 +427,14 @@ impl GuestVm {
     /// Emulates an MMIO access: the PL011 at `fdtgen::GUEST_UART` (data
     /// register writes go to the console, FR reads "TX empty", ID
     /// registers for probing); anything else reads as 0, writes ignored.
-    fn mmio(&self, addr: u64, len: u8, write: bool, data: u64) -> u64 {
+    fn mmio(&self, index: usize, addr: u64, len: u8, write: bool, data: u64) -> u64 {
         self.counters.mmio.fetch_add(1, Ordering::Relaxed);
         const PL011_ID: [u64; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
         let uart = fdtgen::GUEST_UART;
         if (uart..uart + 0x1000).contains(&addr) {
             return match (write, addr - uart) {
                 (true, 0) => {
-                    self.uart_putc(data as u8);
+                    self.uart_putc(index, data as u8);
                     0
                 }
                 (true, _) => 0,
@@ -422,17 +453,6 @@ impl GuestVm {
             );
         }
         0
-    }
-
-    /// The VMM's hypercall filter: guest-rt's report call.
-    fn filter(&self, x: &mut [u64; 31]) -> bool {
-        if x[0] != REPORT_FID {
-            return false;
-        }
-        self.counters.reports.fetch_add(1, Ordering::Relaxed);
-        self.on_report(x[1], x[2], x[3]);
-        x[0] = 0;
-        true
     }
 
     fn on_report(&self, c: u64, a: u64, b: u64) {
@@ -484,89 +504,36 @@ impl GuestVm {
         }
     }
 
-    /// The vCPU thread: claims vCPU `index` and runs it on this physical
-    /// CPU until the VM stops.
-    pub fn vcpu_thread(&self, index: usize) {
-        let cpu = crate::platform::start::cpu_index();
-        if let Some(c) = self.cpus.get(index) {
-            c.store(cpu, Ordering::Relaxed);
+    /// A vendor hypercall (pkvm-host's `VcpuExit::Hypercall`, x0 already
+    /// NOT_SUPPORTED): guest-rt's report call is answered with x0 = 0.
+    fn hypercall(&self, vcpu: &mut Vcpu<BootPlatform, BootProcess>, func: u32, args: &[u64; 6]) {
+        if func as u64 != REPORT_FID {
+            self.counters.unknown_calls.fetch_add(1, Ordering::Relaxed);
+            return;
         }
-        let mut vcpu = match self.vm.vcpu(index) {
-            Ok(v) => v,
-            Err(e) => {
-                println!("vm {}: vCPU {index}: {e}", self.name);
-                self.stop(VmEnd::Error("vCPU claim failed"));
-                return;
-            }
-        };
-        let id = self.kick_id();
-        let kick = self.platform.register_vcpu(id, index, cpu);
-        let filter = |x: &mut [u64; 31]| self.filter(x);
-        let mut hw = backend::new_hw_state();
-        let mut be = HwBackend::new(cpu, &mut hw, kick.clone(), self.platform.hyp(), &filter);
-        if index == 0 && self.boot_args != [0; 3] {
-            be.set_boot_args(self.entry, self.boot_args);
+        self.counters.reports.fetch_add(1, Ordering::Relaxed);
+        self.on_report(args[0], args[1], args[2]);
+        vcpu.context_mut().gprs.x[0] = 0;
+    }
+
+    /// The hardware-only state counters of every vCPU, summed.
+    fn hw_stats(&self) -> backend::BackendStats {
+        let mut t = backend::BackendStats::default();
+        for h in &self.hw {
+            let s = h.lock().stats;
+            t.entries += s.entries;
+            t.sysreg += s.sysreg;
+            t.resets += s.resets;
+            t.irq += s.irq;
+            t.timer_irqs += s.timer_irqs;
+            t.kick_irqs += s.kick_irqs;
         }
-        while !self.stopping.load(Ordering::Acquire) {
-            let exit = vcpu.run(&mut be);
-            self.counters.run_exits.fetch_add(1, Ordering::Relaxed);
-            if be.last_vmid != 0 {
-                self.hw_vmid.store(be.last_vmid, Ordering::Relaxed);
-            }
-            match exit {
-                VcpuExit::Mmio {
-                    addr,
-                    len,
-                    write,
-                    data,
-                } => {
-                    let v = self.mmio(addr.0, len, write, data);
-                    if !write {
-                        vcpu.complete_mmio(v);
-                    }
-                }
-                VcpuExit::SystemEvent(ev) => {
-                    let why = match ev.kind {
-                        SystemEventKind::Shutdown => VmEnd::PowerOff,
-                        SystemEventKind::Reset => VmEnd::Reset,
-                        SystemEventKind::Suspend => VmEnd::Error("system suspend (unsupported)"),
-                    };
-                    self.stop(why);
-                }
-                VcpuExit::Sleep => {
-                    self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
-                    while !kick.swap(false, Ordering::AcqRel)
-                        && !self.stopping.load(Ordering::Acquire)
-                    {
-                        core::hint::spin_loop();
-                    }
-                }
-                // No interrupt controller model yet: nothing to wait for.
-                VcpuExit::Wfi => {
-                    self.counters.wfi.fetch_add(1, Ordering::Relaxed);
-                }
-                // Hook for the scheduler (GIC/timer work): return here on
-                // a physical interrupt, then re-enter.
-                VcpuExit::Interrupted => {
-                    self.counters.interrupted.fetch_add(1, Ordering::Relaxed);
-                }
-                VcpuExit::Halted => self.stop(VmEnd::Error("halted")),
-                VcpuExit::InternalError(e) => {
-                    let ctx = vcpu.context();
-                    println!(
-                        "vm {}: vCPU {index} stopped: {e:?} (PC {:#x})",
-                        self.name, ctx.gprs.pc
-                    );
-                    self.stop(VmEnd::Error("internal error"));
-                }
-            }
-        }
-        self.platform.unregister_vcpu(id, index);
-        let s = be.stats;
-        self.counters
-            .entries
-            .fetch_add(s.entries, Ordering::Relaxed);
-        self.counters.sysreg.fetch_add(s.sysreg, Ordering::Relaxed);
+        t
+    }
+
+    /// vCPU `index`'s hardware-side counters (after a run).
+    pub fn vcpu_stats(&self, index: usize) -> backend::BackendStats {
+        self.hw.get(index).map(|h| h.lock().stats).unwrap_or_default()
     }
 
     /// Prints the VM's statistics (pkvm-host's `VmStats` and the VMM's).
@@ -574,8 +541,11 @@ impl GuestVm {
         let s = self.vm.stats().snapshot();
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let cpus: Vec<usize> = (0..self.vm.vcpu_count())
-            .map(|i| self.cpus[i].load(Ordering::Relaxed))
+        let hw = self.hw_stats();
+        let cpus: Vec<crate::sched::CpuList> = self
+            .cpus
+            .iter()
+            .map(|c| crate::sched::CpuList(c.load(Ordering::Relaxed)))
             .collect();
         println!(
             "vm {}: stats: translation faults {}, permission faults {}, access-flag faults {}, retries {}, maps 4K {} / 2M {} / 1G {}, {} KiB mapped, mmio exits {}, guest calls {}, injected aborts {}",
@@ -593,17 +563,21 @@ impl GuestVm {
             s.injected_aborts,
         );
         println!(
-            "vm {}: run loop: {} guest entries, {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {}, sleeps {}), {} reports, {} sysreg traps; {} {}, hw vmid {}, cpus {:?}, {} MiB {}{}",
+            "vm {}: run loop: {} guest entries ({} after a reset), {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
             self.name,
-            l(&c.entries),
+            hw.entries,
+            hw.resets,
             l(&c.run_exits),
             l(&c.mmio),
             l(&c.mmio_unclaimed),
             l(&c.wfi),
             l(&c.interrupted),
+            hw.timer_irqs,
+            hw.kick_irqs,
             l(&c.sleeps),
             l(&c.reports),
-            l(&c.sysreg),
+            l(&c.unknown_calls),
+            hw.sysreg,
             if self.vm.handle().is_some() { "handle" } else { "vmid" },
             self.vm.handle().map_or(self.vm.vmid().unwrap_or(0) as u64, |h| h as u64),
             self.hw_vmid.load(Ordering::Relaxed),
@@ -624,7 +598,8 @@ impl GuestVm {
     /// Tears the VM down (pkvm-host's single-owner teardown), then unmaps
     /// its VMAs; returns the frames the VMAs released.
     ///
-    /// The caller must have joined every vCPU thread.
+    /// The caller must have finished the scheduler run (its vCPU runners
+    /// hold references).
     pub fn destroy(self: Arc<Self>) -> u64 {
         self.vm.teardown(crate::platform::start::cpu_index());
         match Arc::try_unwrap(self) {
@@ -637,5 +612,97 @@ impl GuestVm {
                 0
             }
         }
+    }
+}
+
+impl HostVmm for GuestVm {
+    type Platform = BootPlatform;
+    type Memory = BootProcess;
+    type Backend<'a> = HwBackend<'a>;
+
+    fn backend(&self, cpu: usize, index: usize) -> HwBackend<'_> {
+        if let Some(c) = self.cpus.get(index) {
+            c.fetch_or(1 << cpu, Ordering::Relaxed);
+        }
+        if self.running.fetch_add(1, Ordering::AcqRel) == 0 {
+            super::run::vm_started_running();
+        }
+        HwBackend::new(cpu, self.hw[index].lock(), self.platform.hyp())
+    }
+
+    fn after_run(&self, mut be: HwBackend<'_>) {
+        let vmid = be.hw().last_vmid;
+        if vmid != 0 {
+            self.hw_vmid.store(vmid, Ordering::Relaxed);
+        }
+        drop(be);
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            super::run::vm_stopped_running();
+        }
+    }
+
+    /// A reset pending for a `Running` vCPU is applied by pkvm-host before
+    /// the next entry: reset the hardware-only state with it.
+    fn before_run(&self, vcpu: &Vcpu<BootPlatform, BootProcess>, be: &mut HwBackend<'_>) {
+        let reset = {
+            let p = self.vm.vcpu_power(vcpu.index()).lock();
+            p.state() == PowerState::Running
+                && p.requests().contains(Requests::RESET)
+                && p.reset_state().reset
+        };
+        if reset {
+            be.hw().on_reset();
+        }
+    }
+
+    fn exit(&self, vcpu: &mut Vcpu<BootPlatform, BootProcess>, exit: &VcpuExit) {
+        self.counters.run_exits.fetch_add(1, Ordering::Relaxed);
+        let index = vcpu.index();
+        match *exit {
+            VcpuExit::Mmio {
+                addr,
+                len,
+                write,
+                data,
+            } => {
+                let v = self.mmio(index, addr.0, len, write, data);
+                if !write {
+                    vcpu.complete_mmio(v);
+                }
+            }
+            VcpuExit::Hypercall { func, ref args, .. } => self.hypercall(vcpu, func, args),
+            VcpuExit::SystemEvent(ev) => {
+                let why = match ev.kind {
+                    SystemEventKind::Shutdown => VmEnd::PowerOff,
+                    SystemEventKind::Reset => VmEnd::Reset,
+                    SystemEventKind::Suspend => VmEnd::Error("system suspend (unsupported)"),
+                };
+                self.stop(why);
+            }
+            VcpuExit::Sleep => {
+                self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
+            }
+            // No interrupt controller model yet: nothing to wait for; the
+            // scheduler lets the others run.
+            VcpuExit::Wfi => {
+                self.counters.wfi.fetch_add(1, Ordering::Relaxed);
+            }
+            VcpuExit::Interrupted => {
+                self.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+            }
+            VcpuExit::Halted => self.stop(VmEnd::Error("halted")),
+            VcpuExit::InternalError(e) => {
+                println!(
+                    "vm {}: vCPU {index} stopped: {e:?} (PC {:#x})",
+                    self.name,
+                    vcpu.context().gprs.pc
+                );
+                self.stop(VmEnd::Error("internal error"));
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }

@@ -5,8 +5,9 @@
 //!   the hardware `TlbOps`/`PtMemory` of [`HwS2`] for a VMID; pages come
 //!   from the image's page pool ([`super::pool`]); the hypercall is a
 //!   direct call into the in-image [`Hyp`] ([`hyp_call`]: host and
-//!   hypervisor both run at EL2 for now); kicks set a per-vCPU flag the
-//!   vCPU's thread polls (no IPI until the GIC work lands).
+//!   hypervisor both run at EL2 for now); kicks go to the vCPU scheduler
+//!   ([`super::run`]): a sleeping vCPU is queued, a running one gets the
+//!   kick SGI.
 //! - [`HwHyp`] implements [`HypPlatform`] over the EL2 identity map.
 //! - [`init_hyp`] sets the hypervisor up over the RAM the image manages,
 //!   with the carve-out as its pool, and finalises it through the
@@ -16,7 +17,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pkvm_arch::{Pa, Pfn};
 use pkvm_host::HostPlatform;
@@ -27,7 +28,7 @@ use pkvm_sync::{LockClass, SpinLock};
 
 use super::pool;
 use crate::platform::hw::{HwEl2, HwS2};
-use crate::platform::{gic, start};
+use crate::platform::start;
 
 /// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
 /// VMID (the root address is not needed for TLBI).
@@ -140,13 +141,11 @@ pub fn hyp_call(hyp: Option<&BootHyp>, cpu: usize, regs: &mut [u64; 8]) {
     }
 }
 
-/// A registered vCPU thread: its pending-kick flag and physical CPU.
-type KickTarget = (Arc<AtomicBool>, usize);
-
 /// The platform the host runs on in the image.
 pub struct BootPlatform {
     hyp: Option<&'static BootHyp>,
-    kicks: SpinLock<BTreeMap<(u16, usize), KickTarget>>,
+    /// Scheduler slot of each scheduled vCPU, by (VMID or handle, index).
+    slots: SpinLock<BTreeMap<(u16, usize), usize>>,
     /// Hypercalls made.
     pub hvcs: AtomicU64,
 }
@@ -165,7 +164,7 @@ impl BootPlatform {
     pub fn new(hyp: Option<&'static BootHyp>) -> Arc<BootPlatform> {
         Arc::new(BootPlatform {
             hyp,
-            kicks: SpinLock::new(BTreeMap::new(), LockClass::Leaf),
+            slots: SpinLock::new(BTreeMap::new(), LockClass::Leaf),
             hvcs: AtomicU64::new(0),
         })
     }
@@ -175,18 +174,15 @@ impl BootPlatform {
         self.hyp
     }
 
-    /// Registers the thread of vCPU `index` of the VM `id` (VMID or pKVM
-    /// handle), running on physical CPU `cpu`, for kicks; returns its
-    /// pending-kick flag.
-    pub fn register_vcpu(&self, id: u16, index: usize, cpu: usize) -> Arc<AtomicBool> {
-        let flag = Arc::new(AtomicBool::new(false));
-        self.kicks.lock().insert((id, index), (flag.clone(), cpu));
-        flag
+    /// Records that vCPU `index` of the VM `id` (VMID or pKVM handle) runs
+    /// in scheduler slot `slot`, for kicks.
+    pub fn register_vcpu(&self, id: u16, index: usize, slot: usize) {
+        self.slots.lock().insert((id, index), slot);
     }
 
-    /// Forgets a vCPU thread.
+    /// Forgets a vCPU (its run is over).
     pub fn unregister_vcpu(&self, id: u16, index: usize) {
-        self.kicks.lock().remove(&(id, index));
+        self.slots.lock().remove(&(id, index));
     }
 }
 
@@ -214,16 +210,14 @@ impl HostPlatform for BootPlatform {
         hyp_call(self.hyp, cpu, regs)
     }
 
-    /// Sets the vCPU's kick flag (seen before its next guest entry and by
-    /// its sleep loop); if its CPU's GIC interface is up, also sends it the
-    /// kick SGI so a vCPU inside the guest exits now.
+    /// Forwards to the scheduler ([`super::run::kick`]): a sleeping vCPU
+    /// is queued, a running one on another CPU gets the kick SGI (and
+    /// leaves the guest). A vCPU not (or no longer) scheduled needs
+    /// nothing: it reads its power state before its first entry.
     fn kick_vcpu(&self, vmid: u16, index: usize) {
-        let target = self.kicks.lock().get(&(vmid, index)).cloned();
-        if let Some((f, cpu)) = target {
-            f.store(true, Ordering::Release);
-            if cpu != start::cpu_index() && gic::cpu_ready(cpu) {
-                gic::send_sgi(gic::SGI_KICK, cpu);
-            }
+        let slot = self.slots.lock().get(&(vmid, index)).copied();
+        if let Some(s) = slot {
+            super::run::kick(s);
         }
     }
 }

@@ -135,43 +135,7 @@ impl TlbOps for NoTlb {
 }
 
 /// Memory plus a TLB in one environment.
-pub struct Env<'a, T> {
-    pub mem: &'a HeapMem,
-    pub tlb: T,
-}
-
-impl<T> PtMemory for Env<'_, T> {
-    fn table(&self, pa: Pa) -> &[AtomicU64; ENTRIES] {
-        self.mem.table(pa)
-    }
-    fn refcount(&self, pa: Pa) -> &AtomicU32 {
-        self.mem.refcount(pa)
-    }
-}
-
-impl<T: TlbOps> TlbOps for Env<'_, T> {
-    fn tlbi_leaf(&self, addr: u64, level: Level) {
-        self.tlb.tlbi_leaf(addr, level)
-    }
-    fn tlbi_leaf_local(&self, addr: u64, level: Level) {
-        self.tlb.tlbi_leaf_local(addr, level)
-    }
-    fn tlbi_range(&self, start: u64, end: u64) {
-        self.tlb.tlbi_range(start, end)
-    }
-    fn tlbi_all(&self) {
-        self.tlb.tlbi_all()
-    }
-    fn dcache_clean_poc(&self, pa: Pa, size: u64) {
-        self.tlb.dcache_clean_poc(pa, size)
-    }
-    fn icache_inval_pou(&self, pa: Pa, size: u64) {
-        self.tlb.icache_inval_pou(pa, size)
-    }
-    fn needs_dcache_maintenance(&self) -> bool {
-        self.tlb.needs_dcache_maintenance()
-    }
-}
+pub type Env<'a, T> = pkvm_pgtable::SplitEnv<&'a HeapMem, T>;
 
 /// The break-before-make checker: a model TLB that caches every
 /// translation the test "used" and is dropped only by invalidations.
