@@ -712,6 +712,12 @@ impl ProcessMm {
         let folios = {
             let mut g = node.lock();
             node.dead.store(true, Ordering::Release);
+            // A reclaim, migration or THP split in flight owns its (busy)
+            // folio until it is done with it: wait, so the frame is freed
+            // exactly once, by whoever holds it last.
+            while g.values().any(|f| f.busy) {
+                g = node.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
             std::mem::take(&mut *g)
         };
         for f in folios.values() {

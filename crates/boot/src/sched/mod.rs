@@ -162,6 +162,10 @@ pub struct Scheduler<V> {
     stop: AtomicBool,
     /// vCPUs added and not yet `Done`.
     live: AtomicUsize,
+    /// Bumped on every enqueue (the all-asleep check's sequence number).
+    activity: AtomicU64,
+    /// Set when the run ended because every vCPU left was asleep.
+    all_asleep: AtomicBool,
     in_loop: AtomicUsize,
     slice_us: AtomicU64,
     /// Per-slot statistics.
@@ -197,6 +201,8 @@ impl<V: SchedVcpu> Scheduler<V> {
             idle: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             live: AtomicUsize::new(0),
+            activity: AtomicU64::new(0),
+            all_asleep: AtomicBool::new(false),
             in_loop: AtomicUsize::new(0),
             slice_us: AtomicU64::new(DEFAULT_SLICE_US),
             stats: [const {
@@ -228,6 +234,7 @@ impl<V: SchedVcpu> Scheduler<V> {
     /// [`Scheduler::run_cpu`].
     pub fn begin(&self) {
         self.stop.store(false, Ordering::SeqCst);
+        self.all_asleep.store(false, Ordering::SeqCst);
         for s in &self.stats {
             s.clear();
         }
@@ -256,6 +263,7 @@ impl<V: SchedVcpu> Scheduler<V> {
     }
 
     fn enqueue(&self, slot: usize) {
+        self.activity.fetch_add(1, Ordering::SeqCst);
         self.queue.lock().push(slot);
         // Wake one idle CPU, if any.
         let idle = self.idle.load(Ordering::SeqCst);
@@ -388,6 +396,11 @@ impl<V: SchedVcpu> Scheduler<V> {
                             .is_ok()
                     {
                         self.enqueue(i);
+                    } else if self.everyone_asleep() {
+                        // Nothing can wake them (no interrupt sources are
+                        // modelled; only a running vCPU's CPU_ON could).
+                        self.all_asleep.store(true, Ordering::SeqCst);
+                        self.stop();
                     }
                 }
                 Outcome::Done => {
@@ -402,6 +415,42 @@ impl<V: SchedVcpu> Scheduler<V> {
             }
         }
         self.in_loop.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether every vCPU still in the scheduler sleeps, with none queued or
+    /// running: a stable snapshot (no enqueue happened during the scan).
+    fn everyone_asleep(&self) -> bool {
+        let seq = self.activity.load(Ordering::SeqCst);
+        let all = self
+            .state
+            .iter()
+            .all(|s| matches!(s.load(Ordering::SeqCst), EMPTY | SLEEPING));
+        all && self.live() > 0 && self.activity.load(Ordering::SeqCst) == seq
+    }
+
+    /// Whether the run ended because every vCPU left was asleep (a guest
+    /// that turned all its vCPUs off without SYSTEM_OFF).
+    pub fn ended_all_asleep(&self) -> bool {
+        self.all_asleep.load(Ordering::SeqCst)
+    }
+
+    /// Takes every vCPU still in a slot out of the scheduler (after a run
+    /// that ended with vCPUs left, once no CPU is in
+    /// [`Scheduler::run_cpu`]), calling `f` on each.
+    pub fn drain(&self, mut f: impl FnMut(V)) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let v = slot.lock().take();
+            self.state[i].store(EMPTY, Ordering::SeqCst);
+            if let Some(v) = v {
+                self.live.fetch_sub(1, Ordering::SeqCst);
+                f(v);
+            }
+        }
+        *self.queue.lock() = RunQueue {
+            ring: [0; MAX_SCHED_VCPUS],
+            head: 0,
+            len: 0,
+        };
     }
 
     /// Runs `f` on the vCPU in `slot` (e.g. to read its statistics) when

@@ -385,6 +385,27 @@ impl GuestVm {
         self.vm.vmid().or(self.vm.handle()).unwrap_or(0)
     }
 
+    /// vCPU `index` runs in scheduler slot `slot`: kicks go there.
+    pub fn attach(&self, index: usize, slot: usize) {
+        if let Some(s) = self.slots.get(index) {
+            s.store(slot, Ordering::Relaxed);
+            self.platform.register_vcpu(self.kick_id(), index, slot);
+        }
+    }
+
+    /// The scheduler run is over: forget the slots.
+    pub fn detach(&self) {
+        for (i, s) in self.slots.iter().enumerate() {
+            s.store(usize::MAX, Ordering::Relaxed);
+            self.platform.unregister_vcpu(self.kick_id(), i);
+        }
+    }
+
+    /// Whether the VM was stopped.
+    pub fn stopping_now(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// Stops the VM: records why (the first reason wins) and kicks every
     /// vCPU, so each leaves the scheduler.
     pub fn stop(&self, why: VmEnd) {
@@ -703,6 +724,6 @@ impl HostVmm for GuestVm {
     }
 
     fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+        self.stopping_now()
     }
 }

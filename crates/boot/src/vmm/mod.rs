@@ -8,11 +8,16 @@
 //!   the hypervisor's set-up.
 //! - [`process`]: the VMM's process memory (VMAs backing memslots).
 //! - [`backend`]: `VcpuBackend` over the world switch.
-//! - [`guest`]: a VM of the VMM and its vCPU thread loop.
+//! - [`guest`]: a VM of the VMM and its exit handling (the scheduler's
+//!   `HostVmm`).
+//! - [`run`]: the physical CPUs (GICv3, secondaries) and VM runs through
+//!   the vCPU scheduler ([`crate::sched`]): M vCPUs on N CPUs, EL2 timer
+//!   preemption.
+//! - [`smp`]: the SMP scenarios (`sched-smp`, `sched-spin`,
+//!   `sched-smp-protected`).
 //! - [`fdtgen`]: the VM device tree.
-//! - this file: the memory layout, "threads" (one job per physical CPU)
-//!   and the scenarios xtask runs (`demo`, `touch`, `exits`, `protected`,
-//!   `guest`, `panic`).
+//! - this file: the memory layout and the scenarios xtask runs (`demo`,
+//!   `touch`, `exits`, `protected`, `guest`, `panic`).
 //!
 //! Physical memory (QEMU virt, 1 GiB): image and handoff below
 //! `POOL_START` (0x5000_0000); then the host page pool; then the heap
@@ -26,19 +31,19 @@ pub mod guest;
 pub mod platform;
 pub mod pool;
 pub mod process;
+pub mod run;
+pub mod smp;
 
-use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use pkvm_arch::Pa;
 use pkvm_hyp::MemRegion;
-use pkvm_sync::{LockClass, SpinLock};
 
 use crate::platform::dt::Platform;
 use crate::platform::handoff::POOL_START;
-use crate::platform::{phys, start, MAX_CPUS};
+use crate::platform::phys;
 use crate::println;
 use guest::{code, GuestVm, VmEnd, VmSpec};
 use platform::BootPlatform;
@@ -56,94 +61,36 @@ pub const HYP_CARVEOUT: u64 = 16 * MIB;
 /// The global allocator's heap, below the carve-out.
 pub const HEAP_SIZE: u64 = 32 * MIB;
 
-/// A vCPU thread: a job for one physical CPU.
-type Job = Box<dyn FnOnce() + Send>;
-
-#[allow(clippy::declare_interior_mutable_const)]
-const NO_JOB: SpinLock<Option<Job>> = SpinLock::new(None, LockClass::Leaf);
-static MAILBOX: [SpinLock<Option<Job>>; MAX_CPUS] = [NO_JOB; MAX_CPUS];
-static BUSY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Physical CPUs taking part in scheduling.
 static NCPUS: AtomicUsize = AtomicUsize::new(1);
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
-static MAX_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-/// The job loop of a secondary CPU.
+/// Physical CPUs taking part in scheduling.
+pub fn ncpus() -> usize {
+    NCPUS.load(Ordering::Relaxed)
+}
+
+/// A secondary CPU's life after its MMU is on.
 pub fn secondary(cpu: usize) -> ! {
-    loop {
-        let job = MAILBOX[cpu].lock().take();
-        match job {
-            Some(j) => {
-                j();
-                BUSY[cpu].store(false, Ordering::Release);
-            }
-            None => core::hint::spin_loop(),
-        }
-    }
+    run::secondary(cpu)
 }
 
-fn vcpu_job(g: &Arc<GuestVm>, i: usize) -> Job {
-    let g = g.clone();
-    Box::new(move || {
-        let now = RUNNING.fetch_add(1, Ordering::AcqRel) + 1;
-        MAX_RUNNING.fetch_max(now, Ordering::AcqRel);
-        g.vcpu_thread(i);
-        RUNNING.fetch_sub(1, Ordering::AcqRel);
-    })
-}
-
-/// Runs every vCPU of every VM, one vCPU thread per physical CPU: VMs are
-/// packed into waves of at most one vCPU per CPU (a VM's vCPUs always in
-/// the same wave), secondaries first, the boot CPU last.
+/// Runs every vCPU of every VM through the scheduler on all CPUs; whether
+/// they could be scheduled.
 fn run_vms(vms: &[Arc<GuestVm>]) -> bool {
-    use pkvm_host::psci::PsciVm;
-    let n = NCPUS.load(Ordering::Relaxed);
-    let mut i = 0;
-    while i < vms.len() {
-        let mut jobs: Vec<Job> = Vec::new();
-        while i < vms.len() {
-            let need = vms[i].vm.vcpu_count();
-            if need > n {
-                println!(
-                    "vm {}: {need} vCPUs but only {n} physical CPUs",
-                    vms[i].name
-                );
-                return false;
+    match run::run(vms) {
+        Some(r) => {
+            if r.all_asleep {
+                println!("run: ended with every vCPU left off or suspended");
             }
-            if jobs.len() + need > n {
-                break;
-            }
-            jobs.extend((0..need).map(|v| vcpu_job(&vms[i], v)));
-            i += 1;
+            true
         }
-        // vCPU 0 of the first VM goes to the boot CPU only if the wave
-        // needs every CPU; the rest go to secondaries.
-        let k = jobs.len();
-        let mut mine = None;
-        for (j, job) in jobs.into_iter().enumerate() {
-            let cpu = if j + 1 < n { j + 1 } else { 0 };
-            if cpu == 0 {
-                mine = Some(job);
-            } else {
-                BUSY[cpu].store(true, Ordering::Release);
-                *MAILBOX[cpu].lock() = Some(job);
-            }
-        }
-        if let Some(job) = mine {
-            job();
-        }
-        for j in 0..k {
-            let cpu = if j + 1 < n { j + 1 } else { 0 };
-            while cpu != 0 && BUSY[cpu].load(Ordering::Acquire) {
-                core::hint::spin_loop();
-            }
-        }
+        None => false,
     }
-    true
 }
 
 /// The physical memory layout of this boot.
 #[derive(Clone, Copy, Debug)]
-struct Layout {
+pub struct Layout {
     ram: (u64, u64),
     pool: (u64, u64),
     carveout: (u64, u64),
@@ -166,23 +113,17 @@ pub fn main(p: &'static Platform) -> i32 {
     let lay = Layout::of(p);
     crate::heap::init(lay.pool.1, HEAP_SIZE);
     pool::init(lay.pool.0, lay.pool.1);
-    let mut online = 1;
-    for i in 1..p.ncpus {
-        match start::start_secondary(i, p.cpus[i]) {
-            Ok(()) => online += 1,
-            Err(e) => {
-                println!(
-                    "cpus: CPU {i} (MPIDR {:#x}) did not start: {e:?}",
-                    p.cpus[i]
-                );
-                break;
-            }
+    let online = match run::bring_up(p) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("cpus: {e}");
+            return 1;
         }
-    }
+    };
     NCPUS.store(online, Ordering::Relaxed);
     let start_free = pool::free_frames();
     println!(
-        "cpus: {online} online (secondaries started with PSCI CPU_ON over SMC); pool: {start_free} free frames ({} MiB) at {:#x}; heap {} MiB; hyp carve-out {} MiB at {:#x}",
+        "cpus: {online} online (secondaries started with PSCI CPU_ON over SMC), one vCPU scheduler over all of them; pool: {start_free} free frames ({} MiB) at {:#x}; heap {} MiB; hyp carve-out {} MiB at {:#x}",
         start_free as u64 * 4096 / MIB,
         lay.pool.0,
         HEAP_SIZE / MIB,
@@ -198,10 +139,13 @@ pub fn main(p: &'static Platform) -> i32 {
         "exits" => bool_code(exits(&process)),
         "protected" => bool_code(protected(&lay, &process, true)),
         "guest" => guest(p, &process),
+        "sched-smp" => bool_code(smp::sched_smp(&lay, &process, p, false)),
+        "sched-smp-protected" => bool_code(smp::sched_smp(&lay, &process, p, true)),
+        "sched-spin" => bool_code(smp::sched_spin(&process, p)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, panic)"
             );
             (false, 2)
         }
@@ -265,6 +209,7 @@ fn builtin(
         dtb_bootargs: None,
         protected,
         touch,
+        x0: None,
     };
     match guest::create(plat, process, &spec) {
         Ok(v) => Some(v),
@@ -458,24 +403,26 @@ fn exits(process: &Arc<BootProcess>) -> bool {
     ok & finish_all(vms)
 }
 
-/// Whether the VMs ran concurrently (at most one wave) on distinct CPUs
-/// with distinct VMIDs.
+/// Whether the VMs ran concurrently (at least two in a guest at the same
+/// time) on more than one CPU, with distinct VMIDs.
 fn concurrency_ok(vms: &[Arc<GuestVm>]) -> bool {
+    use crate::sched::CpuList;
     let vmids: Vec<u16> = vms
         .iter()
         .map(|g| g.hw_vmid.load(Ordering::Relaxed))
         .collect();
-    let cpus: Vec<usize> = vms
+    let cpus: Vec<CpuList> = vms
         .iter()
-        .map(|g| g.cpus[0].load(Ordering::Relaxed))
+        .map(|g| CpuList(g.cpus.iter().fold(0, |m, c| m | c.load(Ordering::Relaxed))))
         .collect();
-    let distinct = |v: &[u64]| (0..v.len()).all(|i| (0..i).all(|j| v[i] != v[j]));
-    let vm64: Vec<u64> = vmids.iter().map(|&v| v as u64).collect();
-    let wave = NCPUS.load(Ordering::Relaxed).min(vms.len());
-    let cpu64: Vec<u64> = cpus[..wave].iter().map(|&c| c as u64).collect();
-    let max = MAX_RUNNING.load(Ordering::Relaxed);
-    println!("demo: at most {max} VMs running at once; VMIDs {vmids:?}; CPUs {cpus:?}");
-    let conc = max >= 2 && distinct(&vm64) && distinct(&cpu64) && wave >= 2;
+    let used = cpus.iter().fold(0, |m, c| m | c.0);
+    let distinct = (0..vmids.len()).all(|i| (0..i).all(|j| vmids[i] != vmids[j]));
+    let max = run::max_running();
+    println!(
+        "demo: at most {max} VMs in a guest at once; VMIDs {vmids:?}; CPUs per VM {cpus:?} (used {})",
+        CpuList(used)
+    );
+    let conc = max >= 2 && distinct && used.count_ones() >= 2;
     if conc {
         println!("demo: concurrent VMs on distinct CPUs with distinct VMIDs");
     }
@@ -512,7 +459,7 @@ fn demo_standard(process: &Arc<BootProcess>) -> bool {
     let Some([m, h, p]) = exit_vms(&plat, process, ["mmio", "hvc", "psci"]) else {
         return false;
     };
-    MAX_RUNNING.store(0, Ordering::Relaxed);
+    run::reset_max_running();
     let vms = alloc::vec![a, b, m, h, p];
     let mut ok = run_vms(&vms);
     ok &= concurrency_ok(&vms);
@@ -534,10 +481,10 @@ fn print_hyp(plat: &BootPlatform, when: &str) -> pkvm_hyp::HypStats {
     s
 }
 
-/// Protected mode: pkvm-hyp set up over RAM (carve-out as its pool),
-/// finalised; a non-protected VM whose memory is shared and a protected VM
-/// whose memory is donated, both touching memory, plus the exit guests.
-fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
+/// Sets pkvm-hyp up over RAM (the host pool as the host's memory, the
+/// carve-out as its pool) and finalises it: the platform of protected
+/// mode.
+fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
     let (ps, pe) = pool::range();
     let regions = [MemRegion {
         base: Pa(ps),
@@ -551,10 +498,9 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
         Ok(h) => h,
         Err(e) => {
             println!("mode: protected: {e}");
-            return false;
+            return None;
         }
     };
-    let plat = BootPlatform::new(Some(hyp));
     println!(
         "mode: protected (pkvm-hyp owns guest stage-2; host memory {:#x}..{:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
         ps,
@@ -562,6 +508,16 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
         (lay.carveout.1 - lay.carveout.0) / MIB,
         lay.carveout.0
     );
+    Some(BootPlatform::new(Some(hyp)))
+}
+
+/// Protected mode: pkvm-hyp set up over RAM (carve-out as its pool),
+/// finalised; a non-protected VM whose memory is shared and a protected VM
+/// whose memory is donated, both touching memory, plus the exit guests.
+fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
+    let Some(plat) = protected_platform(lay) else {
+        return false;
+    };
     let before = print_hyp(&plat, "before the VMs");
     let size = if full { 64 * MIB } else { 16 * MIB };
     let r = (0x4400_0000, size);
@@ -594,7 +550,7 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
         };
         vms.extend([m, h, p]);
     }
-    MAX_RUNNING.store(0, Ordering::Relaxed);
+    run::reset_max_running();
     let mut ok = run_vms(&vms);
     ok &= concurrency_ok(&vms[..2]);
     ok &= touch_ok(&vms[0], r.1) & touch_ok(&vms[1], r.1);
@@ -634,12 +590,11 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         println!("guest: no guest file in the handoff block");
         return (false, 2);
     };
-    let ncpus = NCPUS.load(Ordering::Relaxed);
     let vcpus = h.smp as usize;
-    if vcpus == 0 || vcpus > guest::MAX_VCPUS || vcpus > ncpus {
+    if vcpus == 0 || vcpus > guest::MAX_VCPUS {
         println!(
             "guest: {vcpus} vCPUs requested; 1..={} supported here",
-            guest::MAX_VCPUS.min(ncpus)
+            guest::MAX_VCPUS
         );
         return (false, 2);
     }
@@ -679,6 +634,7 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
             dtb_bootargs: Some(h.cmdline()),
             protected: false,
             touch: None,
+            x0: None,
         };
         guest::create(&plat, process, &spec)
     });

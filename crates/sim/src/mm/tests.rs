@@ -318,3 +318,56 @@ fn exit_releases_listeners_before_freeing_and_ages_through_them() {
     assert_eq!(mm.fault_in(hva, false).unwrap_err(), MmError::Exited);
     assert_eq!(mm.stats().frames_allocated, mm.stats().frames_freed);
 }
+
+/// Reclaim, migration and THP split racing munmap and exit: every frame is
+/// freed exactly once (the allocator would report a double free) and
+/// nothing panics; afterwards the allocator is back where it started.
+#[test]
+fn reclaim_migrate_split_racing_munmap_free_each_frame_once() {
+    let m = small();
+    let before = m.host_frames().stats().in_use;
+    for round in 0..20u64 {
+        let mm = Arc::new(ProcessMm::new(m.clone()));
+        let len = 8 << 20;
+        let hva = mm.mmap(len, VmaKind::AnonymousThp).unwrap();
+        for off in (0..len).step_by(2 << 20) {
+            drop(mm.fault_in(hva + off, true).unwrap());
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let storm = |kind: u64| {
+                let mm = &mm;
+                let stop = &stop;
+                move || {
+                    let mut i = kind;
+                    while !stop.load(Ordering::Relaxed) {
+                        let a = hva + (i % (len / 4096)) * 4096;
+                        match (i + round) % 3 {
+                            0 => {
+                                mm.reclaim(a, 2 << 20);
+                            }
+                            1 => {
+                                let _ = mm.migrate(a);
+                            }
+                            _ => {
+                                let _ = mm.split_thp(a);
+                            }
+                        }
+                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 7;
+                    }
+                }
+            };
+            s.spawn(storm(1));
+            s.spawn(storm(2));
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if round % 2 == 0 {
+                mm.munmap(hva, len).unwrap();
+            } else {
+                mm.exit();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        mm.exit();
+    }
+    assert_eq!(m.host_frames().stats().in_use, before, "frames leaked or freed twice");
+}

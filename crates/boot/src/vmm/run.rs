@@ -1,0 +1,218 @@
+//! Running VMs on the physical CPUs through the vCPU scheduler
+//! ([`crate::sched`]): every vCPU of every VM of one run is a
+//! [`HostRunner`] (a claimed `pkvm_host::Vcpu` plus its [`GuestVm`]) in
+//! [`SCHED`]; every physical CPU runs the scheduling loop until all of
+//! them are done. Any number of vCPUs (up to the scheduler's slots) share
+//! any number of CPUs; the EL2 timer preempts a vCPU after one slice.
+//!
+//! - [`bring_up`] (boot CPU, once): the GICv3 (distributor, this CPU's
+//!   redistributor and interface), then the secondary CPUs with PSCI
+//!   CPU_ON over SMC; each secondary brings its GIC interface up and
+//!   parks in [`secondary`].
+//! - [`run`]: hands the vCPUs to the scheduler, queues those that are
+//!   powered on (the others wait for a guest CPU_ON, which kicks them
+//!   through `BootPlatform::kick_vcpu` -> [`kick`]), wakes the secondaries
+//!   (a new run generation and the kick SGI), runs the loop on the boot CPU
+//!   too, and returns once every CPU has left it.
+//! - Between runs a secondary waits in `wfi` (interrupts masked at EL2;
+//!   the SGI stays pending, so a wake-up sent before the `wfi` is not
+//!   lost).
+
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use pkvm_host::psci::{PowerState, PsciVm};
+
+use super::guest::{GuestVm, VmEnd};
+use crate::platform::dt::Platform;
+use crate::platform::{gic, start, timer, MAX_CPUS};
+use crate::println;
+use crate::sched::host::HostRunner;
+use crate::sched::{Scheduler, MAX_SCHED_VCPUS};
+
+/// A vCPU as the scheduler holds it.
+pub type VmmVcpu = HostRunner<GuestVm>;
+
+/// The image's vCPU scheduler.
+pub static SCHED: Scheduler<VmmVcpu> = Scheduler::new();
+
+/// Run generation: bumped by [`run`] to start the secondaries' loops.
+static GEN: AtomicU64 = AtomicU64::new(0);
+/// Per CPU: the last generation whose loop it left.
+static LEFT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Secondaries whose GIC interface is up (bit per CPU).
+static READY: AtomicU64 = AtomicU64::new(0);
+/// Secondaries that failed to bring their GIC interface up.
+static FAILED: AtomicU64 = AtomicU64::new(0);
+/// VMs with a vCPU in a scheduler run right now, and the most at once.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+static MAX_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// `BootPlatform::kick_vcpu`'s way into the scheduler.
+pub fn kick(slot: usize) {
+    SCHED.kick(slot)
+}
+
+/// A VM got its first vCPU into a scheduler run (statistics).
+pub fn vm_started_running() {
+    let now = RUNNING.fetch_add(1, Ordering::AcqRel) + 1;
+    MAX_RUNNING.fetch_max(now, Ordering::AcqRel);
+}
+
+/// A VM's last running vCPU left its scheduler run (statistics).
+pub fn vm_stopped_running() {
+    RUNNING.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// The most VMs that had a vCPU in the guest at the same time, since the
+/// last [`reset_max_running`].
+pub fn max_running() -> usize {
+    MAX_RUNNING.load(Ordering::Relaxed)
+}
+
+/// Restarts the [`max_running`] statistic.
+pub fn reset_max_running() {
+    MAX_RUNNING.store(0, Ordering::Relaxed);
+}
+
+/// Why the CPUs could not be brought up.
+#[derive(Clone, Copy, Debug)]
+pub struct BringUpError(pub gic::GicError);
+
+impl core::fmt::Display for BringUpError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "GICv3 on the boot CPU: {}", self.0)
+    }
+}
+
+/// Boot CPU, once: GICv3 up, secondaries started; returns the number of
+/// CPUs that take part in scheduling (the boot CPU and every secondary
+/// whose GIC interface came up).
+///
+/// # Errors
+/// The boot CPU's GIC could not be set up (no GICv3: QEMU needs
+/// `gic-version=3`).
+pub fn bring_up(p: &Platform) -> Result<usize, BringUpError> {
+    gic::init_global(p.gicd, p.gicr)
+        .and_then(|()| gic::init_cpu(0))
+        .map_err(BringUpError)?;
+    let mut started = 0u64;
+    for i in 1..p.ncpus.min(MAX_CPUS) {
+        match start::start_secondary(i, p.cpus[i]) {
+            Ok(()) => started |= 1 << i,
+            Err(e) => {
+                println!(
+                    "cpus: CPU {i} (MPIDR {:#x}) did not start: {e:?}",
+                    p.cpus[i]
+                );
+                break;
+            }
+        }
+    }
+    while (READY.load(Ordering::Acquire) | FAILED.load(Ordering::Acquire)) != started {
+        core::hint::spin_loop();
+    }
+    let ready = READY.load(Ordering::Acquire);
+    println!(
+        "gic: GICv3 dist {:#x} redist {:#x}: {} CPU interfaces up (group 1, SGI {} = kick, PPI INTID {} = EL2 physical timer); counter {} Hz",
+        p.gicd,
+        p.gicr,
+        1 + ready.count_ones(),
+        gic::SGI_KICK,
+        timer::PPI_EL2_PHYS,
+        timer::frequency()
+    );
+    Ok(1 + ready.count_ones() as usize)
+}
+
+/// A secondary CPU: GIC interface up, then one scheduling loop per run.
+pub fn secondary(cpu: usize) -> ! {
+    if let Err(e) = gic::init_cpu(cpu) {
+        println!("cpus: CPU {cpu}: GIC: {e}; it takes no part in scheduling");
+        FAILED.fetch_or(1 << cpu, Ordering::AcqRel);
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    READY.fetch_or(1 << cpu, Ordering::AcqRel);
+    let mut seen = 0;
+    loop {
+        let g = GEN.load(Ordering::Acquire);
+        if g != seen {
+            seen = g;
+            SCHED.run_cpu(cpu);
+            LEFT[cpu].store(g, Ordering::Release);
+        } else {
+            let _ = gic::wait_for_interrupt();
+        }
+    }
+}
+
+/// What one [`run`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct RunReport {
+    /// Wall time of the run in milliseconds.
+    pub ms: u64,
+    /// The run ended because every vCPU left was asleep.
+    pub all_asleep: bool,
+}
+
+/// Runs every vCPU of `vms` through the scheduler on every CPU until each
+/// VM has stopped (or every vCPU left is asleep: those VMs are stopped with
+/// an error). `None` if the vCPUs do not fit in the scheduler.
+pub fn run(vms: &[Arc<GuestVm>]) -> Option<RunReport> {
+    let total: usize = vms.iter().map(|g| g.vm.vcpu_count()).sum();
+    if total > MAX_SCHED_VCPUS {
+        println!("run: {total} vCPUs, but the scheduler holds at most {MAX_SCHED_VCPUS}");
+        return None;
+    }
+    SCHED.begin();
+    for g in vms {
+        for i in 0..g.vm.vcpu_count() {
+            let vcpu = match g.vm.vcpu(i) {
+                Ok(v) => v,
+                Err(e) => {
+                    println!("vm {}: vCPU {i}: {e}", g.name);
+                    g.stop(VmEnd::Error("vCPU claim failed"));
+                    continue;
+                }
+            };
+            match SCHED.add(HostRunner::new(vcpu, g.clone())) {
+                Ok(slot) => g.attach(i, slot),
+                // Cannot happen: the slots were counted above and every
+                // run empties them.
+                Err(_) => g.stop(VmEnd::Error("no scheduler slot")),
+            }
+        }
+    }
+    // Queue the vCPUs that are powered on; the others wait for CPU_ON.
+    for g in vms {
+        for i in 0..g.vm.vcpu_count() {
+            let on = g.vm.vcpu_power(i).lock().state() != PowerState::Stopped;
+            if on || g.stopping_now() {
+                g.vm.kick_vcpu(i);
+            }
+        }
+    }
+    let t0 = timer::now();
+    let gen = GEN.fetch_add(1, Ordering::AcqRel) + 1;
+    gic::send_sgi_others(gic::SGI_KICK);
+    SCHED.run_cpu(0);
+    let ready = READY.load(Ordering::Acquire);
+    for c in (1..MAX_CPUS).filter(|c| ready & (1 << c) != 0) {
+        while LEFT[c].load(Ordering::Acquire) != gen {
+            core::hint::spin_loop();
+        }
+    }
+    let ms = (timer::now() - t0) * 1000 / timer::frequency().max(1);
+    let all_asleep = SCHED.ended_all_asleep();
+    for g in vms {
+        g.detach();
+    }
+    SCHED.drain(|r| {
+        r.vmm().stop(VmEnd::Error(
+            "every vCPU is off or suspended and nothing can wake them",
+        ));
+    });
+    Some(RunReport { ms, all_asleep })
+}
