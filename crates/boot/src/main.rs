@@ -1,7 +1,7 @@
 //! The pkvm-rs EL2 image for QEMU's `virt` machine
 //! (`-M virt,virtualization=on,gic-version=3 -cpu max`).
 //!
-//! Two layers, kept apart:
+//! Layers, kept apart:
 //!
 //! - [`platform`]: everything that touches the hardware, and all of the
 //!   image's `unsafe`: boot entry and per-CPU stacks, the PL011 console,
@@ -13,7 +13,9 @@
 //!   hypercalls, with the hypervisor in the image) over the platform
 //!   traits implemented here for the real machine: page pool, process
 //!   memory, the world-switch backend; an emulated PL011, per-VM
-//!   statistics and the scenarios xtask tests.
+//!   statistics and the scenarios xtask tests. Every VM runs under:
+//! - [`sched`]: the vCPU scheduler (M vCPUs on N CPUs, EL2 timer
+//!   preemption, kicks by SGI), safe code over `platform::{gic, timer}`.
 //! - [`heap`]: the global allocator pkvm-host's `alloc` needs.
 //!
 //! Boot: QEMU loads this ELF at 0x4020_0000 and the device tree at
@@ -33,17 +35,11 @@ pub mod vmm;
 
 /// Called on the boot CPU with the MMU, console and device tree ready.
 pub fn boot_main(info: &'static platform::dt::Platform) -> ! {
-    if sched::scenario::wants(info) {
-        platform::exit::exit(sched::scenario::main(info))
-    }
     let code = vmm::main(info);
     platform::exit::exit(code)
 }
 
 /// Called on each secondary CPU once its MMU is on.
 pub fn secondary_main(cpu: usize) -> ! {
-    if sched::scenario::active() {
-        sched::scenario::secondary(cpu)
-    }
     vmm::secondary(cpu)
 }

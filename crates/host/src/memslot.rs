@@ -148,6 +148,9 @@ pub enum MemslotError {
     /// memory is donated to it, so the host can neither keep it read-only
     /// nor write-protect it (KVM refuses these flags with EPERM too).
     ProtectedVmFlags(u32),
+    /// Deleting or moving a slot of a protected VM that has run: its pages
+    /// were donated and stay the guest's until the VM is destroyed.
+    ProtectedVmStarted(u32),
 }
 
 impl fmt::Display for MemslotError {
@@ -178,6 +181,10 @@ impl fmt::Display for MemslotError {
             MemslotError::ProtectedVmFlags(x) => write!(
                 f,
                 "memslot flags {x:#x}: a protected VM's memory cannot be read-only or dirty-logged"
+            ),
+            MemslotError::ProtectedVmStarted(s) => write!(
+                f,
+                "slot {s}: a protected VM that has run cannot delete or move its memory"
             ),
         }
     }

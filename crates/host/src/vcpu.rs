@@ -240,7 +240,12 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 // A trapped SMC returns to the SMC itself: step over it.
                 self.ctx.gprs.pc = self.ctx.gprs.pc.wrapping_add(4);
             }
-            return Some(VcpuExit::Hypercall { func, args, smc, imm: esr.imm16() });
+            return Some(VcpuExit::Hypercall {
+                func,
+                args,
+                smc,
+                imm: esr.imm16(),
+            });
         }
         match psci::handle_psci(vm, &caller, &mut self.ctx.gprs) {
             Ok(PsciOutcome::Continue) => None,

@@ -378,8 +378,25 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             return Err(MemslotError::ProtectedVmFlags(r.flags).into());
         }
         let change = {
+            // A protected VM that has run owns its donated pages: the host
+            // cannot take them back, so its memslots can no longer move or
+            // go away (KVM refuses this too). The hyp state lock is held
+            // across the update so the VM cannot start in between.
+            let hyp_state = self
+                .hyp
+                .as_ref()
+                .filter(|_| self.cfg.protected)
+                .map(|h| h.state.lock());
+            let started = hyp_state
+                .as_ref()
+                .is_some_and(|s| s.as_ref().is_none_or(|s| s.initialized));
             let mut slots = self.slots.write();
             let change = slots.check(&r, self.cfg.ipa_bits)?;
+            if started {
+                if let SlotChange::Delete(old) | SlotChange::Move { old, .. } = change {
+                    return Err(MemslotError::ProtectedVmStarted(old.id).into());
+                }
+            }
             slots.apply(change);
             change
         };

@@ -271,12 +271,42 @@ fn deleting_a_memslot_unmaps_it_and_accesses_fault_again() {
         let mut r = env.runner(0, Box::new(Script::new(ops)));
         assert_eq!(r.run(), VcpuExit::Halted);
         assert!(env.mapped(RAM), "{flavor:?}");
-        env.set_slot(3, RAM, 0, hva, 0); // delete
         if flavor == Flavor::ProtectedDonated {
             // The host cannot take donated pages back from a live
-            // protected VM: they stay mapped until teardown reclaims them.
+            // protected VM: deleting (or moving) its memory is refused,
+            // nothing changes, and the pages stay until teardown reclaims them.
+            let r = env.vm.set_user_memory_region(
+                UserMemoryRegion {
+                    slot: 3,
+                    flags: 0,
+                    guest_phys_addr: RAM.0,
+                    memory_size: 0,
+                    userspace_addr: hva.0,
+                },
+                0,
+            );
+            assert_eq!(
+                r,
+                Err(VmError::Memslot(MemslotError::ProtectedVmStarted(3)))
+            );
+            let r = env.vm.set_user_memory_region(
+                UserMemoryRegion {
+                    slot: 3,
+                    flags: 0,
+                    guest_phys_addr: 0x8000_0000,
+                    memory_size: 2 * MB,
+                    userspace_addr: hva.0,
+                },
+                0,
+            );
+            assert_eq!(
+                r,
+                Err(VmError::Memslot(MemslotError::ProtectedVmStarted(3)))
+            );
+            assert!(env.vm.memslots().get(3).is_some(), "slot still there");
             assert_eq!(env.vm.hyp_mapped_pages(), pages, "{flavor:?}");
         } else {
+            env.set_slot(3, RAM, 0, hva, 0); // delete
             assert!(!env.mapped(RAM), "{flavor:?}: deleted slot still mapped");
             // No slot any more: the same addresses are now MMIO.
             r.be.cpu_mut().set_program(Box::new(Script::new([

@@ -176,7 +176,7 @@ pub struct GuestVm {
     pub counters: VmmCounters,
     /// Per vCPU: physical CPUs it ran on (bit per CPU).
     pub cpus: Vec<AtomicU64>,
-    /// Per vCPU: its scheduler slot while scheduled (usize::MAX: none).
+    /// Per vCPU: its scheduler slot in the last run (usize::MAX: none).
     pub slots: Vec<AtomicUsize>,
     /// VMID the hardware ran it with (0 until it ran).
     pub hw_vmid: AtomicU16,
@@ -393,12 +393,17 @@ impl GuestVm {
         }
     }
 
-    /// The scheduler run is over: forget the slots.
+    /// The scheduler run is over: kicks no longer go to the slots (which
+    /// stay recorded, for the run's statistics).
     pub fn detach(&self) {
-        for (i, s) in self.slots.iter().enumerate() {
-            s.store(usize::MAX, Ordering::Relaxed);
+        for i in 0..self.slots.len() {
             self.platform.unregister_vcpu(self.kick_id(), i);
         }
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.hw.len()
     }
 
     /// Whether the VM was stopped.
