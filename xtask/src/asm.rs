@@ -108,6 +108,16 @@ pub fn external_test_guest() -> Vec<u8> {
     out
 }
 
+/// A flat guest whose boot vCPU turns itself off with PSCI CPU_OFF (and
+/// never powers the VM off): with every vCPU off nothing can wake the VM,
+/// so the image must end it with an error instead of hanging.
+pub fn cpu_off_guest() -> Vec<u8> {
+    [movz(0, 0x0002, 0), movk(0, 0x8400, 1), hvc(0), b(0)]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +139,16 @@ mod tests {
         assert_eq!(b_ne(8), 0x5400_0041);
         assert_eq!(adr(1, 16), 0x1000_0081);
         assert_eq!(adr(1, 5), 0x3000_0021);
+    }
+
+    #[test]
+    fn cpu_off_guest_calls_psci_cpu_off() {
+        let g = cpu_off_guest();
+        let w = |i: usize| u32::from_le_bytes(g[i * 4..i * 4 + 4].try_into().unwrap());
+        assert_eq!(g.len(), 16);
+        assert_eq!(w(0), 0xd280_0040); // mov x0, #2
+        assert_eq!(w(1), 0xf2b0_8000); // movk x0, #0x8400, lsl #16
+        assert_eq!(w(2), hvc(0));
     }
 
     #[test]

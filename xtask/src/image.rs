@@ -136,14 +136,21 @@ pub fn clippy() -> Result<()> {
     run(c)
 }
 
-/// `cargo fmt --check` over the boot workspace.
+/// `cargo fmt --check` over the boot workspace's own packages (the image,
+/// guest-rt and the guests). Not `--all`: that also reaches the root
+/// workspace's crates through path dependencies, which the root `fmt` tier
+/// checks.
 ///
 /// # Errors
 /// Formatting differences.
 pub fn fmt_check() -> Result<()> {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(boot_dir())
-        .args(["fmt", "--all", "--check", "--manifest-path"])
-        .arg(boot_dir().join("Cargo.toml"));
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(boot_dir().join("Cargo.toml"))
+        .args(["-p", IMAGE_PKG, "-p", "guest-rt"]);
+    for g in GUESTS {
+        c.arg("-p").arg(g);
+    }
     run(c)
 }

@@ -4,7 +4,8 @@
 //!   the EL2 image build + clippy, QEMU integration tests) and ends with the
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
-//! - `cargo xtask run [--guest FILE] [--append ARGS] [--smp N] [--mem MIB]`
+//! - `cargo xtask run [--guest FILE] [--append ARGS] [--smp N] [--mem MIB]
+//!   [--cpus N] [--scenario NAME]`
 //!   checks and installs prerequisites, builds the guest payloads and the EL2
 //!   image, boots it under QEMU, streams the console and exits with the
 //!   image's status.
@@ -60,14 +61,20 @@ pub struct RunArgs {
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,
-    /// Number of vCPUs of the external guest.
+    /// Number of vCPUs of the external guest (or of the `sched-*`
+    /// scenarios' guest); any number up to 8, whatever `--cpus` is (the
+    /// image schedules vCPUs on the physical CPUs).
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
+    /// Physical CPUs QEMU emulates (`-smp`), 1..=8.
+    #[arg(long, default_value_t = qemu::DEFAULT_HOST_CPUS)]
+    pub cpus: u32,
     /// Memory of the external guest in MiB.
     #[arg(long, default_value_t = 128)]
     pub mem: u32,
-    /// Image scenario to run instead of the demo (`demo`, `touch`, `mmio`,
-    /// `hvc`, `psci`, `smp`); ignored with `--guest`.
+    /// Image scenario to run instead of the demo (`demo`, `touch`, `exits`,
+    /// `protected`, `sched-smp`, `sched-smp-protected`, `sched-spin`);
+    /// ignored with `--guest`.
     #[arg(long)]
     pub scenario: Option<String>,
 }

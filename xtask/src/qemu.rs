@@ -74,6 +74,11 @@ impl RunSpec {
             a.smp
         );
         ensure!(
+            (1..=8).contains(&a.cpus),
+            "--cpus must be 1..=8, got {}",
+            a.cpus
+        );
+        ensure!(
             (1..=512).contains(&a.mem),
             "--mem must be 1..=512 MiB, got {}",
             a.mem
@@ -95,7 +100,7 @@ impl RunSpec {
             smp: a.smp,
             mem_mib: a.mem,
             append,
-            host_cpus: 0,
+            host_cpus: a.cpus,
         })
     }
 
@@ -398,21 +403,35 @@ mod tests {
         let bad = RunArgs {
             smp: 0,
             mem: 64,
+            cpus: 4,
             ..RunArgs::default()
         };
         assert!(RunSpec::from_args(&bad).is_err());
         let bad = RunArgs {
             smp: 1,
             mem: 0,
+            cpus: 4,
+            ..RunArgs::default()
+        };
+        assert!(RunSpec::from_args(&bad).is_err());
+        let bad = RunArgs {
+            smp: 1,
+            mem: 64,
+            cpus: 0,
             ..RunArgs::default()
         };
         assert!(RunSpec::from_args(&bad).is_err());
         let ok = RunArgs {
-            smp: 1,
+            smp: 8,
             mem: 64,
+            cpus: 2,
             ..RunArgs::default()
         };
-        assert_eq!(RunSpec::from_args(&ok).unwrap().scenario, "demo");
+        let spec = RunSpec::from_args(&ok).unwrap();
+        assert_eq!(
+            (spec.scenario.as_str(), spec.smp, spec.host_cpus),
+            ("demo", 8, 2)
+        );
     }
 
     #[test]

@@ -164,6 +164,8 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     std::fs::create_dir_all(&gdir)?;
     let gfile = gdir.join("hello.bin");
     std::fs::write(&gfile, crate::asm::external_test_guest())?;
+    let offfile = gdir.join("cpu-off.bin");
+    std::fs::write(&offfile, crate::asm::cpu_off_guest())?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     Ok(vec![
         QemuTest {
@@ -228,7 +230,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             name: "qemu:external-guest",
             spec: RunSpec {
                 scenario: "guest".into(),
-                guest: Some(gfile),
+                guest: Some(gfile.clone()),
                 smp: 1,
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
@@ -240,8 +242,15 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "vm guest: powered off (PSCI SYSTEM_OFF)",
             ]),
         },
-        sched_smp_test("qemu:sched-smp-4on4", 4, 4),
-        sched_smp_test("qemu:sched-smp-8on2", 8, 2),
+        sched_smp_test("qemu:sched-smp-4on4", "sched-smp", "smp", 4, 4),
+        sched_smp_test("qemu:sched-smp-8on2", "sched-smp", "smp", 8, 2),
+        sched_smp_test(
+            "qemu:sched-smp-protected-4on2",
+            "sched-smp-protected",
+            "psmp",
+            4,
+            2,
+        ),
         QemuTest {
             name: "qemu:sched-spin-2cpus",
             spec: RunSpec::sched("sched-spin", 5, 2),
@@ -254,23 +263,62 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "[spin vcpu 0] all 3 workers finished while vCPU 1 spins",
                 "vm spin: powered off (PSCI SYSTEM_OFF)",
                 "sched: spinning vCPU 1 preempted",
+                "pool: back to starting count",
                 "scenario sched-spin: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:external-guest-all-vcpus-off",
+            spec: RunSpec {
+                scenario: "guest".into(),
+                guest: Some(offfile),
+                smp: 2,
+                mem_mib: 32,
+                append: String::new(),
+                host_cpus: 2,
+            },
+            exit_code: 1,
+            markers: s(&[
+                "run: ended with every vCPU left off or suspended",
+                "vm guest: ended: Some(Error(\"every vCPU is off or suspended",
+                "pool: back to starting count",
+                "scenario guest: FAIL",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:external-guest-smp8on2",
+            spec: RunSpec {
+                scenario: "guest".into(),
+                guest: Some(gfile.clone()),
+                smp: 8,
+                mem_mib: 32,
+                append: "console=ttyAMA0 xtask-test".into(),
+                host_cpus: 2,
+            },
+            exit_code: 0,
+            markers: s(&[
+                "guest: flat binary",
+                "8 vCPUs, 32 MiB",
+                &format!("[guest vcpu 0] {}", crate::asm::GUEST_MESSAGE),
+                "vm guest: powered off (PSCI SYSTEM_OFF)",
+                "scenario guest: PASS",
             ]),
         },
     ])
 }
 
-/// The SMP guest with `vcpus` vCPUs on `cpus` physical CPUs: each secondary
-/// must report in twice (once per CPU_ON round) with its MPIDR_EL1.
-fn sched_smp_test(name: &'static str, vcpus: u32, cpus: u32) -> QemuTest {
+/// The SMP guest (a pkvm-host VM named `vm` in `scenario`) with `vcpus`
+/// vCPUs on `cpus` physical CPUs: each secondary must report in twice (once
+/// per CPU_ON round) with its MPIDR_EL1 and be reset by pkvm-host twice.
+fn sched_smp_test(name: &'static str, scenario: &str, vm: &str, vcpus: u32, cpus: u32) -> QemuTest {
     let mut markers = vec![
         format!("sched: {vcpus} vCPUs on {cpus} physical CPUs"),
-        "[smp vcpu 0] boot vCPU: MPIDR_EL1 0x80000000".to_string(),
+        format!("[{vm} vcpu 0] boot vCPU: MPIDR_EL1 0x80000000"),
     ];
     for i in 1..vcpus {
         for round in 1..=2 {
             markers.push(format!(
-                "[smp vcpu {i}] secondary vCPU {i}: MPIDR_EL1 {:#x}, reporting in (round {round})",
+                "[{vm} vcpu {i}] secondary vCPU {i}: MPIDR_EL1 {:#x}, reporting in (round {round})",
                 0x8000_0000u32 | i
             ));
         }
@@ -278,15 +326,20 @@ fn sched_smp_test(name: &'static str, vcpus: u32, cpus: u32) -> QemuTest {
     }
     markers.extend([
         format!(
-            "[smp vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF",
+            "[{vm} vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF",
             vcpus - 1
         ),
-        "vm smp: powered off (PSCI SYSTEM_OFF)".to_string(),
-        "scenario sched-smp: PASS".to_string(),
+        format!("vm {vm}: powered off (PSCI SYSTEM_OFF)"),
+        "pool: back to starting count".to_string(),
+        format!("scenario {scenario}: PASS"),
     ]);
+    if scenario.contains("protected") {
+        markers.push("mode: protected (pkvm-hyp owns guest stage-2".to_string());
+        markers.push("hyp (after teardown): pool".to_string());
+    }
     QemuTest {
         name,
-        spec: RunSpec::sched("sched-smp", vcpus, cpus),
+        spec: RunSpec::sched(scenario, vcpus, cpus),
         exit_code: 0,
         markers,
     }

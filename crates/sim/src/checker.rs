@@ -352,12 +352,13 @@ impl Checker {
         ctx: &VmContext,
         full: bool,
     ) {
-        for (ipa, cached) in tlbs[cpu].entries(ctx.vmid) {
-            if !full && cached.desc.0 != 0 {
-                if let Some(word) = mem.try_table(cached.desc.align_down(4096)) {
-                    let now = word[((cached.desc.0 & 0xfff) / 8) as usize].load(Ordering::Acquire);
-                    if now == cached.pte.0 {
-                        continue;
+        tlbs[cpu].for_each_entry(ctx.vmid, |ipa, cached| {
+            if !full {
+                if let Some(t) = mem.try_table(cached.desc.align_down(4096)) {
+                    if t[((cached.desc.0 & 0xfff) / 8) as usize].load(Ordering::Acquire)
+                        == cached.pte.0
+                    {
+                        return;
                     }
                 }
             }
@@ -379,7 +380,7 @@ impl Checker {
                 }
                 a += step;
             }
-        }
+        });
     }
 
     pub(crate) fn violations(&self) -> Vec<Violation> {

@@ -286,26 +286,30 @@ impl Tlb {
         (s.tag.load(Ordering::Acquire) == t).then_some((t, S2Pte(p), Pa(d)))
     }
 
-    /// Every entry cached for `vmid`: (block-aligned IPA, leaf).
-    pub(crate) fn entries(&self, vmid: u16) -> Vec<(u64, S2Leaf)> {
-        let mut out = Vec::new();
+    /// Calls `f` for every entry cached for `vmid` (block-aligned IPA,
+    /// leaf), without allocating.
+    #[inline]
+    pub(crate) fn for_each_entry(&self, vmid: u16, mut f: impl FnMut(u64, S2Leaf)) {
         for l in [1u8, 2, 3] {
             for s in self.array(l).iter() {
-                if let Some((t, pte, desc)) = Self::read_slot(s) {
-                    if tag_vmid(t) == vmid {
-                        out.push((
-                            tag_ipa(t),
-                            S2Leaf {
-                                pte,
-                                level: Level(l),
-                                desc,
-                            },
-                        ));
-                    }
+                let t = s.tag.load(Ordering::Acquire);
+                if t == 0 || tag_vmid(t) != vmid {
+                    continue;
+                }
+                let pte = s.pte.load(Ordering::Acquire);
+                let desc = s.desc.load(Ordering::Acquire);
+                if s.tag.load(Ordering::Acquire) == t {
+                    f(
+                        tag_ipa(t),
+                        S2Leaf {
+                            pte: S2Pte(pte),
+                            level: Level(l),
+                            desc: Pa(desc),
+                        },
+                    );
                 }
             }
         }
-        out
     }
 
     /// Whether the TLB still holds exactly `leaf` for `(vmid, ipa)`.

@@ -134,7 +134,7 @@ impl<'a> HwBackend<'a> {
 
     /// The vCPU's hardware-only state.
     pub fn hw(&mut self) -> &mut VcpuHw {
-        &mut *self.hw
+        &mut self.hw
     }
 
     fn vm_regs(&self, s2: &StageTwo) -> Option<VmRegs> {

@@ -559,7 +559,10 @@ impl GuestVm {
 
     /// vCPU `index`'s hardware-side counters (after a run).
     pub fn vcpu_stats(&self, index: usize) -> backend::BackendStats {
-        self.hw.get(index).map(|h| h.lock().stats).unwrap_or_default()
+        self.hw
+            .get(index)
+            .map(|h| h.lock().stats)
+            .unwrap_or_default()
     }
 
     /// Prints the VM's statistics (pkvm-host's `VmStats` and the VMM's).

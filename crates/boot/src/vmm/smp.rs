@@ -193,7 +193,9 @@ pub fn sched_spin(process: &Arc<BootProcess>, p: &Platform) -> bool {
         println!("check failed: the spinning vCPU 1 was never preempted by the timer");
         ok = false;
     } else if g.end() == Some(VmEnd::PowerOff) {
-        println!("sched: spinning vCPU 1 preempted {t}x by the EL2 timer; the others made progress");
+        println!(
+            "sched: spinning vCPU 1 preempted {t}x by the EL2 timer; the others made progress"
+        );
     }
     ok & finish(g)
 }

@@ -353,7 +353,10 @@ fn reclaim_migrate_split_racing_munmap_free_each_frame_once() {
                                 let _ = mm.split_thp(a);
                             }
                         }
-                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 7;
+                        i = i
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407)
+                            >> 7;
                     }
                 }
             };
@@ -369,5 +372,9 @@ fn reclaim_migrate_split_racing_munmap_free_each_frame_once() {
         });
         mm.exit();
     }
-    assert_eq!(m.host_frames().stats().in_use, before, "frames leaked or freed twice");
+    assert_eq!(
+        m.host_frames().stats().in_use,
+        before,
+        "frames leaked or freed twice"
+    );
 }
