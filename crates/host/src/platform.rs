@@ -198,6 +198,12 @@ pub trait VcpuBackend {
     /// Injects a synchronous external abort for `fault` into the guest
     /// (data or instruction abort to EL1, as KVM does).
     fn inject_abort(&mut self, ctx: &mut VcpuContext, fault: &GuestFault);
+
+    /// The vCPU was just reset (first start, `CPU_ON`, `SYSTEM_RESET`):
+    /// `ctx` already holds the architectural reset values and the start
+    /// state. Backends reset the state they keep outside `ctx` (FP/SIMD,
+    /// timers). Called before the next [`VcpuBackend::enter`].
+    fn on_reset(&mut self, _ctx: &mut VcpuContext, _start: &crate::psci::ResetState) {}
 }
 
 /// A page cache for host-managed stage-2 tables, filled from the platform

@@ -183,7 +183,8 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         };
         loop {
             match reset::prepare_to_run(&*vm, self.index, &mut self.ctx.gprs, &mut self.ctx.sys) {
-                Ok(Readiness::Run { .. }) => {}
+                Ok(Readiness::Run { reset: Some(start) }) => be.on_reset(&mut self.ctx, &start),
+                Ok(Readiness::Run { reset: None }) => {}
                 Ok(Readiness::Sleep(_)) => return VcpuExit::Sleep,
                 Err(_) => {
                     return VcpuExit::InternalError(RunError::Vm(VmError::NoSuchVcpu(self.index)))

@@ -44,9 +44,6 @@ pub trait HostVmm: Send + Sync {
     /// vCPU (e.g. to collect its statistics).
     fn after_run(&self, be: Self::Backend<'_>);
 
-    /// Called before each `Vcpu::run` (e.g. to notice a pending reset).
-    fn before_run(&self, vcpu: &Vcpu<Self::Platform, Self::Memory>, be: &mut Self::Backend<'_>);
-
     /// Sees every exit of `Vcpu::run`: emulates MMIO (calling
     /// `Vcpu::complete_mmio` for reads), answers hypercalls (results in
     /// `Vcpu::context_mut`), stops the VM on a system event or error, and
@@ -91,7 +88,6 @@ where
         }
         let mut be = vmm.backend(cpu, self.vcpu.index());
         let outcome = loop {
-            vmm.before_run(&self.vcpu, &mut be);
             let exit = self.vcpu.run(&mut be);
             vmm.exit(&mut self.vcpu, &exit);
             if vmm.stopping() {

@@ -281,6 +281,10 @@ impl VcpuBackend for HwBackend<'_> {
         self.cpu
     }
 
+    fn on_reset(&mut self, _ctx: &mut VcpuContext, _start: &pkvm_host::psci::ResetState) {
+        self.hw.on_reset();
+    }
+
     fn enter(&mut self, ctx: &mut VcpuContext, s2: &StageTwo) -> GuestExit {
         let Some(vm) = self.vm_regs(s2) else {
             return GuestExit::Unhandled { esr: 0 };

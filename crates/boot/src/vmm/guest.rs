@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
 use pkvm_arch::{Hva, Ipa};
 use pkvm_host::memslot::UserMemoryRegion;
-use pkvm_host::psci::{PowerState, PsciVm, Requests, SystemEventKind};
+use pkvm_host::psci::{PsciVm, SystemEventKind};
 use pkvm_host::reset::BootParams;
 use pkvm_host::{Vcpu, VcpuExit, VmConfig};
 use pkvm_sync::{LockClass, SpinLock};
@@ -672,18 +672,6 @@ impl HostVmm for GuestVm {
 
     /// A reset pending for a `Running` vCPU is applied by pkvm-host before
     /// the next entry: reset the hardware-only state with it.
-    fn before_run(&self, vcpu: &Vcpu<BootPlatform, BootProcess>, be: &mut HwBackend<'_>) {
-        let reset = {
-            let p = self.vm.vcpu_power(vcpu.index()).lock();
-            p.state() == PowerState::Running
-                && p.requests().contains(Requests::RESET)
-                && p.reset_state().reset
-        };
-        if reset {
-            be.hw().on_reset();
-        }
-    }
-
     fn exit(&self, vcpu: &mut Vcpu<BootPlatform, BootProcess>, exit: &VcpuExit) {
         self.counters.run_exits.fetch_add(1, Ordering::Relaxed);
         let index = vcpu.index();
