@@ -147,7 +147,15 @@ fn stress(flavor: Flavor) {
                 verified.fetch_add(r.be.cpu_ref().stats().verified_reads, Ordering::Relaxed);
             }));
         }
-        // The storm.
+        // The storm. If it panics, the guard still stops the vCPUs, so the
+        // test fails instead of hanging.
+        struct StopOnDrop(Arc<AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop_guard = StopOnDrop(stop.clone());
         let mut rng = SplitMix64::new(99);
         let t0 = Instant::now();
         while t0.elapsed() < STORM && !handles.iter().any(|h| h.is_finished()) {
@@ -160,6 +168,15 @@ fn stress(flavor: Flavor) {
                 5 => {
                     counts.aged += u64::from(env.mm.age(chunk, chunk + 2 * MB));
                     let _ = env.mm.test_age(chunk, chunk + 2 * MB);
+                }
+                6 if flavor == Flavor::ProtectedDonated => {
+                    // A protected VM that has run keeps its memslots (the
+                    // host cannot take donated pages back): churn an
+                    // unrelated VMA instead, so notifiers still run.
+                    let v = env.mm.mmap(2 * MB, VmaKind::Anonymous4K).unwrap();
+                    drop(env.mm.fault_in(v, true).unwrap());
+                    env.mm.munmap(v, 2 * MB).unwrap();
+                    counts.scratch_cycles += 1;
                 }
                 6 => {
                     // munmap the scratch VMA under the guests (the notifier
