@@ -3,11 +3,10 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use pkvm_arch::pte::S2Features;
-use pkvm_arch::pte::S2Pte;
+use pkvm_arch::pte::{El2Prot, S2Features, S2Pte};
 use pkvm_arch::vtcr::S2Geometry;
-use pkvm_arch::{Granule, Ipa, Pa, PAGE_SIZE};
-use pkvm_pgtable::{PageCache, PageTable};
+use pkvm_arch::{Granule, Ipa, Pa, Va, PAGE_SIZE};
+use pkvm_pgtable::{El2, MapFlags, PageCache, PageTable};
 use pkvm_sync::{LockClass, SpinLock};
 
 use crate::error::HypError;
@@ -78,6 +77,11 @@ pub struct Hyp<P: HypPlatform> {
     pub(crate) nr_regions: usize,
     pub(crate) pool: HypPool,
     pub(crate) host: SpinLock<HostMmu>,
+    /// The hypervisor's own EL2 stage-1: every page the hyp owns or
+    /// borrows, mapped linearly (VA = PA), nothing else. Changes only with
+    /// page ownership, with the host MMU lock held, so the lock order is
+    /// host MMU -> hyp page table.
+    pub(crate) pgd: SpinLock<PageTable<El2>>,
     pub(crate) table: SpinLock<VmTable<MAX_VMS>>,
     pub(crate) vms: [SpinLock<Option<HypVm>>; MAX_VMS],
     pub(crate) finalized: AtomicBool,
@@ -91,8 +95,19 @@ pub struct Hyp<P: HypPlatform> {
 /// table memory with the TLB maintenance of one VMID.
 pub(crate) type Env<'a, P> = pkvm_pgtable::SplitEnv<&'a P, <P as HypPlatform>::Tlb>;
 
+/// The environment of the hyp's own EL2 stage-1.
+pub(crate) type Env2<'a, P> = pkvm_pgtable::SplitEnv<&'a P, <P as HypPlatform>::El2Tlb>;
+
 /// Largest number of table pages one prepared operation reserves.
-pub(crate) const RESERVE_MAX: usize = 16;
+pub(crate) const RESERVE_MAX: usize = 32;
+
+/// Table pages the hyp's EL2 stage-1 may need to map one contiguous run of
+/// at most 512 pages (48-bit VA, four levels): a level-1 and up to two
+/// level-2 and two level-3 tables.
+pub(crate) const EL2_TABLES: usize = 5;
+
+/// VA bits of the hyp's own address space.
+pub const HYP_VA_BITS: u32 = 48;
 
 /// Table pages taken from the hyp pool *before* a commit, so the commit
 /// cannot run out of memory. Unused pages go back to the pool on drop.
@@ -222,6 +237,28 @@ impl<P: HypPlatform> Hyp<P> {
             )
             .map_err(|_| HypError::BadAddress { pa: cfg.pool_base })?;
         }
+        // The hyp's own address space: the pool, mapped RW (never executable).
+        let el2_root = pool.alloc(0).map_err(|_| HypError::NoMemory)?;
+        let el2_geo = pkvm_pgtable::table::el2_geometry(HYP_VA_BITS)
+            .map_err(|_| HypError::Internal("EL2 geometry"))?;
+        let mut pgd = PageTable::<El2>::new(el2_root, el2_geo, cfg.features);
+        {
+            let env = Env2 {
+                mem: &plat,
+                tlb: plat.el2_tlb(),
+            };
+            let mut res = Reserve::new(&pool, &plat, 2 * EL2_TABLES)?;
+            pgd.map(
+                &env,
+                Va(cfg.pool_base.0),
+                cfg.pool_pages * PAGE_SIZE,
+                cfg.pool_base,
+                El2Prot::RW,
+                MapFlags::NONE,
+                &mut res,
+            )
+            .map_err(|_| HypError::NoMemory)?;
+        }
         Ok(Hyp {
             plat,
             mem,
@@ -229,6 +266,7 @@ impl<P: HypPlatform> Hyp<P> {
             nr_regions: cfg.regions.len(),
             pool,
             host: SpinLock::new(HostMmu::new(pgt, mem), LockClass::HypHostMmu),
+            pgd: SpinLock::new(pgd, LockClass::HypPgtable),
             table: SpinLock::new(VmTable::new(), LockClass::HypVmTable),
             vms: core::array::from_fn(|_| SpinLock::new(None, LockClass::HypVm)),
             finalized: AtomicBool::new(false),
@@ -275,6 +313,7 @@ impl<P: HypPlatform> Hyp<P> {
     pub fn any_lock_held(&self) -> bool {
         self.pool.is_locked()
             || self.host.is_locked()
+            || self.pgd.is_locked()
             || self.table.is_locked()
             || self.vms.iter().any(|v| v.is_locked())
     }
@@ -303,6 +342,21 @@ impl<P: HypPlatform> Hyp<P> {
             mem: &self.plat,
             tlb: self.plat.tlb(0),
         }
+    }
+
+    pub(crate) fn el2_env(&self) -> Env2<'_, P> {
+        Env2 {
+            mem: &self.plat,
+            tlb: self.plat.el2_tlb(),
+        }
+    }
+
+    /// Where the hypervisor's own page table maps `va` (linear map: VA =
+    /// PA), if it does.
+    pub fn hyp_translate(&self, va: Va) -> Option<(Pa, El2Prot)> {
+        let pgd = self.pgd.lock();
+        pgd.translate(&self.plat, va)
+            .map(|(pa, prot, _)| (pa, prot))
     }
 
     pub(crate) fn guest_env(&self, vmid: u16) -> Env<'_, P> {

@@ -13,7 +13,10 @@
 //! - [`pool`]: the hyp's page pool, a buddy allocator over a fixed range
 //!   with per-page metadata ([`meta`]); no heap allocator anywhere.
 //! - [`mem_protect`]: page ownership (host / hyp / guest states) and the
-//!   transitions between them; the host's lazily built identity stage-2.
+//!   transitions between them; the host's lazily built identity stage-2;
+//!   the hypervisor's own EL2 stage-1 (built with `pkvm-pgtable`'s EL2
+//!   regime), which maps exactly the pages the hyp owns or borrows, and
+//!   changes with their ownership.
 //! - [`vm`]: the VM table (reserved handles, lifecycle, loaded vCPUs) and
 //!   the hyp's per-VM state with its stage-2 (built with `pkvm-pgtable`).
 //! - [`hvc`]: hypercall ids, typed one-read-per-register decoding, return

@@ -22,14 +22,13 @@
 //! table pages its commit may need; the commit then cannot fail. A refused
 //! transition leaves no trace.
 
-use pkvm_arch::pte::S2Prot;
-use pkvm_arch::pte::{Annotation, S2Pte};
+use pkvm_arch::pte::{Annotation, El2Prot, S2Prot, S2Pte};
 use pkvm_arch::vtcr::S2Geometry;
-use pkvm_arch::{Gfn, Ipa, Level, Pa, Pfn, PAGE_SIZE};
-use pkvm_pgtable::{MapFlags, PageTable, PtError, Stage2};
+use pkvm_arch::{Gfn, Ipa, Level, Pa, Pfn, Va, PAGE_SIZE};
+use pkvm_pgtable::{El2, MapFlags, PageTable, PtError, Stage2};
 
 use crate::error::HypError;
-use crate::hyp::{Hyp, Reserve, OWNER_HYP};
+use crate::hyp::{Hyp, Reserve, EL2_TABLES, OWNER_HYP};
 use crate::meta::{MemMap, PageState};
 use crate::platform::HypPlatform;
 use crate::vm::{guest_state, HypVm, McCache};
@@ -145,6 +144,10 @@ impl<P: HypPlatform> Hyp<P> {
         self.check_memory(pa, 1)?;
         let mut host = self.host.lock();
         host.expect(pa, 1, PageState::Owned, PageState::NoPage)?;
+        let mut pgd = self.pgd.lock();
+        let mut res = Reserve::new(&self.pool, &self.plat, EL2_TABLES)?;
+        // Commit.
+        self.hyp_map(&mut pgd, pa, 1, &mut res);
         host.set(pa, PageState::SharedOwned, PageState::SharedBorrowed);
         Ok(())
     }
@@ -162,6 +165,10 @@ impl<P: HypPlatform> Hyp<P> {
         if self.mem.hyp_pins(pa) != 0 {
             return Err(HypError::Pinned { pa });
         }
+        let mut pgd = self.pgd.lock();
+        let mut res = Reserve::new(&self.pool, &self.plat, 0)?;
+        // Commit.
+        self.hyp_unmap(&mut pgd, pa, 1, &mut res);
         host.set(pa, PageState::Owned, PageState::NoPage);
         Ok(())
     }
@@ -223,10 +230,12 @@ impl<P: HypPlatform> Hyp<P> {
     pub(crate) fn commit_host_donate_hyp(
         &self,
         host: &mut HostMmu,
+        pgd: &mut PageTable<El2>,
         pa: Pa,
         nr: u64,
         res: &mut Reserve<'_, P>,
     ) {
+        self.hyp_map(pgd, pa, nr, res);
         let env = self.host_env();
         let ann = S2Pte::owner_annotation(OWNER_HYP);
         for i in 0..nr {
@@ -244,16 +253,60 @@ impl<P: HypPlatform> Hyp<P> {
     pub(crate) fn commit_hyp_donate_host(
         &self,
         host: &mut HostMmu,
+        pgd: &mut PageTable<El2>,
         pa: Pa,
         nr: u64,
         res: &mut Reserve<'_, P>,
     ) {
+        self.hyp_unmap(pgd, pa, nr, res);
         for i in 0..nr {
             let p = pa + i * PAGE_SIZE;
             self.plat.zero_page(p);
             self.host_map_back(host, p, res);
             host.set(p, PageState::Owned, PageState::NoPage);
         }
+    }
+
+    /// Maps `[pa, pa + nr)` into the hyp's own address space (linear, RW,
+    /// never executable; page granularity, so unmapping one page later
+    /// never needs a table page). Commit step: the caller reserved
+    /// [`EL2_TABLES`] pages.
+    pub(crate) fn hyp_map(
+        &self,
+        pgd: &mut PageTable<El2>,
+        pa: Pa,
+        nr: u64,
+        res: &mut Reserve<'_, P>,
+    ) {
+        let env = self.el2_env();
+        commit(
+            pgd.map(
+                &env,
+                Va(pa.0),
+                nr * PAGE_SIZE,
+                pa,
+                El2Prot::RW,
+                MapFlags::FORCE_PAGE,
+                res,
+            ),
+            "hyp stage-1 map",
+        );
+    }
+
+    /// Removes `[pa, pa + nr)` from the hyp's own address space (emptied
+    /// tables go back through `res`). Commit step: needs no memory.
+    pub(crate) fn hyp_unmap(
+        &self,
+        pgd: &mut PageTable<El2>,
+        pa: Pa,
+        nr: u64,
+        res: &mut Reserve<'_, P>,
+    ) {
+        let env = self.el2_env();
+        commit(
+            pgd.unmap(&env, Va(pa.0), nr * PAGE_SIZE, res),
+            "hyp stage-1 unmap",
+        );
     }
 
     /// Gives the host its identity mapping of one page back (replacing an
@@ -290,9 +343,14 @@ impl<P: HypPlatform> Hyp<P> {
             });
         }
         let mut host = self.host.lock();
+        let mut pgd = self.pgd.lock();
         host.expect(pa, nr, PageState::Owned, PageState::NoPage)?;
-        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables())?;
-        self.commit_host_donate_hyp(&mut host, pa, nr, &mut res);
+        let mut res = Reserve::new(
+            &self.pool,
+            &self.plat,
+            self.host_range_tables() + EL2_TABLES,
+        )?;
+        self.commit_host_donate_hyp(&mut host, &mut pgd, pa, nr, &mut res);
         Ok(())
     }
 

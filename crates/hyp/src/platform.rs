@@ -21,6 +21,13 @@ pub trait HypPlatform: PtMemory + Sync {
     /// TLB operations for `vmid` (0 is the host's stage-2).
     fn tlb(&self, vmid: u16) -> Self::Tlb;
 
+    /// TLB maintenance of the hypervisor's own EL2 stage-1 regime.
+    type El2Tlb: TlbOps;
+
+    /// TLB operations for the hypervisor's EL2 stage-1 (hardware: `tlbi
+    /// vae2is` / `tlbi alle2is`).
+    fn el2_tlb(&self) -> Self::El2Tlb;
+
     /// The id of the CPU executing this code (`0..MAX_CPUS`).
     fn cpu_id(&self) -> usize;
 

@@ -129,6 +129,17 @@ fn check_invariants(h: &H) {
         if ys != PageState::SharedBorrowed {
             assert_eq!(m.hyp_pins(p), 0, "{p:?} pinned but not shared with the hyp");
         }
+        // The hyp's own address space maps exactly what it owns or borrows,
+        // linearly, read-write, never executable.
+        let hyp_map = h.hyp_translate(pkvm_arch::Va(p.0));
+        match ys {
+            PageState::Owned | PageState::SharedBorrowed => assert_eq!(
+                hyp_map,
+                Some((p, pkvm_arch::pte::El2Prot::RW)),
+                "{p:?} hyp state {ys:?} but hyp stage-1 has {hyp_map:?}"
+            ),
+            _ => assert_eq!(hyp_map, None, "{p:?} mapped at EL2 but hyp state {ys:?}"),
+        }
         match (hs, ys) {
             (PageState::Owned, PageState::NoPage)
             | (PageState::SharedOwned, PageState::SharedBorrowed) => {

@@ -17,11 +17,15 @@ use crate::{HypPlatform, MemMap, PageMeta};
 /// Counts TLB invalidations per VMID.
 #[derive(Debug)]
 pub struct TlbLog {
-    /// Whole-VMID flushes, indexed by VMID (0..=255).
+    /// Whole-VMID flushes, indexed by VMID (0..=255; index 256 counts the
+    /// hypervisor's own EL2 regime).
     pub all: Vec<AtomicU64>,
     /// Per-entry or range invalidations, indexed by VMID.
     pub partial: Vec<AtomicU64>,
 }
+
+/// The [`TlbLog`] index of the hypervisor's EL2 regime.
+pub const EL2_LOG: usize = 256;
 
 /// TLB operations that only count.
 #[derive(Debug, Clone, Copy)]
@@ -71,8 +75,8 @@ impl FakePlatform {
         let rc: Vec<AtomicU32> = (0..pages).map(|_| AtomicU32::new(0)).collect();
         let meta: Vec<PageMeta> = (0..pages).map(|_| PageMeta::new()).collect();
         let log = TlbLog {
-            all: (0..256).map(|_| AtomicU64::new(0)).collect(),
-            partial: (0..256).map(|_| AtomicU64::new(0)).collect(),
+            all: (0..=EL2_LOG).map(|_| AtomicU64::new(0)).collect(),
+            partial: (0..=EL2_LOG).map(|_| AtomicU64::new(0)).collect(),
         };
         FakePlatform {
             mem: mem.into_boxed_slice(),
@@ -123,6 +127,13 @@ impl PtMemory for FakePlatform {
 
 impl HypPlatform for FakePlatform {
     type Tlb = FakeTlb;
+    type El2Tlb = FakeTlb;
+    fn el2_tlb(&self) -> FakeTlb {
+        FakeTlb {
+            vmid: EL2_LOG as u16,
+            log: self.tlb_log,
+        }
+    }
     fn tlb(&self, vmid: u16) -> FakeTlb {
         FakeTlb {
             vmid,

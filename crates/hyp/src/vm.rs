@@ -13,8 +13,8 @@ use pkvm_pgtable::{PageCache, PageTable, PtError, PtMemory, Stage2};
 
 use crate::error::HypError;
 use crate::hyp::{
-    Env, Hyp, Reserve, HANDLE_BASE, MAX_CPUS, MAX_TOPUP_PAGES, MAX_VCPUS, MAX_VMS, VCPU_PAGES,
-    VM_PAGES,
+    Env, Hyp, Reserve, EL2_TABLES, HANDLE_BASE, MAX_CPUS, MAX_TOPUP_PAGES, MAX_VCPUS, MAX_VMS,
+    VCPU_PAGES, VM_PAGES,
 };
 use crate::mem_protect::commit;
 use crate::meta::PageState;
@@ -599,6 +599,7 @@ impl<P: HypPlatform> Hyp<P> {
             });
         }
         let mut host = self.host.lock();
+        let mut pgd = self.pgd.lock();
         host.expect(vm_pa, VM_PAGES, PageState::Owned, PageState::NoPage)?;
         host.expect(pgd_pa, pgd_pages, PageState::Owned, PageState::NoPage)?;
         // Overlap: the second check would already fail after the first
@@ -611,14 +612,18 @@ impl<P: HypPlatform> Hyp<P> {
                 value: vm_pa.0,
             });
         }
-        let mut res = Reserve::new(&self.pool, &self.plat, 2 * self.host_range_tables())?;
+        let mut res = Reserve::new(
+            &self.pool,
+            &self.plat,
+            2 * (self.host_range_tables() + EL2_TABLES),
+        )?;
         let mut slot = self.vms[idx].lock();
         if slot.is_some() {
             return Err(HypError::Internal("reserved slot holds a VM"));
         }
         // Commit: nothing below can fail.
-        self.commit_host_donate_hyp(&mut host, vm_pa, VM_PAGES, &mut res);
-        self.commit_host_donate_hyp(&mut host, pgd_pa, pgd_pages, &mut res);
+        self.commit_host_donate_hyp(&mut host, &mut pgd, vm_pa, VM_PAGES, &mut res);
+        self.commit_host_donate_hyp(&mut host, &mut pgd, pgd_pa, pgd_pages, &mut res);
         for i in 0..pgd_pages {
             self.plat.zero_page(pgd_pa + i * PAGE_SIZE);
         }
@@ -658,14 +663,19 @@ impl<P: HypPlatform> Hyp<P> {
         let pa = pfn.addr();
         self.check_memory(pa, VCPU_PAGES)?;
         let mut host = self.host.lock();
+        let mut pgd = self.pgd.lock();
         host.expect(pa, VCPU_PAGES, PageState::Owned, PageState::NoPage)?;
-        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables())?;
+        let mut res = Reserve::new(
+            &self.pool,
+            &self.plat,
+            self.host_range_tables() + EL2_TABLES,
+        )?;
         let mut slot = self.vms[idx].lock();
         let vm = slot
             .as_mut()
             .ok_or(HypError::Internal("live slot without a VM"))?;
         // Commit.
-        self.commit_host_donate_hyp(&mut host, pa, VCPU_PAGES, &mut res);
+        self.commit_host_donate_hyp(&mut host, &mut pgd, pa, VCPU_PAGES, &mut res);
         vm.vcpu_mem[vcpu as usize] = Some(pa);
         table.mark_vcpu_init(idx, vcpu as usize);
         Ok(())
@@ -689,14 +699,19 @@ impl<P: HypPlatform> Hyp<P> {
         let pa = pfn.addr();
         self.check_memory(pa, nr)?;
         let mut host = self.host.lock();
+        let mut pgd = self.pgd.lock();
         host.expect(pa, nr, PageState::Owned, PageState::NoPage)?;
-        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables())?;
+        let mut res = Reserve::new(
+            &self.pool,
+            &self.plat,
+            self.host_range_tables() + EL2_TABLES,
+        )?;
         let mut slot = self.vms[r.idx].lock();
         let vm = slot
             .as_mut()
             .ok_or(HypError::Internal("live slot without a VM"))?;
         // Commit.
-        self.commit_host_donate_hyp(&mut host, pa, nr, &mut res);
+        self.commit_host_donate_hyp(&mut host, &mut pgd, pa, nr, &mut res);
         for i in 0..nr {
             let p = pa + i * PAGE_SIZE;
             self.plat.zero_page(p);
@@ -911,7 +926,8 @@ impl<P: HypPlatform> Hyp<P> {
         let mut table = self.table.lock();
         let idx = table.dying_index(handle)?;
         let mut host = self.host.lock();
-        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
+        let mut pgd = self.pgd.lock();
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels + EL2_TABLES)?;
         let mut slot = self.vms[idx].lock();
         let Some(vm) = slot.as_ref() else {
             return Err(HypError::Internal("live slot without a VM"));
@@ -985,13 +1001,13 @@ impl<P: HypPlatform> Hyp<P> {
             pgt.destroy(&env, &mut mc)
         };
         debug_assert_eq!(tables, 0, "table pages leaked by destroy");
-        self.commit_hyp_donate_host(&mut host, root, root_pages, &mut res);
-        self.commit_hyp_donate_host(&mut host, vm_mem, VM_PAGES, &mut res);
+        self.commit_hyp_donate_host(&mut host, &mut pgd, root, root_pages, &mut res);
+        self.commit_hyp_donate_host(&mut host, &mut pgd, vm_mem, VM_PAGES, &mut res);
         for pa in vcpu_mem.iter().flatten() {
-            self.commit_hyp_donate_host(&mut host, *pa, VCPU_PAGES, &mut res);
+            self.commit_hyp_donate_host(&mut host, &mut pgd, *pa, VCPU_PAGES, &mut res);
         }
         while let Some(pa) = memcache.pop(&self.plat) {
-            self.commit_hyp_donate_host(&mut host, pa, 1, &mut res);
+            self.commit_hyp_donate_host(&mut host, &mut pgd, pa, 1, &mut res);
         }
         Ok(())
     }

@@ -101,6 +101,10 @@ impl HypPlatform for SimHyp {
     fn tlb(&self, vmid: u16) -> UpdatingEnv {
         UpdatingEnv::new(&self.machine, vmid)
     }
+    type El2Tlb = SimEnv;
+    fn el2_tlb(&self) -> SimEnv {
+        self.machine.el2_env()
+    }
     fn cpu_id(&self) -> usize {
         CURRENT_CPU.with(Cell::get)
     }

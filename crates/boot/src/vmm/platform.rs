@@ -59,6 +59,10 @@ impl HypPlatform for HwHyp {
     fn tlb(&self, vmid: u16) -> HwS2 {
         s2_env(vmid)
     }
+    type El2Tlb = HwEl2;
+    fn el2_tlb(&self) -> HwEl2 {
+        HwEl2
+    }
     fn cpu_id(&self) -> usize {
         start::cpu_index()
     }
