@@ -28,7 +28,7 @@ use pkvm_arch::{Gfn, Ipa, Level, Pa, Pfn, Va, PAGE_SIZE};
 use pkvm_pgtable::{El2, MapFlags, PageTable, PtError, Stage2};
 
 use crate::error::HypError;
-use crate::hyp::{Hyp, Reserve, EL2_TABLES, OWNER_HYP};
+use crate::hyp::{Hyp, Reserve, OWNER_HYP};
 use crate::meta::{MemMap, PageState};
 use crate::platform::HypPlatform;
 use crate::vm::{guest_state, HypVm, McCache};
@@ -145,7 +145,7 @@ impl<P: HypPlatform> Hyp<P> {
         let mut host = self.host.lock();
         host.expect(pa, 1, PageState::Owned, PageState::NoPage)?;
         let mut pgd = self.pgd.lock();
-        let mut res = Reserve::new(&self.pool, &self.plat, EL2_TABLES)?;
+        let mut res = Reserve::new(&self.pool, &self.plat, self.el2_tables_needed(&pgd, pa, 1))?;
         // Commit.
         self.hyp_map(&mut pgd, pa, 1, &mut res);
         host.set(pa, PageState::SharedOwned, PageState::SharedBorrowed);
@@ -270,7 +270,7 @@ impl<P: HypPlatform> Hyp<P> {
     /// Maps `[pa, pa + nr)` into the hyp's own address space (linear, RW,
     /// never executable; page granularity, so unmapping one page later
     /// never needs a table page). Commit step: the caller reserved
-    /// [`EL2_TABLES`] pages.
+    /// [`Hyp::el2_tables_needed`] pages.
     pub(crate) fn hyp_map(
         &self,
         pgd: &mut PageTable<El2>,
@@ -291,6 +291,17 @@ impl<P: HypPlatform> Hyp<P> {
             ),
             "hyp stage-1 map",
         );
+    }
+
+    /// Table pages mapping `[pa, pa + nr)` (at most 512 pages) into the
+    /// hyp's stage-1 needs: the levels missing below the deepest existing
+    /// table at each end of the range (usually none, so sharing a page
+    /// costs no pool traffic). Checked with the hyp page-table lock held.
+    pub(crate) fn el2_tables_needed(&self, pgd: &PageTable<El2>, pa: Pa, nr: u64) -> usize {
+        // Every page of a run of at most 512 lies under the tables of its
+        // first or its last page, so the two ends bound what is needed.
+        let missing = |va: u64| 3 - pgd.get_leaf(&self.plat, Va(va)).level.0 as usize;
+        missing(pa.0) + missing(pa.0 + (nr.max(1) - 1) * PAGE_SIZE)
     }
 
     /// Removes `[pa, pa + nr)` from the hyp's own address space (emptied
@@ -345,11 +356,8 @@ impl<P: HypPlatform> Hyp<P> {
         let mut host = self.host.lock();
         let mut pgd = self.pgd.lock();
         host.expect(pa, nr, PageState::Owned, PageState::NoPage)?;
-        let mut res = Reserve::new(
-            &self.pool,
-            &self.plat,
-            self.host_range_tables() + EL2_TABLES,
-        )?;
+        let el2 = self.el2_tables_needed(&pgd, pa, nr);
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables() + el2)?;
         self.commit_host_donate_hyp(&mut host, &mut pgd, pa, nr, &mut res);
         Ok(())
     }

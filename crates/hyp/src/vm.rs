@@ -13,8 +13,8 @@ use pkvm_pgtable::{PageCache, PageTable, PtError, PtMemory, Stage2};
 
 use crate::error::HypError;
 use crate::hyp::{
-    Env, Hyp, Reserve, EL2_TABLES, HANDLE_BASE, MAX_CPUS, MAX_TOPUP_PAGES, MAX_VCPUS, MAX_VMS,
-    VCPU_PAGES, VM_PAGES,
+    Env, Hyp, Reserve, HANDLE_BASE, MAX_CPUS, MAX_TOPUP_PAGES, MAX_VCPUS, MAX_VMS, VCPU_PAGES,
+    VM_PAGES,
 };
 use crate::mem_protect::commit;
 use crate::meta::PageState;
@@ -612,11 +612,9 @@ impl<P: HypPlatform> Hyp<P> {
                 value: vm_pa.0,
             });
         }
-        let mut res = Reserve::new(
-            &self.pool,
-            &self.plat,
-            2 * (self.host_range_tables() + EL2_TABLES),
-        )?;
+        let el2 = self.el2_tables_needed(&pgd, vm_pa, VM_PAGES)
+            + self.el2_tables_needed(&pgd, pgd_pa, pgd_pages);
+        let mut res = Reserve::new(&self.pool, &self.plat, 2 * self.host_range_tables() + el2)?;
         let mut slot = self.vms[idx].lock();
         if slot.is_some() {
             return Err(HypError::Internal("reserved slot holds a VM"));
@@ -665,11 +663,8 @@ impl<P: HypPlatform> Hyp<P> {
         let mut host = self.host.lock();
         let mut pgd = self.pgd.lock();
         host.expect(pa, VCPU_PAGES, PageState::Owned, PageState::NoPage)?;
-        let mut res = Reserve::new(
-            &self.pool,
-            &self.plat,
-            self.host_range_tables() + EL2_TABLES,
-        )?;
+        let el2 = self.el2_tables_needed(&pgd, pa, VCPU_PAGES);
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables() + el2)?;
         let mut slot = self.vms[idx].lock();
         let vm = slot
             .as_mut()
@@ -701,11 +696,8 @@ impl<P: HypPlatform> Hyp<P> {
         let mut host = self.host.lock();
         let mut pgd = self.pgd.lock();
         host.expect(pa, nr, PageState::Owned, PageState::NoPage)?;
-        let mut res = Reserve::new(
-            &self.pool,
-            &self.plat,
-            self.host_range_tables() + EL2_TABLES,
-        )?;
+        let el2 = self.el2_tables_needed(&pgd, pa, nr);
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_range_tables() + el2)?;
         let mut slot = self.vms[r.idx].lock();
         let vm = slot
             .as_mut()
@@ -927,7 +919,7 @@ impl<P: HypPlatform> Hyp<P> {
         let idx = table.dying_index(handle)?;
         let mut host = self.host.lock();
         let mut pgd = self.pgd.lock();
-        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels + EL2_TABLES)?;
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
         let mut slot = self.vms[idx].lock();
         let Some(vm) = slot.as_ref() else {
             return Err(HypError::Internal("live slot without a VM"));

@@ -343,7 +343,7 @@ fn summary() {
             }
         };
         println!(
-            "| {} | {:.2} | {} | {} | {} / {} |",
+            "| {} | {:.3} | {} | {} | {} / {} |",
             case.name,
             pk,
             peer.map(fmt).unwrap_or_else(|| "n/a".into()),
