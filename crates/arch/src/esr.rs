@@ -297,7 +297,7 @@ impl Esr {
     }
 }
 
-/// HPFAR_EL2.FIPA occupies bits 43:4 and holds IPA[51:12].
+/// HPFAR_EL2.FIPA occupies bits 43:4 and holds IPA bits 51:12.
 pub const HPFAR_FIPA_MASK: u64 = 0x0000_0fff_ffff_fff0;
 
 /// The faulting IPA: page from HPFAR_EL2, offset from FAR_EL2.

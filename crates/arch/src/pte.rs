@@ -27,7 +27,7 @@ pub mod bits {
     pub const SH_INNER: u64 = 3 << 8;
     /// Access flag.
     pub const AF: u64 = 1 << 10;
-    /// Execute-never (stage-2 XN[1] / EL2 XN).
+    /// Execute-never (stage-2 `XN[1]` / EL2 XN).
     pub const XN: u64 = 1 << 54;
     /// Software bits 58:55.
     pub const SW_MASK: u64 = 0xf << 55;
@@ -90,9 +90,9 @@ pub mod el2 {
     pub const ATTRINDX_MASK: u64 = 7 << 2;
     /// Shift of AttrIndx.
     pub const ATTRINDX_SHIFT: u32 = 2;
-    /// AP[1] (bit 6): RES1 at non-VHE EL2.
+    /// `AP[1]` (bit 6): RES1 at non-VHE EL2.
     pub const AP1: u64 = 1 << 6;
-    /// AP[2] (bit 7): read-only.
+    /// `AP[2]` (bit 7): read-only.
     pub const AP_RO: u64 = 1 << 7;
     /// MAIR_EL2 index used for Device-nGnRE.
     pub const MAIR_IDX_DEVICE: u64 = 0;

@@ -2,7 +2,7 @@
 //!
 //! [`VmTable`] is the lifecycle state machine (slots FREE -> RESERVED ->
 //! LIVE -> LIVE+dying -> FREE, references, loaded vCPUs); it is pure data
-//! under the VM table lock, small enough to model with loom. [`HypVm`]
+//! under the VM table lock, small enough to model with loom. `HypVm`
 //! holds a live VM's stage-2 and the pages it was given, under its own
 //! lock (class `HypVm`).
 
