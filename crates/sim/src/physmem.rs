@@ -62,6 +62,10 @@ pub struct PhysMem {
     /// Per-frame pin count used by process memory (`mm`).
     pins: Mapping,
     devices: Vec<Device>,
+    /// RAM was backed up front ([`PhysMem::populate`]): zeroing then writes
+    /// zeroes instead of giving pages back to the host kernel (which would
+    /// make the next touch fault and zero them again).
+    populated: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PhysMem {
@@ -90,6 +94,7 @@ impl PhysMem {
             ram: Mapping::new(size as usize)?,
             refcounts: Mapping::new(frames * 4)?,
             pins: Mapping::new(frames * 4)?,
+            populated: std::sync::atomic::AtomicBool::new(false),
             devices: devices
                 .iter()
                 .map(|&spec| Device {
@@ -310,7 +315,9 @@ impl PhysMem {
         }
         self.ram
             .populate((pa.0 - self.base) as usize, len as usize)
-            .map_err(|_| MemError::Unbacked { pa, len })
+            .map_err(|_| MemError::Unbacked { pa, len })?;
+        self.populated.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Zeroes `[pa, pa+len)`. Large page-aligned RAM ranges are given back to
@@ -321,6 +328,7 @@ impl PhysMem {
     /// Unbacked or misaligned range.
     pub fn zero(&self, pa: Pa, len: u64) -> Result<(), MemError> {
         if len >= 16 * PAGE_SIZE
+            && !self.populated.load(Ordering::Relaxed)
             && pa.is_aligned(PAGE_SIZE)
             && len % PAGE_SIZE == 0
             && self.is_ram(pa, len)
