@@ -261,7 +261,7 @@ fn bench(a: BenchArgs) -> Result<bool> {
     let mut rows = Vec::new();
     let mut ok = true;
     for (bname, backing) in backings {
-        if a.bytes % backing_granule(backing) != 0 {
+        if !a.bytes.is_multiple_of(backing_granule(backing)) {
             continue;
         }
         for (mname, mode, protected_vm) in modes {
