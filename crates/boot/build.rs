@@ -10,6 +10,7 @@ const GUESTS: &[&str] = &[
     "guest-psci",
     "guest-smp",
     "guest-spin",
+    "guest-reset",
 ];
 
 fn main() {

@@ -22,6 +22,7 @@ pub const GUESTS: &[&str] = &[
     "guest-psci",
     "guest-smp",
     "guest-spin",
+    "guest-reset",
 ];
 
 /// The image package and binary name.

@@ -62,8 +62,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub append: Option<String>,
     /// Number of vCPUs of the external guest (or of the `sched-*`
-    /// scenarios' guest); any number up to 8, whatever `--cpus` is (the
-    /// image schedules vCPUs on the physical CPUs).
+    /// scenarios' guest, or of each `reset*` scenario VM); any number up to
+    /// 8, whatever `--cpus` is (the image schedules vCPUs on the physical
+    /// CPUs).
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
     /// Physical CPUs QEMU emulates (`-smp`), 1..=8.
@@ -73,7 +74,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128)]
     pub mem: u32,
     /// Image scenario to run instead of the demo (`demo`, `touch`, `exits`,
-    /// `protected`, `sched-smp`, `sched-smp-protected`, `sched-spin`);
+    /// `protected`, `sched-smp`, `sched-smp-protected`, `sched-spin`,
+    /// `reset`, `reset-protected`);
     /// ignored with `--guest`.
     #[arg(long)]
     pub scenario: Option<String>,

@@ -63,7 +63,10 @@ pub fn dcache_clean_range(va: u64, size: u64) {
     super::sysreg::dsb_ish();
 }
 
-fn icache_inval_all() {
+/// Invalidates every instruction cache of the inner shareable domain (e.g.
+/// after the VMM rewrote a guest image in memory the guest may already
+/// have executed).
+pub fn icache_inval_all() {
     // SAFETY: invalidating the instruction caches (inner shareable) has no
     // effect beyond refetching instructions.
     unsafe {

@@ -16,8 +16,11 @@
 //! Exit mapping, after [`HostVmm::exit`] has seen the exit: a VM that is
 //! over -> [`Outcome::Done`]; `Interrupted` -> [`Outcome::Preempted`];
 //! `Wfi` -> [`Outcome::Yield`]; `Sleep` -> [`Outcome::Sleep`]; `Mmio` and
-//! `Hypercall` -> run again; `SystemEvent`, `Halted`, `InternalError` ->
-//! [`Outcome::Done`] (the VMM stops the VM, which retires its other vCPUs).
+//! `Hypercall` -> run again; `SystemEvent` of a VM the VMM did not stop (it
+//! restarted it: a system reset) -> run again (`Vcpu::run` then starts the
+//! boot vCPU at its entry point, or reports `Sleep` for a vCPU left off);
+//! `Halted`, `InternalError` -> [`Outcome::Done`] (the VMM stops the VM,
+//! which retires its other vCPUs).
 
 use alloc::sync::Arc;
 
@@ -46,8 +49,9 @@ pub trait HostVmm: Send + Sync {
 
     /// Sees every exit of `Vcpu::run`: emulates MMIO (calling
     /// `Vcpu::complete_mmio` for reads), answers hypercalls (results in
-    /// `Vcpu::context_mut`), stops the VM on a system event or error, and
-    /// counts.
+    /// `Vcpu::context_mut`), stops the VM on a system event or error, or
+    /// restarts it on a system reset (powering it on again before
+    /// returning), and counts.
     fn exit(&self, vcpu: &mut Vcpu<Self::Platform, Self::Memory>, exit: &VcpuExit);
 
     /// Whether the VM is over (its vCPUs leave the scheduler).
@@ -97,10 +101,10 @@ where
                 VcpuExit::Interrupted => break Outcome::Preempted,
                 VcpuExit::Wfi => break Outcome::Yield,
                 VcpuExit::Sleep => break Outcome::Sleep,
-                VcpuExit::Mmio { .. } | VcpuExit::Hypercall { .. } => {}
-                VcpuExit::SystemEvent(_) | VcpuExit::Halted | VcpuExit::InternalError(_) => {
-                    break Outcome::Done
-                }
+                // A system event whose VM is not stopping was a reset the
+                // VMM carried out: run again (start over, or sleep).
+                VcpuExit::Mmio { .. } | VcpuExit::Hypercall { .. } | VcpuExit::SystemEvent(_) => {}
+                VcpuExit::Halted | VcpuExit::InternalError(_) => break Outcome::Done,
             }
         };
         vmm.after_run(be);

@@ -13,7 +13,7 @@
 //! | [`Outcome::Preempted`] | `Interrupted`: physical IRQ (timer tick or kick SGI) | back to the tail of the queue |
 //! | [`Outcome::Yield`] | `Wfi`: nothing to deliver (no interrupt controller model) | tail of the queue |
 //! | [`Outcome::Sleep`] | `Sleep`: powered off (PSCI CPU_OFF) or suspended | off the queue until [`Scheduler::kick`] |
-//! | [`Outcome::Done`] | its VM is over (`SystemEvent`, internal error, VM stopped) | the slot is emptied and the vCPU dropped |
+//! | [`Outcome::Done`] | its VM is over (`SystemEvent` other than a reset the VMM carried out, internal error, VM stopped) | the slot is emptied and the vCPU dropped |
 //!
 //! A run ([`Scheduler::begin`] .. the last `Done`) ends by itself when no
 //! vCPU is left: every CPU then leaves `run_cpu`. Several VMs can share

@@ -55,7 +55,8 @@ pub struct BackendStats {
     pub kick_irqs: u64,
     /// Trapped system-register accesses (RAZ/WI).
     pub sysreg: u64,
-    /// Resets applied before an entry (boot, each PSCI CPU_ON).
+    /// Resets applied before an entry (boot, each PSCI CPU_ON, each VM
+    /// reset).
     pub resets: u64,
 }
 
@@ -67,8 +68,9 @@ pub struct VcpuHw {
     pub st: VcpuState,
     /// Counters.
     pub stats: BackendStats,
-    /// x1..x3 for the first entry at the given PC (pkvm-host's
-    /// `BootParams` only sets x0).
+    /// x1..x3 whenever the vCPU is reset to start at the given PC (the
+    /// boot at creation and each VM reset; pkvm-host's `BootParams` only
+    /// sets x0).
     boot_args: Option<(u64, [u64; 3])>,
     /// VMID of the last entry (as loaded in VTTBR_EL2).
     pub last_vmid: u16,
@@ -86,20 +88,27 @@ impl VcpuHw {
         }
     }
 
-    /// Sets x1..x3 on the first entry at `pc` (after the boot reset).
+    /// Sets x1..x3 for every reset that starts the vCPU at `pc` (the boot
+    /// and each VM reset).
     pub fn set_boot_args(&mut self, pc: u64, args: [u64; 3]) {
         self.boot_args = Some((pc, args));
     }
 
-    /// A reset is about to be applied by pkvm-host (boot or PSCI CPU_ON):
-    /// the state pkvm-host does not know about goes back to its reset
-    /// value too (FP/SIMD registers, FPSR, FPCR).
-    pub fn on_reset(&mut self) {
+    /// pkvm-host has just applied a reset to `ctx` (boot, PSCI CPU_ON, VM
+    /// reset): the state pkvm-host does not know about goes back to its
+    /// reset value too (FP/SIMD registers, FPSR, FPCR), and a start at the
+    /// boot PC gets the boot arguments x1..x3.
+    pub fn on_reset(&mut self, ctx: &mut VcpuContext) {
         self.stats.resets += 1;
         let r = &mut self.st.regs;
         r.v = [0; 32];
         r.fpsr = 0;
         r.fpcr = 0;
+        if let Some((pc, args)) = self.boot_args {
+            if ctx.gprs.pc == pc {
+                ctx.gprs.x[1..4].copy_from_slice(&args);
+            }
+        }
     }
 }
 
@@ -281,8 +290,8 @@ impl VcpuBackend for HwBackend<'_> {
         self.cpu
     }
 
-    fn on_reset(&mut self, _ctx: &mut VcpuContext, _start: &pkvm_host::psci::ResetState) {
-        self.hw.on_reset();
+    fn on_reset(&mut self, ctx: &mut VcpuContext, _start: &pkvm_host::psci::ResetState) {
+        self.hw.on_reset(ctx);
     }
 
     fn enter(&mut self, ctx: &mut VcpuContext, s2: &StageTwo) -> GuestExit {
@@ -291,12 +300,6 @@ impl VcpuBackend for HwBackend<'_> {
         };
         let hw = &mut *self.hw;
         hw.last_vmid = (vm.vttbr >> 48) as u16;
-        if let Some((pc, args)) = hw.boot_args {
-            if ctx.gprs.pc == pc {
-                ctx.gprs.x[1..4].copy_from_slice(&args);
-                hw.boot_args = None;
-            }
-        }
         hw.stats.entries += 1;
         self.load(ctx);
         let exit = loop {

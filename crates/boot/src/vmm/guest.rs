@@ -4,15 +4,30 @@
 //! each vCPU's hardware-only state, and the exit handling the scheduler's
 //! [`HostRunner`](crate::sched::host::HostRunner) calls around
 //! `Vcpu::run` ([`HostVmm`]).
+//!
+//! # System reset
+//! A PSCI `SYSTEM_RESET` or `SYSTEM_RESET2` (warm or vendor reset) restarts
+//! the VM the way KVM's VMMs do ([`GuestVm::system_reset`]): pkvm-host has
+//! already stopped every vCPU; the VMM waits until none of the VM's other
+//! vCPUs is still inside a scheduler run (so none is in the guest), writes
+//! the image and its device tree into guest RAM again (guest RAM outside
+//! them is left as it is: a guest can leave itself a note), and powers the
+//! VM on again with the same [`BootParams`]: vCPU 0 restarts at the entry
+//! point, the others stay off until a guest `CPU_ON`. The vCPU that made
+//! the call stays in the scheduler. At most [`MAX_RESETS`] resets per VM:
+//! the next one ends the VM with an error instead of looping forever. A
+//! protected VM's image is not rewritten: its memory was donated and is
+//! the guest's, across the reset too.
 
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
-use pkvm_arch::{Hva, Ipa};
+use pkvm_arch::{Hva, Ipa, Pa};
 use pkvm_host::memslot::UserMemoryRegion;
-use pkvm_host::psci::{PsciVm, SystemEventKind};
+use pkvm_host::psci::{PsciVm, SystemEvent, SystemEventKind};
 use pkvm_host::reset::BootParams;
 use pkvm_host::{Vcpu, VcpuExit, VmConfig};
 use pkvm_sync::{LockClass, SpinLock};
@@ -35,6 +50,8 @@ pub const IPA_BITS: u32 = 40;
 pub const MAX_VCPUS: usize = crate::sched::MAX_SCHED_VCPUS;
 /// The vendor report hypercall of guest-rt.
 pub const REPORT_FID: u64 = 0xc600_0100;
+/// Most guest system resets one VM may do; the next one ends it.
+pub const MAX_RESETS: u32 = 8;
 const BLOCK: u64 = 2 << 20;
 const PAGE: u64 = 4096;
 
@@ -49,7 +66,42 @@ pub mod code {
     pub const EXCEPTION: u64 = 5;
     pub const PANIC: u64 = 6;
     pub const SMC: u64 = 7;
-    pub const COUNT: usize = 8;
+    pub const RESET: u64 = 8;
+    pub const COUNT: usize = 9;
+}
+
+/// Where the VMM finds a VM's image: at creation and again at each guest
+/// system reset, when it is written into guest RAM anew.
+#[derive(Clone, Copy, Debug)]
+pub enum ImageSource {
+    /// Bytes embedded in the EL2 image.
+    Embedded(&'static [u8]),
+    /// A file QEMU loaded into physical memory outside the page pool (the
+    /// handoff's external guest, which stays there): address, bytes.
+    Phys(Pa, u64),
+}
+
+impl ImageSource {
+    /// Bytes of the image.
+    pub fn len(&self) -> u64 {
+        match *self {
+            ImageSource::Embedded(b) => b.len() as u64,
+            ImageSource::Phys(_, n) => n,
+        }
+    }
+
+    /// Whether the image is empty (a guest payload missing from the build).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with the image bytes.
+    pub fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match *self {
+            ImageSource::Embedded(b) => f(b),
+            ImageSource::Phys(pa, n) => crate::platform::phys::with_slice(pa, n, f),
+        }
+    }
 }
 
 /// What to put in a new VM.
@@ -60,8 +112,9 @@ pub struct VmSpec<'a> {
     pub mem: u64,
     /// Backing of its memory.
     pub backing: Backing,
-    /// Image bytes, loaded at `GUEST_RAM + load_offset`.
-    pub image: &'a [u8],
+    /// The image, loaded at `GUEST_RAM + load_offset` (and again at each
+    /// guest system reset).
+    pub image: ImageSource,
     /// Offset of the image in RAM.
     pub load_offset: u64,
     /// vCPUs.
@@ -112,8 +165,6 @@ impl From<pkvm_host::VmError> for VmmError {
 pub enum VmEnd {
     /// PSCI SYSTEM_OFF.
     PowerOff,
-    /// PSCI SYSTEM_RESET (not restarted here).
-    Reset,
     /// The host stopped it after an error.
     Error(&'static str),
 }
@@ -162,6 +213,16 @@ pub struct GuestVm {
     /// Backing.
     pub backing: Backing,
     entry: u64,
+    /// The image, written again at each system reset.
+    image: ImageSource,
+    /// The generated device tree (IPA, blob), written again at each reset.
+    dtb: Option<(u64, Vec<u8>)>,
+    /// How vCPU 0 starts, at creation and after each system reset.
+    boot: BootParams,
+    /// System resets done (restarts from the entry point).
+    resets: AtomicU32,
+    /// A system reset is being carried out (by the vCPU that set it).
+    resetting: AtomicBool,
     reports: SpinLock<[Option<(u64, u64)>; code::COUNT]>,
     /// Per vCPU: the emulated UART's line buffer.
     uart: Vec<SpinLock<LineBuf>>,
@@ -205,7 +266,7 @@ pub fn create(
     } else {
         0
     };
-    if spec.load_offset + spec.image.len() as u64 + dtb_reserve > spec.mem {
+    if spec.load_offset + spec.image.len() + dtb_reserve > spec.mem {
         return Err(VmmError::ImageTooBig);
     }
     let ram_end = GUEST_RAM + spec.mem;
@@ -246,6 +307,11 @@ pub fn create(
         mem: spec.mem,
         backing: spec.backing,
         entry: GUEST_RAM + spec.load_offset,
+        image: spec.image,
+        dtb: None,
+        boot: BootParams::default(),
+        resets: AtomicU32::new(0),
+        resetting: AtomicBool::new(false),
         reports: SpinLock::new([None; code::COUNT], LockClass::Leaf),
         uart: (0..spec.vcpus)
             .map(|_| {
@@ -298,11 +364,11 @@ pub fn create(
             return Err(e.into());
         }
     }
-    let mut x0 = 0;
-    if let Err(e) = g.load(spec, &mut x0) {
+    if let Err(e) = g.make_device_tree(spec).and_then(|()| g.load()) {
         g.release_vmas();
         return Err(e);
     }
+    let mut x0 = g.dtb.as_ref().map_or(0, |d| d.0);
     if let Some(v) = spec.x0 {
         x0 = v;
     }
@@ -310,11 +376,12 @@ pub fn create(
         x0 = t;
         g.hw[0].lock().set_boot_args(g.entry, [n, 0, 0]);
     }
-    g.vm.power_on(BootParams {
+    g.boot = BootParams {
         entry: g.entry,
         x0,
         big_endian: false,
-    })?;
+    };
+    g.vm.power_on(g.boot)?;
     Ok(Arc::new(g))
 }
 
@@ -337,23 +404,109 @@ impl GuestVm {
         Ok(())
     }
 
-    fn load(&self, spec: &VmSpec<'_>, x0: &mut u64) -> Result<(), VmmError> {
-        self.write_guest(self.entry, spec.image)?;
-        if let Some(bootargs) = spec.dtb_bootargs {
-            let mut blob = [0u8; 8192];
-            let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, spec.mem, spec.vcpus, bootargs)
-                .map_err(|_| VmmError::BadConfig("device tree too big (command line?)"))?;
-            fdtgen::verify(&blob[..n], GUEST_RAM, spec.mem, spec.vcpus, bootargs)
-                .map_err(VmmError::BadConfig)?;
-            let dtb_ipa = GUEST_RAM + spec.mem - BLOCK;
-            self.write_guest(dtb_ipa, &blob[..n])?;
-            println!(
-                "vm {}: device tree at IPA {dtb_ipa:#x} ({n} bytes, {} vCPUs, bootargs \"{bootargs}\"), checked with the fdt crate",
-                spec.name, spec.vcpus
-            );
-            *x0 = dtb_ipa;
+    /// Generates and checks the VM's device tree (if the spec asks for
+    /// one) and keeps it for [`GuestVm::load`].
+    fn make_device_tree(&mut self, spec: &VmSpec<'_>) -> Result<(), VmmError> {
+        let Some(bootargs) = spec.dtb_bootargs else {
+            return Ok(());
+        };
+        let mut blob = [0u8; 8192];
+        let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, spec.mem, spec.vcpus, bootargs)
+            .map_err(|_| VmmError::BadConfig("device tree too big (command line?)"))?;
+        fdtgen::verify(&blob[..n], GUEST_RAM, spec.mem, spec.vcpus, bootargs)
+            .map_err(VmmError::BadConfig)?;
+        let dtb_ipa = GUEST_RAM + spec.mem - BLOCK;
+        println!(
+            "vm {}: device tree at IPA {dtb_ipa:#x} ({n} bytes, {} vCPUs, bootargs \"{bootargs}\"), checked with the fdt crate",
+            spec.name, spec.vcpus
+        );
+        self.dtb = Some((dtb_ipa, blob[..n].to_vec()));
+        Ok(())
+    }
+
+    /// Writes the image (and the device tree) into guest RAM: at creation
+    /// and at each system reset. Nothing else in guest RAM is touched.
+    fn load(&self) -> Result<(), VmmError> {
+        self.image.with(|img| self.write_guest(self.entry, img))?;
+        if let Some((ipa, blob)) = &self.dtb {
+            self.write_guest(*ipa, blob)?;
         }
         Ok(())
+    }
+
+    /// Guest system resets done so far (restarts from the entry point).
+    pub fn resets(&self) -> u32 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    /// PSCI `SYSTEM_RESET` / `SYSTEM_RESET2` from vCPU `index`
+    /// (pkvm-host's `SystemEvent` of kind `Reset`: every vCPU is already
+    /// `Stopped`): restarts the VM from its entry point, as the module
+    /// documentation says, or ends it once it has reset [`MAX_RESETS`]
+    /// times.
+    ///
+    /// Called on the exiting vCPU's CPU inside its scheduler run. A second
+    /// reset event while one is carried out is part of the same reset (its
+    /// vCPU is in a run, so the first one waits for it to finish).
+    pub fn system_reset(&self, index: usize, ev: &SystemEvent) {
+        if self
+            .resetting
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let what = ResetKind(ev);
+        // Every vCPU is Stopped and was kicked: wait until the others have
+        // left their scheduler runs (and the guest). One that starts a run
+        // now finds itself Stopped and goes back to sleep.
+        while self.running.load(Ordering::Acquire) > 1 && !self.stopping_now() {
+            core::hint::spin_loop();
+        }
+        let n = self.resets.load(Ordering::Relaxed) + 1;
+        let name = self.name;
+        if n > MAX_RESETS {
+            println!(
+                "vm {name}: {what} from vCPU {index}: {MAX_RESETS} resets already; the VM is stopped"
+            );
+            self.stop(VmEnd::Error("too many system resets"));
+            self.resetting.store(false, Ordering::Release);
+            return;
+        }
+        let protected = self.vm.config().protected;
+        let loaded = if protected { Ok(()) } else { self.load() };
+        if let Err(e) = loaded {
+            println!("vm {name}: {what}: reloading the image failed: {e}");
+            self.stop(VmEnd::Error("image reload failed at a system reset"));
+            self.resetting.store(false, Ordering::Release);
+            return;
+        }
+        // The guest may have executed the old bytes (or its own changes
+        // to them) at the same addresses.
+        crate::platform::hw::icache_inval_all();
+        self.resets.store(n, Ordering::Relaxed);
+        let others = self.vcpu_count() - 1;
+        println!(
+            "vm {name}: {what} from vCPU {index}: restarting the VM at its entry point {:#x} (reset {n} of at most {MAX_RESETS}; {}; vCPU 0 on{})",
+            self.boot.entry,
+            if protected {
+                "image not rewritten: a protected VM's memory is the guest's"
+            } else if self.dtb.is_some() {
+                "image and device tree reloaded, rest of RAM kept"
+            } else {
+                "image reloaded, rest of RAM kept"
+            },
+            if others == 0 {
+                String::new()
+            } else {
+                alloc::format!(", {others} other vCPU(s) off until CPU_ON")
+            }
+        );
+        if let Err(e) = self.vm.power_on(self.boot) {
+            println!("vm {name}: {what}: power-on failed: {e}");
+            self.stop(VmEnd::Error("power-on failed at a system reset"));
+        }
+        self.resetting.store(false, Ordering::Release);
     }
 
     /// Releases the VMAs (after teardown); returns frames released.
@@ -526,6 +679,14 @@ impl GuestVm {
                 }
             }
             code::PANIC => println!("vm {name}: guest reported a panic"),
+            code::RESET => println!(
+                "vm {name}: guest boot {a} ({})",
+                if b == 1 {
+                    "image as loaded"
+                } else {
+                    "image as the last boot left it"
+                }
+            ),
             _ => println!("vm {name}: report {c}: {a:#x} {b:#x}"),
         }
     }
@@ -592,10 +753,11 @@ impl GuestVm {
             s.injected_aborts,
         );
         println!(
-            "vm {}: run loop: {} guest entries ({} after a reset), {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
+            "vm {}: run loop: {} guest entries ({} after a vCPU reset), {} VM resets, {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
             self.name,
             hw.entries,
             hw.resets,
+            self.resets(),
             l(&c.run_exits),
             l(&c.mmio),
             l(&c.mmio_unclaimed),
@@ -688,14 +850,11 @@ impl HostVmm for GuestVm {
                 }
             }
             VcpuExit::Hypercall { func, ref args, .. } => self.hypercall(vcpu, func, args),
-            VcpuExit::SystemEvent(ev) => {
-                let why = match ev.kind {
-                    SystemEventKind::Shutdown => VmEnd::PowerOff,
-                    SystemEventKind::Reset => VmEnd::Reset,
-                    SystemEventKind::Suspend => VmEnd::Error("system suspend (unsupported)"),
-                };
-                self.stop(why);
-            }
+            VcpuExit::SystemEvent(ev) => match ev.kind {
+                SystemEventKind::Shutdown => self.stop(VmEnd::PowerOff),
+                SystemEventKind::Reset => self.system_reset(index, &ev),
+                SystemEventKind::Suspend => self.stop(VmEnd::Error("system suspend (unsupported)")),
+            },
             VcpuExit::Sleep => {
                 self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             }
@@ -721,5 +880,25 @@ impl HostVmm for GuestVm {
 
     fn stopping(&self) -> bool {
         self.stopping_now()
+    }
+}
+
+/// How a reset event is named on the console.
+struct ResetKind<'a>(&'a SystemEvent);
+
+impl core::fmt::Display for ResetKind<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let ev = self.0;
+        if ev.flags & SystemEvent::FLAG_PSCI_RESET2 == 0 {
+            return write!(f, "PSCI SYSTEM_RESET");
+        }
+        match ev.args[0] {
+            0 => write!(f, "PSCI SYSTEM_RESET2 (warm reset)"),
+            t => write!(
+                f,
+                "PSCI SYSTEM_RESET2 (vendor reset type {t:#x}, cookie {:#x}: done as a warm reset)",
+                ev.args[1]
+            ),
+        }
     }
 }

@@ -15,6 +15,8 @@
 //!   preemption.
 //! - [`smp`]: the SMP scenarios (`sched-smp`, `sched-spin`,
 //!   `sched-smp-protected`).
+//! - [`resets`]: the guest system-reset scenarios (`reset`,
+//!   `reset-protected`).
 //! - [`fdtgen`]: the VM device tree.
 //! - this file: the memory layout and the scenarios xtask runs (`demo`,
 //!   `touch`, `exits`, `protected`, `guest`, `panic`).
@@ -31,6 +33,7 @@ pub mod guest;
 pub mod platform;
 pub mod pool;
 pub mod process;
+pub mod resets;
 pub mod run;
 pub mod smp;
 
@@ -45,7 +48,7 @@ use crate::platform::dt::Platform;
 use crate::platform::handoff::POOL_START;
 use crate::platform::phys;
 use crate::println;
-use guest::{code, GuestVm, VmEnd, VmSpec};
+use guest::{code, GuestVm, ImageSource, VmEnd, VmSpec};
 use platform::BootPlatform;
 use process::{Backing, BootProcess};
 
@@ -142,10 +145,12 @@ pub fn main(p: &'static Platform) -> i32 {
         "sched-smp" => bool_code(smp::sched_smp(&lay, &process, p, false)),
         "sched-smp-protected" => bool_code(smp::sched_smp(&lay, &process, p, true)),
         "sched-spin" => bool_code(smp::sched_spin(&process, p)),
+        "reset" => bool_code(resets::reset(&process, p)),
+        "reset-protected" => bool_code(resets::reset_protected(&lay, &process, p)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, panic)"
             );
             (false, 2)
         }
@@ -203,7 +208,7 @@ fn builtin(
         name,
         mem,
         backing,
-        image,
+        image: ImageSource::Embedded(image),
         load_offset: 0,
         vcpus: 1,
         dtb_bootargs: None,
@@ -604,7 +609,7 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
     }
     let plat = BootPlatform::new(None);
     let mem = h.mem_mib as u64 * MIB;
-    let created = phys::with_slice(Pa(gpa), gsize, |img| {
+    let (is_image, load_offset) = phys::with_slice(Pa(gpa), gsize, |img| {
         // A Linux arm64 Image has "ARM\x64" at 0x38 and its text offset at 8.
         let is_image = img.len() >= 64 && img[0x38..0x3c] == *b"ARMd";
         let load_offset = if is_image {
@@ -618,31 +623,33 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         } else {
             0
         };
-        println!(
-            "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
-            if is_image {
-                "Linux arm64 Image"
-            } else {
-                "flat binary"
-            },
-            guest::GUEST_RAM + load_offset,
-            mem / MIB
-        );
-        let spec = VmSpec {
-            name: "guest",
-            mem,
-            backing: Backing::Page4K,
-            image: img,
-            load_offset,
-            vcpus,
-            dtb_bootargs: Some(h.cmdline()),
-            protected: false,
-            touch: None,
-            x0: None,
-        };
-        guest::create(&plat, process, &spec)
+        (is_image, load_offset)
     });
-    let g = match created {
+    println!(
+        "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
+        if is_image {
+            "Linux arm64 Image"
+        } else {
+            "flat binary"
+        },
+        guest::GUEST_RAM + load_offset,
+        mem / MIB
+    );
+    // The file stays where QEMU put it (below the pool): a guest system
+    // reset reloads it from there.
+    let spec = VmSpec {
+        name: "guest",
+        mem,
+        backing: Backing::Page4K,
+        image: ImageSource::Phys(Pa(gpa), gsize),
+        load_offset,
+        vcpus,
+        dtb_bootargs: Some(h.cmdline()),
+        protected: false,
+        touch: None,
+        x0: None,
+    };
+    let g = match guest::create(&plat, process, &spec) {
         Ok(x) => x,
         Err(e) => {
             println!("guest: cannot create the VM: {e}");

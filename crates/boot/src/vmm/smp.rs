@@ -57,7 +57,7 @@ fn create(
         name,
         mem: 16 * MIB,
         backing: Backing::Page4K,
-        image,
+        image: guest::ImageSource::Embedded(image),
         load_offset: 0,
         vcpus,
         dtb_bootargs: None,

@@ -40,6 +40,9 @@ pub mod code {
     pub const PANIC: u64 = 6;
     /// A trapped SMC returned: a = x0.
     pub const SMC: u64 = 7;
+    /// guest-reset booted: a = boot number (1 = first), b = 1 if the
+    /// image's `.data` was back at its initial value.
+    pub const RESET: u64 = 8;
 }
 
 /// The emulated PL011 data register.
