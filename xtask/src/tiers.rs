@@ -452,6 +452,13 @@ pub fn run_all(only: Option<&str>, verbose: bool) -> Result<i32> {
         ]);
         t.record("clippy", run_status(c));
     }
+    if want("doc") {
+        // Every public item documented and every intra-doc link resolving.
+        let mut c = cargo();
+        c.args(["doc", "--workspace", "--no-deps"]);
+        c.env("RUSTDOCFLAGS", "-D warnings");
+        t.record("doc", run_status(c));
+    }
     if want("test") {
         let mut c = cargo();
         c.args(["test", "--workspace"]);
