@@ -156,8 +156,11 @@ pub struct Report {
     pub per_vcpu: Vec<VcpuReport>,
     /// Fault statistics from the host.
     pub faults: FaultReport,
-    /// Coherence-checker violations (must be 0).
+    /// Coherence-checker violations (must be 0; not checked with
+    /// [`Coherence::Off`]).
     pub coherence_violations: usize,
+    /// The checking level the run used.
+    pub coherence: String,
     /// Host frames still allocated after teardown, beyond the starting count
     /// (must be 0).
     pub frames_leaked: i64,
@@ -561,6 +564,7 @@ fn finish(
         per_vcpu,
         faults,
         coherence_violations: violations,
+        coherence: format!("{:?}", cfg.coherence),
         frames_leaked: frames_after as i64 - s.frames_before as i64,
         hyp_pages_leaked: (hyp_after.vm_pages + hyp_after.live_vms) as i64,
         hyp_host_s2_pages: if s.platform.hyp().is_some() {
