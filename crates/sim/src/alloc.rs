@@ -7,7 +7,7 @@
 //! is topped up (and zeroed) outside any lock and gives its pages back on
 //! drop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -60,8 +60,28 @@ pub struct AllocStats {
 struct Buddy {
     /// Free block start pfns, per order.
     free: Vec<BTreeSet<u64>>,
-    /// Allocated block start pfn -> order.
-    allocated: HashMap<u64, u32>,
+    /// Per frame of the range: the order of the allocated block it heads,
+    /// or [`NOT_HEAD`].
+    heads: Vec<u8>,
+    /// First pfn of the range.
+    base_pfn: u64,
+}
+
+/// `Buddy::heads` value of a frame that does not head an allocated block.
+const NOT_HEAD: u8 = u8::MAX;
+
+impl Buddy {
+    fn head(&self, pfn: u64) -> Option<u32> {
+        let i = pfn.checked_sub(self.base_pfn)? as usize;
+        match self.heads.get(i) {
+            Some(&o) if o != NOT_HEAD => Some(o as u32),
+            _ => None,
+        }
+    }
+    fn set_head(&mut self, pfn: u64, order: Option<u32>) {
+        let i = (pfn - self.base_pfn) as usize;
+        self.heads[i] = order.map_or(NOT_HEAD, |o| o as u8);
+    }
 }
 
 /// A thread-safe buddy allocator over `[base, base+size)`.
@@ -105,7 +125,8 @@ impl FrameAllocator {
             size,
             inner: Mutex::new(Buddy {
                 free,
-                allocated: HashMap::new(),
+                heads: vec![NOT_HEAD; (size >> PAGE_SHIFT) as usize],
+                base_pfn: base.0 >> PAGE_SHIFT,
             }),
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
@@ -148,7 +169,7 @@ impl FrameAllocator {
         for o in (order..from).rev() {
             b.free[o as usize].insert(pfn + (1 << o));
         }
-        b.allocated.insert(pfn, order);
+        b.set_head(pfn, Some(order));
         drop(b);
         self.allocated.fetch_add(1 << order, Ordering::Relaxed);
         Ok(Pa(pfn << PAGE_SHIFT))
@@ -180,10 +201,10 @@ impl FrameAllocator {
     pub fn free(&self, pa: Pa, order: u32) -> Result<(), AllocError> {
         let mut pfn = pa.0 >> PAGE_SHIFT;
         let mut b = self.lock();
-        if b.allocated.get(&pfn) != Some(&order) {
+        if b.head(pfn) != Some(order) {
             return Err(AllocError::NotAllocated { pa, order });
         }
-        b.allocated.remove(&pfn);
+        b.set_head(pfn, None);
         let mut o = order;
         while o < MAX_ORDER {
             let buddy = pfn ^ (1 << o);
@@ -207,11 +228,11 @@ impl FrameAllocator {
     pub fn split_allocation(&self, pa: Pa, order: u32) -> Result<(), AllocError> {
         let pfn = pa.0 >> PAGE_SHIFT;
         let mut b = self.lock();
-        if b.allocated.get(&pfn) != Some(&order) {
+        if b.head(pfn) != Some(order) {
             return Err(AllocError::NotAllocated { pa, order });
         }
         for i in 0..1u64 << order {
-            b.allocated.insert(pfn + i, 0);
+            b.set_head(pfn + i, Some(0));
         }
         Ok(())
     }
@@ -222,7 +243,7 @@ impl FrameAllocator {
         let b = self.lock();
         (0..=MAX_ORDER).any(|o| {
             let start = pfn & !((1u64 << o) - 1);
-            b.allocated.get(&start) == Some(&o)
+            b.head(start) == Some(o)
         })
     }
 

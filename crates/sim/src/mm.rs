@@ -432,6 +432,9 @@ pub struct ProcessMm {
     listeners: Mutex<Listeners>,
     next_id: AtomicU64,
     swap: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Number of swapped-out pages (lets fault-in skip the swap lock when
+    /// nothing is swapped). Updated under the swap lock.
+    swapped: AtomicU64,
 }
 
 impl std::fmt::Debug for ProcessMm {
@@ -459,6 +462,7 @@ impl ProcessMm {
             listeners: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
             swap: Mutex::new(HashMap::new()),
+            swapped: AtomicU64::new(0),
         }
     }
 
@@ -619,6 +623,9 @@ impl ProcessMm {
                 }
                 _ => PageSize::Size4K,
             };
+            // Allocate and fill the frame without the VMA's lock, so faults
+            // on other pages of the VMA (other vCPUs) proceed meanwhile.
+            drop(folios);
             let frames = self.core.machine.host_frames();
             let (pa, size) = match frames.alloc(size.order()) {
                 Ok(pa) => (pa, size),
@@ -631,6 +638,20 @@ impl ProcessMm {
             };
             let start = hva.0 & !(size.bytes() - 1);
             self.populate(vma, start, pa, size);
+            folios = node.lock();
+            // Someone else populated (part of) the range meanwhile, or the
+            // VMA went away: give the frame back and look again.
+            let taken = folios
+                .range(..start + size.bytes())
+                .next_back()
+                .is_some_and(|(s, f)| s + f.size.bytes() > start);
+            if taken || node.dead.load(Ordering::Acquire) {
+                if let Err(e) = frames.free(pa, size.order()) {
+                    debug_assert!(false, "freeing an unused fresh frame failed: {e}");
+                }
+                continue;
+            }
+            self.swap_in(vma, start, pa, size);
             self.core
                 .allocated
                 .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
@@ -646,7 +667,9 @@ impl ProcessMm {
         }
     }
 
-    /// Fills a newly allocated folio: zero, file contents, or swapped data.
+    /// Fills a newly allocated folio with its initial contents: zeroes, or
+    /// the file's. Swapped-out data comes in later, with
+    /// [`ProcessMm::swap_in`], once the folio is sure to be installed.
     fn populate(&self, vma: &Vma, start: u64, pa: Pa, size: PageSize) {
         let mem = self.core.machine.mem();
         mem.zero(pa, size.bytes()).expect("host frames are RAM");
@@ -656,8 +679,19 @@ impl ProcessMm {
                 .map(|i| file_word(file_id, base + i * 8))
                 .collect();
             mem.write_words(pa, &words).expect("host frames are RAM");
+        }
+    }
+
+    /// Restores swapped-out pages of `[start, start + size)` into the folio
+    /// at `pa` (called with the VMA's folio lock held, just before the folio
+    /// is installed, so no racing fault can take the data first and lose it).
+    fn swap_in(&self, vma: &Vma, start: u64, pa: Pa, size: PageSize) {
+        if matches!(vma.kind, VmaKind::ReadOnlyFile { .. })
+            || self.swapped.load(Ordering::Acquire) == 0
+        {
             return;
         }
+        let mem = self.core.machine.mem();
         let mut swap = self.swap.lock().unwrap_or_else(|e| e.into_inner());
         let mut page = start;
         while page < start + size.bytes() {
@@ -667,6 +701,7 @@ impl ProcessMm {
             }
             page += PAGE_SIZE;
         }
+        self.swapped.store(swap.len() as u64, Ordering::Release);
     }
 
     /// The frame and size resident at `hva`, without pinning (for tests).
@@ -696,10 +731,11 @@ impl ProcessMm {
         let l = self.notify_start(&r);
         let node = inner.vmas.remove(&start.0).expect("checked above");
         self.drop_folios(&node);
-        self.swap
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|&k, _| k < start.0 || k >= start.0 + len);
+        {
+            let mut swap = self.swap.lock().unwrap_or_else(|e| e.into_inner());
+            swap.retain(|&k, _| k < start.0 || k >= start.0 + len);
+            self.swapped.store(swap.len() as u64, Ordering::Release);
+        }
         drop(inner);
         Self::notify_end(&l, &r);
         Ok(())
@@ -779,6 +815,7 @@ impl ProcessMm {
                             .expect("host frames are RAM");
                         swap.insert(s + i * PAGE_SIZE, data);
                     }
+                    self.swapped.store(swap.len() as u64, Ordering::Release);
                 }
                 node.lock().remove(&s);
                 self.core.free_folio(f.pa, f.size);
@@ -953,6 +990,7 @@ impl ProcessMm {
             self.drop_folios(node);
         }
         self.swap.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.swapped.store(0, Ordering::Release);
     }
 
     /// Whether [`ProcessMm::exit`] ran.
