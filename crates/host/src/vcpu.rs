@@ -198,7 +198,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             match exit {
                 GuestExit::Abort { esr, far, hpfar } => match GuestFault::decode(esr, far, hpfar) {
                     Ok(fault) => {
-                        if let Some(exit) = self.handle_abort(be, cpu, &fault) {
+                        if let Some(exit) = self.handle_abort(&vm, be, cpu, &fault) {
                             return exit;
                         }
                     }
@@ -259,13 +259,16 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         }
     }
 
+    /// `vm` is the run loop's reference to this vCPU's VM: the fault path
+    /// takes no reference of its own (a shared refcount every vCPU would
+    /// bounce on each fault).
     fn handle_abort<B: VcpuBackend>(
         &mut self,
+        vm: &Vm<P, M>,
         be: &mut B,
         cpu: usize,
         fault: &GuestFault,
     ) -> Option<VcpuExit> {
-        let vm = self.vm.clone();
         // The invalidation sequence is sampled before the memslot lookup:
         // a slot deleted after this point bumps it (see Vm::invalidate_ipa).
         let seq = vm.mmu.seq();
@@ -322,7 +325,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 self.handle_access_flag(cpu, fault);
                 None
             }
-            Route::Memory(slot) => match self.memory_fault(cpu, fault, &slot, seq) {
+            Route::Memory(slot) => match self.memory_fault(vm, cpu, fault, &slot, seq) {
                 Ok(_) => None,
                 Err(e) => Some(VcpuExit::InternalError(RunError::Memory(e))),
             },
@@ -350,19 +353,19 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
     /// The memory fault pipeline.
     fn memory_fault(
         &mut self,
+        vm: &Vm<P, M>,
         cpu: usize,
         fault: &GuestFault,
         slot: &crate::memslot::Memslot,
         seq: u64,
     ) -> Result<Mapped, MemFaultError> {
-        let vm = self.vm.clone();
         match fault.kind {
             FaultKind::Permission => vm.stats.permission_faults.fetch_add(1, Ordering::Relaxed),
             _ => vm.stats.translation_faults.fetch_add(1, Ordering::Relaxed),
         };
         // Step 2: before any lock.
         if vm.handle().is_none() && fault.kind != FaultKind::Permission {
-            pipeline::topup(&mut self.cache, cache_min(&vm))?;
+            pipeline::topup(&mut self.cache, cache_min(vm))?;
         }
         // Step 3: the VMA snapshot; the VMA itself never leaves this call.
         let hva = slot.hva_of(fault.page());
@@ -394,7 +397,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 // `target.pin` drops after the lock: the page reference is
                 // released on every path.
             }
-            Some(_) => self.map_protected(cpu, fault, target, seq),
+            Some(_) => self.map_protected(vm, cpu, fault, target, seq),
         };
         match result {
             Ok(Mapped::Map(size)) => {
@@ -416,12 +419,12 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
 
     fn map_protected(
         &mut self,
+        vm: &Vm<P, M>,
         cpu: usize,
         fault: &GuestFault,
         t: pipeline::Target<M::Pin>,
         seq: u64,
     ) -> Result<Mapped, MemFaultError> {
-        let vm = self.vm.clone();
         let (mut ipa, mut pa) = (t.ipa, t.pa);
         let mut npages = t.size / PAGE_SIZE;
         let mut gfn = t.ipa.gfn().0;

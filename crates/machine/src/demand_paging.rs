@@ -410,7 +410,6 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     let psci_failed = Arc::new(AtomicBool::new(false));
     let results: Arc<Mutex<Vec<Result<VcpuReport, RunFailure>>>> = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
-    let mut total = Duration::ZERO;
     std::thread::scope(|scope| -> Result<(), RunFailure> {
         for i in 0..n {
             let vm = s.vm.clone();
@@ -517,7 +516,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         barrier.wait();
         Ok(())
     })?;
-    total += start.elapsed();
+    let total = start.elapsed();
     let mut per_vcpu = Vec::new();
     for r in std::mem::take(&mut *results.lock().unwrap()) {
         per_vcpu.push(r?);

@@ -11,8 +11,8 @@ use crate::env::{PageCache, PtMemory, TlbOps, ENTRIES};
 use crate::error::PtError;
 use crate::regime::{Address, Regime, Stage2};
 use crate::walk::{
-    self, build_annotated, build_split, discard_table, free_subtree, is_table, is_valid_leaf,
-    level_size, make_leaf, make_table, oa, walk_range, Next, VisitCtx, Visitor,
+    self, build_annotated, build_split, free_subtree, is_table, is_valid_leaf, level_size,
+    make_leaf, make_table, oa, walk_range, Next, VisitCtx, Visitor,
 };
 
 /// Options for map operations.
@@ -777,7 +777,7 @@ impl<R: Regime, C: PageCache> MapVisitor<'_, R, C> {
             .refcount(child)
             .store(ENTRIES as u32, Ordering::Relaxed);
         if let Err(e) = ctx.set(make_table(child)) {
-            discard_table(ctx.env, self.cache, child, Level(3));
+            free_subtree(ctx.env, self.cache, child, Level(3));
             return Err(e);
         }
         Ok(Next::SkipChildren)
@@ -817,7 +817,7 @@ impl<E: PtMemory + TlbOps, R: Regime, C: PageCache> Visitor<E> for MapVisitor<'_
             }
             let child = build_split(ctx.env, self.cache, old, ctx.level, false)?;
             if let Err(e) = ctx.replace(make_table(child)) {
-                discard_table(ctx.env, self.cache, child, Level(ctx.level.0 + 1));
+                free_subtree(ctx.env, self.cache, child, Level(ctx.level.0 + 1));
                 return Err(e);
             }
             return Ok(Next::Continue);
@@ -833,7 +833,7 @@ impl<E: PtMemory + TlbOps, R: Regime, C: PageCache> Visitor<E> for MapVisitor<'_
         }
         let child = build_annotated(ctx.env, self.cache, old)?;
         if let Err(e) = ctx.set(make_table(child)) {
-            discard_table(ctx.env, self.cache, child, Level(ctx.level.0 + 1));
+            free_subtree(ctx.env, self.cache, child, Level(ctx.level.0 + 1));
             return Err(e);
         }
         Ok(Next::Continue)

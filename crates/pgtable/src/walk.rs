@@ -454,13 +454,3 @@ pub(crate) fn build_annotated<E: PtMemory, C: PageCache>(
     }
     Ok(table)
 }
-
-/// Gives back a detached table built for an update that lost a race.
-pub(crate) fn discard_table<E: PtMemory, C: PageCache>(
-    env: &E,
-    cache: &mut C,
-    table: Pa,
-    level: Level,
-) {
-    free_subtree(env, cache, table, level);
-}
