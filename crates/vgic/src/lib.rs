@@ -261,7 +261,7 @@ pub(crate) enum Bank {
 }
 
 /// The GICv3 model of one VM. See the crate documentation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vgic {
     gicd_base: u64,
     gicr_base: u64,
