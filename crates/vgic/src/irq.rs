@@ -149,7 +149,7 @@ impl Irq {
     /// Sets (`ISACTIVER`) or clears (`ICACTIVER`, deactivate) the active
     /// state; `owner` is who holds it when set.
     pub(crate) fn set_active_by(&mut self, on: bool, owner: usize) {
-        if on && !self.in_lr() {
+        if on && !self.active() && !self.in_lr() {
             self.owner = owner as u8;
         }
         self.put(ACTIVE, on);

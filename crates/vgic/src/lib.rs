@@ -448,24 +448,31 @@ impl Vgic {
         }
     }
 
+    /// Whether a change may make a vCPU take `irq`: signalable and not
+    /// active (the model's own active state; a list register's copy does
+    /// not count, so changes to an interrupt in flight are reported).
+    fn wants_delivery(&self, irq: &Irq) -> bool {
+        self.signalable(irq) && !irq.active()
+    }
+
     /// Applies `f` to one interrupt and returns the vCPUs to kick: its
-    /// targets when the change made it signalable, plus the vCPU holding it
-    /// active or in a list register (which must sync to see the change).
+    /// targets when the change made it want delivery, plus the vCPU holding
+    /// it in a list register (which must sync to see the change).
     pub(crate) fn update(&mut self, bank: Bank, intid: u32, f: impl FnOnce(&mut Irq)) -> VcpuSet {
         let Some(irq) = self.irq(bank, intid) else {
             return VcpuSet::EMPTY;
         };
-        let before = self.signalable(irq);
+        let before = self.wants_delivery(irq);
         let Some(irq) = self.irq_mut(bank, intid) else {
             return VcpuSet::EMPTY;
         };
         f(irq);
         let irq = *irq;
-        if before || !self.signalable(&irq) {
+        if before || !self.wants_delivery(&irq) {
             return VcpuSet::EMPTY;
         }
         let mut kick = self.targets(bank, intid);
-        if irq.in_lr() || irq.active() {
+        if irq.in_lr() {
             kick.insert(irq.owner());
         }
         kick
