@@ -339,7 +339,16 @@ fn check_frame_behaviour(frame: Frame, rd: usize) {
         write(&mut v, addr, w, ones);
         let after = read(&v, addr, w);
         match e.kind {
-            Kind::Ro => assert_eq!(after, e.reset, "{} +{off:#x}: read-only", e.name),
+            Kind::Ro => {
+                assert_eq!(after, e.reset, "{} +{off:#x}: read-only (ones)", e.name);
+                write(&mut v, addr, w, 0);
+                assert_eq!(
+                    read(&v, addr, w),
+                    e.reset,
+                    "{} +{off:#x}: read-only (zeros)",
+                    e.name
+                );
+            }
             Kind::RazWi | Kind::Reserved => assert_eq!(after, 0, "{} +{off:#x}: RAZ/WI", e.name),
             Kind::Rw(m) => {
                 assert_eq!(
