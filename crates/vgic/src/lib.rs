@@ -318,12 +318,6 @@ impl Vgic {
                 return Err(ConfigError::DuplicateAffinity(u, v));
             }
         }
-        let mut private = [[Irq::reset_spi(); NR_PRIVATE as usize]; MAX_VCPUS];
-        for bank in private.iter_mut() {
-            for irq in bank.iter_mut().take(NR_SGIS as usize) {
-                *irq = Irq::reset_sgi();
-            }
-        }
         let mut vgic = Vgic {
             gicd_base: cfg.gicd_base,
             gicr_base: cfg.gicr_base,
@@ -331,17 +325,43 @@ impl Vgic {
             nr_spis: cfg.nr_spis,
             aff,
             enables: 0,
-            private,
+            private: [[Irq::reset_spi(); NR_PRIVATE as usize]; MAX_VCPUS],
             spis: [Irq::reset_spi(); MAX_SPIS],
             router: [0; MAX_SPIS],
             spi_target: [SpiTarget::None; MAX_SPIS],
             asleep: [true; MAX_VCPUS],
             in_flight: [0; MAX_VCPUS],
         };
-        for i in 0..cfg.nr_spis {
-            vgic.spi_target[i] = vgic.resolve_route(0);
-        }
+        vgic.reset();
         Ok(vgic)
+    }
+
+    /// Puts every register and interrupt back in its reset state, in place
+    /// (a VM reset), keeping the configuration. Anything in flight in list
+    /// registers is forgotten: the caller clears those too.
+    pub fn reset(&mut self) {
+        self.enables = 0;
+        for bank in self.private.iter_mut() {
+            for (intid, irq) in bank.iter_mut().enumerate() {
+                *irq = if (intid as u32) < NR_SGIS {
+                    Irq::reset_sgi()
+                } else {
+                    Irq::reset_spi()
+                };
+            }
+        }
+        self.spis.fill(Irq::reset_spi());
+        self.router.fill(0);
+        let route0 = self.resolve_route(0);
+        for (i, target) in self.spi_target.iter_mut().enumerate() {
+            *target = if i < self.nr_spis {
+                route0
+            } else {
+                SpiTarget::None
+            };
+        }
+        self.asleep.fill(true);
+        self.in_flight.fill(0);
     }
 
     /// The number of vCPUs.

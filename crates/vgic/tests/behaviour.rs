@@ -260,3 +260,24 @@ fn enabling_group1_in_gicd_ctlr_kicks_vcpus_with_something_pending() {
     );
     assert_eq!(v.mmio_write(GICD, 4, 0b10).unwrap().bits(), 1 << 1);
 }
+
+#[test]
+fn reset_after_activity_equals_a_fresh_vgic() {
+    let fresh = vgic(4, 0, 0);
+    let mut v = fresh.clone();
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for frame in [GICD, GICR, sgi_frame(0), GICR + 0x6_0000, sgi_frame(3)] {
+        for off in (0..0x1_0000).step_by(4) {
+            x = x.rotate_left(7).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let _ = v.mmio_write(frame + off, 4, x);
+        }
+    }
+    v.raise_edge(Line::Spi(40)).unwrap();
+    v.set_level(Line::Ppi { vcpu: 2, intid: 27 }, true).unwrap();
+    let mut lrs = [ListRegister::default(); 4];
+    v.flush_lrs(2, &mut lrs);
+    assert!(v != fresh);
+    v.reset();
+    v.mmio_write(GICD, 4, 0b10).unwrap(); // as `vgic()` set it up
+    assert!(v == fresh, "reset left state behind");
+}
