@@ -781,6 +781,11 @@ fn teardown_lifecycle_errors() {
 fn finalize_teardown_returns_every_page_zeroed_and_flushes_the_vmid() {
     let h = setup();
     let before = snapshot(&h);
+    // The host leaves its own data in the pages it donates (page 1 is
+    // the unused half of the pgd's alignment).
+    for i in (0..10).filter(|&i| i != 1) {
+        dirty(&h, pa(i), 0);
+    }
     let handle = make_vm(&h, prot36(), 0, 6, Some(0));
     for (i, g) in [(100u64, 1u64), (101, 513), (102, 1 << 20)] {
         h.platform().table(pa(i))[9].store(0xabc, Relaxed);
@@ -790,6 +795,10 @@ fn finalize_teardown_returns_every_page_zeroed_and_flushes_the_vmid() {
     assert!(h.stats().vm_pages > 0);
     h.vcpu_put(0).unwrap();
     h.start_teardown(handle).unwrap();
+    // The hyp's data in the VM and vCPU state pages (pages 2 and 3) must
+    // not reach the host either.
+    dirty(&h, pa(2), 0);
+    dirty(&h, pa(3), 0);
     h.reclaim_guest_page(handle, Gfn(1)).unwrap();
     let flushes = h.platform().tlb_log.all[1].load(Relaxed);
     h.finalize_teardown(handle).unwrap();
@@ -818,6 +827,14 @@ fn finalize_teardown_returns_every_page_zeroed_and_flushes_the_vmid() {
     assert_eq!(after.slots, before.slots);
     // The slot is reusable.
     assert_eq!(h.reserve_vm(), Ok(handle as u16));
+}
+
+/// Writes a non-zero pattern into words `from..512` of the page at `p`.
+fn dirty(h: &H, p: Pa, from: usize) {
+    for (i, w) in h.platform().table(p).iter().enumerate().skip(from) {
+        w.store(0xd1e7_0000_0000_0000 | (p.0 >> 12) << 9 | i as u64, Relaxed);
+    }
+    assert!(!h.platform().page_is_zero(p));
 }
 
 // ---- hypercall ABI -----------------------------------------------------------
@@ -877,6 +894,86 @@ fn malformed_arguments_get_invalid_parameter() {
             "{f:#x} {args:x?}"
         );
         assert_eq!(snapshot(&h), before);
+    }
+}
+
+/// Frame numbers at and past every boundary: the largest frame the ABI
+/// takes and one past it, one past the last page of memory, and large ones
+/// whose shifted address would wrap onto a real page (`(1 << 52) | pfn`).
+fn boundary_pfns() -> Vec<u64> {
+    let real = pfn(100).0;
+    let mut v = vec![
+        hvc::MAX_FRAME,
+        hvc::MAX_FRAME + 1,
+        pfn(MEM_PAGES).0,
+        pfn(0).0 - 1,
+        1 << 40,
+        (1 << 40) | real,
+        1 << 52,
+        u64::MAX,
+    ];
+    v.extend((52..64).map(|b| (1u64 << b) | real));
+    v
+}
+
+#[test]
+fn pfns_past_the_largest_frame_are_refused_and_change_nothing() {
+    let h = setup();
+    h.finalize();
+    let np = make_vm(&h, np40(), 0, 2, Some(0));
+    let _p = make_vm(&h, prot36(), 10, 2, Some(1));
+    let fresh = h.reserve_vm().unwrap() as u64;
+    let np40 = np40().encode();
+    // Every call taking a pfn, with the others plausible (they succeed
+    // with `real` in place of the bad pfn, checked below).
+    let calls = |bad: u64| -> Vec<(usize, u32, Vec<u64>)> {
+        vec![
+            (0, id::HOST_SHARE_HYP, vec![bad]),
+            (0, id::HOST_UNSHARE_HYP, vec![bad]),
+            (0, id::INIT_VM, vec![fresh, bad, pfn(40).0, np40]),
+            (0, id::INIT_VM, vec![fresh, pfn(42).0, bad, np40]),
+            (0, id::INIT_VCPU, vec![np, 1, bad]),
+            (0, id::TOPUP_MEMCACHE, vec![np, bad, 1]),
+            (0, id::HOST_SHARE_GUEST, vec![bad, 5, 3]),
+            (1, id::HOST_DONATE_GUEST, vec![bad, 5]),
+        ]
+    };
+    for bad in boundary_pfns() {
+        for (cpu, f, args) in calls(bad) {
+            let before = snapshot(&h);
+            assert_eq!(
+                hvc(&h, cpu, f, &args).0,
+                ret::INVALID_PARAMETER,
+                "{f:#x} with pfn {bad:#x}"
+            );
+            assert_eq!(snapshot(&h), before, "{f:#x} with pfn {bad:#x}");
+        }
+    }
+    check_invariants(&h);
+    // The same calls with a real page are accepted (so the refusals above
+    // are about the pfn). Unshare-hyp and the second init-vm are skipped:
+    // the first needs a shared page, the second a fresh handle.
+    for k in [0, 2, 4, 5, 6, 7] {
+        let real = pfn(100 + 2 * k as u64).0;
+        let (cpu, f, args) = calls(real).swap_remove(k);
+        assert_eq!(hvc(&h, cpu, f, &args).0, ret::SUCCESS, "{f:#x} {args:x?}");
+    }
+    check_invariants(&h);
+}
+
+#[test]
+fn the_pfn_decoder_rejects_every_frame_past_the_largest() {
+    let arg = |v: u64| hvc::HvcArgs::from_regs(&[0, v, 0, 0, 0, 0, 0, 0]).x1;
+    assert_eq!(arg(hvc::MAX_FRAME).pfn(), Ok(Pfn(hvc::MAX_FRAME)));
+    for bad in boundary_pfns().into_iter().filter(|&b| b > hvc::MAX_FRAME) {
+        assert_eq!(
+            arg(bad).pfn(),
+            Err(HypError::BadArgument {
+                what: "pfn",
+                value: bad
+            }),
+            "{bad:#x}"
+        );
     }
 }
 
