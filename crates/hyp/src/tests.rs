@@ -377,6 +377,77 @@ fn host_abort_never_maps_a_block_across_a_region_edge() {
     check_invariants(&h);
 }
 
+/// Four regions: `[0, 100)`, a hole `[100, 200)`, `[200, 400)` and
+/// `[400, 600)` back to back, a hole `[600, 640)`, `[640, MEM_PAGES)` (with
+/// the pool).
+fn holey_regions() -> [MemRegion; 4] {
+    let r = |a: u64, b: u64| MemRegion {
+        base: pa(a),
+        size: (b - a) * PAGE_SIZE,
+    };
+    [r(0, 100), r(200, 400), r(400, 600), r(640, MEM_PAGES)]
+}
+
+#[test]
+fn host_ranges_must_lie_inside_one_memory_region() {
+    let regions = holey_regions();
+    let h = setup_with(&regions);
+    h.finalize();
+    let vm = make_vm(&h, np40(), 10, 0, Some(0));
+    check_invariants(&h);
+    // Single pages in holes and at their edges.
+    let refused: &[(u32, [u64; 3])] = &[
+        (id::HOST_SHARE_HYP, [pfn(100).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(150).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(199).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(600).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(639).0, 0, 0]),
+        (id::HOST_SHARE_GUEST, [pfn(150).0, 1, 3]),
+        // Ranges: one page past a region's end, across a hole, across two
+        // regions that touch, starting in a hole.
+        (id::TOPUP_MEMCACHE, [vm, pfn(93).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(96).0, 16]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(396).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(598).0, 3]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(636).0, 8]),
+    ];
+    for (f, args) in refused {
+        let before = snapshot(&h);
+        let rc = hvc(&h, 0, *f, args).0;
+        assert_eq!(rc, ret::INVALID_PARAMETER, "{f:#x} {args:x?}");
+        assert_eq!(snapshot(&h), before, "{f:#x} {args:x?}");
+    }
+    // The direct API says which address is bad.
+    for (p, nr) in [(150, 1), (93, 8), (396, 8), (599, 2)] {
+        assert_eq!(
+            h.host_donate_hyp(pa(p), nr),
+            Err(HypError::BadAddress { pa: pa(p) }),
+            "{p} x {nr}"
+        );
+    }
+    // Accepted: single pages at every region edge, ranges ending exactly
+    // at a region's end or starting at its first page.
+    for p in [0, 99, 200, 399, 400, 599, 640, 767] {
+        assert_eq!(hvc(&h, 0, id::HOST_SHARE_HYP, &[pfn(p).0]).0, ret::SUCCESS);
+        assert_eq!(
+            hvc(&h, 0, id::HOST_UNSHARE_HYP, &[pfn(p).0]).0,
+            ret::SUCCESS
+        );
+    }
+    let accepted: &[(u32, [u64; 3])] = &[
+        (id::TOPUP_MEMCACHE, [vm, pfn(92).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(200).0, 16]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(392).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(400).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(584).0, 16]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(640).0, 4]),
+    ];
+    for (f, args) in accepted {
+        assert_eq!(hvc(&h, 0, *f, args).0, ret::SUCCESS, "{f:#x} {args:x?}");
+    }
+    check_invariants(&h);
+}
+
 // ---- host <-> guest ---------------------------------------------------------
 
 #[test]
