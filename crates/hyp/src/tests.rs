@@ -193,6 +193,43 @@ fn check_invariants(h: &H) {
         "hyp pages lost or duplicated: {s:?}"
     );
     assert_eq!(donated, guest_owned, "guest-owned pages mismatch");
+    check_pool_conservation(h);
+}
+
+/// Table pages (root included) of the table rooted at `root`.
+fn table_pages(h: &H, root: Pa, root_pages: usize, level: Level) -> u64 {
+    let mut n = root_pages as u64;
+    for r in 0..root_pages as u64 {
+        for e in h.platform().table(root + r * PAGE_SIZE).iter() {
+            let pte = S2Pte(e.load(Relaxed));
+            if pte.is_table(level) {
+                n += table_pages(h, pte.oa(), 1, Level(level.0 + 1));
+            }
+        }
+    }
+    n
+}
+
+/// Every pool page is free or a table page of the host stage-2 or of the
+/// hyp's own stage-1. Returns the host stage-2's table pages.
+fn check_pool_conservation(h: &H) -> u64 {
+    let host = {
+        let host = h.host.lock();
+        let geo = host.pgt.geometry();
+        table_pages(h, host.pgt.root(), geo.root_pages, geo.start_level)
+    };
+    let el2 = {
+        let pgd = h.pgd.lock();
+        let geo = pgd.geometry();
+        table_pages(h, pgd.root(), geo.root_pages, geo.start_level)
+    };
+    let s = h.stats();
+    assert_eq!(
+        s.pool_free + host + el2,
+        s.pool_pages,
+        "pool pages lost: {host} host stage-2 and {el2} EL2 table pages, {s:?}"
+    );
+    host
 }
 
 /// Everything observable about the state, for before/after comparisons.
@@ -355,6 +392,52 @@ fn host_abort_maps_the_largest_block_inside_the_region() {
     let (dev, lvl) = h.host_pte(Pa(0x0900_0000));
     assert!(dev.is_valid() && lvl == Level(3));
     assert!(dev.prot(S2Features::default()).contains(S2Prot::DEVICE));
+    check_invariants(&h);
+}
+
+/// A device address in a 1 GiB region of its own (the fake memory is at
+/// 1 GiB; the host IPA space is 40 bits): each needs fresh table pages.
+fn device_pa(n: u64) -> Pa {
+    Pa((2 + n % 1000) << 30) + (n / 1000) * PAGE_SIZE
+}
+
+#[test]
+fn host_device_faults_cannot_starve_later_vm_operations() {
+    let h = setup();
+    h.finalize();
+    let free0 = h.stats().pool_free;
+    let mut n = 0;
+    for round in 0..6u64 {
+        // Far more faults than the pool has pages: each one maps.
+        for _ in 0..150 {
+            assert_eq!(h.host_mem_abort(device_pa(n)), Ok(()), "device fault {n}");
+            n += 1;
+            // The device budget, plus a few tables for RAM annotations
+            // and the hyp's own mappings of VM pages.
+            let used = free0 - h.stats().pool_free;
+            assert!(
+                used <= HOST_DEV_TABLES + 8,
+                "host stage-2 holds {used} pool pages after {n} device faults"
+            );
+        }
+        let vm = make_vm(&h, prot36(), 16 * round, 4, Some(0));
+        h.host_donate_guest(0, pfn(200 + round), Gfn(round))
+            .unwrap();
+        for _ in 0..150 {
+            assert_eq!(h.host_mem_abort(device_pa(n)), Ok(()), "device fault {n}");
+            n += 1;
+        }
+        h.vcpu_put(0).unwrap();
+        h.start_teardown(vm).unwrap();
+        h.finalize_teardown(vm).unwrap();
+        check_invariants(&h);
+    }
+    // The last device page faulted is mapped; an early one was dropped by
+    // a reset and faults back in.
+    assert!(h.host_pte(device_pa(n - 1)).0.is_valid());
+    assert_eq!(h.host_pte(device_pa(0)).0, S2Pte(0));
+    assert_eq!(h.host_mem_abort(device_pa(0)), Ok(()));
+    assert!(h.host_pte(device_pa(0)).0.is_valid());
     check_invariants(&h);
 }
 
