@@ -211,8 +211,8 @@ fn table_pages(h: &H, root: Pa, root_pages: usize, level: Level) -> u64 {
 }
 
 /// Every pool page is free or a table page of the host stage-2 or of the
-/// hyp's own stage-1. Returns the host stage-2's table pages.
-fn check_pool_conservation(h: &H) -> u64 {
+/// hyp's own stage-1. Returns the table pages of both.
+fn check_pool_conservation(h: &H) -> (u64, u64) {
     let host = {
         let host = h.host.lock();
         let geo = host.pgt.geometry();
@@ -229,7 +229,7 @@ fn check_pool_conservation(h: &H) -> u64 {
         s.pool_pages,
         "pool pages lost: {host} host stage-2 and {el2} EL2 table pages, {s:?}"
     );
-    host
+    (host, el2)
 }
 
 /// Everything observable about the state, for before/after comparisons.
@@ -1269,6 +1269,8 @@ fn every_allocation_failure_in_init_vm_init_vcpu_and_teardown_leaves_no_trace() 
     inject_every_allocation(&h, |h| h.reclaim_guest_page(p, Gfn(1)));
 }
 
+mod fuzz;
+
 // ---- malicious host state machine -------------------------------------------------
 
 mod malicious_host {
@@ -1276,7 +1278,7 @@ mod malicious_host {
     use proptest::prelude::*;
 
     #[derive(Clone, Debug)]
-    enum Op {
+    pub(super) enum Op {
         Hvc {
             cpu: usize,
             func: u32,
@@ -1303,7 +1305,7 @@ mod malicious_host {
         },
     }
 
-    const FUNCS: &[u32] = &[
+    pub(super) const FUNCS: &[u32] = &[
         id::FINALIZE,
         id::GET_SIZES,
         id::HOST_SHARE_HYP,
@@ -1388,14 +1390,36 @@ mod malicious_host {
     /// What the host has been told: live or reserved handles, and which CPU
     /// has which handle loaded.
     #[derive(Default)]
-    struct Model {
-        handles: BTreeSet<u64>,
-        loaded: BTreeMap<usize, u64>,
+    pub(super) struct Model {
+        pub(super) handles: BTreeSet<u64>,
+        pub(super) loaded: BTreeMap<usize, u64>,
+        /// Successful calls by function (low byte of the id).
+        pub(super) ok: BTreeMap<u32, u64>,
     }
 
     impl Model {
-        fn after(&mut self, cpu: usize, func: u32, args: &[u64; 4], rc: i64, out: [u64; 3]) {
+        pub(super) fn after(
+            &mut self,
+            cpu: usize,
+            func: u32,
+            args: &[u64; 4],
+            rc: i64,
+            out: [u64; 3],
+        ) {
             let ok = rc == ret::SUCCESS;
+            if ok {
+                *self.ok.entry(func & 0xff).or_default() += 1;
+            }
+            if matches!(
+                func,
+                id::START_TEARDOWN | id::RECLAIM_GUEST_PAGE | id::FINALIZE_TEARDOWN
+            ) {
+                assert_ne!(
+                    rc,
+                    ret::NO_MEMORY,
+                    "teardown step {func:#x} ran out of memory"
+                );
+            }
             match func {
                 id::RESERVE_VM if ok => {
                     assert!(
@@ -1428,13 +1452,19 @@ mod malicious_host {
         }
     }
 
-    fn call(h: &H, m: &mut Model, cpu: usize, func: u32, args: [u64; 4]) -> (i64, [u64; 3]) {
+    pub(super) fn call(
+        h: &H,
+        m: &mut Model,
+        cpu: usize,
+        func: u32,
+        args: [u64; 4],
+    ) -> (i64, [u64; 3]) {
         let (rc, out) = hvc(h, cpu, func, &args);
         m.after(cpu, func, &args, rc, out);
         (rc, out)
     }
 
-    fn run(h: &H, m: &mut Model, op: &Op) {
+    pub(super) fn run(h: &H, m: &mut Model, op: &Op) {
         match *op {
             Op::Hvc { cpu, func, args } => {
                 call(h, m, cpu, func, args);
