@@ -169,8 +169,10 @@ pub fn band_of(func: u64) -> Option<Band> {
 #[derive(Debug)]
 pub struct Arg<const N: usize>(u64);
 
-/// Largest physical/guest frame number (48-bit addresses).
-const MAX_FRAME: u64 = (1 << 36) - 1;
+/// Largest physical/guest frame number (48-bit addresses). A larger frame
+/// number is refused before it is shifted into an address: `pfn << 12`
+/// would drop its high bits and alias a real page.
+pub const MAX_FRAME: u64 = (1 << 36) - 1;
 
 impl<const N: usize> Arg<N> {
     /// The raw value.

@@ -34,6 +34,11 @@ pub const MAX_TOPUP_PAGES: u64 = 16;
 pub const OWNER_HYP: u8 = 1;
 /// The first VM handle.
 pub const HANDLE_BASE: u16 = 0x1000;
+/// Table pages the host stage-2's device mappings may take from the pool.
+/// When a device fault would exceed it, every host device mapping is
+/// removed (the host faults them back in lazily) and the count starts over,
+/// so no sequence of host faults can drain the pool that VM operations need.
+pub const HOST_DEV_TABLES: u64 = 32;
 
 /// What the platform hands the hypervisor at init.
 #[derive(Clone, Copy, Debug)]
@@ -138,6 +143,23 @@ impl<'a, P: HypPlatform> Reserve<'a, P> {
             r.n += 1;
         }
         Ok(r)
+    }
+}
+
+impl<'a, P: HypPlatform> Reserve<'a, P> {
+    /// A reserve holding nothing (for steps that only free table pages).
+    pub(crate) fn empty(pool: &'a HypPool, plat: &'a P) -> Self {
+        Reserve {
+            pool,
+            plat,
+            pages: [Pa(0); RESERVE_MAX],
+            n: 0,
+        }
+    }
+
+    /// Pages left.
+    pub(crate) fn len(&self) -> usize {
+        self.n
     }
 }
 

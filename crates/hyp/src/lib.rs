@@ -61,8 +61,8 @@ mod testutil;
 pub use error::HypError;
 pub use hvc::{HostCall, HVC_REGS};
 pub use hyp::{
-    Hyp, HypConfig, HypStats, HANDLE_BASE, MAX_CPUS, MAX_REGIONS, MAX_TOPUP_PAGES, MAX_VCPUS,
-    MAX_VMS, OWNER_HYP, VCPU_PAGES, VM_PAGES,
+    Hyp, HypConfig, HypStats, HANDLE_BASE, HOST_DEV_TABLES, MAX_CPUS, MAX_REGIONS, MAX_TOPUP_PAGES,
+    MAX_VCPUS, MAX_VMS, OWNER_HYP, VCPU_PAGES, VM_PAGES,
 };
 pub use meta::{MemMap, PageMeta, PageState};
 pub use platform::{HypPlatform, MemRegion};

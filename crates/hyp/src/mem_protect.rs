@@ -28,7 +28,7 @@ use pkvm_arch::{Gfn, Ipa, Level, Pa, Pfn, Va, PAGE_SIZE};
 use pkvm_pgtable::{El2, MapFlags, PageTable, PtError, Stage2};
 
 use crate::error::HypError;
-use crate::hyp::{Hyp, Reserve, OWNER_HYP};
+use crate::hyp::{Hyp, Reserve, HOST_DEV_TABLES, OWNER_HYP};
 use crate::meta::{MemMap, PageState};
 use crate::platform::HypPlatform;
 use crate::vm::{guest_state, HypVm, McCache};
@@ -38,6 +38,9 @@ use crate::vm::{guest_state, HypVm, McCache};
 pub struct HostMmu {
     pub(crate) pgt: PageTable<Stage2>,
     mem: MemMap,
+    /// Pool pages taken for table pages by device-mapping faults since the
+    /// last reset (at most [`HOST_DEV_TABLES`]).
+    dev_tables: u64,
 }
 
 /// Panics if a commit step fails although its checks passed (a bug).
@@ -50,7 +53,11 @@ pub(crate) fn commit<T>(r: Result<T, PtError>, what: &str) -> T {
 
 impl HostMmu {
     pub(crate) fn new(pgt: PageTable<Stage2>, mem: MemMap) -> HostMmu {
-        HostMmu { pgt, mem }
+        HostMmu {
+            pgt,
+            mem,
+            dev_tables: 0,
+        }
     }
 
     /// The host stage-2's geometry.
@@ -388,25 +395,13 @@ impl<P: HypPlatform> Hyp<P> {
         if pte.0 != 0 {
             return Err(HypError::HostAccessDenied { pa });
         }
-        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
         let Some(region) = self.region_of(page, PAGE_SIZE).copied() else {
             if self.mem.index(page).is_some() {
                 return Err(HypError::HostAccessDenied { pa });
             }
-            let prot = S2Prot::RW | S2Prot::DEVICE;
-            return match host.pgt.map(
-                &env,
-                Ipa(page.0),
-                PAGE_SIZE,
-                page,
-                prot,
-                MapFlags::FORCE_PAGE,
-                &mut res,
-            ) {
-                Ok(()) | Err(PtError::Again) => Ok(()),
-                Err(_) => Err(HypError::HostAccessDenied { pa }),
-            };
+            return self.host_map_device(&mut host, page, pa);
         };
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
         let granule = host.pgt.geometry().granule;
         let mut level = leaf.level.0.max(1);
         loop {
@@ -431,6 +426,54 @@ impl<P: HypPlatform> Hyp<P> {
             }
             level += 1;
         }
+    }
+
+    /// Maps the device page `page` (outside the managed memory) for the
+    /// host. Its table pages count against [`HOST_DEV_TABLES`]; when the
+    /// budget would be exceeded, every host device mapping is removed first
+    /// (the host faults them back in) and the count starts over.
+    fn host_map_device(&self, host: &mut HostMmu, page: Pa, pa: Pa) -> Result<(), HypError> {
+        if host.dev_tables + self.host_levels as u64 > HOST_DEV_TABLES {
+            self.host_unmap_devices(host);
+        }
+        let env = self.host_env();
+        let mut res = Reserve::new(&self.pool, &self.plat, self.host_levels)?;
+        let before = res.len();
+        let prot = S2Prot::RW | S2Prot::DEVICE;
+        let r = host.pgt.map(
+            &env,
+            Ipa(page.0),
+            PAGE_SIZE,
+            page,
+            prot,
+            MapFlags::FORCE_PAGE,
+            &mut res,
+        );
+        host.dev_tables += before.saturating_sub(res.len()) as u64;
+        match r {
+            Ok(()) | Err(PtError::Again) => Ok(()),
+            Err(_) => Err(HypError::HostAccessDenied { pa }),
+        }
+    }
+
+    /// Removes every host mapping outside the managed memory (device
+    /// mappings only: RAM blocks never leave their region, annotations are
+    /// all inside) and gives their emptied table pages back to the pool.
+    fn host_unmap_devices(&self, host: &mut HostMmu) {
+        let env = self.host_env();
+        // Unmapping needs no table page: no block crosses the range edges.
+        let mut none = Reserve::empty(&self.pool, &self.plat);
+        let (lo, hi) = (self.mem.start().0, self.mem.end().0);
+        let top = host.pgt.geometry().ipa_size();
+        for (start, end) in [(0, lo), (hi.min(top), top)] {
+            if start < end {
+                commit(
+                    host.pgt.unmap(&env, Ipa(start), end - start, &mut none),
+                    "host device unmap",
+                );
+            }
+        }
+        host.dev_tables = 0;
     }
 
     /// The host stage-2 entry covering `pa` (tests and the simulator).

@@ -193,6 +193,43 @@ fn check_invariants(h: &H) {
         "hyp pages lost or duplicated: {s:?}"
     );
     assert_eq!(donated, guest_owned, "guest-owned pages mismatch");
+    check_pool_conservation(h);
+}
+
+/// Table pages (root included) of the table rooted at `root`.
+fn table_pages(h: &H, root: Pa, root_pages: usize, level: Level) -> u64 {
+    let mut n = root_pages as u64;
+    for r in 0..root_pages as u64 {
+        for e in h.platform().table(root + r * PAGE_SIZE).iter() {
+            let pte = S2Pte(e.load(Relaxed));
+            if pte.is_table(level) {
+                n += table_pages(h, pte.oa(), 1, Level(level.0 + 1));
+            }
+        }
+    }
+    n
+}
+
+/// Every pool page is free or a table page of the host stage-2 or of the
+/// hyp's own stage-1. Returns the table pages of both.
+fn check_pool_conservation(h: &H) -> (u64, u64) {
+    let host = {
+        let host = h.host.lock();
+        let geo = host.pgt.geometry();
+        table_pages(h, host.pgt.root(), geo.root_pages, geo.start_level)
+    };
+    let el2 = {
+        let pgd = h.pgd.lock();
+        let geo = pgd.geometry();
+        table_pages(h, pgd.root(), geo.root_pages, geo.start_level)
+    };
+    let s = h.stats();
+    assert_eq!(
+        s.pool_free + host + el2,
+        s.pool_pages,
+        "pool pages lost: {host} host stage-2 and {el2} EL2 table pages, {s:?}"
+    );
+    (host, el2)
 }
 
 /// Everything observable about the state, for before/after comparisons.
@@ -358,6 +395,52 @@ fn host_abort_maps_the_largest_block_inside_the_region() {
     check_invariants(&h);
 }
 
+/// A device address in a 1 GiB region of its own (the fake memory is at
+/// 1 GiB; the host IPA space is 40 bits): each needs fresh table pages.
+fn device_pa(n: u64) -> Pa {
+    Pa((2 + n % 1000) << 30) + (n / 1000) * PAGE_SIZE
+}
+
+#[test]
+fn host_device_faults_cannot_starve_later_vm_operations() {
+    let h = setup();
+    h.finalize();
+    let free0 = h.stats().pool_free;
+    let mut n = 0;
+    for round in 0..6u64 {
+        // Far more faults than the pool has pages: each one maps.
+        for _ in 0..150 {
+            assert_eq!(h.host_mem_abort(device_pa(n)), Ok(()), "device fault {n}");
+            n += 1;
+            // The device budget, plus a few tables for RAM annotations
+            // and the hyp's own mappings of VM pages.
+            let used = free0 - h.stats().pool_free;
+            assert!(
+                used <= HOST_DEV_TABLES + 8,
+                "host stage-2 holds {used} pool pages after {n} device faults"
+            );
+        }
+        let vm = make_vm(&h, prot36(), 16 * round, 4, Some(0));
+        h.host_donate_guest(0, pfn(200 + round), Gfn(round))
+            .unwrap();
+        for _ in 0..150 {
+            assert_eq!(h.host_mem_abort(device_pa(n)), Ok(()), "device fault {n}");
+            n += 1;
+        }
+        h.vcpu_put(0).unwrap();
+        h.start_teardown(vm).unwrap();
+        h.finalize_teardown(vm).unwrap();
+        check_invariants(&h);
+    }
+    // The last device page faulted is mapped; an early one was dropped by
+    // a reset and faults back in.
+    assert!(h.host_pte(device_pa(n - 1)).0.is_valid());
+    assert_eq!(h.host_pte(device_pa(0)).0, S2Pte(0));
+    assert_eq!(h.host_mem_abort(device_pa(0)), Ok(()));
+    assert!(h.host_pte(device_pa(0)).0.is_valid());
+    check_invariants(&h);
+}
+
 #[test]
 fn host_abort_never_maps_a_block_across_a_region_edge() {
     // Two regions splitting the first 2 MiB.
@@ -374,6 +457,77 @@ fn host_abort_never_maps_a_block_across_a_region_edge() {
     h.host_mem_abort(pa(50)).unwrap();
     assert_eq!(h.host_pte(pa(50)).1, Level(3));
     assert_eq!(h.host_pte(pa(100)).0, S2Pte(0));
+    check_invariants(&h);
+}
+
+/// Four regions: `[0, 100)`, a hole `[100, 200)`, `[200, 400)` and
+/// `[400, 600)` back to back, a hole `[600, 640)`, `[640, MEM_PAGES)` (with
+/// the pool).
+fn holey_regions() -> [MemRegion; 4] {
+    let r = |a: u64, b: u64| MemRegion {
+        base: pa(a),
+        size: (b - a) * PAGE_SIZE,
+    };
+    [r(0, 100), r(200, 400), r(400, 600), r(640, MEM_PAGES)]
+}
+
+#[test]
+fn host_ranges_must_lie_inside_one_memory_region() {
+    let regions = holey_regions();
+    let h = setup_with(&regions);
+    h.finalize();
+    let vm = make_vm(&h, np40(), 10, 0, Some(0));
+    check_invariants(&h);
+    // Single pages in holes and at their edges.
+    let refused: &[(u32, [u64; 3])] = &[
+        (id::HOST_SHARE_HYP, [pfn(100).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(150).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(199).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(600).0, 0, 0]),
+        (id::HOST_SHARE_HYP, [pfn(639).0, 0, 0]),
+        (id::HOST_SHARE_GUEST, [pfn(150).0, 1, 3]),
+        // Ranges: one page past a region's end, across a hole, across two
+        // regions that touch, starting in a hole.
+        (id::TOPUP_MEMCACHE, [vm, pfn(93).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(96).0, 16]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(396).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(598).0, 3]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(636).0, 8]),
+    ];
+    for (f, args) in refused {
+        let before = snapshot(&h);
+        let rc = hvc(&h, 0, *f, args).0;
+        assert_eq!(rc, ret::INVALID_PARAMETER, "{f:#x} {args:x?}");
+        assert_eq!(snapshot(&h), before, "{f:#x} {args:x?}");
+    }
+    // The direct API says which address is bad.
+    for (p, nr) in [(150, 1), (93, 8), (396, 8), (599, 2)] {
+        assert_eq!(
+            h.host_donate_hyp(pa(p), nr),
+            Err(HypError::BadAddress { pa: pa(p) }),
+            "{p} x {nr}"
+        );
+    }
+    // Accepted: single pages at every region edge, ranges ending exactly
+    // at a region's end or starting at its first page.
+    for p in [0, 99, 200, 399, 400, 599, 640, 767] {
+        assert_eq!(hvc(&h, 0, id::HOST_SHARE_HYP, &[pfn(p).0]).0, ret::SUCCESS);
+        assert_eq!(
+            hvc(&h, 0, id::HOST_UNSHARE_HYP, &[pfn(p).0]).0,
+            ret::SUCCESS
+        );
+    }
+    let accepted: &[(u32, [u64; 3])] = &[
+        (id::TOPUP_MEMCACHE, [vm, pfn(92).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(200).0, 16]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(392).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(400).0, 8]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(584).0, 16]),
+        (id::TOPUP_MEMCACHE, [vm, pfn(640).0, 4]),
+    ];
+    for (f, args) in accepted {
+        assert_eq!(hvc(&h, 0, *f, args).0, ret::SUCCESS, "{f:#x} {args:x?}");
+    }
     check_invariants(&h);
 }
 
@@ -781,6 +935,11 @@ fn teardown_lifecycle_errors() {
 fn finalize_teardown_returns_every_page_zeroed_and_flushes_the_vmid() {
     let h = setup();
     let before = snapshot(&h);
+    // The host leaves its own data in the pages it donates (page 1 is
+    // the unused half of the pgd's alignment).
+    for i in (0..10).filter(|&i| i != 1) {
+        dirty(&h, pa(i), 0);
+    }
     let handle = make_vm(&h, prot36(), 0, 6, Some(0));
     for (i, g) in [(100u64, 1u64), (101, 513), (102, 1 << 20)] {
         h.platform().table(pa(i))[9].store(0xabc, Relaxed);
@@ -790,6 +949,10 @@ fn finalize_teardown_returns_every_page_zeroed_and_flushes_the_vmid() {
     assert!(h.stats().vm_pages > 0);
     h.vcpu_put(0).unwrap();
     h.start_teardown(handle).unwrap();
+    // The hyp's data in the VM and vCPU state pages (pages 2 and 3) must
+    // not reach the host either.
+    dirty(&h, pa(2), 0);
+    dirty(&h, pa(3), 0);
     h.reclaim_guest_page(handle, Gfn(1)).unwrap();
     let flushes = h.platform().tlb_log.all[1].load(Relaxed);
     h.finalize_teardown(handle).unwrap();
@@ -818,6 +981,14 @@ fn finalize_teardown_returns_every_page_zeroed_and_flushes_the_vmid() {
     assert_eq!(after.slots, before.slots);
     // The slot is reusable.
     assert_eq!(h.reserve_vm(), Ok(handle as u16));
+}
+
+/// Writes a non-zero pattern into words `from..512` of the page at `p`.
+fn dirty(h: &H, p: Pa, from: usize) {
+    for (i, w) in h.platform().table(p).iter().enumerate().skip(from) {
+        w.store(0xd1e7_0000_0000_0000 | (p.0 >> 12) << 9 | i as u64, Relaxed);
+    }
+    assert!(!h.platform().page_is_zero(p));
 }
 
 // ---- hypercall ABI -----------------------------------------------------------
@@ -877,6 +1048,86 @@ fn malformed_arguments_get_invalid_parameter() {
             "{f:#x} {args:x?}"
         );
         assert_eq!(snapshot(&h), before);
+    }
+}
+
+/// Frame numbers at and past every boundary: the largest frame the ABI
+/// takes and one past it, one past the last page of memory, and large ones
+/// whose shifted address would wrap onto a real page (`(1 << 52) | pfn`).
+fn boundary_pfns() -> Vec<u64> {
+    let real = pfn(100).0;
+    let mut v = vec![
+        hvc::MAX_FRAME,
+        hvc::MAX_FRAME + 1,
+        pfn(MEM_PAGES).0,
+        pfn(0).0 - 1,
+        1 << 40,
+        (1 << 40) | real,
+        1 << 52,
+        u64::MAX,
+    ];
+    v.extend((52..64).map(|b| (1u64 << b) | real));
+    v
+}
+
+#[test]
+fn pfns_past_the_largest_frame_are_refused_and_change_nothing() {
+    let h = setup();
+    h.finalize();
+    let np = make_vm(&h, np40(), 0, 2, Some(0));
+    let _p = make_vm(&h, prot36(), 10, 2, Some(1));
+    let fresh = h.reserve_vm().unwrap() as u64;
+    let np40 = np40().encode();
+    // Every call taking a pfn, with the others plausible (they succeed
+    // with `real` in place of the bad pfn, checked below).
+    let calls = |bad: u64| -> Vec<(usize, u32, Vec<u64>)> {
+        vec![
+            (0, id::HOST_SHARE_HYP, vec![bad]),
+            (0, id::HOST_UNSHARE_HYP, vec![bad]),
+            (0, id::INIT_VM, vec![fresh, bad, pfn(40).0, np40]),
+            (0, id::INIT_VM, vec![fresh, pfn(42).0, bad, np40]),
+            (0, id::INIT_VCPU, vec![np, 1, bad]),
+            (0, id::TOPUP_MEMCACHE, vec![np, bad, 1]),
+            (0, id::HOST_SHARE_GUEST, vec![bad, 5, 3]),
+            (1, id::HOST_DONATE_GUEST, vec![bad, 5]),
+        ]
+    };
+    for bad in boundary_pfns() {
+        for (cpu, f, args) in calls(bad) {
+            let before = snapshot(&h);
+            assert_eq!(
+                hvc(&h, cpu, f, &args).0,
+                ret::INVALID_PARAMETER,
+                "{f:#x} with pfn {bad:#x}"
+            );
+            assert_eq!(snapshot(&h), before, "{f:#x} with pfn {bad:#x}");
+        }
+    }
+    check_invariants(&h);
+    // The same calls with a real page are accepted (so the refusals above
+    // are about the pfn). Unshare-hyp and the second init-vm are skipped:
+    // the first needs a shared page, the second a fresh handle.
+    for k in [0, 2, 4, 5, 6, 7] {
+        let real = pfn(100 + 2 * k as u64).0;
+        let (cpu, f, args) = calls(real).swap_remove(k);
+        assert_eq!(hvc(&h, cpu, f, &args).0, ret::SUCCESS, "{f:#x} {args:x?}");
+    }
+    check_invariants(&h);
+}
+
+#[test]
+fn the_pfn_decoder_rejects_every_frame_past_the_largest() {
+    let arg = |v: u64| hvc::HvcArgs::from_regs(&[0, v, 0, 0, 0, 0, 0, 0]).x1;
+    assert_eq!(arg(hvc::MAX_FRAME).pfn(), Ok(Pfn(hvc::MAX_FRAME)));
+    for bad in boundary_pfns().into_iter().filter(|&b| b > hvc::MAX_FRAME) {
+        assert_eq!(
+            arg(bad).pfn(),
+            Err(HypError::BadArgument {
+                what: "pfn",
+                value: bad
+            }),
+            "{bad:#x}"
+        );
     }
 }
 
@@ -1018,6 +1269,8 @@ fn every_allocation_failure_in_init_vm_init_vcpu_and_teardown_leaves_no_trace() 
     inject_every_allocation(&h, |h| h.reclaim_guest_page(p, Gfn(1)));
 }
 
+mod fuzz;
+
 // ---- malicious host state machine -------------------------------------------------
 
 mod malicious_host {
@@ -1025,7 +1278,7 @@ mod malicious_host {
     use proptest::prelude::*;
 
     #[derive(Clone, Debug)]
-    enum Op {
+    pub(super) enum Op {
         Hvc {
             cpu: usize,
             func: u32,
@@ -1052,7 +1305,7 @@ mod malicious_host {
         },
     }
 
-    const FUNCS: &[u32] = &[
+    pub(super) const FUNCS: &[u32] = &[
         id::FINALIZE,
         id::GET_SIZES,
         id::HOST_SHARE_HYP,
@@ -1137,14 +1390,36 @@ mod malicious_host {
     /// What the host has been told: live or reserved handles, and which CPU
     /// has which handle loaded.
     #[derive(Default)]
-    struct Model {
-        handles: BTreeSet<u64>,
-        loaded: BTreeMap<usize, u64>,
+    pub(super) struct Model {
+        pub(super) handles: BTreeSet<u64>,
+        pub(super) loaded: BTreeMap<usize, u64>,
+        /// Successful calls by function (low byte of the id).
+        pub(super) ok: BTreeMap<u32, u64>,
     }
 
     impl Model {
-        fn after(&mut self, cpu: usize, func: u32, args: &[u64; 4], rc: i64, out: [u64; 3]) {
+        pub(super) fn after(
+            &mut self,
+            cpu: usize,
+            func: u32,
+            args: &[u64; 4],
+            rc: i64,
+            out: [u64; 3],
+        ) {
             let ok = rc == ret::SUCCESS;
+            if ok {
+                *self.ok.entry(func & 0xff).or_default() += 1;
+            }
+            if matches!(
+                func,
+                id::START_TEARDOWN | id::RECLAIM_GUEST_PAGE | id::FINALIZE_TEARDOWN
+            ) {
+                assert_ne!(
+                    rc,
+                    ret::NO_MEMORY,
+                    "teardown step {func:#x} ran out of memory"
+                );
+            }
             match func {
                 id::RESERVE_VM if ok => {
                     assert!(
@@ -1177,13 +1452,19 @@ mod malicious_host {
         }
     }
 
-    fn call(h: &H, m: &mut Model, cpu: usize, func: u32, args: [u64; 4]) -> (i64, [u64; 3]) {
+    pub(super) fn call(
+        h: &H,
+        m: &mut Model,
+        cpu: usize,
+        func: u32,
+        args: [u64; 4],
+    ) -> (i64, [u64; 3]) {
         let (rc, out) = hvc(h, cpu, func, &args);
         m.after(cpu, func, &args, rc, out);
         (rc, out)
     }
 
-    fn run(h: &H, m: &mut Model, op: &Op) {
+    pub(super) fn run(h: &H, m: &mut Model, op: &Op) {
         match *op {
             Op::Hvc { cpu, func, args } => {
                 call(h, m, cpu, func, args);

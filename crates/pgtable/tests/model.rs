@@ -156,7 +156,7 @@ fn run_ops(ops: &[Op], probes: Vec<u64>) {
         probes,
         map: BTreeMap::new(),
     };
-    let tlb = CheckingTlb::default();
+    let tlb = OrderTlb::new(&mem, Pa(MEM_BASE), geo, model.probes.clone());
     for op in ops {
         // A CPU uses every probe translation before the operation.
         {
@@ -168,10 +168,11 @@ fn run_ops(ops: &[Op], probes: Vec<u64>) {
             for &p in &model.probes {
                 let leaf = pt.get_leaf(&env, Ipa(p));
                 if S2Pte(leaf.pte).is_leaf(leaf.level) {
-                    tlb.fill(p, leaf.pte, leaf.level);
+                    tlb.cached.fill(p, leaf.pte, leaf.level);
                 }
             }
         }
+        tlb.begin_op();
         let env = Env {
             mem: &mem,
             tlb: &tlb,
@@ -233,17 +234,19 @@ fn run_ops(ops: &[Op], probes: Vec<u64>) {
                 let r = pt.wrprotect(&env, Ipa(ipa), size);
                 // wrprotect leaves the flush to the caller: flush the range.
                 env.tlbi_range(ipa, ipa + size);
-                // Blocks straddling the range are protected whole.
+                // Pages in the range lose write; so do pages of a block
+                // straddling the range, protected whole. The block's extent
+                // comes from the table, the permission from the model.
                 let probes: Vec<u64> = model.probes.clone();
                 for p in probes {
-                    if let Some((_, prot, level)) = pt.translate(&env, Ipa(p)) {
+                    let inside = p >= ipa && p < ipa + size;
+                    let in_block = pt.translate(&env, Ipa(p)).is_some_and(|(_, _, level)| {
                         let bs = Granule::Size4K.level_size(level);
                         let base = p & !(bs - 1);
-                        if base < ipa + size && base + bs > ipa {
-                            if let Some(m) = model.map.get_mut(&p) {
-                                m.1 = prot;
-                            }
-                        }
+                        base < ipa + size && base + bs > ipa
+                    });
+                    if let Some(m) = model.map.get_mut(&p).filter(|_| inside || in_block) {
+                        m.1.remove(S2Prot::W);
                     }
                 }
                 r
@@ -281,7 +284,8 @@ fn run_ops(ops: &[Op], probes: Vec<u64>) {
             }
         };
         res.unwrap_or_else(|e| panic!("{op:?} failed: {e:?}"));
-        check_bbm(&tlb, &pt, &mem);
+        tlb.end_op(op);
+        check_bbm(&tlb.cached, &pt, &mem);
         let env = Env {
             mem: &mem,
             tlb: NoTlb,
@@ -367,6 +371,112 @@ fn the_bbm_checker_catches_a_remap_without_invalidation() {
     let l2 = mem.table(Pa(l1))[0].load(Ordering::Relaxed) & 0x0000_ffff_ffff_f000;
     mem.table(Pa(l2))[1].store(leaf.pte + 0x1000, Ordering::Relaxed);
     check_bbm(&tlb, &pt, &mem);
+}
+
+/// A table with IPA `[0, 4M)` mapped as two 2 MiB blocks, watched by a
+/// write-order checker probing every 64th page.
+fn order_fixture(mem: &HeapMem, cache: &mut TestCache) -> (PageTable<Stage2>, S2Geometry) {
+    let geo = S2Geometry::new(Granule::Size4K, 40).unwrap();
+    let mut pt: PageTable<Stage2> = PageTable::new(Pa(MEM_BASE), geo, S2Features::default());
+    let env = Env { mem, tlb: NoTlb };
+    pt.map(
+        &env,
+        Ipa(0),
+        2 * G2M,
+        Pa(G1G),
+        S2Prot::RW,
+        MapFlags::NONE,
+        cache,
+    )
+    .unwrap();
+    (pt, geo)
+}
+
+#[test]
+#[should_panic(expected = "write order violated")]
+fn the_write_order_checker_catches_make_before_break() {
+    // Sanity check of the checker itself: overwrite a live block with
+    // another one, then invalidate (the make-before-break order).
+    let mem = HeapMem::new(64);
+    let mut cache = TestCache::new(16, 48);
+    let (pt, geo) = order_fixture(&mem, &mut cache);
+    let tlb = OrderTlb::new(
+        &mem,
+        Pa(MEM_BASE),
+        geo,
+        (0..1024).map(|p| p * 64 * PAGE).collect(),
+    );
+    tlb.begin_op();
+    let l1 = mem.table(Pa(MEM_BASE))[0].load(Ordering::Relaxed) & 0x0000_ffff_ffff_f000;
+    let entry = &mem.table(Pa(l1))[0];
+    entry.store(entry.load(Ordering::Relaxed) + G2M, Ordering::Relaxed);
+    tlb.tlbi_leaf(0, Level(2));
+    let _ = pt;
+}
+
+#[test]
+fn replacing_live_entries_breaks_then_invalidates_then_makes() {
+    let mem = HeapMem::new(64);
+    let mut cache = TestCache::new(16, 48);
+    let (mut pt, geo) = order_fixture(&mem, &mut cache);
+    let probes: Vec<u64> = (0..1024).map(|p| p * 64 * PAGE).collect();
+    let tlb = OrderTlb::new(&mem, Pa(MEM_BASE), geo, probes);
+    let env = Env {
+        mem: &mem,
+        tlb: &tlb,
+    };
+    let force = MapFlags::FORCE_PAGE;
+    // Remap a block to another PA (leaf -> leaf), split a block by mapping
+    // one page in it (leaf -> table), collapse the table back (table ->
+    // leaf), annotate a live block (leaf -> invalid annotation).
+    type Step<'a> = &'a dyn Fn(&mut PageTable<Stage2>, &mut TestCache);
+    let steps: [(&str, Step<'_>); 4] = [
+        ("remap", &|pt, c| {
+            pt.map(
+                &env,
+                Ipa(0),
+                G2M,
+                Pa(3 * G1G),
+                S2Prot::RW,
+                MapFlags::NONE,
+                c,
+            )
+            .unwrap()
+        }),
+        ("split", &|pt, c| {
+            pt.map(&env, Ipa(G2M), PAGE, Pa(5 * G1G), S2Prot::R, force, c)
+                .unwrap()
+        }),
+        ("collapse", &|pt, c| {
+            pt.map(
+                &env,
+                Ipa(G2M),
+                G2M,
+                Pa(7 * G1G),
+                S2Prot::RW,
+                MapFlags::NONE,
+                c,
+            )
+            .unwrap()
+        }),
+        ("annotate", &|pt, c| {
+            pt.annotate(&env, Ipa(0), G2M, S2Pte::owner_annotation(3), c)
+                .unwrap()
+        }),
+    ];
+    for (what, step) in steps {
+        tlb.begin_op();
+        step(&mut pt, &mut cache);
+        tlb.end_op(&what);
+    }
+    pt.destroy(
+        &Env {
+            mem: &mem,
+            tlb: NoTlb,
+        },
+        &mut cache,
+    );
+    assert_eq!(cache.outstanding(), 0);
 }
 
 /// Several threads map and fault overlapping ranges with shared walks; the
