@@ -9,12 +9,15 @@
 //! starting table) and the tear-down (dropping it) excluded from the timing.
 //!
 //! How the peer is driven (read from the 0.12.3 source):
-//! - Tables are a `Mapping<IdTranslation<Stage2Attributes>, Stage2>` with root
+//! - Tables are a `Mapping<PoolTranslation, Stage2>` with root
 //!   level 1 (39-bit IPA, one root page, no concatenation: aarch64-paging does
-//!   not support concatenated stage-2 roots). `IdTranslation` allocates every
-//!   table page with the global allocator (`alloc_zeroed`, 4 KiB aligned);
-//!   there is no caller-provided page cache, so allocation cost is part of
-//!   the peer's figures.
+//!   not support concatenated stage-2 roots). Table pages come from
+//!   [`PoolTranslation`], a pool of pre-zeroed 4 KiB pages set up once, like
+//!   the `TestCache` pkvm-pgtable gets: neither side pays the global
+//!   allocator (whose returning memory to the OS between iterations made the
+//!   peer's figures swing 4x with `IdTranslation`). A page given back is
+//!   zeroed before it returns to the pool (pkvm-pgtable's walker hands back
+//!   tables it emptied entry by entry, so they are zero already).
 //! - The mapping is never activated (activation is aarch64-only and programs
 //!   VTTBR_EL2). An inactive `Mapping` skips its break-before-make pre-check
 //!   walk and all TLB maintenance, so these figures are the peer's cheapest
@@ -43,13 +46,65 @@
 
 use std::time::{Duration, Instant};
 
+use std::cell::RefCell;
+use std::ptr::NonNull;
+
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes, UpdatableDescriptor};
-use aarch64_paging::idmap::IdTranslation;
-use aarch64_paging::paging::{Constraints, MemoryRegion, Stage2};
+use aarch64_paging::paging::{Constraints, MemoryRegion, PageTable, Stage2, Translation};
 use aarch64_paging::Mapping;
 
 /// A stage-2 table built and walked by aarch64-paging.
-pub type PeerTable = Mapping<IdTranslation<Stage2Attributes>, Stage2>;
+pub type PeerTable = Mapping<PoolTranslation, Stage2>;
+
+/// Pages in the peer's table pool (a 1 GiB range of 4 KiB pages needs 514).
+const POOL_PAGES: usize = 1200;
+
+thread_local! {
+    /// Free pre-zeroed pages of the pool (addresses), shared by every
+    /// [`PoolTranslation`] of this thread.
+    static POOL: RefCell<Vec<usize>> = RefCell::new(new_pool());
+}
+
+fn new_pool() -> Vec<usize> {
+    let layout = std::alloc::Layout::from_size_align(POOL_PAGES * PAGE, PAGE).expect("layout");
+    // SAFETY: the layout has a non-zero size. The slab is never freed: the
+    // pool lives as long as the benchmark process.
+    let slab = unsafe { std::alloc::alloc(layout) };
+    assert!(!slab.is_null(), "peer table pool: out of memory");
+    // Zero (and so touch) every page now: the timed runs take no first-touch
+    // faults and find zeroed tables, as pkvm-pgtable's page cache does.
+    // SAFETY: `slab` is a fresh allocation of exactly this many bytes.
+    unsafe { std::ptr::write_bytes(slab, 0, POOL_PAGES * PAGE) };
+    (0..POOL_PAGES)
+        .rev()
+        .map(|i| slab as usize + i * PAGE)
+        .collect()
+}
+
+/// Identity translation whose table pages come from a pre-zeroed pool.
+#[derive(Debug, Default)]
+pub struct PoolTranslation;
+
+impl Translation<Stage2Attributes> for PoolTranslation {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
+        let va = POOL
+            .with(|p| p.borrow_mut().pop())
+            .expect("peer table pool exhausted: raise POOL_PAGES");
+        let table = NonNull::new(va as *mut PageTable<Stage2Attributes>).expect("non-null page");
+        (table, PhysicalAddress(va))
+    }
+
+    unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
+        // SAFETY: the caller promises the page came from `allocate_table`
+        // (a 4 KiB page of the pool slab) and is no longer in use as a table.
+        unsafe { std::ptr::write_bytes(page_table.as_ptr().cast::<u8>(), 0, PAGE) };
+        POOL.with(|p| p.borrow_mut().push(page_table.as_ptr() as usize));
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
+        NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>).expect("table at PA 0")
+    }
+}
 
 /// Root level used for the peer's tables (39-bit IPA space, one root page).
 pub const ROOT_LEVEL: usize = 1;
@@ -84,7 +139,7 @@ fn range() -> MemoryRegion {
 }
 
 fn new_table() -> PeerTable {
-    Mapping::new(IdTranslation::new(), ROOT_LEVEL, Stage2)
+    Mapping::new(PoolTranslation, ROOT_LEVEL, Stage2)
 }
 
 fn map(t: &mut PeerTable, ipa: usize, size: usize, flags: Stage2Attributes, c: Constraints) {
@@ -103,6 +158,13 @@ fn map(t: &mut PeerTable, ipa: usize, size: usize, flags: Stage2Attributes, c: C
 /// Empty table.
 fn setup_empty() -> PeerTable {
     new_table()
+}
+
+/// Empty table, with the CPU caches flushed by [`super::evict_caches`].
+fn setup_empty_cold() -> PeerTable {
+    let t = new_table();
+    super::evict_caches();
+    t
 }
 
 /// Table with the whole range mapped as 4 KiB pages.
@@ -229,6 +291,11 @@ fn time_op(iters: u64, setup: Setup, op: Op) -> Duration {
 /// Map 1 GiB as 4 KiB pages in one `map_range` call (`NO_BLOCK_MAPPINGS`).
 pub fn peer_map_1g_4k(iters: u64) -> Duration {
     time_op(iters, setup_empty, op_map_1g_4k)
+}
+
+/// [`peer_map_1g_4k`] with cold caches (flushed before each run).
+pub fn peer_map_1g_4k_cold(iters: u64) -> Duration {
+    time_op(iters, setup_empty_cold, op_map_1g_4k)
 }
 
 /// Map 1 GiB one 4 KiB page per `map_range` call (262144 calls: the fault path).

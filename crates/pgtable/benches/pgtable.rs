@@ -2,8 +2,15 @@
 //! `aarch64-paging` crate (0.12, stage-2 regime) in the same run, reported
 //! as ns per 4K page (criterion's throughput is pages).
 //!
-//! After the criterion groups, a summary table (min of several runs, one
-//! core) is printed with the issue's goals.
+//! After the criterion groups, a summary table is printed from criterion's
+//! own estimates of this run (the point estimate it reports as `time:`, with
+//! its 95% confidence interval), per 4K page, with the project's goals.
+//!
+//! Both sides get the same setup: table pages from a pool of pre-zeroed
+//! pages set up before timing (pkvm-pgtable's `TestCache`, the peer's
+//! `PoolTranslation`), no TLB maintenance. "cold cache" variants evict the
+//! CPU caches (by streaming through a buffer larger than the last-level
+//! cache) before each timed run.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -117,6 +124,45 @@ fn pk_map_1g_4k(b: &mut Bench, iters: u64) -> Duration {
         },
     )
 }
+fn pk_map_1g_4k_cold(b: &mut Bench, iters: u64) -> Duration {
+    timed(
+        b,
+        iters,
+        |_| evict_caches(),
+        |pt, env, c| {
+            pt.map(
+                env,
+                Ipa(G1G),
+                G1G,
+                Pa(GUEST_PA),
+                S2Prot::RW,
+                MapFlags::FORCE_PAGE,
+                c,
+            )
+            .unwrap()
+        },
+    )
+}
+
+/// Size of the buffer [`evict_caches`] streams through: larger than any
+/// last-level cache of the machines this runs on.
+const EVICT_BYTES: usize = 256 << 20;
+
+/// Evicts the CPU caches (and the TLB's working set) by writing and reading
+/// a buffer far larger than the last-level cache.
+pub fn evict_caches() {
+    use std::sync::OnceLock;
+    static BUF: OnceLock<std::sync::Mutex<Vec<u64>>> = OnceLock::new();
+    let buf = BUF.get_or_init(|| std::sync::Mutex::new(vec![1u64; EVICT_BYTES / 8]));
+    let mut v = buf.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sum = 0u64;
+    for x in v.iter_mut().step_by(8) {
+        *x = x.wrapping_add(1);
+        sum = sum.wrapping_add(*x);
+    }
+    black_box(sum);
+}
+
 fn pk_map_4k_per_call(b: &mut Bench, iters: u64) -> Duration {
     timed(
         b,
@@ -224,8 +270,6 @@ struct Case {
     name: &'static str,
     pkvm: PkvmOp,
     peer: Option<PeerOp>,
-    linux: f64,
-    peer_ref: Option<f64>,
     goal: f64,
 }
 
@@ -236,64 +280,54 @@ fn cases() -> Vec<Case> {
             name: "map 1 GiB 4K, one call",
             pkvm: pk_map_1g_4k,
             peer: Some(p::peer_map_1g_4k),
-            linux: 24.7,
-            peer_ref: Some(10.7),
             goal: 5.0,
+        },
+        Case {
+            name: "map 1 GiB 4K, one call, cold cache",
+            pkvm: pk_map_1g_4k_cold,
+            peer: Some(p::peer_map_1g_4k_cold),
+            goal: f64::NAN,
         },
         Case {
             name: "map 4K, one call per page",
             pkvm: pk_map_4k_per_call,
             peer: Some(p::peer_map_4k_per_call),
-            linux: 96.0,
-            peer_ref: Some(32.5),
             goal: 25.0,
         },
         Case {
             name: "map 1 GiB as 2M blocks",
             pkvm: pk_map_1g_2m,
             peer: Some(p::peer_map_1g_2m),
-            linux: f64::NAN,
-            peer_ref: None,
             goal: f64::NAN,
         },
         Case {
             name: "unmap 1 GiB of 4K",
             pkvm: pk_unmap_1g_4k,
             peer: Some(p::peer_unmap_1g_4k),
-            linux: 9.1,
-            peer_ref: Some(3.1),
             goal: 3.0,
         },
         Case {
             name: "wrprotect 1 GiB of 4K",
             pkvm: pk_wrprotect_1g_4k,
             peer: Some(p::peer_wrprotect_1g_4k),
-            linux: 6.5,
-            peer_ref: Some(2.9),
             goal: 2.5,
         },
         Case {
             name: "split 2M blocks -> 4K",
             pkvm: pk_split_1g_2m,
             peer: Some(p::peer_split_1g_2m),
-            linux: 33.4,
-            peer_ref: Some(12.1),
             goal: 8.0,
         },
         Case {
             name: "relax_perms, per call",
             pkvm: pk_relax_perms,
             peer: None,
-            linux: 50.6,
-            peer_ref: None,
             goal: 20.0,
         },
         Case {
             name: "test_clear_young 1 GiB",
             pkvm: pk_test_clear_young,
             peer: None,
-            linux: 8.4,
-            peer_ref: None,
             goal: 4.0,
         },
     ]
@@ -319,37 +353,111 @@ fn bench_all(c: &mut Criterion) {
     }
 }
 
-fn summary() {
-    let mut b = Bench::new();
-    let per_page = |d: Duration| d.as_nanos() as f64 / PAGES as f64;
-    println!();
-    println!("pkvm-pgtable vs aarch64-paging 0.12, ns per 4K page (min of 5, this run)");
-    println!(
-        "| operation | pkvm-pgtable | aarch64-paging | goal | (issue: Linux / aarch64-paging) |"
-    );
-    println!("|---|---|---|---|---|");
-    for case in cases() {
-        let pk = (0..5)
-            .map(|_| per_page((case.pkvm)(&mut b, 1)))
-            .fold(f64::INFINITY, f64::min);
-        let peer = case
-            .peer
-            .map(|p| (0..5).map(|_| per_page(p(1))).fold(f64::INFINITY, f64::min));
-        let fmt = |v: f64| {
-            if v.is_nan() {
-                "n/a".to_string()
-            } else {
-                format!("{v:.2}")
+/// Criterion's estimate of one benchmark in this run: the figure it prints
+/// as `time:` (the slope of the linear fit when it sampled linearly, else
+/// the mean) with its 95% confidence interval, in ns per iteration.
+#[derive(Clone, Copy, Debug)]
+struct Estimate {
+    point: f64,
+    lower: f64,
+    upper: f64,
+}
+
+/// Where criterion keeps its results.
+fn criterion_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("CRITERION_HOME") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        return std::path::PathBuf::from(d).join("criterion");
+    }
+    // target/<profile>/deps/<bench binary>
+    let exe = std::env::current_exe().expect("current exe");
+    let target = exe.ancestors().nth(3).expect("bench binary under target/");
+    target.join("criterion")
+}
+
+/// Reads the estimate criterion saved for `group`/`function` (its
+/// `benchmark.json` names them) under `dir`.
+/// Results older than `since` (an earlier run) are ignored.
+fn read_estimate(
+    dir: &std::path::Path,
+    group: &str,
+    function: &str,
+    since: std::time::SystemTime,
+) -> Option<Estimate> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let bench = path.join("new").join("benchmark.json");
+        if let Ok(text) = std::fs::read_to_string(&bench) {
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            if v["group_id"] == group && v["function_id"] == function {
+                let file = path.join("new").join("estimates.json");
+                if std::fs::metadata(&file).ok()?.modified().ok()? < since {
+                    return None;
+                }
+                let est = std::fs::read_to_string(file).ok()?;
+                let e: serde_json::Value = serde_json::from_str(&est).ok()?;
+                let stat = if e["slope"].is_object() {
+                    &e["slope"]
+                } else {
+                    &e["mean"]
+                };
+                let ci = &stat["confidence_interval"];
+                return Some(Estimate {
+                    point: stat["point_estimate"].as_f64()?,
+                    lower: ci["lower_bound"].as_f64()?,
+                    upper: ci["upper_bound"].as_f64()?,
+                });
             }
+        }
+        if let Some(e) = read_estimate(&path, group, function, since) {
+            return Some(e);
+        }
+    }
+    None
+}
+
+fn summary(since: std::time::SystemTime) {
+    let dir = criterion_dir();
+    let per_page = |e: Estimate| {
+        format!(
+            "{:.2} [{:.2}, {:.2}]",
+            e.point / PAGES as f64,
+            e.lower / PAGES as f64,
+            e.upper / PAGES as f64
+        )
+    };
+    let cell = |case: &Case, who: &str| {
+        read_estimate(&dir, case.name, who, since).map_or_else(|| "not run".into(), per_page)
+    };
+    println!();
+    println!(
+        "pkvm-pgtable vs aarch64-paging 0.12, ns per 4K page: criterion's estimate of this run \
+         [95% confidence interval]"
+    );
+    println!("| operation | pkvm-pgtable | aarch64-paging | goal |");
+    println!("|---|---|---|---|");
+    for case in cases() {
+        let peer = if case.peer.is_some() {
+            cell(&case, "aarch64-paging")
+        } else {
+            "n/a".into()
+        };
+        let goal = if case.goal.is_nan() {
+            "-".to_string()
+        } else {
+            format!("<= {:.1}", case.goal)
         };
         println!(
-            "| {} | {:.3} | {} | {} | {} / {} |",
+            "| {} | {} | {} | {} |",
             case.name,
-            pk,
-            peer.map(fmt).unwrap_or_else(|| "n/a".into()),
-            fmt(case.goal),
-            fmt(case.linux),
-            case.peer_ref.map(fmt).unwrap_or_else(|| "n/a".into()),
+            cell(&case, "pkvm-pgtable"),
+            peer,
+            goal
         );
     }
 }
@@ -357,8 +465,9 @@ fn summary() {
 criterion_group!(benches, bench_all);
 
 fn main() {
+    let since = std::time::SystemTime::now();
     peer_aarch64_paging::sanity();
     benches();
     Criterion::default().configure_from_args().final_summary();
-    summary();
+    summary(since);
 }
