@@ -17,7 +17,10 @@
 //! the call stays in the scheduler. At most [`MAX_RESETS`] resets per VM:
 //! the next one ends the VM with an error instead of looping forever. A
 //! protected VM's image is not rewritten: its memory was donated and is
-//! the guest's, across the reset too.
+//! the guest's, across the reset too. Requests several vCPUs make at once
+//! are one reset (pkvm-host merges them into one exit, see
+//! `pkvm_host::psci`); a `SYSTEM_OFF` made at the same time wins and the
+//! VM powers off.
 
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -221,8 +224,6 @@ pub struct GuestVm {
     boot: BootParams,
     /// System resets done (restarts from the entry point).
     resets: AtomicU32,
-    /// A system reset is being carried out (by the vCPU that set it).
-    resetting: AtomicBool,
     reports: SpinLock<[Option<(u64, u64)>; code::COUNT]>,
     /// Per vCPU: the emulated UART's line buffer.
     uart: Vec<SpinLock<LineBuf>>,
@@ -311,7 +312,6 @@ pub fn create(
         dtb: None,
         boot: BootParams::default(),
         resets: AtomicU32::new(0),
-        resetting: AtomicBool::new(false),
         reports: SpinLock::new([None; code::COUNT], LockClass::Leaf),
         uart: (0..spec.vcpus)
             .map(|_| {
@@ -445,32 +445,43 @@ impl GuestVm {
     /// documentation says, or ends it once it has reset [`MAX_RESETS`]
     /// times.
     ///
-    /// Called on the exiting vCPU's CPU inside its scheduler run. A second
-    /// reset event while one is carried out is part of the same reset (its
-    /// vCPU is in a run, so the first one waits for it to finish).
+    /// Called on the exiting vCPU's CPU inside its scheduler run. However
+    /// many vCPUs ask at once, pkvm-host gives one of them the exit and
+    /// merges the other requests into its latched event (their vCPUs just
+    /// sleep). As pkvm-host requires, this waits until every other vCPU has
+    /// left its scheduler run (so every request trapped before the stop is
+    /// merged), then acts on the merged event: a `SYSTEM_OFF` made at the
+    /// same time wins (the VM powers off), otherwise one restart.
     pub fn system_reset(&self, index: usize, ev: &SystemEvent) {
-        if self
-            .resetting
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return;
-        }
-        let what = ResetKind(ev);
         // Every vCPU is Stopped and was kicked: wait until the others have
         // left their scheduler runs (and the guest). One that starts a run
         // now finds itself Stopped and goes back to sleep.
         while self.running.load(Ordering::Acquire) > 1 && !self.stopping_now() {
             core::hint::spin_loop();
         }
-        let n = self.resets.load(Ordering::Relaxed) + 1;
         let name = self.name;
+        if self.stopping_now() {
+            println!(
+                "vm {name}: {} from vCPU {index}: the VM is stopping; not restarted",
+                ResetKind(ev)
+            );
+            return;
+        }
+        let ev = &pkvm_host::psci::take_system_event(&*self.vm).unwrap_or(*ev);
+        let what = ResetKind(ev);
+        if ev.kind == SystemEventKind::Shutdown {
+            println!(
+                "vm {name}: PSCI system reset from vCPU {index} and a concurrent {what}: the power-off wins"
+            );
+            self.stop(VmEnd::PowerOff);
+            return;
+        }
+        let n = self.resets.load(Ordering::Relaxed) + 1;
         if n > MAX_RESETS {
             println!(
                 "vm {name}: {what} from vCPU {index}: {MAX_RESETS} resets already; the VM is stopped"
             );
             self.stop(VmEnd::Error("too many system resets"));
-            self.resetting.store(false, Ordering::Release);
             return;
         }
         let protected = self.vm.config().protected;
@@ -478,7 +489,6 @@ impl GuestVm {
         if let Err(e) = loaded {
             println!("vm {name}: {what}: reloading the image failed: {e}");
             self.stop(VmEnd::Error("image reload failed at a system reset"));
-            self.resetting.store(false, Ordering::Release);
             return;
         }
         // The guest may have executed the old bytes (or its own changes
@@ -506,7 +516,6 @@ impl GuestVm {
             println!("vm {name}: {what}: power-on failed: {e}");
             self.stop(VmEnd::Error("power-on failed at a system reset"));
         }
-        self.resetting.store(false, Ordering::Release);
     }
 
     /// Releases the VMAs (after teardown); returns frames released.
@@ -889,6 +898,13 @@ struct ResetKind<'a>(&'a SystemEvent);
 impl core::fmt::Display for ResetKind<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let ev = self.0;
+        if ev.kind == SystemEventKind::Shutdown {
+            return if ev.flags & SystemEvent::FLAG_PSCI_OFF2 == 0 {
+                write!(f, "PSCI SYSTEM_OFF")
+            } else {
+                write!(f, "PSCI SYSTEM_OFF2")
+            };
+        }
         if ev.flags & SystemEvent::FLAG_PSCI_RESET2 == 0 {
             return write!(f, "PSCI SYSTEM_RESET");
         }

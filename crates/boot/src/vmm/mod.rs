@@ -16,7 +16,7 @@
 //! - [`smp`]: the SMP scenarios (`sched-smp`, `sched-spin`,
 //!   `sched-smp-protected`).
 //! - [`resets`]: the guest system-reset scenarios (`reset`,
-//!   `reset-protected`).
+//!   `reset-protected`, `reset-concurrent`).
 //! - [`fdtgen`]: the VM device tree.
 //! - this file: the memory layout and the scenarios xtask runs (`demo`,
 //!   `touch`, `exits`, `protected`, `guest`, `panic`).
@@ -147,10 +147,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "sched-spin" => bool_code(smp::sched_spin(&process, p)),
         "reset" => bool_code(resets::reset(&process, p)),
         "reset-protected" => bool_code(resets::reset_protected(&lay, &process, p)),
+        "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, panic)"
             );
             (false, 2)
         }
