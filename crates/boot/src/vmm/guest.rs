@@ -56,6 +56,9 @@ pub const REPORT_FID: u64 = 0xc600_0100;
 /// Most guest system resets one VM may do; the next one ends it.
 pub const MAX_RESETS: u32 = 8;
 const BLOCK: u64 = 2 << 20;
+/// Bytes at the top of guest RAM taken by the device tree (when the VM
+/// has one).
+pub const DTB_RESERVE: u64 = BLOCK;
 const PAGE: u64 = 4096;
 
 /// Report codes (same numbers as `guest_rt::code`).
@@ -263,16 +266,25 @@ pub fn create(
         return Err(VmmError::BadConfig("vCPU count"));
     }
     let dtb_reserve = if spec.dtb_bootargs.is_some() {
-        BLOCK
+        DTB_RESERVE
     } else {
         0
     };
-    if spec.load_offset + spec.image.len() + dtb_reserve > spec.mem {
+    // Checked: the load offset can come from a guest file's header.
+    let image_end = spec
+        .load_offset
+        .checked_add(spec.image.len())
+        .and_then(|e| e.checked_add(dtb_reserve));
+    if image_end.is_none_or(|e| e > spec.mem) {
         return Err(VmmError::ImageTooBig);
     }
     let ram_end = GUEST_RAM + spec.mem;
     if let Some((t, n)) = spec.touch {
-        if !t.is_multiple_of(BLOCK) || !n.is_multiple_of(BLOCK) || t < GUEST_RAM || t + n > ram_end
+        let end = t.checked_add(n);
+        if !t.is_multiple_of(BLOCK)
+            || !n.is_multiple_of(BLOCK)
+            || t < GUEST_RAM
+            || end.is_none_or(|e| e > ram_end)
         {
             return Err(VmmError::BadConfig("touch region"));
         }

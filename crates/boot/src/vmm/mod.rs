@@ -610,25 +610,21 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
     }
     let plat = BootPlatform::new(None);
     let mem = h.mem_mib as u64 * MIB;
-    let (is_image, load_offset) = phys::with_slice(Pa(gpa), gsize, |img| {
-        // A Linux arm64 Image has "ARM\x64" at 0x38 and its text offset at 8.
-        let is_image = img.len() >= 64 && img[0x38..0x3c] == *b"ARMd";
-        let load_offset = if is_image {
-            let text = u64::from_le_bytes(img[8..16].try_into().unwrap_or([0; 8]));
-            let size = u64::from_le_bytes(img[16..24].try_into().unwrap_or([0; 8]));
-            if size == 0 {
-                0x8_0000
-            } else {
-                text
-            }
-        } else {
-            0
-        };
-        (is_image, load_offset)
+    // The header is the file's (hostile input): checked placement only.
+    let layout = phys::with_slice(Pa(gpa), gsize, |img| {
+        pkvm_arch::image::guest_layout(img, mem, guest::DTB_RESERVE)
     });
+    let layout = match layout {
+        Ok(l) => l,
+        Err(e) => {
+            println!("guest: {e}");
+            return (false, 2);
+        }
+    };
+    let load_offset = layout.load_offset;
     println!(
         "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
-        if is_image {
+        if layout.header.is_some() {
             "Linux arm64 Image"
         } else {
             "flat binary"
