@@ -6,6 +6,8 @@
 //! hypercalls (protected mode).
 #![forbid(unsafe_code)]
 
+mod hostmem;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +53,9 @@ struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Run even if the host seems to have too little memory available.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +133,10 @@ struct DemandPagingArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Run even if the host seems to have too little memory available
+    /// (the check reads MemAvailable in /proc/meminfo).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -205,7 +214,21 @@ fn demand_paging(a: DemandPagingArgs) -> Result<bool> {
         prefault: !a.no_prefault,
         verify: a.verify,
     };
-    let total_pages = a.bytes / 4096 * a.vcpus as u64;
+    // Sizes first (checked: bytes x vCPUs must not wrap), then whether the
+    // host can hold the run, before anything is allocated.
+    let guest = demand_paging::guest_bytes(&cfg)?;
+    let needed = demand_paging::host_memory_needed(&cfg)?;
+    let what = if a.overlap || a.vcpus == 1 {
+        format!("guest memory {}", human(guest))
+    } else {
+        format!("guest memory {} x {} vCPUs", human(a.bytes), a.vcpus)
+    };
+    hostmem::check(needed, hostmem::available(), a.force, &what)?;
+    let total_pages = if a.overlap {
+        (a.bytes / 4096).saturating_mul(a.vcpus as u64)
+    } else {
+        guest / 4096
+    };
     let done = Arc::new(AtomicBool::new(false));
     let bar_thread = (!a.json && std::io::stderr().is_terminal()).then(|| {
         let done = done.clone();
@@ -258,6 +281,13 @@ fn bench(a: BenchArgs) -> Result<bool> {
         ("off", demand_paging::Coherence::Off),
         ("every-use", demand_paging::Coherence::EveryUse),
     ];
+    let one = Config {
+        bytes_per_vcpu: a.bytes,
+        ..Config::default()
+    };
+    let needed = demand_paging::host_memory_needed(&one)?;
+    let what = format!("guest memory {}", human(a.bytes));
+    hostmem::check(needed, hostmem::available(), a.force, &what)?;
     let mut rows = Vec::new();
     let mut ok = true;
     for (bname, backing) in backings {
