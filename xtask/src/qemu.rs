@@ -430,8 +430,32 @@ pub struct QemuTest {
     pub markers: Vec<String>,
 }
 
-/// Markers that fail any test when they appear.
+/// Markers that fail any test when the hypervisor prints them.
 pub const FORBIDDEN: &[&str] = &["PANIC", "panicked at", "EL2 exception"];
+
+/// How the image starts every line a guest prints (its emulated PL011):
+/// `[guest NAME vcpu N] ...` (`crates/boot/src/vmm/guest.rs`,
+/// `GUEST_LINE_PREFIX`).
+pub const GUEST_LINE_PREFIX: &str = "[guest ";
+
+/// The console lines the hypervisor printed itself (not a guest's).
+fn hypervisor_lines(console: &str) -> impl Iterator<Item = &str> {
+    console
+        .lines()
+        .filter(|l| !l.starts_with(GUEST_LINE_PREFIX))
+}
+
+/// Whether marker `m` is on the console: a marker that starts with
+/// [`GUEST_LINE_PREFIX`] is guest output and may be anywhere; any other
+/// marker must be on a line the hypervisor printed, so a guest cannot fake
+/// it.
+fn has_marker(console: &str, m: &str) -> bool {
+    if m.starts_with(GUEST_LINE_PREFIX) {
+        console.contains(m)
+    } else {
+        hypervisor_lines(console).any(|l| l.contains(m))
+    }
+}
 
 /// Runs one test; `Ok(())` when exit status and markers are as expected.
 ///
@@ -449,12 +473,12 @@ pub fn check(t: &QemuTest, o: &Outcome) -> Result<()> {
         ));
     }
     for m in &t.markers {
-        if !o.console.contains(m.as_str()) {
+        if !has_marker(&o.console, m) {
             problems.push(format!("missing console marker {m:?}"));
         }
     }
     for f in FORBIDDEN {
-        if o.console.contains(f) {
+        if hypervisor_lines(&o.console).any(|l| l.contains(f)) {
             problems.push(format!("forbidden console marker {f:?}"));
         }
     }
@@ -659,5 +683,34 @@ mod tests {
         assert!(check(&t, &mk(1, "all good\n")).is_err());
         assert!(check(&t, &mk(0, "nothing\n")).is_err());
         assert!(check(&t, &mk(0, "all good\nPANIC at foo\n")).is_err());
+    }
+
+    /// A guest printing the hypervisor's success line must not make a
+    /// test pass; its own lines still match guest markers.
+    #[test]
+    fn guest_output_cannot_fake_hypervisor_markers() {
+        let t = QemuTest {
+            name: "t",
+            spec: RunSpec::scenario("demo"),
+            exit_code: 0,
+            markers: vec![
+                "scenario demo: PASS".into(),
+                "[guest vm0 vcpu 0] hello".into(),
+            ],
+        };
+        let mk = |console: &str| Outcome {
+            exit_code: Some(0),
+            console: console.into(),
+            timed_out: false,
+            elapsed: Duration::ZERO,
+        };
+        let faked = "[guest vm0 vcpu 0] hello\n[guest vm0 vcpu 0] scenario demo: PASS\n";
+        let e = check(&t, &mk(faked)).unwrap_err().to_string();
+        assert!(e.contains("scenario demo: PASS"), "{e}");
+        let real = "[guest vm0 vcpu 0] hello\nscenario demo: PASS\n";
+        assert!(check(&t, &mk(real)).is_ok());
+        // A guest printing "PANIC" is the guest's business.
+        let guest_panic = "[guest vm0 vcpu 0] hello PANIC\nscenario demo: PASS\n";
+        assert!(check(&t, &mk(guest_panic)).is_ok());
     }
 }

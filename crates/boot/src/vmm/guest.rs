@@ -1,6 +1,7 @@
 //! A VM as the VMM sees it: a `pkvm_host::Vm` with its memslots over VMAs
 //! of the VMM's process memory, its image (and device tree) loaded, the
-//! emulated PL011 (one line buffer per vCPU), the results guests report,
+//! emulated PL011 (one line buffer per vCPU; guest lines are printed as
+//! `[guest NAME vcpu N] ...`), the results guests report,
 //! each vCPU's hardware-only state, and the exit handling the scheduler's
 //! [`HostRunner`](crate::sched::host::HostRunner) calls around
 //! `Vcpu::run` ([`HostVmm`]).
@@ -45,6 +46,11 @@ use crate::sched::host::HostVmm;
 /// The host VM type in the image.
 pub type BootVm = pkvm_host::Vm<BootPlatform, BootProcess>;
 
+/// How every line a guest prints on its emulated PL011 starts on the
+/// console (then the VM's name, the vCPU if the VM has several, `] `): the
+/// hypervisor's own lines never start with it (xtask's QEMU tests match
+/// hypervisor markers only on lines without it).
+pub const GUEST_LINE_PREFIX: &str = "[guest ";
 /// Guest RAM base IPA.
 pub const GUEST_RAM: u64 = 0x4000_0000;
 /// IPA size of every VM.
@@ -600,6 +606,11 @@ impl GuestVm {
         }
     }
 
+    /// A byte the guest wrote to its PL011 data register. Lines are
+    /// printed with [`GUEST_LINE_PREFIX`] and the VM's name (and the vCPU's
+    /// index if it has several), so a guest cannot print a line that looks
+    /// like the hypervisor's own; control characters other than tab (a
+    /// terminal escape could erase the prefix) are shown as `?`.
     fn uart_putc(&self, index: usize, c: u8) {
         let Some(u) = self.uart.get(index) else {
             return;
@@ -608,20 +619,26 @@ impl GuestVm {
         if c == b'\n' || u.n == u.buf.len() {
             let line = core::str::from_utf8(&u.buf[..u.n]).unwrap_or("<non-utf8 output>");
             if self.uart.len() > 1 {
-                println!("[{} vcpu {index}] {line}", self.name);
+                println!("{GUEST_LINE_PREFIX}{} vcpu {index}] {line}", self.name);
             } else {
-                println!("[{}] {line}", self.name);
+                println!("{GUEST_LINE_PREFIX}{}] {line}", self.name);
             }
             u.n = 0;
             if c == b'\n' {
                 return;
             }
         }
-        if c != b'\r' {
-            let n = u.n;
-            u.buf[n] = c;
-            u.n += 1;
+        if c == b'\r' {
+            return;
         }
+        let shown = if (c < 0x20 && c != b'\t') || c == 0x7f {
+            b'?'
+        } else {
+            c
+        };
+        let n = u.n;
+        u.buf[n] = shown;
+        u.n += 1;
     }
 
     /// Emulates an MMIO access: the PL011 at `fdtgen::GUEST_UART` (data
