@@ -294,7 +294,7 @@ impl VmaNode {
     }
 }
 
-/// What [`ProcessMm::fault_vma`] found.
+/// What `fault_vma` found.
 enum FaultVma {
     /// A PFN map: its frame, pinned (no folio to fault in).
     Pinned(Pin),
@@ -588,12 +588,12 @@ impl ProcessMm {
 
     /// Faults `hva` in (for writing if `write`) and pins its frame.
     ///
-    /// Steps: find the VMA ([`ProcessMm::fault_vma`]; a PFN map pins its
+    /// Steps: find the VMA (`fault_vma`; a PFN map pins its
     /// frame directly); then, under the VMA's folio lock, pin a resident
-    /// folio ([`ProcessMm::pin_folio`]) or make one: choose its size
-    /// ([`folio_size`]), allocate and fill a frame with the lock dropped
-    /// ([`ProcessMm::new_folio`]), and install it unless another fault or
-    /// munmap won the race meanwhile ([`ProcessMm::install_folio`]); then
+    /// folio (`pin_folio`) or make one: choose its size
+    /// (`folio_size`), allocate and fill a frame with the lock dropped
+    /// (`new_folio`), and install it unless another fault or
+    /// munmap won the race meanwhile (`install_folio`); then
     /// look again.
     ///
     /// # Errors
