@@ -39,8 +39,8 @@
 //! # Concurrent system events
 //! A VM has one [`SystemEventLatch`] ([`PsciVm::system_event_latch`]). The
 //! first `SYSTEM_OFF`/`SYSTEM_OFF2`/`SYSTEM_RESET`/`SYSTEM_RESET2` latches
-//! its event and stops every vCPU (both under the latch's lock), and only
-//! its caller gets [`PsciOutcome::Exit`]. A system event request made while
+//! its event, then stops every vCPU, and only its caller gets
+//! [`PsciOutcome::Exit`]. A system event request made while
 //! one is latched (another vCPU trapped its call before it was stopped) is
 //! merged into it and its caller gets [`PsciOutcome::PowerOff`] (it is
 //! stopped): however many vCPUs ask at once, the VMM sees one exit, so a
@@ -63,9 +63,9 @@
 //! read or write goes through its guard; this module never holds two vCPU
 //! locks at once (system events stop the vCPUs one after another), and it
 //! calls [`PsciVm::kick_vcpu`] only after releasing the lock. The system
-//! event latch is of class [`LockClass::HostVm`] and is taken before the
-//! vCPU locks it stops. Callers of [`handle_psci`] must not hold a host
-//! lock (`HostVm` or any later class).
+//! event latch is a [`LockClass::Leaf`] lock: nothing is taken while it is
+//! held. Callers of [`handle_psci`] must not hold a `HostVcpu` lock (or a
+//! later class).
 
 use core::fmt;
 use core::ops::BitOr;
@@ -367,7 +367,7 @@ pub trait PsciVm {
     /// vCPU `index`'s power-state lock (class [`LockClass::HostVcpu`]).
     fn vcpu_power(&self, index: usize) -> &SpinLock<VcpuPower>;
 
-    /// The VM's system event latch (class [`LockClass::HostVm`], made with
+    /// The VM's system event latch (class [`LockClass::Leaf`], made with
     /// [`SystemEventLatch::new_lock`]); see the module documentation.
     fn system_event_latch(&self) -> &SpinLock<SystemEventLatch>;
 
@@ -471,7 +471,7 @@ impl SystemEvent {
 /// A VM's pending system event: the first of concurrent `SYSTEM_OFF*` /
 /// `SYSTEM_RESET*` requests, merged with the ones that followed before
 /// the VMM took it (see the module documentation). Lives in a `SpinLock`
-/// of class [`LockClass::HostVm`].
+/// of class [`LockClass::Leaf`] (nothing is taken while it is held).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SystemEventLatch {
     pending: Option<SystemEvent>,
@@ -489,7 +489,7 @@ impl SystemEventLatch {
 
     /// An empty latch's lock, of the right class (one per VM).
     pub fn new_lock() -> SpinLock<SystemEventLatch> {
-        SpinLock::new(SystemEventLatch::new(), LockClass::HostVm)
+        SpinLock::new(SystemEventLatch::new(), LockClass::Leaf)
     }
 
     /// The pending event, without taking it.
@@ -871,10 +871,11 @@ fn affinity_info<V: PsciVm + ?Sized>(vm: &V, target: u64, level: u64) -> i64 {
     }
 }
 
-/// Latches the event; the first request stops every vCPU (each under its
-/// own lock, one at a time, with the latch held), kicks the others and
-/// produces the exit; a request merged into a pending event only makes
-/// sure its caller is stopped. Presets the caller's x0 either way.
+/// Latches the event. The first request then stops every vCPU (each under
+/// its own lock, one at a time), kicks the others and produces the exit; a
+/// request merged into a pending event only makes sure its own caller is
+/// stopped (the first one's stop covers the rest). Presets the caller's x0
+/// either way.
 fn system_event<V: PsciVm + ?Sized>(
     vm: &V,
     caller: &PsciCaller,
@@ -884,22 +885,15 @@ fn system_event<V: PsciVm + ?Sized>(
     args: [u64; 2],
 ) -> PsciOutcome {
     let ev = SystemEvent { kind, flags, args };
-    let n = vm.vcpu_count();
     regs.x[0] = r::INTERNAL_FAILURE as u64;
-    let first = {
-        let mut latch = vm.system_event_latch().lock();
-        let first = latch.request(ev);
-        if first {
-            for i in 0..n {
-                vm.vcpu_power(i).lock().power_off();
-            }
-        } else {
-            vm.vcpu_power(caller.index).lock().power_off();
-        }
-        first
-    };
+    let first = vm.system_event_latch().lock().request(ev);
     if !first {
+        vm.vcpu_power(caller.index).lock().power_off();
         return PsciOutcome::PowerOff;
+    }
+    let n = vm.vcpu_count();
+    for i in 0..n {
+        vm.vcpu_power(i).lock().power_off();
     }
     for i in (0..n).filter(|&i| i != caller.index) {
         vm.kick_vcpu(i);
