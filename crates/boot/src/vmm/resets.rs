@@ -13,7 +13,10 @@
 //! - `reset-concurrent` (standard mode): one VM asks for three resets with
 //!   vCPU 1 making the same reset call as vCPU 0 at the same moment. Two
 //!   concurrent requests are one reset: passes as `reset` (exactly three
-//!   restarts, then SYSTEM_OFF).
+//!   restarts, then SYSTEM_OFF). (A SYSTEM_OFF racing a reset is tested in
+//!   pkvm-host, natively and with loom: from the guest, whether the second
+//!   call reaches the hypervisor before its vCPU is stopped cannot be
+//!   forced, so a QEMU test of it could not be deterministic.)
 //! - `reset-protected` (protected mode): a protected VM asks for two
 //!   resets, a non-protected VM under pkvm-hyp for one. The protected VM's
 //!   image is not rewritten (its memory was donated: the guest sees its
