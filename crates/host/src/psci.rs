@@ -731,6 +731,42 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
             ret(regs, v)
         }
         Call::MigrateInfoType => ret(regs, r::TOS_NOT_PRESENT_MP),
+        Call::SystemOff
+        | Call::SystemReset
+        | Call::SystemReset2
+        | Call::SystemOff2
+        | Call::SystemSuspend => system_call(vm, caller, regs, call, a),
+        Call::Features => {
+            let v = psci_features(&cfg, a[0]);
+            ret(regs, v)
+        }
+        Call::SmcccVersion => ret(regs, i64::from(arch::VERSION_1_1)),
+        Call::SmcccArchFeatures => {
+            // Only the two architecture calls we implement; no firmware
+            // workaround (WORKAROUND_1/2/3) is offered, so a guest does not
+            // rely on one that would do nothing.
+            let v = match a[0] as u32 {
+                arch::SMCCC_VERSION | arch::SMCCC_ARCH_FEATURES if a[0] >> 32 == 0 => r::SUCCESS,
+                _ => r::NOT_SUPPORTED,
+            };
+            ret(regs, v)
+        }
+    };
+    Ok(outcome)
+}
+
+/// The system calls: `SYSTEM_OFF`, `SYSTEM_RESET`, `SYSTEM_RESET2`,
+/// `SYSTEM_OFF2` (checked arguments, then [`system_event`]) and
+/// `SYSTEM_SUSPEND` (an exit for the VMM to decide). `a` holds the call's
+/// (narrowed) x1..x3.
+fn system_call<V: PsciVm + ?Sized>(
+    vm: &V,
+    caller: &PsciCaller,
+    regs: &mut GuestGprs,
+    call: Call,
+    a: [u64; 3],
+) -> PsciOutcome {
+    match call {
         Call::SystemOff => system_event(vm, caller, regs, SystemEventKind::Shutdown, 0, [0, 0]),
         Call::SystemReset => system_event(vm, caller, regs, SystemEventKind::Reset, 0, [0, 0]),
         Call::SystemReset2 => {
@@ -738,7 +774,7 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
             let valid = ty == u64::from(fnid::RESET2_SYSTEM_WARM_RESET)
                 || (u64::from(fnid::RESET2_VENDOR)..=0xffff_ffff).contains(&ty);
             if !valid {
-                return Ok(ret(regs, r::INVALID_PARAMETERS));
+                return ret(regs, r::INVALID_PARAMETERS);
             }
             let flags = SystemEvent::FLAG_PSCI_RESET2;
             system_event(
@@ -753,7 +789,7 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
         Call::SystemOff2 => {
             let ty = a[0];
             if (ty != 0 && ty != u64::from(fnid::OFF2_HIBERNATE_OFF)) || a[1] != 0 {
-                return Ok(ret(regs, r::INVALID_PARAMETERS));
+                return ret(regs, r::INVALID_PARAMETERS);
             }
             let flags = SystemEvent::FLAG_PSCI_OFF2;
             system_event(
@@ -776,23 +812,9 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
                 args: [a[0], a[1]],
             })
         }
-        Call::Features => {
-            let v = psci_features(&cfg, a[0]);
-            ret(regs, v)
-        }
-        Call::SmcccVersion => ret(regs, i64::from(arch::VERSION_1_1)),
-        Call::SmcccArchFeatures => {
-            // Only the two architecture calls we implement; no firmware
-            // workaround (WORKAROUND_1/2/3) is offered, so a guest does not
-            // rely on one that would do nothing.
-            let v = match a[0] as u32 {
-                arch::SMCCC_VERSION | arch::SMCCC_ARCH_FEATURES if a[0] >> 32 == 0 => r::SUCCESS,
-                _ => r::NOT_SUPPORTED,
-            };
-            ret(regs, v)
-        }
-    };
-    Ok(outcome)
+        // handle_psci passes only the calls above.
+        _ => ret(regs, r::NOT_SUPPORTED),
+    }
 }
 
 /// `PSCI_FEATURES(func)`.

@@ -300,12 +300,10 @@ pub struct Setup {
     pub hyp_free_before: u64,
 }
 
-/// Builds a machine, platform, process and VM with one memslot of
-/// `guest_bytes` at [`GUEST_BASE`].
-///
-/// # Errors
-/// See [`RunFailure`].
-pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
+/// Checks the configuration for a VM of `guest_bytes`; returns the size of
+/// the simulated RAM it needs (guest memory, room for alignment of huge
+/// pages, tables and the hypervisor).
+fn check_setup(cfg: &Config, guest_bytes: u64) -> Result<u64, RunFailure> {
     let g = cfg.backing.granule();
     if guest_bytes == 0 || !guest_bytes.is_multiple_of(g) {
         return Err(RunFailure::Config(format!(
@@ -329,9 +327,17 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
             GUEST_BASE.0
         )));
     }
-    // Guest memory, room for alignment of huge pages, tables and the hyp.
-    let mem_size = machine_bytes(guest_bytes, g)
-        .ok_or_else(|| RunFailure::Config(format!("guest memory {guest_bytes:#x} is too large")))?;
+    machine_bytes(guest_bytes, g)
+        .ok_or_else(|| RunFailure::Config(format!("guest memory {guest_bytes:#x} is too large")))
+}
+
+/// Builds a machine, platform, process and VM with one memslot of
+/// `guest_bytes` at [`GUEST_BASE`].
+///
+/// # Errors
+/// See [`RunFailure`].
+pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
+    let mem_size = check_setup(cfg, guest_bytes)?;
     let machine = Machine::new(SimConfig {
         mem_size,
         hyp_carveout: 128 << 20,

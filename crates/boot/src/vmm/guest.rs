@@ -253,16 +253,9 @@ pub struct GuestVm {
     pub hw_vmid: AtomicU16,
 }
 
-/// Creates a VM: memslots over fresh VMAs, the image (and device tree)
-/// written into them, powered on at the image's entry.
-///
-/// # Errors
-/// See [`VmmError`].
-pub fn create(
-    platform: &Arc<BootPlatform>,
-    process: &Arc<BootProcess>,
-    spec: &VmSpec<'_>,
-) -> Result<Arc<GuestVm>, VmmError> {
+/// Checks a VM spec before anything is created (checked arithmetic: the
+/// load offset can come from a guest file's header).
+fn check_spec(spec: &VmSpec<'_>) -> Result<(), VmmError> {
     if spec.mem < 2 * BLOCK || !spec.mem.is_multiple_of(BLOCK) || spec.mem > 1 << 30 {
         return Err(VmmError::BadConfig(
             "memory must be a multiple of 2 MiB, 4 MiB..1 GiB",
@@ -295,6 +288,69 @@ pub fn create(
             return Err(VmmError::BadConfig("touch region"));
         }
     }
+    Ok(())
+}
+
+/// The VM's memslots as (start, end, is the touch region): RAM, with the
+/// touch region (if any) in a slot of its own.
+fn memslot_ranges(spec: &VmSpec<'_>) -> Vec<(u64, u64, bool)> {
+    let ram_end = GUEST_RAM + spec.mem;
+    let mut ranges: Vec<(u64, u64, bool)> = Vec::new();
+    match spec.touch {
+        Some((t, n)) => {
+            ranges.push((GUEST_RAM, t, false));
+            ranges.push((t, t + n, true));
+            ranges.push((t + n, ram_end, false));
+        }
+        None => ranges.push((GUEST_RAM, ram_end, false)),
+    }
+    ranges
+}
+
+impl GuestVm {
+    /// Maps a VMA of the VMM's process for each memslot range and adds the
+    /// memslot; on failure the VMAs mapped so far are released.
+    fn add_memslots(&mut self, ranges: &[(u64, u64, bool)]) -> Result<(), VmmError> {
+        let cpu = crate::platform::start::cpu_index();
+        for (slot, &(s, e, touch)) in ranges.iter().filter(|r| r.1 > r.0).enumerate() {
+            let Some(hva) = self.process.mmap(e - s, self.backing) else {
+                self.release_vmas();
+                return Err(VmmError::BadConfig("memslot size"));
+            };
+            self.vmas.push(hva);
+            if touch {
+                self.touch_vma = Some(hva);
+            }
+            let r = self.vm.set_user_memory_region(
+                UserMemoryRegion {
+                    slot: slot as u32,
+                    flags: 0,
+                    guest_phys_addr: s,
+                    memory_size: e - s,
+                    userspace_addr: hva.0,
+                },
+                cpu,
+            );
+            if let Err(e) = r {
+                self.release_vmas();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates a VM: memslots over fresh VMAs, the image (and device tree)
+/// written into them, powered on at the image's entry.
+///
+/// # Errors
+/// See [`VmmError`].
+pub fn create(
+    platform: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    spec: &VmSpec<'_>,
+) -> Result<Arc<GuestVm>, VmmError> {
+    check_spec(spec)?;
     let vm = BootVm::create(
         platform.clone(),
         process.clone(),
@@ -306,16 +362,7 @@ pub fn create(
         },
         crate::platform::start::cpu_index(),
     )?;
-    // Memslots: RAM, with the touch region (if any) in a slot of its own.
-    let mut ranges: Vec<(u64, u64, bool)> = Vec::new();
-    match spec.touch {
-        Some((t, n)) => {
-            ranges.push((GUEST_RAM, t, false));
-            ranges.push((t, t + n, true));
-            ranges.push((t + n, ram_end, false));
-        }
-        None => ranges.push((GUEST_RAM, ram_end, false)),
-    }
+    let ranges = memslot_ranges(spec);
     let mut g = GuestVm {
         name: spec.name,
         vm,
@@ -357,31 +404,7 @@ pub fn create(
             .collect(),
         hw_vmid: AtomicU16::new(0),
     };
-    let cpu = crate::platform::start::cpu_index();
-    for (slot, &(s, e, touch)) in ranges.iter().filter(|r| r.1 > r.0).enumerate() {
-        let Some(hva) = process.mmap(e - s, spec.backing) else {
-            g.release_vmas();
-            return Err(VmmError::BadConfig("memslot size"));
-        };
-        g.vmas.push(hva);
-        if touch {
-            g.touch_vma = Some(hva);
-        }
-        let r = g.vm.set_user_memory_region(
-            UserMemoryRegion {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: s,
-                memory_size: e - s,
-                userspace_addr: hva.0,
-            },
-            cpu,
-        );
-        if let Err(e) = r {
-            g.release_vmas();
-            return Err(e.into());
-        }
-    }
+    g.add_memslots(&ranges)?;
     if let Err(e) = g.make_device_tree(spec).and_then(|()| g.load()) {
         g.release_vmas();
         return Err(e);
