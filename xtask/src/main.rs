@@ -5,10 +5,11 @@
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
 //! - `cargo xtask run [--guest FILE] [--append ARGS] [--smp N] [--mem MIB]
-//!   [--cpus N] [--scenario NAME]`
-//!   checks and installs prerequisites, builds the guest payloads and the EL2
-//!   image, boots it under QEMU, streams the console and exits with the
-//!   image's status.
+//!   [--cpus N] [--scenario NAME] [--timeout SECS]`
+//!   checks its arguments and the guest file, checks and installs
+//!   prerequisites, builds the guest payloads and the EL2 image, boots it
+//!   under QEMU, streams the console and exits with the image's status
+//!   (non-zero, with a message, if `--timeout` killed QEMU).
 //!
 //! The EL2 image (`crates/boot`) is its own cargo workspace for
 //! `aarch64-unknown-none`; xtask builds it with cargo run from that
@@ -55,30 +56,33 @@ enum Cmd {
 /// Options of `cargo xtask run`.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct RunArgs {
-    /// A raw arm64 kernel image (Linux `Image`) or flat binary to run as a VM.
+    /// A raw arm64 kernel image (Linux `Image`) or flat binary to run as a
+    /// VM: a non-empty regular file, checked (with its `Image` header)
+    /// before QEMU starts.
     #[arg(long)]
     pub guest: Option<PathBuf>,
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,
     /// Number of vCPUs of the external guest (or of the `sched-*`
-    /// scenarios' guest, or of each `reset*` scenario VM); any number up to
-    /// 8, whatever `--cpus` is (the image schedules vCPUs on the physical
-    /// CPUs).
-    #[arg(long, default_value_t = 1)]
-    pub smp: u32,
+    /// scenarios' guest, or of each `reset*` scenario VM), whatever
+    /// `--cpus` is (the image schedules vCPUs on the physical CPUs).
+    /// Default: the scenario's (1 for `--guest`).
+    #[arg(long)]
+    pub smp: Option<u32>,
     /// Physical CPUs QEMU emulates (`-smp`), 1..=8.
     #[arg(long, default_value_t = qemu::DEFAULT_HOST_CPUS)]
     pub cpus: u32,
-    /// Memory of the external guest in MiB.
+    /// Memory of the external guest in MiB (4..=512, even).
     #[arg(long, default_value_t = 128)]
     pub mem: u32,
-    /// Image scenario to run instead of the demo (`demo`, `touch`, `exits`,
-    /// `protected`, `sched-smp`, `sched-smp-protected`, `sched-spin`,
-    /// `reset`, `reset-protected`);
-    /// ignored with `--guest`.
-    #[arg(long)]
-    pub scenario: Option<String>,
+    /// Image scenario to run instead of the demo; ignored with `--guest`.
+    #[arg(long, value_enum)]
+    pub scenario: Option<qemu::Scenario>,
+    /// Kill QEMU and fail after this many seconds (0: never). Default: 300
+    /// for scenarios, none for `--guest` (interactive).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
 }
 
 /// The repository root (the parent of this crate).
@@ -124,9 +128,19 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<i32> {
+    // Arguments and the guest file first: a bad one fails before any build.
+    let spec = qemu::RunSpec::from_args(args)?;
+    let timeout = qemu::run_timeout(args);
     prereq::ensure(true)?;
     let img = image::build_all()?;
-    let spec = qemu::RunSpec::from_args(args)?;
-    let out = qemu::boot(&img.image, &spec, qemu::Console::Stream, None)?;
+    let out = qemu::boot(&img.image, &spec, qemu::Console::Stream, timeout)?;
+    if out.timed_out {
+        anyhow::bail!(
+            "QEMU killed after {:.0?} (--timeout {}): the guest did not finish; \
+             raise --timeout, or pass --timeout 0 to wait forever",
+            out.elapsed,
+            timeout.map_or(0, |t| t.as_secs())
+        );
+    }
     Ok(out.exit_code.unwrap_or(1))
 }

@@ -61,26 +61,137 @@ pub struct RunSpec {
 
 /// Physical CPUs of a QEMU run unless a spec asks otherwise.
 pub const DEFAULT_HOST_CPUS: u32 = 4;
+/// Default `--timeout` of a scenario run (seconds).
+pub const DEFAULT_SCENARIO_TIMEOUT_S: u64 = 300;
+/// Bytes the image reserves at the top of an external guest's RAM for its
+/// device tree (`crates/boot/src/vmm/guest.rs`, `DTB_RESERVE`).
+pub const DTB_RESERVE: u64 = 2 << 20;
+
+/// The image's scenarios (`cargo xtask run --scenario`); the names are the
+/// ones the image dispatches on (`crates/boot/src/vmm/mod.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Standard-mode VMs, then the hypervisor with shared and donated memory.
+    Demo,
+    /// Demand paging of a touch region.
+    Touch,
+    /// MMIO, hypercall and PSCI exits.
+    Exits,
+    /// Protected mode (pkvm-hyp owns guest stage-2).
+    Protected,
+    /// SMP guest on the vCPU scheduler (standard mode).
+    SchedSmp,
+    /// SMP guest on the vCPU scheduler (protected mode).
+    SchedSmpProtected,
+    /// A spinning vCPU cannot starve the others (needs >= 3 vCPUs).
+    SchedSpin,
+    /// Guest system resets (three VMs).
+    Reset,
+    /// Guest system resets of a protected VM (two VMs).
+    ResetProtected,
+    /// Two vCPUs reset the VM at the same moment (needs >= 2 vCPUs).
+    ResetConcurrent,
+    /// A deliberate panic of the image (tests the panic path).
+    Panic,
+}
+
+impl Scenario {
+    /// The name the image knows it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Demo => "demo",
+            Scenario::Touch => "touch",
+            Scenario::Exits => "exits",
+            Scenario::Protected => "protected",
+            Scenario::SchedSmp => "sched-smp",
+            Scenario::SchedSmpProtected => "sched-smp-protected",
+            Scenario::SchedSpin => "sched-spin",
+            Scenario::Reset => "reset",
+            Scenario::ResetProtected => "reset-protected",
+            Scenario::ResetConcurrent => "reset-concurrent",
+            Scenario::Panic => "panic",
+        }
+    }
+
+    /// vCPUs per VM: (default, least, most) for `--smp`. The `reset*`
+    /// scenarios run several VMs in the image's 16 scheduler slots.
+    pub fn smp_range(self) -> (u32, u32, u32) {
+        match self {
+            Scenario::SchedSmp | Scenario::SchedSmpProtected => (4, 1, 8),
+            Scenario::SchedSpin => (3, 3, 8),
+            Scenario::Reset => (2, 1, 5),
+            Scenario::ResetProtected => (2, 1, 8),
+            Scenario::ResetConcurrent => (2, 2, 8),
+            _ => (1, 1, 8),
+        }
+    }
+}
+
+/// The `--timeout` of `cargo xtask run`: as given (0: none), else
+/// [`DEFAULT_SCENARIO_TIMEOUT_S`] for a scenario and none with `--guest`.
+pub fn run_timeout(a: &RunArgs) -> Option<Duration> {
+    let secs = match (a.timeout, &a.guest) {
+        (Some(s), _) => s,
+        (None, Some(_)) => 0,
+        (None, None) => DEFAULT_SCENARIO_TIMEOUT_S,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// Checks a `--guest` file before anything starts: a readable, non-empty
+/// regular file of at most [`GUEST_MAX`] bytes that fits in `mem_mib` MiB
+/// of guest RAM with its device tree (an arm64 `Image` at its header's
+/// `text_offset`, checked without overflow). Returns its size.
+///
+/// # Errors
+/// What is wrong with the file, naming it.
+pub fn validate_guest(path: &Path, mem_mib: u32) -> Result<u64> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("guest file {shown}"))?;
+    ensure!(
+        meta.is_file(),
+        "guest file {shown} is not a regular file{}",
+        if meta.is_dir() {
+            " (it is a directory)"
+        } else {
+            ""
+        }
+    );
+    let len = meta.len();
+    ensure!(len > 0, "guest file {shown} is empty");
+    ensure!(
+        len <= GUEST_MAX,
+        "guest file {shown} is {len} bytes, larger than the {GUEST_MAX} bytes QEMU can load below the image's page pool"
+    );
+    let mut head = Vec::with_capacity(pkvm_arch::image::HEADER_LEN);
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(pkvm_arch::image::HEADER_LEN as u64)
+                .read_to_end(&mut head)
+        })
+        .with_context(|| format!("guest file {shown} cannot be read"))?;
+    let mem = u64::from(mem_mib) << 20;
+    pkvm_arch::image::guest_layout_of(&head, len, mem, DTB_RESERVE)
+        .map_err(|e| anyhow::anyhow!("guest file {shown}: {e} (--mem {mem_mib})"))?;
+    Ok(len)
+}
 
 impl RunSpec {
-    /// The spec for `cargo xtask run` options.
+    /// The spec for `cargo xtask run` options (the guest file checked with
+    /// [`validate_guest`]).
     ///
     /// # Errors
-    /// Out-of-range `--smp`/`--mem` or an over-long `--append`.
+    /// Out-of-range `--smp`/`--cpus`/`--mem` (for the scenario), an
+    /// over-long `--append`, or an unusable guest file.
     pub fn from_args(a: &RunArgs) -> Result<RunSpec> {
-        ensure!(
-            (1..=8).contains(&a.smp),
-            "--smp must be 1..=8, got {}",
-            a.smp
-        );
         ensure!(
             (1..=8).contains(&a.cpus),
             "--cpus must be 1..=8, got {}",
             a.cpus
         );
         ensure!(
-            (1..=512).contains(&a.mem),
-            "--mem must be 1..=512 MiB, got {}",
+            (4..=512).contains(&a.mem) && a.mem.is_multiple_of(2),
+            "--mem must be an even number of MiB in 4..=512, got {}",
             a.mem
         );
         let append = a.append.clone().unwrap_or_default();
@@ -88,16 +199,28 @@ impl RunSpec {
             append.len() <= CMDLINE_MAX,
             "--append is longer than {CMDLINE_MAX} bytes"
         );
-        let scenario = match (&a.guest, &a.scenario) {
-            (Some(_), _) => "guest".to_string(),
-            (None, Some(s)) => s.clone(),
-            (None, None) => "demo".to_string(),
+        let (scenario, (default_smp, min, max)) = match (&a.guest, a.scenario) {
+            (Some(_), _) => ("guest", (1, 1, 8)),
+            (None, Some(s)) => (s.name(), s.smp_range()),
+            (None, None) => ("demo", Scenario::Demo.smp_range()),
         };
-        ensure!(scenario.len() < 32, "scenario name too long");
+        let smp = a.smp.unwrap_or(default_smp);
+        ensure!(
+            (min..=max).contains(&smp),
+            "--smp must be {min}..={max} for {}, got {smp}",
+            if a.guest.is_some() {
+                "--guest".to_string()
+            } else {
+                format!("scenario {scenario}")
+            }
+        );
+        if let Some(g) = &a.guest {
+            validate_guest(g, a.mem)?;
+        }
         Ok(RunSpec {
-            scenario,
+            scenario: scenario.to_string(),
             guest: a.guest.clone(),
-            smp: a.smp,
+            smp,
             mem_mib: a.mem,
             append,
             host_cpus: a.cpus,
@@ -218,18 +341,7 @@ pub fn boot(
     timeout: Option<Duration>,
 ) -> Result<Outcome> {
     let guest_size = match &spec.guest {
-        Some(g) => {
-            let len = std::fs::metadata(g)
-                .with_context(|| format!("guest file {}", g.display()))?
-                .len();
-            ensure!(len > 0, "guest file {} is empty", g.display());
-            ensure!(
-                len <= GUEST_MAX,
-                "guest file {} is larger than {GUEST_MAX} bytes",
-                g.display()
-            );
-            len
-        }
+        Some(g) => validate_guest(g, spec.mem_mib)?,
         None => 0,
     };
     let dir = crate::image::boot_target_dir().join("handoff");
@@ -318,8 +430,32 @@ pub struct QemuTest {
     pub markers: Vec<String>,
 }
 
-/// Markers that fail any test when they appear.
+/// Markers that fail any test when the hypervisor prints them.
 pub const FORBIDDEN: &[&str] = &["PANIC", "panicked at", "EL2 exception"];
+
+/// How the image starts every line a guest prints (its emulated PL011):
+/// `[guest NAME vcpu N] ...` (`crates/boot/src/vmm/guest.rs`,
+/// `GUEST_LINE_PREFIX`).
+pub const GUEST_LINE_PREFIX: &str = "[guest ";
+
+/// The console lines the hypervisor printed itself (not a guest's).
+fn hypervisor_lines(console: &str) -> impl Iterator<Item = &str> {
+    console
+        .lines()
+        .filter(|l| !l.starts_with(GUEST_LINE_PREFIX))
+}
+
+/// Whether marker `m` is on the console: a marker that starts with
+/// [`GUEST_LINE_PREFIX`] is guest output and may be anywhere; any other
+/// marker must be on a line the hypervisor printed, so a guest cannot fake
+/// it.
+fn has_marker(console: &str, m: &str) -> bool {
+    if m.starts_with(GUEST_LINE_PREFIX) {
+        console.contains(m)
+    } else {
+        hypervisor_lines(console).any(|l| l.contains(m))
+    }
+}
 
 /// Runs one test; `Ok(())` when exit status and markers are as expected.
 ///
@@ -337,12 +473,12 @@ pub fn check(t: &QemuTest, o: &Outcome) -> Result<()> {
         ));
     }
     for m in &t.markers {
-        if !o.console.contains(m.as_str()) {
+        if !has_marker(&o.console, m) {
             problems.push(format!("missing console marker {m:?}"));
         }
     }
     for f in FORBIDDEN {
-        if o.console.contains(f) {
+        if hypervisor_lines(&o.console).any(|l| l.contains(f)) {
             problems.push(format!("forbidden console marker {f:?}"));
         }
     }
@@ -398,40 +534,135 @@ mod tests {
         assert_eq!(args[i + 1], "2");
     }
 
+    fn args(smp: Option<u32>, mem: u32, cpus: u32) -> RunArgs {
+        RunArgs {
+            smp,
+            mem,
+            cpus,
+            ..RunArgs::default()
+        }
+    }
+
     #[test]
     fn run_args_are_validated() {
-        let bad = RunArgs {
-            smp: 0,
-            mem: 64,
-            cpus: 4,
-            ..RunArgs::default()
-        };
-        assert!(RunSpec::from_args(&bad).is_err());
-        let bad = RunArgs {
-            smp: 1,
-            mem: 0,
-            cpus: 4,
-            ..RunArgs::default()
-        };
-        assert!(RunSpec::from_args(&bad).is_err());
-        let bad = RunArgs {
-            smp: 1,
-            mem: 64,
-            cpus: 0,
-            ..RunArgs::default()
-        };
-        assert!(RunSpec::from_args(&bad).is_err());
-        let ok = RunArgs {
-            smp: 8,
-            mem: 64,
-            cpus: 2,
-            ..RunArgs::default()
-        };
-        let spec = RunSpec::from_args(&ok).unwrap();
+        assert!(RunSpec::from_args(&args(Some(0), 64, 4)).is_err());
+        assert!(RunSpec::from_args(&args(Some(1), 0, 4)).is_err());
+        assert!(RunSpec::from_args(&args(Some(1), 3, 4)).is_err());
+        assert!(RunSpec::from_args(&args(Some(1), 63, 4)).is_err());
+        assert!(RunSpec::from_args(&args(Some(1), 64, 0)).is_err());
+        let spec = RunSpec::from_args(&args(Some(8), 64, 2)).unwrap();
         assert_eq!(
             (spec.scenario.as_str(), spec.smp, spec.host_cpus),
             ("demo", 8, 2)
         );
+    }
+
+    /// The `cargo xtask run` command line, parsed as clap does.
+    fn parse(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut v = vec!["run"];
+        v.extend_from_slice(argv);
+        <Cmd as clap::Parser>::try_parse_from(v).map(|c| c.run)
+    }
+
+    /// `--scenario` used to be checked only by the image, after QEMU had
+    /// booted.
+    #[test]
+    fn unknown_scenario_is_rejected_by_the_parser() {
+        let e = parse(&["--scenario", "sched-spinn"]).expect_err("rejected");
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(e.to_string().contains("sched-spin"), "{e}");
+        let a = parse(&["--scenario", "reset-concurrent"]).unwrap();
+        assert_eq!(a.scenario, Some(Scenario::ResetConcurrent));
+        assert_eq!(RunSpec::from_args(&a).unwrap().scenario, "reset-concurrent");
+    }
+
+    /// `sched-spin` failed with the default `--smp 1`.
+    #[test]
+    fn scenarios_default_to_a_vcpu_count_they_work_with() {
+        let a = parse(&["--scenario", "sched-spin"]).unwrap();
+        assert_eq!(RunSpec::from_args(&a).unwrap().smp, 3);
+        let a = parse(&["--scenario", "sched-spin", "--smp", "1"]).unwrap();
+        let e = RunSpec::from_args(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("--smp must be 3..=8 for scenario sched-spin"),
+            "{e}"
+        );
+        let a = parse(&["--scenario", "reset", "--smp", "6"]).unwrap();
+        assert!(RunSpec::from_args(&a).is_err());
+        let a = parse(&[]).unwrap();
+        assert_eq!(RunSpec::from_args(&a).unwrap().smp, 1);
+    }
+
+    #[test]
+    fn timeout_defaults_to_none_for_a_guest_and_is_available() {
+        let a = parse(&["--scenario", "reset"]).unwrap();
+        assert_eq!(
+            run_timeout(&a),
+            Some(Duration::from_secs(DEFAULT_SCENARIO_TIMEOUT_S))
+        );
+        let a = parse(&["--guest", "/x"]).unwrap();
+        assert_eq!(run_timeout(&a), None);
+        let a = parse(&["--guest", "/x", "--timeout", "5"]).unwrap();
+        assert_eq!(run_timeout(&a), Some(Duration::from_secs(5)));
+        let a = parse(&["--timeout", "0"]).unwrap();
+        assert_eq!(run_timeout(&a), None);
+    }
+
+    /// A scratch directory for guest files of one test.
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `--guest DIR` passed the check and QEMU failed later.
+    #[test]
+    fn guest_that_is_a_directory_or_empty_or_missing_is_refused_before_qemu() {
+        let d = scratch("guest-kinds");
+        let e = validate_guest(&d, 64).unwrap_err().to_string();
+        assert!(e.contains("not a regular file (it is a directory)"), "{e}");
+        let empty = d.join("empty.bin");
+        std::fs::write(&empty, b"").unwrap();
+        let e = validate_guest(&empty, 64).unwrap_err().to_string();
+        assert!(e.contains("is empty"), "{e}");
+        assert!(validate_guest(&d.join("missing.bin"), 64).is_err());
+        let flat = d.join("flat.bin");
+        std::fs::write(&flat, [0xd5u8; 8192]).unwrap();
+        assert_eq!(validate_guest(&flat, 64).unwrap(), 8192);
+        // The same checks when the spec is built from the command line.
+        let a = parse(&["--guest", d.to_str().unwrap()]).unwrap();
+        assert!(RunSpec::from_args(&a).is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// An arm64 `Image` header with `text_offset` near 2^64, or an
+    /// `image_size` beyond guest RAM, is refused with a clear error.
+    #[test]
+    fn guest_image_with_hostile_header_is_refused() {
+        let d = scratch("guest-headers");
+        let img = |text: u64, size: u64| {
+            let mut f = vec![0u8; 4096];
+            f[8..16].copy_from_slice(&text.to_le_bytes());
+            f[16..24].copy_from_slice(&size.to_le_bytes());
+            f[56..60].copy_from_slice(b"ARM\x64");
+            f
+        };
+        let p = d.join("Image");
+        std::fs::write(&p, img(u64::MAX - 0xfff, 0x10_0000)).unwrap();
+        let e = validate_guest(&p, 64).unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
+        std::fs::write(&p, img(0, 1 << 40)).unwrap();
+        let e = validate_guest(&p, 64).unwrap_err().to_string();
+        assert!(e.contains("give it more memory"), "{e}");
+        std::fs::write(&p, img(0x20_0000, 0x40_0000)).unwrap();
+        assert!(validate_guest(&p, 64).is_ok());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -452,5 +683,34 @@ mod tests {
         assert!(check(&t, &mk(1, "all good\n")).is_err());
         assert!(check(&t, &mk(0, "nothing\n")).is_err());
         assert!(check(&t, &mk(0, "all good\nPANIC at foo\n")).is_err());
+    }
+
+    /// A guest printing the hypervisor's success line must not make a
+    /// test pass; its own lines still match guest markers.
+    #[test]
+    fn guest_output_cannot_fake_hypervisor_markers() {
+        let t = QemuTest {
+            name: "t",
+            spec: RunSpec::scenario("demo"),
+            exit_code: 0,
+            markers: vec![
+                "scenario demo: PASS".into(),
+                "[guest vm0 vcpu 0] hello".into(),
+            ],
+        };
+        let mk = |console: &str| Outcome {
+            exit_code: Some(0),
+            console: console.into(),
+            timed_out: false,
+            elapsed: Duration::ZERO,
+        };
+        let faked = "[guest vm0 vcpu 0] hello\n[guest vm0 vcpu 0] scenario demo: PASS\n";
+        let e = check(&t, &mk(faked)).unwrap_err().to_string();
+        assert!(e.contains("scenario demo: PASS"), "{e}");
+        let real = "[guest vm0 vcpu 0] hello\nscenario demo: PASS\n";
+        assert!(check(&t, &mk(real)).is_ok());
+        // A guest printing "PANIC" is the guest's business.
+        let guest_panic = "[guest vm0 vcpu 0] hello PANIC\nscenario demo: PASS\n";
+        assert!(check(&t, &mk(guest_panic)).is_ok());
     }
 }

@@ -186,7 +186,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             spec: RunSpec::scenario("exits"),
             exit_code: 0,
             markers: s(&[
-                "[mmio] hello through the emulated PL011",
+                "[guest mmio] hello through the emulated PL011",
                 "vm mmio: mmio exit outside memslots",
                 "vm hvc: undefined hvc returned NOT_SUPPORTED",
                 "vm psci: powered off (PSCI SYSTEM_OFF)",
@@ -216,7 +216,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "vm pvm-2m: touched slot: stage-2 faults 32,",
                 "vm pshare-4k: guest verified 64 MiB: ok",
                 "vm pvm-2m: guest verified 64 MiB: ok",
-                "[pmmio] hello through the emulated PL011",
+                "[guest pmmio] hello through the emulated PL011",
                 "vm pmmio: mmio exit outside memslots",
                 "vm phvc: undefined hvc returned NOT_SUPPORTED",
                 "vm ppsci: guest took an injected abort",
@@ -238,7 +238,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             },
             exit_code: 0,
             markers: s(&[
-                &format!("[guest] {}", crate::asm::GUEST_MESSAGE),
+                &format!("[guest guest] {}", crate::asm::GUEST_MESSAGE),
                 "vm guest: powered off (PSCI SYSTEM_OFF)",
             ]),
         },
@@ -257,10 +257,10 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             exit_code: 0,
             markers: s(&[
                 "sched: 5 vCPUs on 2 physical CPUs",
-                "[spin vcpu 2] worker vCPU 2: step 5/5",
-                "[spin vcpu 3] worker vCPU 3: step 5/5",
-                "[spin vcpu 4] worker vCPU 4: step 5/5",
-                "[spin vcpu 0] all 3 workers finished while vCPU 1 spins",
+                "[guest spin vcpu 2] worker vCPU 2: step 5/5",
+                "[guest spin vcpu 3] worker vCPU 3: step 5/5",
+                "[guest spin vcpu 4] worker vCPU 4: step 5/5",
+                "[guest spin vcpu 0] all 3 workers finished while vCPU 1 spins",
                 "vm spin: powered off (PSCI SYSTEM_OFF)",
                 "sched: spinning vCPU 1 preempted",
                 "pool: back to starting count",
@@ -272,15 +272,15 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             spec: RunSpec::sched("reset", 2, 2),
             exit_code: 0,
             markers: s(&[
-                "[reset vcpu 0] reset: first boot",
-                "[reset vcpu 0] reset: vCPU 1 is spinning in the guest",
+                "[guest reset vcpu 0] reset: first boot",
+                "[guest reset vcpu 0] reset: vCPU 1 is spinning in the guest",
                 "vm reset: PSCI SYSTEM_RESET from vCPU 0: restarting the VM at its entry point 0x40000000 (reset 1 of at most 8; image reloaded, rest of RAM kept; vCPU 0 on, 1 other vCPU(s) off until CPU_ON)",
-                "[reset vcpu 0] reset: restarted from the entry point (boot 2)",
-                "[reset vcpu 0] reset: note from boot 1 found; .data canary back at its initial value (image reloaded)",
-                "[reset vcpu 0] reset: vCPU 1 is off after the reset",
+                "[guest reset vcpu 0] reset: restarted from the entry point (boot 2)",
+                "[guest reset vcpu 0] reset: note from boot 1 found; .data canary back at its initial value (image reloaded)",
+                "[guest reset vcpu 0] reset: vCPU 1 is off after the reset",
                 "vm reset: powered off (PSCI SYSTEM_OFF)",
                 "vm reset2: PSCI SYSTEM_RESET2 (warm reset) from vCPU 0: restarting the VM at its entry point",
-                "[reset2 vcpu 0] reset: restarted from the entry point (boot 3)",
+                "[guest reset2 vcpu 0] reset: restarted from the entry point (boot 3)",
                 "vm reset2: powered off (PSCI SYSTEM_OFF)",
                 "vm reset-loop: PSCI SYSTEM_RESET from vCPU 0: 8 resets already; the VM is stopped",
                 "vm reset-loop: ended: Some(Error(\"too many system resets\"))",
@@ -292,19 +292,32 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             ]),
         },
         QemuTest {
+            // Both vCPUs make each reset call at once: one restart each.
+            name: "qemu:reset-concurrent-2on2",
+            spec: RunSpec::sched("reset-concurrent", 2, 2),
+            exit_code: 0,
+            markers: s(&[
+                "[guest creset vcpu 0] reset: SYSTEM_RESET (vCPU 1 too, at the same time)",
+                "[guest creset vcpu 0] reset: restarted from the entry point (boot 4)",
+                "reset: vm creset: 3 restart(s) from the entry point",
+                "vm creset: powered off (PSCI SYSTEM_OFF)",
+                "scenario reset-concurrent: PASS",
+            ]),
+        },
+        QemuTest {
             name: "qemu:reset-protected-2on2",
             spec: RunSpec::sched("reset-protected", 2, 2),
             exit_code: 0,
             markers: s(&[
                 "mode: protected (pkvm-hyp owns guest stage-2",
-                "[preset vcpu 0] reset: first boot",
+                "[guest preset vcpu 0] reset: first boot",
                 "vm preset: PSCI SYSTEM_RESET from vCPU 0: restarting the VM at its entry point 0x40000000 (reset 1 of at most 8; image not rewritten: a protected VM's memory is the guest's;",
-                "[preset vcpu 0] reset: restarted from the entry point (boot 2)",
-                "[preset vcpu 0] reset: note from boot 1 found; .data canary as the previous boot left it (image not reloaded)",
-                "[preset vcpu 0] reset: restarted from the entry point (boot 3)",
+                "[guest preset vcpu 0] reset: restarted from the entry point (boot 2)",
+                "[guest preset vcpu 0] reset: note from boot 1 found; .data canary as the previous boot left it (image not reloaded)",
+                "[guest preset vcpu 0] reset: restarted from the entry point (boot 3)",
                 "vm preset: powered off (PSCI SYSTEM_OFF)",
                 "vm pshare-reset: PSCI SYSTEM_RESET from vCPU 0: restarting the VM at its entry point 0x40000000 (reset 1 of at most 8; image reloaded",
-                "[pshare-reset vcpu 0] reset: restarted from the entry point (boot 2)",
+                "[guest pshare-reset vcpu 0] reset: restarted from the entry point (boot 2)",
                 "vm pshare-reset: powered off (PSCI SYSTEM_OFF)",
                 "hyp (after teardown): pool",
                 "pool: back to starting count",
@@ -327,7 +340,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             exit_code: 1,
             markers: s(&[
                 "vm guest: PSCI SYSTEM_RESET from vCPU 0: restarting the VM at its entry point 0x40000000 (reset 1 of at most 8; image and device tree reloaded",
-                "[guest vcpu 0] reset: restarted from the entry point (boot 9)",
+                "[guest guest vcpu 0] reset: restarted from the entry point (boot 9)",
                 "vm guest: PSCI SYSTEM_RESET from vCPU 0: 8 resets already; the VM is stopped",
                 "vm guest: ended: Some(Error(\"too many system resets\"))",
                 "pool: back to starting count",
@@ -366,7 +379,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             markers: s(&[
                 "guest: flat binary",
                 "8 vCPUs, 32 MiB",
-                &format!("[guest vcpu 0] {}", crate::asm::GUEST_MESSAGE),
+                &format!("[guest guest vcpu 0] {}", crate::asm::GUEST_MESSAGE),
                 "vm guest: powered off (PSCI SYSTEM_OFF)",
                 "scenario guest: PASS",
             ]),
@@ -380,12 +393,12 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
 fn sched_smp_test(name: &'static str, scenario: &str, vm: &str, vcpus: u32, cpus: u32) -> QemuTest {
     let mut markers = vec![
         format!("sched: {vcpus} vCPUs on {cpus} physical CPUs"),
-        format!("[{vm} vcpu 0] boot vCPU: MPIDR_EL1 0x80000000"),
+        format!("[guest {vm} vcpu 0] boot vCPU: MPIDR_EL1 0x80000000"),
     ];
     for i in 1..vcpus {
         for round in 1..=2 {
             markers.push(format!(
-                "[{vm} vcpu {i}] secondary vCPU {i}: MPIDR_EL1 {:#x}, reporting in (round {round})",
+                "[guest {vm} vcpu {i}] secondary vCPU {i}: MPIDR_EL1 {:#x}, reporting in (round {round})",
                 0x8000_0000u32 | i
             ));
         }
@@ -393,7 +406,7 @@ fn sched_smp_test(name: &'static str, scenario: &str, vm: &str, vcpus: u32, cpus
     }
     markers.extend([
         format!(
-            "[{vm} vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF",
+            "[guest {vm} vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF",
             vcpus - 1
         ),
         format!("vm {vm}: powered off (PSCI SYSTEM_OFF)"),

@@ -11,6 +11,8 @@
 //! - [`vtcr`]: `VTCR_EL2` computation from the IPA size and `PARange`.
 //! - [`esr`]: `ESR_EL2` syndrome decoding/encoding, `HPFAR_EL2`/`FAR_EL2`.
 //! - [`smccc`]: SMCCC and PSCI function identifiers and return codes.
+//! - [`image`]: the Linux arm64 `Image` header and guest file placement
+//!   (checked arithmetic on the file's hostile fields).
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -18,6 +20,7 @@
 pub mod addr;
 pub mod esr;
 pub mod granule;
+pub mod image;
 pub mod pte;
 pub mod smccc;
 pub mod vtcr;

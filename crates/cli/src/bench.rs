@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// With --sweep-vcpus: TLB coherence checking.
     #[arg(long, value_enum, default_value_t = CheckArg::Off)]
     pub check: CheckArg,
+    /// Run even if the host seems to have too little memory available.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A parsed `--sweep-vcpus` list.
@@ -136,6 +139,17 @@ fn base_config(a: &BenchArgs) -> Config {
 
 /// `pkvm bench`.
 pub fn bench(a: BenchArgs) -> Result<bool> {
+    let most = a
+        .sweep_vcpus
+        .as_ref()
+        .map_or(1, |l| l.0.iter().copied().max().unwrap_or(1));
+    let biggest = Config {
+        vcpus: most,
+        ..base_config(&a)
+    };
+    let needed = demand_paging::host_memory_needed(&biggest)?;
+    let what = format!("guest memory {} x {most} vCPU(s)", human(a.bytes));
+    crate::hostmem::check(needed, crate::hostmem::available(), a.force, &what)?;
     match &a.sweep_vcpus {
         Some(list) => sweep(&a, &list.0),
         None => matrix(&a),
@@ -380,6 +394,7 @@ mod tests {
             svg: Some(svg.clone()),
             backing: BackingArg::Anonymous,
             check: CheckArg::Off,
+            force: false,
         };
         assert!(bench(a).unwrap());
         let text = std::fs::read_to_string(&svg).unwrap();

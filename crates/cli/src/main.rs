@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod hostmem;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -138,6 +139,10 @@ struct DemandPagingArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Run even if the host seems to have too little memory available
+    /// (the check reads MemAvailable in /proc/meminfo).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -179,7 +184,11 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn demand_paging(a: DemandPagingArgs) -> Result<bool> {
+/// The run configuration `a` asks for, reporting progress to `progress`.
+///
+/// # Errors
+/// Contradictory or out-of-range options.
+fn config_of(a: &DemandPagingArgs, progress: Arc<AtomicU64>) -> Result<Config> {
     if a.vcpus == 0 || a.vcpus > 16 {
         bail!("--vcpus must be 1..=16 (got {})", a.vcpus);
     }
@@ -191,8 +200,7 @@ fn demand_paging(a: DemandPagingArgs) -> Result<bool> {
         bail!("--protected-vm needs --mode protected");
     }
     let backing = Backing::from(a.backing);
-    let progress = Arc::new(AtomicU64::new(0));
-    let cfg = Config {
+    Ok(Config {
         vcpus: a.vcpus,
         bytes_per_vcpu: a.bytes,
         backing,
@@ -201,31 +209,65 @@ fn demand_paging(a: DemandPagingArgs) -> Result<bool> {
         protected_vm: a.protected_vm,
         psci_boot: a.psci_boot,
         seed: a.seed,
-        progress: Some(progress.clone()),
+        progress: Some(progress),
         coherence: a.check.into(),
         prefault: !a.no_prefault,
         verify: a.verify,
+    })
+}
+
+/// Checks that the host can hold the run (sizes checked first: bytes x
+/// vCPUs must not wrap) before anything is allocated; returns the pages
+/// the vCPUs touch in all.
+///
+/// # Errors
+/// Sizes that overflow or do not fit, or too little host memory without
+/// `--force`.
+fn check_sizes(a: &DemandPagingArgs, cfg: &Config) -> Result<u64> {
+    let guest = demand_paging::guest_bytes(cfg)?;
+    let needed = demand_paging::host_memory_needed(cfg)?;
+    let what = if a.overlap || a.vcpus == 1 {
+        format!("guest memory {}", human(guest))
+    } else {
+        format!("guest memory {} x {} vCPUs", human(a.bytes), a.vcpus)
     };
-    let total_pages = a.bytes / 4096 * a.vcpus as u64;
+    hostmem::check(needed, hostmem::available(), a.force, &what)?;
+    Ok(if a.overlap {
+        (a.bytes / 4096).saturating_mul(a.vcpus as u64)
+    } else {
+        guest / 4096
+    })
+}
+
+/// A progress bar on stderr over `total` pages until `done`.
+fn progress_bar(
+    total: u64,
+    progress: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} pages ({per_sec})",
+            )
+            .expect("valid template"),
+        );
+        while !done.load(Ordering::Relaxed) {
+            bar.set_position(progress.load(Ordering::Relaxed).min(total));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+    })
+}
+
+fn demand_paging(a: DemandPagingArgs) -> Result<bool> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let cfg = config_of(&a, progress.clone())?;
+    let total_pages = check_sizes(&a, &cfg)?;
     let done = Arc::new(AtomicBool::new(false));
-    let bar_thread = (!a.json && std::io::stderr().is_terminal()).then(|| {
-        let done = done.clone();
-        let progress = progress.clone();
-        std::thread::spawn(move || {
-            let bar = indicatif::ProgressBar::new(total_pages);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} pages ({per_sec})",
-                )
-                .expect("valid template"),
-            );
-            while !done.load(Ordering::Relaxed) {
-                bar.set_position(progress.load(Ordering::Relaxed).min(total_pages));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        })
-    });
+    let bar_thread = (!a.json && std::io::stderr().is_terminal())
+        .then(|| progress_bar(total_pages, progress, done.clone()));
     let result = demand_paging::run(&cfg);
     done.store(true, Ordering::Relaxed);
     if let Some(t) = bar_thread {

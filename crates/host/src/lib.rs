@@ -43,6 +43,8 @@ pub mod pipeline;
 pub mod platform;
 pub mod psci;
 pub mod reset;
+#[cfg(all(test, loom))]
+mod system_event_loom;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

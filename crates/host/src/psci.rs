@@ -36,13 +36,36 @@
 //!   resumes the caller, `SYSTEM_SUSPEND` included; the event itself carries
 //!   the call's arguments.
 //!
+//! # Concurrent system events
+//! A VM has one [`SystemEventLatch`] ([`PsciVm::system_event_latch`]). The
+//! first `SYSTEM_OFF`/`SYSTEM_OFF2`/`SYSTEM_RESET`/`SYSTEM_RESET2` latches
+//! its event, then stops every vCPU, and only its caller gets
+//! [`PsciOutcome::Exit`]. A system event request made while
+//! one is latched (another vCPU trapped its call before it was stopped) is
+//! merged into it and its caller gets [`PsciOutcome::PowerOff`] (it is
+//! stopped): however many vCPUs ask at once, the VMM sees one exit, so a
+//! VM is restarted exactly once. Merge rule, whatever the order: a
+//! shutdown wins over a reset (a guest that asked to be off is never
+//! restarted, as QEMU's main loop also puts a shutdown request before a
+//! reset request); otherwise the first request stays (its flags and
+//! arguments).
+//!
+//! The VMM acting on the exit must, before it acts: wait until every other
+//! vCPU of the VM has left the guest and its run loop (so any call trapped
+//! before the stop has been merged), then take the final event with
+//! [`take_system_event`] and act on *its* kind. [`crate::reset::power_on_vm`]
+//! clears the latch (a VMM that never takes it, or a restart, starts clean).
+//! `SYSTEM_SUSPEND` is not latched (no vCPU changes state).
+//!
 //! # Locking
 //! Each vCPU's [`VcpuPower`] lives in a `SpinLock` of class
 //! [`LockClass::HostVcpu`] owned by the VM ([`PsciVm::vcpu_power`]). Every
 //! read or write goes through its guard; this module never holds two vCPU
 //! locks at once (system events stop the vCPUs one after another), and it
-//! calls [`PsciVm::kick_vcpu`] only after releasing the lock. Callers of
-//! [`handle_psci`] must not hold a `HostVcpu` lock (or a later class).
+//! calls [`PsciVm::kick_vcpu`] only after releasing the lock. The system
+//! event latch is a [`LockClass::Leaf`] lock: nothing is taken while it is
+//! held. Callers of [`handle_psci`] must not hold a `HostVcpu` lock (or a
+//! later class).
 
 use core::fmt;
 use core::ops::BitOr;
@@ -344,6 +367,10 @@ pub trait PsciVm {
     /// vCPU `index`'s power-state lock (class [`LockClass::HostVcpu`]).
     fn vcpu_power(&self, index: usize) -> &SpinLock<VcpuPower>;
 
+    /// The VM's system event latch (class [`LockClass::Leaf`], made with
+    /// [`SystemEventLatch::new_lock`]); see the module documentation.
+    fn system_event_latch(&self) -> &SpinLock<SystemEventLatch>;
+
     /// Makes vCPU `index` notice new requests soon: wake it if it sleeps,
     /// force an exit if it runs guest code. Called without any vCPU lock
     /// held, after the request was published under the lock; it must not
@@ -429,6 +456,85 @@ impl SystemEvent {
     pub const FLAG_PSCI_OFF2: u64 = 1 << 0;
 }
 
+impl SystemEvent {
+    /// The event that stands when `self` was latched first and `later`
+    /// was requested while it was pending: a shutdown wins over a reset;
+    /// otherwise `self` stays.
+    pub const fn merged(self, later: SystemEvent) -> SystemEvent {
+        match (self.kind, later.kind) {
+            (SystemEventKind::Reset, SystemEventKind::Shutdown) => later,
+            _ => self,
+        }
+    }
+}
+
+/// A VM's pending system event: the first of concurrent `SYSTEM_OFF*` /
+/// `SYSTEM_RESET*` requests, merged with the ones that followed before
+/// the VMM took it (see the module documentation). Lives in a `SpinLock`
+/// of class [`LockClass::Leaf`] (nothing is taken while it is held).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SystemEventLatch {
+    pending: Option<SystemEvent>,
+    merged: u32,
+}
+
+impl SystemEventLatch {
+    /// Nothing pending.
+    pub const fn new() -> Self {
+        SystemEventLatch {
+            pending: None,
+            merged: 0,
+        }
+    }
+
+    /// An empty latch's lock, of the right class (one per VM).
+    pub fn new_lock() -> SpinLock<SystemEventLatch> {
+        SpinLock::new(SystemEventLatch::new(), LockClass::Leaf)
+    }
+
+    /// The pending event, without taking it.
+    pub const fn pending(&self) -> Option<SystemEvent> {
+        self.pending
+    }
+
+    /// Requests merged into the pending event so far (not counting the
+    /// first).
+    pub const fn merged_requests(&self) -> u32 {
+        self.merged
+    }
+
+    /// Latches `ev`: `true` if nothing was pending (the caller owns the
+    /// event and exits to the VMM), `false` if it was merged into the
+    /// pending one.
+    fn request(&mut self, ev: SystemEvent) -> bool {
+        match self.pending {
+            None => {
+                self.pending = Some(ev);
+                true
+            }
+            Some(first) => {
+                self.pending = Some(first.merged(ev));
+                self.merged += 1;
+                false
+            }
+        }
+    }
+
+    /// Takes the pending event (merged), leaving the latch empty.
+    pub fn take(&mut self) -> Option<SystemEvent> {
+        self.merged = 0;
+        self.pending.take()
+    }
+}
+
+/// Takes `vm`'s pending system event: what the VMM must act on once the
+/// vCPU that got [`PsciOutcome::Exit`] is its only vCPU still in a run
+/// loop. `None` if none is pending (already taken, or the VM was powered on
+/// again since).
+pub fn take_system_event<V: PsciVm + ?Sized>(vm: &V) -> Option<SystemEvent> {
+    vm.system_event_latch().lock().take()
+}
+
 /// The kind of a [`SystemEvent`] (KVM's values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -450,12 +556,16 @@ pub enum PsciOutcome {
     /// `CPU_SUSPEND`: x0 = `SUCCESS`; treat as WFI (wait for an interrupt
     /// or a kick, then re-enter).
     WaitForInterrupt,
-    /// `CPU_OFF`: the caller is `Stopped` with `SLEEP` requested. Re-enter
-    /// only once its state is `Running` again (a `CPU_ON` may already have
-    /// happened, so decide by the state, not by this outcome).
+    /// `CPU_OFF`, or a system event request merged into the VM's pending
+    /// one (x0 = `INTERNAL_FAILURE` then): the caller is `Stopped` with
+    /// `SLEEP` requested. Re-enter only once its state is `Running` again
+    /// (a `CPU_ON` may already have happened, so decide by the state, not
+    /// by this outcome).
     PowerOff,
     /// Exit to the VMM with this event. For all but `Suspend`, every vCPU
-    /// is now `Stopped` with `SLEEP` requested. The caller's x0 is
+    /// is now `Stopped` with `SLEEP` requested, the event is latched, and
+    /// the VMM acts on [`take_system_event`] (requests from other vCPUs
+    /// may have been merged into it). The caller's x0 is
     /// `INTERNAL_FAILURE` in case the VMM resumes it.
     Exit(SystemEvent),
     /// [`complete_system_suspend`] accepted the suspend: the caller is
@@ -621,6 +731,42 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
             ret(regs, v)
         }
         Call::MigrateInfoType => ret(regs, r::TOS_NOT_PRESENT_MP),
+        Call::SystemOff
+        | Call::SystemReset
+        | Call::SystemReset2
+        | Call::SystemOff2
+        | Call::SystemSuspend => system_call(vm, caller, regs, call, a),
+        Call::Features => {
+            let v = psci_features(&cfg, a[0]);
+            ret(regs, v)
+        }
+        Call::SmcccVersion => ret(regs, i64::from(arch::VERSION_1_1)),
+        Call::SmcccArchFeatures => {
+            // Only the two architecture calls we implement; no firmware
+            // workaround (WORKAROUND_1/2/3) is offered, so a guest does not
+            // rely on one that would do nothing.
+            let v = match a[0] as u32 {
+                arch::SMCCC_VERSION | arch::SMCCC_ARCH_FEATURES if a[0] >> 32 == 0 => r::SUCCESS,
+                _ => r::NOT_SUPPORTED,
+            };
+            ret(regs, v)
+        }
+    };
+    Ok(outcome)
+}
+
+/// The system calls: `SYSTEM_OFF`, `SYSTEM_RESET`, `SYSTEM_RESET2`,
+/// `SYSTEM_OFF2` (checked arguments, then [`system_event`]) and
+/// `SYSTEM_SUSPEND` (an exit for the VMM to decide). `a` holds the call's
+/// (narrowed) x1..x3.
+fn system_call<V: PsciVm + ?Sized>(
+    vm: &V,
+    caller: &PsciCaller,
+    regs: &mut GuestGprs,
+    call: Call,
+    a: [u64; 3],
+) -> PsciOutcome {
+    match call {
         Call::SystemOff => system_event(vm, caller, regs, SystemEventKind::Shutdown, 0, [0, 0]),
         Call::SystemReset => system_event(vm, caller, regs, SystemEventKind::Reset, 0, [0, 0]),
         Call::SystemReset2 => {
@@ -628,7 +774,7 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
             let valid = ty == u64::from(fnid::RESET2_SYSTEM_WARM_RESET)
                 || (u64::from(fnid::RESET2_VENDOR)..=0xffff_ffff).contains(&ty);
             if !valid {
-                return Ok(ret(regs, r::INVALID_PARAMETERS));
+                return ret(regs, r::INVALID_PARAMETERS);
             }
             let flags = SystemEvent::FLAG_PSCI_RESET2;
             system_event(
@@ -643,7 +789,7 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
         Call::SystemOff2 => {
             let ty = a[0];
             if (ty != 0 && ty != u64::from(fnid::OFF2_HIBERNATE_OFF)) || a[1] != 0 {
-                return Ok(ret(regs, r::INVALID_PARAMETERS));
+                return ret(regs, r::INVALID_PARAMETERS);
             }
             let flags = SystemEvent::FLAG_PSCI_OFF2;
             system_event(
@@ -666,23 +812,9 @@ pub fn handle_psci<V: PsciVm + ?Sized>(
                 args: [a[0], a[1]],
             })
         }
-        Call::Features => {
-            let v = psci_features(&cfg, a[0]);
-            ret(regs, v)
-        }
-        Call::SmcccVersion => ret(regs, i64::from(arch::VERSION_1_1)),
-        Call::SmcccArchFeatures => {
-            // Only the two architecture calls we implement; no firmware
-            // workaround (WORKAROUND_1/2/3) is offered, so a guest does not
-            // rely on one that would do nothing.
-            let v = match a[0] as u32 {
-                arch::SMCCC_VERSION | arch::SMCCC_ARCH_FEATURES if a[0] >> 32 == 0 => r::SUCCESS,
-                _ => r::NOT_SUPPORTED,
-            };
-            ret(regs, v)
-        }
-    };
-    Ok(outcome)
+        // handle_psci passes only the calls above.
+        _ => ret(regs, r::NOT_SUPPORTED),
+    }
 }
 
 /// `PSCI_FEATURES(func)`.
@@ -761,8 +893,11 @@ fn affinity_info<V: PsciVm + ?Sized>(vm: &V, target: u64, level: u64) -> i64 {
     }
 }
 
-/// Stops every vCPU (each under its own lock, one at a time), kicks the
-/// others, presets the caller's x0 and produces the exit.
+/// Latches the event. The first request then stops every vCPU (each under
+/// its own lock, one at a time), kicks the others and produces the exit; a
+/// request merged into a pending event only makes sure its own caller is
+/// stopped (the first one's stop covers the rest). Presets the caller's x0
+/// either way.
 fn system_event<V: PsciVm + ?Sized>(
     vm: &V,
     caller: &PsciCaller,
@@ -771,6 +906,13 @@ fn system_event<V: PsciVm + ?Sized>(
     flags: u64,
     args: [u64; 2],
 ) -> PsciOutcome {
+    let ev = SystemEvent { kind, flags, args };
+    regs.x[0] = r::INTERNAL_FAILURE as u64;
+    let first = vm.system_event_latch().lock().request(ev);
+    if !first {
+        vm.vcpu_power(caller.index).lock().power_off();
+        return PsciOutcome::PowerOff;
+    }
     let n = vm.vcpu_count();
     for i in 0..n {
         vm.vcpu_power(i).lock().power_off();
@@ -778,8 +920,7 @@ fn system_event<V: PsciVm + ?Sized>(
     for i in (0..n).filter(|&i| i != caller.index) {
         vm.kick_vcpu(i);
     }
-    regs.x[0] = r::INTERNAL_FAILURE as u64;
-    PsciOutcome::Exit(SystemEvent { kind, flags, args })
+    PsciOutcome::Exit(ev)
 }
 
 /// The VMM's standard answer to a `Suspend` event from vCPU `caller`

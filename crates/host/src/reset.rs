@@ -176,8 +176,10 @@ pub struct BootParams {
 /// Powers the VM on (at creation, or again after a `SYSTEM_RESET` exit):
 /// vCPU 0 becomes `Running` with a reset to `boot` pending; every other vCPU
 /// becomes `Stopped` (no reset pending, `SLEEP` requested) until a guest
-/// `CPU_ON`. Each vCPU is updated under its own lock, one at a time; all are
-/// kicked afterwards.
+/// `CPU_ON`. The VM's system event latch is cleared first (see
+/// [`crate::psci`]: a VMM restarting after `SYSTEM_RESET` must do so only
+/// once no other vCPU is in its run loop). Each vCPU is updated under its
+/// own lock, one at a time; all are kicked afterwards.
 ///
 /// # Errors
 /// [`ResetError::NoVcpus`] if the VM has no vCPUs.
@@ -186,6 +188,8 @@ pub fn power_on_vm<V: PsciVm + ?Sized>(vm: &V, boot: &BootParams) -> Result<(), 
     if n == 0 {
         return Err(ResetError::NoVcpus);
     }
+    // A system event still latched belongs to the previous boot.
+    let _ = vm.system_event_latch().lock().take();
     for i in 1..n {
         let mut p = vm.vcpu_power(i).lock();
         p.power_off();

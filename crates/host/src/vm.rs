@@ -34,7 +34,7 @@ use crate::memslot::{
 };
 use crate::mmu::{self, Mmu, S2State};
 use crate::platform::{HostPlatform, ProcessMemory, StageTwo};
-use crate::psci::{PsciConfig, PsciVm, VcpuPower};
+use crate::psci::{PsciConfig, PsciVm, SystemEventLatch, VcpuPower};
 use crate::vmid::Vmid;
 
 /// How a VM is created.
@@ -232,6 +232,8 @@ pub struct Vm<P: HostPlatform, M: ProcessMemory> {
     pub(crate) stats: VmStats,
     /// Where the boot vCPU starts.
     pub(crate) boot: SpinLock<crate::reset::BootParams>,
+    /// The pending system event (see [`crate::psci`]).
+    pub(crate) system_event: SpinLock<SystemEventLatch>,
 }
 
 impl<P: HostPlatform, M: ProcessMemory> fmt::Debug for Vm<P, M> {
@@ -304,6 +306,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             hyp,
             stats: VmStats::default(),
             boot: SpinLock::new(crate::reset::BootParams::default(), LockClass::HostVm),
+            system_event: SystemEventLatch::new_lock(),
         }))
     }
 
@@ -738,6 +741,9 @@ impl<P: HostPlatform, M: ProcessMemory> PsciVm for Vm<P, M> {
     }
     fn vcpu_power(&self, index: usize) -> &SpinLock<VcpuPower> {
         &self.vcpus[index].power
+    }
+    fn system_event_latch(&self) -> &SpinLock<SystemEventLatch> {
+        &self.system_event
     }
     fn kick_vcpu(&self, index: usize) {
         let id = self.vmid().or(self.handle()).unwrap_or(0);

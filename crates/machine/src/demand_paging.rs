@@ -208,19 +208,23 @@ impl From<VmStatsSnapshot> for FaultReport {
 }
 
 /// Why a run failed.
+///
+/// A variant that wraps another error returns it as its `source()` and does
+/// not repeat it in its own message (so a report of the whole chain, such
+/// as anyhow's `{:#}`, names each cause once).
 #[derive(Debug, thiserror::Error)]
 pub enum RunFailure {
     /// Bad configuration (caller error).
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The simulated machine could not be built.
-    #[error("machine: {0}")]
+    #[error("building the simulated machine")]
     Machine(#[from] pkvm_sim::SimError),
     /// The platform could not start.
-    #[error("platform: {0}")]
+    #[error("starting the platform")]
     Platform(#[from] crate::platform::PlatformError),
     /// Host process memory.
-    #[error("process memory: {0}")]
+    #[error("host process memory")]
     Mm(#[from] pkvm_sim::mm::MmError),
     /// The VM could not be created or configured.
     #[error("vm: {0}")]
@@ -296,12 +300,10 @@ pub struct Setup {
     pub hyp_free_before: u64,
 }
 
-/// Builds a machine, platform, process and VM with one memslot of
-/// `guest_bytes` at [`GUEST_BASE`].
-///
-/// # Errors
-/// See [`RunFailure`].
-pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
+/// Checks the configuration for a VM of `guest_bytes`; returns the size of
+/// the simulated RAM it needs (guest memory, room for alignment of huge
+/// pages, tables and the hypervisor).
+fn check_setup(cfg: &Config, guest_bytes: u64) -> Result<u64, RunFailure> {
     let g = cfg.backing.granule();
     if guest_bytes == 0 || !guest_bytes.is_multiple_of(g) {
         return Err(RunFailure::Config(format!(
@@ -319,9 +321,23 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
             "a protected VM needs --mode protected".into(),
         ));
     }
-    let gib = 1u64 << 30;
-    // Guest memory, room for alignment of huge pages, tables and the hyp.
-    let mem_size = (guest_bytes + g + (512 << 20)).div_ceil(gib) * gib;
+    if guest_bytes > IPA_LIMIT - GUEST_BASE.0 {
+        return Err(RunFailure::Config(format!(
+            "guest memory {guest_bytes:#x} does not fit the 40-bit IPA space above {:#x}",
+            GUEST_BASE.0
+        )));
+    }
+    machine_bytes(guest_bytes, g)
+        .ok_or_else(|| RunFailure::Config(format!("guest memory {guest_bytes:#x} is too large")))
+}
+
+/// Builds a machine, platform, process and VM with one memslot of
+/// `guest_bytes` at [`GUEST_BASE`].
+///
+/// # Errors
+/// See [`RunFailure`].
+pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
+    let mem_size = check_setup(cfg, guest_bytes)?;
     let machine = Machine::new(SimConfig {
         mem_size,
         hyp_carveout: 128 << 20,
@@ -377,151 +393,71 @@ pub fn setup(cfg: &Config, guest_bytes: u64) -> Result<Setup, RunFailure> {
     })
 }
 
+/// Largest IPA (exclusive) of the VM's 40-bit address space.
+const IPA_LIMIT: u64 = 1 << 40;
+
+/// Bytes of guest memory a run maps: `bytes_per_vcpu` once with
+/// `overlap`, else once per vCPU.
+///
+/// # Errors
+/// [`RunFailure::Config`] if that overflows or does not fit the VM's IPA
+/// space above [`GUEST_BASE`].
+pub fn guest_bytes(cfg: &Config) -> Result<u64, RunFailure> {
+    let n = if cfg.overlap { 1 } else { cfg.vcpus as u64 };
+    let total = cfg.bytes_per_vcpu.checked_mul(n).ok_or_else(|| {
+        RunFailure::Config(format!(
+            "{} bytes per vCPU x {} vCPUs overflows 64 bits",
+            cfg.bytes_per_vcpu, cfg.vcpus
+        ))
+    })?;
+    let room = IPA_LIMIT - GUEST_BASE.0;
+    if total > room {
+        return Err(RunFailure::Config(format!(
+            "guest memory {total:#x} does not fit the 40-bit IPA space above {:#x} (at most {room:#x}): use a smaller --bytes or fewer --vcpus",
+            GUEST_BASE.0
+        )));
+    }
+    Ok(total)
+}
+
+/// Bytes of simulated RAM a machine for `guest_bytes` of guest memory
+/// backed with pages of `granule` bytes needs: the guest memory, room to
+/// align huge pages, 512 MiB for tables and the hypervisor, rounded up to
+/// a GiB. `None` on overflow.
+fn machine_bytes(guest_bytes: u64, granule: u64) -> Option<u64> {
+    const GIB: u64 = 1 << 30;
+    let raw = guest_bytes.checked_add(granule)?.checked_add(512 << 20)?;
+    raw.div_ceil(GIB).checked_mul(GIB)
+}
+
+/// Host memory a run of `cfg` needs, estimated: the simulated RAM (guest
+/// memory plus overhead, see [`setup`]) plus the simulator's bookkeeping
+/// (about 1/64 of it for page metadata, TLBs and the checker).
+///
+/// # Errors
+/// As [`guest_bytes`].
+pub fn host_memory_needed(cfg: &Config) -> Result<u64, RunFailure> {
+    let guest = guest_bytes(cfg)?;
+    let ram = machine_bytes(guest, cfg.backing.granule())
+        .ok_or_else(|| RunFailure::Config(format!("guest memory {guest:#x} is too large")))?;
+    Ok(ram.saturating_add(ram / 64))
+}
+
 /// Runs the demand-paging workload and tears everything down.
 ///
 /// # Errors
 /// See [`RunFailure`].
 pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
-    let guest_bytes = if cfg.overlap {
-        cfg.bytes_per_vcpu
-    } else {
-        cfg.bytes_per_vcpu * cfg.vcpus as u64
-    };
-    let s = setup(cfg, guest_bytes)?;
-    let n = cfg.vcpus;
-    if cfg.psci_boot {
-        s.vm.power_on(BootParams {
-            entry: 0x8_0000,
-            x0: 0,
-            big_endian: false,
-        })?;
-    } else {
-        for i in 0..n {
-            s.vm.vcpu_power(i).lock().power_on(ResetState {
-                pc: 0x8_0000,
-                context_id: 0,
-                big_endian: false,
-                reset: true,
-            });
-        }
-    }
-    let pages_per_vcpu = cfg.bytes_per_vcpu / 4096;
-    let barrier = Arc::new(Barrier::new(n + 1));
-    let psci_failed = Arc::new(AtomicBool::new(false));
-    let results: Arc<Mutex<Vec<Result<VcpuReport, RunFailure>>>> = Arc::new(Mutex::new(Vec::new()));
+    let s = setup(cfg, guest_bytes(cfg)?)?;
+    power_on(&s, cfg)?;
     let start = Instant::now();
-    std::thread::scope(|scope| -> Result<(), RunFailure> {
-        for i in 0..n {
-            let vm = s.vm.clone();
-            let platform = s.platform.clone();
-            let machine = s.machine.clone();
-            let barrier = barrier.clone();
-            let results = results.clone();
-            let progress = cfg.progress.clone();
-            let failed = psci_failed.clone();
-            let base = if cfg.overlap {
-                GUEST_BASE
-            } else {
-                GUEST_BASE + i as u64 * cfg.bytes_per_vcpu
-            };
-            let (seed, bytes, overlap, psci_boot, verify) = (
-                cfg.seed,
-                cfg.bytes_per_vcpu,
-                cfg.overlap,
-                cfg.psci_boot,
-                cfg.verify,
-            );
-            scope.spawn(move || {
-                let r = (|| -> Result<VcpuReport, RunFailure> {
-                    SimPlatform::set_current_cpu(i);
-                    let mut vcpu = vm.vcpu(i)?;
-                    let cpu = machine.cpu(i)?;
-                    let touch = Workload::new(
-                        seed.wrapping_add(i as u64),
-                        [Phase::touch_pages(base, bytes).verify(verify && !overlap)],
-                    );
-                    let mut be = SimBackend::new(cpu, platform.clone(), 1 << 16);
-                    if psci_boot && i == 0 {
-                        be.cpu_mut().set_program(Box::new(PsciBoot {
-                            targets: (1..vm.vcpu_count()).collect(),
-                            next: 0,
-                            issued: false,
-                            failed: failed.clone(),
-                            then: touch,
-                        }));
-                    } else {
-                        be.cpu_mut().set_program(Box::new(touch));
-                    }
-                    let id = vm.vmid().or(vm.handle()).unwrap_or(0);
-                    let token = platform.register_vcpu_thread(id, i);
-                    be.set_kick_token(token.clone());
-                    if let Some(p) = progress {
-                        be.set_progress(p);
-                    }
-                    barrier.wait();
-                    let t0 = Instant::now();
-                    let mut exits = ExitCounts::default();
-                    let res = loop {
-                        match vcpu.run(&mut be) {
-                            VcpuExit::Halted => break Ok(()),
-                            VcpuExit::Interrupted => exits.interrupted += 1,
-                            VcpuExit::Wfi => exits.wfi += 1,
-                            VcpuExit::Sleep => {
-                                exits.sleep += 1;
-                                while !token.swap(false, Ordering::AcqRel) {
-                                    std::thread::park_timeout(Duration::from_millis(5));
-                                }
-                            }
-                            // Not a call this VMM knows: the guest sees
-                            // NOT_SUPPORTED (already in x0).
-                            VcpuExit::Hypercall { .. } => exits.hypercalls += 1,
-                            VcpuExit::Mmio { write, .. } => {
-                                exits.mmio += 1;
-                                if !write {
-                                    vcpu.complete_mmio(0);
-                                }
-                            }
-                            VcpuExit::SystemEvent(e) => {
-                                break Err(RunFailure::Vcpu {
-                                    index: i,
-                                    what: format!("unexpected system event {e:?}"),
-                                })
-                            }
-                            VcpuExit::InternalError(e) => {
-                                let detail = be
-                                    .guest_error
-                                    .map(|g| format!(" ({g})"))
-                                    .unwrap_or_default();
-                                break Err(RunFailure::Vcpu {
-                                    index: i,
-                                    what: format!("{e:?}{detail}"),
-                                });
-                            }
-                        }
-                    };
-                    let seconds = t0.elapsed().as_secs_f64();
-                    platform.unregister_vcpu_thread(id, i);
-                    res?;
-                    Ok(VcpuReport {
-                        index: i,
-                        pages: pages_per_vcpu,
-                        seconds,
-                        pages_per_sec: pages_per_vcpu as f64 / seconds,
-                        exits,
-                    })
-                })();
-                results.lock().unwrap().push(r);
-            });
-        }
-        barrier.wait();
-        Ok(())
-    })?;
+    let results = run_vcpus(&s, cfg);
     let total = start.elapsed();
     let mut per_vcpu = Vec::new();
-    for r in std::mem::take(&mut *results.lock().unwrap()) {
+    for r in results.vcpus {
         per_vcpu.push(r?);
     }
-    if psci_failed.load(Ordering::Relaxed) {
+    if results.psci_failed {
         return Err(RunFailure::Vcpu {
             index: 0,
             what: "a PSCI CPU_ON did not return SUCCESS".into(),
@@ -529,6 +465,182 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     }
     per_vcpu.sort_by_key(|v| v.index);
     finish(s, cfg, per_vcpu, total)
+}
+
+/// Powers the VM on: vCPU 0 alone (`psci_boot`: it starts the others
+/// with CPU_ON), or every vCPU at the workload's entry.
+fn power_on(s: &Setup, cfg: &Config) -> Result<(), RunFailure> {
+    if cfg.psci_boot {
+        s.vm.power_on(BootParams {
+            entry: 0x8_0000,
+            x0: 0,
+            big_endian: false,
+        })?;
+        return Ok(());
+    }
+    for i in 0..cfg.vcpus {
+        s.vm.vcpu_power(i).lock().power_on(ResetState {
+            pc: 0x8_0000,
+            context_id: 0,
+            big_endian: false,
+            reset: true,
+        });
+    }
+    Ok(())
+}
+
+/// What the vCPU threads of a run produced.
+struct VcpuResults {
+    vcpus: Vec<Result<VcpuReport, RunFailure>>,
+    psci_failed: bool,
+}
+
+/// Runs every vCPU on its own thread, all released at once by a barrier;
+/// returns when all are done.
+fn run_vcpus(s: &Setup, cfg: &Config) -> VcpuResults {
+    let n = cfg.vcpus;
+    let barrier = Barrier::new(n + 1);
+    let psci_failed = Arc::new(AtomicBool::new(false));
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for i in 0..n {
+            let job = VcpuJob {
+                index: i,
+                s,
+                cfg,
+                barrier: &barrier,
+                psci_failed: &psci_failed,
+            };
+            let results = &results;
+            scope.spawn(move || {
+                let r = job.run();
+                results.lock().unwrap().push(r);
+            });
+        }
+        barrier.wait();
+    });
+    VcpuResults {
+        vcpus: results.into_inner().unwrap(),
+        psci_failed: psci_failed.load(Ordering::Relaxed),
+    }
+}
+
+/// One vCPU thread of a run: what it borrows from the run.
+struct VcpuJob<'a> {
+    index: usize,
+    s: &'a Setup,
+    cfg: &'a Config,
+    barrier: &'a Barrier,
+    psci_failed: &'a Arc<AtomicBool>,
+}
+
+impl VcpuJob<'_> {
+    /// The guest program: touch this vCPU's pages (after booting the
+    /// others with CPU_ON, for vCPU 0 with `psci_boot`).
+    fn program(&self) -> Box<dyn GuestProgram> {
+        let (cfg, i) = (self.cfg, self.index);
+        let base = if cfg.overlap {
+            GUEST_BASE
+        } else {
+            // In range: guest_bytes() checked bytes x vCPUs.
+            GUEST_BASE + i as u64 * cfg.bytes_per_vcpu
+        };
+        let touch = Workload::new(
+            cfg.seed.wrapping_add(i as u64),
+            [Phase::touch_pages(base, cfg.bytes_per_vcpu).verify(cfg.verify && !cfg.overlap)],
+        );
+        if cfg.psci_boot && i == 0 {
+            Box::new(PsciBoot {
+                targets: (1..cfg.vcpus).collect(),
+                next: 0,
+                issued: false,
+                failed: self.psci_failed.clone(),
+                then: touch,
+            })
+        } else {
+            Box::new(touch)
+        }
+    }
+
+    /// Sets the vCPU up, waits for the start, runs it to the end of its
+    /// program and reports.
+    fn run(&self) -> Result<VcpuReport, RunFailure> {
+        let (s, i) = (self.s, self.index);
+        SimPlatform::set_current_cpu(i);
+        let mut vcpu = s.vm.vcpu(i)?;
+        let cpu = s.machine.cpu(i)?;
+        let mut be = SimBackend::new(cpu, s.platform.clone(), 1 << 16);
+        be.cpu_mut().set_program(self.program());
+        let id = s.vm.vmid().or(s.vm.handle()).unwrap_or(0);
+        let token = s.platform.register_vcpu_thread(id, i);
+        be.set_kick_token(token.clone());
+        if let Some(p) = &self.cfg.progress {
+            be.set_progress(p.clone());
+        }
+        self.barrier.wait();
+        let t0 = Instant::now();
+        let res = vcpu_loop(i, &mut vcpu, &mut be, &token);
+        let seconds = t0.elapsed().as_secs_f64();
+        s.platform.unregister_vcpu_thread(id, i);
+        let exits = res?;
+        let pages = self.cfg.bytes_per_vcpu / 4096;
+        Ok(VcpuReport {
+            index: i,
+            pages,
+            seconds,
+            pages_per_sec: pages as f64 / seconds,
+            exits,
+        })
+    }
+}
+
+/// The VMM's run loop of vCPU `i` until its program ends: counts exits,
+/// sleeps until kicked, answers MMIO reads with 0.
+fn vcpu_loop(
+    i: usize,
+    vcpu: &mut crate::SimVcpu,
+    be: &mut SimBackend,
+    token: &AtomicBool,
+) -> Result<ExitCounts, RunFailure> {
+    let mut exits = ExitCounts::default();
+    loop {
+        match vcpu.run(be) {
+            VcpuExit::Halted => return Ok(exits),
+            VcpuExit::Interrupted => exits.interrupted += 1,
+            VcpuExit::Wfi => exits.wfi += 1,
+            VcpuExit::Sleep => {
+                exits.sleep += 1;
+                while !token.swap(false, Ordering::AcqRel) {
+                    std::thread::park_timeout(Duration::from_millis(5));
+                }
+            }
+            // Not a call this VMM knows: the guest sees NOT_SUPPORTED
+            // (already in x0).
+            VcpuExit::Hypercall { .. } => exits.hypercalls += 1,
+            VcpuExit::Mmio { write, .. } => {
+                exits.mmio += 1;
+                if !write {
+                    vcpu.complete_mmio(0);
+                }
+            }
+            VcpuExit::SystemEvent(e) => {
+                return Err(RunFailure::Vcpu {
+                    index: i,
+                    what: format!("unexpected system event {e:?}"),
+                })
+            }
+            VcpuExit::InternalError(e) => {
+                let detail = be
+                    .guest_error
+                    .map(|g| format!(" ({g})"))
+                    .unwrap_or_default();
+                return Err(RunFailure::Vcpu {
+                    index: i,
+                    what: format!("{e:?}{detail}"),
+                });
+            }
+        }
+    }
 }
 
 fn finish(
@@ -573,4 +685,88 @@ fn finish(
         },
         hypercalls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vcpus: usize, bytes_per_vcpu: u64) -> Config {
+        Config {
+            vcpus,
+            bytes_per_vcpu,
+            ..Config::default()
+        }
+    }
+
+    /// `pkvm sim demand-paging -v 2 -b 9007199254740992K`: 2^63 bytes x 2
+    /// wrapped to 0 ("guest memory 0x0") in release builds.
+    #[test]
+    fn guest_bytes_times_vcpus_overflow_is_a_config_error_not_a_wrap() {
+        let e = guest_bytes(&cfg(2, 1 << 63)).unwrap_err();
+        assert!(matches!(e, RunFailure::Config(_)), "{e}");
+        assert!(e.to_string().contains("overflows"), "{e}");
+        let e = run(&cfg(2, 1 << 63)).unwrap_err();
+        assert!(matches!(e, RunFailure::Config(_)), "{e}");
+    }
+
+    #[test]
+    fn guest_memory_beyond_the_ipa_space_is_refused_before_building_anything() {
+        // 1 TiB above 0x4000_0000 does not fit 40 bits; one page less does.
+        let room = IPA_LIMIT - GUEST_BASE.0;
+        assert_eq!(guest_bytes(&cfg(1, room)).unwrap(), room);
+        let e = guest_bytes(&cfg(1, room + 4096)).unwrap_err();
+        assert!(e.to_string().contains("IPA space"), "{e}");
+        assert!(matches!(
+            setup(&cfg(1, room + 4096), room + 4096),
+            Err(RunFailure::Config(_))
+        ));
+        // Overlap: the per-vCPU size counts once.
+        let mut c = cfg(16, room);
+        c.overlap = true;
+        assert_eq!(guest_bytes(&c).unwrap(), room);
+    }
+
+    #[test]
+    fn machine_size_estimate_checks_for_overflow() {
+        assert_eq!(machine_bytes(1 << 30, 4096), Some(2 << 30));
+        assert_eq!(machine_bytes(u64::MAX - 4096, 4096), None);
+        assert!(host_memory_needed(&cfg(2, 1 << 30)).unwrap() >= 2 << 30);
+        assert!(host_memory_needed(&cfg(2, 1 << 63)).is_err());
+    }
+
+    /// Every error that has a source must not repeat the source's text in
+    /// its own message (anyhow's `{:#}` prints the whole chain).
+    fn assert_chain_does_not_repeat(e: &dyn std::error::Error) {
+        let mut cur: Option<&dyn std::error::Error> = Some(e);
+        while let Some(err) = cur {
+            if let Some(src) = err.source() {
+                let (outer, inner) = (err.to_string(), src.to_string());
+                assert!(
+                    !outer.contains(&inner),
+                    "`{outer}` repeats its source `{inner}`"
+                );
+            }
+            cur = err.source();
+        }
+    }
+
+    #[test]
+    fn run_failure_messages_do_not_repeat_their_sources() {
+        let sim = pkvm_sim::SimError::Config("memory lies above the PA size");
+        assert_chain_does_not_repeat(&RunFailure::Machine(sim));
+        let io = std::io::Error::other("no memory");
+        assert_chain_does_not_repeat(&RunFailure::Machine(pkvm_sim::SimError::Map(io)));
+        // The real path: a machine whose memory lies above the PA size.
+        let e = Machine::new(SimConfig {
+            mem_base: pkvm_arch::Pa(1 << 39),
+            mem_size: 1 << 40,
+            ..SimConfig::default()
+        })
+        .map_err(RunFailure::from)
+        .unwrap_err();
+        assert_chain_does_not_repeat(&e);
+        let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert_eq!(text.matches("PA size").count(), 1, "{text}");
+    }
 }

@@ -124,8 +124,9 @@ pub enum SimError {
     /// The configuration is unusable (caller error).
     #[error("bad configuration: {0}")]
     Config(&'static str),
-    /// The host refused the arena mapping.
-    #[error("mapping simulated memory failed: {0}")]
+    /// The host refused the arena mapping (the cause is the error's
+    /// source, not repeated in its message).
+    #[error("mapping simulated memory failed")]
     Map(#[from] std::io::Error),
     /// CPU index out of range or already taken (caller error).
     #[error("cpu {0} does not exist or is already in use")]
@@ -189,7 +190,10 @@ impl Machine {
         if config.ncpus == 0 {
             return Err(SimError::Config("need at least one cpu"));
         }
-        if config.pa_bits < 64 && config.mem_base.0 + config.mem_size > 1u64 << config.pa_bits {
+        let Some(mem_end) = config.mem_base.0.checked_add(config.mem_size) else {
+            return Err(SimError::Config("memory base + size overflows 64 bits"));
+        };
+        if config.pa_bits < 64 && mem_end > 1u64 << config.pa_bits {
             return Err(SimError::Config("memory lies above the PA size"));
         }
         let mem = Arc::new(PhysMem::new(
@@ -535,5 +539,34 @@ impl TlbOps for SimEnv {
 
     fn needs_dcache_maintenance(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    /// A base + size past 2^64 used to overflow (a panic in debug builds,
+    /// a wrapped end that passed the PA check in release builds).
+    #[test]
+    fn memory_end_past_u64_is_a_config_error() {
+        let e = Machine::new(SimConfig {
+            mem_base: Pa(1 << 62),
+            mem_size: u64::MAX - (2 << 20) + 1,
+            pa_bits: 64,
+            ..SimConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, SimError::Config(m) if m.contains("overflows")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn map_error_keeps_the_io_error_as_its_source_only() {
+        let e = SimError::Map(std::io::Error::other("no memory for you"));
+        let src = std::error::Error::source(&e).expect("source");
+        assert!(!e.to_string().contains(&src.to_string()), "{e}");
     }
 }

@@ -294,6 +294,35 @@ impl VmaNode {
     }
 }
 
+/// What `fault_vma` found.
+enum FaultVma {
+    /// A PFN map: its frame, pinned (no folio to fault in).
+    Pinned(Pin),
+    /// A VMA with folios.
+    Folios(Arc<VmaNode>),
+}
+
+/// The size of a new folio for a fault at `hva`: the VMA's huge page size,
+/// a 2M THP where the aligned 2M chunk lies inside the VMA and nothing in
+/// it is resident yet, else 4K.
+fn folio_size(vma: &Vma, folios: &BTreeMap<u64, Folio>, hva: Hva) -> PageSize {
+    match vma.kind {
+        VmaKind::Hugetlb2M => PageSize::Size2M,
+        VmaKind::Hugetlb1G => PageSize::Size1G,
+        VmaKind::AnonymousThp => {
+            let chunk = hva.0 & !((2 << 20) - 1);
+            let inside = chunk >= vma.start.0 && chunk + (2 << 20) <= vma.end().0;
+            let untouched = folios.range(chunk..chunk + (2 << 20)).next().is_none();
+            if inside && untouched {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            }
+        }
+        _ => PageSize::Size4K,
+    }
+}
+
 fn find(folios: &BTreeMap<u64, Folio>, hva: u64) -> Option<(u64, Folio)> {
     folios
         .range(..=hva)
@@ -559,31 +588,23 @@ impl ProcessMm {
 
     /// Faults `hva` in (for writing if `write`) and pins its frame.
     ///
+    /// Steps: find the VMA (`fault_vma`; a PFN map pins its
+    /// frame directly); then, under the VMA's folio lock, pin a resident
+    /// folio (`pin_folio`) or make one: choose its size
+    /// (`folio_size`), allocate and fill a frame with the lock dropped
+    /// (`new_folio`), and install it unless another fault or
+    /// munmap won the race meanwhile (`install_folio`); then
+    /// look again.
+    ///
     /// # Errors
     /// [`MmError::NoVma`], [`MmError::ReadOnly`], [`MmError::OutOfMemory`],
     /// [`MmError::Exited`].
     pub fn fault_in(&self, hva: Hva, write: bool) -> Result<Pin, MmError> {
-        let inner = self.read();
-        if inner.exited {
-            return Err(MmError::Exited);
-        }
-        let node = inner.find(hva).ok_or(MmError::NoVma(hva))?.clone();
-        drop(inner);
+        let node = match self.fault_vma(hva, write)? {
+            FaultVma::Pinned(pin) => return Ok(pin),
+            FaultVma::Folios(node) => node,
+        };
         let vma = &node.vma;
-        if write && !vma.writable() {
-            return Err(MmError::ReadOnly(hva));
-        }
-        if let VmaKind::PfnMap { pa } = vma.kind {
-            let page = hva.align_down(PAGE_SIZE);
-            return Ok(Pin {
-                core: None,
-                hva,
-                folio_hva: page,
-                folio_pa: pa + (page.0 - vma.start.0),
-                size: PageSize::Size4K,
-                writable: true,
-            });
-        }
         let mut folios = node.lock();
         loop {
             // munmap/exit ran since the VMA lookup.
@@ -595,76 +616,128 @@ impl ProcessMm {
                     folios = node.cv.wait(folios).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
-                self.core.pin_word(f.pa).fetch_add(1, Ordering::AcqRel);
-                if let Some(x) = folios.get_mut(&start) {
-                    x.young = true;
-                }
-                return Ok(Pin {
-                    core: Some(self.core.clone()),
-                    hva,
-                    folio_hva: Hva(start),
-                    folio_pa: f.pa,
-                    size: f.size,
-                    writable: vma.writable(),
-                });
+                return Ok(self.pin_folio(&mut folios, vma, hva, start, f));
             }
-            let size = match vma.kind {
-                VmaKind::Hugetlb2M => PageSize::Size2M,
-                VmaKind::Hugetlb1G => PageSize::Size1G,
-                VmaKind::AnonymousThp => {
-                    let chunk = hva.0 & !((2 << 20) - 1);
-                    let inside = chunk >= vma.start.0 && chunk + (2 << 20) <= vma.end().0;
-                    let untouched = folios.range(chunk..chunk + (2 << 20)).next().is_none();
-                    if inside && untouched {
-                        PageSize::Size2M
-                    } else {
-                        PageSize::Size4K
-                    }
-                }
-                _ => PageSize::Size4K,
-            };
+            let size = folio_size(vma, &folios, hva);
             // Allocate and fill the frame without the VMA's lock, so faults
             // on other pages of the VMA (other vCPUs) proceed meanwhile.
             drop(folios);
-            let frames = self.core.machine.host_frames();
-            let (pa, size) = match frames.alloc(size.order()) {
-                Ok(pa) => (pa, size),
-                // THP falls back to small pages, like Linux.
-                Err(_) if vma.kind == VmaKind::AnonymousThp && size != PageSize::Size4K => (
-                    frames.alloc(0).map_err(|_| MmError::OutOfMemory)?,
-                    PageSize::Size4K,
-                ),
-                Err(_) => return Err(MmError::OutOfMemory),
-            };
-            let start = hva.0 & !(size.bytes() - 1);
-            self.populate(vma, start, pa, size);
+            let (start, pa, size) = self.new_folio(vma, hva, size)?;
             folios = node.lock();
-            // Someone else populated (part of) the range meanwhile, or the
-            // VMA went away: give the frame back and look again.
-            let taken = folios
-                .range(..start + size.bytes())
-                .next_back()
-                .is_some_and(|(s, f)| s + f.size.bytes() > start);
-            if taken || node.dead.load(Ordering::Acquire) {
-                if let Err(e) = frames.free(pa, size.order()) {
-                    debug_assert!(false, "freeing an unused fresh frame failed: {e}");
-                }
-                continue;
-            }
-            self.swap_in(vma, start, pa, size);
-            self.core
-                .allocated
-                .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
-            folios.insert(
-                start,
-                Folio {
-                    pa,
-                    size,
-                    young: false,
-                    busy: false,
-                },
-            );
+            self.install_folio(&node, &mut folios, start, pa, size);
         }
+    }
+
+    /// The VMA `hva` faults on, checked for the access: a PFN map's frame
+    /// pinned at once, or the VMA node whose folios the fault looks up.
+    fn fault_vma(&self, hva: Hva, write: bool) -> Result<FaultVma, MmError> {
+        let node = {
+            let inner = self.read();
+            if inner.exited {
+                return Err(MmError::Exited);
+            }
+            inner.find(hva).ok_or(MmError::NoVma(hva))?.clone()
+        };
+        let vma = &node.vma;
+        if write && !vma.writable() {
+            return Err(MmError::ReadOnly(hva));
+        }
+        if let VmaKind::PfnMap { pa } = vma.kind {
+            let page = hva.align_down(PAGE_SIZE);
+            return Ok(FaultVma::Pinned(Pin {
+                core: None,
+                hva,
+                folio_hva: page,
+                folio_pa: pa + (page.0 - vma.start.0),
+                size: PageSize::Size4K,
+                writable: true,
+            }));
+        }
+        Ok(FaultVma::Folios(node))
+    }
+
+    /// Pins the resident folio `f` at `start` (under its VMA's folio lock)
+    /// and marks it young.
+    fn pin_folio(
+        &self,
+        folios: &mut BTreeMap<u64, Folio>,
+        vma: &Vma,
+        hva: Hva,
+        start: u64,
+        f: Folio,
+    ) -> Pin {
+        self.core.pin_word(f.pa).fetch_add(1, Ordering::AcqRel);
+        if let Some(x) = folios.get_mut(&start) {
+            x.young = true;
+        }
+        Pin {
+            core: Some(self.core.clone()),
+            hva,
+            folio_hva: Hva(start),
+            folio_pa: f.pa,
+            size: f.size,
+            writable: vma.writable(),
+        }
+    }
+
+    /// Allocates a frame for a folio of `size` around `hva` (a THP falls
+    /// back to a small page, like Linux) and fills it; no lock held.
+    /// Returns the folio's start, frame and size.
+    fn new_folio(
+        &self,
+        vma: &Vma,
+        hva: Hva,
+        size: PageSize,
+    ) -> Result<(u64, Pa, PageSize), MmError> {
+        let frames = self.core.machine.host_frames();
+        let (pa, size) = match frames.alloc(size.order()) {
+            Ok(pa) => (pa, size),
+            Err(_) if vma.kind == VmaKind::AnonymousThp && size != PageSize::Size4K => (
+                frames.alloc(0).map_err(|_| MmError::OutOfMemory)?,
+                PageSize::Size4K,
+            ),
+            Err(_) => return Err(MmError::OutOfMemory),
+        };
+        let start = hva.0 & !(size.bytes() - 1);
+        self.populate(vma, start, pa, size);
+        Ok((start, pa, size))
+    }
+
+    /// Installs the new folio (with its swapped-out data, if any) under the
+    /// VMA's folio lock, unless someone else populated (part of) its range
+    /// meanwhile or the VMA went away: then the frame goes back.
+    fn install_folio(
+        &self,
+        node: &VmaNode,
+        folios: &mut BTreeMap<u64, Folio>,
+        start: u64,
+        pa: Pa,
+        size: PageSize,
+    ) {
+        let taken = folios
+            .range(..start + size.bytes())
+            .next_back()
+            .is_some_and(|(s, f)| s + f.size.bytes() > start);
+        if taken || node.dead.load(Ordering::Acquire) {
+            let frames = self.core.machine.host_frames();
+            if let Err(e) = frames.free(pa, size.order()) {
+                debug_assert!(false, "freeing an unused fresh frame failed: {e}");
+            }
+            return;
+        }
+        self.swap_in(&node.vma, start, pa, size);
+        self.core
+            .allocated
+            .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+        folios.insert(
+            start,
+            Folio {
+                pa,
+                size,
+                young: false,
+                busy: false,
+            },
+        );
     }
 
     /// Fills a newly allocated folio with its initial contents: zeroes, or

@@ -1,6 +1,7 @@
 //! A VM as the VMM sees it: a `pkvm_host::Vm` with its memslots over VMAs
 //! of the VMM's process memory, its image (and device tree) loaded, the
-//! emulated PL011 (one line buffer per vCPU), the results guests report,
+//! emulated PL011 (one line buffer per vCPU; guest lines are printed as
+//! `[guest NAME vcpu N] ...`), the results guests report,
 //! each vCPU's hardware-only state, and the exit handling the scheduler's
 //! [`HostRunner`](crate::sched::host::HostRunner) calls around
 //! `Vcpu::run` ([`HostVmm`]).
@@ -17,7 +18,10 @@
 //! the call stays in the scheduler. At most [`MAX_RESETS`] resets per VM:
 //! the next one ends the VM with an error instead of looping forever. A
 //! protected VM's image is not rewritten: its memory was donated and is
-//! the guest's, across the reset too.
+//! the guest's, across the reset too. Requests several vCPUs make at once
+//! are one reset (pkvm-host merges them into one exit, see
+//! `pkvm_host::psci`); a `SYSTEM_OFF` made at the same time wins and the
+//! VM powers off.
 
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -42,6 +46,11 @@ use crate::sched::host::HostVmm;
 /// The host VM type in the image.
 pub type BootVm = pkvm_host::Vm<BootPlatform, BootProcess>;
 
+/// How every line a guest prints on its emulated PL011 starts on the
+/// console (then the VM's name, the vCPU if the VM has several, `] `): the
+/// hypervisor's own lines never start with it (xtask's QEMU tests match
+/// hypervisor markers only on lines without it).
+pub const GUEST_LINE_PREFIX: &str = "[guest ";
 /// Guest RAM base IPA.
 pub const GUEST_RAM: u64 = 0x4000_0000;
 /// IPA size of every VM.
@@ -53,6 +62,9 @@ pub const REPORT_FID: u64 = 0xc600_0100;
 /// Most guest system resets one VM may do; the next one ends it.
 pub const MAX_RESETS: u32 = 8;
 const BLOCK: u64 = 2 << 20;
+/// Bytes at the top of guest RAM taken by the device tree (when the VM
+/// has one).
+pub const DTB_RESERVE: u64 = BLOCK;
 const PAGE: u64 = 4096;
 
 /// Report codes (same numbers as `guest_rt::code`).
@@ -221,8 +233,6 @@ pub struct GuestVm {
     boot: BootParams,
     /// System resets done (restarts from the entry point).
     resets: AtomicU32,
-    /// A system reset is being carried out (by the vCPU that set it).
-    resetting: AtomicBool,
     reports: SpinLock<[Option<(u64, u64)>; code::COUNT]>,
     /// Per vCPU: the emulated UART's line buffer.
     uart: Vec<SpinLock<LineBuf>>,
@@ -243,6 +253,93 @@ pub struct GuestVm {
     pub hw_vmid: AtomicU16,
 }
 
+/// Checks a VM spec before anything is created (checked arithmetic: the
+/// load offset can come from a guest file's header).
+fn check_spec(spec: &VmSpec<'_>) -> Result<(), VmmError> {
+    if spec.mem < 2 * BLOCK || !spec.mem.is_multiple_of(BLOCK) || spec.mem > 1 << 30 {
+        return Err(VmmError::BadConfig(
+            "memory must be a multiple of 2 MiB, 4 MiB..1 GiB",
+        ));
+    }
+    if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+        return Err(VmmError::BadConfig("vCPU count"));
+    }
+    let dtb_reserve = if spec.dtb_bootargs.is_some() {
+        DTB_RESERVE
+    } else {
+        0
+    };
+    // Checked: the load offset can come from a guest file's header.
+    let image_end = spec
+        .load_offset
+        .checked_add(spec.image.len())
+        .and_then(|e| e.checked_add(dtb_reserve));
+    if image_end.is_none_or(|e| e > spec.mem) {
+        return Err(VmmError::ImageTooBig);
+    }
+    let ram_end = GUEST_RAM + spec.mem;
+    if let Some((t, n)) = spec.touch {
+        let end = t.checked_add(n);
+        if !t.is_multiple_of(BLOCK)
+            || !n.is_multiple_of(BLOCK)
+            || t < GUEST_RAM
+            || end.is_none_or(|e| e > ram_end)
+        {
+            return Err(VmmError::BadConfig("touch region"));
+        }
+    }
+    Ok(())
+}
+
+/// The VM's memslots as (start, end, is the touch region): RAM, with the
+/// touch region (if any) in a slot of its own.
+fn memslot_ranges(spec: &VmSpec<'_>) -> Vec<(u64, u64, bool)> {
+    let ram_end = GUEST_RAM + spec.mem;
+    let mut ranges: Vec<(u64, u64, bool)> = Vec::new();
+    match spec.touch {
+        Some((t, n)) => {
+            ranges.push((GUEST_RAM, t, false));
+            ranges.push((t, t + n, true));
+            ranges.push((t + n, ram_end, false));
+        }
+        None => ranges.push((GUEST_RAM, ram_end, false)),
+    }
+    ranges
+}
+
+impl GuestVm {
+    /// Maps a VMA of the VMM's process for each memslot range and adds the
+    /// memslot; on failure the VMAs mapped so far are released.
+    fn add_memslots(&mut self, ranges: &[(u64, u64, bool)]) -> Result<(), VmmError> {
+        let cpu = crate::platform::start::cpu_index();
+        for (slot, &(s, e, touch)) in ranges.iter().filter(|r| r.1 > r.0).enumerate() {
+            let Some(hva) = self.process.mmap(e - s, self.backing) else {
+                self.release_vmas();
+                return Err(VmmError::BadConfig("memslot size"));
+            };
+            self.vmas.push(hva);
+            if touch {
+                self.touch_vma = Some(hva);
+            }
+            let r = self.vm.set_user_memory_region(
+                UserMemoryRegion {
+                    slot: slot as u32,
+                    flags: 0,
+                    guest_phys_addr: s,
+                    memory_size: e - s,
+                    userspace_addr: hva.0,
+                },
+                cpu,
+            );
+            if let Err(e) = r {
+                self.release_vmas();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Creates a VM: memslots over fresh VMAs, the image (and device tree)
 /// written into them, powered on at the image's entry.
 ///
@@ -253,29 +350,7 @@ pub fn create(
     process: &Arc<BootProcess>,
     spec: &VmSpec<'_>,
 ) -> Result<Arc<GuestVm>, VmmError> {
-    if spec.mem < 2 * BLOCK || !spec.mem.is_multiple_of(BLOCK) || spec.mem > 1 << 30 {
-        return Err(VmmError::BadConfig(
-            "memory must be a multiple of 2 MiB, 4 MiB..1 GiB",
-        ));
-    }
-    if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-        return Err(VmmError::BadConfig("vCPU count"));
-    }
-    let dtb_reserve = if spec.dtb_bootargs.is_some() {
-        BLOCK
-    } else {
-        0
-    };
-    if spec.load_offset + spec.image.len() + dtb_reserve > spec.mem {
-        return Err(VmmError::ImageTooBig);
-    }
-    let ram_end = GUEST_RAM + spec.mem;
-    if let Some((t, n)) = spec.touch {
-        if !t.is_multiple_of(BLOCK) || !n.is_multiple_of(BLOCK) || t < GUEST_RAM || t + n > ram_end
-        {
-            return Err(VmmError::BadConfig("touch region"));
-        }
-    }
+    check_spec(spec)?;
     let vm = BootVm::create(
         platform.clone(),
         process.clone(),
@@ -287,16 +362,7 @@ pub fn create(
         },
         crate::platform::start::cpu_index(),
     )?;
-    // Memslots: RAM, with the touch region (if any) in a slot of its own.
-    let mut ranges: Vec<(u64, u64, bool)> = Vec::new();
-    match spec.touch {
-        Some((t, n)) => {
-            ranges.push((GUEST_RAM, t, false));
-            ranges.push((t, t + n, true));
-            ranges.push((t + n, ram_end, false));
-        }
-        None => ranges.push((GUEST_RAM, ram_end, false)),
-    }
+    let ranges = memslot_ranges(spec);
     let mut g = GuestVm {
         name: spec.name,
         vm,
@@ -311,7 +377,6 @@ pub fn create(
         dtb: None,
         boot: BootParams::default(),
         resets: AtomicU32::new(0),
-        resetting: AtomicBool::new(false),
         reports: SpinLock::new([None; code::COUNT], LockClass::Leaf),
         uart: (0..spec.vcpus)
             .map(|_| {
@@ -339,31 +404,7 @@ pub fn create(
             .collect(),
         hw_vmid: AtomicU16::new(0),
     };
-    let cpu = crate::platform::start::cpu_index();
-    for (slot, &(s, e, touch)) in ranges.iter().filter(|r| r.1 > r.0).enumerate() {
-        let Some(hva) = process.mmap(e - s, spec.backing) else {
-            g.release_vmas();
-            return Err(VmmError::BadConfig("memslot size"));
-        };
-        g.vmas.push(hva);
-        if touch {
-            g.touch_vma = Some(hva);
-        }
-        let r = g.vm.set_user_memory_region(
-            UserMemoryRegion {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: s,
-                memory_size: e - s,
-                userspace_addr: hva.0,
-            },
-            cpu,
-        );
-        if let Err(e) = r {
-            g.release_vmas();
-            return Err(e.into());
-        }
-    }
+    g.add_memslots(&ranges)?;
     if let Err(e) = g.make_device_tree(spec).and_then(|()| g.load()) {
         g.release_vmas();
         return Err(e);
@@ -445,32 +486,43 @@ impl GuestVm {
     /// documentation says, or ends it once it has reset [`MAX_RESETS`]
     /// times.
     ///
-    /// Called on the exiting vCPU's CPU inside its scheduler run. A second
-    /// reset event while one is carried out is part of the same reset (its
-    /// vCPU is in a run, so the first one waits for it to finish).
+    /// Called on the exiting vCPU's CPU inside its scheduler run. However
+    /// many vCPUs ask at once, pkvm-host gives one of them the exit and
+    /// merges the other requests into its latched event (their vCPUs just
+    /// sleep). As pkvm-host requires, this waits until every other vCPU has
+    /// left its scheduler run (so every request trapped before the stop is
+    /// merged), then acts on the merged event: a `SYSTEM_OFF` made at the
+    /// same time wins (the VM powers off), otherwise one restart.
     pub fn system_reset(&self, index: usize, ev: &SystemEvent) {
-        if self
-            .resetting
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return;
-        }
-        let what = ResetKind(ev);
         // Every vCPU is Stopped and was kicked: wait until the others have
         // left their scheduler runs (and the guest). One that starts a run
         // now finds itself Stopped and goes back to sleep.
         while self.running.load(Ordering::Acquire) > 1 && !self.stopping_now() {
             core::hint::spin_loop();
         }
-        let n = self.resets.load(Ordering::Relaxed) + 1;
         let name = self.name;
+        if self.stopping_now() {
+            println!(
+                "vm {name}: {} from vCPU {index}: the VM is stopping; not restarted",
+                ResetKind(ev)
+            );
+            return;
+        }
+        let ev = &pkvm_host::psci::take_system_event(&*self.vm).unwrap_or(*ev);
+        let what = ResetKind(ev);
+        if ev.kind == SystemEventKind::Shutdown {
+            println!(
+                "vm {name}: PSCI system reset from vCPU {index} and a concurrent {what}: the power-off wins"
+            );
+            self.stop(VmEnd::PowerOff);
+            return;
+        }
+        let n = self.resets.load(Ordering::Relaxed) + 1;
         if n > MAX_RESETS {
             println!(
                 "vm {name}: {what} from vCPU {index}: {MAX_RESETS} resets already; the VM is stopped"
             );
             self.stop(VmEnd::Error("too many system resets"));
-            self.resetting.store(false, Ordering::Release);
             return;
         }
         let protected = self.vm.config().protected;
@@ -478,7 +530,6 @@ impl GuestVm {
         if let Err(e) = loaded {
             println!("vm {name}: {what}: reloading the image failed: {e}");
             self.stop(VmEnd::Error("image reload failed at a system reset"));
-            self.resetting.store(false, Ordering::Release);
             return;
         }
         // The guest may have executed the old bytes (or its own changes
@@ -506,7 +557,6 @@ impl GuestVm {
             println!("vm {name}: {what}: power-on failed: {e}");
             self.stop(VmEnd::Error("power-on failed at a system reset"));
         }
-        self.resetting.store(false, Ordering::Release);
     }
 
     /// Releases the VMAs (after teardown); returns frames released.
@@ -579,6 +629,11 @@ impl GuestVm {
         }
     }
 
+    /// A byte the guest wrote to its PL011 data register. Lines are
+    /// printed with [`GUEST_LINE_PREFIX`] and the VM's name (and the vCPU's
+    /// index if it has several), so a guest cannot print a line that looks
+    /// like the hypervisor's own; control characters other than tab (a
+    /// terminal escape could erase the prefix) are shown as `?`.
     fn uart_putc(&self, index: usize, c: u8) {
         let Some(u) = self.uart.get(index) else {
             return;
@@ -587,20 +642,26 @@ impl GuestVm {
         if c == b'\n' || u.n == u.buf.len() {
             let line = core::str::from_utf8(&u.buf[..u.n]).unwrap_or("<non-utf8 output>");
             if self.uart.len() > 1 {
-                println!("[{} vcpu {index}] {line}", self.name);
+                println!("{GUEST_LINE_PREFIX}{} vcpu {index}] {line}", self.name);
             } else {
-                println!("[{}] {line}", self.name);
+                println!("{GUEST_LINE_PREFIX}{}] {line}", self.name);
             }
             u.n = 0;
             if c == b'\n' {
                 return;
             }
         }
-        if c != b'\r' {
-            let n = u.n;
-            u.buf[n] = c;
-            u.n += 1;
+        if c == b'\r' {
+            return;
         }
+        let shown = if (c < 0x20 && c != b'\t') || c == 0x7f {
+            b'?'
+        } else {
+            c
+        };
+        let n = u.n;
+        u.buf[n] = shown;
+        u.n += 1;
     }
 
     /// Emulates an MMIO access: the PL011 at `fdtgen::GUEST_UART` (data
@@ -889,6 +950,13 @@ struct ResetKind<'a>(&'a SystemEvent);
 impl core::fmt::Display for ResetKind<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let ev = self.0;
+        if ev.kind == SystemEventKind::Shutdown {
+            return if ev.flags & SystemEvent::FLAG_PSCI_OFF2 == 0 {
+                write!(f, "PSCI SYSTEM_OFF")
+            } else {
+                write!(f, "PSCI SYSTEM_OFF2")
+            };
+        }
         if ev.flags & SystemEvent::FLAG_PSCI_RESET2 == 0 {
             return write!(f, "PSCI SYSTEM_RESET");
         }

@@ -16,7 +16,7 @@
 //! - [`smp`]: the SMP scenarios (`sched-smp`, `sched-spin`,
 //!   `sched-smp-protected`).
 //! - [`resets`]: the guest system-reset scenarios (`reset`,
-//!   `reset-protected`).
+//!   `reset-protected`, `reset-concurrent`).
 //! - [`fdtgen`]: the VM device tree.
 //! - this file: the memory layout and the scenarios xtask runs (`demo`,
 //!   `touch`, `exits`, `protected`, `guest`, `panic`).
@@ -147,10 +147,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "sched-spin" => bool_code(smp::sched_spin(&process, p)),
         "reset" => bool_code(resets::reset(&process, p)),
         "reset-protected" => bool_code(resets::reset_protected(&lay, &process, p)),
+        "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, panic)"
             );
             (false, 2)
         }
@@ -609,25 +610,21 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
     }
     let plat = BootPlatform::new(None);
     let mem = h.mem_mib as u64 * MIB;
-    let (is_image, load_offset) = phys::with_slice(Pa(gpa), gsize, |img| {
-        // A Linux arm64 Image has "ARM\x64" at 0x38 and its text offset at 8.
-        let is_image = img.len() >= 64 && img[0x38..0x3c] == *b"ARMd";
-        let load_offset = if is_image {
-            let text = u64::from_le_bytes(img[8..16].try_into().unwrap_or([0; 8]));
-            let size = u64::from_le_bytes(img[16..24].try_into().unwrap_or([0; 8]));
-            if size == 0 {
-                0x8_0000
-            } else {
-                text
-            }
-        } else {
-            0
-        };
-        (is_image, load_offset)
+    // The header is the file's (hostile input): checked placement only.
+    let layout = phys::with_slice(Pa(gpa), gsize, |img| {
+        pkvm_arch::image::guest_layout(img, mem, guest::DTB_RESERVE)
     });
+    let layout = match layout {
+        Ok(l) => l,
+        Err(e) => {
+            println!("guest: {e}");
+            return (false, 2);
+        }
+    };
+    let load_offset = layout.load_offset;
     println!(
         "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
-        if is_image {
+        if layout.header.is_some() {
             "Linux arm64 Image"
         } else {
             "flat binary"

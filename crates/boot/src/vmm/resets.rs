@@ -10,6 +10,13 @@
 //!   RAM and a reloaded image, vCPU 0 was started once per boot and vCPU 1
 //!   once per CPU_ON (never by a reset), and `reset-loop` was ended with an
 //!   error after [`MAX_RESETS`] restarts.
+//! - `reset-concurrent` (standard mode): one VM asks for three resets with
+//!   vCPU 1 making the same reset call as vCPU 0 at the same moment. Two
+//!   concurrent requests are one reset: passes as `reset` (exactly three
+//!   restarts, then SYSTEM_OFF). (A SYSTEM_OFF racing a reset is tested in
+//!   pkvm-host, natively and with loom: from the guest, whether the second
+//!   call reaches the hypervisor before its vCPU is stopped cannot be
+//!   forced, so a QEMU test of it could not be deterministic.)
 //! - `reset-protected` (protected mode): a protected VM asks for two
 //!   resets, a non-protected VM under pkvm-hyp for one. The protected VM's
 //!   image is not rewritten (its memory was donated: the guest sees its
@@ -42,7 +49,12 @@ struct Case {
     resets: u32,
     /// Whether its image must have been reloaded at each reset.
     reloaded: bool,
+    /// vCPU 1 makes each reset call too, at the same moment.
+    concurrent: bool,
 }
+
+/// x0 bit asking guest-reset for concurrent reset calls.
+const CONCURRENT: u64 = 1 << 32;
 
 fn create(
     plat: &Arc<BootPlatform>,
@@ -67,7 +79,7 @@ fn create(
         dtb_bootargs: None,
         protected: c.protected,
         touch: None,
-        x0: Some(c.ask),
+        x0: Some(c.ask | if c.concurrent { CONCURRENT } else { 0 }),
     };
     match guest::create(plat, process, &spec) {
         Ok(g) => Some(g),
@@ -188,6 +200,7 @@ pub fn reset(process: &Arc<BootProcess>, p: &Platform) -> bool {
             protected: false,
             resets: 1,
             reloaded: true,
+            concurrent: false,
         },
         Case {
             name: "reset2",
@@ -195,6 +208,7 @@ pub fn reset(process: &Arc<BootProcess>, p: &Platform) -> bool {
             protected: false,
             resets: 2,
             reloaded: true,
+            concurrent: false,
         },
         Case {
             name: "reset-loop",
@@ -202,8 +216,24 @@ pub fn reset(process: &Arc<BootProcess>, p: &Platform) -> bool {
             protected: false,
             resets: MAX_RESETS,
             reloaded: true,
+            concurrent: false,
         },
     ];
+    run_cases(&plat, process, &cases, p)
+}
+
+/// `reset-concurrent`: both vCPUs make each reset call at once.
+pub fn reset_concurrent(process: &Arc<BootProcess>, p: &Platform) -> bool {
+    println!("mode: standard (the host manages guest stage-2 with pkvm-pgtable)");
+    let plat = BootPlatform::new(None);
+    let cases = [Case {
+        name: "creset",
+        ask: 3,
+        protected: false,
+        resets: 3,
+        reloaded: true,
+        concurrent: true,
+    }];
     run_cases(&plat, process, &cases, p)
 }
 
@@ -221,6 +251,7 @@ pub fn reset_protected(lay: &Layout, process: &Arc<BootProcess>, p: &Platform) -
             protected: true,
             resets: 2,
             reloaded: false,
+            concurrent: false,
         },
         Case {
             name: "pshare-reset",
@@ -228,6 +259,7 @@ pub fn reset_protected(lay: &Layout, process: &Arc<BootProcess>, p: &Platform) -
             protected: false,
             resets: 1,
             reloaded: true,
+            concurrent: false,
         },
     ];
     let mut ok = run_cases(&plat, process, &cases, p);

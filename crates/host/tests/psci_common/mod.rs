@@ -3,13 +3,14 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pkvm_host::psci::{PowerState, PsciConfig, PsciVm, VcpuPower};
+use pkvm_host::psci::{PowerState, PsciConfig, PsciVm, SystemEventLatch, VcpuPower};
 use pkvm_sync::SpinLock;
 
 pub struct TestVm {
     pub cfg: PsciConfig,
     pub power: Vec<SpinLock<VcpuPower>>,
     pub kicks: Vec<AtomicUsize>,
+    pub latch: SpinLock<SystemEventLatch>,
 }
 
 impl TestVm {
@@ -19,6 +20,7 @@ impl TestVm {
             cfg,
             power: (0..n).map(|_| VcpuPower::new_lock()).collect(),
             kicks: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            latch: SystemEventLatch::new_lock(),
         }
     }
 
@@ -49,6 +51,9 @@ impl PsciVm for TestVm {
     }
     fn vcpu_power(&self, index: usize) -> &SpinLock<VcpuPower> {
         &self.power[index]
+    }
+    fn system_event_latch(&self) -> &SpinLock<SystemEventLatch> {
+        &self.latch
     }
     fn kick_vcpu(&self, index: usize) {
         assert_eq!(

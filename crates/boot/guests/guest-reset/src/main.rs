@@ -14,6 +14,11 @@
 //! on odd boots, SYSTEM_RESET2 (warm reset) on even ones. The last boot
 //! returns 0 (guest-rt powers off with SYSTEM_OFF). A VM with one vCPU
 //! skips the secondary.
+//!
+//! With bit 32 of x0 set ([`CONCURRENT`]), vCPU 1 makes the same reset
+//! call as vCPU 0, at the same moment (both wait for a go flag in the note
+//! page): the two requests race in the hypervisor and must make exactly
+//! one restart.
 #![no_std]
 #![no_main]
 
@@ -30,6 +35,14 @@ const NOTE: usize = 0x4080_0000;
 const MAGIC: u64 = u64::from_le_bytes(*b"RSTNOTE1");
 /// Third word of the note: set by vCPU 1 once it runs.
 const SECONDARY_UP: usize = NOTE + 16;
+/// Fourth word of the note: vCPU 1 makes the reset call too (concurrent
+/// mode of this boot).
+const BOTH_RESET: usize = NOTE + 24;
+/// Fifth word of the note: the handshake before the concurrent reset calls
+/// (vCPU 0 sets 1, vCPU 1 answers 2, then both call at once).
+const GO: usize = NOTE + 32;
+/// x0 bit: concurrent mode.
+const CONCURRENT: u64 = 1 << 32;
 /// The canary's value in the image.
 const CANARY_INIT: u64 = 0x00c0_ffee_0dd5_0001;
 /// What each boot leaves in the canary.
@@ -48,11 +61,29 @@ fn write(addr: usize, v: u64) {
     unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
 }
 
+/// The reset call of boot `boot`: SYSTEM_RESET on odd boots,
+/// SYSTEM_RESET2 (warm reset) on even ones; returns x0 if it returns.
+fn reset_call(boot: u64) -> u64 {
+    if boot % 2 == 1 {
+        hvc(psci::SYSTEM_RESET as u64, 0, 0, 0)[0]
+    } else {
+        hvc(psci::SYSTEM_RESET2_64 as u64, 0, 0, 0)[0]
+    }
+}
+
 /// vCPU 1 (from `smp_secondary_entry`): says it runs, then spins forever
-/// without leaving the guest.
+/// without leaving the guest, or (concurrent mode) waits for the go flag
+/// and makes the boot's reset call too.
 #[no_mangle]
 extern "C" fn smp_secondary_main(index: u64) -> ! {
     write(SECONDARY_UP, index);
+    if read(BOTH_RESET) == 1 {
+        while read(GO) != 1 {
+            core::hint::spin_loop();
+        }
+        write(GO, 2);
+        reset_call(read(NOTE + 8));
+    }
     loop {
         core::hint::spin_loop();
     }
@@ -60,8 +91,9 @@ extern "C" fn smp_secondary_main(index: u64) -> ! {
 
 /// vCPU 0 (from guest-rt).
 #[no_mangle]
-pub fn guest_main(resets: u64, _: u64, _: u64, _: u64) -> u64 {
-    let resets = resets.max(1);
+pub fn guest_main(x0: u64, _: u64, _: u64, _: u64) -> u64 {
+    let concurrent = x0 & CONCURRENT != 0;
+    let resets = (x0 & 0xffff_ffff).max(1);
     let boot = if read(NOTE) == MAGIC {
         read(NOTE + 8) + 1
     } else {
@@ -108,6 +140,8 @@ pub fn guest_main(resets: u64, _: u64, _: u64, _: u64) -> u64 {
     }
     if secondary {
         write(SECONDARY_UP, 0);
+        write(GO, 0);
+        write(BOTH_RESET, concurrent as u64);
         let r = smp::cpu_on(1);
         if r != psci::RET_SUCCESS {
             println!("reset: CPU_ON of vCPU 1 returned {r}: FAIL");
@@ -118,13 +152,23 @@ pub fn guest_main(resets: u64, _: u64, _: u64, _: u64) -> u64 {
         }
         println!("reset: vCPU 1 is spinning in the guest");
     }
-    let r = if boot % 2 == 1 {
-        println!("reset: SYSTEM_RESET");
-        hvc(psci::SYSTEM_RESET as u64, 0, 0, 0)[0]
+    let both = if secondary && concurrent {
+        " (vCPU 1 too, at the same time)"
     } else {
-        println!("reset: SYSTEM_RESET2 (warm reset)");
-        hvc(psci::SYSTEM_RESET2_64 as u64, 0, 0, 0)[0]
+        ""
     };
+    if boot % 2 == 1 {
+        println!("reset: SYSTEM_RESET{both}");
+    } else {
+        println!("reset: SYSTEM_RESET2 (warm reset){both}");
+    }
+    write(GO, 1);
+    if !both.is_empty() {
+        while read(GO) != 2 {
+            core::hint::spin_loop();
+        }
+    }
+    let r = reset_call(boot);
     println!("reset: the reset call returned {}: FAIL", r as i64);
     1
 }
