@@ -93,15 +93,9 @@ impl Pcp {
     }
 }
 
-/// Index of the calling thread's per-CPU list (threads stand in for CPUs:
-/// each vCPU thread keeps its list, assigned round-robin on first use).
+/// Index of the calling thread's per-CPU list.
 fn pcp_index(n: usize) -> usize {
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    SLOT.with(|s| *s % n)
+    crate::percpu::slot() % n
 }
 
 /// A thread-safe buddy allocator over `[base, base+size)`.

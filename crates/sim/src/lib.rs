@@ -60,6 +60,7 @@ pub mod checker;
 pub mod cpu;
 pub mod mm;
 pub mod mmu;
+mod percpu;
 pub mod physmem;
 pub mod rng;
 pub mod sched;

@@ -278,20 +278,85 @@ struct Folio {
     busy: bool,
 }
 
-struct VmaNode {
-    vma: Vma,
-    folios: Mutex<BTreeMap<u64, Folio>>,
+/// Shards of a VMA's folio map.
+const FOLIO_SHARDS: usize = 64;
+
+/// One shard of a [`FolioMap`]: its folios and the condition variable
+/// waiters on its busy folios sleep on. Aligned so that shards do not share
+/// cache lines.
+#[repr(align(128))]
+struct Shard {
+    map: Mutex<BTreeMap<u64, Folio>>,
     cv: Condvar,
-    /// Set (under the folios lock) once munmap/exit dropped the folios: a
-    /// fault-in that found the node before must not populate it again (the
-    /// new folio would never be freed).
-    dead: std::sync::atomic::AtomicBool,
 }
 
-impl VmaNode {
+impl Shard {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Folio>> {
-        self.folios.lock().unwrap_or_else(|e| e.into_inner())
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn wait<'a>(
+        &self,
+        g: MutexGuard<'a, BTreeMap<u64, Folio>>,
+    ) -> MutexGuard<'a, BTreeMap<u64, Folio>> {
+        self.cv.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A VMA's resident folios, sharded by chunks of the address space (2M, or
+/// 1G for hugetlb 1G VMAs), like Linux's split page-table locks: a folio
+/// never crosses a chunk edge (folios are aligned to their size, which is
+/// at most the chunk), so it lives in the shard of any address it covers,
+/// and faults in different chunks take different locks.
+struct FolioMap {
+    shift: u32,
+    shards: Box<[Shard]>,
+}
+
+impl FolioMap {
+    fn new(kind: VmaKind) -> FolioMap {
+        FolioMap {
+            shift: if kind == VmaKind::Hugetlb1G { 30 } else { 21 },
+            shards: (0..FOLIO_SHARDS)
+                .map(|_| Shard {
+                    map: Mutex::new(BTreeMap::new()),
+                    cv: Condvar::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The shard holding the folio that covers `hva`, if any.
+    fn shard(&self, hva: u64) -> &Shard {
+        &self.shards[(hva >> self.shift) as usize % FOLIO_SHARDS]
+    }
+
+    /// The first address a folio overlapping `[start, ..)` can start at.
+    fn floor(&self, start: u64) -> u64 {
+        start & !((1u64 << self.shift) - 1)
+    }
+
+    /// The shards that may hold folios overlapping `[start, end)`.
+    fn shards_for(&self, start: u64, end: u64) -> Vec<&Shard> {
+        let (first, last) = (start >> self.shift, end.saturating_sub(1) >> self.shift);
+        if last.saturating_sub(first) < FOLIO_SHARDS as u64 {
+            (first..=last)
+                .map(|c| self.shard(c << self.shift))
+                .collect()
+        } else {
+            self.shards.iter().collect()
+        }
+    }
+}
+
+struct VmaNode {
+    vma: Vma,
+    folios: FolioMap,
+    /// Set once munmap/exit starts dropping the folios, before any shard is
+    /// emptied: a fault-in that found the node before sees it under its
+    /// shard's lock and must not populate it again (the new folio would
+    /// never be freed).
+    dead: std::sync::atomic::AtomicBool,
 }
 
 /// What `fault_vma` found.
@@ -333,8 +398,8 @@ fn find(folios: &BTreeMap<u64, Folio>, hva: u64) -> Option<(u64, Folio)> {
 
 struct MmCore {
     machine: Arc<Machine>,
-    allocated: AtomicU64,
-    freed: AtomicU64,
+    allocated: crate::percpu::Counter,
+    freed: crate::percpu::Counter,
 }
 
 impl MmCore {
@@ -349,8 +414,7 @@ impl MmCore {
         if let Err(e) = self.machine.host_frames().free(pa, size.order()) {
             debug_assert!(false, "process frame free failed: {e}");
         }
-        self.freed
-            .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+        self.freed.add(size.bytes() / PAGE_SIZE);
     }
 
     /// Detaches a folio from the mm: freed now if unpinned, else by the
@@ -480,8 +544,8 @@ impl ProcessMm {
         ProcessMm {
             core: Arc::new(MmCore {
                 machine,
-                allocated: AtomicU64::new(0),
-                freed: AtomicU64::new(0),
+                allocated: Default::default(),
+                freed: Default::default(),
             }),
             inner: RwLock::new(MmInner {
                 vmas: BTreeMap::new(),
@@ -572,8 +636,7 @@ impl ProcessMm {
                 len,
                 kind,
             },
-            folios: Mutex::new(BTreeMap::new()),
-            cv: Condvar::new(),
+            folios: FolioMap::new(kind),
             dead: std::sync::atomic::AtomicBool::new(false),
         };
         inner.vmas.insert(start, Arc::new(node));
@@ -605,7 +668,8 @@ impl ProcessMm {
             FaultVma::Folios(node) => node,
         };
         let vma = &node.vma;
-        let mut folios = node.lock();
+        let shard = node.folios.shard(hva.0);
+        let mut folios = shard.lock();
         loop {
             // munmap/exit ran since the VMA lookup.
             if node.dead.load(Ordering::Acquire) {
@@ -613,7 +677,7 @@ impl ProcessMm {
             }
             if let Some((start, f)) = find(&folios, hva.0) {
                 if f.busy {
-                    folios = node.cv.wait(folios).unwrap_or_else(|e| e.into_inner());
+                    folios = shard.wait(folios);
                     continue;
                 }
                 return Ok(self.pin_folio(&mut folios, vma, hva, start, f));
@@ -623,7 +687,7 @@ impl ProcessMm {
             // on other pages of the VMA (other vCPUs) proceed meanwhile.
             drop(folios);
             let (start, pa, size) = self.new_folio(vma, hva, size)?;
-            folios = node.lock();
+            folios = shard.lock();
             self.install_folio(&node, &mut folios, start, pa, size);
         }
     }
@@ -726,9 +790,7 @@ impl ProcessMm {
             return;
         }
         self.swap_in(&node.vma, start, pa, size);
-        self.core
-            .allocated
-            .fetch_add(size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+        self.core.allocated.add(size.bytes() / PAGE_SIZE);
         folios.insert(
             start,
             Folio {
@@ -781,7 +843,7 @@ impl ProcessMm {
     pub fn resident(&self, hva: Hva) -> Option<(Pa, PageSize)> {
         let inner = self.read();
         let node = inner.find(hva)?;
-        let folios = node.lock();
+        let folios = node.folios.shard(hva.0).lock();
         find(&folios, hva.0).map(|(s, f)| (f.pa + ((hva.0 - s) & !(PAGE_SIZE - 1)), f.size))
     }
 
@@ -818,35 +880,46 @@ impl ProcessMm {
         if matches!(node.vma.kind, VmaKind::PfnMap { .. }) {
             return;
         }
-        let folios = {
-            let mut g = node.lock();
-            node.dead.store(true, Ordering::Release);
-            // A reclaim, migration or THP split in flight owns its (busy)
-            // folio until it is done with it: wait, so the frame is freed
-            // exactly once, by whoever holds it last.
-            while g.values().any(|f| f.busy) {
-                g = node.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        // Dead before any shard is emptied: a fault-in that takes a shard's
+        // lock after this sees it and installs nothing.
+        node.dead.store(true, Ordering::Release);
+        for shard in node.folios.shards.iter() {
+            let folios = {
+                let mut g = shard.lock();
+                // A reclaim, migration or THP split in flight owns its (busy)
+                // folio until it is done with it: wait, so the frame is freed
+                // exactly once, by whoever holds it last.
+                while g.values().any(|f| f.busy) {
+                    g = shard.wait(g);
+                }
+                std::mem::take(&mut *g)
+            };
+            for f in folios.values() {
+                self.core.orphan(f);
             }
-            std::mem::take(&mut *g)
-        };
-        for f in folios.values() {
-            self.core.orphan(f);
         }
     }
 
     /// Marks the unpinned folios of `node` in `[start, end)` busy.
     fn take_unpinned(&self, node: &VmaNode, start: u64, end: u64) -> Vec<(u64, Folio)> {
-        let mut folios = node.lock();
         let mut out = Vec::new();
-        for (&s, f) in folios.range_mut(..end) {
-            if s + f.size.bytes() <= start || f.busy {
-                continue;
-            }
-            if self.core.pin_word(f.pa).load(Ordering::Acquire) == 0 {
-                f.busy = true;
-                out.push((s, *f));
+        if end <= start {
+            return out;
+        }
+        let lo = node.folios.floor(start);
+        for shard in node.folios.shards_for(start, end) {
+            let mut folios = shard.lock();
+            for (&s, f) in folios.range_mut(lo..end) {
+                if s + f.size.bytes() <= start || f.busy {
+                    continue;
+                }
+                if self.core.pin_word(f.pa).load(Ordering::Acquire) == 0 {
+                    f.busy = true;
+                    out.push((s, *f));
+                }
             }
         }
+        out.sort_unstable_by_key(|&(s, _)| s);
         out
     }
 
@@ -890,10 +963,11 @@ impl ProcessMm {
                     }
                     self.swapped.store(swap.len() as u64, Ordering::Release);
                 }
-                node.lock().remove(&s);
+                let shard = node.folios.shard(s);
+                shard.lock().remove(&s);
                 self.core.free_folio(f.pa, f.size);
                 pages += f.size.bytes() / PAGE_SIZE;
-                node.cv.notify_all();
+                shard.cv.notify_all();
                 Self::notify_end(&l, &r);
             }
         }
@@ -907,7 +981,7 @@ impl ProcessMm {
         }
         let node = inner.find(hva).ok_or(MmError::NoVma(hva))?.clone();
         drop(inner);
-        let folios = node.lock();
+        let folios = node.folios.shard(hva.0).lock();
         let (s, f) = find(&folios, hva.0).ok_or(MmError::NotResident(hva))?;
         drop(folios);
         Ok((node, s, f))
@@ -933,16 +1007,15 @@ impl ProcessMm {
         let new = match self.core.machine.host_frames().alloc(f.size.order()) {
             Ok(pa) => pa,
             Err(_) => {
-                if let Some(x) = node.lock().get_mut(&s) {
+                let shard = node.folios.shard(s);
+                if let Some(x) = shard.lock().get_mut(&s) {
                     x.busy = false;
                 }
-                node.cv.notify_all();
+                shard.cv.notify_all();
                 return Err(MmError::OutOfMemory);
             }
         };
-        self.core
-            .allocated
-            .fetch_add(f.size.bytes() / PAGE_SIZE, Ordering::Relaxed);
+        self.core.allocated.add(f.size.bytes() / PAGE_SIZE);
         let r = InvalidateRange {
             start: Hva(s),
             end: Hva(s + f.size.bytes()),
@@ -952,12 +1025,13 @@ impl ProcessMm {
         let mem = self.core.machine.mem();
         mem.copy(new, f.pa, f.size.bytes())
             .expect("host frames are RAM");
-        if let Some(x) = node.lock().get_mut(&s) {
+        let shard = node.folios.shard(s);
+        if let Some(x) = shard.lock().get_mut(&s) {
             x.pa = new;
             x.busy = false;
         }
         self.core.free_folio(f.pa, f.size);
-        node.cv.notify_all();
+        shard.cv.notify_all();
         Self::notify_end(&l, &r);
         Ok(new)
     }
@@ -987,8 +1061,9 @@ impl ProcessMm {
             .host_frames()
             .split_allocation(f.pa, f.size.order())
             .expect("THP frames are allocated");
+        let shard = node.folios.shard(s);
         {
-            let mut folios = node.lock();
+            let mut folios = shard.lock();
             folios.remove(&s);
             for i in 0..512 {
                 folios.insert(
@@ -1002,7 +1077,7 @@ impl ProcessMm {
                 );
             }
         }
-        node.cv.notify_all();
+        shard.cv.notify_all();
         Self::notify_end(&l, &r);
         Ok(())
     }
@@ -1010,16 +1085,22 @@ impl ProcessMm {
     fn young_in(&self, start: Hva, end: Hva, clear: bool) -> bool {
         let inner = self.read();
         let mut young = false;
+        if end.0 <= start.0 {
+            return false;
+        }
         for n in inner
             .vmas
             .values()
             .filter(|n| n.vma.start.0 < end.0 && n.vma.end().0 > start.0)
         {
-            for (s, f) in n.lock().range_mut(..end.0) {
-                if s + f.size.bytes() > start.0 && f.young {
-                    young = true;
-                    if clear {
-                        f.young = false;
+            let lo = n.folios.floor(start.0);
+            for shard in n.folios.shards_for(start.0, end.0) {
+                for (s, f) in shard.lock().range_mut(lo..end.0) {
+                    if s + f.size.bytes() > start.0 && f.young {
+                        young = true;
+                        if clear {
+                            f.young = false;
+                        }
                     }
                 }
             }
@@ -1074,8 +1155,8 @@ impl ProcessMm {
     /// Counters.
     pub fn stats(&self) -> MmStats {
         MmStats {
-            frames_allocated: self.core.allocated.load(Ordering::Relaxed),
-            frames_freed: self.core.freed.load(Ordering::Relaxed),
+            frames_allocated: self.core.allocated.sum(),
+            frames_freed: self.core.freed.sum(),
             swapped: self.swap.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
         }
     }

@@ -378,3 +378,67 @@ fn reclaim_migrate_split_racing_munmap_free_each_frame_once() {
         "frames leaked or freed twice"
     );
 }
+
+/// Range operations see every folio of a range however it falls across the
+/// folio map's shards: ranges of one chunk, a few chunks, and more chunks
+/// than there are shards (where several chunks share a shard), with folios
+/// at chunk edges and a range starting inside a folio.
+#[test]
+fn range_operations_cover_every_shard_of_the_folio_map() {
+    let m = big();
+    let mm = ProcessMm::new(m.clone());
+    let chunks = FOLIO_SHARDS as u64 * 2 + 3;
+    let len = chunks << 21;
+    let base = mm.mmap(len, VmaKind::Anonymous4K).unwrap();
+    // The first and last 4K page of every 2M chunk.
+    let mut resident = Vec::new();
+    for c in 0..chunks {
+        for off in [0, (2 << 20) - PAGE_SIZE] {
+            let hva = base + (c << 21) + off;
+            drop(mm.fault_in(hva, true).unwrap());
+            resident.push(hva);
+        }
+    }
+    let count = |lo: Hva, hi: Hva| {
+        resident
+            .iter()
+            .filter(|h| h.0 >= lo.0 && h.0 < hi.0)
+            .count()
+    };
+    // Every range's reclaim frees exactly the resident pages inside it.
+    let ranges = [
+        (base + PAGE_SIZE, 2 << 20),                          // inside one chunk
+        (base + ((3 << 21) - PAGE_SIZE), 3 << 21),            // across 3 chunks
+        (base + (10 << 21), (FOLIO_SHARDS as u64 + 5) << 21), // more chunks than shards
+    ];
+    for (start, n) in ranges {
+        assert!(mm.test_age(start, start + n) || count(start, start + n) == 0);
+        let want = resident
+            .iter()
+            .filter(|h| h.0 >= start.0 && h.0 < start.0 + n && mm.resident(**h).is_some())
+            .count() as u64;
+        assert_eq!(mm.reclaim(start, n), want, "reclaim of {start:?} + {n:#x}");
+        for h in &resident {
+            if h.0 >= start.0 && h.0 < start.0 + n {
+                assert_eq!(mm.resident(*h), None, "{h:?} left resident");
+            }
+        }
+    }
+    // Aging clears every young folio, in every shard, exactly once.
+    assert!(mm.age(base, base + len));
+    assert!(!mm.test_age(base, base + len));
+    assert!(!mm.age(base, base + len));
+    mm.munmap(base, len).unwrap();
+    // A range that starts inside a huge folio still covers it.
+    let thp = mm.mmap(8 << 20, VmaKind::AnonymousThp).unwrap();
+    drop(mm.fault_in(thp + (2 << 20), true).unwrap());
+    assert_eq!(
+        mm.resident(thp + (3 << 20)).map(|r| r.1),
+        Some(PageSize::Size2M)
+    );
+    assert!(mm.test_age(thp + (3 << 20), thp + (5 << 20)));
+    assert_eq!(mm.reclaim(thp + (3 << 20), 2 << 20), 512);
+    assert_eq!(mm.resident(thp + (2 << 20)), None);
+    mm.munmap(thp, 8 << 20).unwrap();
+    assert_eq!(mm.stats().frames_allocated, mm.stats().frames_freed);
+}
