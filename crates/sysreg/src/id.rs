@@ -646,6 +646,30 @@ impl IdOverrides {
         }
     }
 
+    /// Offers SVE with a maximum vector length of `vl_bytes`.
+    pub const fn with_sve(mut self, vl_bytes: u16) -> Self {
+        self.sve_max_vl = Some(vl_bytes);
+        self
+    }
+
+    /// Offers a virtual PMU.
+    pub const fn with_pmu(mut self) -> Self {
+        self.pmu = true;
+        self
+    }
+
+    /// Limits the virtual PMU to `n` event counters.
+    pub const fn with_pmu_counters(mut self, n: u8) -> Self {
+        self.pmu_counters = Some(n);
+        self
+    }
+
+    /// Withholds pointer authentication.
+    pub const fn without_pauth(mut self) -> Self {
+        self.pauth = false;
+        self
+    }
+
     /// Asks for `value` in the field named `name` (e.g.
     /// `"ID_AA64ISAR0_EL1.AES"`). Checked against the host by [`VmFeatures::new`].
     ///
