@@ -27,7 +27,7 @@ struct ArchReg {
     requires: Option<HostFeature>,
 }
 
-fn r(name: &str, e: (u8, u8, u8, u8, u8), requires: Option<HostFeature>) -> ArchReg {
+fn r(name: &str, e: Enc, requires: Option<HostFeature>) -> ArchReg {
     ArchReg {
         name: name.to_string(),
         enc: Encoding::new(e.0, e.1, e.2, e.3, e.4),
@@ -35,9 +35,12 @@ fn r(name: &str, e: (u8, u8, u8, u8, u8), requires: Option<HostFeature>) -> Arch
     }
 }
 
-/// Fixed registers: (name, op0, op1, CRn, CRm, op2, feature).
+/// op0, op1, CRn, CRm, op2.
+type Enc = (u8, u8, u8, u8, u8);
+
+/// Fixed registers: (name, encoding, feature).
 #[rustfmt::skip]
-const FIXED: &[(&str, (u8, u8, u8, u8, u8), Option<HostFeature>)] = &[
+const FIXED: &[(&str, Enc, Option<HostFeature>)] = &[
     // Identification.
     ("MIDR_EL1", (3, 0, 0, 0, 0), None),
     ("MPIDR_EL1", (3, 0, 0, 0, 5), None),
