@@ -528,6 +528,14 @@ pub enum IdError {
         /// The most this VM can have.
         allowed: u8,
     },
+    /// A reserved value of a signed field (`0x8..=0xE`; only `0xF`, "not
+    /// implemented", is negative).
+    Reserved {
+        /// The field.
+        field: &'static str,
+        /// What was asked.
+        requested: u8,
+    },
     /// The configuration asks for less than the architecture allows.
     BelowMinimum {
         /// The field.
@@ -582,6 +590,10 @@ impl fmt::Display for IdError {
             } => write!(
                 f,
                 "VM configuration: {field} = {requested:#x} is more than this host offers (at most {allowed:#x})"
+            ),
+            IdError::Reserved { field, requested } => write!(
+                f,
+                "VM configuration: {field} = {requested:#x} is a reserved value"
             ),
             IdError::BelowMinimum {
                 field,
@@ -865,6 +877,12 @@ impl VmFeatures {
 }
 
 fn check_request(fd: &IdField, req: u8, allowed: u8) -> Result<u8, IdError> {
+    if fd.signed && (0x8..=0xe).contains(&req) {
+        return Err(IdError::Reserved {
+            field: fd.name,
+            requested: req,
+        });
+    }
     if fd.rank(req) > fd.rank(allowed) {
         return Err(IdError::AboveHost {
             field: fd.name,

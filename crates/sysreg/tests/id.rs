@@ -389,3 +389,16 @@ fn cache_topology_is_one_unified_level_from_ctr() {
     let v = vm(&minimal_host(), &IdOverrides::new());
     assert_eq!(v.clidr(), 0b100 | (1 << 21) | (1 << 24) | (1 << 27));
 }
+
+#[test]
+fn reserved_values_of_signed_fields_are_refused() {
+    let mut cfg = IdOverrides::new();
+    cfg.set("ID_AA64MMFR0_EL1.TGran64", 0x8).unwrap();
+    assert_eq!(
+        VmFeatures::new(&full_host(), &cfg),
+        Err(IdError::Reserved {
+            field: "ID_AA64MMFR0_EL1.TGran64",
+            requested: 0x8
+        })
+    );
+}
