@@ -150,13 +150,13 @@ proptest! {
         }
         // Only a successful write changes stored state, and only its own
         // row (OSLAR writes OSLSR).
-        for i in 0..REGISTERS.len() {
+        for (i, reg) in REGISTERS.iter().enumerate() {
             if file.get(i) != before.get(i) {
                 prop_assert_eq!(&want, &Expect::Write);
                 let own = Some(i) == row;
-                let oslsr = REGISTERS[i].name == "OSLSR_EL1"
+                let oslsr = reg.name == "OSLSR_EL1"
                     && row.is_some_and(|r| REGISTERS[r].handler == Handler::Oslar);
-                prop_assert!(own || oslsr, "{} changed by {}", REGISTERS[i], t.enc);
+                prop_assert!(own || oslsr, "{} changed by {}", reg, t.enc);
             }
         }
     }
