@@ -23,9 +23,9 @@ pub struct El1State {
 
 /// PSTATE bits used here.
 pub mod pstate {
-    /// M[3:0]: EL and SP selection.
+    /// `M[3:0]`: EL and SP selection.
     pub const M_MASK: u64 = 0xf;
-    /// M[4] (nRW): 1 = AArch32.
+    /// `M[4]` (nRW): 1 = AArch32.
     pub const NRW: u64 = 1 << 4;
     /// EL1h: EL1 using SP_EL1.
     pub const MODE_EL1H: u64 = 0b0101;
