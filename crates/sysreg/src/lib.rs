@@ -43,7 +43,10 @@
 //! set/way and SGI models behind the hooks, SVE state (Z/P/FFR) switching,
 //! AArch32 guests (no AArch32 is offered; the AArch32 ID registers read as
 //! zero, though a CPU with AArch32 EL0 still lets a guest enter it),
-//! nested virtualisation, fine-grained traps (FEAT_FGT) and `HCRX_EL2`,
+//! nested virtualisation, fine-grained traps (FEAT_FGT: a few read-only
+//! registers stay readable, see [`Via::HostReadOnly`]) and `HCRX_EL2` (the
+//! EL2 image must write 0 to it on FEAT_HCX CPUs so that `TCR2_EL1`,
+//! `SCTLR2_EL1` and the like trap and get the table's UNDEF),
 //! the trace unit's own registers (trapped wholesale by `CPTR_EL2.TTA`,
 //! not listed), `MPAMIDR_EL1`, and implementation-defined registers
 //! (trapped by `HCR_EL2.TIDCP`, answered with an UNDEF as unknown encodings).

@@ -21,6 +21,11 @@ pub enum Via {
     /// Read-only and identical on every CPU (`CNTFRQ_EL0`, `DCZID_EL0`):
     /// nothing to switch, nothing to hide.
     Constant,
+    /// Read-only, answered by the CPU itself: no coarse EL2 control traps
+    /// it (only FEAT_FGT, which is left out), and what it shows tells the
+    /// guest nothing usable (`PMBIDR_EL1.P`/`TRBIDR_EL1.P` read 1:
+    /// "programming not allowed", the buffers belong to EL2).
+    HostReadOnly,
 }
 
 /// When an entry applies.
@@ -108,6 +113,25 @@ pub const SWITCHED: &[Switched] = &[
     offered("APDBKeyHi_EL1", (3, 0, 2, 2, 3), Offer::PAuth),
     offered("APGAKeyLo_EL1", (3, 0, 2, 3, 0), Offer::PAuth),
     offered("APGAKeyHi_EL1", (3, 0, 2, 3, 1), Offer::PAuth),
+    // SME state that no coarse control traps (CPTR_EL2.TSM does not cover
+    // them): switched on an SME host even though SME is never offered.
+    Switched {
+        when: When::Host(HostFeature::Sme),
+        ..ws("SMPRI_EL1", (3, 0, 1, 2, 4))
+    },
+    Switched {
+        when: When::Host(HostFeature::Sme),
+        ..ws("TPIDR2_EL0", (3, 3, 13, 0, 5))
+    },
+    // Profiling/trace buffer identification, readable at EL1 without FGT.
+    Switched {
+        when: When::Host(HostFeature::Spe),
+        ..via("PMBIDR_EL1", (3, 0, 9, 10, 7), Via::HostReadOnly)
+    },
+    Switched {
+        when: When::Host(HostFeature::Trbe),
+        ..via("TRBIDR_EL1", (3, 0, 9, 11, 7), Via::HostReadOnly)
+    },
     // The virtual timer: direct, its state switched, one CNTVOFF_EL2 per VM.
     ws("CNTV_CTL_EL0", (3, 3, 14, 3, 1)),
     ws("CNTV_CVAL_EL0", (3, 3, 14, 3, 2)),

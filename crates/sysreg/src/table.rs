@@ -677,17 +677,17 @@ const fn timer_cache_gic_pauth(b: Builder) -> Builder {
 
 /// Features not virtualised: MTE, SME, SVE when not offered (switched
 /// when offered), SPE, TRBE, self-hosted trace, RAS error records, LOR,
-/// MPAM, SCXTNUM.
+/// MPAM, SCXTNUM. Some registers of these features do not trap at all
+/// without FEAT_FGT (`TPIDR2_EL0`, `SMPRI_EL1`, `PMBIDR_EL1`,
+/// `TRBIDR_EL1`): they are in [`crate::SWITCHED`] instead.
 const fn hidden_features(b: Builder) -> Builder {
     b.hidden("RGSR_EL1", (3, 0, 1, 0, 5), Trap::AtaClear)
         .hidden("GCR_EL1", (3, 0, 1, 0, 6), Trap::AtaClear)
         .hidden("TFSR_EL1", (3, 0, 5, 6, 0), Trap::AtaClear)
         .hidden("TFSRE0_EL1", (3, 0, 5, 6, 1), Trap::AtaClear)
         .hidden("ZCR_EL1", (3, 0, 1, 2, 0), Trap::Tz)
-        .hidden("SMPRI_EL1", (3, 0, 1, 2, 4), Trap::Tsm)
         .hidden("SMCR_EL1", (3, 0, 1, 2, 6), Trap::Tsm)
         .hidden("SVCR", (3, 3, 4, 2, 2), Trap::Tsm)
-        .hidden("TPIDR2_EL0", (3, 3, 13, 0, 5), Trap::Tsm)
         .hidden("PMSCR_EL1", (3, 0, 9, 9, 0), Trap::Tpms)
         .hidden("PMSNEVFR_EL1", (3, 0, 9, 9, 1), Trap::Tpms)
         .hidden("PMSICR_EL1", (3, 0, 9, 9, 2), Trap::Tpms)
@@ -699,14 +699,12 @@ const fn hidden_features(b: Builder) -> Builder {
         .hidden("PMBLIMITR_EL1", (3, 0, 9, 10, 0), Trap::E2pb)
         .hidden("PMBPTR_EL1", (3, 0, 9, 10, 1), Trap::E2pb)
         .hidden("PMBSR_EL1", (3, 0, 9, 10, 3), Trap::E2pb)
-        .hidden("PMBIDR_EL1", (3, 0, 9, 10, 7), Trap::E2pb)
         .hidden("TRBLIMITR_EL1", (3, 0, 9, 11, 0), Trap::E2tb)
         .hidden("TRBPTR_EL1", (3, 0, 9, 11, 1), Trap::E2tb)
         .hidden("TRBBASER_EL1", (3, 0, 9, 11, 2), Trap::E2tb)
         .hidden("TRBSR_EL1", (3, 0, 9, 11, 3), Trap::E2tb)
         .hidden("TRBMAR_EL1", (3, 0, 9, 11, 4), Trap::E2tb)
         .hidden("TRBTRG_EL1", (3, 0, 9, 11, 6), Trap::E2tb)
-        .hidden("TRBIDR_EL1", (3, 0, 9, 11, 7), Trap::E2tb)
         .hidden("TRFCR_EL1", (3, 0, 1, 2, 1), Trap::Ttrf)
         .hidden("ERRIDR_EL1", (3, 0, 5, 3, 0), Trap::Terr)
         .hidden("ERRSELR_EL1", (3, 0, 5, 3, 1), Trap::Terr)
