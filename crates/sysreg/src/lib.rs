@@ -50,6 +50,28 @@
 //! the trace unit's own registers (trapped wholesale by `CPTR_EL2.TTA`,
 //! not listed), `MPAMIDR_EL1`, and implementation-defined registers
 //! (trapped by `HCR_EL2.TIDCP`, answered with an UNDEF as unknown encodings).
+//!
+//! # Example
+//!
+//! The exit that stopped a Debian kernel in issue 10: `msr zcr_el1` with
+//! SVE not offered (EC 0x19). The guest now takes an UNDEF at its vector.
+//!
+//! ```
+//! use pkvm_arch::esr::Esr;
+//! use pkvm_sysreg::{handle_feature_trap, inject_undef, El1State, HostIds, IdOverrides, IdReg};
+//! use pkvm_sysreg::{Outcome, VmFeatures};
+//!
+//! let mut host = HostIds::new();
+//! host.set(IdReg::Pfr0, (1 << 32) | 0x11); // SVE, EL0/EL1 AArch64
+//! host.sve_max_vl = 32;
+//! let vm = VmFeatures::new(&host, &IdOverrides::new())?; // SVE not offered
+//! assert_eq!(handle_feature_trap(&vm, Esr(0x6600_0000)), Some(Outcome::InjectUndef));
+//!
+//! let mut el1 = El1State { pc: 0x4008_0000, pstate: 0x3c5, vbar_el1: 0x4000_0000, ..El1State::default() };
+//! inject_undef(&mut el1);
+//! assert_eq!((el1.pc, el1.elr_el1, el1.esr_el1), (0x4000_0200, 0x4008_0000, 0x0200_0000));
+//! # Ok::<(), pkvm_sysreg::IdError>(())
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
