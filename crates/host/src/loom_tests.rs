@@ -39,10 +39,10 @@ use pkvm_pgtable::env::ENTRIES;
 use pkvm_pgtable::{PtMemory, TlbOps};
 
 use crate::mmu::{HypMapping, S2State};
-use crate::testkit::{guest_frame, migrate, test_vm, Mode, TestBackend, HVA, RAM};
-use crate::VcpuExit;
 use crate::platform::{HostPlatform, PinError, PinnedPage, ProcessMemory, VmaInfo};
+use crate::testkit::{guest_frame, migrate, test_vm, Mode, TestBackend, HVA, RAM};
 use crate::vm::{Vm, VmConfig};
+use crate::VcpuExit;
 
 fn bounded(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();

@@ -15,6 +15,8 @@
 //! Bookkeeping uses `std` mutexes held only across plain code (never
 //! across a loom operation or a hook), so loom models can use it too.
 
+#![cfg_attr(loom, allow(dead_code))]
+
 extern crate std;
 
 use alloc::boxed::Box;
