@@ -541,14 +541,16 @@ fn undo_partial<P: HostPlatform + ?Sized, Pin>(
     block: &pipeline::Block,
 ) {
     let key = block.gfn.0;
-    if maps
-        .get(&key)
-        .is_some_and(|m| m.pa == block.pa && m.npages < block.npages)
-    {
-        let m = maps.remove(&key).expect("checked");
+    let partial = |m: &HypMapping<Pin>| m.pa == block.pa && m.npages < block.npages;
+    if !maps.get(&key).is_some_and(partial) {
+        return;
+    }
+    if let Some(m) = maps.remove(&key) {
         for g in key..key + m.npages {
             let _ = hypcall::unshare_guest(p, cpu, handle, pkvm_arch::Gfn(g));
         }
+        // `m` (the page reference) drops only now that the guest lost
+        // the pages.
     }
 }
 

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 /// A test executable cargo built.
 #[derive(Debug)]
 pub struct TestBinary {
-    /// `package/target` (for messages).
+    /// Package directory, target kind and name (for messages).
     pub label: String,
     /// The executable.
     pub path: PathBuf,
@@ -54,13 +54,17 @@ pub fn build(mut cargo: Command) -> Result<Vec<TestBinary>> {
         if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
             continue;
         }
-        let pkg = v["package_id"].as_str().unwrap_or("");
-        let pkg = pkg.rsplit(['/', '#']).nth(1).unwrap_or(pkg);
-        let manifest = PathBuf::from(manifest);
+        let dir = PathBuf::from(manifest)
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let pkg = dir.file_name().unwrap_or_default().to_string_lossy();
+        let kind = v["target"]["kind"][0].as_str().unwrap_or("?");
+        let name = v["target"]["name"].as_str().unwrap_or("?");
         bins.push(TestBinary {
-            label: format!("{pkg}/{}", v["target"]["name"].as_str().unwrap_or("?")),
+            label: format!("{pkg}: {kind} {name}"),
             path: exe.into(),
-            dir: manifest.parent().map(PathBuf::from).unwrap_or_default(),
+            dir,
         });
     }
     Ok(bins)
