@@ -17,7 +17,11 @@
 //! 7. `map_*`: under the MMU lock (read + shared walk in standard mode,
 //!    write + hypercalls in protected mode), either map, relax permissions,
 //!    or return to the guest to retry because an invalidation ran since the
-//!    sequence was sampled.
+//!    sequence was sampled. In protected mode `plan_protected` decides
+//!    first what is left to map (a block whose sharing stopped part-way
+//!    when the hypervisor's memcache ran dry is resumed), and the sequence
+//!    is re-checked on every attempt, since a memcache top-up drops the
+//!    lock.
 
 use alloc::collections::BTreeMap;
 

@@ -81,6 +81,9 @@ pub fn list(bin: &TestBinary, filter: &[&str]) -> Result<Vec<String>> {
         .current_dir(&bin.dir)
         .output()
         .with_context(|| format!("listing {}", bin.label))?;
+    if !out.status.success() {
+        bail!("listing the tests of {} failed: {}", bin.label, out.status);
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.strip_suffix(": test"))
