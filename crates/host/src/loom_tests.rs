@@ -8,6 +8,10 @@
 //!   freed frame is never left mapped). Removing the sequence re-check in
 //!   `memory_fault` (standard) or `map_protected_locked` (protected) makes
 //!   these models fail ("freed frame ... left mapped");
+//! - two vCPUs faulting on one 2 MiB block in protected mode while the
+//!   hypervisor's memcache runs dry part-way: neither fails (before the
+//!   partial block was recorded, the second one shared its first page
+//!   again and stopped the VM with EXISTS / DENIED);
 //! - two concurrent teardowns (seed 003: VM destroy vs. the mm-exit
 //!   notifier) through the real [`Vm::teardown`] with a fake platform that
 //!   counts allocations, frees and hypercalls: everything is freed exactly
@@ -45,8 +49,12 @@ use crate::vm::{Vm, VmConfig};
 use crate::VcpuExit;
 
 fn bounded(f: impl Fn() + Sync + Send + 'static) {
+    bounded_by(3, f);
+}
+
+fn bounded_by(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
+    b.preemption_bound = Some(preemptions);
     b.max_branches = 100_000;
     b.check(f);
 }
@@ -80,6 +88,48 @@ fn loom_fault_vs_invalidate_never_maps_a_freed_frame_standard() {
 #[test]
 fn loom_fault_vs_invalidate_never_maps_a_freed_frame_protected_mode() {
     fault_vs_invalidate(Mode::Shared);
+}
+
+/// Two vCPUs fault on the same 2 MiB block (protected mode, pages shared
+/// or donated one by one) while the hypervisor's memcache runs dry after
+/// 100 pages: whichever tops it up (dropping the MMU lock), the other
+/// resumes the block or finds its page mapped; neither fails, and the block
+/// is mapped once, to the process's frames.
+/// (Two preemptions: each thread runs a whole fault path, and the race
+/// needs one switch while the MMU lock is dropped.)
+fn two_faults_on_a_block_with_the_memcache_dry(mode: Mode) {
+    bounded_by(2, move || {
+        let vm = test_vm(mode, 2 << 20, 2);
+        vm.platform().hyp.lock().unwrap().budget = Some(100);
+        let vm2 = vm.clone();
+        let t = loom::thread::spawn(move || {
+            let mut vcpu = vm2.vcpu(1).expect("vcpu 1");
+            let mut be = TestBackend::new(&vm2, 1, RAM + 300 * PAGE_SIZE, true).max_entries(3);
+            vcpu.run(&mut be)
+        });
+        let mut vcpu = vm.vcpu(0).expect("vcpu 0");
+        let mut be = TestBackend::new(&vm, 0, RAM + 200 * PAGE_SIZE, true).max_entries(3);
+        let exit0 = vcpu.run(&mut be);
+        let exit1 = t.join().unwrap();
+        assert_eq!((exit0, exit1), (VcpuExit::Halted, VcpuExit::Halted));
+        let hyp = vm.platform().hyp.lock().unwrap();
+        for (gfn, pfn) in &hyp.guest {
+            let hva = HVA + (gfn * PAGE_SIZE - RAM.0);
+            assert_eq!(*pfn, vm.mm().frame(hva).pfn().0, "gfn {gfn:#x}");
+        }
+        drop(hyp);
+        assert!(vm.hyp_mapped_pages() <= 512);
+    });
+}
+
+#[test]
+fn loom_two_faults_on_a_block_with_the_memcache_dry_shared() {
+    two_faults_on_a_block_with_the_memcache_dry(Mode::Shared);
+}
+
+#[test]
+fn loom_two_faults_on_a_block_with_the_memcache_dry_donated() {
+    two_faults_on_a_block_with_the_memcache_dry(Mode::Donated);
 }
 
 // ---------------------------------------------------------------- (b)
