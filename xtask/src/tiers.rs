@@ -2,6 +2,14 @@
 //!
 //! A tier is one command (or one QEMU integration test); it passes or fails
 //! as a whole. The last line printed is always `xtask: N passed, M failed`.
+//!
+//! The Rust test tiers (`test`, `loom`) build with cargo and run each test
+//! binary under a [`watchdog`]: one that runs longer than its limit
+//! (`XTASK_TEST_TIMEOUT` seconds, or the tier's default) is killed and
+//! fails the tier with `timed out after Ns: <binary>: still running:
+//! <tests>` instead of hanging CI.
+
+mod watchdog;
 
 use std::path::Path;
 use std::process::Command;
@@ -12,8 +20,9 @@ use anyhow::{bail, Context, Result};
 use crate::qemu::{self, Console, QemuTest, RunSpec};
 use crate::{image, prereq, repo_root, target_dir};
 
-/// Crates with loom models (run with `--cfg loom`, `--lib loom` filter).
-/// Crates that do not exist yet or contain no loom test are skipped.
+/// Crates with loom models (built with `--cfg loom`; every test target,
+/// unit and integration, runs its tests named `loom*`). Crates that do not
+/// exist yet or contain no loom test are skipped.
 pub const LOOM_CRATES: &[(&str, &str)] = &[
     ("pkvm-sync", "crates/sync"),
     ("pkvm-hyp", "crates/hyp"),
@@ -22,6 +31,22 @@ pub const LOOM_CRATES: &[(&str, &str)] = &[
 
 /// Time limit of one QEMU integration test.
 pub const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default time limit of one test binary (tier `test`).
+pub const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default time limit of one loom test binary (release build; loom
+/// explores every interleaving).
+pub const LOOM_BINARY_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// A test binary's time limit: `XTASK_TEST_TIMEOUT` seconds if set, else
+/// `default`.
+fn time_limit(default: Duration) -> Duration {
+    std::env::var("XTASK_TEST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(default, Duration::from_secs)
+}
 
 struct Tally {
     passed: Vec<String>,
@@ -64,28 +89,56 @@ fn run_status(mut c: Command) -> Result<String> {
     Ok(String::new())
 }
 
-/// Runs `c`, echoing its output, and sums the `test result:` closing lines.
-fn run_tests(mut c: Command) -> Result<String> {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    c.stdout(Stdio::piped());
-    let mut child = c.spawn().with_context(|| format!("starting {c:?}"))?;
-    let out = child.stdout.take().context("stdout")?;
-    let (mut passed, mut failed, mut suites) = (0u64, 0u64, 0u64);
-    for line in BufReader::new(out).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some((p, f)) = parse_result_line(&line) {
-            passed += p;
-            failed += f;
-            suites += 1;
+/// Builds the tests of `cargo_test` (a `cargo test ...` command) and runs
+/// each test binary with `filter` under the watchdog (`limit` each). Every
+/// binary runs even after one failed; the tier fails if any did.
+fn run_tests(cargo_test: Command, filter: &[&str], limit: Duration) -> Result<String> {
+    let bins = watchdog::build(cargo_test)?;
+    let (mut passed, mut ran) = (0u64, 0usize);
+    let mut failures = Vec::new();
+    for b in &bins {
+        let listed = watchdog::list(b, filter)?;
+        if listed.is_empty() {
+            continue;
+        }
+        let mut c = Command::new(&b.path);
+        c.args(filter)
+            .current_dir(&b.dir)
+            .env("CARGO_MANIFEST_DIR", &b.dir);
+        ran += 1;
+        match watchdog::run(c, &b.label, &listed, limit) {
+            Ok(seen) => passed += seen.results.iter().map(|r| r.0).sum::<u64>(),
+            Err(e) => {
+                println!("xtask: FAILED: {e:#}");
+                failures.push(format!("{e:#}"));
+            }
         }
     }
-    let st = child.wait()?;
-    if !st.success() {
-        bail!("{c:?} exited with {st} ({passed} tests passed, {failed} failed)");
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
     }
-    Ok(format!("{passed} tests passed in {suites} suites"))
+    Ok(format!("{passed} tests passed in {ran} binaries"))
+}
+
+/// The workspace's doc tests, the whole command under the watchdog.
+fn doc_tests(limit: Duration) -> Result<String> {
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--doc"]);
+    let seen = watchdog::run(c, "doc tests", &[], limit)?;
+    let passed: u64 = seen.results.iter().map(|r| r.0).sum();
+    Ok(format!("{passed} doc tests passed"))
+}
+
+fn test_tier() -> Result<String> {
+    let limit = time_limit(TEST_BINARY_TIMEOUT);
+    let mut c = cargo();
+    c.args(["test", "--workspace"]);
+    let unit = run_tests(c, &[], limit);
+    let doc = doc_tests(limit);
+    match (unit, doc) {
+        (Ok(u), Ok(d)) => Ok(format!("{u}; {d}")),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
 }
 
 /// Parses `test result: ok. 12 passed; 0 failed; ...` into `(12, 0)`.
@@ -120,7 +173,7 @@ fn has_loom_tests(dir: &Path) -> bool {
             }
         })
     }
-    walk(&dir.join("src"))
+    walk(&dir.join("src")) || walk(&dir.join("tests"))
 }
 
 fn loom_tier() -> Result<String> {
@@ -142,8 +195,10 @@ fn loom_tier() -> Result<String> {
     for p in &present {
         c.arg("-p").arg(p);
     }
-    c.args(["--lib", "loom"]);
-    run_tests(c).map(|n| format!("{n}; crates: {}", present.join(", ")))
+    // Unit tests and integration tests (`tests/*.rs` loom models).
+    c.args(["--lib", "--tests"]);
+    run_tests(c, &["loom"], time_limit(LOOM_BINARY_TIMEOUT))
+        .map(|n| format!("{n}; crates: {}", present.join(", ")))
 }
 
 fn boot_build_tier() -> Result<String> {
@@ -166,8 +221,21 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     std::fs::write(&gfile, crate::asm::external_test_guest())?;
     let offfile = gdir.join("cpu-off.bin");
     std::fs::write(&offfile, crate::asm::cpu_off_guest())?;
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    Ok(vec![
+    let mut v = scenario_tests();
+    v.extend(sched_tests());
+    v.extend(reset_tests());
+    v.extend(external_guest_tests(&gfile, &offfile));
+    Ok(v)
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// The built-in scenarios: touch, exits, demo, protected.
+fn scenario_tests() -> Vec<QemuTest> {
+    let s = strings;
+    vec![
         QemuTest {
             name: "qemu:touch-64m",
             spec: RunSpec::scenario("touch"),
@@ -226,22 +294,13 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "scenario protected: PASS",
             ]),
         },
-        QemuTest {
-            name: "qemu:external-guest",
-            spec: RunSpec {
-                scenario: "guest".into(),
-                guest: Some(gfile.clone()),
-                smp: 1,
-                mem_mib: 32,
-                append: "console=ttyAMA0 xtask-test".into(),
-                host_cpus: 0,
-            },
-            exit_code: 0,
-            markers: s(&[
-                &format!("[guest guest] {}", crate::asm::GUEST_MESSAGE),
-                "vm guest: powered off (PSCI SYSTEM_OFF)",
-            ]),
-        },
+    ]
+}
+
+/// SMP bring-up and scheduling of more vCPUs than CPUs.
+fn sched_tests() -> Vec<QemuTest> {
+    let s = strings;
+    vec![
         sched_smp_test("qemu:sched-smp-4on4", "sched-smp", "smp", 4, 4),
         sched_smp_test("qemu:sched-smp-8on2", "sched-smp", "smp", 8, 2),
         sched_smp_test(
@@ -267,6 +326,14 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "scenario sched-spin: PASS",
             ]),
         },
+    ]
+}
+
+/// PSCI SYSTEM_RESET / SYSTEM_RESET2, standard and protected, and the
+/// reset-forever guest loaded from a file.
+fn reset_tests() -> Vec<QemuTest> {
+    let s = strings;
+    vec![
         QemuTest {
             name: "qemu:reset-2on2",
             spec: RunSpec::sched("reset", 2, 2),
@@ -347,11 +414,35 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "scenario guest: FAIL",
             ]),
         },
+    ]
+}
+
+/// Guests loaded from files: the hello guest (`gfile`) and the
+/// all-vCPUs-off guest (`offfile`).
+fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
+    let s = strings;
+    vec![
+        QemuTest {
+            name: "qemu:external-guest",
+            spec: RunSpec {
+                scenario: "guest".into(),
+                guest: Some(gfile.to_path_buf()),
+                smp: 1,
+                mem_mib: 32,
+                append: "console=ttyAMA0 xtask-test".into(),
+                host_cpus: 0,
+            },
+            exit_code: 0,
+            markers: s(&[
+                &format!("[guest guest] {}", crate::asm::GUEST_MESSAGE),
+                "vm guest: powered off (PSCI SYSTEM_OFF)",
+            ]),
+        },
         QemuTest {
             name: "qemu:external-guest-all-vcpus-off",
             spec: RunSpec {
                 scenario: "guest".into(),
-                guest: Some(offfile),
+                guest: Some(offfile.to_path_buf()),
                 smp: 2,
                 mem_mib: 32,
                 append: String::new(),
@@ -369,7 +460,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             name: "qemu:external-guest-smp8on2",
             spec: RunSpec {
                 scenario: "guest".into(),
-                guest: Some(gfile.clone()),
+                guest: Some(gfile.to_path_buf()),
                 smp: 8,
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
@@ -384,7 +475,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
                 "scenario guest: PASS",
             ]),
         },
-    ])
+    ]
 }
 
 /// The SMP guest (a pkvm-host VM named `vm` in `scenario`) with `vcpus`
@@ -473,9 +564,7 @@ pub fn run_all(only: Option<&str>, verbose: bool) -> Result<i32> {
         t.record("doc", run_status(c));
     }
     if want("test") {
-        let mut c = cargo();
-        c.args(["test", "--workspace"]);
-        t.record("test", run_tests(c));
+        t.record("test", test_tier());
     }
     if want("loom") {
         t.record("loom", loom_tier());

@@ -33,6 +33,8 @@
 extern crate alloc;
 
 pub mod fault;
+#[cfg(all(test, not(loom)))]
+mod fault_tests;
 pub mod hypcall;
 mod loom_shim;
 #[cfg(all(test, loom))]
@@ -45,6 +47,8 @@ pub mod psci;
 pub mod reset;
 #[cfg(all(test, loom))]
 mod system_event_loom;
+#[cfg(test)]
+mod testkit;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -1,7 +1,17 @@
-//! Loom models of the host's two races, on the real types:
-//! - fault vs. invalidate: the real [`Mmu`] (sequence, in-progress count,
-//!   range, MMU lock; loom atomics through `loom_shim`): a stale frame is
-//!   never left mapped;
+//! Loom models of the host's two races, driving the real code:
+//! - fault vs. invalidation: a vCPU thread runs the real fault path
+//!   (`Vcpu::run` -> pipeline -> `map_standard` / `map_protected`) on the
+//!   [`crate::testkit`] doubles (a page-table memory and a fake hypervisor,
+//!   a process whose frames move) while another thread runs the real MMU
+//!   notifier around the process moving the page: in every interleaving,
+//!   the frame stage-2 maps at the end is the process's current one (a
+//!   freed frame is never left mapped). Removing the sequence re-check in
+//!   `memory_fault` (standard) or `map_protected_locked` (protected) makes
+//!   these models fail ("freed frame ... left mapped");
+//! - two vCPUs faulting on one 2 MiB block in protected mode while the
+//!   hypervisor's memcache runs dry part-way: neither fails (before the
+//!   partial block was recorded, the second one shared its first page
+//!   again and stopped the VM with EXISTS / DENIED);
 //! - two concurrent teardowns (seed 003: VM destroy vs. the mm-exit
 //!   notifier) through the real [`Vm::teardown`] with a fake platform that
 //!   counts allocations, frees and hypercalls: everything is freed exactly
@@ -14,9 +24,8 @@
 //! Before that change the finalize model found the teardown race fixed in
 //! `Vm::teardown`.)
 //!
-//! They are unit tests (not `tests/`) because `Mmu` and the VM's internal
-//! state are crate-private, and because `cargo xtask test` runs loom models
-//! with `--lib loom`. Run:
+//! They are unit tests (not `tests/`) because the VM's internal state and
+//! the test doubles are crate-private. Run:
 //! `RUSTFLAGS="--cfg loom" cargo test -p pkvm-host --release --lib loom`.
 
 extern crate std;
@@ -26,98 +35,101 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32 as CoreAtomicU32, AtomicU64 as CoreAtomicU64};
 
-use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::Mutex;
-use pkvm_arch::{Hva, Ipa, Level, Pa};
+use pkvm_arch::{Hva, Level, Pa, PAGE_SIZE};
 use pkvm_hyp::hvc::{id, ret};
 use pkvm_pgtable::env::ENTRIES;
 use pkvm_pgtable::{PtMemory, TlbOps};
 
-use crate::mmu::{HypMapping, Mmu, S2State};
+use crate::mmu::{HypMapping, S2State};
 use crate::platform::{HostPlatform, PinError, PinnedPage, ProcessMemory, VmaInfo};
+use crate::testkit::{guest_frame, migrate, test_vm, Mode, TestBackend, HVA, RAM};
 use crate::vm::{Vm, VmConfig};
+use crate::VcpuExit;
 
 fn bounded(f: impl Fn() + Sync + Send + 'static) {
+    bounded_by(3, f);
+}
+
+fn bounded_by(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
+    b.preemption_bound = Some(preemptions);
     b.max_branches = 100_000;
     b.check(f);
 }
 
 // ---------------------------------------------------------------- (a)
 
-const IPA: Ipa = Ipa(0x4000_0000);
-
-/// The host page behind the guest page: which frame the process maps now
-/// and which frames were freed.
-struct Host {
-    frame: AtomicU64,
-    freed: [AtomicBool; 3],
-    /// The stage-2 entry: 0 or the mapped frame (written under the MMU lock
-    /// by the fault, as a shared-walk CAS does; cleared under the write
-    /// lock by the invalidation).
-    pte: AtomicU64,
-}
-
-fn fault(mmu: &Mmu<()>, h: &Host, check_retry: bool) {
-    let seq = mmu.seq();
-    // "Pin": the frame the process maps now.
-    let frame = h.frame.load(Ordering::Acquire);
-    let guard = mmu.state.read();
-    if guard.is_some() && !(check_retry && mmu.retry(seq, IPA)) {
-        let _ = h
-            .pte
-            .compare_exchange(0, frame, Ordering::AcqRel, Ordering::Acquire);
-    }
-}
-
-fn migrate(mmu: &Mmu<()>, h: &Host) {
-    mmu.invalidate_begin(IPA, IPA + 0x1000);
-    {
-        let _w = mmu.state.write();
-        h.pte.store(0, Ordering::Release);
-    }
-    // The process moves the page to frame 2 and frees frame 1.
-    h.frame.store(2, Ordering::Release);
-    h.freed[1].store(true, Ordering::Release);
-    mmu.invalidate_end();
-}
-
-fn fault_vs_invalidate(check_retry: bool) {
+/// One guest access to [`RAM`] (one fault, then the guest halts) races the
+/// process moving the page to a new frame inside the MMU notifier.
+fn fault_vs_invalidate(mode: Mode) {
     bounded(move || {
-        let mmu = loom::sync::Arc::new(Mmu::<()>::new(S2State::Protected(BTreeMap::new())));
-        let h = loom::sync::Arc::new(Host {
-            frame: AtomicU64::new(1),
-            freed: [
-                AtomicBool::new(false),
-                AtomicBool::new(false),
-                AtomicBool::new(false),
-            ],
-            pte: AtomicU64::new(0),
-        });
-        let (m2, h2) = (mmu.clone(), h.clone());
-        let t = loom::thread::spawn(move || migrate(&m2, &h2));
-        fault(&mmu, &h, check_retry);
+        let vm = test_vm(mode, PAGE_SIZE, 1);
+        let vm2 = vm.clone();
+        let t = loom::thread::spawn(move || migrate(&vm2));
+        let mut vcpu = vm.vcpu(0).expect("vcpu");
+        let mut be = TestBackend::new(&vm, 0, RAM, true).max_entries(1);
+        let exit = vcpu.run(&mut be);
         t.join().unwrap();
-        let pte = h.pte.load(Ordering::Acquire);
-        assert!(
-            pte == 0 || !h.freed[pte as usize].load(Ordering::Acquire),
-            "freed frame {pte} left mapped"
-        );
+        assert_eq!(exit, VcpuExit::Halted);
+        let now = vm.mm().frame(HVA);
+        if let Some(pa) = guest_frame(&vm, RAM) {
+            assert_eq!(pa, now, "freed frame {pa:?} left mapped (current {now:?})");
+        }
     });
 }
 
 #[test]
-fn loom_fault_vs_invalidate_never_maps_a_freed_frame() {
-    fault_vs_invalidate(true);
+fn loom_fault_vs_invalidate_never_maps_a_freed_frame_standard() {
+    fault_vs_invalidate(Mode::Standard);
 }
 
-/// The model is able to see the bug: without the sequence check the stale
-/// frame does get mapped in some interleaving.
 #[test]
-#[should_panic(expected = "left mapped")]
-fn loom_fault_without_the_sequence_check_maps_a_freed_frame() {
-    fault_vs_invalidate(false);
+fn loom_fault_vs_invalidate_never_maps_a_freed_frame_protected_mode() {
+    fault_vs_invalidate(Mode::Shared);
+}
+
+/// Two vCPUs fault on the same 2 MiB block (protected mode, pages shared
+/// or donated one by one) while the hypervisor's memcache runs dry after
+/// 100 pages: whichever tops it up (dropping the MMU lock), the other
+/// resumes the block or finds its page mapped; neither fails, and the block
+/// is mapped once, to the process's frames.
+/// (Two preemptions: each thread runs a whole fault path, and the race
+/// needs one switch while the MMU lock is dropped.)
+fn two_faults_on_a_block_with_the_memcache_dry(mode: Mode) {
+    bounded_by(2, move || {
+        let vm = test_vm(mode, 2 << 20, 2);
+        vm.platform().hyp.lock().unwrap().budget = Some(100);
+        let vm2 = vm.clone();
+        let t = loom::thread::spawn(move || {
+            let mut vcpu = vm2.vcpu(1).expect("vcpu 1");
+            let mut be = TestBackend::new(&vm2, 1, RAM + 300 * PAGE_SIZE, true).max_entries(3);
+            vcpu.run(&mut be)
+        });
+        let mut vcpu = vm.vcpu(0).expect("vcpu 0");
+        let mut be = TestBackend::new(&vm, 0, RAM + 200 * PAGE_SIZE, true).max_entries(3);
+        let exit0 = vcpu.run(&mut be);
+        let exit1 = t.join().unwrap();
+        assert_eq!((exit0, exit1), (VcpuExit::Halted, VcpuExit::Halted));
+        let hyp = vm.platform().hyp.lock().unwrap();
+        for (gfn, pfn) in &hyp.guest {
+            let hva = HVA + (gfn * PAGE_SIZE - RAM.0);
+            assert_eq!(*pfn, vm.mm().frame(hva).pfn().0, "gfn {gfn:#x}");
+        }
+        drop(hyp);
+        assert!(vm.hyp_mapped_pages() <= 512);
+    });
+}
+
+#[test]
+fn loom_two_faults_on_a_block_with_the_memcache_dry_shared() {
+    two_faults_on_a_block_with_the_memcache_dry(Mode::Shared);
+}
+
+#[test]
+fn loom_two_faults_on_a_block_with_the_memcache_dry_donated() {
+    two_faults_on_a_block_with_the_memcache_dry(Mode::Donated);
 }
 
 // ---------------------------------------------------------------- (b)
@@ -285,6 +297,7 @@ fn race_teardowns(protected_mode: bool, protected_vm: bool, run: bool) -> Arc<Fa
                 0x40000,
                 HypMapping {
                     npages: 1,
+                    pa: Pa(0),
                     _pin: FakePin(p.clone()),
                 },
             );

@@ -25,9 +25,15 @@ use crate::hypcall::{self, HypCallError};
 use crate::platform::HostPlatform;
 
 /// A host page reference held for a range of guest frames mapped through
-/// the hypervisor (protected mode).
+/// the hypervisor (protected mode). A block whose sharing stopped part-way
+/// (the hypervisor's memcache ran dry) is recorded with the pages done so
+/// far, so the MMU notifier unshares them and the next fault on the block
+/// resumes it.
 pub(crate) struct HypMapping<Pin> {
+    /// Guest frames mapped, from the key.
     pub npages: u64,
+    /// Host physical address of the first frame.
+    pub pa: pkvm_arch::Pa,
     /// Keeps the host pages alive while the guest maps them.
     pub _pin: Pin,
 }

@@ -17,7 +17,13 @@
 //! 7. `map_*`: under the MMU lock (read + shared walk in standard mode,
 //!    write + hypercalls in protected mode), either map, relax permissions,
 //!    or return to the guest to retry because an invalidation ran since the
-//!    sequence was sampled.
+//!    sequence was sampled. In protected mode `plan_protected` decides
+//!    first what is left to map (a block whose sharing stopped part-way
+//!    when the hypervisor's memcache ran dry is resumed), and the sequence
+//!    is re-checked on every attempt, since a memcache top-up drops the
+//!    lock.
+
+use alloc::collections::BTreeMap;
 
 use pkvm_arch::pte::S2Prot;
 use pkvm_arch::{Gfn, Hva, Ipa, Pa, PAGE_SIZE};
@@ -25,6 +31,7 @@ use pkvm_pgtable::{MapFlags, PtError};
 
 use crate::fault::{FaultKind, GuestFault};
 use crate::memslot::Memslot;
+use crate::mmu::HypMapping;
 use crate::platform::{HostPageCache, HostPlatform, PinError, PinnedPage, ProcessMemory};
 
 const G2M: u64 = 2 << 20;
@@ -298,37 +305,126 @@ pub fn map_standard<P: HostPlatform, Pin>(
     }
 }
 
+/// A run of guest frames and the host frames behind them (protected mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// First guest frame.
+    pub gfn: Gfn,
+    /// Host physical address of the first frame.
+    pub pa: Pa,
+    /// Number of pages.
+    pub npages: u64,
+}
+
+impl Block {
+    /// The block of a pinned target.
+    pub fn of<Pin>(t: &Target<Pin>) -> Self {
+        Block {
+            gfn: t.ipa.gfn(),
+            pa: t.pa,
+            npages: t.size / PAGE_SIZE,
+        }
+    }
+
+    /// The single page `gfn` of this block.
+    fn page(&self, gfn: Gfn) -> Self {
+        Block {
+            gfn,
+            pa: Pa(self.pa.0 + (gfn.0 - self.gfn.0) * PAGE_SIZE),
+            npages: 1,
+        }
+    }
+}
+
+/// What a protected-mode fault does, given what the host already asked
+/// the hypervisor to map (step 7's decision, under the MMU write lock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProtectedPlan {
+    /// The faulting page is mapped already (another vCPU won, or this is
+    /// a permission fault).
+    Mapped,
+    /// Map the pages `[from, npages)` of `block`. `from > 0` resumes the
+    /// partial entry recorded at `block.gfn` by a fault whose sharing
+    /// stopped part-way; `from == 0` makes a new entry.
+    Map {
+        /// The block.
+        block: Block,
+        /// The first page still to map.
+        from: u64,
+    },
+}
+
+/// Step 7's decision (protected mode): `maps` are the host's records of
+/// what the hypervisor maps (non-overlapping, by first gfn).
+/// - a partial entry of this very block (same first gfn and frame; its
+///   sharing stopped part-way) and nothing else in the rest of it: resume
+///   after its last page, whether or not the faulting page is among those
+///   done (unless this is a permission fault on one of them);
+/// - an entry covers the faulting page: [`ProtectedPlan::Mapped`];
+/// - anything else overlaps the block (pages mapped while logging, a
+///   protected VM's donation that failed for good part-way, then
+///   invalidated): the faulting page alone, or the guest would retry
+///   forever;
+/// - otherwise the whole block.
+pub(crate) fn plan_protected<Pin>(
+    maps: &BTreeMap<u64, HypMapping<Pin>>,
+    fault_gfn: Gfn,
+    permission: bool,
+    block: &Block,
+) -> ProtectedPlan {
+    let overlap = |a: u64, b: u64| {
+        maps.range(..b)
+            .next_back()
+            .is_some_and(|(k, m)| *k + m.npages > a)
+    };
+    let f = fault_gfn.0;
+    let covered = overlap(f, f + 1);
+    let (start, end) = (block.gfn.0, block.gfn.0 + block.npages);
+    if let Some(m) = maps.get(&start) {
+        let partial = m.pa == block.pa && m.npages < block.npages;
+        if partial && !overlap(start + m.npages, end) && !(covered && permission) {
+            return ProtectedPlan::Map {
+                block: *block,
+                from: m.npages,
+            };
+        }
+    }
+    if covered {
+        return ProtectedPlan::Mapped;
+    }
+    let block = if overlap(start, end) {
+        block.page(fault_gfn)
+    } else {
+        *block
+    };
+    ProtectedPlan::Map { block, from: 0 }
+}
+
 /// Step 7 (protected mode): shares (non-protected VM) or donates
-/// (protected VM) every page of `t` to the loaded guest, starting at page
-/// `*done` and advancing it, so an attempt interrupted by an empty
+/// (protected VM) the pages of `block` to the loaded guest, starting at
+/// page `*done` and advancing it, so an attempt interrupted by an empty
 /// hypervisor memcache resumes where it stopped. The caller holds the MMU
 /// write lock.
 ///
 /// # Errors
 /// The hypervisor's refusal; `NO_MEMORY` means its memcache needs a top-up.
-#[allow(clippy::too_many_arguments)]
 pub fn map_protected<P: HostPlatform + ?Sized>(
     platform: &P,
     cpu: usize,
     protected_vm: bool,
-    t_ipa: Ipa,
-    t_pa: Pa,
-    npages: u64,
+    block: &Block,
     prot: S2Prot,
     done: &mut u64,
 ) -> Result<(), crate::hypcall::HypCallError> {
-    for i in *done..npages {
-        let gfn = Gfn(t_ipa.gfn().0 + i);
-        let pfn = Pa(t_pa.0 + i * PAGE_SIZE).pfn();
-        let r = if protected_vm {
-            crate::hypcall::donate_guest(platform, cpu, pfn, gfn)
+    for i in *done..block.npages {
+        let gfn = Gfn(block.gfn.0 + i);
+        let pfn = Pa(block.pa.0 + i * PAGE_SIZE).pfn();
+        if protected_vm {
+            crate::hypcall::donate_guest(platform, cpu, pfn, gfn)?;
         } else {
-            crate::hypcall::share_guest(platform, cpu, pfn, gfn, prot & S2Prot::PERMS)
-        };
-        match r {
-            Ok(_) => *done = i + 1,
-            Err(e) => return Err(e),
+            crate::hypcall::share_guest(platform, cpu, pfn, gfn, prot & S2Prot::PERMS)?;
         }
+        *done = i + 1;
     }
     Ok(())
 }
@@ -462,5 +558,54 @@ mod tests {
             compute_prot(&w, &s, true, true),
             S2Prot::RW | S2Prot::DEVICE
         );
+    }
+
+    #[test]
+    fn protected_plan_resumes_a_partial_block_and_maps_single_pages_around_others() {
+        let m = |npages, pa| HypMapping {
+            npages,
+            pa: Pa(pa),
+            _pin: (),
+        };
+        let block = Block {
+            gfn: Gfn(0x40000),
+            pa: Pa(0x8000_0000),
+            npages: 512,
+        };
+        let plan = |maps: &BTreeMap<u64, HypMapping<()>>, f: u64, perm: bool| {
+            plan_protected(maps, Gfn(f), perm, &block)
+        };
+        let mut maps = BTreeMap::new();
+        assert_eq!(
+            plan(&maps, 0x40005, false),
+            ProtectedPlan::Map { block, from: 0 }
+        );
+        maps.insert(0x40000, m(100, 0x8000_0000));
+        for f in [0x40000, 0x40063, 0x40100] {
+            assert_eq!(
+                plan(&maps, f, false),
+                ProtectedPlan::Map { block, from: 100 }
+            );
+        }
+        assert_eq!(plan(&maps, 0x40001, true), ProtectedPlan::Mapped);
+        // Another frame behind the partial entry: not this block's.
+        maps.insert(0x40000, m(100, 0x9000_0000));
+        assert_eq!(plan(&maps, 0x40001, false), ProtectedPlan::Mapped);
+        let page = |g: u64| ProtectedPlan::Map {
+            block: Block {
+                gfn: Gfn(g),
+                pa: Pa(0x8000_0000 + (g - 0x40000) * PAGE_SIZE),
+                npages: 1,
+            },
+            from: 0,
+        };
+        assert_eq!(plan(&maps, 0x40100, false), page(0x40100));
+        // Something else inside the rest of the block: single pages.
+        maps.insert(0x40000, m(100, 0x8000_0000));
+        maps.insert(0x40180, m(1, 0x7000_0000));
+        assert_eq!(plan(&maps, 0x40100, false), page(0x40100));
+        maps.insert(0x40000, m(512, 0x8000_0000));
+        maps.remove(&0x40180);
+        assert_eq!(plan(&maps, 0x401ff, false), ProtectedPlan::Mapped);
     }
 }

@@ -7,7 +7,7 @@ use core::sync::atomic::Ordering;
 
 use pkvm_arch::esr::{ec, Esr};
 use pkvm_arch::smccc;
-use pkvm_arch::{Ipa, Pa, PAGE_SIZE};
+use pkvm_arch::{Ipa, PAGE_SIZE};
 
 use crate::fault::{FaultKind, GuestFault};
 use crate::hypcall;
@@ -417,6 +417,12 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         result
     }
 
+    /// Step 7 (protected mode). The hypervisor's memcache running dry is
+    /// not the guest's business: it is topped up outside the MMU lock and
+    /// the block resumed within this fault. While the lock is dropped the
+    /// pages shared so far are recorded (see [`map_protected_locked`]), so
+    /// the MMU notifier unshares them and another vCPU faulting on the
+    /// block resumes it rather than sharing its first pages again.
     fn map_protected(
         &mut self,
         vm: &Vm<P, M>,
@@ -425,117 +431,126 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         t: pipeline::Target<M::Pin>,
         seq: u64,
     ) -> Result<Mapped, MemFaultError> {
-        let (mut ipa, mut pa) = (t.ipa, t.pa);
-        let mut npages = t.size / PAGE_SIZE;
-        let mut gfn = t.ipa.gfn().0;
+        let block = pipeline::Block::of(&t);
         let mut pin = Some(t.pin);
-        // The hypervisor's memcache running dry is not the guest's business:
-        // top it up outside the lock and continue within this fault.
-        let mut done = 0;
-        let mut outcome = Err(MemFaultError::NoMemory);
-        for _ in 0..4 {
-            let mut state = vm.mmu.state.write();
-            let Some(S2State::Protected(maps)) = state.as_mut() else {
-                return Err(MemFaultError::Dead);
-            };
-            if done == 0 {
-                if vm.mmu.retry(seq, fault.ipa) {
-                    return Ok(Mapped::Retry);
-                }
-                let fg = fault.page().gfn().0;
-                let covers = |(k, m): (&u64, &HypMapping<M::Pin>)| *k + m.npages > fg;
-                if let Some((k, m)) = maps.range(..=gfn + npages - 1).next_back() {
-                    if *k + m.npages > gfn && !maps.range(..=fg).next_back().is_some_and(covers) {
-                        // Part of the block is mapped but not the faulting
-                        // page (a protected VM's donation interrupted
-                        // part-way, or pages mapped while logging): map
-                        // just that page, or the guest would retry forever.
-                        pa = Pa(pa.0 + (fg - gfn) * PAGE_SIZE);
-                        ipa = fault.page();
-                        (gfn, npages) = (fg, 1);
-                    } else if *k + m.npages > gfn {
-                        // Mapped already (another vCPU, or a permission upgrade).
-                        if fault.kind == FaultKind::Permission {
-                            let r = hypcall::relax_perms_guest(
-                                &*vm.platform,
-                                cpu,
-                                fault.page().gfn(),
-                                t.prot,
-                            );
-                            return r.map(|_| Mapped::Relaxed).map_err(MemFaultError::Hyp);
-                        }
-                        return Ok(Mapped::Retry);
-                    }
-                }
-            }
-            let r = pipeline::map_protected(
-                &*vm.platform,
-                cpu,
-                vm.config().protected,
-                ipa,
-                pa,
-                npages,
-                t.prot,
-                &mut done,
-            );
-            match r {
-                Ok(()) => {
-                    maps.insert(
-                        gfn,
-                        HypMapping {
-                            npages,
-                            _pin: pin.take().expect("pin"),
-                        },
-                    );
-                    return Ok(Mapped::Map(npages * PAGE_SIZE));
-                }
-                Err(e) if e.is_no_memory() => {
-                    // Pages already shared/donated stay; the next attempt
-                    // continues after them.
-                    drop(state);
-                    let need = (npages / 512 + 4) as usize;
+        for _ in 0..MAX_HYP_TOPUPS {
+            match map_protected_locked(vm, cpu, fault, &block, t.prot, &mut pin, seq) {
+                Ok(m) => return Ok(m),
+                Err(Stop::NoMemory) => {
+                    let need = (block.npages / 512 + 4) as usize;
                     if vm.topup_hyp_memcache(cpu, need).is_err() {
                         break;
                     }
                 }
-                Err(e) => {
-                    outcome = Err(MemFaultError::Hyp(e));
-                    break;
-                }
+                Err(Stop::Failed(e)) => return Err(e),
             }
         }
-        // Failed part-way: a non-protected VM's shares are taken back; a
-        // protected VM's donations cannot be, so they are recorded (with
-        // the page reference) for teardown to reclaim.
-        if done > 0 {
-            if vm.config().protected {
-                let mut state = vm.mmu.state.write();
-                if let Some(S2State::Protected(maps)) = state.as_mut() {
-                    maps.insert(
-                        gfn,
-                        HypMapping {
-                            npages: done,
-                            _pin: pin.take().expect("pin"),
-                        },
-                    );
-                }
-            } else {
-                self.undo_partial(cpu, ipa, done);
+        // Out of memory for good: a non-protected VM's partial block is
+        // taken back; a protected VM's donations cannot be, and stay
+        // recorded (with the page reference) for teardown to reclaim.
+        let mut state = vm.mmu.state.write();
+        if let (Some(S2State::Protected(maps)), Some(h)) = (state.as_mut(), vm.handle()) {
+            if !vm.config().protected {
+                undo_partial(&*vm.platform, cpu, h, maps, &block);
             }
         }
-        outcome
+        Err(MemFaultError::NoMemory)
     }
+}
 
-    /// Takes back the first `npages` pages of an interrupted multi-page
-    /// share so no guest mapping outlives the host reference. Donations
-    /// cannot be undone by the host: those pages stay the guest's, and are
-    /// recorded so teardown reclaims them.
-    fn undo_partial(&mut self, cpu: usize, ipa: Ipa, npages: u64) {
-        let vm = &*self.vm;
-        let Some(h) = vm.handle() else { return };
-        for i in 0..npages {
-            let _ = hypcall::unshare_guest(&*vm.platform, cpu, h, pkvm_arch::Gfn(ipa.gfn().0 + i));
+/// How many times one fault tops the hypervisor's memcache up.
+const MAX_HYP_TOPUPS: usize = 4;
+
+/// Why [`map_protected_locked`] stopped without a result for the guest.
+enum Stop {
+    /// The hypervisor's memcache ran dry: top it up and try again.
+    NoMemory,
+    /// The fault fails.
+    Failed(MemFaultError),
+}
+
+/// One attempt at step 7 (protected mode) under the MMU write lock:
+/// re-checks the invalidation sequence (also after a top-up dropped the
+/// lock), decides ([`pipeline::plan_protected`]), shares or donates, and
+/// records the pages done in the mapping table before the lock goes, the
+/// page reference `pin` moving into a new entry.
+fn map_protected_locked<P: HostPlatform, M: ProcessMemory>(
+    vm: &Vm<P, M>,
+    cpu: usize,
+    fault: &GuestFault,
+    target: &pipeline::Block,
+    prot: pkvm_arch::pte::S2Prot,
+    pin: &mut Option<M::Pin>,
+    seq: u64,
+) -> Result<Mapped, Stop> {
+    let mut state = vm.mmu.state.write();
+    let (Some(S2State::Protected(maps)), Some(h)) = (state.as_mut(), vm.handle()) else {
+        return Err(Stop::Failed(MemFaultError::Dead));
+    };
+    if vm.mmu.retry(seq, fault.ipa) {
+        return Ok(Mapped::Retry);
+    }
+    let permission = fault.kind == FaultKind::Permission;
+    let (block, from) = match pipeline::plan_protected(maps, fault.page().gfn(), permission, target)
+    {
+        pipeline::ProtectedPlan::Mapped if permission => {
+            return hypcall::relax_perms_guest(&*vm.platform, cpu, fault.page().gfn(), prot)
+                .map(|_| Mapped::Relaxed)
+                .map_err(|e| Stop::Failed(MemFaultError::Hyp(e)));
         }
+        pipeline::ProtectedPlan::Mapped => return Ok(Mapped::Retry),
+        pipeline::ProtectedPlan::Map { block, from } => (block, from),
+    };
+    if from == 0 && pin.is_none() {
+        // Our reference went with an entry that was taken back since:
+        // the guest faults again and pins afresh.
+        return Ok(Mapped::Retry);
+    }
+    let mut done = from;
+    let protected = vm.config().protected;
+    let r = pipeline::map_protected(&*vm.platform, cpu, protected, &block, prot, &mut done);
+    if from > 0 {
+        if let Some(m) = maps.get_mut(&block.gfn.0) {
+            m.npages = done;
+        }
+    } else if done > 0 {
+        let _pin = pin.take().expect("checked above");
+        let (npages, pa) = (done, block.pa);
+        maps.insert(block.gfn.0, HypMapping { npages, pa, _pin });
+    }
+    match r {
+        Ok(()) => Ok(Mapped::Map(block.npages * PAGE_SIZE)),
+        Err(e) if e.is_no_memory() => Err(Stop::NoMemory),
+        Err(e) => {
+            if !protected {
+                undo_partial(&*vm.platform, cpu, h, maps, &block);
+            }
+            Err(Stop::Failed(MemFaultError::Hyp(e)))
+        }
+    }
+}
+
+/// Takes back the recorded part of `block` if sharing it stopped part-way
+/// (a non-protected VM), so no guest mapping outlives the host reference
+/// and nothing half-done stays behind. Called under the MMU write lock.
+fn undo_partial<P: HostPlatform + ?Sized, Pin>(
+    p: &P,
+    cpu: usize,
+    handle: u16,
+    maps: &mut alloc::collections::BTreeMap<u64, HypMapping<Pin>>,
+    block: &pipeline::Block,
+) {
+    let key = block.gfn.0;
+    let partial = |m: &HypMapping<Pin>| m.pa == block.pa && m.npages < block.npages;
+    if !maps.get(&key).is_some_and(partial) {
+        return;
+    }
+    if let Some(m) = maps.remove(&key) {
+        for g in key..key + m.npages {
+            let _ = hypcall::unshare_guest(p, cpu, handle, pkvm_arch::Gfn(g));
+        }
+        // `m` (the page reference) drops only now that the guest lost
+        // the pages.
     }
 }
 
