@@ -59,4 +59,4 @@ pub use platform::{
     VcpuContext, VmaInfo,
 };
 pub use vcpu::{RunError, Vcpu, VcpuExit};
-pub use vm::{Vm, VmConfig, VmError, VmStatsSnapshot};
+pub use vm::{Stat, Vm, VmConfig, VmError, VmStats, VmStatsSnapshot};

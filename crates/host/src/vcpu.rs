@@ -18,7 +18,7 @@ use crate::platform::{
 };
 use crate::psci::{self, PsciCaller, PsciOutcome, SystemEvent};
 use crate::reset::{self, Readiness};
-use crate::vm::{Vm, VmError};
+use crate::vm::{Stat, Vm, VmError};
 
 /// Why `run` returned to the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +205,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                     Err(_) => return VcpuExit::InternalError(RunError::UnhandledTrap(esr)),
                 },
                 GuestExit::Call { esr } => {
-                    vm.stats.guest_calls.fetch_add(1, Ordering::Relaxed);
+                    vm.stats.add(Some(self.index), Stat::GuestCalls, 1);
                     if let Some(exit) = self.handle_call(Esr(esr)) {
                         return exit;
                     }
@@ -275,12 +275,12 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         let slot = vm.slots.read().find(fault.ipa).copied();
         match pipeline::classify(fault, vm.geometry().ipa_size(), slot.as_ref()) {
             Route::InjectAbort => {
-                vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
+                vm.stats.add(Some(self.index), Stat::InjectedAborts, 1);
                 be.inject_abort(&mut self.ctx, fault);
                 None
             }
             Route::Mmio => {
-                vm.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                vm.stats.add(Some(self.index), Stat::MmioExits, 1);
                 let s = fault.syndrome.expect("Route::Mmio has a syndrome");
                 let data = if fault.write {
                     let v = if s.srt == 31 {
@@ -321,7 +321,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 fault.ipa.0,
             ))),
             Route::AccessFlag(_) => {
-                vm.stats.access_flag_faults.fetch_add(1, Ordering::Relaxed);
+                vm.stats.add(Some(self.index), Stat::AccessFlagFaults, 1);
                 self.handle_access_flag(cpu, fault);
                 None
             }
@@ -360,8 +360,8 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         seq: u64,
     ) -> Result<Mapped, MemFaultError> {
         match fault.kind {
-            FaultKind::Permission => vm.stats.permission_faults.fetch_add(1, Ordering::Relaxed),
-            _ => vm.stats.translation_faults.fetch_add(1, Ordering::Relaxed),
+            FaultKind::Permission => vm.stats.add(Some(self.index), Stat::PermissionFaults, 1),
+            _ => vm.stats.add(Some(self.index), Stat::TranslationFaults, 1),
         };
         // Step 2: before any lock.
         if vm.handle().is_none() && fault.kind != FaultKind::Permission {
@@ -372,7 +372,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         let vma = pipeline::snapshot_vma(&*vm.mm, hva)?;
         // Steps 4-6: pin (RAII) and decide.
         let Some(target) = pipeline::pin_target(&*vm.mm, fault, slot, &vma)? else {
-            vm.stats.retries.fetch_add(1, Ordering::Relaxed);
+            vm.stats.add(Some(self.index), Stat::Retries, 1);
             return Ok(Mapped::Retry);
         };
         // Step 7.
@@ -401,16 +401,16 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         };
         match result {
             Ok(Mapped::Map(size)) => {
-                vm.stats.bytes_mapped.fetch_add(size, Ordering::Relaxed);
-                let i = match size {
-                    PAGE_SIZE => 0,
-                    s if s == 2 << 20 => 1,
-                    _ => 2,
+                vm.stats.add(Some(self.index), Stat::BytesMapped, size);
+                let stat = match size {
+                    PAGE_SIZE => Stat::Maps4K,
+                    s if s == 2 << 20 => Stat::Maps2M,
+                    _ => Stat::Maps1G,
                 };
-                vm.stats.maps_by_size[i].fetch_add(1, Ordering::Relaxed);
+                vm.stats.add(Some(self.index), stat, 1);
             }
             Ok(Mapped::Retry) => {
-                vm.stats.retries.fetch_add(1, Ordering::Relaxed);
+                vm.stats.add(Some(self.index), Stat::Retries, 1);
             }
             _ => {}
         }

@@ -121,29 +121,75 @@ impl From<HypCallError> for VmError {
     }
 }
 
-/// Per-VM statistics.
-#[derive(Debug, Default)]
-pub struct VmStats {
+/// A counter of [`VmStats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Stat {
     /// Stage-2 translation faults handled.
-    pub translation_faults: AtomicU64,
+    TranslationFaults,
     /// Permission faults handled.
-    pub permission_faults: AtomicU64,
+    PermissionFaults,
     /// Access-flag faults handled.
-    pub access_flag_faults: AtomicU64,
+    AccessFlagFaults,
     /// Faults that returned to the guest to retry (race, invalidation).
-    pub retries: AtomicU64,
+    Retries,
     /// Bytes mapped by faults.
-    pub bytes_mapped: AtomicU64,
-    /// Mappings by size: 4K, 2M, 1G.
-    pub maps_by_size: [AtomicU64; 3],
+    BytesMapped,
+    /// 4K mappings made.
+    Maps4K,
+    /// 2M mappings made.
+    Maps2M,
+    /// 1G mappings made.
+    Maps1G,
     /// MMIO exits.
-    pub mmio_exits: AtomicU64,
+    MmioExits,
     /// Aborts injected into the guest.
-    pub injected_aborts: AtomicU64,
+    InjectedAborts,
     /// Guest hypercalls (HVC/SMC) handled.
-    pub guest_calls: AtomicU64,
+    GuestCalls,
     /// Notifier invalidations.
-    pub invalidations: AtomicU64,
+    Invalidations,
+}
+
+/// Number of [`Stat`] counters.
+const NR_STATS: usize = Stat::Invalidations as usize + 1;
+
+/// One vCPU's (or the VM-wide) counters, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct StatShard([AtomicU64; NR_STATS]);
+
+/// Per-VM statistics, kept per vCPU like KVM's `vcpu->stat`: a fault
+/// counts on its vCPU's cache lines, never on a line every vCPU writes;
+/// [`VmStats::snapshot`] sums them.
+#[derive(Debug)]
+pub struct VmStats {
+    /// One shard per vCPU, then one for VM-wide events.
+    shards: alloc::boxed::Box<[StatShard]>,
+}
+
+impl VmStats {
+    /// Statistics for a VM of `vcpus` vCPUs.
+    pub(crate) fn new(vcpus: usize) -> VmStats {
+        VmStats {
+            shards: (0..=vcpus).map(|_| StatShard::default()).collect(),
+        }
+    }
+
+    /// Adds `n` to `stat` on `vcpu`'s shard (`None`: a VM-wide event).
+    pub(crate) fn add(&self, vcpu: Option<usize>, stat: Stat, n: u64) {
+        let last = self.shards.len() - 1;
+        let shard = vcpu.map_or(last, |v| v.min(last));
+        self.shards[shard].0[stat as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum of `stat` over every shard.
+    pub fn get(&self, stat: Stat) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0[stat as usize].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
 }
 
 /// A snapshot of [`VmStats`].
@@ -174,22 +220,18 @@ pub struct VmStatsSnapshot {
 impl VmStats {
     /// Reads every counter.
     pub fn snapshot(&self) -> VmStatsSnapshot {
-        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let r = |st| self.get(st);
         VmStatsSnapshot {
-            translation_faults: r(&self.translation_faults),
-            permission_faults: r(&self.permission_faults),
-            access_flag_faults: r(&self.access_flag_faults),
-            retries: r(&self.retries),
-            bytes_mapped: r(&self.bytes_mapped),
-            maps_by_size: [
-                r(&self.maps_by_size[0]),
-                r(&self.maps_by_size[1]),
-                r(&self.maps_by_size[2]),
-            ],
-            mmio_exits: r(&self.mmio_exits),
-            injected_aborts: r(&self.injected_aborts),
-            guest_calls: r(&self.guest_calls),
-            invalidations: r(&self.invalidations),
+            translation_faults: r(Stat::TranslationFaults),
+            permission_faults: r(Stat::PermissionFaults),
+            access_flag_faults: r(Stat::AccessFlagFaults),
+            retries: r(Stat::Retries),
+            bytes_mapped: r(Stat::BytesMapped),
+            maps_by_size: [r(Stat::Maps4K), r(Stat::Maps2M), r(Stat::Maps1G)],
+            mmio_exits: r(Stat::MmioExits),
+            injected_aborts: r(Stat::InjectedAborts),
+            guest_calls: r(Stat::GuestCalls),
+            invalidations: r(Stat::Invalidations),
         }
     }
 }
@@ -304,7 +346,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             mmu: Mmu::new(state),
             vcpus,
             hyp,
-            stats: VmStats::default(),
+            stats: VmStats::new(cfg.nr_vcpus),
             boot: SpinLock::new(crate::reset::BootParams::default(), LockClass::HostVm),
             system_event: SystemEventLatch::new_lock(),
         }))
@@ -483,7 +525,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
     /// stage-2 maps from it. No guest fault can map it again until
     /// [`Vm::mmu_notifier_invalidate_end`].
     pub fn mmu_notifier_invalidate_start(&self, start: Hva, end: Hva, cpu: usize) {
-        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.stats.add(None, Stat::Invalidations, 1);
         let ranges = self.ipa_ranges(start, end);
         let (lo, hi) = ranges
             .iter()
@@ -748,5 +790,27 @@ impl<P: HostPlatform, M: ProcessMemory> PsciVm for Vm<P, M> {
     fn kick_vcpu(&self, index: usize) {
         let id = self.vmid().or(self.handle()).unwrap_or(0);
         self.platform.kick_vcpu(id, index);
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn per_vcpu_counts_sum_into_the_snapshot() {
+        let s = VmStats::new(3);
+        s.add(Some(0), Stat::TranslationFaults, 2);
+        s.add(Some(2), Stat::TranslationFaults, 5);
+        s.add(Some(1), Stat::Maps2M, 1);
+        s.add(None, Stat::Invalidations, 4);
+        // An index past the vCPUs counts VM-wide rather than panicking.
+        s.add(Some(99), Stat::Retries, 1);
+        let snap = s.snapshot();
+        assert_eq!(snap.translation_faults, 7);
+        assert_eq!(snap.maps_by_size, [0, 1, 0]);
+        assert_eq!(snap.invalidations, 4);
+        assert_eq!(snap.retries, 1);
+        assert_eq!(s.get(Stat::PermissionFaults), 0);
     }
 }
