@@ -275,11 +275,37 @@ fn demand_paging(a: DemandPagingArgs) -> Result<bool> {
     }
     let r = result.context("demand-paging run failed")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let out = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "args": args_json(&a),
+            "report": r,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_report(&r);
     }
     Ok(r.coherence_violations == 0 && r.frames_leaked == 0 && r.hyp_pages_leaked == 0)
+}
+
+/// Every flag of a demand-paging run, spelled as on the command line.
+fn args_json(a: &DemandPagingArgs) -> serde_json::Value {
+    fn name(v: impl ValueEnum) -> Option<String> {
+        v.to_possible_value().map(|p| p.get_name().to_string())
+    }
+    serde_json::json!({
+        "vcpus": a.vcpus,
+        "bytes": a.bytes,
+        "backing": name(a.backing),
+        "overlap": a.overlap,
+        "mode": name(a.mode),
+        "protected_vm": a.protected_vm,
+        "psci_boot": a.psci_boot,
+        "seed": a.seed,
+        "check": name(a.check),
+        "no_prefault": a.no_prefault,
+        "verify": a.verify,
+        "force": a.force,
+    })
 }
 
 fn print_report(r: &Report) {
@@ -322,7 +348,7 @@ fn print_report(r: &Report) {
     if r.hypercalls > 0 {
         println!("hypercalls: {}", r.hypercalls);
     }
-    let coherence = if r.coherence == "Off" {
+    let coherence = if r.coherence == "off" {
         format!(
             "TLB coherence violations {} (--check off: one full scan at the end only)",
             r.coherence_violations
@@ -339,7 +365,26 @@ fn print_report(r: &Report) {
     );
 }
 
+/// A reader that closes the pipe early (`pkvm ... | head`) ends the
+/// command quietly, as a SIGPIPE would, instead of a panic report.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.contains("failed printing to stdout") && m.contains("Broken pipe"))
+        {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Sim {

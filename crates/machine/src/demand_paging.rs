@@ -24,16 +24,30 @@ use crate::process::{SimProcess, VmNotifier};
 use crate::SimVm;
 
 /// The backing of guest memory.
+/// Serialised with the `pkvm` command's spellings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Backing {
     /// Anonymous memory, 4K pages.
+    #[serde(rename = "anonymous")]
     Anonymous,
     /// Anonymous memory with transparent huge pages (2M when aligned).
+    #[serde(rename = "anonymous_thp")]
     AnonymousThp,
     /// hugetlbfs, 2M pages.
+    #[serde(rename = "hugetlb_2m")]
     Hugetlb2M,
     /// hugetlbfs, 1G pages.
+    #[serde(rename = "hugetlb_1g")]
     Hugetlb1G,
+}
+
+/// The `pkvm` command's spelling of a checking level (`--check`).
+pub fn coherence_name(c: Coherence) -> &'static str {
+    match c {
+        Coherence::Off => "off",
+        Coherence::Entry => "entry",
+        Coherence::EveryUse => "every-use",
+    }
 }
 
 impl Backing {
@@ -675,7 +689,7 @@ fn finish(
         per_vcpu,
         faults,
         coherence_violations: violations,
-        coherence: format!("{:?}", cfg.coherence),
+        coherence: coherence_name(cfg.coherence).into(),
         frames_leaked: frames_after as i64 - s.frames_before as i64,
         hyp_pages_leaked: (hyp_after.vm_pages + hyp_after.live_vms) as i64,
         hyp_host_s2_pages: if s.platform.hyp().is_some() {

@@ -14,6 +14,7 @@ use pkvm_sim::{Machine, SimEnv};
 
 /// How the hypervisor runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The host manages guest stage-2 itself (KVM's default).
     Standard,
