@@ -348,6 +348,33 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             ]),
         },
         QemuTest {
+            // pkvm-sysreg's policy as a guest sees it: sanitised ID
+            // registers, UNDEFs at the guest's vector (unknown register,
+            // SVE/SME/PMU not offered, read-only write), emulated
+            // registers. The guest turns its vCPU off on any failure.
+            name: "qemu:sysreg-undef",
+            spec: RunSpec {
+                scenario: "guest".into(),
+                guest: Some(image::boot_target_dir().join("guests").join("guest-sysreg.bin")),
+                smp: 1,
+                mem_mib: 32,
+                append: String::new(),
+                host_cpus: 1,
+            },
+            exit_code: 0,
+            markers: s(&[
+                "[guest guest] sysreg: ok: ID_AA64PFR0_EL1.SVE:",
+                "[guest guest] sysreg: ok: ZCR_EL1 write (SVE not offered): UNDEF at VBAR_EL1+0x200 ESR_EL1 0x2000000",
+                "[guest guest] sysreg: ok: IMPLEMENTATION DEFINED read from EL1t: UNDEF at VBAR_EL1+0x0 ESR_EL1 0x2000000",
+                "[guest guest] sysreg: all 16 checks passed",
+                "vm guest: vCPU 0: UNDEF injected for EC 0x19 (SVE not offered) at PC",
+                "vm guest: sysreg traps:",
+                "ID_AA64PFR0_EL1 1",
+                "vm guest: powered off (PSCI SYSTEM_OFF)",
+                "scenario guest: PASS",
+            ]),
+        },
+        QemuTest {
             name: "qemu:external-guest-all-vcpus-off",
             spec: RunSpec {
                 scenario: "guest".into(),

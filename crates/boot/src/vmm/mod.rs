@@ -17,6 +17,8 @@
 //!   `sched-smp-protected`).
 //! - [`resets`]: the guest system-reset scenarios (`reset`,
 //!   `reset-protected`, `reset-concurrent`).
+//! - [`sysregs`]: a VM's system-register policy (pkvm-sysreg) and the
+//!   handling of trapped accesses.
 //! - [`fdtgen`]: the VM device tree.
 //! - this file: the memory layout and the scenarios xtask runs (`demo`,
 //!   `touch`, `exits`, `protected`, `guest`, `panic`).
@@ -36,6 +38,7 @@ pub mod process;
 pub mod resets;
 pub mod run;
 pub mod smp;
+pub mod sysregs;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
