@@ -363,6 +363,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
             },
             exit_code: 0,
             markers: s(&[
+                "sysreg: the world switch covers pkvm-sysreg's SWITCHED list on this CPU",
                 "[guest guest] sysreg: ok: ID_AA64PFR0_EL1.SVE:",
                 "[guest guest] sysreg: ok: ZCR_EL1 write (SVE not offered): UNDEF at VBAR_EL1+0x200 ESR_EL1 0x2000000",
                 "[guest guest] sysreg: ok: IMPLEMENTATION DEFINED read from EL1t: UNDEF at VBAR_EL1+0x0 ESR_EL1 0x2000000",

@@ -259,9 +259,11 @@ macro_rules! sysregs_xfer {
     (@one $s:ident, save, $f:ident, $r:literal) => { $s.$f = read_sysreg!($r) };
 }
 
+/// The EL1 registers of [`El1Sysregs`], one list for the transfers and
+/// for [`SWITCHED_HERE`].
 macro_rules! el1_list {
-    ($s:ident, $dir:ident) => {
-        sysregs_xfer!($s, $dir;
+    ($m:ident!($($a:tt)*)) => {
+        $m!($($a)*;
             sctlr = "sctlr_el1", cpacr = "cpacr_el1", ttbr0 = "ttbr0_el1",
             ttbr1 = "ttbr1_el1", tcr = "tcr_el1", esr = "esr_el1", afsr0 = "afsr0_el1",
             afsr1 = "afsr1_el1", far = "far_el1", mair = "mair_el1", amair = "amair_el1",
@@ -271,6 +273,70 @@ macro_rules! el1_list {
             cntkctl = "cntkctl_el1",
         )
     };
+}
+
+macro_rules! names {
+    (; $($f:ident = $r:literal),* $(,)?) => { &[$($r),*] };
+}
+
+/// The guest registers this world switch saves and restores, by
+/// architectural name (lower case): the [`El1Sysregs`] list, FP control,
+/// the virtual timer, and the optional state of [`OptRegs`]; the
+/// pointer-authentication keys are [`PAC_KEYS_HERE`]. pkvm-sysreg's
+/// `SWITCHED` list is checked against these at boot
+/// (`vmm::sysregs::check_switched`).
+pub const SWITCHED_HERE: &[&str] = {
+    const EL1: &[&str] = el1_list!(names!());
+    const N: usize = EL1.len() + 6;
+    const ALL: [&str; N] = {
+        let mut a = [""; N];
+        let mut i = 0;
+        while i < EL1.len() {
+            a[i] = EL1[i];
+            i += 1;
+        }
+        a[i] = "fpcr";
+        a[i + 1] = "fpsr";
+        a[i + 2] = "cntv_ctl_el0";
+        a[i + 3] = "cntv_cval_el0";
+        a[i + 4] = "tpidr2_el0";
+        a[i + 5] = "smpri_el1";
+        a
+    };
+    &ALL
+};
+
+/// The pointer-authentication key registers switched when the VM has
+/// pointer authentication ([`PacKeys`], in order).
+pub const PAC_KEYS_HERE: &[&str] = &[
+    "apiakeylo_el1",
+    "apiakeyhi_el1",
+    "apibkeylo_el1",
+    "apibkeyhi_el1",
+    "apdakeylo_el1",
+    "apdakeyhi_el1",
+    "apdbkeylo_el1",
+    "apdbkeyhi_el1",
+    "apgakeylo_el1",
+    "apgakeyhi_el1",
+];
+
+/// The EL2 registers the world switch loads per vCPU or per VM, standing
+/// in for guest registers.
+pub const EL2_HERE: &[&str] = &["vpidr_el2", "vmpidr_el2", "cntvoff_el2", "vdisr_el2"];
+
+/// Guest state that exists only with an optional host feature: switched
+/// when the host has it, although the VM is never offered the feature,
+/// because no coarse trap covers these registers (pkvm-sysreg's `SWITCHED`
+/// entries with `When::Host`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OptRegs {
+    /// TPIDR2_EL0 (FEAT_SME).
+    pub tpidr2_el0: u64,
+    /// SMPRI_EL1 (FEAT_SME).
+    pub smpri_el1: u64,
+    /// VDISR_EL2 (FEAT_RAS; the guest's DISR_EL1 with HCR_EL2.AMO set).
+    pub vdisr_el2: u64,
 }
 
 /// Guest virtual timer state.
@@ -313,6 +379,8 @@ pub struct VcpuState {
     pub pac: PacKeys,
     /// VMPIDR_EL2 (what the guest reads as MPIDR_EL1).
     pub vmpidr: u64,
+    /// Optional state of the host's features ([`VmRegs::sme`], [`VmRegs::ras`]).
+    pub opt: OptRegs,
 }
 
 impl VcpuState {
@@ -330,6 +398,7 @@ impl VcpuState {
             timer: TimerState::default(),
             pac: PacKeys::default(),
             vmpidr: (1 << 31) | mpidr_aff,
+            opt: OptRegs::default(),
         }
     }
 }
@@ -345,6 +414,10 @@ pub struct VmRegs {
     pub traps: TrapControls,
     /// Whether the VM has pointer authentication (its keys are switched).
     pub pauth: bool,
+    /// Whether the host has SME (TPIDR2_EL0 and SMPRI_EL1 are switched).
+    pub sme: bool,
+    /// Whether the host has RAS (VDISR_EL2 is switched).
+    pub ras: bool,
 }
 
 /// Why the guest stopped running.
@@ -420,6 +493,26 @@ fn load_traps(t: &TrapControls) {
     }
 }
 
+fn load_opt(vm: &VmRegs, o: &OptRegs) {
+    if vm.sme {
+        write_sysreg!("S3_3_C13_C0_5", o.tpidr2_el0);
+        write_sysreg!("S3_0_C1_C2_4", o.smpri_el1);
+    }
+    if vm.ras {
+        write_sysreg!("S3_4_C12_C1_1", o.vdisr_el2);
+    }
+}
+
+fn save_opt(vm: &VmRegs, o: &mut OptRegs) {
+    if vm.sme {
+        o.tpidr2_el0 = read_sysreg!("S3_3_C13_C0_5");
+        o.smpri_el1 = read_sysreg!("S3_0_C1_C2_4");
+    }
+    if vm.ras {
+        o.vdisr_el2 = read_sysreg!("S3_4_C12_C1_1");
+    }
+}
+
 /// Runs the vCPU until it exits to EL2.
 pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     let pauth = vm.pauth;
@@ -429,13 +522,14 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     write_sysreg!("vmpidr_el2", vcpu.vmpidr);
     write_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
-    el1_list!(s, load);
+    el1_list!(sysregs_xfer!(s, load));
     write_sysreg!("cntv_cval_el0", vcpu.timer.cval);
     write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
     if pauth {
         let k = &vcpu.pac;
         pac_list!(k, load);
     }
+    load_opt(vm, &vcpu.opt);
     super::sysreg::isb();
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
     // saves/restores every callee-saved register and the stack pointer
@@ -449,7 +543,7 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
         hpfar: read_sysreg!("hpfar_el2"),
     };
     let s = &mut vcpu.sys;
-    el1_list!(s, save);
+    el1_list!(sysregs_xfer!(s, save));
     vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");
     vcpu.timer.cval = read_sysreg!("cntv_cval_el0");
     // Stop the guest's timer while it is not running.
@@ -458,5 +552,6 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
         let k = &mut vcpu.pac;
         pac_list!(k, save);
     }
+    save_opt(vm, &mut vcpu.opt);
     exit
 }

@@ -32,11 +32,11 @@ use pkvm_host::fault::GuestFault;
 use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 use pkvm_sync::SpinGuard;
-use pkvm_sysreg::{inject_undef, El1State, VcpuSysregs};
+use pkvm_sysreg::{inject_undef, El1State, HostFeature, VcpuSysregs};
 
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
-use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
+use crate::platform::switch::{self, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{gic, timer};
 use crate::println;
 
@@ -125,6 +125,7 @@ impl VcpuHw {
     pub fn on_reset(&mut self, ctx: &mut VcpuContext) {
         self.stats.resets += 1;
         self.sysregs.reset();
+        self.st.opt = OptRegs::default();
         let r = &mut self.st.regs;
         r.v = [0; 32];
         r.fpsr = 0;
@@ -190,6 +191,8 @@ impl<'a> HwBackend<'a> {
             vtcr: vtcr(ipa_bits, self.parange, VtcrOptions::default()).ok()?,
             traps: self.policy.traps,
             pauth: self.policy.pauth(),
+            sme: self.policy.features.host().has(HostFeature::Sme),
+            ras: self.policy.features.host().has(HostFeature::Ras),
         })
     }
 

@@ -20,7 +20,8 @@ use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{
     handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Hook, HookCall,
-    HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, VmFeatures, REGISTERS,
+    HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When, REGISTERS,
+    SWITCHED,
 };
 
 /// A VM's system-register policy, fixed at creation and shared by its vCPUs.
@@ -208,4 +209,51 @@ pub fn top_traps(sums: &[u64], count: usize) -> alloc::vec::Vec<(usize, u64)> {
     rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     rows.truncate(count);
     rows
+}
+
+/// The registers a world switch handles, by lower-case architectural name.
+#[derive(Clone, Copy, Debug)]
+pub struct WorldSwitchCover<'a> {
+    /// Guest registers saved and restored on every switch.
+    pub guest: &'a [&'a str],
+    /// Pointer-authentication keys, switched when the VM has them.
+    pub pac_keys: &'a [&'a str],
+    /// EL2 registers loaded per vCPU or per VM.
+    pub el2: &'a [&'a str],
+}
+
+/// Checks pkvm-sysreg's [`SWITCHED`] list against what the world switch
+/// covers on a host with `host`'s features: every register a guest uses
+/// without a trap must be switched (or reach an EL2 stand-in the switch
+/// loads), or the VM could see or change another's value. Returns how many
+/// entries apply to this host.
+///
+/// Not checked here: the GIC CPU interface (the vGIC's), constants and
+/// host read-only registers, and `ZCR_EL1` (SVE is never offered: the
+/// default policy refuses to, so its `When::Offered` never applies).
+///
+/// # Errors
+/// The name of the first register the world switch misses.
+pub fn check_switched(host: &HostIds, cover: &WorldSwitchCover<'_>) -> Result<usize, &'static str> {
+    let has = |list: &[&str], name: &str| list.iter().any(|n| n.eq_ignore_ascii_case(name));
+    let mut n = 0;
+    for s in SWITCHED {
+        let list = match s.when {
+            When::Always => cover.guest,
+            When::Host(f) if host.has(f) => cover.guest,
+            When::Host(_) | When::Offered(Offer::Sve) => continue,
+            When::Offered(Offer::PAuth) => cover.pac_keys,
+            When::Offered(_) => cover.guest,
+        };
+        let ok = match s.via {
+            Via::WorldSwitch => has(list, s.name),
+            Via::El2Register(r) => has(cover.el2, r),
+            Via::GicCpuInterface | Via::Constant | Via::HostReadOnly => true,
+        };
+        if !ok {
+            return Err(s.name);
+        }
+        n += 1;
+    }
+    Ok(n)
 }
