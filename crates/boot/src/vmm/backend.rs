@@ -4,9 +4,12 @@
 //!
 //! The vCPU's architectural state the host owns ([`VcpuContext`]: GPRs, PC,
 //! PSTATE, EL1 system registers, virtual timer) is copied into the world
-//! switch's [`VcpuState`] before each entry and back after it; the state
-//! only the hardware layer needs (FP/SIMD, ACTLR, timer offset,
-//! pointer-authentication keys) is not in `VcpuContext`, so it lives in a
+//! switch's [`VcpuState`] before each entry and back after it (not
+//! `MDSCR_EL1`/`CSSELR_EL1`: the policy traps them, their only copy is the
+//! emulated register file); the state only the hardware layer needs
+//! (FP/SIMD, timer offset, pointer-authentication keys, SME/RAS extras,
+//! the emulated system registers of [`VcpuSysregs`]) is not in
+//! `VcpuContext`, so it lives in a
 //! per-vCPU [`VcpuHw`] the VMM owns (one lock per vCPU) and lends to the
 //! backend for one scheduler run ([`HwBackend::new`] takes the guard): a
 //! vCPU that moves between physical CPUs keeps it, and two vCPUs never
