@@ -11,6 +11,7 @@ const GUESTS: &[&str] = &[
     "guest-smp",
     "guest-spin",
     "guest-reset",
+    "guest-sysreg",
 ];
 
 fn main() {

@@ -23,6 +23,7 @@ pub const GUESTS: &[&str] = &[
     "guest-smp",
     "guest-spin",
     "guest-reset",
+    "guest-sysreg",
 ];
 
 /// The image package and binary name.

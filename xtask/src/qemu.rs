@@ -287,6 +287,9 @@ pub struct Outcome {
     pub console: String,
     /// Whether the timeout killed it.
     pub timed_out: bool,
+    /// Whether it was stopped because the console showed the `until`
+    /// line of [`boot_until`] (a guest that never powers off).
+    pub stopped_at: bool,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -340,6 +343,21 @@ pub fn boot(
     console: Console,
     timeout: Option<Duration>,
 ) -> Result<Outcome> {
+    boot_until(image, spec, console, timeout, None)
+}
+
+/// [`boot`], and QEMU is also stopped as soon as a console line contains
+/// `until` (for a guest that ends in a loop, such as a kernel's panic).
+///
+/// # Errors
+/// As [`boot`].
+pub fn boot_until(
+    image: &Path,
+    spec: &RunSpec,
+    console: Console,
+    timeout: Option<Duration>,
+    until: Option<&str>,
+) -> Result<Outcome> {
     let guest_size = match &spec.guest {
         Some(g) => validate_guest(g, spec.mem_mib)?,
         None => 0,
@@ -375,9 +393,20 @@ pub fn boot(
     let t_out = std::thread::spawn(move || pump(out, tx, console));
     let t_err = std::thread::spawn(move || pump(err, tx2, console));
     let mut timed_out = false;
+    let mut stopped_at = false;
+    let mut console_text = String::new();
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break Some(st);
+        }
+        if let Some(u) = until {
+            console_text.extend(rx.try_iter());
+            if console_text.contains(u) {
+                stopped_at = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
         }
         if timeout.is_some_and(|t| start.elapsed() > t) {
             timed_out = true;
@@ -389,12 +418,13 @@ pub fn boot(
     };
     let _ = t_out.join();
     let _ = t_err.join();
-    let console_text: String = rx.try_iter().collect();
+    console_text.extend(rx.try_iter());
     let _ = std::fs::remove_file(&handoff);
     Ok(Outcome {
         exit_code: status.and_then(|s| s.code()),
         console: console_text,
         timed_out,
+        stopped_at,
         elapsed: start.elapsed(),
     })
 }
@@ -439,7 +469,7 @@ pub const FORBIDDEN: &[&str] = &["PANIC", "panicked at", "EL2 exception"];
 pub const GUEST_LINE_PREFIX: &str = "[guest ";
 
 /// The console lines the hypervisor printed itself (not a guest's).
-fn hypervisor_lines(console: &str) -> impl Iterator<Item = &str> {
+pub fn hypervisor_lines(console: &str) -> impl Iterator<Item = &str> {
     console
         .lines()
         .filter(|l| !l.starts_with(GUEST_LINE_PREFIX))
@@ -677,6 +707,7 @@ mod tests {
             exit_code: Some(code),
             console: console.into(),
             timed_out: false,
+            stopped_at: false,
             elapsed: Duration::ZERO,
         };
         assert!(check(&t, &mk(0, "x\nall good\n")).is_ok());
@@ -702,6 +733,7 @@ mod tests {
             exit_code: Some(0),
             console: console.into(),
             timed_out: false,
+            stopped_at: false,
             elapsed: Duration::ZERO,
         };
         let faked = "[guest vm0 vcpu 0] hello\n[guest vm0 vcpu 0] scenario demo: PASS\n";

@@ -2,7 +2,7 @@
 //! system registers, acknowledge / end of interrupt and SGIs.
 //!
 //! Routing (architecture rules, non-VHE, `HCR_EL2.TGE = 0`): with
-//! `HCR_EL2.IMO = 1` (set in [`super::switch::HCR_GUEST`]) a physical IRQ
+//! `HCR_EL2.IMO = 1` (set in every VM's trap controls, `pkvm_sysreg::traps::hcr_el2`) a physical IRQ
 //! that arrives while a guest runs at EL1/EL0 is taken to EL2 whatever the
 //! guest's `PSTATE.I`: it lands in the "IRQ from a lower EL" vector, which
 //! leaves the guest like any other exit (`Exit::kind == EXIT_IRQ`). At EL2

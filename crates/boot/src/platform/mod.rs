@@ -9,9 +9,10 @@
 //! | [`dt`] | device tree parsing (`fdt` crate) into [`dt::Platform`] |
 //! | [`mmu`] | EL2 stage-1: bootstrap blocks, then `PageTable<El2>` |
 //! | [`hw`] | `PtMemory` and `TlbOps` for real hardware |
+//! | [`idregs`] | the CPU's ID registers (pkvm-sysreg's `HostIds`) |
 //! | [`phys`] | access to identity-mapped physical memory |
 //! | [`vectors`] | EL2 exception vectors |
-//! | [`switch`] | the world switch: guest GPRs, EL1 sysregs, FP/SIMD, timer, PAC keys |
+//! | [`switch`] | the world switch: trap controls, guest GPRs, EL1 sysregs, FP/SIMD, timer, PAC keys |
 //! | [`handoff`] | the block xtask passes at 0x4800_0000 |
 //! | [`gic`] | GICv3: distributor, redistributors, CPU interface, SGIs |
 //! | [`timer`] | the EL2 physical timer (preemption tick) |
@@ -22,6 +23,7 @@ pub mod exit;
 pub mod gic;
 pub mod handoff;
 pub mod hw;
+pub mod idregs;
 pub mod mmu;
 pub mod phys;
 pub mod start;

@@ -112,6 +112,9 @@ extern "C" fn pkvm_rust_entry(cpu: usize) -> ! {
     let pc = &PERCPU[cpu];
     pc.index.store(cpu, Ordering::Relaxed);
     crate::write_sysreg!("tpidr_el2", pc as *const PerCpu as u64);
+    if cpu == 0 {
+        super::idregs::init();
+    }
     super::switch::init_cpu();
     pc.online.store(true, Ordering::Release);
     if cpu == 0 {

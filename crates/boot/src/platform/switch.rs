@@ -1,6 +1,8 @@
 //! The world switch between the hypervisor (EL2) and a guest (EL1/EL0).
 //!
-//! [`run`] loads the VM's stage-2 configuration (VTCR, VTTBR, HCR) and the
+//! [`run`] loads the VM's stage-2 configuration (VTCR, VTTBR), its trap
+//! controls (`HCR_EL2`, `CPTR_EL2`, `MDCR_EL2`, `CNTHCTL_EL2`, `MPAM2_EL2`:
+//! pkvm-sysreg's policy, computed per VM as [`TrapControls`]) and the
 //! vCPU's EL1 state (system registers, timer, pointer-authentication keys),
 //! then `__guest_enter` saves the host's callee-saved registers (x19-x30,
 //! d8-d15) on the EL2 stack, records the stack pointer and the vCPU's
@@ -12,9 +14,22 @@
 //!
 //! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
 //! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly.
+//!
+//! Which EL1 registers are switched follows pkvm-sysreg's `SWITCHED` list:
+//! the registers the policy traps (`ACTLR_EL1` by `HCR_EL2.TACR`,
+//! `CSSELR_EL1` by `TID2`, `MDSCR_EL1` and the debug registers by
+//! `MDCR_EL2.TDA`) live only in the vCPU's `VcpuSysregs` and are not
+//! loaded into the hardware (whose copies stay at the values
+//! [`init_cpu`] gives them). The trap controls are not restored at exit:
+//! they act on EL0/EL1 only, except `CPTR_EL2` (TZ/TSM/TTA also trap EL2,
+//! which uses no SVE, SME or trace; TFP stays clear for the EL2 FP/SIMD
+//! code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
+//! hypervisor wants anyway).
 
 use core::arch::global_asm;
 use core::mem::offset_of;
+
+use pkvm_sysreg::traps::{cptr, TrapControls};
 
 use crate::{read_sysreg, write_sysreg};
 
@@ -200,7 +215,6 @@ extern "C" {
 #[allow(missing_docs)]
 pub struct El1Sysregs {
     pub sctlr: u64,
-    pub actlr: u64,
     pub cpacr: u64,
     pub ttbr0: u64,
     pub ttbr1: u64,
@@ -222,8 +236,6 @@ pub struct El1Sysregs {
     pub spsr: u64,
     pub par: u64,
     pub cntkctl: u64,
-    pub mdscr: u64,
-    pub csselr: u64,
 }
 
 /// SCTLR_EL1 at reset: MMU and caches off, RES1 bits set.
@@ -247,18 +259,84 @@ macro_rules! sysregs_xfer {
     (@one $s:ident, save, $f:ident, $r:literal) => { $s.$f = read_sysreg!($r) };
 }
 
+/// The EL1 registers of [`El1Sysregs`], one list for the transfers and
+/// for [`SWITCHED_HERE`].
 macro_rules! el1_list {
-    ($s:ident, $dir:ident) => {
-        sysregs_xfer!($s, $dir;
-            sctlr = "sctlr_el1", actlr = "actlr_el1", cpacr = "cpacr_el1", ttbr0 = "ttbr0_el1",
+    ($m:ident!($($a:tt)*)) => {
+        $m!($($a)*;
+            sctlr = "sctlr_el1", cpacr = "cpacr_el1", ttbr0 = "ttbr0_el1",
             ttbr1 = "ttbr1_el1", tcr = "tcr_el1", esr = "esr_el1", afsr0 = "afsr0_el1",
             afsr1 = "afsr1_el1", far = "far_el1", mair = "mair_el1", amair = "amair_el1",
             vbar = "vbar_el1", contextidr = "contextidr_el1", tpidr_el1 = "tpidr_el1",
             tpidr_el0 = "tpidr_el0", tpidrro_el0 = "tpidrro_el0", sp_el1 = "sp_el1",
             sp_el0 = "sp_el0", elr = "elr_el1", spsr = "spsr_el1", par = "par_el1",
-            cntkctl = "cntkctl_el1", mdscr = "mdscr_el1", csselr = "csselr_el1",
+            cntkctl = "cntkctl_el1",
         )
     };
+}
+
+macro_rules! names {
+    (; $($f:ident = $r:literal),* $(,)?) => { &[$($r),*] };
+}
+
+/// The guest registers this world switch saves and restores, by
+/// architectural name (lower case): the [`El1Sysregs`] list, FP control,
+/// the virtual timer, and the optional state of [`OptRegs`]; the
+/// pointer-authentication keys are [`PAC_KEYS_HERE`]. pkvm-sysreg's
+/// `SWITCHED` list is checked against these at boot
+/// (`vmm::sysregs::check_switched`).
+pub const SWITCHED_HERE: &[&str] = {
+    const EL1: &[&str] = el1_list!(names!());
+    const N: usize = EL1.len() + 6;
+    const ALL: [&str; N] = {
+        let mut a = [""; N];
+        let mut i = 0;
+        while i < EL1.len() {
+            a[i] = EL1[i];
+            i += 1;
+        }
+        a[i] = "fpcr";
+        a[i + 1] = "fpsr";
+        a[i + 2] = "cntv_ctl_el0";
+        a[i + 3] = "cntv_cval_el0";
+        a[i + 4] = "tpidr2_el0";
+        a[i + 5] = "smpri_el1";
+        a
+    };
+    &ALL
+};
+
+/// The pointer-authentication key registers switched when the VM has
+/// pointer authentication ([`PacKeys`], in order).
+pub const PAC_KEYS_HERE: &[&str] = &[
+    "apiakeylo_el1",
+    "apiakeyhi_el1",
+    "apibkeylo_el1",
+    "apibkeyhi_el1",
+    "apdakeylo_el1",
+    "apdakeyhi_el1",
+    "apdbkeylo_el1",
+    "apdbkeyhi_el1",
+    "apgakeylo_el1",
+    "apgakeyhi_el1",
+];
+
+/// The EL2 registers the world switch loads per vCPU or per VM, standing
+/// in for guest registers.
+pub const EL2_HERE: &[&str] = &["vpidr_el2", "vmpidr_el2", "cntvoff_el2", "vdisr_el2"];
+
+/// Guest state that exists only with an optional host feature: switched
+/// when the host has it, although the VM is never offered the feature,
+/// because no coarse trap covers these registers (pkvm-sysreg's `SWITCHED`
+/// entries with `When::Host`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OptRegs {
+    /// TPIDR2_EL0 (FEAT_SME).
+    pub tpidr2_el0: u64,
+    /// SMPRI_EL1 (FEAT_SME).
+    pub smpri_el1: u64,
+    /// VDISR_EL2 (FEAT_RAS; the guest's DISR_EL1 with HCR_EL2.AMO set).
+    pub vdisr_el2: u64,
 }
 
 /// Guest virtual timer state.
@@ -287,21 +365,6 @@ macro_rules! pac_list {
     (@x $k:ident, save; $($i:literal = $r:literal),*) => { $( $k.0[$i] = read_sysreg!($r); )* };
 }
 
-/// Whether the CPU implements pointer authentication (so the key
-/// registers exist).
-pub fn has_pauth() -> bool {
-    let isar1 = read_sysreg!("id_aa64isar1_el1");
-    let isar2 = read_sysreg!("S3_0_C0_C6_2"); // ID_AA64ISAR2_EL1
-    let field = |v: u64, sh: u32| (v >> sh) & 0xf;
-    field(isar1, 4)
-        | field(isar1, 8)
-        | field(isar1, 24)
-        | field(isar1, 28)
-        | field(isar2, 8)
-        | field(isar2, 12)
-        != 0
-}
-
 /// A vCPU's full architectural state as the world switch sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -316,6 +379,8 @@ pub struct VcpuState {
     pub pac: PacKeys,
     /// VMPIDR_EL2 (what the guest reads as MPIDR_EL1).
     pub vmpidr: u64,
+    /// Optional state of the host's features ([`VmRegs::sme`], [`VmRegs::ras`]).
+    pub opt: OptRegs,
 }
 
 impl VcpuState {
@@ -333,6 +398,7 @@ impl VcpuState {
             timer: TimerState::default(),
             pac: PacKeys::default(),
             vmpidr: (1 << 31) | mpidr_aff,
+            opt: OptRegs::default(),
         }
     }
 }
@@ -344,27 +410,15 @@ pub struct VmRegs {
     pub vttbr: u64,
     /// VTCR_EL2.
     pub vtcr: u64,
-    /// HCR_EL2.
-    pub hcr: u64,
+    /// The VM's trap controls (pkvm-sysreg's policy for its features).
+    pub traps: TrapControls,
+    /// Whether the VM has pointer authentication (its keys are switched).
+    pub pauth: bool,
+    /// Whether the host has SME (TPIDR2_EL0 and SMPRI_EL1 are switched).
+    pub sme: bool,
+    /// Whether the host has RAS (VDISR_EL2 is switched).
+    pub ras: bool,
 }
-
-/// HCR_EL2 for guests: VM (stage 2), SWIO, FMO/IMO/AMO (physical interrupts
-/// to EL2), FB/BSU inner (broadcast maintenance), TWI/TWE (trap WFx), TSC
-/// (trap SMC), RW (EL1 is AArch64), APK/API (PAC instructions and key
-/// registers do not trap: keys are switched by [`run`]).
-pub const HCR_GUEST: u64 = 1
-    | (1 << 1)
-    | (1 << 3)
-    | (1 << 4)
-    | (1 << 5)
-    | (1 << 9)
-    | (1 << 10)
-    | (1 << 13)
-    | (1 << 14)
-    | (1 << 19)
-    | (1 << 31)
-    | (1 << 40)
-    | (1 << 41);
 
 /// Why the guest stopped running.
 #[derive(Clone, Copy, Debug)]
@@ -394,33 +448,88 @@ pub fn this_mpidr() -> u64 {
     super::sysreg::mpidr()
 }
 
-/// Per-CPU EL2 set-up for running guests.
+/// Per-CPU EL2 set-up for running guests. The trap controls written here
+/// are the hypervisor's own between guest runs; [`run`] writes each VM's.
 pub fn init_cpu() {
-    // CNTHCTL_EL2 (E2H=0): EL1PCTEN | EL1PCEN — guests may use the
-    // physical counter and timer.
-    write_sysreg!("cnthctl_el2", 3);
+    // CNTHCTL_EL2 (E2H=0): no EL1 code runs outside a guest; guests get
+    // their VM's value (EL1PCTEN/EL1PCEN clear: the physical timer traps).
+    write_sysreg!("cnthctl_el2", 0);
     write_sysreg!("cntvoff_el2", 0);
     // VPIDR_EL2: guests see the real MIDR.
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("hcr_el2", 1 << 31);
+    // FP/SIMD untrapped (EL2 Rust code uses it); SVE, SME and trace
+    // trapped (bits 8 and 12 are TZ and TSM on CPUs with SVE/SME, RES1
+    // without).
+    write_sysreg!("cptr_el2", cptr::RES1 | cptr::TZ | cptr::TSM | cptr::TTA);
+    // MDCR_EL2: no traps, HPMN = PMCR_EL0.N (HPMN = 0 needs FEAT_HPMN0):
+    // guests get their VM's value; nothing below EL2 runs otherwise.
+    let hpmn = if super::idregs::host_ids().has(pkvm_sysreg::HostFeature::Pmu) {
+        (read_sysreg!("pmcr_el0") >> 11) & 0x1f
+    } else {
+        0
+    };
+    write_sysreg!("mdcr_el2", hpmn);
+    // The debug state guests never reach (MDCR_EL2.TDA traps it into
+    // their emulated register files): quiet.
+    write_sysreg!("mdscr_el1", 0);
+    if super::idregs::has_hcx() {
+        // HCRX_EL2 = 0: the FEAT_HCX controls off, so TCR2_EL1,
+        // SCTLR2_EL1 and the like trap and meet pkvm-sysreg's UNDEF.
+        write_sysreg!("S3_4_C1_C2_2", 0);
+    }
     super::sysreg::isb();
 }
 
+/// Writes a VM's trap controls (`MPAM2_EL2` only exists with FEAT_MPAM,
+/// for which the policy's value is non-zero).
+fn load_traps(t: &TrapControls) {
+    write_sysreg!("hcr_el2", t.hcr);
+    write_sysreg!("cptr_el2", t.cptr);
+    write_sysreg!("mdcr_el2", t.mdcr);
+    write_sysreg!("cnthctl_el2", t.cnthctl);
+    if t.mpam2 != 0 {
+        write_sysreg!("S3_4_C10_C5_0", t.mpam2);
+    }
+}
+
+fn load_opt(vm: &VmRegs, o: &OptRegs) {
+    if vm.sme {
+        write_sysreg!("S3_3_C13_C0_5", o.tpidr2_el0);
+        write_sysreg!("S3_0_C1_C2_4", o.smpri_el1);
+    }
+    if vm.ras {
+        write_sysreg!("S3_4_C12_C1_1", o.vdisr_el2);
+    }
+}
+
+fn save_opt(vm: &VmRegs, o: &mut OptRegs) {
+    if vm.sme {
+        o.tpidr2_el0 = read_sysreg!("S3_3_C13_C0_5");
+        o.smpri_el1 = read_sysreg!("S3_0_C1_C2_4");
+    }
+    if vm.ras {
+        o.vdisr_el2 = read_sysreg!("S3_4_C12_C1_1");
+    }
+}
+
 /// Runs the vCPU until it exits to EL2.
-pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, pauth: bool) -> Exit {
+pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
+    let pauth = vm.pauth;
     write_sysreg!("vtcr_el2", vm.vtcr);
     write_sysreg!("vttbr_el2", vm.vttbr);
-    write_sysreg!("hcr_el2", vm.hcr);
+    load_traps(&vm.traps);
     write_sysreg!("vmpidr_el2", vcpu.vmpidr);
     write_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
-    el1_list!(s, load);
+    el1_list!(sysregs_xfer!(s, load));
     write_sysreg!("cntv_cval_el0", vcpu.timer.cval);
     write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
     if pauth {
         let k = &vcpu.pac;
         pac_list!(k, load);
     }
+    load_opt(vm, &vcpu.opt);
     super::sysreg::isb();
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
     // saves/restores every callee-saved register and the stack pointer
@@ -434,7 +543,7 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, pauth: bool) -> Exit {
         hpfar: read_sysreg!("hpfar_el2"),
     };
     let s = &mut vcpu.sys;
-    el1_list!(s, save);
+    el1_list!(sysregs_xfer!(s, save));
     vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");
     vcpu.timer.cval = read_sysreg!("cntv_cval_el0");
     // Stop the guest's timer while it is not running.
@@ -443,5 +552,6 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, pauth: bool) -> Exit {
         let k = &mut vcpu.pac;
         pac_list!(k, save);
     }
+    save_opt(vm, &mut vcpu.opt);
     exit
 }

@@ -4,9 +4,12 @@
 //!
 //! The vCPU's architectural state the host owns ([`VcpuContext`]: GPRs, PC,
 //! PSTATE, EL1 system registers, virtual timer) is copied into the world
-//! switch's [`VcpuState`] before each entry and back after it; the state
-//! only the hardware layer needs (FP/SIMD, ACTLR, timer offset,
-//! pointer-authentication keys) is not in `VcpuContext`, so it lives in a
+//! switch's [`VcpuState`] before each entry and back after it (not
+//! `MDSCR_EL1`/`CSSELR_EL1`: the policy traps them, their only copy is the
+//! emulated register file); the state only the hardware layer needs
+//! (FP/SIMD, timer offset, pointer-authentication keys, SME/RAS extras,
+//! the emulated system registers of [`VcpuSysregs`]) is not in
+//! `VcpuContext`, so it lives in a
 //! per-vCPU [`VcpuHw`] the VMM owns (one lock per vCPU) and lends to the
 //! backend for one scheduler run ([`HwBackend::new`] takes the guard): a
 //! vCPU that moves between physical CPUs keeps it, and two vCPUs never
@@ -17,10 +20,14 @@
 //! the PC still on the SMC (pkvm-host's PSCI code steps a trapped SMC);
 //! WFI/WFE -> `Wfx` with the PC stepped; IRQ/FIQ -> `Interrupt` after
 //! acknowledging what is pending ([`gic::drain`]: the scheduler's timer
-//! tick or kick SGI); anything else -> `Unhandled`. Trapped
-//! system-register accesses never leave the backend (read as zero, writes
-//! ignored): pkvm-host does not emulate them. Vendor hypercalls (guest-rt's
-//! report) reach the VMM as pkvm-host's `VcpuExit::Hypercall`.
+//! tick or kick SGI); SError and AArch32 exits -> `Unhandled`. Trapped
+//! system-register accesses (EC 0x18) never leave the backend: they are
+//! answered from pkvm-sysreg's table over the vCPU's [`VcpuSysregs`]
+//! ([`super::sysregs`]), and every other synchronous exception class
+//! (SVE/SME/PAC not offered, unknown) gets an UNDEF injected at the
+//! guest's vector with a rate-limited log line: the VM lives. Vendor
+//! hypercalls (guest-rt's report) reach the VMM as pkvm-host's
+//! `VcpuExit::Hypercall`.
 
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
@@ -28,10 +35,13 @@ use pkvm_host::fault::GuestFault;
 use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 use pkvm_sync::SpinGuard;
+use pkvm_sysreg::{inject_undef, El1State, HostFeature, VcpuSysregs};
 
 use super::platform::BootHyp;
-use crate::platform::gic;
-use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, HCR_GUEST};
+use super::sysregs::{self, Action, UndefCause, VmPolicy};
+use crate::platform::switch::{self, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
+use crate::platform::{gic, timer};
+use crate::println;
 
 /// Exit counts seen by the backend (including those it handles itself),
 /// accumulated over the vCPU's life.
@@ -53,8 +63,11 @@ pub struct BackendStats {
     pub timer_irqs: u64,
     /// IRQ exits on which a kick SGI was pending.
     pub kick_irqs: u64,
-    /// Trapped system-register accesses (RAZ/WI).
+    /// Trapped system-register accesses (EC 0x18), however answered.
     pub sysreg: u64,
+    /// UNDEFs injected (refused registers, features not offered, unknown
+    /// exception classes).
+    pub undefs: u64,
     /// Resets applied before an entry (boot, each PSCI CPU_ON, each VM
     /// reset).
     pub resets: u64,
@@ -74,6 +87,12 @@ pub struct VcpuHw {
     boot_args: Option<(u64, [u64; 3])>,
     /// VMID of the last entry (as loaded in VTTBR_EL2).
     pub last_vmid: u16,
+    /// The emulated system registers and per-register trap counts (the
+    /// only copy of the registers the policy traps: `ACTLR_EL1`,
+    /// `CSSELR_EL1`, `MDSCR_EL1`, the debug and EL1 physical-timer registers).
+    pub sysregs: VcpuSysregs,
+    /// For the log lines: the VM's name and the vCPU's index.
+    who: (&'static str, usize),
 }
 
 impl VcpuHw {
@@ -85,7 +104,15 @@ impl VcpuHw {
             stats: BackendStats::default(),
             boot_args: None,
             last_vmid: 0,
+            sysregs: VcpuSysregs::new(),
+            who: ("?", 0),
         }
+    }
+
+    /// Names the vCPU in its log lines: vCPU `index` of VM `name`.
+    pub fn named(mut self, name: &'static str, index: usize) -> Self {
+        self.who = (name, index);
+        self
     }
 
     /// Sets x1..x3 for every reset that starts the vCPU at `pc` (the boot
@@ -96,10 +123,12 @@ impl VcpuHw {
 
     /// pkvm-host has just applied a reset to `ctx` (boot, PSCI CPU_ON, VM
     /// reset): the state pkvm-host does not know about goes back to its
-    /// reset value too (FP/SIMD registers, FPSR, FPCR), and a start at the
-    /// boot PC gets the boot arguments x1..x3.
+    /// reset value too (FP/SIMD registers, FPSR, FPCR, the emulated system
+    /// registers), and a start at the boot PC gets the boot arguments x1..x3.
     pub fn on_reset(&mut self, ctx: &mut VcpuContext) {
         self.stats.resets += 1;
+        self.sysregs.reset();
+        self.st.opt = OptRegs::default();
         let r = &mut self.st.regs;
         r.v = [0; 32];
         r.fpsr = 0;
@@ -122,20 +151,26 @@ impl Default for VcpuHw {
 pub struct HwBackend<'a> {
     cpu: usize,
     hw: SpinGuard<'a, VcpuHw>,
-    pauth: bool,
+    policy: &'a VmPolicy,
     parange: u8,
     hyp: Option<&'static BootHyp>,
 }
 
 impl<'a> HwBackend<'a> {
     /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU whose
-    /// hardware-only state is `hw` (held for the backend's life); `hyp` is
-    /// the hypervisor in protected mode.
-    pub fn new(cpu: usize, hw: SpinGuard<'a, VcpuHw>, hyp: Option<&'static BootHyp>) -> Self {
+    /// hardware-only state is `hw` (held for the backend's life), of a VM
+    /// with system-register policy `policy`; `hyp` is the hypervisor in
+    /// protected mode.
+    pub fn new(
+        cpu: usize,
+        hw: SpinGuard<'a, VcpuHw>,
+        policy: &'a VmPolicy,
+        hyp: Option<&'static BootHyp>,
+    ) -> Self {
         HwBackend {
             cpu,
             hw,
-            pauth: switch::has_pauth(),
+            policy,
             parange: switch::parange(),
             hyp,
         }
@@ -157,7 +192,10 @@ impl<'a> HwBackend<'a> {
         Some(VmRegs {
             vttbr: vttbr(root, vmid),
             vtcr: vtcr(ipa_bits, self.parange, VtcrOptions::default()).ok()?,
-            hcr: HCR_GUEST,
+            traps: self.policy.traps,
+            pauth: self.policy.pauth(),
+            sme: self.policy.features.host().has(HostFeature::Sme),
+            ras: self.policy.features.host().has(HostFeature::Ras),
         })
     }
 
@@ -189,8 +227,6 @@ impl<'a> HwBackend<'a> {
         st.sys.elr = s.elr_el1;
         st.sys.spsr = s.spsr_el1;
         st.sys.cntkctl = s.cntkctl_el1;
-        st.sys.mdscr = s.mdscr_el1;
-        st.sys.csselr = s.csselr_el1;
         st.vmpidr = s.mpidr_el1;
         st.timer.ctl = s.cntv_ctl_el0;
         st.timer.cval = s.cntv_cval_el0;
@@ -224,8 +260,6 @@ impl<'a> HwBackend<'a> {
         s.elr_el1 = st.sys.elr;
         s.spsr_el1 = st.sys.spsr;
         s.cntkctl_el1 = st.sys.cntkctl;
-        s.mdscr_el1 = st.sys.mdscr;
-        s.csselr_el1 = st.sys.csselr;
         s.mpidr_el1 = st.vmpidr;
         s.cntv_ctl_el0 = st.timer.ctl;
         s.cntv_cval_el0 = st.timer.cval;
@@ -234,7 +268,7 @@ impl<'a> HwBackend<'a> {
     /// One world switch; `None` when the backend handled the exit itself.
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
         let hw = &mut *self.hw;
-        let exit = switch::run(vm, &mut hw.st, self.pauth);
+        let exit = switch::run(vm, &mut hw.st);
         hw.stats.exits += 1;
         match exit.kind {
             EXIT_SYNC => {}
@@ -272,16 +306,50 @@ impl<'a> HwBackend<'a> {
             }
             ec::SYS64 => {
                 hw.stats.sysreg += 1;
-                let iss = esr.iss();
-                let rt = ((iss >> 5) & 0x1f) as usize;
-                if iss & 1 == 1 && rt < 31 {
-                    hw.st.regs.x[rt] = 0;
+                let r = &mut hw.st.regs;
+                match sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now()) {
+                    Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
+                    Action::Undef(why) => self.undef(why),
                 }
-                hw.st.regs.pc += 4;
                 None
             }
-            _ => Some(GuestExit::Unhandled { esr: exit.esr }),
+            _ => {
+                let why = sysregs::other_trap(self.policy, esr);
+                self.undef(why);
+                None
+            }
         }
+    }
+
+    /// Injects an UNDEF into the guest (its PC on the refused instruction)
+    /// and logs it, rate-limited ([`sysregs::undef_logged`]).
+    fn undef(&mut self, why: UndefCause) {
+        let hw = &mut *self.hw;
+        let (r, s) = (&mut hw.st.regs, &mut hw.st.sys);
+        hw.stats.undefs += 1;
+        let n = hw.stats.undefs;
+        if sysregs::undef_logged(n) {
+            let (name, index) = hw.who;
+            println!(
+                "vm {name}: vCPU {index}: UNDEF injected for {why} at PC {:#x} ({n} so far)",
+                r.pc
+            );
+        }
+        let mut el1 = El1State {
+            pc: r.pc,
+            pstate: r.pstate,
+            spsr_el1: s.spsr,
+            elr_el1: s.elr,
+            esr_el1: s.esr,
+            vbar_el1: s.vbar,
+            sctlr_el1: s.sctlr,
+        };
+        inject_undef(&mut el1);
+        r.pc = el1.pc;
+        r.pstate = el1.pstate;
+        s.spsr = el1.spsr_el1;
+        s.elr = el1.elr_el1;
+        s.esr = el1.esr_el1;
     }
 }
 

@@ -40,6 +40,7 @@ use super::backend::{self, HwBackend, VcpuHw};
 use super::fdtgen;
 use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
+use super::sysregs::{self, VmPolicy};
 use crate::println;
 use crate::sched::host::HostVmm;
 
@@ -153,6 +154,8 @@ pub enum VmmError {
     Host(pkvm_host::VmError),
     /// Process memory could not be mapped or populated.
     NoMemory,
+    /// The VM's ID-register configuration asks for more than the CPU has.
+    Features(pkvm_sysreg::IdError),
 }
 
 impl core::fmt::Display for VmmError {
@@ -162,6 +165,7 @@ impl core::fmt::Display for VmmError {
             VmmError::ImageTooBig => write!(f, "the image does not fit in guest RAM"),
             VmmError::Host(e) => write!(f, "pkvm-host: {e}"),
             VmmError::NoMemory => write!(f, "host page pool exhausted"),
+            VmmError::Features(e) => write!(f, "{e}"),
         }
     }
 }
@@ -238,6 +242,8 @@ pub struct GuestVm {
     uart: Vec<SpinLock<LineBuf>>,
     /// Per vCPU: the hardware-only state, lent to its backend.
     hw: Vec<SpinLock<VcpuHw>>,
+    /// The system-register policy: sanitised features, trap controls.
+    policy: VmPolicy,
     end: SpinLock<Option<VmEnd>>,
     stopping: AtomicBool,
     warned_unclaimed: AtomicBool,
@@ -351,6 +357,8 @@ pub fn create(
     spec: &VmSpec<'_>,
 ) -> Result<Arc<GuestVm>, VmmError> {
     check_spec(spec)?;
+    let policy =
+        VmPolicy::default_for(&crate::platform::idregs::host_ids()).map_err(VmmError::Features)?;
     let vm = BootVm::create(
         platform.clone(),
         process.clone(),
@@ -391,8 +399,9 @@ pub fn create(
             .collect(),
         // Taken by the scheduler's runner before any pkvm-host lock.
         hw: (0..spec.vcpus)
-            .map(|_| SpinLock::new(VcpuHw::new(), LockClass::HostVm))
+            .map(|i| SpinLock::new(VcpuHw::new().named(spec.name, i), LockClass::HostVm))
             .collect(),
+        policy,
         end: SpinLock::new(None, LockClass::Leaf),
         stopping: AtomicBool::new(false),
         warned_unclaimed: AtomicBool::new(false),
@@ -771,6 +780,7 @@ impl GuestVm {
             let s = h.lock().stats;
             t.entries += s.entries;
             t.sysreg += s.sysreg;
+            t.undefs += s.undefs;
             t.resets += s.resets;
             t.irq += s.irq;
             t.timer_irqs += s.timer_irqs;
@@ -845,6 +855,32 @@ impl GuestVm {
                 ""
             },
         );
+        self.print_sysreg_stats();
+    }
+
+    /// Prints the system-register trap statistics: traps, UNDEFs, and the
+    /// eight registers trapped most (over all vCPUs).
+    fn print_sysreg_stats(&self) {
+        let mut sums = alloc::vec![0u64; pkvm_sysreg::REG_COUNT];
+        let mut unknown = 0u64;
+        for h in &self.hw {
+            let h = h.lock();
+            sysregs::add_traps(&mut sums, &h.sysregs);
+            unknown += u64::from(h.sysregs.unknown_traps());
+        }
+        let hw = self.hw_stats();
+        let mut top = String::new();
+        for (row, n) in sysregs::top_traps(&sums, 8) {
+            let sep = if top.is_empty() { "" } else { ", " };
+            top.push_str(&alloc::format!("{sep}{} {n}", pkvm_sysreg::REGISTERS[row]));
+        }
+        println!(
+            "vm {}: sysreg traps: {} (encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
+            self.name,
+            hw.sysreg,
+            hw.undefs,
+            if top.is_empty() { "none" } else { &top }
+        );
     }
 
     /// Tears the VM down (pkvm-host's single-owner teardown), then unmaps
@@ -879,7 +915,12 @@ impl HostVmm for GuestVm {
         if self.running.fetch_add(1, Ordering::AcqRel) == 0 {
             super::run::vm_started_running();
         }
-        HwBackend::new(cpu, self.hw[index].lock(), self.platform.hyp())
+        HwBackend::new(
+            cpu,
+            self.hw[index].lock(),
+            &self.policy,
+            self.platform.hyp(),
+        )
     }
 
     fn after_run(&self, mut be: HwBackend<'_>) {

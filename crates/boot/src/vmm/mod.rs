@@ -17,6 +17,8 @@
 //!   `sched-smp-protected`).
 //! - [`resets`]: the guest system-reset scenarios (`reset`,
 //!   `reset-protected`, `reset-concurrent`).
+//! - [`sysregs`]: a VM's system-register policy (pkvm-sysreg) and the
+//!   handling of trapped accesses.
 //! - [`fdtgen`]: the VM device tree.
 //! - this file: the memory layout and the scenarios xtask runs (`demo`,
 //!   `touch`, `exits`, `protected`, `guest`, `panic`).
@@ -36,6 +38,7 @@ pub mod process;
 pub mod resets;
 pub mod run;
 pub mod smp;
+pub mod sysregs;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -133,6 +136,9 @@ pub fn main(p: &'static Platform) -> i32 {
         HYP_CARVEOUT / MIB,
         lay.carveout.0
     );
+    if !sysreg_check() {
+        return 1;
+    }
     let scenario = p.handoff.as_ref().map(|h| h.scenario()).unwrap_or("demo");
     println!("scenario {scenario}: start");
     let process = Arc::new(BootProcess::new());
@@ -174,6 +180,42 @@ pub fn main(p: &'static Platform) -> i32 {
             1
         } else {
             code
+        }
+    }
+}
+
+/// Prints what the host CPU has and what VMs get, and checks that the world
+/// switch covers pkvm-sysreg's `SWITCHED` list on this CPU.
+fn sysreg_check() -> bool {
+    use crate::platform::switch;
+    use pkvm_sysreg::HostFeature as F;
+    let host = crate::platform::idregs::host_ids();
+    let yn = |f| if host.has(f) { "yes" } else { "no" };
+    println!(
+        "sysreg: host CPU: SVE {}, SME {}, MTE2 {}, PMU {} ({} counters), PAuth {}, RAS {}; VMs get sanitised ID registers, no SVE/SME/MTE/PMU",
+        yn(F::Sve),
+        yn(F::Sme),
+        yn(F::Mte2),
+        yn(F::Pmu),
+        host.pmu_counters,
+        yn(F::PAuth),
+        yn(F::Ras)
+    );
+    let cover = sysregs::WorldSwitchCover {
+        guest: switch::SWITCHED_HERE,
+        pac_keys: switch::PAC_KEYS_HERE,
+        el2: switch::EL2_HERE,
+    };
+    match sysregs::check_switched(&host, &cover) {
+        Ok(n) => {
+            println!("sysreg: the world switch covers pkvm-sysreg's SWITCHED list on this CPU ({n} registers)");
+            true
+        }
+        Err(name) => {
+            println!(
+                "sysreg: the world switch does not switch {name} (in pkvm-sysreg's SWITCHED list)"
+            );
+            false
         }
     }
 }

@@ -1,0 +1,334 @@
+//! System-register policy checker: what a VM sees of the CPU's system
+//! registers under the EL2 image (pkvm-sysreg's table and trap controls).
+//!
+//! Installs its own EL1 vectors that record the vector entry, `ESR_EL1` and
+//! `ELR_EL1` of each synchronous exception and resume after the faulting
+//! instruction, then checks:
+//! - the sanitised ID registers: no SVE, SME, MTE or PMU shown although
+//!   QEMU's `max` CPU has them (`HCR_EL2.TID3`);
+//! - an UNDEF at `VBAR_EL1` + 0x200 (or + 0x000 from EL1t) with `ESR_EL1`
+//!   EC 0 / IL 1 and `ELR_EL1` on the faulting instruction for: an
+//!   IMPLEMENTATION DEFINED register (read and write), `ZCR_EL1` and an SVE
+//!   instruction (SVE not offered), `SVCR` (SME never offered), the PMU (not
+//!   offered), a write to a read-only ID register;
+//! - emulated registers keep what they should: `MDSCR_EL1` (writable mask),
+//!   `CSSELR_EL1`, the EL1 physical timer (`CNTP_CVAL`/`CNTP_CTL` with
+//!   ISTATUS computed, `CNTPCT_EL0` counting).
+//!
+//! Prints one line per check. All passed: `guest_main` returns 0 (guest-rt
+//! powers off). Any failure: the vCPU turns itself off with PSCI CPU_OFF,
+//! so the VM ends with an error (and xtask's test with a non-zero exit).
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::ptr::{addr_of, read_volatile};
+
+use guest_rt::{hvc, println};
+
+global_asm!(
+    r#"
+.section .bss.undef_log, "aw"
+.balign 8
+.global undef_log
+undef_log:
+    .zero 32
+
+.section .text.sysreg_vectors, "ax"
+.balign 2048
+sysreg_vectors:
+.irp idx, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .balign 128
+    mov     x9, #\idx
+    b       sysreg_undef
+.endr
+
+// Records [vector entry, ESR_EL1, ELR_EL1, count + 1] and resumes after the
+// faulting instruction. Uses x9-x11 only: every faulting asm block below
+// declares them clobbered.
+sysreg_undef:
+    ldr     x10, =undef_log
+    str     x9, [x10, #0]
+    mrs     x11, esr_el1
+    str     x11, [x10, #8]
+    mrs     x11, elr_el1
+    str     x11, [x10, #16]
+    add     x11, x11, #4
+    msr     elr_el1, x11
+    ldr     x11, [x10, #24]
+    add     x11, x11, #1
+    str     x11, [x10, #24]
+    eret
+"#
+);
+
+extern "C" {
+    static undef_log: [u64; 4];
+    static sysreg_vectors: u8;
+}
+
+/// What the last exception recorded.
+#[derive(Clone, Copy, Debug)]
+struct Taken {
+    entry: u64,
+    esr: u64,
+    elr: u64,
+    count: u64,
+}
+
+fn taken() -> Taken {
+    // SAFETY: `undef_log` is 32 bytes of .bss written only by the vector
+    // code; volatile reads because asm writes it behind the compiler's back.
+    let r = |i: usize| unsafe { read_volatile(addr_of!(undef_log[i])) };
+    Taken {
+        entry: r(0),
+        esr: r(1),
+        elr: r(2),
+        count: r(3),
+    }
+}
+
+/// Runs one instruction (`$insn`, with x0 as its register) and returns its
+/// address and x0 afterwards.
+macro_rules! insn {
+    ($insn:literal, $x0:expr) => {{
+        let pc: u64;
+        let x0: u64;
+        // SAFETY: one system-register access or SVE instruction on x0; if
+        // it UNDEFs, the vectors (x9-x11 clobbered) resume after it.
+        unsafe {
+            asm!(
+                "adr {pc}, 2f",
+                "2:",
+                $insn,
+                pc = out(reg) pc,
+                inout("x0") $x0 => x0,
+                out("x9") _, out("x10") _, out("x11") _,
+                options(nostack)
+            )
+        };
+        (pc, x0)
+    }};
+}
+
+/// `ESR_EL1` of an UNDEF: EC 0 (unknown reason), IL = 1.
+const ESR_UNDEF: u64 = 1 << 25;
+/// Vector entry of a synchronous exception from EL1 with SP_ELx (offset 0x200).
+const ENTRY_CURRENT_SPX: u64 = 4;
+/// ... with SP_EL0 (offset 0x000).
+const ENTRY_CURRENT_SP0: u64 = 0;
+
+struct Checker {
+    passed: u32,
+    failed: u32,
+}
+
+impl Checker {
+    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments<'_>) {
+        if ok {
+            self.passed += 1;
+            println!("sysreg: ok: {name}: {detail}");
+        } else {
+            self.failed += 1;
+            println!("sysreg: FAILED: {name}: {detail}");
+        }
+    }
+
+    /// The instruction at `pc` must have UNDEFed exactly once since
+    /// `before`, at vector entry `entry`, with ESR_EL1 EC 0 and ELR_EL1 = `pc`.
+    fn undef(&mut self, name: &str, before: u64, pc: u64, entry: u64) {
+        let t = taken();
+        let ok = t.count == before + 1 && t.entry == entry && t.esr == ESR_UNDEF && t.elr == pc;
+        self.check(
+            name,
+            ok,
+            format_args!(
+                "UNDEF at VBAR_EL1+{:#x} ESR_EL1 {:#x} ELR_EL1 {:#x} (instruction at {pc:#x}, {} exception(s))",
+                t.entry * 0x80,
+                t.esr,
+                t.elr,
+                t.count - before
+            ),
+        );
+    }
+}
+
+/// No exception since `before`.
+fn no_exception(before: u64) -> bool {
+    taken().count == before
+}
+
+fn field(v: u64, shift: u32) -> u64 {
+    (v >> shift) & 0xf
+}
+
+fn id_registers(c: &mut Checker) {
+    let n = taken().count;
+    let (_, pfr0) = insn!("mrs x0, id_aa64pfr0_el1", 0u64);
+    let (_, pfr1) = insn!("mrs x0, id_aa64pfr1_el1", 0u64);
+    let (_, zfr0) = insn!("mrs x0, S3_0_C0_C4_4", 0u64);
+    let (_, dfr0) = insn!("mrs x0, id_aa64dfr0_el1", 0u64);
+    let quiet = no_exception(n);
+    c.check(
+        "ID_AA64PFR0_EL1.SVE",
+        quiet && field(pfr0, 32) == 0 && field(pfr0, 4) == 1,
+        format_args!("{pfr0:#x}: SVE {}, EL1 {}", field(pfr0, 32), field(pfr0, 4)),
+    );
+    c.check(
+        "ID_AA64PFR1_EL1.SME/MTE",
+        quiet && field(pfr1, 24) == 0 && field(pfr1, 8) == 0,
+        format_args!("{pfr1:#x}: SME {}, MTE {}", field(pfr1, 24), field(pfr1, 8)),
+    );
+    c.check(
+        "ID_AA64ZFR0_EL1",
+        quiet && zfr0 == 0,
+        format_args!("{zfr0:#x}"),
+    );
+    c.check(
+        "ID_AA64DFR0_EL1.PMUVer",
+        quiet && field(dfr0, 8) == 0,
+        format_args!("{dfr0:#x}: PMUVer {}", field(dfr0, 8)),
+    );
+}
+
+fn undefs(c: &mut Checker) {
+    let n = taken().count;
+    let (pc, _) = insn!("mrs x0, S3_0_C15_C0_0", 0u64);
+    c.undef(
+        "IMPLEMENTATION DEFINED read (S3_0_C15_C0_0)",
+        n,
+        pc,
+        ENTRY_CURRENT_SPX,
+    );
+    let n = taken().count;
+    let (pc, _) = insn!("msr S3_0_C10_C4_3, x0", 0u64);
+    c.undef("LORC_EL1 write (LOR hidden)", n, pc, ENTRY_CURRENT_SPX);
+    let n = taken().count;
+    let (pc, _) = insn!("mrs x0, S3_0_C13_C0_7", 0u64);
+    c.undef("SCXTNUM_EL1 read (hidden)", n, pc, ENTRY_CURRENT_SPX);
+    // CPACR_EL1.ZEN and SMEN opened, so that SVE/SME accesses are not
+    // stopped at EL1 by the guest's own trap and reach CPTR_EL2.TZ/TSM.
+    // SAFETY: enables SVE/SME register access at EL1; no memory effect.
+    unsafe {
+        asm!(
+            "mrs {t}, cpacr_el1",
+            "orr {t}, {t}, #(3 << 16)",
+            "orr {t}, {t}, #(3 << 24)",
+            "msr cpacr_el1, {t}",
+            "isb",
+            t = out(reg) _,
+            options(nostack)
+        )
+    };
+    let n = taken().count;
+    let (pc, _) = insn!("msr S3_0_C1_C2_0, x0", 0u64);
+    c.undef("ZCR_EL1 write (SVE not offered)", n, pc, ENTRY_CURRENT_SPX);
+    let n = taken().count;
+    let (pc, _) = insn!(".inst 0x04bf5020", 0u64); // rdvl x0, #1
+    c.undef("RDVL (SVE not offered)", n, pc, ENTRY_CURRENT_SPX);
+    let n = taken().count;
+    let (pc, _) = insn!("mrs x0, S3_3_C4_C2_2", 0u64);
+    c.undef("SVCR read (SME not offered)", n, pc, ENTRY_CURRENT_SPX);
+    let n = taken().count;
+    let (pc, _) = insn!("mrs x0, pmccntr_el0", 0u64);
+    c.undef(
+        "PMCCNTR_EL0 read (no PMU offered)",
+        n,
+        pc,
+        ENTRY_CURRENT_SPX,
+    );
+    let n = taken().count;
+    let (pc, _) = insn!("msr S3_0_C0_C4_0, x0", 0u64);
+    c.undef(
+        "ID_AA64PFR0_EL1 write (read-only)",
+        n,
+        pc,
+        ENTRY_CURRENT_SPX,
+    );
+    // From EL1t: the same stack through SP_EL0, vector offset 0x000.
+    let n = taken().count;
+    let pc: u64;
+    // SAFETY: SP_EL0 is pointed at the current stack before SPSel = 0 and
+    // SPSel = 1 is restored right after; the UNDEF resumes after the access.
+    unsafe {
+        asm!(
+            "mov {t}, sp",
+            "msr sp_el0, {t}",
+            "msr spsel, #0",
+            "adr {pc}, 2f",
+            "2: mrs x0, S3_0_C15_C0_0",
+            "msr spsel, #1",
+            t = out(reg) _,
+            pc = out(reg) pc,
+            out("x0") _, out("x9") _, out("x10") _, out("x11") _,
+        )
+    };
+    c.undef(
+        "IMPLEMENTATION DEFINED read from EL1t",
+        n,
+        pc,
+        ENTRY_CURRENT_SP0,
+    );
+}
+
+fn emulated(c: &mut Checker) {
+    let n = taken().count;
+    let _ = insn!("msr mdscr_el1, x0", u64::MAX);
+    let (_, mdscr) = insn!("mrs x0, mdscr_el1", 0u64);
+    let _ = insn!("msr mdscr_el1, x0", 0u64);
+    c.check(
+        "MDSCR_EL1 (emulated, writable bits SS/TDCC/KDE/MDE)",
+        no_exception(n) && mdscr == 0xb001,
+        format_args!("wrote all ones, read {mdscr:#x}"),
+    );
+    let n = taken().count;
+    let _ = insn!("msr csselr_el1, x0", 3u64);
+    let (_, csselr) = insn!("mrs x0, csselr_el1", 0u64);
+    let _ = insn!("msr csselr_el1, x0", 0u64);
+    c.check(
+        "CSSELR_EL1 (emulated)",
+        no_exception(n) && csselr == 3,
+        format_args!("wrote 3, read {csselr:#x}"),
+    );
+    let n = taken().count;
+    let (_, t0) = insn!("mrs x0, cntpct_el0", 0u64);
+    let _ = insn!("msr cntp_cval_el0, x0", 0u64);
+    let _ = insn!("msr cntp_ctl_el0, x0", 1u64);
+    let (_, ctl) = insn!("mrs x0, cntp_ctl_el0", 0u64);
+    let (_, cval) = insn!("mrs x0, cntp_cval_el0", 0u64);
+    let _ = insn!("msr cntp_ctl_el0, x0", 0u64);
+    let (_, t1) = insn!("mrs x0, cntpct_el0", 0u64);
+    c.check(
+        "EL1 physical timer (emulated)",
+        no_exception(n) && ctl == 0b101 && cval == 0 && t0 != 0 && t1 >= t0,
+        format_args!(
+            "CNTP_CTL {ctl:#x} (enabled, ISTATUS) CNTP_CVAL {cval:#x}, CNTPCT {t0:#x} -> {t1:#x}"
+        ),
+    );
+}
+
+/// Entry called by guest-rt.
+#[no_mangle]
+pub fn guest_main(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    let v = addr_of!(sysreg_vectors) as u64;
+    // SAFETY: VBAR_EL1 points at a valid, 2 KiB-aligned vector table.
+    unsafe { asm!("msr vbar_el1, {}", "isb", in(reg) v, options(nostack)) };
+    let mut c = Checker {
+        passed: 0,
+        failed: 0,
+    };
+    id_registers(&mut c);
+    undefs(&mut c);
+    emulated(&mut c);
+    if c.failed == 0 {
+        println!("sysreg: all {} checks passed", c.passed);
+        return 0;
+    }
+    println!(
+        "sysreg: {} of {} checks FAILED; turning the vCPU off",
+        c.failed,
+        c.passed + c.failed
+    );
+    hvc(0x8400_0002, 0, 0, 0); // PSCI CPU_OFF
+    0
+}

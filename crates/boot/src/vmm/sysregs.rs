@@ -1,0 +1,259 @@
+//! A VM's system registers in the EL2 image: pkvm-sysreg's policy (the
+//! VM's sanitised features and the trap controls they give) and what the
+//! backend does with a trapped access.
+//!
+//! - EC 0x18 (`MSR`/`MRS`/`SYS`): [`pkvm_sysreg::handle_sysreg_trap`] over
+//!   the vCPU's [`VcpuSysregs`]: `Handled` completes the access (Rt written,
+//!   PC + 4); `InjectUndef` makes the guest take an UNDEF; `Hook`: the EL1
+//!   physical timer and counter are emulated here ([`ptimer`]); the other
+//!   hooks (PMU — never visible, no PMU is offered —, set/way, SGI
+//!   generation) have no model yet and UNDEF.
+//! - Any other synchronous exception class the backend does not handle
+//!   (SVE/SME/PAC traps of a VM not offered them, EC 0, classes this code
+//!   does not know): an UNDEF ([`pkvm_sysreg::handle_feature_trap`]), the VM
+//!   lives.
+//!
+//! The UNDEF itself is [`pkvm_sysreg::inject_undef`] over the vCPU's saved
+//! EL1 state (the backend does it, it holds the state).
+
+use pkvm_arch::esr::{ec, Esr};
+use pkvm_sysreg::traps::TrapControls;
+use pkvm_sysreg::{
+    handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Hook, HookCall,
+    HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When, REGISTERS,
+    SWITCHED,
+};
+
+/// A VM's system-register policy, fixed at creation and shared by its vCPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct VmPolicy {
+    /// The VM's sanitised ID registers and offered features.
+    pub features: VmFeatures,
+    /// `HCR_EL2`, `CPTR_EL2`, `MDCR_EL2`, `CNTHCTL_EL2`, `MPAM2_EL2` for it.
+    pub traps: TrapControls,
+}
+
+impl VmPolicy {
+    /// The policy for a VM configured with `cfg` on a CPU identified by `host`.
+    ///
+    /// # Errors
+    /// The configuration asks for more than the host has (the error names
+    /// the field or feature).
+    pub fn new(host: &HostIds, cfg: &IdOverrides) -> Result<VmPolicy, IdError> {
+        let features = VmFeatures::new(host, cfg)?;
+        Ok(VmPolicy {
+            traps: TrapControls::new(&features),
+            features,
+        })
+    }
+
+    /// The default VM configuration: no SVE (its state is not switched
+    /// yet), no PMU (no virtual PMU yet), pointer authentication as the
+    /// host has it.
+    pub fn default_for(host: &HostIds) -> Result<VmPolicy, IdError> {
+        VmPolicy::new(host, &IdOverrides::new())
+    }
+
+    /// Whether the VM has pointer authentication (keys switched, not trapped).
+    pub fn pauth(&self) -> bool {
+        self.features.has(Offer::PAuth)
+    }
+}
+
+/// Why an UNDEF was injected (for the log line and the statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UndefCause {
+    /// A system-register access the table refuses (row, or `None`: an
+    /// encoding outside the table).
+    Sysreg(Option<usize>, Encoding),
+    /// A hook without a model here.
+    Hook(Hook, usize),
+    /// Another exception class (SVE, SME, PAC, unknown...).
+    Class(u8),
+}
+
+impl core::fmt::Display for UndefCause {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            UndefCause::Sysreg(Some(row), _) => write!(f, "EC 0x18, {}", REGISTERS[row]),
+            UndefCause::Sysreg(None, enc) => write!(f, "EC 0x18, {enc} (not in the table)"),
+            UndefCause::Hook(h, row) => {
+                write!(f, "EC 0x18, {} ({h:?}: no model yet)", REGISTERS[row])
+            }
+            UndefCause::Class(c) => write!(f, "EC {c:#x} ({})", class_name(c)),
+        }
+    }
+}
+
+fn class_name(c: u8) -> &'static str {
+    match c {
+        ec::UNKNOWN => "unknown",
+        ec::SVE => "SVE not offered",
+        0x1d => "SME not offered",
+        ec::PAC => "pointer authentication not offered",
+        _ => "not handled by the hypervisor",
+    }
+}
+
+/// What the backend does after a trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Complete the access: this outcome applied to the guest's registers.
+    Complete(Outcome),
+    /// Inject an UNDEF.
+    Undef(UndefCause),
+}
+
+/// An EC 0x18 trap: the table's answer, with the timer hook applied.
+/// `now` is the physical counter.
+pub fn sysreg_trap(
+    regs: &mut VcpuSysregs,
+    policy: &VmPolicy,
+    esr: Esr,
+    x: &[u64; 31],
+    now: u64,
+) -> Action {
+    let out = handle_sysreg_trap(regs, &policy.features, esr, x);
+    match out {
+        Outcome::Handled(_) => Action::Complete(out),
+        Outcome::InjectUndef => {
+            let enc = pkvm_sysreg::SysregTrap::decode(esr).map(|t| t.enc);
+            let enc = enc.unwrap_or(Encoding::new(0, 0, 0, 0, 0));
+            Action::Undef(UndefCause::Sysreg(lookup(enc), enc))
+        }
+        Outcome::Hook(call) if call.hook == Hook::Timer => match ptimer(regs, &call, now) {
+            Some(done) => Action::Complete(Outcome::Handled(done)),
+            None => Action::Undef(UndefCause::Hook(call.hook, call.row)),
+        },
+        Outcome::Hook(call) => Action::Undef(UndefCause::Hook(call.hook, call.row)),
+    }
+}
+
+/// A synchronous exception of a class the backend does not handle itself.
+pub fn other_trap(policy: &VmPolicy, esr: Esr) -> UndefCause {
+    // `None` (an SVE trap of a VM that has SVE, lazily switched) cannot
+    // happen while SVE is never offered; it gets an UNDEF too.
+    let _ = handle_feature_trap(&policy.features, esr);
+    UndefCause::Class(esr.ec())
+}
+
+const CNTP_CTL: Encoding = Encoding::new(3, 3, 14, 2, 1);
+const CNTP_CVAL: Encoding = Encoding::new(3, 3, 14, 2, 2);
+const CNTP_TVAL: Encoding = Encoding::new(3, 3, 14, 2, 0);
+/// `CNTP_CTL_EL0`: ENABLE and IMASK are writable; ISTATUS (bit 2) is computed.
+const CTL_WRITABLE: u64 = 0b11;
+const CTL_ISTATUS: u64 = 0b100;
+
+/// The EL1 physical timer and counter, minimally: the VM's physical count
+/// is the machine's (no offset), `CNTP_CTL`/`CNTP_CVAL` are kept in the
+/// vCPU's register file and ISTATUS is computed on read. No interrupt is
+/// raised (no vGIC yet). `None`: an access the architecture UNDEFs (a
+/// write to the counter).
+pub fn ptimer(regs: &mut VcpuSysregs, call: &HookCall, now: u64) -> Option<Done> {
+    let rt = call.trap.rt;
+    let read = |value| Some(Done::Read { rt, value });
+    let enc = REGISTERS[call.row].enc;
+    let ctl_row = lookup(CNTP_CTL)?;
+    let cval_row = lookup(CNTP_CVAL)?;
+    let cval = regs.get(cval_row);
+    match (call.trap.dir, enc) {
+        (Direction::Read, e) if e == CNTP_CTL => {
+            let ctl = regs.get(ctl_row) & CTL_WRITABLE;
+            let fired = ctl & 1 != 0 && now >= cval;
+            read(ctl | if fired { CTL_ISTATUS } else { 0 })
+        }
+        (Direction::Write, e) if e == CNTP_CTL => {
+            regs.set(ctl_row, call.value & CTL_WRITABLE);
+            Some(Done::Write)
+        }
+        (Direction::Read, e) if e == CNTP_CVAL => read(cval),
+        (Direction::Write, e) if e == CNTP_CVAL => {
+            regs.set(cval_row, call.value);
+            Some(Done::Write)
+        }
+        // TimerValue: the low 32 bits of CVAL - count, signed on write.
+        (Direction::Read, e) if e == CNTP_TVAL => read(cval.wrapping_sub(now) & 0xffff_ffff),
+        (Direction::Write, e) if e == CNTP_TVAL => {
+            let tval = call.value as u32 as i32 as i64 as u64;
+            regs.set(cval_row, now.wrapping_add(tval));
+            Some(Done::Write)
+        }
+        // CNTPCT_EL0, CNTPCTSS_EL0.
+        (Direction::Read, _) => read(now),
+        (Direction::Write, _) => None,
+    }
+}
+
+/// Rate limit of the UNDEF log lines: the first 4 of a vCPU, then the
+/// 8th, 16th, 32nd... (no clock involved).
+pub fn undef_logged(n: u64) -> bool {
+    n <= 4 || n.is_power_of_two()
+}
+
+/// Adds a vCPU's per-row trap counts to `sums` (one slot per table row).
+pub fn add_traps(sums: &mut [u64], v: &VcpuSysregs) {
+    for (row, s) in sums.iter_mut().enumerate() {
+        *s += u64::from(v.trap_count(row));
+    }
+}
+
+/// The `count` rows with the most traps in `sums` (from [`add_traps`]),
+/// most first (row, traps); rows without traps are left out.
+pub fn top_traps(sums: &[u64], count: usize) -> alloc::vec::Vec<(usize, u64)> {
+    let mut rows: alloc::vec::Vec<(usize, u64)> = sums
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    rows.truncate(count);
+    rows
+}
+
+/// The registers a world switch handles, by lower-case architectural name.
+#[derive(Clone, Copy, Debug)]
+pub struct WorldSwitchCover<'a> {
+    /// Guest registers saved and restored on every switch.
+    pub guest: &'a [&'a str],
+    /// Pointer-authentication keys, switched when the VM has them.
+    pub pac_keys: &'a [&'a str],
+    /// EL2 registers loaded per vCPU or per VM.
+    pub el2: &'a [&'a str],
+}
+
+/// Checks pkvm-sysreg's [`SWITCHED`] list against what the world switch
+/// covers on a host with `host`'s features: every register a guest uses
+/// without a trap must be switched (or reach an EL2 stand-in the switch
+/// loads), or the VM could see or change another's value. Returns how many
+/// entries apply to this host.
+///
+/// Not checked here: the GIC CPU interface (the vGIC's), constants and
+/// host read-only registers, and `ZCR_EL1` (SVE is never offered: the
+/// default policy refuses to, so its `When::Offered` never applies).
+///
+/// # Errors
+/// The name of the first register the world switch misses.
+pub fn check_switched(host: &HostIds, cover: &WorldSwitchCover<'_>) -> Result<usize, &'static str> {
+    let has = |list: &[&str], name: &str| list.iter().any(|n| n.eq_ignore_ascii_case(name));
+    let mut n = 0;
+    for s in SWITCHED {
+        let list = match s.when {
+            When::Always => cover.guest,
+            When::Host(f) if host.has(f) => cover.guest,
+            When::Host(_) | When::Offered(Offer::Sve) => continue,
+            When::Offered(Offer::PAuth) => cover.pac_keys,
+            When::Offered(_) => cover.guest,
+        };
+        let ok = match s.via {
+            Via::WorldSwitch => has(list, s.name),
+            Via::El2Register(r) => has(cover.el2, r),
+            Via::GicCpuInterface | Via::Constant | Via::HostReadOnly => true,
+        };
+        if !ok {
+            return Err(s.name);
+        }
+        n += 1;
+    }
+    Ok(n)
+}
