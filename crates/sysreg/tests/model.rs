@@ -190,7 +190,11 @@ proptest! {
         let h = f.get(host.get(f.reg));
         let mut cfg = IdOverrides::new().with_pmu();
         cfg.set(f.name, v).unwrap();
-        if f.rank(v) > f.rank(h) {
+        // 0xF, "not implemented", is the bottom of a signed field: asking
+        // for it is never more than the host has, even when the generated
+        // host holds a reserved value (0x8..=0xE, which no real CPU reports).
+        let bottom = f.signed && v == 0xf;
+        if !bottom && f.rank(v) > f.rank(h) {
             prop_assert!(VmFeatures::new(&host, &cfg).is_err(), "{} = {:#x} over host {:#x}", f.name, v, h);
         }
     }
