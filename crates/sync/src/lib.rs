@@ -25,3 +25,38 @@ mod spin;
 pub use order::{held_classes, LockClass};
 pub use rw::{RwReadGuard, RwSpinLock, RwWriteGuard};
 pub use spin::{SpinGuard, SpinLock};
+
+/// Spins a waiting lock holder calls between looks at the lock word, before
+/// it starts yielding (hosted builds only).
+#[cfg(all(feature = "std", not(loom)))]
+const SPINS_BEFORE_YIELD: u32 = 128;
+
+/// One step of waiting for a lock: a spin-loop hint. In hosted builds
+/// (feature `std`: tests and the simulator, where threads stand in for
+/// CPUs and a lock holder can be preempted by the host kernel) a waiter
+/// that has spun [`SPINS_BEFORE_YIELD`] times yields its time slice
+/// instead, so an oversubscribed host does not burn the holder's CPU. On
+/// the hypervisor (no_std) CPUs are never preempted while holding a lock,
+/// and it only spins. Under loom every step yields to the model checker.
+#[inline(always)]
+pub(crate) fn relax(spins: &mut u32) {
+    #[cfg(loom)]
+    {
+        let _ = spins;
+        loom::thread::yield_now();
+    }
+    #[cfg(all(not(loom), feature = "std"))]
+    {
+        *spins = spins.wrapping_add(1);
+        if *spins % SPINS_BEFORE_YIELD == 0 {
+            std::thread::yield_now();
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    #[cfg(all(not(loom), not(feature = "std")))]
+    {
+        let _ = spins;
+        core::hint::spin_loop();
+    }
+}

@@ -34,14 +34,6 @@ unsafe impl<T: Send + Sync> Sync for RwSpinLock<T> {}
 // SAFETY: moving the lock moves the `T`.
 unsafe impl<T: Send> Send for RwSpinLock<T> {}
 
-#[inline(always)]
-fn relax() {
-    #[cfg(loom)]
-    loom::thread::yield_now();
-    #[cfg(not(loom))]
-    core::hint::spin_loop();
-}
-
 impl<T> RwSpinLock<T> {
     /// A new unlocked lock.
     #[cfg(not(loom))]
@@ -71,6 +63,7 @@ impl<T> RwSpinLock<T> {
     /// On a lock-order violation in checked builds.
     pub fn read(&self) -> RwReadGuard<'_, T> {
         order::acquire(self.class, false);
+        let mut spins = 0;
         loop {
             if self.writers_waiting.load(Ordering::Relaxed) == 0 {
                 let s = self.state.load(Ordering::Relaxed);
@@ -85,7 +78,7 @@ impl<T> RwSpinLock<T> {
                     }
                 }
             }
-            relax();
+            crate::relax(&mut spins);
         }
     }
 
@@ -103,10 +96,11 @@ impl<T> RwSpinLock<T> {
             return RwWriteGuard { lock: self };
         }
         self.writers_waiting.fetch_add(1, Ordering::Relaxed);
+        let mut spins = 0;
         loop {
             // Read-only while waiting (no stores in the spin).
             while self.state.load(Ordering::Relaxed) != 0 {
-                relax();
+                crate::relax(&mut spins);
             }
             if self
                 .state

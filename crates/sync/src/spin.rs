@@ -51,6 +51,7 @@ impl<T> SpinLock<T> {
     }
 
     fn raw_lock(&self) {
+        let mut spins = 0;
         loop {
             if self
                 .locked
@@ -60,10 +61,7 @@ impl<T> SpinLock<T> {
                 return;
             }
             while self.locked.load(Ordering::Relaxed) {
-                #[cfg(loom)]
-                loom::thread::yield_now();
-                #[cfg(not(loom))]
-                core::hint::spin_loop();
+                crate::relax(&mut spins);
             }
         }
     }
