@@ -17,6 +17,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pkvm_machine::demand_paging::{self, Backing, Config, Report};
 use pkvm_machine::Mode;
 
+mod mmu_workloads;
+
 /// pkvm-rs: a KVM/arm64-style hypervisor with protected VMs. This command
 /// runs workloads on the simulated machine (the real image runs under QEMU
 /// through `cargo xtask run`).
@@ -58,6 +60,12 @@ enum SimWorkload {
     /// KVM's demand_paging_test: every vCPU touches each page of its
     /// memory once; prints total guest time and pages/second.
     DemandPaging(DemandPagingArgs),
+    /// KVM's dirty_log_perf_test: populate, enable dirty logging, then
+    /// iterations of dirtying memory and getting/clearing the dirty log.
+    DirtyLogPerf(mmu_workloads::DirtyLogPerfArgs),
+    /// An L2 guest paging in through a shadow stage-2 built from its guest
+    /// hypervisor's tables.
+    NestedDemandPaging(mmu_workloads::NestedDemandPagingArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -386,6 +394,12 @@ fn main() -> ExitCode {
         Command::Sim {
             workload: SimWorkload::DemandPaging(a),
         } => demand_paging(a),
+        Command::Sim {
+            workload: SimWorkload::DirtyLogPerf(a),
+        } => mmu_workloads::dirty_log_perf(a),
+        Command::Sim {
+            workload: SimWorkload::NestedDemandPaging(a),
+        } => mmu_workloads::nested(a),
         Command::Bench(a) => bench(a),
     };
     match r {

@@ -15,6 +15,9 @@
 //! - [`pipeline`]: the memory fault pipeline, one function per step.
 //! - [`fault`]: the immutable architectural fault description.
 //! - [`memslot`]: KVM memslot validation.
+//! - [`dirty`]: dirty logging (bitmaps, get/clear, manual protect, eager
+//!   page splitting).
+//! - [`nested`]: shadow stage-2 MMUs for a guest hypervisor's guests.
 //! - [`hypcall`]: typed pKVM hypercalls (the only way the host talks to
 //!   the hypervisor).
 //! - [`psci`], [`reset`], [`vcpu_state`]: PSCI emulation, vCPU reset and
@@ -32,6 +35,7 @@
 
 extern crate alloc;
 
+pub mod dirty;
 pub mod fault;
 pub mod hypcall;
 mod loom_shim;
@@ -39,6 +43,7 @@ mod loom_shim;
 mod loom_tests;
 pub mod memslot;
 mod mmu;
+pub mod nested;
 pub mod pipeline;
 pub mod platform;
 pub mod psci;

@@ -399,6 +399,10 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             }
             Some(_) => self.map_protected(vm, cpu, fault, target, seq),
         };
+        if fault.write && matches!(result, Ok(Mapped::Map(_) | Mapped::Relaxed)) {
+            // After the page is mapped writable (see the dirty module).
+            vm.mark_page_dirty(slot, fault.page());
+        }
         match result {
             Ok(Mapped::Map(size)) => {
                 vm.stats.bytes_mapped.fetch_add(size, Ordering::Relaxed);

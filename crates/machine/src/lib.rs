@@ -14,11 +14,17 @@
 //! - [`backend::SimBackend`] enters guests on a simulated CPU
 //!   ([`VcpuBackend`](pkvm_host::VcpuBackend)).
 //! - [`demand_paging`]: KVM's `demand_paging_test` on this platform.
+//! - [`dirty_log_perf`]: KVM's `dirty_log_perf_test` (dirty logging,
+//!   manual protect, eager page splitting, verified bitmaps).
+//! - [`nested_demand_paging`]: an L2 guest paging in through a shadow
+//!   stage-2 built from an emulated guest hypervisor's tables.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod demand_paging;
+pub mod dirty_log_perf;
+pub mod nested_demand_paging;
 pub mod platform;
 pub mod process;
 
