@@ -234,8 +234,14 @@ pub fn nested(a: NestedDemandPagingArgs) -> Result<bool> {
             "L2 read back what it wrote: {}; shadows created {}, freed {}; coherence violations: {}; frames leaked: {}",
             r.readback_ok, r.shadows_created, r.shadows_freed, r.coherence_violations, r.frames_leaked
         );
+        println!(
+            "Guest TLBI dropped the unmapped page from the shadow: {}; notifier dropped a migrated L1 page from the shadow: {}",
+            r.guest_tlbi_ok, r.notifier_unmap_ok
+        );
     }
     Ok(r.readback_ok
+        && r.guest_tlbi_ok
+        && r.notifier_unmap_ok
         && r.shadows_created == r.shadows_freed
         && r.coherence_violations == 0
         && r.frames_leaked == 0)

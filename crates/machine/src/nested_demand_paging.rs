@@ -71,6 +71,9 @@ pub struct Report {
     pub readback_ok: bool,
     /// A guest TLBI dropped the page L1 unmapped from the shadow.
     pub guest_tlbi_ok: bool,
+    /// An MMU-notifier invalidation of an L1 page (migration) dropped the
+    /// L2 page it backs from the shadow.
+    pub notifier_unmap_ok: bool,
     /// Shadow MMUs built.
     pub shadows_created: u64,
     /// Shadow MMUs freed (must equal created after teardown).
@@ -315,6 +318,12 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     l1.unmap(L2_BASE)?;
     vm.nested_guest_tlbi(L2_VMID, Some((L2_BASE, Ipa(L2_BASE.0 + PAGE_SIZE))));
     let guest_tlbi_ok = mapped_before && vm.nested_translate(&shadow, L2_BASE).is_none();
+    // The host migrates the L1 page behind another L2 page: the notifier
+    // must drop it from the shadow (it would map the freed frame).
+    let l2 = Ipa(L2_BASE.0 + PAGE_SIZE);
+    let mapped_before = vm.nested_translate(&shadow, l2).is_some();
+    let moved = mm.migrate(l1.hva(l1.backing_of(l2))).is_ok();
+    let notifier_unmap_ok = mapped_before && moved && vm.nested_translate(&shadow, l2).is_none();
     vm.nested_put_mmu(shadow);
     drop(cache);
     drop(be);
@@ -339,6 +348,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         shadow_unmaps,
         readback_ok: readback,
         guest_tlbi_ok,
+        notifier_unmap_ok,
         shadows_created: created,
         shadows_freed: freed,
         coherence_violations: machine.check().len(),
