@@ -66,6 +66,9 @@ enum SimWorkload {
     /// An L2 guest paging in through a shadow stage-2 built from its guest
     /// hypervisor's tables.
     NestedDemandPaging(mmu_workloads::NestedDemandPagingArgs),
+    /// KVM's access_tracking_perf_test: mark guest memory idle through
+    /// the age notifier, access it, count the young pages.
+    AccessTracking(mmu_workloads::AccessTrackingArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -400,6 +403,9 @@ fn main() -> ExitCode {
         Command::Sim {
             workload: SimWorkload::NestedDemandPaging(a),
         } => mmu_workloads::nested(a),
+        Command::Sim {
+            workload: SimWorkload::AccessTracking(a),
+        } => mmu_workloads::access_tracking(a),
         Command::Bench(a) => bench(a),
     };
     match r {

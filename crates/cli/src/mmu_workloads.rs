@@ -246,3 +246,62 @@ pub fn nested(a: NestedDemandPagingArgs) -> Result<bool> {
         && r.coherence_violations == 0
         && r.frames_leaked == 0)
 }
+
+/// KVM's access_tracking_perf_test.
+#[derive(clap::Args, Debug)]
+pub struct AccessTrackingArgs {
+    /// Number of vCPUs (1..=16).
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    vcpus: usize,
+    /// Bytes of guest memory per vCPU (suffixes K, M, G).
+    #[arg(short = 'b', long = "bytes", default_value = "64M", value_parser = parse_size)]
+    bytes: u64,
+    /// Backing of guest memory.
+    #[arg(short = 's', long = "backing", value_enum, default_value_t = BackingArg::Anonymous)]
+    backing: BackingArg,
+    /// Iterations.
+    #[arg(short = 'i', long = "iterations", default_value_t = 2)]
+    iterations: u32,
+    /// Percent of accesses that are writes.
+    #[arg(short = 'w', long = "write-percent", default_value_t = 0)]
+    write_percent: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `pkvm sim access-tracking`.
+pub fn access_tracking(a: AccessTrackingArgs) -> Result<bool> {
+    let r = pkvm_machine::access_tracking::run(&Config {
+        vcpus: a.vcpus,
+        bytes_per_vcpu: a.bytes,
+        backing: backing(a.backing),
+        iterations: a.iterations,
+        write_percent: a.write_percent,
+        ..Config::default()
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("Populating memory time: {:.6}s", r.populate_seconds);
+        for it in &r.iterations {
+            println!(
+                "Iteration {}: mark memory idle: {:.6}s ({} of {} pages were young)",
+                it.n, it.mark_idle_seconds, it.young_before, r.pages
+            );
+            println!(
+                "Iteration {}: access memory: {:.6}s ({} access-flag faults)",
+                it.n, it.access_seconds, it.access_flag_faults
+            );
+            println!(
+                "Iteration {}: count young pages: {:.6}s ({} of {} young)",
+                it.n, it.check_seconds, it.young_after, r.pages
+            );
+        }
+        println!(
+            "coherence violations: {}; frames leaked: {}",
+            r.coherence_violations, r.frames_leaked
+        );
+    }
+    Ok(r.coherence_violations == 0 && r.frames_leaked == 0)
+}

@@ -519,10 +519,17 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             match state.as_ref() {
                 Some(S2State::Standard(pt)) => {
                     let env = self.platform.s2_env(self.vmid().unwrap_or(0));
-                    young |= pt
+                    let y = pt
                         .shared()
                         .test_clear_young(&env, s, e.0 - s.0, clear)
                         .unwrap_or(false);
+                    if clear && y {
+                        // As KVM's clear_flush_young: without the flush a
+                        // cached translation keeps the page looking idle
+                        // however often the guest touches it.
+                        pkvm_pgtable::TlbOps::tlbi_range(&env, s.0, e.0);
+                    }
+                    young |= y;
                 }
                 Some(S2State::Protected(_)) => {
                     if let Some(h) = &self.hyp {

@@ -183,18 +183,18 @@ impl GuestProgram for DirtyGuest {
     }
 }
 
-struct Built {
-    machine: Arc<Machine>,
-    platform: Arc<SimPlatform>,
-    mm: Arc<ProcessMm>,
-    process: SimProcess,
-    vm: Arc<SimVm>,
-    hva: Hva,
-    bytes: u64,
-    frames_before: u64,
+pub(crate) struct Built {
+    pub machine: Arc<Machine>,
+    pub platform: Arc<SimPlatform>,
+    pub mm: Arc<ProcessMm>,
+    pub process: SimProcess,
+    pub vm: Arc<SimVm>,
+    pub hva: Hva,
+    pub bytes: u64,
+    pub frames_before: u64,
 }
 
-fn build(cfg: &Config) -> Result<Built, RunFailure> {
+pub(crate) fn build(cfg: &Config) -> Result<Built, RunFailure> {
     let g = match cfg.backing {
         Backing::Anonymous => PAGE_SIZE,
         Backing::AnonymousThp | Backing::Hugetlb2M => 2 << 20,
@@ -294,7 +294,7 @@ fn set_slot(vm: &SimVm, hva: Hva, bytes: u64, flags: u32) -> Result<(), RunFailu
 }
 
 /// What the main thread tells the vCPU threads.
-struct Round {
+pub(crate) struct Round {
     /// Iteration number (0 = populate); `u32::MAX` = stop.
     n: AtomicU64,
     start: Barrier,
@@ -304,7 +304,13 @@ struct Round {
 }
 
 /// Runs a vCPU thread: one guest program per round until told to stop.
-fn vcpu_thread(b: &Built, cfg: &Config, i: usize, round: &Round, written: &Arc<Vec<AtomicU64>>) {
+pub(crate) fn vcpu_thread(
+    b: &Built,
+    cfg: &Config,
+    i: usize,
+    round: &Round,
+    written: &Arc<Vec<AtomicU64>>,
+) {
     SimPlatform::set_current_cpu(i);
     let setup = || -> Result<_, String> {
         let vcpu = b.vm.vcpu(i).map_err(|e| e.to_string())?;
@@ -382,6 +388,38 @@ fn storm(mm: &ProcessMm, hva: Hva, bytes: u64, seed: u64, stop: &AtomicBool) -> 
     events
 }
 
+impl Round {
+    pub(crate) fn new(vcpus: usize) -> Round {
+        Round {
+            n: AtomicU64::new(0),
+            start: Barrier::new(vcpus + 1),
+            done: Barrier::new(vcpus + 1),
+            seconds: Mutex::new(Vec::new()),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Tells the vCPU threads to exit.
+    pub(crate) fn stop(&self) {
+        self.n.store(u32::MAX as u64, Ordering::Release);
+        self.start.wait();
+    }
+}
+
+/// Tears the VM and the process down; returns (coherence violations,
+/// frames leaked).
+pub(crate) fn teardown(b: Built) -> (usize, i64) {
+    b.vm.teardown(0);
+    drop(b.vm);
+    b.mm.exit();
+    drop(b.process);
+    drop(b.mm);
+    (
+        b.machine.check().len(),
+        b.machine.host_frames().stats().in_use as i64 - b.frames_before as i64,
+    )
+}
+
 /// Runs the workload and tears everything down.
 ///
 /// # Errors
@@ -391,13 +429,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     let npages = b.bytes / PAGE_SIZE;
     let words = npages.div_ceil(64) as usize;
     let written: Arc<Vec<AtomicU64>> = Arc::new((0..words).map(|_| AtomicU64::new(0)).collect());
-    let round = Round {
-        n: AtomicU64::new(0),
-        start: Barrier::new(cfg.vcpus + 1),
-        done: Barrier::new(cfg.vcpus + 1),
-        seconds: Mutex::new(Vec::new()),
-        error: Mutex::new(None),
-    };
+    let round = Round::new(cfg.vcpus);
     let stop = AtomicBool::new(false);
     let mut storm_events = 0;
     let result = std::thread::scope(|scope| {
@@ -410,8 +442,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
             scope.spawn(move || storm(mm, hva, bytes, cfg.seed, stop))
         });
         let r = drive(&b, cfg, &round, &written);
-        round.n.store(u32::MAX as u64, Ordering::Release);
-        round.start.wait();
+        round.stop();
         stop.store(true, Ordering::Release);
         if let Some(t) = storm_thread {
             storm_events = t.join().unwrap_or(0);
@@ -424,7 +455,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
 }
 
 /// Runs one round on every vCPU; returns the slowest vCPU's time.
-fn one_round(round: &Round, n: u32) -> Result<f64, RunFailure> {
+pub(crate) fn one_round(round: &Round, n: u32) -> Result<f64, RunFailure> {
     round.seconds.lock().unwrap().clear();
     round.n.store(n as u64, Ordering::Release);
     round.start.wait();
@@ -536,12 +567,6 @@ fn faults(vm: &SimVm) -> u64 {
 }
 
 fn finish(b: Built, mut report: Report) -> Result<Report, RunFailure> {
-    b.vm.teardown(0);
-    drop(b.vm);
-    b.mm.exit();
-    drop(b.process);
-    drop(b.mm);
-    report.coherence_violations = b.machine.check().len();
-    report.frames_leaked = b.machine.host_frames().stats().in_use as i64 - b.frames_before as i64;
+    (report.coherence_violations, report.frames_leaked) = teardown(b);
     Ok(report)
 }
