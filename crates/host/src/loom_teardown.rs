@@ -7,11 +7,13 @@
 
 use alloc::sync::Arc;
 
-use pkvm_arch::Ipa;
+use pkvm_arch::pte::S2Prot;
+use pkvm_arch::{Ipa, Pa};
 
 use super::{bounded, FakePlat, NoMm};
 use crate::memslot::{UserMemoryRegion, MEM_LOG_DIRTY_PAGES};
 use crate::nested::GuestS2Config;
+use crate::platform::HostPageCache;
 use crate::vm::{Vm, VmConfig};
 
 const CFG: GuestS2Config = GuestS2Config {
@@ -71,9 +73,24 @@ fn destroy(vm: &Vm<FakePlat, NoMm>) {
     vm.teardown(0);
 }
 
-/// A vCPU entering L2: takes (maybe builds) a shadow and puts it back.
+/// A vCPU entering L2 and faulting: takes (maybe builds) the shadow,
+/// installs a translation in it (table pages from its own cache), and
+/// puts the shadow back.
 fn shadow_fault(vm: &Vm<FakePlat, NoMm>) {
     if let Ok(r) = vm.nested_get_mmu(CFG) {
+        let mut cache = HostPageCache::new(vm.platform().clone());
+        if cache.topup(2).is_ok() {
+            let seq = vm.mmu.seq();
+            let _ = vm.nested_map(
+                &r,
+                seq,
+                Ipa(0x4000_0000),
+                Ipa(0x1000),
+                Pa(0x8000_0000),
+                S2Prot::RW,
+                &mut cache,
+            );
+        }
         vm.nested_put_mmu(r);
     }
 }
