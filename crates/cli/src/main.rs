@@ -69,6 +69,8 @@ enum SimWorkload {
     /// KVM's access_tracking_perf_test: mark guest memory idle through
     /// the age notifier, access it, count the young pages.
     AccessTracking(mmu_workloads::AccessTrackingArgs),
+    /// KVM's memslot_perf_test: map, unmap, move inactive/active slots, rw.
+    MemslotPerf(mmu_workloads::MemslotPerfArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -406,6 +408,9 @@ fn main() -> ExitCode {
         Command::Sim {
             workload: SimWorkload::AccessTracking(a),
         } => mmu_workloads::access_tracking(a),
+        Command::Sim {
+            workload: SimWorkload::MemslotPerf(a),
+        } => mmu_workloads::memslot_perf(a),
         Command::Bench(a) => bench(a),
     };
     match r {

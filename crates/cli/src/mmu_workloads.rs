@@ -305,3 +305,45 @@ pub fn access_tracking(a: AccessTrackingArgs) -> Result<bool> {
     }
     Ok(r.coherence_violations == 0 && r.frames_leaked == 0)
 }
+
+/// KVM's memslot_perf_test.
+#[derive(clap::Args, Debug)]
+pub struct MemslotPerfArgs {
+    /// Number of memslots.
+    #[arg(short = 's', long = "slots", default_value_t = 32)]
+    slots: u32,
+    /// Bytes per memslot (suffixes K, M, G).
+    #[arg(short = 'b', long = "slot-bytes", default_value = "2M", value_parser = parse_size)]
+    slot_bytes: u64,
+    /// Iterations of each test.
+    #[arg(short = 'i', long = "iterations", default_value_t = 5)]
+    iterations: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `pkvm sim memslot-perf`.
+pub fn memslot_perf(a: MemslotPerfArgs) -> Result<bool> {
+    let r = pkvm_machine::memslot_perf::run(&pkvm_machine::memslot_perf::Config {
+        slots: a.slots,
+        slot_bytes: a.slot_bytes,
+        iterations: a.iterations,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("Memslots: {} of {} KiB", r.slots, r.slot_bytes >> 10);
+        for t in &r.tests {
+            println!(
+                "Test {}: {} iterations, average {:.6}s per iteration ({} memslot changes)",
+                t.name, t.iterations, t.average_seconds, t.slot_changes
+            );
+        }
+        println!(
+            "read back ok: {}; coherence violations: {}; frames leaked: {}",
+            r.readback_ok, r.coherence_violations, r.frames_leaked
+        );
+    }
+    Ok(r.readback_ok && r.coherence_violations == 0 && r.frames_leaked == 0)
+}

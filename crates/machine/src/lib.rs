@@ -18,6 +18,8 @@
 //!   tracking through the age notifier).
 //! - [`dirty_log_perf`]: KVM's `dirty_log_perf_test` (dirty logging,
 //!   manual protect, eager page splitting, verified bitmaps).
+//! - [`memslot_perf`]: KVM's `memslot_perf_test` (map, unmap, moves of
+//!   inactive and active slots, read/write).
 //! - [`nested_demand_paging`]: an L2 guest paging in through a shadow
 //!   stage-2 built from an emulated guest hypervisor's tables.
 #![deny(missing_docs)]
@@ -27,6 +29,7 @@ pub mod access_tracking;
 pub mod backend;
 pub mod demand_paging;
 pub mod dirty_log_perf;
+pub mod memslot_perf;
 pub mod nested_demand_paging;
 pub mod platform;
 pub mod process;
