@@ -177,28 +177,30 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     let last = cfg.slots - 1;
     let away = Ipa(GUEST_BASE.0 + (64u64 << 30));
     let mut tests = Vec::new();
-    let mut time = |name, changes: u64, f: &mut dyn FnMut() -> Result<(), RunFailure>| {
+    // `f` returns the memslot changes it made.
+    let mut time = |name, f: &mut dyn FnMut() -> Result<u64, RunFailure>| {
         let t = Instant::now();
+        let mut changes = 0;
         for _ in 0..cfg.iterations {
-            f()?;
+            changes += f()?;
         }
         tests.push(TestTime {
             name,
             iterations: cfg.iterations,
             average_seconds: t.elapsed().as_secs_f64() / cfg.iterations as f64,
-            slot_changes: changes * cfg.iterations as u64,
+            slot_changes: changes,
         });
         Ok::<(), RunFailure>(())
     };
-    time("map", 0, &mut || {
+    time("map", &mut || {
         guest(
             &mut vcpu,
             &mut be,
             vec![Phase::touch_pages(GUEST_BASE, all)],
         )
-        .map(drop)
+        .map(|_| 0)
     })?;
-    time("unmap", 2 * cfg.slots as u64, &mut || {
+    time("unmap", &mut || {
         for s in 0..cfg.slots {
             set(&b, cfg, s, slot_ipa(cfg, s), 0)?;
             set(&b, cfg, s, slot_ipa(cfg, s), cfg.slot_bytes)?;
@@ -208,7 +210,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
             &mut be,
             vec![Phase::touch_pages(GUEST_BASE, all)],
         )
-        .map(drop)
+        .map(|_| 2 * cfg.slots as u64)
     })?;
     let moves = |b: &Built, stop: &AtomicBool| -> Result<u64, RunFailure> {
         let mut n = 0;
@@ -223,7 +225,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         ("move inactive", (GUEST_BASE, inactive)),
         ("move active", (slot_ipa(cfg, last), cfg.slot_bytes)),
     ] {
-        time(name, 0, &mut || {
+        time(name, &mut || {
             let stop = AtomicBool::new(false);
             std::thread::scope(|s| {
                 let mover = s.spawn(|| moves(&b, &stop));
@@ -236,13 +238,13 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
                 let m = mover
                     .join()
                     .map_err(|_| RunFailure::Config("mover panicked".into()))?;
-                m?;
-                r.map(drop)
+                r?;
+                m
             })
         })?;
     }
     let mut readback_ok = true;
-    time("rw", 0, &mut || {
+    time("rw", &mut || {
         let ok = guest(
             &mut vcpu,
             &mut be,
@@ -252,7 +254,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
             ],
         )?;
         readback_ok &= ok;
-        Ok(())
+        Ok(0)
     })?;
     drop(vcpu);
     drop(be);

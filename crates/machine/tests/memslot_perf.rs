@@ -19,5 +19,6 @@ fn slot_churn_under_a_running_guest_keeps_memory_coherent() {
         names,
         ["map", "unmap", "move inactive", "move active", "rw"]
     );
-    assert!(r.tests[1].slot_changes == 2 * 8 * 2);
+    assert_eq!(r.tests[1].slot_changes, 2 * 8 * 2);
+    assert!(r.tests[2].slot_changes > 0 && r.tests[3].slot_changes > 0);
 }
