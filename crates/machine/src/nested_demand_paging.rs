@@ -313,6 +313,13 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         r
     })?;
     let seconds = t0.elapsed().as_secs_f64();
+    // The storm may have unmapped the shadow: L2 reads its first two pages
+    // again so the checks below start from mapped pages.
+    be.cpu_mut().set_program(Box::new(Workload::new(
+        cfg.seed,
+        [Phase::touch_pages(L2_BASE, 2 * PAGE_SIZE).writes(0)],
+    )));
+    run_l2(&vm, &mut be, &shadow, &mut l1, &mut cache, &mut c)?;
     // L1 unmaps the first L2 page and invalidates it: the shadow drops it.
     let mapped_before = vm.nested_translate(&shadow, L2_BASE).is_some();
     l1.unmap(L2_BASE)?;
