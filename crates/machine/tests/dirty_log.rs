@@ -232,3 +232,47 @@ fn bad_dirty_log_requests_are_refused_with_kvm_errors_and_change_nothing() {
     );
     env.finish();
 }
+
+/// Protected mode, non-protected VM: the hypervisor owns stage-2 and
+/// write-protects on the host's request; the bitmaps are just as exact.
+#[test]
+fn bitmaps_equal_the_guests_writes_in_protected_mode() {
+    let env = Env::new(Flavor::ProtectedShared, 1);
+    let npages = 128u64;
+    let hva = env.add_slot(0, RAM, npages * PAGE_SIZE, VmaKind::Anonymous4K, 0);
+    let page = |p: u64| Ipa(RAM.0 + p * PAGE_SIZE);
+    let mut r = env.runner(
+        0,
+        Box::new(Script::new((0..npages).map(|p| Op::write(page(p), 8)))),
+    );
+    r.run_to_end();
+    env.set_slot(0, RAM, npages * PAGE_SIZE, hva, MEM_LOG_DIRTY_PAGES);
+    let mut bm = vec![0u64; 2];
+    for round in 0..3u64 {
+        // Writes to pages p with p % 3 == round, reads of the others.
+        let ops: Vec<Op> = (0..npages)
+            .map(|p| {
+                if p % 3 == round {
+                    Op::write(page(p), 8)
+                } else {
+                    Op::read(page(p), 8)
+                }
+            })
+            .collect();
+        r.be.cpu_mut().set_program(Box::new(Script::new(ops)));
+        r.run_to_end();
+        env.vm
+            .get_dirty_log(0, &mut bm, pkvm_machine::platform::NOTIFIER_CPU)
+            .unwrap();
+        let want: Vec<u64> = (0..2)
+            .map(|w| {
+                (0..64)
+                    .filter(|b| (w * 64 + b) % 3 == round)
+                    .fold(0, |m, b| m | 1 << b)
+            })
+            .collect();
+        assert_eq!(bm, want, "round {round}");
+    }
+    drop(r);
+    env.finish();
+}
