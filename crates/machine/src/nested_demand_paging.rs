@@ -210,17 +210,31 @@ fn run_l2(
     }
 }
 
-/// Runs the workload.
-///
-/// # Errors
-/// See [`RunFailure`].
-pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
+/// The host side of a run.
+struct World {
+    machine: Arc<Machine>,
+    platform: Arc<SimPlatform>,
+    mm: Arc<ProcessMm>,
+    process: SimProcess,
+    vm: Arc<SimVm>,
+    frames_before: u64,
+}
+
+/// Machine, VM and L1 memory (one memslot: L2's data pages, then room for
+/// the guest hypervisor's tables), and the emulated guest hypervisor.
+fn build(cfg: &Config) -> Result<(World, GuestHyp), RunFailure> {
     if cfg.l2_bytes == 0 || !cfg.l2_bytes.is_multiple_of(2 << 20) || cfg.l2_bytes > 1 << 30 {
         return Err(RunFailure::Config(
             "L2 memory: a multiple of 2M up to 1G".into(),
         ));
     }
-    let l1_bytes = cfg.l2_bytes + TABLE_AREA;
+    let kind = match cfg.backing {
+        Backing::Anonymous => pkvm_sim::mm::VmaKind::Anonymous4K,
+        Backing::AnonymousThp => pkvm_sim::mm::VmaKind::AnonymousThp,
+        Backing::Hugetlb2M => pkvm_sim::mm::VmaKind::Hugetlb2M,
+        Backing::Hugetlb1G => pkvm_sim::mm::VmaKind::Hugetlb1G,
+    };
+    let l1_bytes = (cfg.l2_bytes + TABLE_AREA).div_ceil(kind.granule()) * kind.granule();
     let machine = Machine::new(SimConfig {
         mem_size: (l1_bytes * 2 + (512 << 20)).div_ceil(1 << 30) << 30,
         hyp_carveout: 64 << 20,
@@ -239,13 +253,6 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         0,
     )?;
     mm.register_notifier(VmNotifier::new(&vm));
-    let kind = match cfg.backing {
-        Backing::Anonymous => pkvm_sim::mm::VmaKind::Anonymous4K,
-        Backing::AnonymousThp => pkvm_sim::mm::VmaKind::AnonymousThp,
-        Backing::Hugetlb2M => pkvm_sim::mm::VmaKind::Hugetlb2M,
-        Backing::Hugetlb1G => pkvm_sim::mm::VmaKind::Hugetlb1G,
-    };
-    let l1_bytes = l1_bytes.div_ceil(kind.granule()) * kind.granule();
     let l1_hva = mm.mmap(l1_bytes, kind)?;
     vm.set_user_memory_region(
         UserMemoryRegion {
@@ -260,7 +267,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     let geo =
         S2Geometry::new(Granule::Size4K, 32).map_err(|e| RunFailure::Config(format!("{e:?}")))?;
     let root = Ipa(GUEST_BASE.0 + cfg.l2_bytes);
-    let mut l1 = GuestHyp {
+    let l1 = GuestHyp {
         mm: mm.clone(),
         machine: machine.clone(),
         l1_hva,
@@ -269,14 +276,65 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
         geo,
         l2_pages: cfg.l2_bytes / PAGE_SIZE,
     };
+    let w = World {
+        machine,
+        platform,
+        mm,
+        process,
+        vm,
+        frames_before,
+    };
+    Ok((w, l1))
+}
+
+/// Migrates random L1 data pages until `stop`.
+fn storm(mm: &ProcessMm, l1: Hva, pages: u64, seed: u64, stop: &AtomicBool) {
+    let mut x = seed | 1;
+    while !stop.load(Ordering::Acquire) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let _ = mm.migrate(Hva(l1.0 + (x % pages) * PAGE_SIZE));
+        std::thread::yield_now();
+    }
+}
+
+/// After L2 ran: (1) L1 unmaps the first L2 page and issues a TLBI, which
+/// must drop it from the shadow; (2) the host migrates the L1 page behind
+/// the second L2 page, and the notifier must drop that from the shadow
+/// (it would map the freed frame). Returns both outcomes.
+fn check_invalidations(
+    vm: &SimVm,
+    mm: &ProcessMm,
+    shadow: &ShadowRef,
+    l1: &mut GuestHyp,
+) -> Result<(bool, bool), RunFailure> {
+    let mapped_before = vm.nested_translate(shadow, L2_BASE).is_some();
+    l1.unmap(L2_BASE)?;
+    vm.nested_guest_tlbi(L2_VMID, Some((L2_BASE, Ipa(L2_BASE.0 + PAGE_SIZE))));
+    let tlbi_ok = mapped_before && vm.nested_translate(shadow, L2_BASE).is_none();
+    let l2 = Ipa(L2_BASE.0 + PAGE_SIZE);
+    let mapped_before = vm.nested_translate(shadow, l2).is_some();
+    let moved = mm.migrate(l1.hva(l1.backing_of(l2))).is_ok();
+    let notifier_ok = mapped_before && moved && vm.nested_translate(shadow, l2).is_none();
+    Ok((tlbi_ok, notifier_ok))
+}
+
+/// Runs the workload.
+///
+/// # Errors
+/// See [`RunFailure`].
+pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
+    let (w, mut l1) = build(cfg)?;
+    let vm = &w.vm;
     let gcfg = GuestS2Config {
-        vttbr: ((L2_VMID as u64) << 48) | root.0,
+        vttbr: ((L2_VMID as u64) << 48) | l1.root.0,
         vtcr: 64 - 32,
     };
     let shadow = vm
         .nested_get_mmu(gcfg)
         .map_err(|e| RunFailure::Config(e.to_string()))?;
-    let mut be = SimBackend::new(machine.cpu(0)?, platform.clone(), 1 << 14);
+    let mut be = SimBackend::new(w.machine.cpu(0)?, w.platform.clone(), 1 << 14);
     be.cpu_mut().set_program(Box::new(Workload::new(
         cfg.seed,
         [
@@ -286,7 +344,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
                 .verify(true),
         ],
     )));
-    let mut cache = HostPageCache::new(platform.clone());
+    let mut cache = HostPageCache::new(w.platform.clone());
     let mut c = Counters {
         faults: 0,
         forwarded: 0,
@@ -296,59 +354,43 @@ pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     let t0 = Instant::now();
     let readback = std::thread::scope(|s| {
         if cfg.notifier_storm {
-            let (mm, stop, n) = (&mm, &stop, cfg.l2_bytes / PAGE_SIZE);
-            s.spawn(move || {
-                let mut x = cfg.seed | 1;
-                while !stop.load(Ordering::Acquire) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let _ = mm.migrate(Hva(l1_hva.0 + (x % n) * PAGE_SIZE));
-                    std::thread::yield_now();
-                }
-            });
+            let (mm, stop, hva) = (&w.mm, &stop, l1.l1_hva);
+            s.spawn(move || storm(mm, hva, cfg.l2_bytes / PAGE_SIZE, cfg.seed, stop));
         }
-        let r = run_l2(&vm, &mut be, &shadow, &mut l1, &mut cache, &mut c);
+        let r = run_l2(vm, &mut be, &shadow, &mut l1, &mut cache, &mut c);
         stop.store(true, Ordering::Release);
         r
     })?;
     let seconds = t0.elapsed().as_secs_f64();
     // The storm may have unmapped the shadow: L2 reads its first two pages
-    // again so the checks below start from mapped pages.
+    // again so the checks start from mapped pages.
     be.cpu_mut().set_program(Box::new(Workload::new(
         cfg.seed,
         [Phase::touch_pages(L2_BASE, 2 * PAGE_SIZE).writes(0)],
     )));
-    run_l2(&vm, &mut be, &shadow, &mut l1, &mut cache, &mut c)?;
-    // L1 unmaps the first L2 page and invalidates it: the shadow drops it.
-    let mapped_before = vm.nested_translate(&shadow, L2_BASE).is_some();
-    l1.unmap(L2_BASE)?;
-    vm.nested_guest_tlbi(L2_VMID, Some((L2_BASE, Ipa(L2_BASE.0 + PAGE_SIZE))));
-    let guest_tlbi_ok = mapped_before && vm.nested_translate(&shadow, L2_BASE).is_none();
-    // The host migrates the L1 page behind another L2 page: the notifier
-    // must drop it from the shadow (it would map the freed frame).
-    let l2 = Ipa(L2_BASE.0 + PAGE_SIZE);
-    let mapped_before = vm.nested_translate(&shadow, l2).is_some();
-    let moved = mm.migrate(l1.hva(l1.backing_of(l2))).is_ok();
-    let notifier_unmap_ok = mapped_before && moved && vm.nested_translate(&shadow, l2).is_none();
+    run_l2(vm, &mut be, &shadow, &mut l1, &mut cache, &mut c)?;
+    let (guest_tlbi_ok, notifier_unmap_ok) = check_invalidations(vm, &w.mm, &shadow, &mut l1)?;
     vm.nested_put_mmu(shadow);
-    drop(cache);
-    drop(be);
-    let stats = vm.nested_stats();
-    let shadow_unmaps = stats.unmaps.load(Ordering::Relaxed);
+    drop((cache, be, l1));
+    let shadow_unmaps = vm.nested_stats().unmaps.load(Ordering::Relaxed);
     vm.teardown(0);
     let created = vm.nested_stats().created.load(Ordering::Relaxed);
     let freed = vm.nested_stats().freed.load(Ordering::Relaxed);
+    let World {
+        machine,
+        mm,
+        process,
+        vm,
+        frames_before,
+        ..
+    } = w;
     drop(vm);
     mm.exit();
-    drop(process);
-    drop(l1);
-    drop(mm);
-    let pages = 2 * cfg.l2_bytes / PAGE_SIZE;
+    drop((process, mm));
     Ok(Report {
         l2_bytes: cfg.l2_bytes,
         seconds,
-        pages_per_sec: pages as f64 / seconds,
+        pages_per_sec: (2 * cfg.l2_bytes / PAGE_SIZE) as f64 / seconds,
         shadow_faults: c.faults,
         forwarded: c.forwarded,
         retries: c.retries,
