@@ -230,7 +230,11 @@ impl DirtyLog {
     pub fn prepare(&self, change: &SlotChange) {
         let new = match change {
             SlotChange::Create(n) => n,
-            SlotChange::FlagsOnly { old, new } if !old.logging() => new,
+            SlotChange::FlagsOnly { old, new } | SlotChange::Move { old, new }
+                if !old.logging() =>
+            {
+                new
+            }
             _ => return,
         };
         if new.logging() {
@@ -246,7 +250,9 @@ impl DirtyLog {
             SlotChange::Delete(old) => {
                 self.maps.write().remove(&old.id);
             }
-            SlotChange::FlagsOnly { old, new } if old.logging() && !new.logging() => {
+            SlotChange::FlagsOnly { old, new } | SlotChange::Move { old, new }
+                if old.logging() && !new.logging() =>
+            {
                 self.maps.write().remove(&old.id);
             }
             _ => {}

@@ -276,3 +276,29 @@ fn bitmaps_equal_the_guests_writes_in_protected_mode() {
     drop(r);
     env.finish();
 }
+
+/// A slot moved and switched to logging in one request logs at its new
+/// place; moved and switched off, it stops.
+#[test]
+fn moving_a_slot_can_start_and_stop_logging() {
+    let env = Env::new(Flavor::Standard, 1);
+    let npages = 64u64;
+    let hva = env.add_slot(0, RAM, npages * PAGE_SIZE, VmaKind::Anonymous4K, 0);
+    let moved = Ipa(RAM.0 + (1 << 30));
+    env.set_slot(0, moved, npages * PAGE_SIZE, hva, MEM_LOG_DIRTY_PAGES);
+    let mut r = env.runner(
+        0,
+        Box::new(Script::new([Op::write(Ipa(moved.0 + 5 * PAGE_SIZE), 8)])),
+    );
+    r.run_to_end();
+    let mut bm = [0u64];
+    env.vm.get_dirty_log(0, &mut bm, 0).unwrap();
+    assert_eq!(bm, [1 << 5]);
+    env.set_slot(0, RAM, npages * PAGE_SIZE, hva, 0);
+    assert_eq!(
+        env.vm.get_dirty_log(0, &mut bm, 0),
+        Err(DirtyLogError::NotLogging(0))
+    );
+    drop(r);
+    env.finish();
+}
