@@ -28,7 +28,9 @@
 //! (stage-2) -> `HostVcpu` (power state). Memslots are copied out and the
 //! lock dropped before the fault path pins a page; the invalidation
 //! sequence, sampled before the memslot lookup, catches a slot deleted in
-//! between.
+//! between (or switched to dirty logging). The dirty bitmaps' map is a leaf
+//! lock (taken under the slots lock when a slot starts logging; nothing is
+//! taken under it).
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
