@@ -114,3 +114,26 @@ fn loom_flush_all_vs_shadow_fault_frees_every_shadow_once() {
 fn loom_destroy_vs_logging_commit_frees_the_split_cache_once() {
     race(stop_logging, destroy);
 }
+
+/// A fault that sampled the invalidation sequence (and so may hold the
+/// memslot from before logging started, without the flag) must retry
+/// rather than map a writable block the enable's write-protect missed.
+#[test]
+fn loom_enabling_logging_makes_an_earlier_fault_retry() {
+    bounded(|| {
+        let p = Arc::new(FakePlat::new(false));
+        let vm = Vm::create(p.clone(), Arc::new(NoMm), VmConfig::default(), 0).expect("create");
+        vm.set_user_memory_region(slot(0), 0).expect("slot");
+        let seq = vm.mmu.seq();
+        let vm1 = vm.clone();
+        let t = loom::thread::spawn(move || {
+            vm1.set_user_memory_region(slot(MEM_LOG_DIRTY_PAGES), 0)
+                .expect("logging");
+        });
+        t.join().unwrap();
+        assert!(
+            vm.mmu.retry(seq, Ipa(0x4000_0000)),
+            "a fault from before logging started would map without retrying"
+        );
+    });
+}
