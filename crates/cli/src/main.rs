@@ -20,6 +20,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pkvm_machine::demand_paging::{self, Backing, Config, Report};
 use pkvm_machine::Mode;
 
+mod mmu_workloads;
+
 /// pkvm-rs: a KVM/arm64-style hypervisor with protected VMs. This command
 /// runs workloads on the simulated machine (the real image runs under QEMU
 /// through `cargo xtask run`).
@@ -48,6 +50,17 @@ enum SimWorkload {
     /// KVM's demand_paging_test: every vCPU touches each page of its
     /// memory once; prints total guest time and pages/second.
     DemandPaging(DemandPagingArgs),
+    /// KVM's dirty_log_perf_test: populate, enable dirty logging, then
+    /// iterations of dirtying memory and getting/clearing the dirty log.
+    DirtyLogPerf(mmu_workloads::DirtyLogPerfArgs),
+    /// An L2 guest paging in through a shadow stage-2 built from its guest
+    /// hypervisor's tables.
+    NestedDemandPaging(mmu_workloads::NestedDemandPagingArgs),
+    /// KVM's access_tracking_perf_test: mark guest memory idle through
+    /// the age notifier, access it, count the young pages.
+    AccessTracking(mmu_workloads::AccessTrackingArgs),
+    /// KVM's memslot_perf_test: map, unmap, move inactive/active slots, rw.
+    MemslotPerf(mmu_workloads::MemslotPerfArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -390,6 +403,18 @@ fn main() -> ExitCode {
         Command::Sim {
             workload: SimWorkload::DemandPaging(a),
         } => demand_paging(a),
+        Command::Sim {
+            workload: SimWorkload::DirtyLogPerf(a),
+        } => mmu_workloads::dirty_log_perf(a),
+        Command::Sim {
+            workload: SimWorkload::NestedDemandPaging(a),
+        } => mmu_workloads::nested(a),
+        Command::Sim {
+            workload: SimWorkload::AccessTracking(a),
+        } => mmu_workloads::access_tracking(a),
+        Command::Sim {
+            workload: SimWorkload::MemslotPerf(a),
+        } => mmu_workloads::memslot_perf(a),
         Command::Bench(a) => bench::bench(a),
     };
     match r {

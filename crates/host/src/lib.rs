@@ -15,6 +15,9 @@
 //! - [`pipeline`]: the memory fault pipeline, one function per step.
 //! - [`fault`]: the immutable architectural fault description.
 //! - [`memslot`]: KVM memslot validation.
+//! - [`dirty`]: dirty logging (bitmaps, get/clear, manual protect, eager
+//!   page splitting).
+//! - [`nested`]: shadow stage-2 MMUs for a guest hypervisor's guests.
 //! - [`hypcall`]: typed pKVM hypercalls (the only way the host talks to
 //!   the hypervisor).
 //! - [`psci`], [`reset`], [`vcpu_state`]: PSCI emulation, vCPU reset and
@@ -25,13 +28,16 @@
 //! (stage-2) -> `HostVcpu` (power state). Memslots are copied out and the
 //! lock dropped before the fault path pins a page; the invalidation
 //! sequence, sampled before the memslot lookup, catches a slot deleted in
-//! between.
+//! between (or switched to dirty logging). The dirty bitmaps' map is a leaf
+//! lock (taken under the slots lock when a slot starts logging; nothing is
+//! taken under it).
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 extern crate alloc;
 
+pub mod dirty;
 pub mod fault;
 #[cfg(all(test, not(loom)))]
 mod fault_tests;
@@ -41,6 +47,7 @@ mod loom_shim;
 mod loom_tests;
 pub mod memslot;
 mod mmu;
+pub mod nested;
 pub mod pipeline;
 pub mod platform;
 pub mod psci;

@@ -344,3 +344,6 @@ fn loom_concurrent_teardowns_finalize_a_hyp_vm_once() {
         });
     }
 }
+
+#[path = "loom_teardown.rs"]
+mod teardown;

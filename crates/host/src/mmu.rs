@@ -38,10 +38,88 @@ pub(crate) struct HypMapping<Pin> {
     pub _pin: Pin,
 }
 
+/// Pages kept for eager page splitting (KVM's `split_page_cache`):
+/// filled outside the MMU lock, handed in under it, and used by splits
+/// under it. It belongs to the VM's stage-2 ([`HostS2`]) and lives exactly
+/// as long as it: no memslot change frees it, only the stage-2 teardown,
+/// which runs once (seed 003).
+#[derive(Debug, Default)]
+pub(crate) struct SplitStash {
+    pages: alloc::vec::Vec<pkvm_arch::Pa>,
+}
+
+impl SplitStash {
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+    /// Adds pages allocated outside the lock.
+    pub fn refill(&mut self, pages: impl IntoIterator<Item = pkvm_arch::Pa>) {
+        self.pages.extend(pages);
+    }
+    /// Empties the stash into `free` (teardown, by the stage-2's owner).
+    pub fn drain(mut self, mut free: impl FnMut(pkvm_arch::Pa)) {
+        self.pages.drain(..).for_each(&mut free);
+    }
+}
+
+impl pkvm_pgtable::PageCache for SplitStash {
+    fn alloc_table(&mut self) -> Option<pkvm_arch::Pa> {
+        self.pages.pop()
+    }
+    fn free_table(&mut self, pa: pkvm_arch::Pa) {
+        self.pages.push(pa);
+    }
+}
+
+impl Drop for SplitStash {
+    fn drop(&mut self) {
+        debug_assert!(
+            self.pages.is_empty(),
+            "split page cache dropped with {} pages: only the stage-2 teardown may free it",
+            self.pages.len()
+        );
+    }
+}
+
+/// The host-managed stage-2 and everything that lives exactly as long as
+/// it: the split page cache and the nested shadow MMUs. One value, under
+/// the MMU lock, taken once by teardown. Derefs to the table.
+pub(crate) struct HostS2 {
+    pub pt: PageTable<Stage2>,
+    /// Eager-split page cache.
+    pub split: SplitStash,
+    /// Shadow stage-2 MMUs for a guest hypervisor's guests.
+    pub nested: crate::nested::ShadowMmus,
+}
+
+impl HostS2 {
+    pub fn new(pt: PageTable<Stage2>) -> Self {
+        HostS2 {
+            pt,
+            split: SplitStash::default(),
+            nested: crate::nested::ShadowMmus::default(),
+        }
+    }
+}
+
+impl core::ops::Deref for HostS2 {
+    type Target = PageTable<Stage2>;
+    fn deref(&self) -> &PageTable<Stage2> {
+        &self.pt
+    }
+}
+
+impl core::ops::DerefMut for HostS2 {
+    fn deref_mut(&mut self) -> &mut PageTable<Stage2> {
+        &mut self.pt
+    }
+}
+
 /// Who owns the stage-2 and what it maps.
 pub(crate) enum S2State<Pin> {
-    /// Host-managed tables.
-    Standard(PageTable<Stage2>),
+    /// Host-managed tables (with their split cache and shadow MMUs).
+    Standard(HostS2),
     /// Hypervisor-managed tables: the mappings the host asked for, by
     /// first gfn.
     Protected(BTreeMap<u64, HypMapping<Pin>>),
@@ -167,20 +245,26 @@ pub(crate) fn unmap_protected<P: HostPlatform, Pin>(
     Ok(())
 }
 
-/// Tears the stage-2 state down (standard mode): the table is destroyed
-/// without TLB maintenance after one whole-VMID flush.
+/// Tears the stage-2 state down (standard mode): every shadow MMU, the
+/// split page cache, then the table, destroyed without TLB maintenance
+/// after one whole-VMID flush. Takes the state by value: its one owner.
+/// Returns the number of shadow MMUs freed.
 pub(crate) fn destroy_standard<P: HostPlatform>(
     p: &alloc::sync::Arc<P>,
     vmid: u16,
-    pt: PageTable<Stage2>,
+    s2: HostS2,
     geo: &S2Geometry,
-) {
+) -> u64 {
+    let HostS2 { pt, split, nested } = s2;
+    let shadows = nested.destroy_all(p);
+    split.drain(|pa| p.free_pages(pa, 0));
     let env = p.s2_env(vmid);
     pkvm_pgtable::TlbOps::tlbi_all(&env);
     let mut cache = crate::platform::HostPageCache::new(p.clone());
     let root = pt.destroy(&env, &mut cache);
     drop(env);
     p.free_pages(root, root_order(geo));
+    shadows
 }
 
 /// Allocation order of the concatenated root.

@@ -364,7 +364,10 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             _ => vm.stats.add(Some(self.index), Stat::TranslationFaults, 1),
         };
         // Step 2: before any lock.
-        if vm.handle().is_none() && fault.kind != FaultKind::Permission {
+        // A permission fault on a block may split it (a write to a block
+        // that dirty logging write-protected): that needs a table page.
+        let may_split = fault.level.is_some_and(|l| l.0 < 3);
+        if vm.handle().is_none() && (fault.kind != FaultKind::Permission || may_split) {
             pipeline::topup(&mut self.cache, cache_min(vm))?;
         }
         // Step 3: the VMA snapshot; the VMA itself never leaves this call.
@@ -399,6 +402,10 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             }
             Some(_) => self.map_protected(vm, cpu, fault, target, seq),
         };
+        if fault.write && matches!(result, Ok(Mapped::Map(_) | Mapped::Relaxed)) {
+            // After the page is mapped writable (see the dirty module).
+            vm.mark_page_dirty(slot, fault.page());
+        }
         match result {
             Ok(Mapped::Map(size)) => {
                 vm.stats.add(Some(self.index), Stat::BytesMapped, size);

@@ -272,6 +272,10 @@ pub struct Vm<P: HostPlatform, M: ProcessMemory> {
     pub(crate) vcpus: Vec<VcpuShared>,
     pub(crate) hyp: Option<HypVm>,
     pub(crate) stats: VmStats,
+    /// Dirty logging: capabilities and per-slot bitmaps.
+    pub(crate) dirty: crate::dirty::DirtyLog,
+    /// Shadow stage-2 statistics.
+    pub(crate) nested_stats: crate::nested::NestedStats,
     /// Where the boot vCPU starts.
     pub(crate) boot: SpinLock<crate::reset::BootParams>,
     /// The pending system event (see [`crate::psci`]).
@@ -328,7 +332,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             let order = mmu::root_order(&geo);
             let root = platform.alloc_pages(order).ok_or(VmError::NoMemory)?;
             let pt = PageTable::<Stage2>::new(root, geo, platform.s2_features());
-            (Some(vmid), None, S2State::Standard(pt))
+            (Some(vmid), None, S2State::Standard(mmu::HostS2::new(pt)))
         };
         let vcpus = (0..cfg.nr_vcpus)
             .map(|_| VcpuShared {
@@ -347,6 +351,8 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             vcpus,
             hyp,
             stats: VmStats::new(cfg.nr_vcpus),
+            dirty: crate::dirty::DirtyLog::new(),
+            nested_stats: crate::nested::NestedStats::default(),
             boot: SpinLock::new(crate::reset::BootParams::default(), LockClass::HostVm),
             system_event: SystemEventLatch::new_lock(),
         }))
@@ -442,18 +448,16 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
                     return Err(MemslotError::ProtectedVmStarted(old.id).into());
                 }
             }
+            // A slot that starts logging has its bitmap before any fault
+            // can see its new flags.
+            self.dirty.prepare(&change);
             slots.apply(change);
             change
         };
-        match change {
-            SlotChange::Delete(old) | SlotChange::Move { old, .. } => {
-                self.invalidate_ipa(old.start(), old.end(), cpu);
-            }
-            SlotChange::FlagsOnly { old, new } if new.logging() && !old.logging() => {
-                self.wrprotect_range(new.start(), new.end(), cpu);
-            }
-            _ => {}
+        if let SlotChange::Delete(old) | SlotChange::Move { old, .. } = change {
+            self.invalidate_ipa(old.start(), old.end(), cpu);
         }
+        self.dirty_log_commit(&change, cpu);
         Ok(change)
     }
 
@@ -470,6 +474,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         match state.as_mut() {
             Some(S2State::Standard(pt)) => {
                 mmu::unmap_standard(&self.platform, self.vmid().unwrap_or(0), pt, start, end);
+                self.nested_unmap_all(pt);
             }
             // A protected VM's donated pages cannot be taken back by the
             // host: the host's pins keep them, nothing to unmap.
@@ -484,7 +489,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
     }
 
     /// Write-protects `[start, end)` (dirty logging enabled) and flushes.
-    fn wrprotect_range(&self, start: Ipa, end: Ipa, cpu: usize) {
+    pub(crate) fn wrprotect_range(&self, start: Ipa, end: Ipa, cpu: usize) {
         let mut state = self.mmu.state.write();
         match state.as_mut() {
             Some(S2State::Standard(pt)) => {
@@ -492,23 +497,29 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
                 let r = pt.wrprotect(&env, start, end.0 - start.0);
                 debug_assert!(r.is_ok(), "wrprotect of a memslot failed: {r:?}");
                 pkvm_pgtable::TlbOps::tlbi_range(&env, start.0, end.0);
+                drop(env);
+                self.nested_unmap_all(pt);
             }
-            Some(S2State::Protected(_)) => {
-                if let Some(h) = &self.hyp {
-                    let _ = hypcall::call(
-                        &*self.platform,
-                        cpu,
-                        "wrprotect_guest",
-                        pkvm_hyp::hvc::id::WRPROTECT_GUEST,
-                        &[
-                            h.handle as u64,
-                            start.gfn().0,
-                            (end.0 - start.0) / PAGE_SIZE,
-                        ],
-                    );
-                }
-            }
+            Some(S2State::Protected(_)) => self.hyp_wrprotect(start, end, cpu),
             None => {}
+        }
+    }
+
+    /// Write-protects `[start, end)` of a hypervisor-managed stage-2 (the
+    /// hypervisor flushes). Called under the MMU write lock.
+    pub(crate) fn hyp_wrprotect(&self, start: Ipa, end: Ipa, cpu: usize) {
+        if let Some(h) = &self.hyp {
+            let _ = hypcall::call(
+                &*self.platform,
+                cpu,
+                "wrprotect_guest",
+                pkvm_hyp::hvc::id::WRPROTECT_GUEST,
+                &[
+                    h.handle as u64,
+                    start.gfn().0,
+                    (end.0 - start.0) / PAGE_SIZE,
+                ],
+            );
         }
     }
 
@@ -553,10 +564,17 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             match state.as_ref() {
                 Some(S2State::Standard(pt)) => {
                     let env = self.platform.s2_env(self.vmid().unwrap_or(0));
-                    young |= pt
+                    let y = pt
                         .shared()
                         .test_clear_young(&env, s, e.0 - s.0, clear)
                         .unwrap_or(false);
+                    if clear && y {
+                        // As KVM's clear_flush_young: without the flush a
+                        // cached translation keeps the page looking idle
+                        // however often the guest touches it.
+                        pkvm_pgtable::TlbOps::tlbi_range(&env, s.0, e.0);
+                    }
+                    young |= y;
                 }
                 Some(S2State::Protected(_)) => {
                     if let Some(h) = &self.hyp {
@@ -591,8 +609,10 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
     pub fn teardown(&self, cpu: usize) {
         let taken = self.mmu.state.write().take();
         match taken {
-            Some(S2State::Standard(pt)) => {
-                mmu::destroy_standard(&self.platform, self.vmid().unwrap_or(0), pt, &self.geo);
+            Some(S2State::Standard(s2)) => {
+                let n =
+                    mmu::destroy_standard(&self.platform, self.vmid().unwrap_or(0), s2, &self.geo);
+                self.nested_stats.freed.fetch_add(n, Ordering::Relaxed);
             }
             Some(S2State::Protected(maps)) => {
                 self.teardown_hyp(cpu, Some(maps));

@@ -14,11 +14,23 @@
 //! - [`backend::SimBackend`] enters guests on a simulated CPU
 //!   ([`VcpuBackend`](pkvm_host::VcpuBackend)).
 //! - [`demand_paging`]: KVM's `demand_paging_test` on this platform.
+//! - [`access_tracking`]: KVM's `access_tracking_perf_test` (idle-page
+//!   tracking through the age notifier).
+//! - [`dirty_log_perf`]: KVM's `dirty_log_perf_test` (dirty logging,
+//!   manual protect, eager page splitting, verified bitmaps).
+//! - [`memslot_perf`]: KVM's `memslot_perf_test` (map, unmap, moves of
+//!   inactive and active slots, read/write).
+//! - [`nested_demand_paging`]: an L2 guest paging in through a shadow
+//!   stage-2 built from an emulated guest hypervisor's tables.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod access_tracking;
 pub mod backend;
 pub mod demand_paging;
+pub mod dirty_log_perf;
+pub mod memslot_perf;
+pub mod nested_demand_paging;
 pub mod platform;
 pub mod process;
 

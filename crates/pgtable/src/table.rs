@@ -809,7 +809,10 @@ impl<E: PtMemory + TlbOps, R: Regime, C: PageCache> Visitor<E> for MapVisitor<'_
             // mapping, unless it already maps exactly what we want.
             let want = ctx.start.wrapping_add(self.pa_delta);
             let have = oa(old).0 + (ctx.start - ctx.addr);
-            if want == have && (old ^ self.attrs) & !(s2::PERM_MASK | bits::OA_MASK_4K | 3) == 0 {
+            if want == have
+                && (old ^ self.attrs) & !(s2::PERM_MASK | bits::OA_MASK_4K | 3) == 0
+                && !grants_more(old, self.attrs)
+            {
                 return Err(PtError::Again);
             }
             if self.flags.contains(MapFlags::NO_REPLACE) {
@@ -838,6 +841,16 @@ impl<E: PtMemory + TlbOps, R: Regime, C: PageCache> Visitor<E> for MapVisitor<'_
         }
         Ok(Next::Continue)
     }
+}
+
+/// Whether leaf attributes `new` allow an access `old` does not (stage-2
+/// read/write, or execution where `old` forbids it). A page that needs
+/// more than the block around it grants (a write to a block that dirty
+/// logging write-protected) splits the block; the page's permissions are
+/// then relaxed by the caller's retry.
+fn grants_more(old: u64, new: u64) -> bool {
+    let rw = s2::S2AP_R | s2::S2AP_W;
+    new & rw & !old != 0 || (old & s2::XN_MASK != 0 && new & s2::XN_MASK == 0)
 }
 
 struct UnmapVisitor<'c, C> {

@@ -257,6 +257,78 @@ fn mapping_inside_a_block_splits_it_and_keeps_the_rest() {
     f.finish(pt);
 }
 
+/// Dirty logging write-protected a block; a write fault maps one page of
+/// it writable (shared walk, as the fault path does). The block must be
+/// split (the page then relaxed on the guest's retry), not reported as
+/// "already mapped": that answer made the guest retry the write forever.
+#[test]
+fn page_needing_more_than_its_block_splits_the_block() {
+    let mut f = Fixture::new();
+    let mut pt = f.s2(39);
+    let env = Env {
+        mem: &f.mem,
+        tlb: NoTlb,
+    };
+    pt.map(
+        &env,
+        Ipa(G2M),
+        G2M,
+        Pa(G2M),
+        S2Prot::R,
+        MapFlags::NONE,
+        &mut f.cache,
+    )
+    .unwrap();
+    let page = Ipa(G2M + 0x5000);
+    // Same output address, more permission than the block grants.
+    let r = pt.shared().map(
+        &env,
+        page,
+        4096,
+        Pa(G2M + 0x5000),
+        S2Prot::RW,
+        MapFlags::NONE,
+        &mut f.cache,
+    );
+    assert_ne!(
+        r,
+        Ok(()),
+        "the page already exists (read-only) after the split"
+    );
+    assert_eq!(
+        pt.get_leaf(&env, page).level,
+        Level(3),
+        "the write-protected block was not split: a write fault would retry forever"
+    );
+    pt.relax_perms(&env, page, S2Prot::W).unwrap();
+    assert_eq!(pt.translate(&env, page).unwrap().1, S2Prot::RW);
+    assert_eq!(pt.translate(&env, Ipa(G2M + 0x6000)).unwrap().1, S2Prot::R);
+    // Asking for no more than the block grants still changes nothing.
+    let other = Ipa(3 * G2M);
+    pt.map(
+        &env,
+        other,
+        G2M,
+        Pa(other.0),
+        S2Prot::RW,
+        MapFlags::NONE,
+        &mut f.cache,
+    )
+    .unwrap();
+    let r = pt.shared().map(
+        &env,
+        Ipa(other.0 + 0x1000),
+        4096,
+        Pa(other.0 + 0x1000),
+        S2Prot::R,
+        MapFlags::NONE,
+        &mut f.cache,
+    );
+    assert_eq!(r, Err(PtError::Again));
+    assert_eq!(pt.get_leaf(&env, other).level, Level(2));
+    f.finish(pt);
+}
+
 #[test]
 fn mapping_a_block_over_a_table_collapses_and_frees_it() {
     let mut f = Fixture::new();

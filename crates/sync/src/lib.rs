@@ -48,7 +48,7 @@ pub(crate) fn relax(spins: &mut u32) {
     #[cfg(all(not(loom), feature = "std"))]
     {
         *spins = spins.wrapping_add(1);
-        if *spins % SPINS_BEFORE_YIELD == 0 {
+        if spins.is_multiple_of(SPINS_BEFORE_YIELD) {
             std::thread::yield_now();
         } else {
             core::hint::spin_loop();
