@@ -20,7 +20,7 @@
 //!   TLB flush. With manual protect, get only copies and clear does that for
 //!   the bits the caller names.
 //! - Eager splitting uses the stage-2's split page cache
-//!   ([`crate::mmu::SplitStash`]): pages are allocated outside the MMU lock,
+//!   (`mmu::SplitStash`): pages are allocated outside the MMU lock,
 //!   handed in under it, and the cache is freed only with the stage-2.
 
 use alloc::collections::BTreeMap;

@@ -18,7 +18,7 @@
 //!   (MMU notifiers, memslot changes, dirty logging) also unmaps every
 //!   shadow (a shadow holds no mapping the canonical stage-2 would not
 //!   allow); a trapped guest TLBI unmaps the shadows of that guest VMID.
-//! - Teardown: the shadows live in [`crate::mmu::HostS2`] with the
+//! - Teardown: the shadows live in `mmu::HostS2` with the
 //!   canonical table and go with it, once (seed 003).
 
 use alloc::vec::Vec;
