@@ -468,6 +468,8 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 "scenario guest: PASS",
             ]),
         },
+        gic_test("qemu:gic-timer-sgi-2on2", 2),
+        gic_test("qemu:gic-timer-sgi-2on1", 1),
         QemuTest {
             name: "qemu:external-guest-all-vcpus-off",
             spec: RunSpec {
@@ -506,6 +508,38 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
             ]),
         },
     ]
+}
+
+/// The GICv3 guest (guest-gic) with 2 vCPUs on `cpus` physical CPUs:
+/// virtual and physical timer interrupts after a WFI, SGI ping-pong with
+/// each SGI received exactly once; the vGIC's counters at teardown.
+fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
+    let s = strings;
+    QemuTest {
+        name,
+        spec: RunSpec {
+            scenario: "guest".into(),
+            guest: Some(image::boot_target_dir().join("guests").join("guest-gic.bin")),
+            smp: 2,
+            mem_mib: 32,
+            append: String::new(),
+            host_cpus: cpus,
+        },
+        exit_code: 0,
+        markers: s(&[
+            "[guest guest vcpu 0] gic: ok: ICC_SRE_EL1.SRE reads 1",
+            "[guest guest vcpu 0] gic: ok: GICD_CTLR reads EnableGrp1 and ARE",
+            "[guest guest vcpu 0] gic: ok: virtual timer 10 ms ahead: IAR1 27 (want 27)",
+            "[guest guest vcpu 0] gic: ok: physical timer 10 ms ahead: IAR1 30 (want 30)",
+            "[guest guest vcpu 0] gic: sgi: 200 rounds: vCPU 0 got 200 pongs, vCPU 1 got 200 pings, 0 unexpected",
+            "[guest guest vcpu 0] gic: ok: SGIs: each vCPU received exactly one per round",
+            "[guest guest vcpu 0] gic: all checks passed",
+            "vm guest: vgic: ",
+            "SGIs sent",
+            "vm guest: powered off (PSCI SYSTEM_OFF)",
+            "scenario guest: PASS",
+        ]),
+    }
 }
 
 /// The SMP guest (a pkvm-host VM named `vm` in `scenario`) with `vcpus`

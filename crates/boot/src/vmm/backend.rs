@@ -296,9 +296,10 @@ impl<'a> HwBackend<'a> {
     /// The vCPU's timers as interrupt lines now.
     fn timers(&self) -> (TimerLine, TimerLine) {
         let (ctl, cval) = sysregs::ptimer_regs(&self.hw.sysregs);
+        let now = timer::now();
         (
-            TimerLine::virt(&self.hw.st.timer),
-            TimerLine::phys(ctl, cval, timer::now()),
+            TimerLine::virt(&self.hw.st.timer, now),
+            TimerLine::phys(ctl, cval, now),
         )
     }
 
@@ -315,8 +316,11 @@ impl<'a> HwBackend<'a> {
     /// handled the exit itself.
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
         let index = self.hw.who.1;
-        self.irq.flush(index, &mut self.hw.st.gic, vm.lrs);
         let (vt, pt) = self.timers();
+        let kick = self
+            .irq
+            .flush(index, &mut self.hw.st.gic, vm.lrs, vt.level, pt.level);
+        self.kick(kick);
         // An unhandled virtual-timer level would take the guest out again
         // at once: mask the physical PPI until the virtual line drops.
         gic::set_vtimer_masked(self.cpu, vt.level);

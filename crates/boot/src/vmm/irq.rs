@@ -50,13 +50,16 @@ pub struct TimerLine {
 
 impl TimerLine {
     /// The virtual timer from the `CNTV_CTL_EL0`/`CVAL` the world switch
-    /// saved (ISTATUS as the hardware computed it; the virtual count is the
-    /// physical one minus `CNTVOFF_EL2`).
-    pub fn virt(t: &TimerState) -> TimerLine {
+    /// saved, at physical count `now`: the condition is met if the hardware
+    /// said so at the exit (ISTATUS) or the deadline has passed since (a
+    /// vCPU woken from WFI at its deadline). The virtual count is the
+    /// physical one minus `CNTVOFF_EL2`.
+    pub fn virt(t: &TimerState, now: u64) -> TimerLine {
         let armed = t.ctl & (CTL_ENABLE | CTL_IMASK) == CTL_ENABLE;
+        let met = t.ctl & CTL_ISTATUS != 0 || now.wrapping_sub(t.voff) >= t.cval;
         TimerLine {
-            level: armed && t.ctl & CTL_ISTATUS != 0,
-            deadline: (armed && t.ctl & CTL_ISTATUS == 0).then(|| t.cval.wrapping_add(t.voff)),
+            level: armed && met,
+            deadline: (armed && !met).then(|| t.cval.wrapping_add(t.voff)),
         }
     }
 
@@ -130,12 +133,23 @@ impl VmIrq {
         }
     }
 
-    /// Before an entry of `vcpu`: its list registers (the first `nr_lrs`)
-    /// and `ICH_HCR_EL2`.
-    pub fn flush(&self, vcpu: usize, gic: &mut GicCpu, nr_lrs: usize) {
+    /// Before an entry of `vcpu`: drives its timer PPIs (`vtimer`,
+    /// `ptimer`: the lines now), then fills its list registers (the first
+    /// `nr_lrs`) and `ICH_HCR_EL2`. Returns the vCPUs to kick.
+    pub fn flush(
+        &self,
+        vcpu: usize,
+        gic: &mut GicCpu,
+        nr_lrs: usize,
+        vtimer: bool,
+        ptimer: bool,
+    ) -> VcpuSet {
         let mut lrs = [ListRegister::default(); MAX_LRS];
         let n = nr_lrs.min(MAX_LRS);
-        let f = self.vgic.lock().flush_lrs(vcpu, &mut lrs[..n]);
+        let mut g = self.vgic.lock();
+        let kick = Self::timer_lines(&mut g, vcpu, vtimer, ptimer);
+        let f = g.flush_lrs(vcpu, &mut lrs[..n]);
+        drop(g);
         for (dst, lr) in gic.lrs.iter_mut().zip(&lrs[..n]) {
             *dst = lr.to_bits();
         }
@@ -145,6 +159,17 @@ impl VmIrq {
             } else {
                 0
             };
+        kick
+    }
+
+    fn timer_lines(g: &mut Vgic, vcpu: usize, vtimer: bool, ptimer: bool) -> VcpuSet {
+        let mut kick = VcpuSet::EMPTY;
+        for (intid, level) in [(PPI_VTIMER, vtimer), (PPI_PTIMER, ptimer)] {
+            if let Ok(k) = g.set_level(Line::Ppi { vcpu, intid }, level) {
+                kick = kick.union(k);
+            }
+        }
+        kick
     }
 
     /// After an exit of `vcpu`: folds its list registers back, then drives
@@ -163,13 +188,8 @@ impl VmIrq {
             *lr = ListRegister::from_bits(bits);
         }
         let mut g = self.vgic.lock();
-        let mut kick = g.sync_from_lrs(vcpu, &lrs[..n]);
-        for (intid, level) in [(PPI_VTIMER, vtimer), (PPI_PTIMER, ptimer)] {
-            if let Ok(k) = g.set_level(Line::Ppi { vcpu, intid }, level) {
-                kick = kick.union(k);
-            }
-        }
-        kick
+        let kick = g.sync_from_lrs(vcpu, &lrs[..n]);
+        kick.union(Self::timer_lines(&mut g, vcpu, vtimer, ptimer))
     }
 
     /// What a WFI of `vcpu` does, with its timers' earliest deadline.
