@@ -6,6 +6,8 @@
 //! read 1, PMR open, Group 1 on). With interrupts masked in PSTATE (a
 //! pending interrupt still ends a WFI) it then:
 //!
+//! 0. reads `GICD_CTLR` with a 16-bit load, which must come back as an
+//!    injected synchronous external data abort at that address;
 //! 1. arms the virtual timer 10 ms ahead with PPI 27 enabled, waits in WFI
 //!    and acknowledges (`ICC_IAR1_EL1`) until it gets INTID 27, checks the
 //!    deadline had passed, masks the timer and EOIs; then the same with the
@@ -25,10 +27,72 @@
 #[path = "../../guest-smp/src/smp.rs"]
 mod smp;
 
-use core::arch::asm;
+use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use guest_rt::println;
+
+global_asm!(
+    r#"
+.section .bss.abort_log, "aw"
+.balign 8
+.global abort_log
+abort_log:
+    .zero 24
+
+.section .text.gic_vectors, "ax"
+.balign 2048
+gic_vectors:
+.rept 16
+    .balign 128
+    b       gic_exception
+.endr
+
+// Records [ESR_EL1, FAR_EL1, count + 1] and resumes after the faulting
+// instruction. Uses x9-x11 only: the faulting asm block declares them
+// clobbered.
+gic_exception:
+    ldr     x10, =abort_log
+    mrs     x11, esr_el1
+    str     x11, [x10, #0]
+    mrs     x11, far_el1
+    str     x11, [x10, #8]
+    ldr     x11, [x10, #16]
+    add     x11, x11, #1
+    str     x11, [x10, #16]
+    mrs     x11, elr_el1
+    add     x11, x11, #4
+    msr     elr_el1, x11
+    eret
+"#
+);
+
+extern "C" {
+    static abort_log: [u64; 3];
+    static gic_vectors: u8;
+}
+
+/// A 16-bit read of `GICD_CTLR` (only 32-bit accesses are allowed): the
+/// hypervisor must inject a synchronous external data abort (EC 0x25,
+/// FSC 0x10) at that address, and the VM lives on.
+fn bad_access() -> u64 {
+    let v = core::ptr::addr_of!(gic_vectors) as u64;
+    // SAFETY: VBAR_EL1 points at a valid, 2 KiB-aligned vector table.
+    unsafe { asm!("msr vbar_el1, {}", "isb", in(reg) v, options(nostack)) };
+    // SAFETY: a load from the GIC's Device memory; the abort it takes is
+    // handled by `gic_exception`, which clobbers only x9-x11.
+    unsafe {
+        asm!("ldrh w12, [{a}]", a = in(reg) GICD, out("x9") _, out("x10") _, out("x11") _,
+             out("x12") _, options(nostack));
+    }
+    // SAFETY: written only by the vector above, on this vCPU.
+    let [esr, far, n] = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(abort_log)) };
+    println!("gic: 16-bit GICD_CTLR read: {n} exception(s), ESR_EL1 {esr:#x} FAR_EL1 {far:#x}");
+    check(
+        "a 16-bit GICD_CTLR read takes a synchronous external data abort",
+        n == 1 && esr >> 26 == 0x25 && esr & 0x3f == 0x10 && far == GICD as u64,
+    )
+}
 
 /// Ping-pong rounds.
 const ROUNDS: u32 = 200;
@@ -269,6 +333,7 @@ pub fn guest_main(_: u64, _: u64, _: u64, _: u64) -> u64 {
         "GICD_CTLR reads EnableGrp1 and ARE",
         guest_rt::read32(GICD) & 0x12 == 0x12,
     );
+    bad += bad_access();
     bad += timer(true);
     bad += timer(false);
     bad += ping_pong();
