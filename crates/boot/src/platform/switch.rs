@@ -3,14 +3,18 @@
 //! [`run`] loads the VM's stage-2 configuration (VTCR, VTTBR), its trap
 //! controls (`HCR_EL2`, `CPTR_EL2`, `MDCR_EL2`, `CNTHCTL_EL2`, `MPAM2_EL2`:
 //! pkvm-sysreg's policy, computed per VM as [`TrapControls`]) and the
-//! vCPU's EL1 state (system registers, timer, pointer-authentication keys),
-//! then `__guest_enter` saves the host's callee-saved registers (x19-x30,
+//! vCPU's EL1 state (system registers, timer, pointer-authentication keys)
+//! and its virtual GIC CPU interface ([`GicCpu`]: list registers,
+//! `ICH_HCR_EL2`, `ICH_VMCR_EL2`, `ICH_AP0R/AP1R<n>_EL2`, as many as
+//! `ICH_VTR_EL2` says this CPU has), then `__guest_enter` saves the host's callee-saved registers (x19-x30,
 //! d8-d15) on the EL2 stack, records the stack pointer and the vCPU's
 //! [`GuestRegs`] in the per-CPU data, loads the guest's FP/SIMD and general
 //! registers and `eret`s. Any exception from the guest lands in
 //! `__guest_exit` (via the vectors), which stores the guest's registers
 //! back, restores the host's and returns the vector index. [`run`] then
-//! reads the syndrome registers and saves the EL1 state.
+//! reads the syndrome registers and saves the EL1 state and the virtual
+//! CPU interface, which it then turns off (`ICH_HCR_EL2` = 0, list
+//! registers cleared) so no maintenance interrupt stays asserted at EL2.
 //!
 //! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
 //! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly.

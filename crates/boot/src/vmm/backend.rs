@@ -18,9 +18,16 @@
 //! Exit mapping: stage-2 data/instruction aborts -> `Abort` (ESR, FAR,
 //! HPFAR); HVC -> `Call` (ELR is already past the HVC); SMC -> `Call` with
 //! the PC still on the SMC (pkvm-host's PSCI code steps a trapped SMC);
-//! WFI/WFE -> `Wfx` with the PC stepped; IRQ/FIQ -> `Interrupt` after
-//! acknowledging what is pending ([`gic::drain`]: the scheduler's timer
-//! tick or kick SGI); SError and AArch32 exits -> `Unhandled`. Trapped
+//! WFI/WFE -> `Wfx` with the PC stepped and [`VcpuHw::wait`] saying
+//! whether the vCPU yields or blocks (a WFI with an interrupt pending
+//! resumes the guest without leaving the backend); IRQ/FIQ -> `Interrupt`
+//! after acknowledging what is pending ([`gic::drain`]) when it was the
+//! scheduler's timer tick or kick SGI, handled here when it was the
+//! guest's own (virtual timer, maintenance); SError and AArch32 exits ->
+//! `Unhandled`. Around every world switch the VM's vGIC is flushed into
+//! the list registers and synced back ([`VmIrq`]); stage-2 data aborts in
+//! the GIC frames are emulated here (a bad access gets an injected data
+//! abort) and `ICC_SGI*R_EL1` writes go to the vGIC. Trapped
 //! system-register accesses (EC 0x18) never leave the backend: they are
 //! answered from pkvm-sysreg's table over the vCPU's [`VcpuSysregs`]
 //! ([`super::sysregs`]), and every other synchronous exception class

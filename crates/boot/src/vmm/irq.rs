@@ -4,12 +4,13 @@
 //! (`ICH_*_EL2`, [`GicCpu`]).
 //!
 //! Per guest entry of vCPU `i` the backend calls [`VmIrq::flush`] (the
-//! vGIC chooses what goes into the list registers; `ICH_HCR_EL2.En`, with
+//! timer lines driven: the virtual timer as the level-sensitive PPI
+//! [`PPI_VTIMER`] from the `CNTV_CTL_EL0`/`CVAL` the world switch saved,
+//! the emulated EL1 physical timer as [`PPI_PTIMER`]; then the vGIC
+//! chooses what goes into the list registers; `ICH_HCR_EL2.En`, with
 //! `UIE`/`NPIE` when more is waiting than there are list registers), and
-//! after the exit [`VmIrq::sync`] (list registers folded back, then the
-//! timer lines re-sampled: the virtual timer as the level-sensitive PPI
-//! [`PPI_VTIMER`] from the `CNTV_CTL_EL0` the world switch saved, the
-//! emulated EL1 physical timer as [`PPI_PTIMER`]). Guest accesses to the
+//! after the exit [`VmIrq::sync`] (list registers folded back, the timer
+//! lines driven again). Guest accesses to the
 //! GIC frames go to [`VmIrq::mmio`], `ICC_SGI*R_EL1` writes to
 //! [`VmIrq::send_sgi`]. Every call returns the vCPUs to kick; the caller
 //! kicks them with the lock dropped.
