@@ -12,6 +12,7 @@ const GUESTS: &[&str] = &[
     "guest-spin",
     "guest-reset",
     "guest-sysreg",
+    "guest-gic",
 ];
 
 fn main() {

@@ -24,6 +24,7 @@ pub const GUESTS: &[&str] = &[
     "guest-spin",
     "guest-reset",
     "guest-sysreg",
+    "guest-gic",
 ];
 
 /// The image package and binary name.

@@ -468,6 +468,8 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 "scenario guest: PASS",
             ]),
         },
+        gic_test("qemu:gic-timer-sgi-2on2", 2),
+        gic_test("qemu:gic-timer-sgi-2on1", 1),
         QemuTest {
             name: "qemu:external-guest-all-vcpus-off",
             spec: RunSpec {
@@ -506,6 +508,40 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
             ]),
         },
     ]
+}
+
+/// The GICv3 guest (guest-gic) with 2 vCPUs on `cpus` physical CPUs:
+/// virtual and physical timer interrupts after a WFI, SGI ping-pong with
+/// each SGI received exactly once; the vGIC's counters at teardown.
+fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
+    let s = strings;
+    QemuTest {
+        name,
+        spec: RunSpec {
+            scenario: "guest".into(),
+            guest: Some(image::boot_target_dir().join("guests").join("guest-gic.bin")),
+            smp: 2,
+            mem_mib: 32,
+            append: String::new(),
+            host_cpus: cpus,
+        },
+        exit_code: 0,
+        markers: s(&[
+            "[guest guest vcpu 0] gic: ok: ICC_SRE_EL1.SRE reads 1",
+            "[guest guest vcpu 0] gic: ok: GICD_CTLR reads EnableGrp1 and ARE",
+            "[guest guest vcpu 0] gic: 16-bit GICD_CTLR read: 1 exception(s), ESR_EL1 0x96000010 FAR_EL1 0x8000000",
+            "[guest guest vcpu 0] gic: ok: a 16-bit GICD_CTLR read takes a synchronous external data abort",
+            "[guest guest vcpu 0] gic: ok: virtual timer 10 ms ahead: IAR1 27 (want 27)",
+            "[guest guest vcpu 0] gic: ok: physical timer 10 ms ahead: IAR1 30 (want 30)",
+            "[guest guest vcpu 0] gic: sgi: 200 rounds: vCPU 0 got 200 pongs, vCPU 1 got 200 pings, 0 unexpected",
+            "[guest guest vcpu 0] gic: ok: SGIs: each vCPU received exactly one per round",
+            "[guest guest vcpu 0] gic: all checks passed",
+            "vm guest: vgic: ",
+            "(1 refused with an abort), 400 SGIs sent",
+            "vm guest: powered off (PSCI SYSTEM_OFF)",
+            "scenario guest: PASS",
+        ]),
+    }
 }
 
 /// The SMP guest (a pkvm-host VM named `vm` in `scenario`) with `vcpus`
@@ -560,10 +596,12 @@ pub fn debian_kernel_path() -> PathBuf {
 const DEBIAN_END: &str = "VFS: Unable to mount root fs";
 
 /// Debian's arm64 kernel as an external guest with its default command
-/// line (console on the PL011): it must detect its CPU features under the
-/// VM's sanitised view and reach the root mount (where, with no disk and
-/// no initrd, it panics; QEMU is stopped there). Skipped when the kernel
-/// file is missing.
+/// line (console on the PL011), with 1 vCPU and with 2 vCPUs on 2 CPUs: it
+/// must detect its CPU features under the VM's sanitised view, find the
+/// vGIC's distributor and its redistributors, run its architected timer
+/// on the vGIC's PPI, bring up every CPU (SGIs), and reach the root mount
+/// (where, with no disk and no initrd, it panics; QEMU is stopped there).
+/// Skipped when the kernel file is missing.
 fn debian_kernel_tier(image: &Path, verbose: bool) -> Result<String> {
     let k = debian_kernel_path();
     if !k.exists() {
@@ -572,13 +610,47 @@ fn debian_kernel_tier(image: &Path, verbose: bool) -> Result<String> {
             k.display()
         ));
     }
+    let one = debian_kernel_run(image, &k, 1, verbose)?;
+    let two = debian_kernel_run(image, &k, 2, verbose)?;
+    Ok(format!("smp 1: {one}; smp 2: {two}"))
+}
+
+/// What the Debian kernel must print with `smp` vCPUs.
+fn debian_markers(smp: u32) -> Vec<String> {
+    let mut m: Vec<String> = [
+        "Booting Linux on physical CPU",
+        "CPU features: detected:",
+        "GICv3: CPU0: found redistributor 0 region 0:0x00000000080a0000",
+        "arch_timer: cp15 timer(s) running at",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if smp == 1 {
+        m.push("smp: Brought up 1 node, 1 CPU".into());
+    } else {
+        m.push("GICv3: CPU1: found redistributor 1 region 0:0x00000000080c0000".into());
+        m.push(format!("smp: Brought up 1 node, {smp} CPUs"));
+    }
+    m.push(DEBIAN_END.into());
+    m
+}
+
+/// Lines the Debian kernel printed before the vGIC existed; never again.
+const DEBIAN_FORBIDDEN: &[&str] = &[
+    "GICv3: no distributor detected",
+    "arch_timer: No interrupt available",
+    "Unable to handle kernel",
+];
+
+fn debian_kernel_run(image: &Path, k: &Path, smp: u32, verbose: bool) -> Result<String> {
     let spec = RunSpec {
         scenario: "guest".into(),
-        guest: Some(k),
-        smp: 1,
+        guest: Some(k.to_path_buf()),
+        smp,
         mem_mib: 256,
         append: "console=ttyAMA0 earlycon".into(),
-        host_cpus: 1,
+        host_cpus: smp,
     };
     let o = qemu::boot_until(
         image,
@@ -590,16 +662,17 @@ fn debian_kernel_tier(image: &Path, verbose: bool) -> Result<String> {
     let guest = |m: &str| {
         o.console
             .lines()
-            .any(|l| l.starts_with("[guest guest] ") && l.contains(m))
+            .any(|l| l.starts_with("[guest guest") && l.contains(m))
     };
     let mut problems = Vec::new();
-    for m in [
-        "Booting Linux on physical CPU",
-        "CPU features: detected:",
-        DEBIAN_END,
-    ] {
-        if !guest(m) {
+    for m in debian_markers(smp) {
+        if !guest(&m) {
             problems.push(format!("no guest line with {m:?}"));
+        }
+    }
+    for m in DEBIAN_FORBIDDEN {
+        if guest(m) {
+            problems.push(format!("guest line with {m:?}"));
         }
     }
     if !o.stopped_at {
@@ -615,18 +688,18 @@ fn debian_kernel_tier(image: &Path, verbose: bool) -> Result<String> {
     }
     if !problems.is_empty() || verbose {
         println!(
-            "---- console of qemu:debian-kernel ----\n{}---- end of console ----",
+            "---- console of qemu:debian-kernel (smp {smp}) ----\n{}---- end of console ----",
             o.console
         );
     }
     if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
+        bail!("smp {smp}: {}", problems.join("; "));
     }
     let undefs = qemu::hypervisor_lines(&o.console)
         .filter(|l| l.contains("UNDEF injected"))
         .count();
     Ok(format!(
-        "root mount reached in {:.1?}; {undefs} UNDEF log lines",
+        "GICv3, arch_timer, all CPUs up, root mount reached in {:.1?}; {undefs} UNDEF log lines",
         o.elapsed
     ))
 }

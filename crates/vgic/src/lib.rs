@@ -369,6 +369,13 @@ impl Vgic {
         self.nr_vcpus
     }
 
+    /// Whether the distributor forwards either group (`GICD_CTLR`
+    /// `EnableGrp0` or `EnableGrp1` set): a guest that has not turned it on
+    /// can receive no interrupt at all.
+    pub fn distributor_enabled(&self) -> bool {
+        self.enables & 3 != 0
+    }
+
     /// The number of SPIs.
     pub fn nr_spis(&self) -> usize {
         self.nr_spis

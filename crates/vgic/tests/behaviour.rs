@@ -281,3 +281,18 @@ fn reset_after_activity_equals_a_fresh_vgic() {
     v.mmio_write(GICD, 4, 0b10).unwrap(); // as `vgic()` set it up
     assert!(v == fresh, "reset left state behind");
 }
+
+#[test]
+fn distributor_enabled_follows_gicd_ctlr_group_enables_and_reset() {
+    let mut v = Vgic::new(VgicConfig::qemu_virt(1, 64)).unwrap();
+    assert!(!v.distributor_enabled(), "off at reset");
+    v.mmio_write(GICD, 4, 0b01).unwrap();
+    assert!(v.distributor_enabled(), "EnableGrp0 alone turns it on");
+    v.mmio_write(GICD, 4, 0b10).unwrap();
+    assert!(v.distributor_enabled(), "EnableGrp1 alone turns it on");
+    v.mmio_write(GICD, 4, 0).unwrap();
+    assert!(!v.distributor_enabled(), "both groups off");
+    v.mmio_write(GICD, 4, 0b11).unwrap();
+    v.reset();
+    assert!(!v.distributor_enabled(), "a VM reset turns it off");
+}

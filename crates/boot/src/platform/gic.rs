@@ -18,6 +18,15 @@
 //! - [`SGI_KICK`] (SGI 0): "leave the guest / look at the run queue".
 //! - [`super::timer::PPI_EL2_PHYS`] (INTID 26): the EL2 physical timer, the
 //!   preemption tick.
+//! - [`PPI_VTIMER`] (INTID 27): the EL1 virtual timer, which only a guest
+//!   uses: it fires while the guest runs and takes it out (the world switch
+//!   then stops the timer, so the level drops before [`drain`]); the VMM
+//!   turns it into the guest's virtual PPI 27 and masks it here
+//!   ([`set_vtimer_masked`]) while that virtual line is high, so an
+//!   unhandled guest timer does not exit the guest again at once.
+//! - [`PPI_MAINTENANCE`] (INTID 25): the virtual CPU interface's maintenance
+//!   interrupt (a list register EOI'd, underflow, no pending), which takes a
+//!   guest out so its list registers are synced and refilled.
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -26,6 +35,11 @@ use crate::{read_sysreg, write_sysreg};
 
 /// The SGI used to kick a physical CPU (out of a guest or out of `wfi`).
 pub const SGI_KICK: u32 = 0;
+/// The EL1 virtual timer's PPI (INTID 27 on every GICv3 system with the
+/// server base system architecture's layout, QEMU virt's included).
+pub const PPI_VTIMER: u32 = 27;
+/// The GIC maintenance interrupt (INTID 25 on QEMU virt).
+pub const PPI_MAINTENANCE: u32 = 25;
 /// INTIDs 1020..=1023 are special (spurious).
 const SPURIOUS_MIN: u32 = 1020;
 
@@ -192,7 +206,10 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     }
     wr32(
         rd + GICR_ISENABLER0,
-        (1 << SGI_KICK) | (1 << super::timer::PPI_EL2_PHYS),
+        (1 << SGI_KICK)
+            | (1 << super::timer::PPI_EL2_PHYS)
+            | (1 << PPI_VTIMER)
+            | (1 << PPI_MAINTENANCE),
     );
     // CPU interface: SRE | DFB | DIB | Enable (EL1 may use the system
     // register interface too).
@@ -207,6 +224,32 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     AFF[cpu].store(aff, Ordering::Relaxed);
     RD[cpu].store(rd, Ordering::Release);
     Ok(())
+}
+
+/// Per CPU: whether [`PPI_VTIMER`] is masked (disabled at the
+/// redistributor) right now.
+static VTIMER_MASKED: [core::sync::atomic::AtomicBool; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
+
+/// Masks (disables) or unmasks this CPU's virtual-timer PPI at its
+/// redistributor; a no-op when it is already so.
+pub fn set_vtimer_masked(cpu: usize, masked: bool) {
+    let Some(flag) = VTIMER_MASKED.get(cpu) else {
+        return;
+    };
+    if !cpu_ready(cpu) || flag.load(Ordering::Relaxed) == masked {
+        return;
+    }
+    let rd = RD[cpu].load(Ordering::Acquire);
+    if masked {
+        wr32(rd + GICR_ICENABLER0, 1 << PPI_VTIMER);
+        let _ = wait("GICR_CTLR.RWP", || {
+            rd32(rd + GICR_CTLR) & GICR_CTLR_RWP == 0
+        });
+    } else {
+        wr32(rd + GICR_ISENABLER0, 1 << PPI_VTIMER);
+    }
+    flag.store(masked, Ordering::Relaxed);
 }
 
 /// Whether [`init_cpu`] succeeded on `cpu`.

@@ -3,14 +3,18 @@
 //! [`run`] loads the VM's stage-2 configuration (VTCR, VTTBR), its trap
 //! controls (`HCR_EL2`, `CPTR_EL2`, `MDCR_EL2`, `CNTHCTL_EL2`, `MPAM2_EL2`:
 //! pkvm-sysreg's policy, computed per VM as [`TrapControls`]) and the
-//! vCPU's EL1 state (system registers, timer, pointer-authentication keys),
-//! then `__guest_enter` saves the host's callee-saved registers (x19-x30,
+//! vCPU's EL1 state (system registers, timer, pointer-authentication keys)
+//! and its virtual GIC CPU interface ([`GicCpu`]: list registers,
+//! `ICH_HCR_EL2`, `ICH_VMCR_EL2`, `ICH_AP0R/AP1R<n>_EL2`, as many as
+//! `ICH_VTR_EL2` says this CPU has), then `__guest_enter` saves the host's callee-saved registers (x19-x30,
 //! d8-d15) on the EL2 stack, records the stack pointer and the vCPU's
 //! [`GuestRegs`] in the per-CPU data, loads the guest's FP/SIMD and general
 //! registers and `eret`s. Any exception from the guest lands in
 //! `__guest_exit` (via the vectors), which stores the guest's registers
 //! back, restores the host's and returns the vector index. [`run`] then
-//! reads the syndrome registers and saves the EL1 state.
+//! reads the syndrome registers and saves the EL1 state and the virtual
+//! CPU interface, which it then turns off (`ICH_HCR_EL2` = 0, list
+//! registers cleared) so no maintenance interrupt stays asserted at EL2.
 //!
 //! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
 //! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly.
@@ -350,6 +354,108 @@ pub struct TimerState {
     pub voff: u64,
 }
 
+/// The guest's GIC CPU interface as the hypervisor holds it between runs
+/// (the virtual CPU interface registers, `ICH_*_EL2`): what [`run`] loads
+/// before entry and saves after exit. The VMM fills `lrs`/`hcr` from the
+/// vGIC before each entry and folds `lrs` back after it; `vmcr` and the
+/// active-priority registers are the guest's own CPU interface state
+/// (priority mask, binary points, group enables, EOImode; active
+/// priorities) and only pass through.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GicCpu {
+    /// `ICH_LR<n>_EL2` (the first [`gic_lrs`] are used).
+    pub lrs: [u64; 16],
+    /// `ICH_HCR_EL2` for the next entry (En, UIE, NPIE).
+    pub hcr: u64,
+    /// `ICH_VMCR_EL2`.
+    pub vmcr: u64,
+    /// `ICH_AP0R<n>_EL2` (the first [`gic_aprs`] are used).
+    pub ap0r: [u64; 4],
+    /// `ICH_AP1R<n>_EL2`.
+    pub ap1r: [u64; 4],
+}
+
+/// `ICH_HCR_EL2.En`: the virtual CPU interface is on.
+pub const ICH_HCR_EN: u64 = 1 << 0;
+/// `ICH_HCR_EL2.UIE`: maintenance interrupt when at most one list register
+/// holds a valid interrupt.
+pub const ICH_HCR_UIE: u64 = 1 << 1;
+/// `ICH_HCR_EL2.NPIE`: maintenance interrupt when no list register holds a
+/// pending interrupt.
+pub const ICH_HCR_NPIE: u64 = 1 << 3;
+
+/// The number of list registers of this CPU (`ICH_VTR_EL2.ListRegs` + 1).
+pub fn gic_lrs() -> usize {
+    (read_sysreg!("S3_4_C12_C11_1") & 0x1f) as usize + 1
+}
+
+/// The number of `ICH_AP0R/AP1R<n>_EL2` of this CPU (from
+/// `ICH_VTR_EL2.PREbits`: 5 bits -> 1, 6 -> 2, 7 -> 4).
+pub fn gic_aprs() -> usize {
+    let pre = ((read_sysreg!("S3_4_C12_C11_1") >> 26) & 7) as usize + 1;
+    1 << pre.saturating_sub(5).min(2)
+}
+
+macro_rules! lr_xfer {
+    ($dir:ident, $g:expr, $n:expr; $($i:literal = $r:literal),*) => {
+        $( if $i < $n { lr_xfer!(@one $dir, $g.lrs[$i], $r); } )*
+    };
+    (@one load, $v:expr, $r:literal) => { write_sysreg!($r, $v) };
+    (@one save, $v:expr, $r:literal) => { $v = read_sysreg!($r) };
+}
+
+macro_rules! all_lrs {
+    ($dir:ident, $g:expr, $n:expr) => {
+        lr_xfer!($dir, $g, $n;
+            0 = "S3_4_C12_C12_0", 1 = "S3_4_C12_C12_1", 2 = "S3_4_C12_C12_2",
+            3 = "S3_4_C12_C12_3", 4 = "S3_4_C12_C12_4", 5 = "S3_4_C12_C12_5",
+            6 = "S3_4_C12_C12_6", 7 = "S3_4_C12_C12_7", 8 = "S3_4_C12_C13_0",
+            9 = "S3_4_C12_C13_1", 10 = "S3_4_C12_C13_2", 11 = "S3_4_C12_C13_3",
+            12 = "S3_4_C12_C13_4", 13 = "S3_4_C12_C13_5", 14 = "S3_4_C12_C13_6",
+            15 = "S3_4_C12_C13_7")
+    };
+}
+
+macro_rules! apr_xfer {
+    ($dir:ident, $g:expr, $n:expr) => {
+        apr_xfer!(@one $dir, $g.ap0r[0], "S3_4_C12_C8_0");
+        apr_xfer!(@one $dir, $g.ap1r[0], "S3_4_C12_C9_0");
+        if $n > 1 {
+            apr_xfer!(@one $dir, $g.ap0r[1], "S3_4_C12_C8_1");
+            apr_xfer!(@one $dir, $g.ap1r[1], "S3_4_C12_C9_1");
+        }
+        if $n > 2 {
+            apr_xfer!(@one $dir, $g.ap0r[2], "S3_4_C12_C8_2");
+            apr_xfer!(@one $dir, $g.ap1r[2], "S3_4_C12_C9_2");
+            apr_xfer!(@one $dir, $g.ap0r[3], "S3_4_C12_C8_3");
+            apr_xfer!(@one $dir, $g.ap1r[3], "S3_4_C12_C9_3");
+        }
+    };
+    (@one load, $v:expr, $r:literal) => { write_sysreg!($r, $v) };
+    (@one save, $v:expr, $r:literal) => { $v = read_sysreg!($r) };
+}
+
+/// Loads the guest's virtual CPU interface (list registers, VMCR, APRs,
+/// then `ICH_HCR_EL2`).
+fn load_gic(g: &GicCpu, lrs: usize, aprs: usize) {
+    all_lrs!(load, g, lrs);
+    apr_xfer!(load, g, aprs);
+    write_sysreg!("S3_4_C12_C11_7", g.vmcr);
+    write_sysreg!("S3_4_C12_C11_0", g.hcr);
+}
+
+/// Saves the guest's virtual CPU interface and turns it off
+/// (`ICH_HCR_EL2` = 0 and the list registers cleared: no maintenance
+/// interrupt stays asserted while the hypervisor runs).
+fn save_gic(g: &mut GicCpu, lrs: usize, aprs: usize) {
+    all_lrs!(save, g, lrs);
+    apr_xfer!(save, g, aprs);
+    g.vmcr = read_sysreg!("S3_4_C12_C11_7");
+    write_sysreg!("S3_4_C12_C11_0", 0);
+    let zero = GicCpu::default();
+    all_lrs!(load, zero, lrs);
+}
+
 /// Pointer-authentication keys (APIA, APIB, APDA, APDB, APGA; lo/hi).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PacKeys(pub [u64; 10]);
@@ -381,6 +487,8 @@ pub struct VcpuState {
     pub vmpidr: u64,
     /// Optional state of the host's features ([`VmRegs::sme`], [`VmRegs::ras`]).
     pub opt: OptRegs,
+    /// The virtual GIC CPU interface.
+    pub gic: GicCpu,
 }
 
 impl VcpuState {
@@ -399,6 +507,7 @@ impl VcpuState {
             pac: PacKeys::default(),
             vmpidr: (1 << 31) | mpidr_aff,
             opt: OptRegs::default(),
+            gic: GicCpu::default(),
         }
     }
 }
@@ -418,6 +527,10 @@ pub struct VmRegs {
     pub sme: bool,
     /// Whether the host has RAS (VDISR_EL2 is switched).
     pub ras: bool,
+    /// List registers of this CPU ([`gic_lrs`]).
+    pub lrs: usize,
+    /// Active-priority registers per group of this CPU ([`gic_aprs`]).
+    pub aprs: usize,
 }
 
 /// Why the guest stopped running.
@@ -530,6 +643,7 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
         pac_list!(k, load);
     }
     load_opt(vm, &vcpu.opt);
+    load_gic(&vcpu.gic, vm.lrs, vm.aprs);
     super::sysreg::isb();
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
     // saves/restores every callee-saved register and the stack pointer
@@ -553,5 +667,7 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
         pac_list!(k, save);
     }
     save_opt(vm, &mut vcpu.opt);
+    save_gic(&mut vcpu.gic, vm.lrs, vm.aprs);
+    super::sysreg::isb();
     exit
 }

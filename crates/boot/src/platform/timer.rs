@@ -45,3 +45,15 @@ pub fn disable() {
     write_sysreg!("cnthp_ctl_el2", 0);
     super::sysreg::isb();
 }
+
+/// Brings the armed timer's deadline forward to physical count `deadline`
+/// if it is later (or the timer is off): a deadline of a guest's emulated
+/// timer that falls inside the current slice.
+pub fn pull_in(deadline: u64) {
+    let on = read_sysreg!("cnthp_ctl_el2") & CTL_ENABLE != 0;
+    if !on || read_sysreg!("cnthp_cval_el2") > deadline {
+        write_sysreg!("cnthp_cval_el2", deadline);
+        write_sysreg!("cnthp_ctl_el2", CTL_ENABLE);
+        super::sysreg::isb();
+    }
+}

@@ -15,7 +15,9 @@
 //!
 //! Exit mapping, after [`HostVmm::exit`] has seen the exit: a VM that is
 //! over -> [`Outcome::Done`]; `Interrupted` -> [`Outcome::Preempted`];
-//! `Wfi` -> [`Outcome::Yield`]; `Sleep` -> [`Outcome::Sleep`]; `Mmio` and
+//! `Wfi` -> [`HostVmm::wfi`]'s answer ([`Outcome::Yield`] for WFE or a
+//! guest without interrupts, [`Outcome::Wait`] for a WFI with nothing
+//! pending); `Sleep` -> [`Outcome::Sleep`]; `Mmio` and
 //! `Hypercall` -> run again; `SystemEvent` of a VM the VMM did not stop (it
 //! restarted it: a system reset) -> run again (`Vcpu::run` then starts the
 //! boot vCPU at its entry point, or reports `Sleep` for a vCPU left off);
@@ -42,6 +44,10 @@ pub trait HostVmm: Send + Sync {
     /// A backend that enters vCPU `index` on physical CPU `cpu`, lending it
     /// that vCPU's hardware-only state (FP/SIMD, PAC keys) for the run.
     fn backend(&self, cpu: usize, index: usize) -> Self::Backend<'_>;
+
+    /// What a `VcpuExit::Wfi` asks of the scheduler (the backend saw the
+    /// WFI/WFE): [`Outcome::Yield`] or [`Outcome::Wait`].
+    fn wfi(&self, be: &mut Self::Backend<'_>) -> Outcome;
 
     /// Called with the backend at the end of each scheduler run of the
     /// vCPU (e.g. to collect its statistics).
@@ -99,7 +105,7 @@ where
             }
             match exit {
                 VcpuExit::Interrupted => break Outcome::Preempted,
-                VcpuExit::Wfi => break Outcome::Yield,
+                VcpuExit::Wfi => break vmm.wfi(&mut be),
                 VcpuExit::Sleep => break Outcome::Sleep,
                 // A system event whose VM is not stopping was a reset the
                 // VMM carried out: run again (start over, or sleep).

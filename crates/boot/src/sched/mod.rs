@@ -11,7 +11,8 @@
 //! | outcome | meaning (pkvm-host `VcpuExit`) | then |
 //! |---|---|---|
 //! | [`Outcome::Preempted`] | `Interrupted`: physical IRQ (timer tick or kick SGI) | back to the tail of the queue |
-//! | [`Outcome::Yield`] | `Wfi`: nothing to deliver (no interrupt controller model) | tail of the queue |
+//! | [`Outcome::Yield`] | `Wfi` of a WFE, or of a guest whose vGIC is off | tail of the queue |
+//! | [`Outcome::Wait`] | `Wfi` with nothing pending (blocked in WFI) | off the queue until [`Scheduler::kick`] or its deadline |
 //! | [`Outcome::Sleep`] | `Sleep`: powered off (PSCI CPU_OFF) or suspended | off the queue until [`Scheduler::kick`] |
 //! | [`Outcome::Done`] | its VM is over (`SystemEvent` other than a reset the VMM carried out, internal error, VM stopped) | the slot is emptied and the vCPU dropped |
 //!
@@ -36,10 +37,19 @@
 //! about to enter the guest is not lost either: EL2 runs with interrupts
 //! masked, so it stays pending and the guest exits at once.
 //!
-//! # Idle CPUs
+//! # Idle CPUs and deadlines
 //! A CPU with nothing to run marks itself idle, re-checks the queue and
 //! waits with `wfi` (interrupts masked at EL2; the timer is armed as a
 //! backstop). Queuing a vCPU sends the kick SGI to one idle CPU.
+//!
+//! A vCPU that returned [`Outcome::Wait`] sleeps like one that returned
+//! `Sleep`, with a wake-up deadline (a physical count: its earliest guest
+//! timer). Every CPU arms its EL2 timer for the end of the slice or the
+//! earliest deadline, whichever comes first (idle or running a vCPU), and
+//! on each pass through its loop kicks the sleepers whose deadline has
+//! passed: the same kick as any other wake-up, so the lost-wake-up
+//! argument above holds. A run ends with every vCPU asleep only when none
+//! has a deadline.
 //!
 //! # pkvm-host vCPUs
 //! [`host::HostRunner`] adapts a claimed `pkvm_host::Vcpu` to
@@ -70,6 +80,10 @@ pub enum Outcome {
     Yield,
     /// It is powered off or suspended: not runnable until kicked.
     Sleep,
+    /// It waits for an interrupt (WFI, nothing pending): not runnable until
+    /// kicked or until the physical count reaches this deadline
+    /// (`u64::MAX`: none).
+    Wait(u64),
     /// Its VM is over: the vCPU leaves the scheduler (and is dropped).
     Done,
 }
@@ -157,6 +171,8 @@ pub struct Scheduler<V> {
     state: [AtomicU8; MAX_SCHED_VCPUS],
     kicked: [AtomicBool; MAX_SCHED_VCPUS],
     on_cpu: [AtomicUsize; MAX_SCHED_VCPUS],
+    /// Wake-up deadline of a sleeping vCPU (`u64::MAX`: none).
+    wake_at: [AtomicU64; MAX_SCHED_VCPUS],
     queue: SpinLock<RunQueue>,
     idle: AtomicUsize,
     stop: AtomicBool,
@@ -190,6 +206,7 @@ impl<V: SchedVcpu> Scheduler<V> {
             state: [const { AtomicU8::new(EMPTY) }; MAX_SCHED_VCPUS],
             kicked: [const { AtomicBool::new(false) }; MAX_SCHED_VCPUS],
             on_cpu: [const { AtomicUsize::new(usize::MAX) }; MAX_SCHED_VCPUS],
+            wake_at: [const { AtomicU64::new(u64::MAX) }; MAX_SCHED_VCPUS],
             queue: SpinLock::new(
                 RunQueue {
                     ring: [0; MAX_SCHED_VCPUS],
@@ -254,6 +271,7 @@ impl<V: SchedVcpu> Scheduler<V> {
             if s.is_none() && self.state[i].load(Ordering::SeqCst) == EMPTY {
                 *s = Some(v);
                 self.kicked[i].store(false, Ordering::SeqCst);
+                self.wake_at[i].store(u64::MAX, Ordering::SeqCst);
                 self.live.fetch_add(1, Ordering::SeqCst);
                 self.state[i].store(SLEEPING, Ordering::SeqCst);
                 return Ok(i);
@@ -323,14 +341,47 @@ impl<V: SchedVcpu> Scheduler<V> {
         self.queue.lock().pop()
     }
 
+    /// Arms the EL2 timer for one slice, or until the earliest deadline
+    /// of a waiting vCPU if that comes first.
+    fn arm_timer(&self) {
+        let slice = timer::ticks_for_us(self.slice_us());
+        let next = self
+            .wake_at
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .min()
+            .unwrap_or(u64::MAX);
+        let ticks = match next {
+            u64::MAX => slice,
+            d => d.saturating_sub(timer::now()).min(slice),
+        };
+        timer::arm_after(ticks);
+    }
+
+    /// Kicks every waiting vCPU whose deadline has passed (the deadline is
+    /// taken first, so exactly one CPU kicks it).
+    fn wake_expired(&self) {
+        let now = timer::now();
+        for (i, w) in self.wake_at.iter().enumerate() {
+            let d = w.load(Ordering::SeqCst);
+            if d <= now
+                && w.compare_exchange(d, u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                self.kick(i);
+            }
+        }
+    }
+
     fn idle_wait(&self, cpu: usize) {
         let bit = 1usize << cpu;
         self.idle.fetch_or(bit, Ordering::SeqCst);
         let empty = self.queue.lock().len == 0;
         if empty && !self.stopped() {
             self.cpu_idle[cpu].fetch_add(1, Ordering::Relaxed);
-            // Backstop: never sleep longer than a slice.
-            timer::arm_after(timer::ticks_for_us(self.slice_us()));
+            // Backstop: never sleep longer than a slice (or past a
+            // sleeping vCPU's deadline).
+            self.arm_timer();
             let _ = gic::wait_for_interrupt();
             timer::disable();
         }
@@ -342,6 +393,7 @@ impl<V: SchedVcpu> Scheduler<V> {
     pub fn run_cpu(&self, cpu: usize) {
         self.in_loop.fetch_add(1, Ordering::SeqCst);
         while !self.stopped() {
+            self.wake_expired();
             let Some(i) = self.pick() else {
                 self.idle_wait(cpu);
                 continue;
@@ -354,6 +406,7 @@ impl<V: SchedVcpu> Scheduler<V> {
             }
             self.on_cpu[i].store(cpu, Ordering::SeqCst);
             self.kicked[i].store(false, Ordering::SeqCst);
+            self.wake_at[i].store(u64::MAX, Ordering::SeqCst);
             let st = &self.stats[i];
             st.runs.fetch_add(1, Ordering::Relaxed);
             st.cpus.fetch_or(1 << cpu, Ordering::Relaxed);
@@ -363,7 +416,7 @@ impl<V: SchedVcpu> Scheduler<V> {
                 let mut slot = self.slots[i].lock();
                 let o = match slot.as_mut() {
                     Some(v) => {
-                        timer::arm_after(timer::ticks_for_us(self.slice_us()));
+                        self.arm_timer();
                         let o = v.run(cpu);
                         timer::disable();
                         o
@@ -387,8 +440,11 @@ impl<V: SchedVcpu> Scheduler<V> {
                     self.state[i].store(QUEUED, Ordering::SeqCst);
                     self.enqueue(i);
                 }
-                Outcome::Sleep => {
+                Outcome::Sleep | Outcome::Wait(_) => {
                     st.sleeps.fetch_add(1, Ordering::Relaxed);
+                    if let Outcome::Wait(d) = outcome {
+                        self.wake_at[i].store(d, Ordering::SeqCst);
+                    }
                     self.state[i].store(SLEEPING, Ordering::SeqCst);
                     if self.kicked[i].load(Ordering::SeqCst)
                         && self.state[i]
@@ -424,7 +480,11 @@ impl<V: SchedVcpu> Scheduler<V> {
         let all = self
             .state
             .iter()
-            .all(|s| matches!(s.load(Ordering::SeqCst), EMPTY | SLEEPING));
+            .all(|s| matches!(s.load(Ordering::SeqCst), EMPTY | SLEEPING))
+            && self
+                .wake_at
+                .iter()
+                .all(|w| w.load(Ordering::SeqCst) == u64::MAX);
         all && self.live() > 0 && self.activity.load(Ordering::SeqCst) == seq
     }
 
@@ -441,6 +501,7 @@ impl<V: SchedVcpu> Scheduler<V> {
         for (i, slot) in self.slots.iter().enumerate() {
             let v = slot.lock().take();
             self.state[i].store(EMPTY, Ordering::SeqCst);
+            self.wake_at[i].store(u64::MAX, Ordering::SeqCst);
             if let Some(v) = v {
                 self.live.fetch_sub(1, Ordering::SeqCst);
                 f(v);

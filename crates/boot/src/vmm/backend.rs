@@ -18,9 +18,16 @@
 //! Exit mapping: stage-2 data/instruction aborts -> `Abort` (ESR, FAR,
 //! HPFAR); HVC -> `Call` (ELR is already past the HVC); SMC -> `Call` with
 //! the PC still on the SMC (pkvm-host's PSCI code steps a trapped SMC);
-//! WFI/WFE -> `Wfx` with the PC stepped; IRQ/FIQ -> `Interrupt` after
-//! acknowledging what is pending ([`gic::drain`]: the scheduler's timer
-//! tick or kick SGI); SError and AArch32 exits -> `Unhandled`. Trapped
+//! WFI/WFE -> `Wfx` with the PC stepped and [`VcpuHw::wait`] saying
+//! whether the vCPU yields or blocks (a WFI with an interrupt pending
+//! resumes the guest without leaving the backend); IRQ/FIQ -> `Interrupt`
+//! after acknowledging what is pending ([`gic::drain`]) when it was the
+//! scheduler's timer tick or kick SGI, handled here when it was the
+//! guest's own (virtual timer, maintenance); SError and AArch32 exits ->
+//! `Unhandled`. Around every world switch the VM's vGIC is flushed into
+//! the list registers and synced back ([`VmIrq`]); stage-2 data aborts in
+//! the GIC frames are emulated here (a bad access gets an injected data
+//! abort) and `ICC_SGI*R_EL1` writes go to the vGIC. Trapped
 //! system-register accesses (EC 0x18) never leave the backend: they are
 //! answered from pkvm-sysreg's table over the vCPU's [`VcpuSysregs`]
 //! ([`super::sysregs`]), and every other synchronous exception class
@@ -37,9 +44,14 @@ use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 use pkvm_sync::SpinGuard;
 use pkvm_sysreg::{inject_undef, El1State, HostFeature, VcpuSysregs};
 
+use pkvm_host::psci::PsciVm;
+use pkvm_vgic::VcpuSet;
+
+use super::guest::BootVm;
+use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
-use crate::platform::switch::{self, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
+use crate::platform::switch::{self, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{gic, timer};
 use crate::println;
 
@@ -71,6 +83,17 @@ pub struct BackendStats {
     /// Resets applied before an entry (boot, each PSCI CPU_ON, each VM
     /// reset).
     pub resets: u64,
+    /// Guest accesses to the vGIC's frames (emulated in the backend).
+    pub gic_mmio: u64,
+    /// Of those, refused with an injected data abort.
+    pub gic_aborts: u64,
+    /// SGIs the guest sent (`ICC_SGI*R_EL1` writes).
+    pub sgis: u64,
+    /// IRQ exits for the guest's own interrupts (its virtual timer, the
+    /// maintenance interrupt), handled without leaving the backend.
+    pub guest_irqs: u64,
+    /// WFIs that blocked the vCPU (nothing pending).
+    pub wfi_blocks: u64,
 }
 
 /// The hardware-only state of one vCPU, lent to its backend while it runs.
@@ -93,6 +116,8 @@ pub struct VcpuHw {
     pub sysregs: VcpuSysregs,
     /// For the log lines: the VM's name and the vCPU's index.
     who: (&'static str, usize),
+    /// What the last WFI/WFE exit asks of the scheduler.
+    pub wait: WfiAction,
 }
 
 impl VcpuHw {
@@ -106,6 +131,7 @@ impl VcpuHw {
             last_vmid: 0,
             sysregs: VcpuSysregs::new(),
             who: ("?", 0),
+            wait: WfiAction::Yield,
         }
     }
 
@@ -129,6 +155,7 @@ impl VcpuHw {
         self.stats.resets += 1;
         self.sysregs.reset();
         self.st.opt = OptRegs::default();
+        self.st.gic = GicCpu::default();
         let r = &mut self.st.regs;
         r.v = [0; 32];
         r.fpsr = 0;
@@ -154,18 +181,22 @@ pub struct HwBackend<'a> {
     policy: &'a VmPolicy,
     parange: u8,
     hyp: Option<&'static BootHyp>,
+    irq: &'a VmIrq,
+    vm: &'a BootVm,
 }
 
 impl<'a> HwBackend<'a> {
     /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU whose
-    /// hardware-only state is `hw` (held for the backend's life), of a VM
-    /// with system-register policy `policy`; `hyp` is the hypervisor in
-    /// protected mode.
+    /// hardware-only state is `hw` (held for the backend's life), of the VM
+    /// `vm` with system-register policy `policy` and interrupts `irq`;
+    /// `hyp` is the hypervisor in protected mode.
     pub fn new(
         cpu: usize,
         hw: SpinGuard<'a, VcpuHw>,
         policy: &'a VmPolicy,
         hyp: Option<&'static BootHyp>,
+        irq: &'a VmIrq,
+        vm: &'a BootVm,
     ) -> Self {
         HwBackend {
             cpu,
@@ -173,6 +204,8 @@ impl<'a> HwBackend<'a> {
             policy,
             parange: switch::parange(),
             hyp,
+            irq,
+            vm,
         }
     }
 
@@ -196,6 +229,8 @@ impl<'a> HwBackend<'a> {
             pauth: self.policy.pauth(),
             sme: self.policy.features.host().has(HostFeature::Sme),
             ras: self.policy.features.host().has(HostFeature::Ras),
+            lrs: switch::gic_lrs(),
+            aprs: switch::gic_aprs(),
         })
     }
 
@@ -265,30 +300,82 @@ impl<'a> HwBackend<'a> {
         s.cntv_cval_el0 = st.timer.cval;
     }
 
-    /// One world switch; `None` when the backend handled the exit itself.
+    /// The vCPU's timers as interrupt lines now.
+    fn timers(&self) -> (TimerLine, TimerLine) {
+        let (ctl, cval) = sysregs::ptimer_regs(&self.hw.sysregs);
+        let now = timer::now();
+        (
+            TimerLine::virt(&self.hw.st.timer, now),
+            TimerLine::phys(ctl, cval, now),
+        )
+    }
+
+    /// Kicks the vCPUs of `set` other than this one (which syncs with the
+    /// vGIC at its next entry anyway).
+    fn kick(&self, set: VcpuSet) {
+        let me = self.hw.who.1;
+        for v in set.iter().filter(|&v| v != me) {
+            self.vm.kick_vcpu(v);
+        }
+    }
+
+    /// One world switch with the vGIC around it; `None` when the backend
+    /// handled the exit itself.
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
-        let hw = &mut *self.hw;
-        let exit = switch::run(vm, &mut hw.st);
-        hw.stats.exits += 1;
+        let index = self.hw.who.1;
+        let (vt, pt) = self.timers();
+        let kick = self
+            .irq
+            .flush(index, &mut self.hw.st.gic, vm.lrs, vt.level, pt.level);
+        self.kick(kick);
+        // An unhandled virtual-timer level would take the guest out again
+        // at once: mask the physical PPI until the virtual line drops.
+        gic::set_vtimer_masked(self.cpu, vt.level);
+        if let Some(d) = pt.deadline {
+            timer::pull_in(d);
+        }
+        let exit = switch::run(vm, &mut self.hw.st);
+        self.hw.stats.exits += 1;
+        let (vt, pt) = self.timers();
+        let kick = self
+            .irq
+            .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
+        self.kick(kick);
         match exit.kind {
-            EXIT_SYNC => {}
+            EXIT_SYNC => self.sync_exit(&exit),
             EXIT_IRQ | 10 => {
+                let hw = &mut *self.hw;
                 hw.stats.irq += 1;
                 // Acknowledge and end what is pending: the scheduler's
-                // preemption tick and kick SGI only need the exit itself.
+                // preemption tick and kick SGI only need the exit itself;
+                // the guest's own (virtual timer, maintenance) only the
+                // vGIC sync above.
                 if gic::cpu_ready(self.cpu) {
                     let d = gic::drain();
                     hw.stats.timer_irqs += d.timer as u64;
                     hw.stats.kick_irqs += d.kick as u64;
+                    if !d.timer && !d.kick {
+                        hw.stats.guest_irqs += 1;
+                        return None;
+                    }
                 }
-                return Some(GuestExit::Interrupt);
+                Some(GuestExit::Interrupt)
             }
-            _ => return Some(GuestExit::Unhandled { esr: exit.esr }),
+            _ => Some(GuestExit::Unhandled { esr: exit.esr }),
         }
+    }
+
+    /// A synchronous exit; `None` when the backend handled it.
+    fn sync_exit(&mut self, exit: &switch::Exit) -> Option<GuestExit> {
         let esr = Esr(exit.esr);
+        let ipa = pkvm_arch::esr::fault_ipa(exit.hpfar, exit.far).0;
         match esr.ec() {
+            ec::DABT_LOW if self.irq.contains(ipa) => {
+                self.gic_mmio(esr, ipa, exit.far);
+                None
+            }
             ec::DABT_LOW | ec::IABT_LOW => {
-                hw.stats.aborts += 1;
+                self.hw.stats.aborts += 1;
                 Some(GuestExit::Abort {
                     esr: exit.esr,
                     far: exit.far,
@@ -296,20 +383,23 @@ impl<'a> HwBackend<'a> {
                 })
             }
             ec::HVC64 | ec::SMC64 => {
-                hw.stats.calls += 1;
+                self.hw.stats.calls += 1;
                 Some(GuestExit::Call { esr: exit.esr })
             }
-            ec::WFX => {
-                hw.stats.wfx += 1;
-                hw.st.regs.pc += 4;
-                Some(GuestExit::Wfx)
-            }
+            ec::WFX => self.wfx(esr),
             ec::SYS64 => {
+                let hw = &mut *self.hw;
                 hw.stats.sysreg += 1;
                 let r = &mut hw.st.regs;
                 match sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now()) {
                     Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
                     Action::Undef(why) => self.undef(why),
+                    Action::Sgi { value, group1 } => {
+                        r.pc += 4;
+                        hw.stats.sgis += 1;
+                        let kick = self.irq.send_sgi(hw.who.1, value, group1);
+                        self.kick(kick);
+                    }
                 }
                 None
             }
@@ -319,6 +409,86 @@ impl<'a> HwBackend<'a> {
                 None
             }
         }
+    }
+
+    /// WFI/WFE (PC stepped): WFE yields; WFI resumes at once when an
+    /// interrupt is pending, yields when the guest's distributor is off,
+    /// and otherwise blocks the vCPU until a kick or its earliest timer
+    /// deadline ([`VcpuHw::wait`] tells the scheduler).
+    fn wfx(&mut self, esr: Esr) -> Option<GuestExit> {
+        self.hw.stats.wfx += 1;
+        self.hw.st.regs.pc += 4;
+        let wfe = esr.iss() & 1 != 0;
+        let action = if wfe {
+            WfiAction::Yield
+        } else {
+            let (vt, pt) = self.timers();
+            let deadline = match (vt.deadline, pt.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.irq.wfi(self.hw.who.1, deadline)
+        };
+        if action == WfiAction::Resume {
+            return None;
+        }
+        if let WfiAction::Block(_) = action {
+            self.hw.stats.wfi_blocks += 1;
+        }
+        self.hw.wait = action;
+        Some(GuestExit::Wfx)
+    }
+
+    /// A guest access to the vGIC's frames: emulated, or refused with an
+    /// injected synchronous external abort (no syndrome, a size or
+    /// alignment the register does not allow).
+    fn gic_mmio(&mut self, esr: Esr, ipa: u64, far: u64) {
+        self.hw.stats.gic_mmio += 1;
+        let syn = esr.abort().and_then(|a| a.syndrome.map(|s| (a.write, s)));
+        let Some((write, s)) = syn else {
+            return self.inject_dabt(far);
+        };
+        let r = &mut self.hw.st.regs;
+        let rt = |x: &[u64; 31]| if s.srt < 31 { x[s.srt as usize] } else { 0 };
+        let size = s.size() as usize;
+        let res = self.irq.mmio(ipa, size, write.then(|| rt(&r.x)));
+        match res {
+            Ok((value, kick)) => {
+                if !write && s.srt < 31 {
+                    r.x[s.srt as usize] = extend(value, size, s.sse, s.sf);
+                }
+                r.pc += 4;
+                self.kick(kick);
+            }
+            Err(_) => self.inject_dabt(far),
+        }
+    }
+
+    /// Injects a synchronous external data abort at `far` (as the
+    /// architecture's exception entry: [`pkvm_sysreg::inject_undef`]'s,
+    /// with the abort's syndrome).
+    fn inject_dabt(&mut self, far: u64) {
+        self.hw.stats.gic_aborts += 1;
+        let from_el0 = self.hw.st.regs.pstate & pstate::MODE_MASK == pstate::MODE_EL0T;
+        let hw = &mut *self.hw;
+        let (r, s) = (&mut hw.st.regs, &mut hw.st.sys);
+        let mut el1 = El1State {
+            pc: r.pc,
+            pstate: r.pstate,
+            spsr_el1: s.spsr,
+            elr_el1: s.elr,
+            esr_el1: s.esr,
+            vbar_el1: s.vbar,
+            sctlr_el1: s.sctlr,
+        };
+        inject_undef(&mut el1);
+        let class = if from_el0 { ec::DABT_LOW } else { ec::DABT_CUR };
+        r.pc = el1.pc;
+        r.pstate = el1.pstate;
+        s.spsr = el1.spsr_el1;
+        s.elr = el1.elr_el1;
+        s.esr = ((class as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
+        s.far = far;
     }
 
     /// Injects an UNDEF into the guest (its PC on the refused instruction)
@@ -353,6 +523,24 @@ impl<'a> HwBackend<'a> {
     }
 }
 
+/// A loaded value of `size` bytes as the load instruction leaves it in its
+/// register: sign-extended (SSE) and cut to 32 bits (!SF).
+fn extend(value: u64, size: usize, sse: bool, sf: bool) -> u64 {
+    let bits = 8 * size as u32;
+    let mut v = if bits >= 64 {
+        value
+    } else {
+        value & ((1u64 << bits) - 1)
+    };
+    if sse && bits < 64 && v & (1 << (bits - 1)) != 0 {
+        v |= !((1u64 << bits) - 1);
+    }
+    if !sf {
+        v &= 0xffff_ffff;
+    }
+    v
+}
+
 impl VcpuBackend for HwBackend<'_> {
     fn cpu(&self) -> usize {
         self.cpu
@@ -382,19 +570,7 @@ impl VcpuBackend for HwBackend<'_> {
     fn complete_mmio(&mut self, ctx: &mut VcpuContext, fault: &GuestFault, value: u64) {
         if let (false, Some(s)) = (fault.write, fault.syndrome) {
             if s.srt < 31 {
-                let bits = 8 * s.size() as u32;
-                let mut v = if bits >= 64 {
-                    value
-                } else {
-                    value & ((1u64 << bits) - 1)
-                };
-                if s.sse && bits < 64 && v & (1 << (bits - 1)) != 0 {
-                    v |= !((1u64 << bits) - 1);
-                }
-                if !s.sf {
-                    v &= 0xffff_ffff;
-                }
-                ctx.gprs.x[s.srt as usize] = v;
+                ctx.gprs.x[s.srt as usize] = extend(value, s.size() as usize, s.sse, s.sf);
             }
         }
         ctx.gprs.pc += 4;

@@ -38,11 +38,13 @@ use pkvm_sync::{LockClass, SpinLock};
 
 use super::backend::{self, HwBackend, VcpuHw};
 use super::fdtgen;
+use super::irq::{VmIrq, WfiAction};
 use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
 use super::sysregs::{self, VmPolicy};
 use crate::println;
 use crate::sched::host::HostVmm;
+use crate::sched::Outcome;
 
 /// The host VM type in the image.
 pub type BootVm = pkvm_host::Vm<BootPlatform, BootProcess>;
@@ -244,6 +246,8 @@ pub struct GuestVm {
     hw: Vec<SpinLock<VcpuHw>>,
     /// The system-register policy: sanitised features, trap controls.
     policy: VmPolicy,
+    /// The vGIC.
+    irq: VmIrq,
     end: SpinLock<Option<VmEnd>>,
     stopping: AtomicBool,
     warned_unclaimed: AtomicBool,
@@ -402,6 +406,7 @@ pub fn create(
             .map(|i| SpinLock::new(VcpuHw::new().named(spec.name, i), LockClass::HostVm))
             .collect(),
         policy,
+        irq: VmIrq::new(spec.vcpus).map_err(|_| VmmError::BadConfig("vCPU count (vGIC)"))?,
         end: SpinLock::new(None, LockClass::Leaf),
         stopping: AtomicBool::new(false),
         warned_unclaimed: AtomicBool::new(false),
@@ -544,6 +549,8 @@ impl GuestVm {
         // The guest may have executed the old bytes (or its own changes
         // to them) at the same addresses.
         crate::platform::hw::icache_inval_all();
+        // No vCPU is in the guest: nothing is in flight in list registers.
+        self.irq.reset();
         self.resets.store(n, Ordering::Relaxed);
         let others = self.vcpu_count() - 1;
         println!(
@@ -785,6 +792,11 @@ impl GuestVm {
             t.irq += s.irq;
             t.timer_irqs += s.timer_irqs;
             t.kick_irqs += s.kick_irqs;
+            t.gic_mmio += s.gic_mmio;
+            t.gic_aborts += s.gic_aborts;
+            t.sgis += s.sgis;
+            t.guest_irqs += s.guest_irqs;
+            t.wfi_blocks += s.wfi_blocks;
         }
         t
     }
@@ -855,6 +867,10 @@ impl GuestVm {
                 ""
             },
         );
+        println!(
+            "vm {}: vgic: {} GIC register accesses ({} refused with an abort), {} SGIs sent, {} guest interrupt exits (virtual timer, maintenance), {} WFIs blocked",
+            self.name, hw.gic_mmio, hw.gic_aborts, hw.sgis, hw.guest_irqs, hw.wfi_blocks
+        );
         self.print_sysreg_stats();
     }
 
@@ -920,7 +936,16 @@ impl HostVmm for GuestVm {
             self.hw[index].lock(),
             &self.policy,
             self.platform.hyp(),
+            &self.irq,
+            &self.vm,
         )
+    }
+
+    fn wfi(&self, be: &mut HwBackend<'_>) -> Outcome {
+        match be.hw().wait {
+            WfiAction::Block(deadline) => Outcome::Wait(deadline.unwrap_or(u64::MAX)),
+            WfiAction::Yield | WfiAction::Resume => Outcome::Yield,
+        }
     }
 
     fn after_run(&self, mut be: HwBackend<'_>) {
@@ -960,8 +985,8 @@ impl HostVmm for GuestVm {
             VcpuExit::Sleep => {
                 self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             }
-            // No interrupt controller model yet: nothing to wait for; the
-            // scheduler lets the others run.
+            // The backend decided whether it blocks or yields
+            // (`HostVmm::wfi`).
             VcpuExit::Wfi => {
                 self.counters.wfi.fetch_add(1, Ordering::Relaxed);
             }

@@ -19,6 +19,8 @@
 //!   `reset-protected`, `reset-concurrent`).
 //! - [`sysregs`]: a VM's system-register policy (pkvm-sysreg) and the
 //!   handling of trapped accesses.
+//! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
+//!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
 //! - this file: the memory layout and the scenarios xtask runs (`demo`,
 //!   `touch`, `exits`, `protected`, `guest`, `panic`).
@@ -32,6 +34,7 @@
 pub mod backend;
 pub mod fdtgen;
 pub mod guest;
+pub mod irq;
 pub mod platform;
 pub mod pool;
 pub mod process;

@@ -5,9 +5,10 @@
 //! - EC 0x18 (`MSR`/`MRS`/`SYS`): [`pkvm_sysreg::handle_sysreg_trap`] over
 //!   the vCPU's [`VcpuSysregs`]: `Handled` completes the access (Rt written,
 //!   PC + 4); `InjectUndef` makes the guest take an UNDEF; `Hook`: the EL1
-//!   physical timer and counter are emulated here ([`ptimer`]); the other
-//!   hooks (PMU — never visible, no PMU is offered —, set/way, SGI
-//!   generation) have no model yet and UNDEF.
+//!   physical timer and counter are emulated here ([`ptimer`]), SGI
+//!   generation goes to the VM's vGIC ([`Action::Sgi`]); the other hooks
+//!   (PMU — never visible, no PMU is offered —, set/way) have no model yet
+//!   and UNDEF.
 //! - Any other synchronous exception class the backend does not handle
 //!   (SVE/SME/PAC traps of a VM not offered them, EC 0, classes this code
 //!   does not know): an UNDEF ([`pkvm_sysreg::handle_feature_trap`]), the VM
@@ -102,6 +103,16 @@ pub enum Action {
     Complete(Outcome),
     /// Inject an UNDEF.
     Undef(UndefCause),
+    /// A write to `ICC_SGI1R_EL1` (`group1`), `ICC_SGI0R_EL1` or
+    /// `ICC_ASGI1R_EL1` (with one security state, KVM's vGIC and this one
+    /// treat ASGI1R as generating Group 0 SGIs): the vGIC sends it, then the
+    /// access completes (PC + 4).
+    Sgi {
+        /// The value written.
+        value: u64,
+        /// `ICC_SGI1R_EL1`.
+        group1: bool,
+    },
 }
 
 /// An EC 0x18 trap: the table's answer, with the timer hook applied.
@@ -125,7 +136,25 @@ pub fn sysreg_trap(
             Some(done) => Action::Complete(Outcome::Handled(done)),
             None => Action::Undef(UndefCause::Hook(call.hook, call.row)),
         },
+        Outcome::Hook(call) if call.hook == Hook::Sgi && call.trap.dir == Direction::Write => {
+            Action::Sgi {
+                value: call.value,
+                group1: REGISTERS[call.row].enc == ICC_SGI1R,
+            }
+        }
         Outcome::Hook(call) => Action::Undef(UndefCause::Hook(call.hook, call.row)),
+    }
+}
+
+/// `ICC_SGI1R_EL1`.
+const ICC_SGI1R: Encoding = Encoding::new(3, 0, 12, 11, 5);
+
+/// The emulated EL1 physical timer's `CNTP_CTL_EL0` (ENABLE, IMASK) and
+/// `CNTP_CVAL_EL0` from the vCPU's register file.
+pub fn ptimer_regs(regs: &VcpuSysregs) -> (u64, u64) {
+    match (lookup(CNTP_CTL), lookup(CNTP_CVAL)) {
+        (Some(c), Some(v)) => (regs.get(c) & CTL_WRITABLE, regs.get(v)),
+        _ => (0, 0),
     }
 }
 
@@ -146,8 +175,8 @@ const CTL_ISTATUS: u64 = 0b100;
 
 /// The EL1 physical timer and counter, minimally: the VM's physical count
 /// is the machine's (no offset), `CNTP_CTL`/`CNTP_CVAL` are kept in the
-/// vCPU's register file and ISTATUS is computed on read. No interrupt is
-/// raised (no vGIC yet). `None`: an access the architecture UNDEFs (a
+/// vCPU's register file and ISTATUS is computed on read. Its interrupt
+/// (PPI 30) is driven by the backend after each exit ([`ptimer_regs`]). `None`: an access the architecture UNDEFs (a
 /// write to the counter).
 pub fn ptimer(regs: &mut VcpuSysregs, call: &HookCall, now: u64) -> Option<Done> {
     let rt = call.trap.rt;
