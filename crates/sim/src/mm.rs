@@ -278,6 +278,13 @@ struct Folio {
     busy: bool,
 }
 
+thread_local! {
+    /// The folio VMA this thread last faulted on, with its address space's
+    /// id (see [`ProcessMm::fault_in`]).
+    static LAST_VMA: std::cell::RefCell<Option<(u64, Arc<VmaNode>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Shards of a VMA's folio map.
 const FOLIO_SHARDS: usize = 64;
 
@@ -520,6 +527,9 @@ type Listeners = Vec<(NotifierId, Arc<dyn MmuNotifier>)>;
 
 /// A host process's memory.
 pub struct ProcessMm {
+    /// Unique among all address spaces of the process (keys the per-thread
+    /// VMA cache).
+    id: u64,
     core: Arc<MmCore>,
     inner: RwLock<MmInner>,
     listeners: Mutex<Listeners>,
@@ -541,7 +551,9 @@ impl std::fmt::Debug for ProcessMm {
 impl ProcessMm {
     /// An empty address space allocating from `machine`'s host memory.
     pub fn new(machine: Arc<Machine>) -> ProcessMm {
+        static NEXT_MM: AtomicU64 = AtomicU64::new(1);
         ProcessMm {
+            id: NEXT_MM.fetch_add(1, Ordering::Relaxed),
             core: Arc::new(MmCore {
                 machine,
                 allocated: Default::default(),
@@ -663,11 +675,37 @@ impl ProcessMm {
     /// [`MmError::NoVma`], [`MmError::ReadOnly`], [`MmError::OutOfMemory`],
     /// [`MmError::Exited`].
     pub fn fault_in(&self, hva: Hva, write: bool) -> Result<Pin, MmError> {
+        // Fast path: the VMA this thread last faulted on, still alive (like
+        // Linux's per-VMA lock lookup): no mm-wide lock and no reference
+        // count, which every vCPU would write. A VMA that munmap/exit took
+        // away is dead, and the slow path looks again.
+        let cached = LAST_VMA.with(|c| match &*c.borrow() {
+            Some((id, node))
+                if *id == self.id
+                    && node.vma.contains(hva)
+                    && !node.dead.load(Ordering::Acquire) =>
+            {
+                Some(self.fault_in_node(node, hva, write))
+            }
+            _ => None,
+        });
+        if let Some(r) = cached {
+            return r;
+        }
         let node = match self.fault_vma(hva, write)? {
             FaultVma::Pinned(pin) => return Ok(pin),
             FaultVma::Folios(node) => node,
         };
+        LAST_VMA.with(|c| *c.borrow_mut() = Some((self.id, node.clone())));
+        self.fault_in_node(&node, hva, write)
+    }
+
+    /// [`ProcessMm::fault_in`] on the folio VMA `node` found for `hva`.
+    fn fault_in_node(&self, node: &VmaNode, hva: Hva, write: bool) -> Result<Pin, MmError> {
         let vma = &node.vma;
+        if write && !vma.writable() {
+            return Err(MmError::ReadOnly(hva));
+        }
         let shard = node.folios.shard(hva.0);
         let mut folios = shard.lock();
         loop {
@@ -688,7 +726,7 @@ impl ProcessMm {
             drop(folios);
             let (start, pa, size) = self.new_folio(vma, hva, size)?;
             folios = shard.lock();
-            self.install_folio(&node, &mut folios, start, pa, size);
+            self.install_folio(node, &mut folios, start, pa, size);
         }
     }
 

@@ -442,3 +442,44 @@ fn range_operations_cover_every_shard_of_the_folio_map() {
     mm.munmap(thp, 8 << 20).unwrap();
     assert_eq!(mm.stats().frames_allocated, mm.stats().frames_freed);
 }
+
+/// The per-thread VMA cache never outlives its VMA or address space: after
+/// munmap the range faults as unmapped, after exit as exited, and another
+/// address space on the same thread never uses the first one's VMA, even at
+/// the same address.
+#[test]
+fn the_per_thread_vma_cache_follows_munmap_exit_and_address_spaces() {
+    let m = small();
+    let a = ProcessMm::new(m.clone());
+    let b = ProcessMm::new(m.clone());
+    let va = a.mmap(4 << 20, VmaKind::Anonymous4K).unwrap();
+    let vb = b.mmap(4 << 20, VmaKind::Anonymous4K).unwrap();
+    assert_eq!(va, vb, "both address spaces start at the same address");
+    let pa = a.fault_in(va, true).unwrap(); // `a`'s VMA is now cached
+    let pb = b.fault_in(vb, true).unwrap();
+    assert_ne!(pa.pa(), pb.pa());
+    assert_eq!(b.resident(vb).map(|r| r.0), Some(pb.pa()));
+    assert_eq!(a.resident(va).map(|r| r.0), Some(pa.pa()));
+    drop((pa, pb));
+    drop(a.fault_in(va + PAGE_SIZE, true).unwrap());
+    a.munmap(va, 4 << 20).unwrap();
+    assert!(matches!(
+        a.fault_in(va + 2 * PAGE_SIZE, true),
+        Err(MmError::NoVma(_))
+    ));
+    let ro = a
+        .mmap(2 << 20, VmaKind::ReadOnlyFile { file_id: 7 })
+        .unwrap();
+    drop(a.fault_in(ro, false).unwrap());
+    // Cached, but a write to a read-only VMA is still refused.
+    assert!(matches!(
+        a.fault_in(ro + PAGE_SIZE, true),
+        Err(MmError::ReadOnly(_))
+    ));
+    a.exit();
+    assert!(matches!(a.fault_in(ro, false), Err(MmError::Exited)));
+    b.exit();
+    for s in [a.stats(), b.stats()] {
+        assert_eq!(s.frames_allocated, s.frames_freed);
+    }
+}
