@@ -11,6 +11,7 @@ use pkvm_arch::{Ipa, PAGE_SIZE};
 
 use crate::fault::{FaultKind, GuestFault};
 use crate::hypcall;
+use crate::memslot::{Memslot, Memslots};
 use crate::mmu::{HypMapping, S2State};
 use crate::pipeline::{self, Mapped, MemFaultError, Route};
 use crate::platform::{
@@ -88,6 +89,9 @@ pub struct Vcpu<P: HostPlatform, M: ProcessMemory> {
     index: usize,
     ctx: VcpuContext,
     cache: HostPageCache<P>,
+    /// This vCPU's copy of the VM's memslots and the change generation it
+    /// was taken at (see [`Vcpu::slot_of`]).
+    slots: Option<(u64, Memslots)>,
     /// The MMIO read waiting for the VMM's data.
     pending_mmio: Option<GuestFault>,
     pending_mmio_value: Option<u64>,
@@ -127,6 +131,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
             index,
             ctx: VcpuContext::default(),
             cache,
+            slots: None,
             pending_mmio: None,
             pending_mmio_value: None,
         }
@@ -262,6 +267,23 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
     /// `vm` is the run loop's reference to this vCPU's VM: the fault path
     /// takes no reference of its own (a shared refcount every vCPU would
     /// bounce on each fault).
+    /// The memslot holding `ipa`, from this vCPU's copy of the memslots,
+    /// refreshed under the memslots lock only when a memslot change bumped
+    /// the generation: the fault path writes nothing other vCPUs share. As
+    /// with a copy taken under the lock, a slot deleted or moved after the
+    /// invalidation sequence was sampled makes the fault retry.
+    fn slot_of(&mut self, vm: &Vm<P, M>, ipa: Ipa) -> Option<Memslot> {
+        let gen = vm.slots_gen.load(Ordering::Acquire);
+        if self.slots.as_ref().map(|(g, _)| *g) != Some(gen) {
+            let slots = vm.slots.read();
+            // Stable while the read lock is held (changes bump it under
+            // the write lock).
+            let gen = vm.slots_gen.load(Ordering::Acquire);
+            self.slots = Some((gen, slots.clone()));
+        }
+        self.slots.as_ref().and_then(|(_, s)| s.find(ipa).copied())
+    }
+
     fn handle_abort<B: VcpuBackend>(
         &mut self,
         vm: &Vm<P, M>,
@@ -272,7 +294,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         // The invalidation sequence is sampled before the memslot lookup:
         // a slot deleted after this point bumps it (see Vm::invalidate_ipa).
         let seq = vm.mmu.seq();
-        let slot = vm.slots.read().find(fault.ipa).copied();
+        let slot = self.slot_of(vm, fault.ipa);
         match pipeline::classify(fault, vm.geometry().ipa_size(), slot.as_ref()) {
             Route::InjectAbort => {
                 vm.stats.add(Some(self.index), Stat::InjectedAborts, 1);

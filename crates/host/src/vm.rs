@@ -268,6 +268,10 @@ pub struct Vm<P: HostPlatform, M: ProcessMemory> {
     /// Host VMID (standard mode).
     pub(crate) vmid: Option<Vmid>,
     pub(crate) slots: RwSpinLock<Memslots>,
+    /// Bumped (under the memslots write lock) by every memslot change, so
+    /// a vCPU can keep its own copy of the memslots and take the lock only
+    /// when they changed (the role SRCU plays for KVM's memslots).
+    pub(crate) slots_gen: AtomicU64,
     pub(crate) mmu: Mmu<M::Pin>,
     pub(crate) vcpus: Vec<VcpuShared>,
     pub(crate) hyp: Option<HypVm>,
@@ -347,6 +351,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             geo,
             vmid,
             slots: RwSpinLock::new(Memslots::new(), LockClass::HostSlots),
+            slots_gen: AtomicU64::new(0),
             mmu: Mmu::new(state),
             vcpus,
             hyp,
@@ -452,6 +457,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
             // can see its new flags.
             self.dirty.prepare(&change);
             slots.apply(change);
+            self.slots_gen.fetch_add(1, Ordering::Release);
             change
         };
         if let SlotChange::Delete(old) | SlotChange::Move { old, .. } = change {
