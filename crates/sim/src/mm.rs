@@ -395,6 +395,14 @@ fn folio_size(vma: &Vma, folios: &BTreeMap<u64, Folio>, hva: Hva) -> PageSize {
     }
 }
 
+/// The folio covering `hva`, for update.
+fn find_mut(folios: &mut BTreeMap<u64, Folio>, hva: u64) -> Option<(&u64, &mut Folio)> {
+    folios
+        .range_mut(..=hva)
+        .next_back()
+        .filter(|(s, f)| hva < **s + f.size.bytes())
+}
+
 fn find(folios: &BTreeMap<u64, Folio>, hva: u64) -> Option<(u64, Folio)> {
     folios
         .range(..=hva)
@@ -713,12 +721,13 @@ impl ProcessMm {
             if node.dead.load(Ordering::Acquire) {
                 return Err(MmError::NoVma(hva));
             }
-            if let Some((start, f)) = find(&folios, hva.0) {
+            if let Some((&start, f)) = find_mut(&mut folios, hva.0) {
                 if f.busy {
                     folios = shard.wait(folios);
                     continue;
                 }
-                return Ok(self.pin_folio(&mut folios, vma, hva, start, f));
+                f.young = true;
+                return Ok(self.pin_folio(vma, hva, start, *f));
             }
             let size = folio_size(vma, &folios, hva);
             // Allocate and fill the frame without the VMA's lock, so faults
@@ -726,7 +735,10 @@ impl ProcessMm {
             drop(folios);
             let (start, pa, size) = self.new_folio(vma, hva, size)?;
             folios = shard.lock();
-            self.install_folio(node, &mut folios, start, pa, size);
+            if let Some(f) = self.install_folio(node, &mut folios, start, pa, size) {
+                // Installed (young) and covering `hva`: pin it right away.
+                return Ok(self.pin_folio(vma, hva, start, f));
+            }
         }
     }
 
@@ -758,20 +770,11 @@ impl ProcessMm {
         Ok(FaultVma::Folios(node))
     }
 
-    /// Pins the resident folio `f` at `start` (under its VMA's folio lock)
-    /// and marks it young.
-    fn pin_folio(
-        &self,
-        folios: &mut BTreeMap<u64, Folio>,
-        vma: &Vma,
-        hva: Hva,
-        start: u64,
-        f: Folio,
-    ) -> Pin {
+    /// Pins the resident folio `f` at `start`. Called with its shard's lock
+    /// held (a reclaim checks the pin count under that lock); the caller
+    /// has marked it young.
+    fn pin_folio(&self, vma: &Vma, hva: Hva, start: u64, f: Folio) -> Pin {
         self.core.pin_word(f.pa).fetch_add(1, Ordering::AcqRel);
-        if let Some(x) = folios.get_mut(&start) {
-            x.young = true;
-        }
         Pin {
             core: Some(self.core.clone()),
             hva,
@@ -815,7 +818,7 @@ impl ProcessMm {
         start: u64,
         pa: Pa,
         size: PageSize,
-    ) {
+    ) -> Option<Folio> {
         let taken = folios
             .range(..start + size.bytes())
             .next_back()
@@ -825,19 +828,19 @@ impl ProcessMm {
             if let Err(e) = frames.free(pa, size.order()) {
                 debug_assert!(false, "freeing an unused fresh frame failed: {e}");
             }
-            return;
+            return None;
         }
         self.swap_in(&node.vma, start, pa, size);
         self.core.allocated.add(size.bytes() / PAGE_SIZE);
-        folios.insert(
-            start,
-            Folio {
-                pa,
-                size,
-                young: false,
-                busy: false,
-            },
-        );
+        // Young: the fault installing it is an access.
+        let f = Folio {
+            pa,
+            size,
+            young: true,
+            busy: false,
+        };
+        folios.insert(start, f);
+        Some(f)
     }
 
     /// Fills a newly allocated folio with its initial contents: zeroes, or
