@@ -566,7 +566,7 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
         format!("{g}physical timer spinning: 50 interrupts, 0 early or wrong"),
         format!("{g}masked virtual timer (ISTATUS 1) does not fire in 3x its deadline: got 30 (want 30)"),
         format!("{g}masked physical timer (ISTATUS 1) does not fire in 3x its deadline: got 27 (want 27)"),
-        format!("{g}WFI throughput: "),
+        format!("{g}WFI throughput with vCPU 1 in WFI: median "),
         format!("{g}latency: 200 SGI round trips, each answered (0 wrong)"),
         format!(
             "{g}IPIs: {vcpus} vCPUs, {rounds} rounds of every pair, {} SGIs in",

@@ -19,8 +19,8 @@
 //!    other one, unmasked and 3x later, does.
 //! 3. WFI throughput: vCPU 0 counts loop iterations over a fixed counter
 //!    interval alone, then with vCPU 1 in WFI with nothing pending (on the
-//!    same physical CPU in the 2-on-1 tier): at least [`MIN_RATIO`] per
-//!    mille of the solo count.
+//!    same physical CPU in the 2-on-1 tier), [`PAIRS`] times: the median
+//!    ratio at least [`MIN_RATIO`] per mille.
 //! 4. Latency: SGI round trip to vCPU 1 and back, and timer wakeup (WFI),
 //!    medians in ns (`lat:` lines, compared with a bare QEMU run).
 //! 5. IPIs between every pair of the VM's vCPUs (as many as PSCI
@@ -63,6 +63,8 @@ const SAMPLES: usize = 50;
 const LATE_MAX_US: u64 = 2000;
 /// WFI throughput: the least per mille of the solo count.
 const MIN_RATIO: u64 = 900;
+/// Solo / shared throughput measurements.
+const PAIRS: usize = 9;
 /// SGI round trips measured.
 const RTT_ROUNDS: usize = 200;
 /// SGIs of the latency ping-pong and of the WFI wakeup.
@@ -461,19 +463,15 @@ fn timers() -> (u64, u64) {
 
 // ---- 3. WFI throughput, 4. latency ----
 
-/// Loop iterations in 5 ms of the virtual counter (best of 10: the
-/// counter runs on while the host deschedules QEMU).
+/// Loop iterations in 30 ms of the virtual counter: three of pkvm-rs's
+/// 10 ms time slices, so a vCPU that spun in its WFI would take its share.
 fn count() -> u64 {
-    let mut best = 0;
-    for _ in 0..10 {
-        let end = vct() + freq() / 200;
-        let mut n = 0u64;
-        while vct() < end {
-            n += 1;
-        }
-        best = best.max(n);
+    let end = vct() + freq() * 3 / 100;
+    let mut n = 0u64;
+    while vct() < end {
+        n += 1;
     }
-    best
+    n
 }
 
 fn start(role: u32, index: usize) -> bool {
@@ -497,19 +495,28 @@ fn wait_off(index: usize) {
     }
 }
 
+/// [`PAIRS`] times: a count alone, then one with vCPU 1 in WFI; the
+/// median of the pairs' ratios (the host of a QEMU run is shared: pairs
+/// taken close together see the same load).
 fn wfi_throughput() -> u64 {
-    let solo = count();
-    if !start(ROLE_IDLE_WFI, 1) {
-        return check(format_args!("CPU_ON of vCPU 1"), false);
+    let mut ratios = [0u64; PAIRS];
+    for r in ratios.iter_mut() {
+        let solo = count();
+        if !start(ROLE_IDLE_WFI, 1) {
+            return check(format_args!("CPU_ON of vCPU 1"), false);
+        }
+        wait_for(&READY, 1);
+        let shared = count();
+        sgi(SGI_WAKE, 1);
+        wait_off(1);
+        *r = shared * 1000 / solo.max(1);
     }
-    wait_for(&READY, 1);
-    let shared = count();
-    sgi(SGI_WAKE, 1);
-    wait_off(1);
-    let ratio = shared * 1000 / solo.max(1);
+    let all = ratios;
+    sort(&mut ratios);
+    let med = ratios[PAIRS / 2];
     check(
-        format_args!("WFI throughput: {shared} iterations with vCPU 1 in WFI, {solo} alone: {ratio} per mille (at least {MIN_RATIO})"),
-        ratio >= MIN_RATIO,
+        format_args!("WFI throughput with vCPU 1 in WFI: median {med} per mille of the solo count (at least {MIN_RATIO}); pairs {all:?}"),
+        med >= MIN_RATIO,
     )
 }
 
