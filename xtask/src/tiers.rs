@@ -554,9 +554,10 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
 fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuTest {
     let g = "[guest guest vcpu 0] irq: ok: ";
     let mut markers = vec![
+        format!("{g}EOImode 0: EOIR1 deactivates: re-pended SGI 8 taken (IAR1 8)"),
         format!("{g}EOImode 1: after EOIR1 SGI 8 stays active: re-pended, not taken (IAR1 1023)"),
         format!("{g}EOImode 1: after DIR SGI 8 is taken again (IAR1 8)"),
-        format!("{g}EOImode 0: EOIR1 deactivates: re-pended SGI 8 taken (IAR1 8)"),
+        format!("{g}EOImode 1 after the drop: ISACTIVER0 1 ISPENDR0 1 (IAR1 8, 1023); ICACTIVER0 deactivates (8); then 0 0 (1023)"),
         format!("{g}priority: higher SGI 10 (0x40) preempts SGI 9 (IAR1 10)"),
         format!("{g}EOImode 1: SGI 11 waits while 9 runs (9, 1023) and is taken after 9's priority drop"),
         format!("{g}virtual timer in WFI: 50 interrupts, 0 early or wrong"),

@@ -11,7 +11,9 @@
 //!    deactivates. Priority: a higher-priority SGI preempts an active one,
 //!    an equal or lower one does not (running priority), `ICC_PMR_EL1`
 //!    masks, and a priority drop (EOImode 1) lets the lower one in while
-//!    the first is still active.
+//!    the first is still active. With EOImode 1 the redistributor shows the
+//!    dropped SGI active and the re-pended one pending, and a write to
+//!    `GICR_ICACTIVER0` deactivates it like `DIR`.
 //! 2. Timers: [`SAMPLES`] interrupts of the virtual (PPI 27) and the
 //!    emulated physical (PPI 30) timer, waiting in WFI and spinning; each
 //!    must come after its deadline and within [`LATE_MAX_US`] of it (max
@@ -331,11 +333,43 @@ fn pmr_and_drop() -> u64 {
     bad
 }
 
+/// This vCPU's `GICR_ISACTIVER0`/`ISPENDR0` bit of `intid` (SGI frame).
+fn rd_bit(reg: usize, intid: u64) -> u32 {
+    (guest_rt::read32(GICR + SGI_BASE + reg) >> intid) & 1
+}
+
+/// EOImode 1 with the active state seen and cleared through the
+/// redistributor: `GICR_ISACTIVER0` shows SGI 8 active after the priority
+/// drop (and `ISPENDR0` the re-pended one); a write to `GICR_ICACTIVER0`
+/// deactivates it like `DIR`, so the pending one is taken.
+fn active_via_mmio() -> u64 {
+    let ctlr = rd!("icc_ctlr_el1") & !2;
+    wr!("icc_ctlr_el1", ctlr | 2);
+    sgi(8, 0);
+    let first = wait_ack();
+    eoi(8);
+    sgi(8, 0);
+    let (act, pend) = (rd_bit(0x300, 8), rd_bit(0x200, 8));
+    let blocked = ack();
+    mmio_wr(GICR + SGI_BASE + 0x380, 1 << 8);
+    let after = ack();
+    eoi(8);
+    dir(8);
+    let (act2, pend2) = (rd_bit(0x300, 8), rd_bit(0x200, 8));
+    let rest = ack();
+    wr!("icc_ctlr_el1", ctlr);
+    check(
+        format_args!("EOImode 1 after the drop: ISACTIVER0 {act} ISPENDR0 {pend} (IAR1 {first}, {blocked}); ICACTIVER0 deactivates ({after}); then {act2} {pend2} ({rest})"),
+        first == 8 && act == 1 && pend == 1 && blocked == SPURIOUS && after == 8
+            && act2 == 0 && pend2 == 0 && rest == SPURIOUS,
+    )
+}
+
 fn active_priority() -> u64 {
     for (i, p) in [(8, 0x80), (9, 0x80), (10, 0x40), (11, 0xa0), (15, 0x80)] {
         set_priority(0, i, p);
     }
-    eoimode(0) + eoimode(1) + preemption() + pmr_and_drop()
+    eoimode(0) + eoimode(1) + active_via_mmio() + preemption() + pmr_and_drop()
 }
 
 // ---- 2. Timers ----
