@@ -560,6 +560,8 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
         format!("{g}EOImode 1 after the drop: ISACTIVER0 1 ISPENDR0 1 (IAR1 8, 1023); ICACTIVER0 deactivates (8); then 0 0 (1023)"),
         format!("{g}priority: higher SGI 10 (0x40) preempts SGI 9 (IAR1 10)"),
         format!("{g}EOImode 1: SGI 11 waits while 9 runs (9, 1023) and is taken after 9's priority drop"),
+        format!("{g}virtual timer level still high after EOI: taken again (27, 27), masked: gone (1023)"),
+        format!("{g}physical timer level still high after EOI: taken again (30, 30), masked: gone (1023)"),
         format!("{g}virtual timer in WFI: 50 interrupts, 0 early or wrong"),
         format!("{g}virtual timer in WFI: late by median "),
         format!("{g}virtual timer spinning: 50 interrupts, 0 early or wrong"),

@@ -18,7 +18,8 @@
 //!    emulated physical (PPI 30) timer, waiting in WFI and spinning; each
 //!    must come after its deadline and within [`LATE_MAX_US`] of it (max
 //!    and median printed). A masked timer (IMASK) does not fire while the
-//!    other one, unmasked and 3x later, does.
+//!    other one, unmasked and 3x later, does. A timer left firing (not
+//!    masked) is taken again after its EOI (the level is re-sampled).
 //! 3. WFI throughput: vCPU 0 counts loop iterations over a fixed counter
 //!    interval alone, then with vCPU 1 in WFI with nothing pending (on the
 //!    same physical CPU in the 2-on-1 tier), [`PAIRS`] times: the median
@@ -479,8 +480,27 @@ fn masked_timer(virt: bool) -> u64 {
     )
 }
 
+/// A level interrupt is re-sampled: a timer whose condition still holds
+/// after the EOI (not masked) is taken again at once; masked, it is gone.
+fn level_resampled(virt: bool) -> u64 {
+    let ppi = if virt { PPI_VTIMER } else { PPI_PTIMER };
+    timer_arm(virt, 0, 1);
+    let first = wait_ack();
+    eoi(first);
+    let again = wait_ack();
+    timer_arm(virt, 0, 3);
+    eoi(again);
+    let gone = ack();
+    timer_arm(virt, 0, 0);
+    let name = if virt { "virtual" } else { "physical" };
+    check(
+        format_args!("{name} timer level still high after EOI: taken again ({first}, {again}), masked: gone ({gone})"),
+        first == ppi && again == ppi && gone == SPURIOUS,
+    )
+}
+
 fn timers() -> (u64, u64) {
-    let mut bad = 0;
+    let mut bad = level_resampled(true) + level_resampled(false);
     let mut wfi_med = 0;
     for virt in [true, false] {
         for spin in [false, true] {
