@@ -562,6 +562,7 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
         format!("{g}EOImode 1: SGI 11 waits while 9 runs (9, 1023) and is taken after 9's priority drop"),
         format!("{g}virtual timer level still high after EOI: taken again (27, 27), masked: gone (1023)"),
         format!("{g}physical timer level still high after EOI: taken again (30, 30), masked: gone (1023)"),
+        format!("{g}virtual timer masked while active (ISPENDR0 1), then EOI'd: not taken again (27, then 1023)"),
         format!("{g}virtual timer in WFI: 50 interrupts, 0 early or wrong"),
         format!("{g}virtual timer in WFI: late by median "),
         format!("{g}virtual timer spinning: 50 interrupts, 0 early or wrong"),

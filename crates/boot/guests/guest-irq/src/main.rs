@@ -499,8 +499,30 @@ fn level_resampled(virt: bool) -> u64 {
     )
 }
 
+/// A level interrupt's pending state follows its line while it is active:
+/// the virtual timer fires, is acknowledged (active), an exit (a trapped
+/// `GICR_ISPENDR0` read) sees it active and pending (line high); the guest
+/// masks the timer (not trapped: the line drops) and EOIs: nothing may be
+/// pending then.
+fn level_drops_while_active() -> u64 {
+    timer_arm(true, 0, 1);
+    let first = wait_ack();
+    let pend = rd_bit(0x200, PPI_VTIMER);
+    timer_arm(true, 0, 3);
+    eoi(first);
+    let stale = ack();
+    if stale != SPURIOUS {
+        eoi(stale);
+    }
+    timer_arm(true, 0, 0);
+    check(
+        format_args!("virtual timer masked while active (ISPENDR0 {pend}), then EOI'd: not taken again ({first}, then {stale})"),
+        first == PPI_VTIMER && pend == 1 && stale == SPURIOUS,
+    )
+}
+
 fn timers() -> (u64, u64) {
-    let mut bad = level_resampled(true) + level_resampled(false);
+    let mut bad = level_resampled(true) + level_resampled(false) + level_drops_while_active();
     let mut wfi_med = 0;
     for virt in [true, false] {
         for spin in [false, true] {
