@@ -25,6 +25,7 @@ pub const GUESTS: &[&str] = &[
     "guest-reset",
     "guest-sysreg",
     "guest-gic",
+    "guest-irq",
 ];
 
 /// The image package and binary name.

@@ -20,6 +20,7 @@
 mod asm;
 mod elf;
 mod image;
+mod latency;
 mod prereq;
 mod qemu;
 mod tiers;
@@ -51,6 +52,9 @@ enum Cmd {
     Run(RunArgs),
     /// Build the guests and the EL2 image only; print the image path.
     Build,
+    /// Run the interrupt guest under pkvm-rs and bare on QEMU's own
+    /// GICv3; print SGI round-trip and timer-wakeup medians and ratios.
+    IrqLatency,
 }
 
 /// Options of `cargo xtask run`.
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Test { only, verbose } => tiers::run_all(only.as_deref(), verbose),
         Cmd::Run(args) => run(&args),
+        Cmd::IrqLatency => latency::run(),
         Cmd::Build => prereq::ensure(true)
             .and_then(|()| image::build_all())
             .map(|img| {

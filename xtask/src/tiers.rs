@@ -470,6 +470,9 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
         },
         gic_test("qemu:gic-timer-sgi-2on2", 2),
         gic_test("qemu:gic-timer-sgi-2on1", 1),
+        irq_test("qemu:irq-eoi-timers-wfi-2on1", 2, 1, 1000),
+        irq_test("qemu:irq-ipi-pairs-4on4", 4, 4, 1000),
+        irq_test("qemu:irq-ipi-pairs-8on2", 8, 2, 1000),
         QemuTest {
             name: "qemu:external-guest-all-vcpus-off",
             spec: RunSpec {
@@ -541,6 +544,60 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
             "vm guest: powered off (PSCI SYSTEM_OFF)",
             "scenario guest: PASS",
         ]),
+    }
+}
+
+/// The interrupt guest (guest-irq) with `vcpus` vCPUs on `cpus` physical
+/// CPUs: EOImode 0/1 and preemption, timer interrupts after and near their
+/// deadlines (WFI and spinning), masked timers, WFI throughput, and 1,000
+/// `rounds` of IPIs between every pair of vCPUs, each received once.
+fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuTest {
+    let g = "[guest guest vcpu 0] irq: ok: ";
+    let mut markers = vec![
+        format!("{g}EOImode 0: EOIR1 deactivates: re-pended SGI 8 taken (IAR1 8)"),
+        format!("{g}EOImode 1: after EOIR1 SGI 8 stays active: re-pended, not taken (IAR1 1023)"),
+        format!("{g}EOImode 1: after DIR SGI 8 is taken again (IAR1 8)"),
+        format!("{g}EOImode 1 after the drop: ISACTIVER0 1 ISPENDR0 1 (IAR1 8, 1023); ICACTIVER0 deactivates (8); then 0 0 (1023)"),
+        format!("{g}priority: higher SGI 10 (0x40) preempts SGI 9 (IAR1 10)"),
+        format!("{g}EOImode 1: SGI 11 waits while 9 runs (9, 1023) and is taken after 9's priority drop"),
+        format!("{g}virtual timer level still high after EOI: taken again (27, 27), masked: gone (1023)"),
+        format!("{g}physical timer level still high after EOI: taken again (30, 30), masked: gone (1023)"),
+        format!("{g}virtual timer masked while active (ISPENDR0 1), then EOI'd: not taken again (27, then 1023)"),
+        format!("{g}virtual timer in WFI: 50 interrupts, 0 early or wrong"),
+        format!("{g}virtual timer in WFI: late by median "),
+        format!("{g}virtual timer spinning: 50 interrupts, 0 early or wrong"),
+        format!("{g}physical timer in WFI: 50 interrupts, 0 early or wrong"),
+        format!("{g}physical timer spinning: 50 interrupts, 0 early or wrong"),
+        format!("{g}masked virtual timer (ISTATUS 1) does not fire in 3x its deadline: got 30 (want 30)"),
+        format!("{g}masked physical timer (ISTATUS 1) does not fire in 3x its deadline: got 27 (want 27)"),
+        format!("{g}WFI throughput with vCPU 1 in WFI: median "),
+        format!("{g}latency: 200 SGI round trips, each answered (0 wrong)"),
+        format!(
+            "{g}IPIs: {vcpus} vCPUs, {rounds} rounds of every pair, {} SGIs in",
+            vcpus * (vcpus - 1) * rounds
+        ),
+        "[guest guest vcpu 0] irq: all checks passed".to_string(),
+    ];
+    markers.extend(strings(&[
+        "vm guest: powered off (PSCI SYSTEM_OFF)",
+        "scenario guest: PASS",
+    ]));
+    QemuTest {
+        name,
+        spec: RunSpec {
+            scenario: "guest".into(),
+            guest: Some(
+                image::boot_target_dir()
+                    .join("guests")
+                    .join("guest-irq.bin"),
+            ),
+            smp: vcpus as u32,
+            mem_mib: 32,
+            append: format!("ipi-rounds={rounds}"),
+            host_cpus: cpus,
+        },
+        exit_code: 0,
+        markers,
     }
 }
 

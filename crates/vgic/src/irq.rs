@@ -182,8 +182,19 @@ impl Irq {
 
     /// Moves the pending latch and active state into a list register of
     /// `vcpu`; returns the (pending, active) state to load.
+    ///
+    /// An active level-sensitive interrupt pending only by its line is
+    /// loaded active, not pending and active: the guest can drop the line
+    /// without an exit (masking its virtual timer), and a list register's
+    /// pending copy would then outlive it and be taken after the EOI. The
+    /// list register's EOI maintenance interrupt brings the guest out at the
+    /// deactivate, when [`Vgic::sync_from_lrs`] samples the line again.
+    ///
+    /// [`Vgic::sync_from_lrs`]: crate::Vgic::sync_from_lrs
     pub(crate) fn load_lr(&mut self, vcpu: usize) -> (bool, bool) {
-        let state = (self.pending(), self.active());
+        let by_line_only = !self.edge() && !self.has(LATCH);
+        let pending = self.pending() && !(self.active() && by_line_only);
+        let state = (pending, self.active());
         let latch = self.has(LATCH);
         self.put(LR_LATCH, latch);
         self.put(LR_ACTIVE, state.1);

@@ -152,6 +152,41 @@ fn list_register_round_trip_resamples_a_level_line_after_the_guest_deactivates()
 }
 
 #[test]
+fn active_level_interrupt_is_loaded_without_its_line_pending_so_a_dropped_line_is_not_taken() {
+    let mut v = vgic(1, 0, 1 << 27);
+    let vtimer = Line::Ppi { vcpu: 0, intid: 27 };
+    v.set_level(vtimer, true).unwrap();
+    let mut lrs = [ListRegister::default(); 2];
+    assert_eq!(v.flush_lrs(0, &mut lrs).used, 1);
+    // The guest acknowledges; an exit follows with the line still high.
+    lrs[0].state = LrState::Active;
+    v.sync_from_lrs(0, &lrs[..1]);
+    assert_eq!(v.mmio_read(sgi_frame(0) + 0x200, 4), Ok(1 << 27), "pending");
+    assert_eq!(v.mmio_read(sgi_frame(0) + 0x300, 4), Ok(1 << 27), "active");
+    assert_eq!(v.flush_lrs(0, &mut lrs).used, 1);
+    assert_eq!(
+        (lrs[0].vintid, lrs[0].state),
+        (27, LrState::Active),
+        "not pending and active: the line may drop without an exit"
+    );
+    assert!(lrs[0].eoi_maintenance, "the deactivate resamples the line");
+    // The guest masks its timer (no exit) and deactivates.
+    v.set_level(vtimer, false).unwrap();
+    lrs[0].state = LrState::Invalid;
+    v.sync_from_lrs(0, &lrs[..1]);
+    assert_eq!(v.highest_pending(0), None);
+    // With the line still high at the deactivate it is pending again.
+    v.set_level(vtimer, true).unwrap();
+    assert_eq!(v.flush_lrs(0, &mut lrs).used, 1);
+    lrs[0].state = LrState::Active;
+    v.sync_from_lrs(0, &lrs[..1]);
+    assert_eq!(v.flush_lrs(0, &mut lrs).used, 1);
+    lrs[0].state = LrState::Invalid;
+    assert_eq!(v.sync_from_lrs(0, &lrs[..1]).bits(), 1 << 0, "kick");
+    assert_eq!(v.highest_pending(0), Some(27));
+}
+
+#[test]
 fn edge_arriving_while_the_guest_holds_it_active_makes_it_active_and_pending() {
     let mut v = vgic(2, 1 << 8, 0); // SPI 40
     v.mmio_write(GICD + 0xc08, 4, 1 << 17).unwrap(); // SPI 40 edge

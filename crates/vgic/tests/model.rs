@@ -146,7 +146,10 @@ impl Reference {
             .chain(pending)
             .map(|i| {
                 let r = self.get(vcpu, i);
-                (i, LrState::new(r.pending(), r.active), r.group1, r.priority)
+                // An active level interrupt's line is not loaded as
+                // pending: its deactivate (EOI maintenance) resamples it.
+                let pending = r.latch || (!r.edge && r.line && !r.active);
+                (i, LrState::new(pending, r.active), r.group1, r.priority)
             })
             .collect()
     }
