@@ -4,7 +4,7 @@
 //!   the EL2 image build + clippy, QEMU integration tests) and ends with the
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
-//! - `cargo xtask run [--guest FILE] [--append ARGS] [--smp N] [--mem MIB]
+//! - `cargo xtask run [--guest FILE] [--initrd FILE] [--append ARGS] [--smp N] [--mem MIB]
 //!   [--cpus N] [--scenario NAME] [--timeout SECS]`
 //!   checks its arguments and the guest file, checks and installs
 //!   prerequisites, builds the guest payloads and the EL2 image, boots it
@@ -20,6 +20,8 @@
 mod asm;
 mod elf;
 mod image;
+mod initramfs;
+mod linux;
 mod prereq;
 mod qemu;
 mod tiers;
@@ -51,6 +53,17 @@ enum Cmd {
     Run(RunArgs),
     /// Build the guests and the EL2 image only; print the image path.
     Build,
+    /// Write the test initramfs (newc cpio: a static arm64 busybox and an
+    /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
+    /// powers off; `pkvm.shell` on the command line leaves a shell).
+    Initramfs {
+        /// The static arm64 busybox binary.
+        #[arg(long)]
+        busybox: PathBuf,
+        /// The archive to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Options of `cargo xtask run`.
@@ -61,6 +74,11 @@ pub struct RunArgs {
     /// before QEMU starts.
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// An initrd / initramfs for the `--guest` kernel: loaded into guest
+    /// RAM after the kernel, announced in `/chosen` (`linux,initrd-start`,
+    /// `linux,initrd-end`); checked against `--mem` before QEMU starts.
+    #[arg(long, requires = "guest")]
+    pub initrd: Option<PathBuf>,
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,
@@ -117,6 +135,7 @@ fn main() -> ExitCode {
                 println!("{}", img.image.display());
                 0
             }),
+        Cmd::Initramfs { busybox, out } => initramfs::write(&busybox, &out).map(|()| 0),
     };
     match res {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

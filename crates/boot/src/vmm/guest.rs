@@ -136,6 +136,9 @@ pub struct VmSpec<'a> {
     pub vcpus: usize,
     /// Device tree command line (`Some`: generate a DTB, x0 = its IPA).
     pub dtb_bootargs: Option<&'a str>,
+    /// An initrd and its offset in RAM (after the image, below the device
+    /// tree; announced in the device tree, written again at each reset).
+    pub initrd: Option<(ImageSource, u64)>,
     /// A protected VM (protected mode only).
     pub protected: bool,
     /// A region of RAM (IPA, bytes; 2M aligned) in a memslot of its own,
@@ -235,6 +238,8 @@ pub struct GuestVm {
     image: ImageSource,
     /// The generated device tree (IPA, blob), written again at each reset.
     dtb: Option<(u64, Vec<u8>)>,
+    /// The initrd and its IPA, written again at each reset.
+    initrd: Option<(ImageSource, u64)>,
     /// How vCPU 0 starts, at creation and after each system reset.
     boot: BootParams,
     /// System resets done (restarts from the entry point).
@@ -286,6 +291,17 @@ fn check_spec(spec: &VmSpec<'_>) -> Result<(), VmmError> {
         .and_then(|e| e.checked_add(dtb_reserve));
     if image_end.is_none_or(|e| e > spec.mem) {
         return Err(VmmError::ImageTooBig);
+    }
+    if let Some((img, off)) = spec.initrd {
+        let kernel_end = spec.load_offset + spec.image.len();
+        let end = off
+            .checked_add(img.len())
+            .and_then(|e| e.checked_add(DTB_RESERVE));
+        if spec.dtb_bootargs.is_none() || off < kernel_end || end.is_none_or(|e| e > spec.mem) {
+            return Err(VmmError::BadConfig(
+                "initrd must lie after the image, below the device tree",
+            ));
+        }
     }
     let ram_end = GUEST_RAM + spec.mem;
     if let Some((t, n)) = spec.touch {
@@ -387,6 +403,7 @@ pub fn create(
         entry: GUEST_RAM + spec.load_offset,
         image: spec.image,
         dtb: None,
+        initrd: spec.initrd.map(|(img, off)| (img, GUEST_RAM + off)),
         boot: BootParams::default(),
         resets: AtomicU32::new(0),
         reports: SpinLock::new([None; code::COUNT], LockClass::Leaf),
@@ -466,10 +483,19 @@ impl GuestVm {
             return Ok(());
         };
         let mut blob = [0u8; 8192];
-        let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, spec.mem, spec.vcpus, bootargs)
+        let initrd = self.initrd.map(|(img, ipa)| (ipa, ipa + img.len()));
+        let (mem, vcpus) = (spec.mem, spec.vcpus);
+        let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, mem, vcpus, bootargs, initrd)
             .map_err(|_| VmmError::BadConfig("device tree too big (command line?)"))?;
-        fdtgen::verify(&blob[..n], GUEST_RAM, spec.mem, spec.vcpus, bootargs)
+        fdtgen::verify(&blob[..n], GUEST_RAM, mem, vcpus, bootargs, initrd)
             .map_err(VmmError::BadConfig)?;
+        if let Some((start, end)) = initrd {
+            println!(
+                "vm {}: initrd at IPA {start:#x}..{end:#x} ({} bytes)",
+                spec.name,
+                end - start
+            );
+        }
         let dtb_ipa = GUEST_RAM + spec.mem - BLOCK;
         println!(
             "vm {}: device tree at IPA {dtb_ipa:#x} ({n} bytes, {} vCPUs, bootargs \"{bootargs}\"), checked with the fdt crate",
@@ -483,6 +509,9 @@ impl GuestVm {
     /// and at each system reset. Nothing else in guest RAM is touched.
     fn load(&self) -> Result<(), VmmError> {
         self.image.with(|img| self.write_guest(self.entry, img))?;
+        if let Some((img, ipa)) = &self.initrd {
+            img.with(|b| self.write_guest(*ipa, b))?;
+        }
         if let Some((ipa, blob)) = &self.dtb {
             self.write_guest(*ipa, blob)?;
         }

@@ -258,6 +258,7 @@ fn builtin(
         load_offset: 0,
         vcpus: 1,
         dtb_bootargs: None,
+        initrd: None,
         protected,
         touch,
         x0: None,
@@ -667,6 +668,18 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         }
     };
     let load_offset = layout.load_offset;
+    let initrd = match h.initrd {
+        Some((ipa, isize)) => {
+            match pkvm_arch::image::initrd_offset(&layout, isize, mem, guest::DTB_RESERVE) {
+                Ok(off) => Some((ImageSource::Phys(Pa(ipa), isize), off)),
+                Err(e) => {
+                    println!("guest: initrd: {e}");
+                    return (false, 2);
+                }
+            }
+        }
+        None => None,
+    };
     println!(
         "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
         if layout.header.is_some() {
@@ -687,6 +700,7 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         load_offset,
         vcpus,
         dtb_bootargs: Some(h.cmdline()),
+        initrd,
         protected: false,
         touch: None,
         x0: None,
