@@ -712,6 +712,7 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
             return (false, 2);
         }
     };
+    g.claim_input();
     let ran = run_vms(core::slice::from_ref(&g));
     let ok = ran & finish(g);
     (ok, if ok { 0 } else { 1 })
