@@ -8,8 +8,11 @@
 //!   [--cpus N] [--scenario NAME] [--timeout SECS]`
 //!   checks its arguments and the guest file, checks and installs
 //!   prerequisites, builds the guest payloads and the EL2 image, boots it
-//!   under QEMU, streams the console and exits with the image's status
-//!   (non-zero, with a message, if `--timeout` killed QEMU).
+//!   under QEMU, streams the console, prints a one-line verdict
+//!   (`xtask: verdict: ...`: the guest powered off, or why it failed: a
+//!   hypervisor panic, an EL2 exception, a vCPU's internal error, a VM
+//!   that did not power off) and exits 0 only on success (non-zero, with
+//!   a message, if `--timeout` killed QEMU).
 //!
 //! The EL2 image (`crates/boot`) is its own cargo workspace for
 //! `aarch64-unknown-none`; xtask builds it with cargo run from that
@@ -153,6 +156,8 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
     prereq::ensure(true)?;
     let img = image::build_all()?;
     let out = qemu::boot(&img.image, &spec, qemu::Console::Stream, timeout)?;
+    let (ok, line) = qemu::verdict(&spec, &out);
+    println!("{line}");
     if out.timed_out {
         anyhow::bail!(
             "QEMU killed after {:.0?} (--timeout {}): the guest did not finish; \
@@ -161,5 +166,9 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
             timeout.map_or(0, |t| t.as_secs())
         );
     }
-    Ok(out.exit_code.unwrap_or(1))
+    Ok(match (ok, out.exit_code) {
+        (true, _) => 0,
+        (false, Some(c)) if c != 0 => c,
+        (false, _) => 1,
+    })
 }

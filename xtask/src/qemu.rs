@@ -646,6 +646,53 @@ pub fn check(t: &QemuTest, o: &Outcome) -> Result<()> {
     }
 }
 
+/// The one-line verdict of `cargo xtask run`: (success, line). Success
+/// is QEMU's exit status 0 with the image's `scenario NAME: PASS` (for a
+/// `--guest`: the guest powered off with PSCI SYSTEM_OFF); otherwise the
+/// line names the first cause the console shows (a hypervisor panic, an
+/// EL2 exception, a vCPU's internal error, how the guest ended), only from
+/// the hypervisor's own lines (a guest cannot fake them).
+pub fn verdict(spec: &RunSpec, o: &Outcome) -> (bool, String) {
+    let who = if spec.guest.is_some() {
+        "guest".to_string()
+    } else {
+        format!("scenario {}", spec.scenario)
+    };
+    let find = |m: &str| hypervisor_lines(&o.console).find(|l| l.contains(m));
+    let pass = format!("scenario {}: PASS", spec.scenario);
+    if o.exit_code == Some(0) && find(&pass).is_some() {
+        let how = if spec.guest.is_some() {
+            "powered off (PSCI SYSTEM_OFF)"
+        } else {
+            "PASS"
+        };
+        return (true, format!("xtask: verdict: {who} {how}, exit 0"));
+    }
+    let cause = if let Some(l) = find("PANIC on CPU") {
+        format!("hypervisor panic: {}", l.trim())
+    } else if let Some(l) = find("EL2 exception") {
+        format!("unhandled EL2 exception: {}", l.trim())
+    } else if let Some(l) = find(": vCPU ").filter(|l| l.contains(" stopped: ")) {
+        format!("internal error: {}", l.trim())
+    } else if let Some(l) = find(": ended: ") {
+        format!("the VM did not power off: {}", l.trim())
+    } else if o.timed_out {
+        "QEMU killed by --timeout".to_string()
+    } else {
+        match o.exit_code {
+            Some(c) => format!("QEMU exit status {c}"),
+            None => "QEMU killed by a signal".to_string(),
+        }
+    };
+    (
+        false,
+        format!(
+            "xtask: verdict: {who} FAILED ({cause}), exit {:?}",
+            o.exit_code
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -861,6 +908,54 @@ mod tests {
         assert!(RunSpec::from_args(&a).is_err());
         assert!(parse(&["--initrd", i]).is_err());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn outcome(code: Option<i32>, console: &str) -> Outcome {
+        Outcome {
+            exit_code: code,
+            console: console.into(),
+            timed_out: false,
+            stopped_at: false,
+            mark_at: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// `cargo xtask run --guest` said PASS (exit 0) for a crashed guest.
+    #[test]
+    fn verdict_fails_on_errors_panics_and_traps_and_passes_system_off() {
+        let spec = RunSpec {
+            scenario: "guest".into(),
+            guest: Some(PathBuf::from("/k")),
+            ..RunSpec::default()
+        };
+        let off = "vm guest: powered off (PSCI SYSTEM_OFF)\nscenario guest: PASS\n";
+        let (ok, line) = verdict(&spec, &outcome(Some(0), off));
+        assert!(ok, "{line}");
+        assert!(line.contains("powered off (PSCI SYSTEM_OFF)"), "{line}");
+        let cases = [
+            (
+                "vm guest: vCPU 0 stopped: Unhandled(..) (PC 0x1)\nvm guest: ended: Some(Error(\"internal error\"))\nscenario guest: FAIL\n",
+                Some(1),
+                "internal error: vm guest: vCPU 0 stopped",
+            ),
+            (
+                "vm guest: ended: Some(Error(\"halted\"))\nscenario guest: FAIL\n",
+                Some(1),
+                "did not power off",
+            ),
+            ("\nPANIC on CPU 1: oops\n", Some(101), "hypervisor panic: PANIC on CPU 1"),
+            ("EL2 exception (vector 3) ESR_EL2=0x0\n", Some(3), "unhandled EL2 exception"),
+            // Exit 0 without the image's PASS line is no success either.
+            ("[guest guest] scenario guest: PASS\n", Some(0), "QEMU exit status 0"),
+        ];
+        for (console, code, want) in cases {
+            let (ok, line) = verdict(&spec, &outcome(code, console));
+            assert!(!ok && line.contains(want), "{console:?}: {line}");
+        }
+        let mut t = outcome(None, "");
+        t.timed_out = true;
+        assert!(verdict(&spec, &t).1.contains("--timeout"));
     }
 
     #[test]
