@@ -4,7 +4,7 @@
 //!   the EL2 image build + clippy, QEMU integration tests) and ends with the
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
-//! - `cargo xtask run [--guest FILE] [--initrd FILE] [--append ARGS] [--smp N] [--mem MIB]
+//! - `cargo xtask run [--guest FILE [--initrd FILE] [--protected]] [--append ARGS] [--smp N] [--mem MIB]
 //!   [--cpus N] [--scenario NAME] [--timeout SECS]`
 //!   checks its arguments and the guest file, checks and installs
 //!   prerequisites, builds the guest payloads and the EL2 image, boots it
@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// `linux,initrd-end`); checked against `--mem` before QEMU starts.
     #[arg(long, requires = "guest")]
     pub initrd: Option<PathBuf>,
+    /// Run the `--guest` as a protected VM (the image in protected mode:
+    /// pkvm-hyp owns the guest's memory, donated on fault).
+    #[arg(long, requires = "guest")]
+    pub protected: bool,
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,

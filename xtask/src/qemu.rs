@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `PKVMHOF1` |
 //! | 8 | 4 | version (1) |
-//! | 12 | 4 | flags (0) |
+//! | 12 | 4 | flags: bit 0 = run the external guest as a protected VM |
 //! | 16 | 32 | scenario name, NUL-padded |
 //! | 48 | 8 | guest load address (0 if none) |
 //! | 56 | 8 | guest size in bytes |
@@ -54,6 +54,8 @@ pub struct RunSpec {
     pub guest: Option<PathBuf>,
     /// Its initrd.
     pub initrd: Option<PathBuf>,
+    /// Run it as a protected VM (pkvm-hyp owns its memory).
+    pub protected: bool,
     /// Guest vCPUs.
     pub smp: u32,
     /// Guest memory in MiB.
@@ -266,6 +268,7 @@ impl RunSpec {
             scenario: scenario.to_string(),
             guest: a.guest.clone(),
             initrd: a.initrd.clone().filter(|_| a.guest.is_some()),
+            protected: a.protected,
             smp,
             mem_mib: a.mem,
             append,
@@ -300,6 +303,7 @@ pub fn handoff_block(spec: &RunSpec, guest_size: u64, initrd_size: u64) -> Vec<u
     let mut b = vec![0u8; 4096];
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[12..16].copy_from_slice(&u32::from(spec.protected && spec.guest.is_some()).to_le_bytes());
     let name = spec.scenario.as_bytes();
     let n = name.len().min(31);
     b[16..16 + n].copy_from_slice(&name[..n]);
@@ -703,6 +707,7 @@ mod tests {
             scenario: "guest".into(),
             guest: Some(PathBuf::from("/x")),
             initrd: Some(PathBuf::from("/y")),
+            protected: false,
             smp: 2,
             mem_mib: 96,
             append: "console=ttyAMA0".into(),

@@ -31,6 +31,8 @@ pub struct Handoff {
     pub cmdline: [u8; 1024],
     /// Its length.
     pub cmdline_len: usize,
+    /// Run the external guest as a protected VM (flags bit 0).
+    pub protected: bool,
     /// The guest's initrd: (physical address, size), on the page after
     /// the guest file, below the pool.
     pub initrd: Option<(u64, u64)>,
@@ -70,6 +72,7 @@ pub fn read() -> Option<Handoff> {
         (ipa == at && isize > 0 && isize <= POOL_START - at).then_some((ipa, isize))
     });
     Some(Handoff {
+        protected: (w(8) >> 32) & 1 != 0,
         initrd,
         scenario,
         guest,

@@ -150,7 +150,7 @@ pub fn main(p: &'static Platform) -> i32 {
         "touch" => bool_code(touch(&process)),
         "exits" => bool_code(exits(&process)),
         "protected" => bool_code(protected(&lay, &process, true)),
-        "guest" => guest(p, &process),
+        "guest" => guest(&lay, p, &process),
         "sched-smp" => bool_code(smp::sched_smp(&lay, &process, p, false)),
         "sched-smp-protected" => bool_code(smp::sched_smp(&lay, &process, p, true)),
         "sched-spin" => bool_code(smp::sched_spin(&process, p)),
@@ -638,7 +638,7 @@ fn demo(lay: &Layout, process: &Arc<BootProcess>) -> bool {
 
 /// An external guest from the handoff block: returns (ok, exit status);
 /// status 0 iff the guest powered off with PSCI SYSTEM_OFF.
-fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
+fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
     let Some(h) = p.handoff.as_ref() else {
         return (false, 2);
     };
@@ -654,7 +654,14 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         );
         return (false, 2);
     }
-    let plat = BootPlatform::new(None);
+    let plat = if h.protected {
+        match protected_platform(lay) {
+            Some(p) => p,
+            None => return (false, 2),
+        }
+    } else {
+        BootPlatform::new(None)
+    };
     let mem = h.mem_mib as u64 * MIB;
     // The header is the file's (hostile input): checked placement only.
     let layout = phys::with_slice(Pa(gpa), gsize, |img| {
@@ -681,7 +688,8 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         None => None,
     };
     println!(
-        "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
+        "guest: {}{} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
+        if h.protected { "protected VM: " } else { "" },
         if layout.header.is_some() {
             "Linux arm64 Image"
         } else {
@@ -701,7 +709,7 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         vcpus,
         dtb_bootargs: Some(h.cmdline()),
         initrd,
-        protected: false,
+        protected: h.protected,
         touch: None,
         x0: None,
     };
