@@ -204,6 +204,11 @@ pub fn initrd_pa(guest_len: u64) -> u64 {
 /// What is wrong, naming the file and what to change.
 pub fn validate_initrd(initrd: &Path, guest: &Path, mem_mib: u32) -> Result<(u64, u64)> {
     let (glen, layout) = guest_layout(guest, mem_mib)?;
+    ensure!(
+        layout.header.is_some(),
+        "--initrd needs a Linux arm64 Image as --guest: {} has no Image header (magic \"ARM\\x64\" at byte 56); pass the kernel's Image (not vmlinuz or a flat binary)",
+        guest.display()
+    );
     let shown = initrd.display();
     let meta = std::fs::metadata(initrd).with_context(|| format!("initrd {shown}"))?;
     ensure!(meta.is_file(), "initrd {shown} is not a regular file");
@@ -903,6 +908,11 @@ mod tests {
         std::fs::write(&ip, b"").unwrap();
         let e = validate_initrd(&ip, &kp, 64).unwrap_err().to_string();
         assert!(e.contains("is empty"), "{e}");
+        // Not a kernel: an initrd needs an Image to go with.
+        let flat = d.join("flat.bin");
+        std::fs::write(&flat, [0u8; 4096]).unwrap();
+        let e = validate_initrd(&kp, &flat, 64).unwrap_err().to_string();
+        assert!(e.contains("no Image header"), "{e}");
         // The same check from the command line; --initrd needs --guest.
         std::fs::File::create(&ip)
             .unwrap()
