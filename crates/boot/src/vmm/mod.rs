@@ -636,6 +636,26 @@ fn demo(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     ok & protected(lay, process, false)
 }
 
+/// Where the handoff's initrd goes in the external guest's RAM (after the
+/// kernel, below the device tree): `Ok(None)` without one, `Err` (said on
+/// the console) if it does not fit.
+fn guest_initrd(
+    h: &crate::platform::handoff::Handoff,
+    layout: &pkvm_arch::image::GuestLayout,
+    mem: u64,
+) -> Result<Option<(ImageSource, u64)>, ()> {
+    let Some((pa, size)) = h.initrd else {
+        return Ok(None);
+    };
+    match pkvm_arch::image::initrd_offset(layout, size, mem, guest::DTB_RESERVE) {
+        Ok(off) => Ok(Some((ImageSource::Phys(Pa(pa), size), off))),
+        Err(e) => {
+            println!("guest: initrd: {e}");
+            Err(())
+        }
+    }
+}
+
 /// An external guest from the handoff block: returns (ok, exit status);
 /// status 0 iff the guest powered off with PSCI SYSTEM_OFF.
 fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
@@ -675,17 +695,8 @@ fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (boo
         }
     };
     let load_offset = layout.load_offset;
-    let initrd = match h.initrd {
-        Some((ipa, isize)) => {
-            match pkvm_arch::image::initrd_offset(&layout, isize, mem, guest::DTB_RESERVE) {
-                Ok(off) => Some((ImageSource::Phys(Pa(ipa), isize), off)),
-                Err(e) => {
-                    println!("guest: initrd: {e}");
-                    return (false, 2);
-                }
-            }
-        }
-        None => None,
+    let Ok(initrd) = guest_initrd(h, &layout, mem) else {
+        return (false, 2);
     };
     println!(
         "guest: {}{} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
