@@ -50,6 +50,8 @@ fn under_pkvm() -> Result<String> {
         mem_mib: 32,
         append: String::new(),
         host_cpus: 2,
+        initrd: None,
+        protected: false,
     };
     let out = qemu::boot(&img.image, &spec, Console::Capture, Some(TIMEOUT))?;
     if out.timed_out {

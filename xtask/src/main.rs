@@ -4,12 +4,15 @@
 //!   the EL2 image build + clippy, QEMU integration tests) and ends with the
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
-//! - `cargo xtask run [--guest FILE] [--append ARGS] [--smp N] [--mem MIB]
+//! - `cargo xtask run [--guest FILE [--initrd FILE] [--protected]] [--append ARGS] [--smp N] [--mem MIB]
 //!   [--cpus N] [--scenario NAME] [--timeout SECS]`
 //!   checks its arguments and the guest file, checks and installs
 //!   prerequisites, builds the guest payloads and the EL2 image, boots it
-//!   under QEMU, streams the console and exits with the image's status
-//!   (non-zero, with a message, if `--timeout` killed QEMU).
+//!   under QEMU, streams the console, prints a one-line verdict
+//!   (`xtask: verdict: ...`: the guest powered off, or why it failed: a
+//!   hypervisor panic, an EL2 exception, a vCPU's internal error, a VM
+//!   that did not power off) and exits 0 only on success (non-zero, with
+//!   a message, if `--timeout` killed QEMU).
 //!
 //! The EL2 image (`crates/boot`) is its own cargo workspace for
 //! `aarch64-unknown-none`; xtask builds it with cargo run from that
@@ -20,7 +23,9 @@
 mod asm;
 mod elf;
 mod image;
+mod initramfs;
 mod latency;
+mod linux;
 mod prereq;
 mod qemu;
 mod tiers;
@@ -55,6 +60,17 @@ enum Cmd {
     /// Run the interrupt guest under pkvm-rs and bare on QEMU's own
     /// GICv3; print SGI round-trip and timer-wakeup medians and ratios.
     IrqLatency,
+    /// Write the test initramfs (newc cpio: a static arm64 busybox and an
+    /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
+    /// powers off; `pkvm.shell` on the command line leaves a shell).
+    Initramfs {
+        /// The static arm64 busybox binary.
+        #[arg(long)]
+        busybox: PathBuf,
+        /// The archive to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Options of `cargo xtask run`.
@@ -65,6 +81,15 @@ pub struct RunArgs {
     /// before QEMU starts.
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// An initrd / initramfs for the `--guest` kernel: loaded into guest
+    /// RAM after the kernel, announced in `/chosen` (`linux,initrd-start`,
+    /// `linux,initrd-end`); checked against `--mem` before QEMU starts.
+    #[arg(long, requires = "guest")]
+    pub initrd: Option<PathBuf>,
+    /// Run the `--guest` as a protected VM (the image in protected mode:
+    /// pkvm-hyp owns the guest's memory, donated on fault).
+    #[arg(long, requires = "guest")]
+    pub protected: bool,
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,
@@ -122,6 +147,7 @@ fn main() -> ExitCode {
                 println!("{}", img.image.display());
                 0
             }),
+        Cmd::Initramfs { busybox, out } => initramfs::write(&busybox, &out).map(|()| 0),
     };
     match res {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -139,6 +165,8 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
     prereq::ensure(true)?;
     let img = image::build_all()?;
     let out = qemu::boot(&img.image, &spec, qemu::Console::Stream, timeout)?;
+    let (ok, line) = qemu::verdict(&spec, &out);
+    println!("{line}");
     if out.timed_out {
         anyhow::bail!(
             "QEMU killed after {:.0?} (--timeout {}): the guest did not finish; \
@@ -147,5 +175,9 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
             timeout.map_or(0, |t| t.as_secs())
         );
     }
-    Ok(out.exit_code.unwrap_or(1))
+    Ok(match (ok, out.exit_code) {
+        (true, _) => 0,
+        (false, Some(c)) if c != 0 => c,
+        (false, _) => 1,
+    })
 }

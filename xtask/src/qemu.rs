@@ -3,7 +3,8 @@
 //! The image learns what to do from a *handoff block*: one 4 KiB page that
 //! xtask writes to a file and QEMU loads at [`HANDOFF_PA`] with
 //! `-device loader,file=..,addr=..,force-raw=on`. An external guest file is
-//! loaded the same way at [`GUEST_PA`] (right after the block). Without a
+//! loaded the same way at [`GUEST_PA`] (right after the block), and an
+//! initrd on the next page after it ([`initrd_pa`]). Without a
 //! handoff block (plain `qemu -kernel image`) the image runs its demo.
 //!
 //! Handoff layout (little-endian):
@@ -12,7 +13,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `PKVMHOF1` |
 //! | 8 | 4 | version (1) |
-//! | 12 | 4 | flags (0) |
+//! | 12 | 4 | flags: bit 0 = run the external guest as a protected VM |
 //! | 16 | 32 | scenario name, NUL-padded |
 //! | 48 | 8 | guest load address (0 if none) |
 //! | 56 | 8 | guest size in bytes |
@@ -21,6 +22,8 @@
 //! | 72 | 4 | command-line length |
 //! | 76 | 4 | reserved |
 //! | 80 | 1024 | command line (not NUL-terminated) |
+//! | 1104 | 8 | initrd load address (0 if none) |
+//! | 1112 | 8 | initrd size in bytes |
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -49,6 +52,10 @@ pub struct RunSpec {
     pub scenario: String,
     /// External guest file, its vCPU count, memory and command line.
     pub guest: Option<PathBuf>,
+    /// Its initrd.
+    pub initrd: Option<PathBuf>,
+    /// Run it as a protected VM (pkvm-hyp owns its memory).
+    pub protected: bool,
     /// Guest vCPUs.
     pub smp: u32,
     /// Guest memory in MiB.
@@ -146,6 +153,11 @@ pub fn run_timeout(a: &RunArgs) -> Option<Duration> {
 /// # Errors
 /// What is wrong with the file, naming it.
 pub fn validate_guest(path: &Path, mem_mib: u32) -> Result<u64> {
+    guest_layout(path, mem_mib).map(|(len, _)| len)
+}
+
+/// [`validate_guest`], returning the file's size and its placement.
+fn guest_layout(path: &Path, mem_mib: u32) -> Result<(u64, pkvm_arch::image::GuestLayout)> {
     let shown = path.display();
     let meta = std::fs::metadata(path).with_context(|| format!("guest file {shown}"))?;
     ensure!(
@@ -171,9 +183,46 @@ pub fn validate_guest(path: &Path, mem_mib: u32) -> Result<u64> {
         })
         .with_context(|| format!("guest file {shown} cannot be read"))?;
     let mem = u64::from(mem_mib) << 20;
-    pkvm_arch::image::guest_layout_of(&head, len, mem, DTB_RESERVE)
+    let layout = pkvm_arch::image::guest_layout_of(&head, len, mem, DTB_RESERVE)
         .map_err(|e| anyhow::anyhow!("guest file {shown}: {e} (--mem {mem_mib})"))?;
-    Ok(len)
+    Ok((len, layout))
+}
+
+/// Where QEMU loads an initrd when the guest file has `guest_len` bytes:
+/// the next page after it.
+pub fn initrd_pa(guest_len: u64) -> u64 {
+    (GUEST_PA + guest_len).next_multiple_of(4096)
+}
+
+/// Checks an `--initrd` file for the `--guest` file `guest` and `--mem`
+/// before anything starts: a non-empty regular file that QEMU can load
+/// after the guest file below the page pool, and that fits in guest RAM
+/// after the kernel and below the device tree. Returns (guest file size,
+/// initrd size).
+///
+/// # Errors
+/// What is wrong, naming the file and what to change.
+pub fn validate_initrd(initrd: &Path, guest: &Path, mem_mib: u32) -> Result<(u64, u64)> {
+    let (glen, layout) = guest_layout(guest, mem_mib)?;
+    ensure!(
+        layout.header.is_some(),
+        "--initrd needs a Linux arm64 Image as --guest: {} has no Image header (magic \"ARM\\x64\" at byte 56); pass the kernel's Image (not vmlinuz or a flat binary)",
+        guest.display()
+    );
+    let shown = initrd.display();
+    let meta = std::fs::metadata(initrd).with_context(|| format!("initrd {shown}"))?;
+    ensure!(meta.is_file(), "initrd {shown} is not a regular file");
+    let len = meta.len();
+    ensure!(len > 0, "initrd {shown} is empty");
+    let room = 0x5000_0000 - initrd_pa(glen);
+    ensure!(
+        len <= room,
+        "initrd {shown} is {len} bytes; with the {glen}-byte guest file QEMU can load at most {room} bytes of it below the image's page pool"
+    );
+    let mem = u64::from(mem_mib) << 20;
+    pkvm_arch::image::initrd_offset(&layout, len, mem, DTB_RESERVE)
+        .map_err(|e| anyhow::anyhow!("initrd {shown}: {e} (--mem {mem_mib})"))?;
+    Ok((glen, len))
 }
 
 impl RunSpec {
@@ -216,10 +265,15 @@ impl RunSpec {
         );
         if let Some(g) = &a.guest {
             validate_guest(g, a.mem)?;
+            if let Some(i) = &a.initrd {
+                validate_initrd(i, g, a.mem)?;
+            }
         }
         Ok(RunSpec {
             scenario: scenario.to_string(),
             guest: a.guest.clone(),
+            initrd: a.initrd.clone().filter(|_| a.guest.is_some()),
+            protected: a.protected,
             smp,
             mem_mib: a.mem,
             append,
@@ -248,11 +302,13 @@ impl RunSpec {
     }
 }
 
-/// Encodes the handoff block for `spec` with a guest of `guest_size` bytes.
-pub fn handoff_block(spec: &RunSpec, guest_size: u64) -> Vec<u8> {
+/// Encodes the handoff block for `spec` with a guest of `guest_size` bytes
+/// and an initrd of `initrd_size` bytes (0: none).
+pub fn handoff_block(spec: &RunSpec, guest_size: u64, initrd_size: u64) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[12..16].copy_from_slice(&u32::from(spec.protected && spec.guest.is_some()).to_le_bytes());
     let name = spec.scenario.as_bytes();
     let n = name.len().min(31);
     b[16..16 + n].copy_from_slice(&name[..n]);
@@ -266,6 +322,10 @@ pub fn handoff_block(spec: &RunSpec, guest_size: u64) -> Vec<u8> {
     let n = cmd.len().min(CMDLINE_MAX);
     b[72..76].copy_from_slice(&(n as u32).to_le_bytes());
     b[80..80 + n].copy_from_slice(&cmd[..n]);
+    if spec.guest.is_some() && initrd_size > 0 {
+        b[1104..1112].copy_from_slice(&initrd_pa(guest_size).to_le_bytes());
+        b[1112..1120].copy_from_slice(&initrd_size.to_le_bytes());
+    }
     b
 }
 
@@ -290,6 +350,8 @@ pub struct Outcome {
     /// Whether it was stopped because the console showed the `until`
     /// line of [`boot_until`] (a guest that never powers off).
     pub stopped_at: bool,
+    /// When the first line with [`Watch::mark`] arrived.
+    pub mark_at: Option<Duration>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -300,6 +362,7 @@ pub fn qemu_command(
     image: &Path,
     handoff: Option<&Path>,
     guest: Option<&Path>,
+    initrd: Option<(&Path, u64)>,
     cpus: u32,
 ) -> Command {
     let mut c = Command::new(crate::prereq::QEMU);
@@ -330,6 +393,12 @@ pub fn qemu_command(
             g.display()
         ));
     }
+    if let Some((i, pa)) = initrd {
+        c.arg("-device").arg(format!(
+            "loader,file={},addr={pa:#x},force-raw=on",
+            i.display()
+        ));
+    }
     c
 }
 
@@ -358,9 +427,41 @@ pub fn boot_until(
     timeout: Option<Duration>,
     until: Option<&str>,
 ) -> Result<Outcome> {
-    let guest_size = match &spec.guest {
-        Some(g) => validate_guest(g, spec.mem_mib)?,
-        None => 0,
+    let w = Watch {
+        until,
+        ..Watch::default()
+    };
+    boot_watched(image, spec, console, timeout, &w)
+}
+
+/// What [`boot_watched`] looks for on the console as lines arrive.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Watch<'a> {
+    /// Stop QEMU at the first line containing this.
+    pub until: Option<&'a str>,
+    /// Record when the first line containing this arrived
+    /// ([`Outcome::mark_at`]).
+    pub mark: Option<&'a str>,
+    /// When a line contains `.0`, write `.1` to QEMU's serial input (the
+    /// EL2 image's UART, which feeds the guest's PL011): once.
+    pub send: Option<(&'a str, &'a [u8])>,
+}
+
+/// [`boot`] with a [`Watch`] on the console.
+///
+/// # Errors
+/// As [`boot`].
+pub fn boot_watched(
+    image: &Path,
+    spec: &RunSpec,
+    console: Console,
+    timeout: Option<Duration>,
+    watch: &Watch<'_>,
+) -> Result<Outcome> {
+    let (guest_size, initrd_size) = match (&spec.guest, &spec.initrd) {
+        (Some(g), Some(i)) => validate_initrd(i, g, spec.mem_mib)?,
+        (Some(g), None) => (validate_guest(g, spec.mem_mib)?, 0),
+        (None, _) => (0, 0),
     };
     let dir = crate::image::boot_target_dir().join("handoff");
     std::fs::create_dir_all(&dir)?;
@@ -369,23 +470,42 @@ pub fn boot_until(
         std::process::id(),
         spec.scenario
     ));
-    std::fs::write(&handoff, handoff_block(spec, guest_size))?;
-    let guest = spec
-        .guest
-        .as_ref()
-        .map(|g| std::fs::canonicalize(g).unwrap_or_else(|_| g.clone()));
+    std::fs::write(&handoff, handoff_block(spec, guest_size, initrd_size))?;
+    let canon = |g: &PathBuf| std::fs::canonicalize(g).unwrap_or_else(|_| g.clone());
+    let guest = spec.guest.as_ref().map(canon);
+    let initrd = spec.initrd.as_ref().filter(|_| initrd_size > 0).map(canon);
     let cpus = if spec.host_cpus == 0 {
         DEFAULT_HOST_CPUS
     } else {
         spec.host_cpus
     };
-    let mut cmd = qemu_command(image, Some(&handoff), guest.as_deref(), cpus);
+    let initrd_at = initrd.as_deref().map(|i| (i, initrd_pa(guest_size)));
+    let mut cmd = qemu_command(image, Some(&handoff), guest.as_deref(), initrd_at, cpus);
+    let r = run_command(&mut cmd, console, timeout, watch);
+    let _ = std::fs::remove_file(&handoff);
+    r
+}
+
+/// Runs a QEMU command line (`cmd`) to its end, the timeout or
+/// `watch.until`, streaming or capturing its console.
+///
+/// # Errors
+/// QEMU cannot be started.
+pub fn run_command(
+    cmd: &mut Command,
+    console: Console,
+    timeout: Option<Duration>,
+    watch: &Watch<'_>,
+) -> Result<Outcome> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    if console == Console::Capture {
+    if watch.send.is_some() {
+        cmd.stdin(Stdio::piped());
+    } else if console == Console::Capture {
         cmd.stdin(Stdio::null());
     }
     let start = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let mut stdin = child.stdin.take();
     let (tx, rx) = mpsc::channel::<String>();
     let out = child.stdout.take().context("qemu stdout")?;
     let err = child.stderr.take().context("qemu stderr")?;
@@ -394,19 +514,34 @@ pub fn boot_until(
     let t_err = std::thread::spawn(move || pump(err, tx2, console));
     let mut timed_out = false;
     let mut stopped_at = false;
+    let mut mark_at = None;
+    let mut sent = false;
     let mut console_text = String::new();
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break Some(st);
         }
-        if let Some(u) = until {
-            console_text.extend(rx.try_iter());
-            if console_text.contains(u) {
-                stopped_at = true;
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
+        let mut stop = false;
+        for line in rx.try_iter() {
+            let has = |m: Option<&str>| m.is_some_and(|m| line.contains(m));
+            if mark_at.is_none() && has(watch.mark) {
+                mark_at = Some(start.elapsed());
             }
+            if let (Some((on, bytes)), Some(inp), false) = (watch.send, stdin.as_mut(), sent) {
+                if line.contains(on) {
+                    use std::io::Write;
+                    let _ = inp.write_all(bytes).and_then(|()| inp.flush());
+                    sent = true;
+                }
+            }
+            stop |= has(watch.until);
+            console_text.push_str(&line);
+        }
+        if stop {
+            stopped_at = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
         }
         if timeout.is_some_and(|t| start.elapsed() > t) {
             timed_out = true;
@@ -416,15 +551,16 @@ pub fn boot_until(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    drop(stdin);
     let _ = t_out.join();
     let _ = t_err.join();
     console_text.extend(rx.try_iter());
-    let _ = std::fs::remove_file(&handoff);
     Ok(Outcome {
         exit_code: status.and_then(|s| s.code()),
         console: console_text,
         timed_out,
         stopped_at,
+        mark_at,
         elapsed: start.elapsed(),
     })
 }
@@ -519,6 +655,53 @@ pub fn check(t: &QemuTest, o: &Outcome) -> Result<()> {
     }
 }
 
+/// The one-line verdict of `cargo xtask run`: (success, line). Success
+/// is QEMU's exit status 0 with the image's `scenario NAME: PASS` (for a
+/// `--guest`: the guest powered off with PSCI SYSTEM_OFF); otherwise the
+/// line names the first cause the console shows (a hypervisor panic, an
+/// EL2 exception, a vCPU's internal error, how the guest ended), only from
+/// the hypervisor's own lines (a guest cannot fake them).
+pub fn verdict(spec: &RunSpec, o: &Outcome) -> (bool, String) {
+    let who = if spec.guest.is_some() {
+        "guest".to_string()
+    } else {
+        format!("scenario {}", spec.scenario)
+    };
+    let find = |m: &str| hypervisor_lines(&o.console).find(|l| l.contains(m));
+    let pass = format!("scenario {}: PASS", spec.scenario);
+    if o.exit_code == Some(0) && find(&pass).is_some() {
+        let how = if spec.guest.is_some() {
+            "powered off (PSCI SYSTEM_OFF)"
+        } else {
+            "PASS"
+        };
+        return (true, format!("xtask: verdict: {who} {how}, exit 0"));
+    }
+    let cause = if let Some(l) = find("PANIC on CPU") {
+        format!("hypervisor panic: {}", l.trim())
+    } else if let Some(l) = find("EL2 exception") {
+        format!("unhandled EL2 exception: {}", l.trim())
+    } else if let Some(l) = find(": vCPU ").filter(|l| l.contains(" stopped: ")) {
+        format!("internal error: {}", l.trim())
+    } else if let Some(l) = find(": ended: ") {
+        format!("the VM did not power off: {}", l.trim())
+    } else if o.timed_out {
+        "QEMU killed by --timeout".to_string()
+    } else {
+        match o.exit_code {
+            Some(c) => format!("QEMU exit status {c}"),
+            None => "QEMU killed by a signal".to_string(),
+        }
+    };
+    (
+        false,
+        format!(
+            "xtask: verdict: {who} FAILED ({cause}), exit {:?}",
+            o.exit_code
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,12 +711,14 @@ mod tests {
         let spec = RunSpec {
             scenario: "guest".into(),
             guest: Some(PathBuf::from("/x")),
+            initrd: Some(PathBuf::from("/y")),
+            protected: false,
             smp: 2,
             mem_mib: 96,
             append: "console=ttyAMA0".into(),
             host_cpus: 0,
         };
-        let b = handoff_block(&spec, 1234);
+        let b = handoff_block(&spec, 1234, 77);
         assert_eq!(b.len(), 4096);
         assert_eq!(&b[0..8], MAGIC);
         assert_eq!(&b[16..21], b"guest");
@@ -544,6 +729,9 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b[68..72].try_into().unwrap()), 96);
         assert_eq!(u32::from_le_bytes(b[72..76].try_into().unwrap()), 15);
         assert_eq!(&b[80..95], b"console=ttyAMA0");
+        let at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!(at(1104), GUEST_PA + 0x1000);
+        assert_eq!(at(1112), 77);
     }
 
     #[test]
@@ -553,9 +741,9 @@ mod tests {
             (s.scenario.as_str(), s.smp, s.host_cpus),
             ("sched-smp", 8, 2)
         );
-        let b = handoff_block(&s, 0);
+        let b = handoff_block(&s, 0, 0);
         assert_eq!(u32::from_le_bytes(b[64..68].try_into().unwrap()), 8);
-        let cmd = qemu_command(Path::new("img"), None, None, s.host_cpus);
+        let cmd = qemu_command(Path::new("img"), None, None, None, s.host_cpus);
         let args: Vec<String> = cmd
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
@@ -695,6 +883,96 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// An initrd larger than guest RAM, or one that does not fit with the
+    /// kernel and the device tree, is refused before QEMU starts with the
+    /// `--mem` to use.
+    #[test]
+    fn initrd_that_does_not_fit_is_refused_with_the_memory_it_needs() {
+        let d = scratch("initrd");
+        let mut k = vec![0u8; 4096];
+        k[8..16].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        k[16..24].copy_from_slice(&(8u64 << 20).to_le_bytes());
+        k[56..60].copy_from_slice(b"ARM\x64");
+        let kp = d.join("Image");
+        std::fs::write(&kp, &k).unwrap();
+        let ip = d.join("initrd");
+        std::fs::File::create(&ip)
+            .unwrap()
+            .set_len(20 << 20)
+            .unwrap();
+        let e = validate_initrd(&ip, &kp, 16).unwrap_err().to_string();
+        assert!(e.contains("larger than the guest's 16 MiB"), "{e}");
+        let e = validate_initrd(&ip, &kp, 24).unwrap_err().to_string();
+        assert!(e.contains("give it at least 32 MiB"), "{e}");
+        assert_eq!(validate_initrd(&ip, &kp, 32).unwrap(), (4096, 20 << 20));
+        std::fs::write(&ip, b"").unwrap();
+        let e = validate_initrd(&ip, &kp, 64).unwrap_err().to_string();
+        assert!(e.contains("is empty"), "{e}");
+        // Not a kernel: an initrd needs an Image to go with.
+        let flat = d.join("flat.bin");
+        std::fs::write(&flat, [0u8; 4096]).unwrap();
+        let e = validate_initrd(&kp, &flat, 64).unwrap_err().to_string();
+        assert!(e.contains("no Image header"), "{e}");
+        // The same check from the command line; --initrd needs --guest.
+        std::fs::File::create(&ip)
+            .unwrap()
+            .set_len(20 << 20)
+            .unwrap();
+        let (g, i) = (kp.to_str().unwrap(), ip.to_str().unwrap());
+        let a = parse(&["--guest", g, "--initrd", i, "--mem", "24"]).unwrap();
+        assert!(RunSpec::from_args(&a).is_err());
+        assert!(parse(&["--initrd", i]).is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn outcome(code: Option<i32>, console: &str) -> Outcome {
+        Outcome {
+            exit_code: code,
+            console: console.into(),
+            timed_out: false,
+            stopped_at: false,
+            mark_at: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// `cargo xtask run --guest` said PASS (exit 0) for a crashed guest.
+    #[test]
+    fn verdict_fails_on_errors_panics_and_traps_and_passes_system_off() {
+        let spec = RunSpec {
+            scenario: "guest".into(),
+            guest: Some(PathBuf::from("/k")),
+            ..RunSpec::default()
+        };
+        let off = "vm guest: powered off (PSCI SYSTEM_OFF)\nscenario guest: PASS\n";
+        let (ok, line) = verdict(&spec, &outcome(Some(0), off));
+        assert!(ok, "{line}");
+        assert!(line.contains("powered off (PSCI SYSTEM_OFF)"), "{line}");
+        let cases = [
+            (
+                "vm guest: vCPU 0 stopped: Unhandled(..) (PC 0x1)\nvm guest: ended: Some(Error(\"internal error\"))\nscenario guest: FAIL\n",
+                Some(1),
+                "internal error: vm guest: vCPU 0 stopped",
+            ),
+            (
+                "vm guest: ended: Some(Error(\"halted\"))\nscenario guest: FAIL\n",
+                Some(1),
+                "did not power off",
+            ),
+            ("\nPANIC on CPU 1: oops\n", Some(101), "hypervisor panic: PANIC on CPU 1"),
+            ("EL2 exception (vector 3) ESR_EL2=0x0\n", Some(3), "unhandled EL2 exception"),
+            // Exit 0 without the image's PASS line is no success either.
+            ("[guest guest] scenario guest: PASS\n", Some(0), "QEMU exit status 0"),
+        ];
+        for (console, code, want) in cases {
+            let (ok, line) = verdict(&spec, &outcome(code, console));
+            assert!(!ok && line.contains(want), "{console:?}: {line}");
+        }
+        let mut t = outcome(None, "");
+        t.timed_out = true;
+        assert!(verdict(&spec, &t).1.contains("--timeout"));
+    }
+
     #[test]
     fn check_reports_missing_and_forbidden_markers() {
         let t = QemuTest {
@@ -708,6 +986,7 @@ mod tests {
             console: console.into(),
             timed_out: false,
             stopped_at: false,
+            mark_at: None,
             elapsed: Duration::ZERO,
         };
         assert!(check(&t, &mk(0, "x\nall good\n")).is_ok());
@@ -734,6 +1013,7 @@ mod tests {
             console: console.into(),
             timed_out: false,
             stopped_at: false,
+            mark_at: None,
             elapsed: Duration::ZERO,
         };
         let faked = "[guest vm0 vcpu 0] hello\n[guest vm0 vcpu 0] scenario demo: PASS\n";

@@ -399,6 +399,8 @@ fn reset_tests() -> Vec<QemuTest> {
             spec: RunSpec {
                 scenario: "guest".into(),
                 guest: Some(image::boot_target_dir().join("guests").join("guest-reset.bin")),
+                initrd: None,
+                protected: false,
                 smp: 2,
                 mem_mib: 32,
                 append: String::new(),
@@ -427,6 +429,8 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
             spec: RunSpec {
                 scenario: "guest".into(),
                 guest: Some(gfile.to_path_buf()),
+                initrd: None,
+                protected: false,
                 smp: 1,
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
@@ -447,6 +451,8 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
             spec: RunSpec {
                 scenario: "guest".into(),
                 guest: Some(image::boot_target_dir().join("guests").join("guest-sysreg.bin")),
+                initrd: None,
+                protected: false,
                 smp: 1,
                 mem_mib: 32,
                 append: String::new(),
@@ -478,6 +484,8 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
             spec: RunSpec {
                 scenario: "guest".into(),
                 guest: Some(offfile.to_path_buf()),
+                initrd: None,
+                protected: false,
                 smp: 2,
                 mem_mib: 32,
                 append: String::new(),
@@ -496,6 +504,8 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
             spec: RunSpec {
                 scenario: "guest".into(),
                 guest: Some(gfile.to_path_buf()),
+                initrd: None,
+                protected: false,
                 smp: 8,
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
@@ -523,6 +533,8 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
         spec: RunSpec {
             scenario: "guest".into(),
             guest: Some(image::boot_target_dir().join("guests").join("guest-gic.bin")),
+            initrd: None,
+            protected: false,
             smp: 2,
             mem_mib: 32,
             append: String::new(),
@@ -595,6 +607,8 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
             mem_mib: 32,
             append: format!("ipi-rounds={rounds}"),
             host_cpus: cpus,
+            initrd: None,
+            protected: false,
         },
         exit_code: 0,
         markers,
@@ -648,6 +662,9 @@ pub fn debian_kernel_path() -> PathBuf {
         _ => target_dir().join("debian").join("Image"),
     }
 }
+
+/// The tier booting Debian's kernel with the test initramfs.
+const LINUX_TIER: &str = "qemu:linux-initramfs";
 
 /// The console line the Debian kernel ends on without an initrd or disk.
 const DEBIAN_END: &str = "VFS: Unable to mount root fs";
@@ -704,6 +721,8 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, verbose: bool) -> Result<
     let spec = RunSpec {
         scenario: "guest".into(),
         guest: Some(k.to_path_buf()),
+        initrd: None,
+        protected: false,
         smp,
         mem_mib: 256,
         append: "console=ttyAMA0 earlycon".into(),
@@ -816,8 +835,9 @@ pub fn run_all(only: Option<&str>, verbose: bool) -> Result<i32> {
     }
     let qemu_wanted: Vec<QemuTest> = qemu_tests()?.into_iter().filter(|q| want(q.name)).collect();
     let debian = want("qemu:debian-kernel");
+    let linux = want(LINUX_TIER);
     let mut image_ok = true;
-    if want("boot") || !qemu_wanted.is_empty() || debian {
+    if want("boot") || !qemu_wanted.is_empty() || debian || linux {
         let r = boot_build_tier();
         image_ok = r.is_ok();
         t.record("boot:build", r);
@@ -825,7 +845,7 @@ pub fn run_all(only: Option<&str>, verbose: bool) -> Result<i32> {
     if want("boot") {
         t.record("boot:fmt+clippy", boot_lint_tier());
     }
-    if !qemu_wanted.is_empty() || debian {
+    if !qemu_wanted.is_empty() || debian || linux {
         let img = image::boot_target_dir()
             .join(prereq::TARGET)
             .join("release")
@@ -846,6 +866,14 @@ pub fn run_all(only: Option<&str>, verbose: bool) -> Result<i32> {
                 _ => debian_kernel_tier(&img, verbose),
             };
             t.record("qemu:debian-kernel", r);
+        }
+        if linux {
+            let r = match (&have, image_ok) {
+                (Err(e), _) => Err(anyhow::anyhow!("prerequisites: {e:#}")),
+                (_, false) => Err(anyhow::anyhow!("the image did not build")),
+                _ => crate::linux::tier(&img, verbose),
+            };
+            t.record(LINUX_TIER, r);
         }
     }
     println!("xtask: took {:.0?}", start.elapsed());

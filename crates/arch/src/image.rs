@@ -69,6 +69,20 @@ pub enum ImageError {
         /// Guest RAM bytes.
         mem: u64,
     },
+    /// The initrd is larger than guest RAM.
+    InitrdLargerThanRam {
+        /// Bytes of the initrd.
+        initrd: u64,
+        /// Guest RAM bytes.
+        mem: u64,
+    },
+    /// Kernel + initrd + device tree do not fit in guest RAM.
+    InitrdDoesNotFit {
+        /// Guest RAM bytes they need (rounded up to a 2 MiB multiple).
+        need: u64,
+        /// Guest RAM bytes.
+        mem: u64,
+    },
 }
 
 impl fmt::Display for ImageError {
@@ -91,6 +105,18 @@ impl fmt::Display for ImageError {
             } => write!(
                 f,
                 "the guest needs {size:#x} bytes at offset {offset:#x} plus {reserved:#x} reserved, more than its {mem:#x} bytes of RAM (give it more memory)"
+            ),
+            ImageError::InitrdLargerThanRam { initrd, mem } => write!(
+                f,
+                "the initrd is {initrd} bytes, larger than the guest's {} MiB of RAM (use a smaller initrd or more memory)",
+                mem >> 20
+            ),
+            ImageError::InitrdDoesNotFit { need, mem } => write!(
+                f,
+                "kernel + initrd + device tree need {} MiB of guest RAM, the guest has {} MiB (give it at least {} MiB)",
+                need >> 20,
+                mem >> 20,
+                need >> 20
             ),
         }
     }
@@ -195,6 +221,50 @@ pub fn guest_layout_of(
     })
 }
 
+/// Alignment of the initrd in guest RAM (a page).
+pub const INITRD_ALIGN: u64 = 4096;
+
+/// Where an initrd of `initrd_len` bytes goes: the first page after the
+/// kernel's footprint (`layout`), below the `reserved` top of RAM (the
+/// device tree), so the initrd, the kernel and the device tree share one
+/// window of `mem` bytes as the arm64 boot protocol asks. Returns its
+/// offset from the start of guest RAM. Checked arithmetic only.
+///
+/// # Errors
+/// [`ImageError::InitrdLargerThanRam`], [`ImageError::InitrdDoesNotFit`]
+/// (with the RAM it needs, rounded up to 2 MiB).
+pub fn initrd_offset(
+    layout: &GuestLayout,
+    initrd_len: u64,
+    mem: u64,
+    reserved: u64,
+) -> Result<u64, ImageError> {
+    if initrd_len >= mem {
+        return Err(ImageError::InitrdLargerThanRam {
+            initrd: initrd_len,
+            mem,
+        });
+    }
+    let overflow = ImageError::Overflow {
+        offset: layout.load_offset,
+        size: layout.footprint,
+    };
+    let start = layout
+        .load_offset
+        .checked_add(layout.footprint)
+        .and_then(|e| e.checked_next_multiple_of(INITRD_ALIGN))
+        .ok_or(overflow)?;
+    let need = start
+        .checked_add(initrd_len)
+        .and_then(|e| e.checked_add(reserved))
+        .and_then(|e| e.checked_next_multiple_of(2 << 20))
+        .ok_or(overflow)?;
+    if need > mem {
+        return Err(ImageError::InitrdDoesNotFit { need, mem });
+    }
+    Ok(start)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +362,43 @@ mod tests {
             guest_layout(&big, 4096, 1),
             Err(ImageError::TooBig { .. })
         ));
+    }
+
+    #[test]
+    fn an_initrd_goes_after_the_kernel_and_below_the_device_tree() {
+        let f = image(0x20_0000, 4 * MIB + 5);
+        let l = guest_layout(&f, 64 * MIB, 2 * MIB).unwrap();
+        assert_eq!(
+            initrd_offset(&l, MIB, 64 * MIB, 2 * MIB),
+            Ok(0x20_0000 + 4 * MIB + 4096)
+        );
+        // Exactly full: kernel end (page aligned) + initrd + DTB = RAM.
+        let start = 0x20_0000 + 4 * MIB + 4096;
+        let fits = 64 * MIB - 2 * MIB - start;
+        assert_eq!(initrd_offset(&l, fits, 64 * MIB, 2 * MIB), Ok(start));
+        assert_eq!(
+            initrd_offset(&l, fits + 1, 64 * MIB, 2 * MIB),
+            Err(ImageError::InitrdDoesNotFit {
+                need: 66 * MIB,
+                mem: 64 * MIB
+            })
+        );
+    }
+
+    #[test]
+    fn an_initrd_larger_than_ram_or_near_2_pow_64_is_refused() {
+        extern crate std;
+        use std::string::ToString;
+        let l = guest_layout(&image(0x20_0000, MIB), 64 * MIB, 2 * MIB).unwrap();
+        assert_eq!(
+            initrd_offset(&l, 64 * MIB, 64 * MIB, 2 * MIB),
+            Err(ImageError::InitrdLargerThanRam {
+                initrd: 64 * MIB,
+                mem: 64 * MIB
+            })
+        );
+        assert!(initrd_offset(&l, u64::MAX - 10, u64::MAX, 2 * MIB).is_err());
+        let e = initrd_offset(&l, 63 * MIB, 64 * MIB, 2 * MIB).unwrap_err();
+        assert!(e.to_string().contains("at least 68 MiB"), "{e}");
     }
 }

@@ -17,6 +17,10 @@ pub struct Pl011 {
 const DR: usize = 0x00;
 const FR: usize = 0x18;
 const FR_TXFF: u32 = 1 << 5;
+const FR_RXFE: u32 = 1 << 4;
+const CR: usize = 0x30;
+/// CR: UARTEN, TXE, RXE.
+const CR_ON: u32 = 0x301;
 
 impl Pl011 {
     fn putc(&mut self, c: u8) {
@@ -27,6 +31,29 @@ impl Pl011 {
             core::ptr::write_volatile((self.base + DR) as *mut u32, c as u32);
         }
     }
+}
+
+impl Pl011 {
+    fn getc(&mut self) -> Option<u8> {
+        // SAFETY: as in `putc`; FR, CR and DR are its registers.
+        unsafe {
+            let cr = (self.base + CR) as *mut u32;
+            // QEMU's PL011 only receives with UARTEN and RXE set.
+            if core::ptr::read_volatile(cr) & CR_ON != CR_ON {
+                core::ptr::write_volatile(cr, core::ptr::read_volatile(cr) | CR_ON);
+            }
+            if core::ptr::read_volatile((self.base + FR) as *const u32) & FR_RXFE != 0 {
+                return None;
+            }
+            Some(core::ptr::read_volatile((self.base + DR) as *const u32) as u8)
+        }
+    }
+}
+
+/// A byte typed on the console (QEMU's serial input), if one is waiting;
+/// never blocks.
+pub fn getc() -> Option<u8> {
+    CONSOLE.lock().getc()
 }
 
 impl Write for Pl011 {

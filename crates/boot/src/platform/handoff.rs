@@ -31,6 +31,11 @@ pub struct Handoff {
     pub cmdline: [u8; 1024],
     /// Its length.
     pub cmdline_len: usize,
+    /// Run the external guest as a protected VM (flags bit 0).
+    pub protected: bool,
+    /// The guest's initrd: (physical address, size), on the page after
+    /// the guest file, below the pool.
+    pub initrd: Option<(u64, u64)>,
 }
 
 impl Handoff {
@@ -61,7 +66,14 @@ pub fn read() -> Option<Handoff> {
     let mem_mib = (w(64) >> 32) as u32;
     let cmdline_len = ((w(72) & 0xffff_ffff) as usize).min(1024);
     phys::with_slice(Pa(HANDOFF_PA + 80), 1024, |s| cmdline.copy_from_slice(s));
+    let (ipa, isize) = (w(1104), w(1112));
+    let initrd = guest.and_then(|(g, n)| {
+        let at = (g + n).next_multiple_of(4096);
+        (ipa == at && isize > 0 && isize <= POOL_START - at).then_some((ipa, isize))
+    });
     Some(Handoff {
+        protected: (w(8) >> 32) & 1 != 0,
+        initrd,
         scenario,
         guest,
         smp,

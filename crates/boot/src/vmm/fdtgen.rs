@@ -185,7 +185,9 @@ pub const GUEST_GICD: (u64, u64) = (0x0800_0000, 0x1_0000);
 pub const GUEST_GICR: (u64, u64) = (0x080a_0000, 0xf6_0000);
 
 /// Writes the device tree of a VM with `vcpus` vCPUs (MPIDR = index) and
-/// `mem` bytes of RAM at `mem_base` into `out`; returns its size.
+/// `mem` bytes of RAM at `mem_base` into `out`, with an initrd at
+/// `initrd` = (start, end) IPAs if given (`/chosen/linux,initrd-start` and
+/// `-end`); returns its size.
 ///
 /// # Errors
 /// [`FdtError::TooBig`] (a command line that does not fit).
@@ -195,6 +197,7 @@ pub fn vm_device_tree(
     mem: u64,
     vcpus: usize,
     bootargs: &str,
+    initrd: Option<(u64, u64)>,
 ) -> Result<usize, FdtError> {
     let mut w = FdtWriter::new();
     w.begin("");
@@ -207,6 +210,10 @@ pub fn vm_device_tree(
     w.begin("chosen");
     w.prop_str("bootargs", bootargs);
     w.prop_str("stdout-path", "/pl011@9000000");
+    if let Some((start, end)) = initrd {
+        w.prop("linux,initrd-start", &start.to_be_bytes());
+        w.prop("linux,initrd-end", &end.to_be_bytes());
+    }
     w.end();
 
     let mut name = NameBuf::new();
@@ -303,7 +310,8 @@ impl NameBuf {
     }
 }
 
-/// Checks a blob with the `fdt` crate: memory, cpus, bootargs, PSCI method.
+/// Checks a blob with the `fdt` crate: memory, cpus, bootargs, PSCI method,
+/// PL011, the initrd range.
 ///
 /// # Errors
 /// A description of the first mismatch.
@@ -313,8 +321,24 @@ pub fn verify(
     mem: u64,
     vcpus: usize,
     bootargs: &str,
+    initrd: Option<(u64, u64)>,
 ) -> Result<(), &'static str> {
     let f = fdt::Fdt::new(blob).map_err(|_| "fdt crate rejects the blob")?;
+    let chosen_u64 = |name: &str| {
+        f.find_node("/chosen")
+            .and_then(|c| c.property(name))
+            .and_then(|p| <[u8; 8]>::try_from(p.value).ok())
+            .map(u64::from_be_bytes)
+    };
+    if initrd.map(|i| (Some(i.0), Some(i.1)))
+        != Some((
+            chosen_u64("linux,initrd-start"),
+            chosen_u64("linux,initrd-end"),
+        ))
+        .filter(|p| p.0.is_some())
+    {
+        return Err("initrd range mismatch");
+    }
     let r = f.memory().regions().next().ok_or("no memory region")?;
     if r.starting_address as u64 != mem_base || r.size != Some(mem as usize) {
         return Err("memory node mismatch");

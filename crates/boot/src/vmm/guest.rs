@@ -36,6 +36,8 @@ use pkvm_host::reset::BootParams;
 use pkvm_host::{Vcpu, VcpuExit, VmConfig};
 use pkvm_sync::{LockClass, SpinLock};
 
+use pkvm_pl011::Pl011;
+
 use super::backend::{self, HwBackend, VcpuHw};
 use super::fdtgen;
 use super::irq::{VmIrq, WfiAction};
@@ -69,6 +71,16 @@ const BLOCK: u64 = 2 << 20;
 /// has one).
 pub const DTB_RESERVE: u64 = BLOCK;
 const PAGE: u64 = 4096;
+
+/// INTID of the PL011's interrupt (SPI 1, level-high, as on QEMU virt
+/// and in the VM's device tree).
+pub const UART_INTID: u32 = 33;
+/// How often the input-owning VM polls the console input while its vCPUs
+/// block in WFI (microseconds): the latency of a key press.
+const INPUT_POLL_US: u64 = 10_000;
+/// The VM that owns the console input (its [`GuestVm::input_id`]; 0:
+/// none).
+static INPUT_OWNER: AtomicUsize = AtomicUsize::new(0);
 
 /// Report codes (same numbers as `guest_rt::code`).
 pub mod code {
@@ -136,6 +148,9 @@ pub struct VmSpec<'a> {
     pub vcpus: usize,
     /// Device tree command line (`Some`: generate a DTB, x0 = its IPA).
     pub dtb_bootargs: Option<&'a str>,
+    /// An initrd and its offset in RAM (after the image, below the device
+    /// tree; announced in the device tree, written again at each reset).
+    pub initrd: Option<(ImageSource, u64)>,
     /// A protected VM (protected mode only).
     pub protected: bool,
     /// A region of RAM (IPA, bytes; 2M aligned) in a memslot of its own,
@@ -235,6 +250,8 @@ pub struct GuestVm {
     image: ImageSource,
     /// The generated device tree (IPA, blob), written again at each reset.
     dtb: Option<(u64, Vec<u8>)>,
+    /// The initrd and its IPA, written again at each reset.
+    initrd: Option<(ImageSource, u64)>,
     /// How vCPU 0 starts, at creation and after each system reset.
     boot: BootParams,
     /// System resets done (restarts from the entry point).
@@ -242,6 +259,10 @@ pub struct GuestVm {
     reports: SpinLock<[Option<(u64, u64)>; code::COUNT]>,
     /// Per vCPU: the emulated UART's line buffer.
     uart: Vec<SpinLock<LineBuf>>,
+    /// The emulated PL011 (registers, RX FIFO, interrupt line).
+    pl011: SpinLock<Pl011>,
+    /// When the console input was last polled (physical count).
+    last_poll: AtomicU64,
     /// Per vCPU: the hardware-only state, lent to its backend.
     hw: Vec<SpinLock<VcpuHw>>,
     /// The system-register policy: sanitised features, trap controls.
@@ -286,6 +307,17 @@ fn check_spec(spec: &VmSpec<'_>) -> Result<(), VmmError> {
         .and_then(|e| e.checked_add(dtb_reserve));
     if image_end.is_none_or(|e| e > spec.mem) {
         return Err(VmmError::ImageTooBig);
+    }
+    if let Some((img, off)) = spec.initrd {
+        let kernel_end = spec.load_offset + spec.image.len();
+        let end = off
+            .checked_add(img.len())
+            .and_then(|e| e.checked_add(DTB_RESERVE));
+        if spec.dtb_bootargs.is_none() || off < kernel_end || end.is_none_or(|e| e > spec.mem) {
+            return Err(VmmError::BadConfig(
+                "initrd must lie after the image, below the device tree",
+            ));
+        }
     }
     let ram_end = GUEST_RAM + spec.mem;
     if let Some((t, n)) = spec.touch {
@@ -387,6 +419,7 @@ pub fn create(
         entry: GUEST_RAM + spec.load_offset,
         image: spec.image,
         dtb: None,
+        initrd: spec.initrd.map(|(img, off)| (img, GUEST_RAM + off)),
         boot: BootParams::default(),
         resets: AtomicU32::new(0),
         reports: SpinLock::new([None; code::COUNT], LockClass::Leaf),
@@ -401,6 +434,10 @@ pub fn create(
                 )
             })
             .collect(),
+        // Its lock is held while the vGIC's (a leaf too) is taken to drive
+        // the interrupt line; the vGIC's never takes it.
+        pl011: SpinLock::new(Pl011::new(), LockClass::Leaf),
+        last_poll: AtomicU64::new(0),
         // Taken by the scheduler's runner before any pkvm-host lock.
         hw: (0..spec.vcpus)
             .map(|i| SpinLock::new(VcpuHw::new().named(spec.name, i), LockClass::HostVm))
@@ -466,10 +503,19 @@ impl GuestVm {
             return Ok(());
         };
         let mut blob = [0u8; 8192];
-        let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, spec.mem, spec.vcpus, bootargs)
+        let initrd = self.initrd.map(|(img, ipa)| (ipa, ipa + img.len()));
+        let (mem, vcpus) = (spec.mem, spec.vcpus);
+        let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, mem, vcpus, bootargs, initrd)
             .map_err(|_| VmmError::BadConfig("device tree too big (command line?)"))?;
-        fdtgen::verify(&blob[..n], GUEST_RAM, spec.mem, spec.vcpus, bootargs)
+        fdtgen::verify(&blob[..n], GUEST_RAM, mem, vcpus, bootargs, initrd)
             .map_err(VmmError::BadConfig)?;
+        if let Some((start, end)) = initrd {
+            println!(
+                "vm {}: initrd at IPA {start:#x}..{end:#x} ({} bytes)",
+                spec.name,
+                end - start
+            );
+        }
         let dtb_ipa = GUEST_RAM + spec.mem - BLOCK;
         println!(
             "vm {}: device tree at IPA {dtb_ipa:#x} ({n} bytes, {} vCPUs, bootargs \"{bootargs}\"), checked with the fdt crate",
@@ -483,6 +529,9 @@ impl GuestVm {
     /// and at each system reset. Nothing else in guest RAM is touched.
     fn load(&self) -> Result<(), VmmError> {
         self.image.with(|img| self.write_guest(self.entry, img))?;
+        if let Some((img, ipa)) = &self.initrd {
+            img.with(|b| self.write_guest(*ipa, b))?;
+        }
         if let Some((ipa, blob)) = &self.dtb {
             self.write_guest(*ipa, blob)?;
         }
@@ -551,6 +600,7 @@ impl GuestVm {
         crate::platform::hw::icache_inval_all();
         // No vCPU is in the guest: nothing is in flight in list registers.
         self.irq.reset();
+        self.pl011.lock().reset();
         self.resets.store(n, Ordering::Relaxed);
         let others = self.vcpu_count() - 1;
         println!(
@@ -645,6 +695,71 @@ impl GuestVm {
         }
     }
 
+    /// Drives the PL011's interrupt line into the vGIC (with its lock held,
+    /// so levels are applied in order) and kicks the vCPUs it wakes.
+    fn pl011_line(&self, u: &Pl011) {
+        let kick = self.irq.set_spi(UART_INTID, u.irq_level());
+        for v in kick.iter() {
+            self.vm.kick_vcpu(v);
+        }
+    }
+
+    /// This VM's identity for [`INPUT_OWNER`].
+    fn input_id(&self) -> usize {
+        self as *const GuestVm as usize
+    }
+
+    /// Takes the console input for this VM if no other VM has it, and
+    /// says so on the console. Returns whether it has it now.
+    pub fn claim_input(&self) -> bool {
+        let me = self.input_id();
+        match INPUT_OWNER.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                println!(
+                    "console: input goes to vm {} (its PL011, ttyAMA0): type here",
+                    self.name
+                );
+                true
+            }
+            Err(o) => o == me,
+        }
+    }
+
+    fn owns_input(&self) -> bool {
+        INPUT_OWNER.load(Ordering::Acquire) == self.input_id()
+    }
+
+    /// Moves typed bytes from the console into the PL011's RX FIFO (as
+    /// many as it has room for: the rest wait in the physical UART), at
+    /// most every half millisecond; only for the VM owning the input.
+    fn poll_input(&self) {
+        if !self.owns_input() {
+            return;
+        }
+        let now = crate::platform::timer::now();
+        let last = self.last_poll.load(Ordering::Relaxed);
+        if now.wrapping_sub(last) < crate::platform::timer::ticks_for_us(500)
+            || self
+                .last_poll
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let mut u = self.pl011.lock();
+        let mut got = false;
+        while u.rx_room() {
+            let Some(b) = crate::platform::console::getc() else {
+                break;
+            };
+            u.push_rx(b);
+            got = true;
+        }
+        if got {
+            self.pl011_line(&u);
+        }
+    }
+
     /// A byte the guest wrote to its PL011 data register. Lines are
     /// printed with [`GUEST_LINE_PREFIX`] and the VM's name (and the vCPU's
     /// index if it has several), so a guest cannot print a line that looks
@@ -680,24 +795,26 @@ impl GuestVm {
         u.n += 1;
     }
 
-    /// Emulates an MMIO access: the PL011 at `fdtgen::GUEST_UART` (data
-    /// register writes go to the console, FR reads "TX empty", ID
-    /// registers for probing); anything else reads as 0, writes ignored.
+    /// Emulates an MMIO access: the PL011 at `fdtgen::GUEST_UART`
+    /// ([`pkvm_pl011`]: transmitted bytes go to the console, its interrupt
+    /// line to the vGIC); anything else reads as 0, writes ignored.
     fn mmio(&self, index: usize, addr: u64, len: u8, write: bool, data: u64) -> u64 {
         self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-        const PL011_ID: [u64; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
         let uart = fdtgen::GUEST_UART;
-        if (uart..uart + 0x1000).contains(&addr) {
-            return match (write, addr - uart) {
-                (true, 0) => {
-                    self.uart_putc(index, data as u8);
-                    0
-                }
-                (true, _) => 0,
-                (false, 0x18) => 0x90,
-                (false, off @ 0xfe0..=0xffc) => PL011_ID[((off - 0xfe0) / 4) as usize],
-                (false, _) => 0,
+        if (uart..uart + pkvm_pl011::SIZE).contains(&addr) {
+            let off = addr - uart;
+            let mut u = self.pl011.lock();
+            let (v, tx) = if write {
+                (0, u.write(off, data as u32))
+            } else {
+                (u64::from(u.read(off)), None)
             };
+            self.pl011_line(&u);
+            drop(u);
+            if let Some(b) = tx {
+                self.uart_putc(index, b);
+            }
+            return v;
         }
         self.counters.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
         if !self.warned_unclaimed.swap(true, Ordering::Relaxed) {
@@ -905,6 +1022,8 @@ impl GuestVm {
     /// The caller must have finished the scheduler run (its vCPU runners
     /// hold references).
     pub fn destroy(self: Arc<Self>) -> u64 {
+        let _ =
+            INPUT_OWNER.compare_exchange(self.input_id(), 0, Ordering::AcqRel, Ordering::Acquire);
         self.vm.teardown(crate::platform::start::cpu_index());
         match Arc::try_unwrap(self) {
             Ok(mut g) => g.release_vmas(),
@@ -943,6 +1062,12 @@ impl HostVmm for GuestVm {
 
     fn wfi(&self, be: &mut HwBackend<'_>) -> Outcome {
         match be.hw().wait {
+            // The input owner wakes to poll the console input.
+            WfiAction::Block(deadline) if self.owns_input() => {
+                let poll = crate::platform::timer::now()
+                    + crate::platform::timer::ticks_for_us(INPUT_POLL_US);
+                Outcome::Wait(deadline.map_or(poll, |d| d.min(poll)))
+            }
             WfiAction::Block(deadline) => Outcome::Wait(deadline.unwrap_or(u64::MAX)),
             WfiAction::Yield | WfiAction::Resume => Outcome::Yield,
         }
@@ -963,6 +1088,7 @@ impl HostVmm for GuestVm {
     /// the next entry: reset the hardware-only state with it.
     fn exit(&self, vcpu: &mut Vcpu<BootPlatform, BootProcess>, exit: &VcpuExit) {
         self.counters.run_exits.fetch_add(1, Ordering::Relaxed);
+        self.poll_input();
         let index = vcpu.index();
         match *exit {
             VcpuExit::Mmio {

@@ -219,6 +219,15 @@ impl VmIrq {
             .unwrap_or(VcpuSet::EMPTY)
     }
 
+    /// Drives the line of SPI `intid` (a device model's interrupt output,
+    /// such as the PL011's): the vCPUs to kick.
+    pub fn set_spi(&self, intid: u32, level: bool) -> VcpuSet {
+        self.vgic
+            .lock()
+            .set_level(Line::Spi(intid), level)
+            .unwrap_or(VcpuSet::EMPTY)
+    }
+
     /// A VM reset: every register and interrupt back to its reset state.
     pub fn reset(&self) {
         self.vgic.lock().reset();

@@ -150,7 +150,7 @@ pub fn main(p: &'static Platform) -> i32 {
         "touch" => bool_code(touch(&process)),
         "exits" => bool_code(exits(&process)),
         "protected" => bool_code(protected(&lay, &process, true)),
-        "guest" => guest(p, &process),
+        "guest" => guest(&lay, p, &process),
         "sched-smp" => bool_code(smp::sched_smp(&lay, &process, p, false)),
         "sched-smp-protected" => bool_code(smp::sched_smp(&lay, &process, p, true)),
         "sched-spin" => bool_code(smp::sched_spin(&process, p)),
@@ -258,6 +258,7 @@ fn builtin(
         load_offset: 0,
         vcpus: 1,
         dtb_bootargs: None,
+        initrd: None,
         protected,
         touch,
         x0: None,
@@ -635,9 +636,29 @@ fn demo(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     ok & protected(lay, process, false)
 }
 
+/// Where the handoff's initrd goes in the external guest's RAM (after the
+/// kernel, below the device tree): `Ok(None)` without one, `Err` (said on
+/// the console) if it does not fit.
+fn guest_initrd(
+    h: &crate::platform::handoff::Handoff,
+    layout: &pkvm_arch::image::GuestLayout,
+    mem: u64,
+) -> Result<Option<(ImageSource, u64)>, ()> {
+    let Some((pa, size)) = h.initrd else {
+        return Ok(None);
+    };
+    match pkvm_arch::image::initrd_offset(layout, size, mem, guest::DTB_RESERVE) {
+        Ok(off) => Ok(Some((ImageSource::Phys(Pa(pa), size), off))),
+        Err(e) => {
+            println!("guest: initrd: {e}");
+            Err(())
+        }
+    }
+}
+
 /// An external guest from the handoff block: returns (ok, exit status);
 /// status 0 iff the guest powered off with PSCI SYSTEM_OFF.
-fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
+fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
     let Some(h) = p.handoff.as_ref() else {
         return (false, 2);
     };
@@ -653,7 +674,14 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         );
         return (false, 2);
     }
-    let plat = BootPlatform::new(None);
+    let plat = if h.protected {
+        match protected_platform(lay) {
+            Some(p) => p,
+            None => return (false, 2),
+        }
+    } else {
+        BootPlatform::new(None)
+    };
     let mem = h.mem_mib as u64 * MIB;
     // The header is the file's (hostile input): checked placement only.
     let layout = phys::with_slice(Pa(gpa), gsize, |img| {
@@ -667,8 +695,12 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         }
     };
     let load_offset = layout.load_offset;
+    let Ok(initrd) = guest_initrd(h, &layout, mem) else {
+        return (false, 2);
+    };
     println!(
-        "guest: {} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
+        "guest: {}{} of {gsize} bytes, loaded at IPA {:#x}, {vcpus} vCPUs, {} MiB",
+        if h.protected { "protected VM: " } else { "" },
         if layout.header.is_some() {
             "Linux arm64 Image"
         } else {
@@ -687,7 +719,8 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
         load_offset,
         vcpus,
         dtb_bootargs: Some(h.cmdline()),
-        protected: false,
+        initrd,
+        protected: h.protected,
         touch: None,
         x0: None,
     };
@@ -698,6 +731,7 @@ fn guest(p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
             return (false, 2);
         }
     };
+    g.claim_input();
     let ran = run_vms(core::slice::from_ref(&g));
     let ok = ran & finish(g);
     (ok, if ok { 0 } else { 1 })

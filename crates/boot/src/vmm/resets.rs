@@ -77,6 +77,7 @@ fn create(
         load_offset: 0,
         vcpus,
         dtb_bootargs: None,
+        initrd: None,
         protected: c.protected,
         touch: None,
         x0: Some(c.ask | if c.concurrent { CONCURRENT } else { 0 }),

@@ -61,6 +61,7 @@ fn create(
         load_offset: 0,
         vcpus,
         dtb_bootargs: None,
+        initrd: None,
         protected: false,
         touch: None,
         x0: Some(vcpus as u64),
