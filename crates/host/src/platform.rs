@@ -104,9 +104,12 @@ pub trait ProcessMemory: Send + Sync {
     /// The page reference type.
     type Pin: PinnedPage + Send + Sync;
 
-    /// Runs `f` with the VMA containing `hva` under the process memory read
-    /// lock. The reference's lifetime is the closure call (higher-ranked),
-    /// so a VMA can never be used after the lock is dropped: that does not
+    /// Runs `f` with the VMA containing `hva`, held stable for the call
+    /// (under the process memory read lock, or, like Linux's per-VMA lock,
+    /// through a reference to a VMA that can be unmapped meanwhile but not
+    /// changed: a fault that used it then fails to pin or retries on the
+    /// MMU notifier sequence). The reference's lifetime is the closure call
+    /// (higher-ranked), so a VMA can never be used after it: that does not
     /// compile.
     fn with_vma<R>(&self, hva: Hva, f: impl FnOnce(Option<&dyn VmaInfo>) -> R) -> R;
 

@@ -285,8 +285,9 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Shards of a VMA's folio map.
-const FOLIO_SHARDS: usize = 64;
+/// Shards of a VMA's folio map (a power of two).
+const FOLIO_SHARDS: usize = 1 << FOLIO_SHARD_BITS;
+const FOLIO_SHARD_BITS: u32 = 6;
 
 /// One shard of a [`FolioMap`]: its folios and the condition variable
 /// waiters on its busy folios sleep on. Aligned so that shards do not share
@@ -334,8 +335,14 @@ impl FolioMap {
     }
 
     /// The shard holding the folio that covers `hva`, if any.
+    ///
+    /// Chunks are spread by a multiplicative hash, not taken modulo the
+    /// shard count: vCPUs working on partitions a multiple of 64 chunks
+    /// apart would otherwise walk the same shards in lockstep.
     fn shard(&self, hva: u64) -> &Shard {
-        &self.shards[(hva >> self.shift) as usize % FOLIO_SHARDS]
+        let chunk = hva >> self.shift;
+        let i = chunk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FOLIO_SHARD_BITS);
+        &self.shards[i as usize]
     }
 
     /// The first address a folio overlapping `[start, ..)` can start at.
@@ -347,9 +354,12 @@ impl FolioMap {
     fn shards_for(&self, start: u64, end: u64) -> Vec<&Shard> {
         let (first, last) = (start >> self.shift, end.saturating_sub(1) >> self.shift);
         if last.saturating_sub(first) < FOLIO_SHARDS as u64 {
-            (first..=last)
+            let mut v: Vec<&Shard> = (first..=last)
                 .map(|c| self.shard(c << self.shift))
-                .collect()
+                .collect();
+            v.sort_unstable_by_key(|s| *s as *const Shard as usize);
+            v.dedup_by_key(|s| *s as *const Shard as usize);
+            v
         } else {
             self.shards.iter().collect()
         }
@@ -663,9 +673,29 @@ impl ProcessMm {
         Ok(Hva(start))
     }
 
-    /// Runs `f` on the VMA containing `hva` (or `None`) under the mm read lock.
+    /// Runs `f` on the VMA containing `hva` (or `None`): the VMA this
+    /// thread last faulted on when it covers `hva` and is alive (no mm
+    /// lock, as [`ProcessMm::fault_in`]), else the one found under the mm
+    /// read lock. A VMA's description never changes; one unmapped while `f`
+    /// runs stays readable for the call (its pins then fail, and the MMU
+    /// notifier's invalidation makes a fault that used it retry).
     pub fn with_vma<R>(&self, hva: Hva, f: impl FnOnce(Option<&Vma>) -> R) -> R {
+        let mut f = Some(f);
+        let cached = LAST_VMA.with(|c| match &*c.borrow() {
+            Some((id, node))
+                if *id == self.id
+                    && node.vma.contains(hva)
+                    && !node.dead.load(Ordering::Acquire) =>
+            {
+                f.take().map(|f| f(Some(&node.vma)))
+            }
+            _ => None,
+        });
+        if let Some(r) = cached {
+            return r;
+        }
         let inner = self.read();
+        let f = f.take().expect("not called on the fast path");
         f(inner.find(hva).map(|n| &n.vma))
     }
 
