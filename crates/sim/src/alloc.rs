@@ -403,18 +403,25 @@ impl FrameAllocator {
 
     /// The counters.
     pub fn stats(&self) -> AllocStats {
-        let (mut allocated, mut freed) = (
-            self.allocated.load(Ordering::Relaxed),
-            self.freed.load(Ordering::Relaxed),
-        );
-        for p in self.pcp.iter() {
-            allocated += p.allocated.load(Ordering::Relaxed);
-            freed += p.freed.load(Ordering::Relaxed);
-        }
+        // Frees first, then allocations: a free counted here was allocated
+        // before it, so while frames move the sums can only err towards
+        // more in use, never fewer (exact once the allocator is quiescent).
+        let freed = self
+            .pcp
+            .iter()
+            .fold(self.freed.load(Ordering::Acquire), |n, p| {
+                n + p.freed.load(Ordering::Acquire)
+            });
+        let allocated = self
+            .pcp
+            .iter()
+            .fold(self.allocated.load(Ordering::Acquire), |n, p| {
+                n + p.allocated.load(Ordering::Acquire)
+            });
         AllocStats {
             allocated,
             freed,
-            in_use: allocated - freed,
+            in_use: allocated.saturating_sub(freed),
             total: self.size / PAGE_SIZE,
         }
     }
