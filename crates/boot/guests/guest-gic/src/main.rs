@@ -30,7 +30,8 @@ mod smp;
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use guest_rt::println;
+use guest_rt::wfi;
+use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, write32 as mmio_wr};
 
 global_asm!(
     r#"
@@ -112,33 +113,6 @@ static PEER: AtomicU32 = AtomicU32::new(0);
 static GOT: [AtomicU32; 2] = [const { AtomicU32::new(0) }; 2];
 /// Acknowledged INTIDs that were not the expected SGI.
 static WRONG: AtomicU32 = AtomicU32::new(0);
-
-macro_rules! rd {
-    ($r:literal) => {{
-        let v: u64;
-        // SAFETY: reading a system register the guest may access.
-        unsafe { asm!(concat!("mrs {}, ", $r), out(reg) v, options(nostack)) };
-        v
-    }};
-}
-
-macro_rules! wr {
-    ($r:literal, $v:expr) => {{
-        let v: u64 = $v;
-        // SAFETY: writing a GIC or timer register of this vCPU's own.
-        unsafe { asm!(concat!("msr ", $r, ", {}"), "isb", in(reg) v, options(nostack)) };
-    }};
-}
-
-fn mmio_wr(addr: usize, v: u32) {
-    // SAFETY: a GIC register (Device memory in the identity map).
-    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
-}
-
-fn wfi() {
-    // SAFETY: WFI only waits.
-    unsafe { asm!("dsb sy", "wfi", options(nostack)) };
-}
 
 /// This vCPU's redistributor: awake, SGIs/PPIs in Group 1, `enable`d.
 fn redistributor(vcpu: usize, enable: u32) {

@@ -41,10 +41,10 @@
 #[path = "../../guest-smp/src/smp.rs"]
 mod smp;
 
-use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use guest_rt::println;
+use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, write32 as mmio_wr};
+use guest_rt::{sev, wfe, wfi};
 
 const GICD: usize = 0x0800_0000;
 const GICR: usize = 0x080a_0000;
@@ -92,43 +92,6 @@ static RECV: [[AtomicU32; MAX_VCPUS]; MAX_VCPUS] =
 static WRONG: AtomicU32 = AtomicU32::new(0);
 /// vCPUs at the IPI round's barrier.
 static BAR_COUNT: AtomicU32 = AtomicU32::new(0);
-
-macro_rules! rd {
-    ($r:literal) => {{
-        let v: u64;
-        // SAFETY: reading a system register the guest may access.
-        unsafe { asm!("isb", concat!("mrs {}, ", $r), out(reg) v, options(nostack)) };
-        v
-    }};
-}
-
-macro_rules! wr {
-    ($r:literal, $v:expr) => {{
-        let v: u64 = $v;
-        // SAFETY: writing a GIC or timer register of this vCPU's own.
-        unsafe { asm!(concat!("msr ", $r, ", {}"), "isb", in(reg) v, options(nostack)) };
-    }};
-}
-
-fn mmio_wr(addr: usize, v: u32) {
-    // SAFETY: a GIC register (Device memory in the identity map).
-    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
-}
-
-fn wfi() {
-    // SAFETY: WFI only waits.
-    unsafe { asm!("dsb sy", "wfi", options(nostack)) };
-}
-
-fn wfe() {
-    // SAFETY: WFE only waits (trapped: a yield).
-    unsafe { asm!("wfe", options(nostack)) };
-}
-
-fn sev() {
-    // SAFETY: SEV only signals an event.
-    unsafe { asm!("dsb sy", "sev", options(nostack)) };
-}
 
 /// This vCPU's redistributor: awake, SGIs/PPIs in Group 1, `enable`d.
 fn redistributor(vcpu: usize, enable: u32) {

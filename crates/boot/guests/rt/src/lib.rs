@@ -124,6 +124,53 @@ pub fn read32(ipa: usize) -> u32 {
     unsafe { core::ptr::read_volatile(ipa as *const u32) }
 }
 
+/// Writes a 32-bit value to a guest physical address (a device register).
+pub fn write32(ipa: usize, v: u32) {
+    // SAFETY: guest physical addresses are ours to access; a write to an
+    // unbacked address becomes an MMIO exit the host completes.
+    unsafe { core::ptr::write_volatile(ipa as *mut u32, v) }
+}
+
+/// Waits for an interrupt (after completing earlier memory accesses).
+pub fn wfi() {
+    // SAFETY: WFI only waits.
+    unsafe { asm!("dsb sy", "wfi", options(nostack)) };
+}
+
+/// Waits for an event (trapped by the hypervisor: a yield).
+pub fn wfe() {
+    // SAFETY: WFE only waits.
+    unsafe { asm!("wfe", options(nostack)) };
+}
+
+/// Signals an event to every CPU (after completing memory accesses).
+pub fn sev() {
+    // SAFETY: SEV only signals an event.
+    unsafe { asm!("dsb sy", "sev", options(nostack)) };
+}
+
+/// Reads the system register named by the string literal (after an ISB,
+/// so earlier register writes are seen).
+#[macro_export]
+macro_rules! sysreg_read {
+    ($r:literal) => {{
+        let v: u64;
+        // SAFETY: reading a system register the guest may access.
+        unsafe { ::core::arch::asm!("isb", concat!("mrs {}, ", $r), out(reg) v, options(nostack)) };
+        v
+    }};
+}
+
+/// Writes the system register named by the string literal, then an ISB.
+#[macro_export]
+macro_rules! sysreg_write {
+    ($r:literal, $v:expr) => {{
+        let v: u64 = $v;
+        // SAFETY: writing a system register of this vCPU's own.
+        unsafe { ::core::arch::asm!(concat!("msr ", $r, ", {}"), "isb", in(reg) v, options(nostack)) };
+    }};
+}
+
 /// Writes one byte to the emulated UART.
 pub fn putc(b: u8) {
     // SAFETY: UART_DR is the (emulated) PL011 data register.
