@@ -30,6 +30,7 @@ mod smp;
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use guest_rt::gic::{wake_redistributor, GICD, SGI_BASE, SPURIOUS};
 use guest_rt::wfi;
 use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, write32 as mmio_wr};
 
@@ -97,11 +98,6 @@ fn bad_access() -> u64 {
 
 /// Ping-pong rounds.
 const ROUNDS: u32 = 200;
-const GICD: usize = 0x0800_0000;
-const GICR: usize = 0x080a_0000;
-const GICR_STRIDE: usize = 0x2_0000;
-const SGI_BASE: usize = 0x1_0000;
-const SPURIOUS: u64 = 1023;
 const PPI_VTIMER: u64 = 27;
 const PPI_PTIMER: u64 = 30;
 const SGI_PING: u64 = 1;
@@ -116,11 +112,7 @@ static WRONG: AtomicU32 = AtomicU32::new(0);
 
 /// This vCPU's redistributor: awake, SGIs/PPIs in Group 1, `enable`d.
 fn redistributor(vcpu: usize, enable: u32) {
-    let rd = GICR + vcpu * GICR_STRIDE;
-    let waker = rd + 0x14;
-    mmio_wr(waker, guest_rt::read32(waker) & !2);
-    while guest_rt::read32(waker) & 4 != 0 {}
-    mmio_wr(rd + SGI_BASE + 0x80, u32::MAX);
+    let rd = wake_redistributor(vcpu);
     mmio_wr(rd + SGI_BASE + 0x100, enable);
 }
 

@@ -171,6 +171,32 @@ macro_rules! sysreg_write {
     }};
 }
 
+/// The guest's GICv3 on the generated device tree (QEMU virt's layout).
+pub mod gic {
+    /// The distributor.
+    pub const GICD: usize = 0x0800_0000;
+    /// The first redistributor.
+    pub const GICR: usize = 0x080a_0000;
+    /// Bytes per redistributor (RD frame + SGI frame).
+    pub const GICR_STRIDE: usize = 0x2_0000;
+    /// The SGI frame's offset within a redistributor.
+    pub const SGI_BASE: usize = 0x1_0000;
+    /// The INTID an acknowledge returns when nothing is pending.
+    pub const SPURIOUS: u64 = 1023;
+
+    /// Wakes `vcpu`'s redistributor (GICR_WAKER.ProcessorSleep cleared,
+    /// then ChildrenAsleep awaited) and puts its SGIs/PPIs in Group 1;
+    /// returns the redistributor's base.
+    pub fn wake_redistributor(vcpu: usize) -> usize {
+        let rd = GICR + vcpu * GICR_STRIDE;
+        let waker = rd + 0x14;
+        super::write32(waker, super::read32(waker) & !2);
+        while super::read32(waker) & 4 != 0 {}
+        super::write32(rd + SGI_BASE + 0x80, u32::MAX);
+        rd
+    }
+}
+
 /// Writes one byte to the emulated UART.
 pub fn putc(b: u8) {
     // SAFETY: UART_DR is the (emulated) PL011 data register.
