@@ -482,64 +482,10 @@ fn drive(
     let t = Instant::now();
     set_slot(&b.vm, b.hva, b.bytes, MEM_LOG_DIRTY_PAGES)?;
     let enable_seconds = t.elapsed().as_secs_f64();
-    let mut iterations = Vec::new();
-    let npages = b.bytes / PAGE_SIZE;
     let mut bitmap = vec![0u64; written.len()];
-    for n in 1..=cfg.iterations {
-        written.iter().for_each(|w| w.store(0, Ordering::Relaxed));
-        let f0 = faults(&b.vm);
-        let dirty_memory_seconds = one_round(round, n)?;
-        let faults = faults(&b.vm) - f0;
-        let t = Instant::now();
-        b.vm.get_dirty_log(0, &mut bitmap, crate::platform::NOTIFIER_CPU)
-            .map_err(|e| RunFailure::Config(e.to_string()))?;
-        let get_dirty_log_seconds = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        if cfg.manual_protect {
-            b.vm.clear_dirty_log(0, 0, npages, &bitmap, crate::platform::NOTIFIER_CPU)
-                .map_err(|e| RunFailure::Config(e.to_string()))?;
-        }
-        let clear_dirty_log_seconds = t.elapsed().as_secs_f64();
-        let all_set = cfg.manual_protect && n == 1;
-        let (mut missing, mut extra, mut nw, mut nd) = (0, 0, 0, 0);
-        for (i, (w, d)) in written.iter().zip(&bitmap).enumerate() {
-            let left = npages - i as u64 * 64;
-            let full = if left >= 64 {
-                u64::MAX
-            } else {
-                (1 << left) - 1
-            };
-            let w = if all_set {
-                full
-            } else {
-                w.load(Ordering::Relaxed)
-            };
-            nw += w.count_ones() as u64;
-            nd += d.count_ones() as u64;
-            missing += (w & !d).count_ones() as u64;
-            extra += (d & !w).count_ones() as u64;
-        }
-        if cfg.verify && (missing != 0 || extra != 0) {
-            return Err(RunFailure::Vcpu {
-                index: 0,
-                what: format!(
-                    "iteration {n}: dirty bitmap differs from the guest's writes: \
-                     {missing} written pages missing, {extra} unwritten pages reported"
-                ),
-            });
-        }
-        iterations.push(Iteration {
-            n,
-            dirty_memory_seconds,
-            get_dirty_log_seconds,
-            clear_dirty_log_seconds,
-            pages_written: nw,
-            pages_dirty: nd,
-            missing,
-            extra,
-            faults,
-        });
-    }
+    let iterations = (1..=cfg.iterations)
+        .map(|n| iteration(b, cfg, round, written, &mut bitmap, n))
+        .collect::<Result<Vec<_>, _>>()?;
     let t = Instant::now();
     set_slot(&b.vm, b.hva, b.bytes, 0)?;
     let disable_seconds = t.elapsed().as_secs_f64();
@@ -561,6 +507,88 @@ fn drive(
     })
 }
 
+/// Iteration `n`: dirty memory, get (and with manual protect, clear) the
+/// dirty log, compare the bitmap with the pages the guest wrote.
+fn iteration(
+    b: &Built,
+    cfg: &Config,
+    round: &Round,
+    written: &[AtomicU64],
+    bitmap: &mut [u64],
+    n: u32,
+) -> Result<Iteration, RunFailure> {
+    let npages = b.bytes / PAGE_SIZE;
+    written.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+    let f0 = faults(&b.vm);
+    let dirty_memory_seconds = one_round(round, n)?;
+    let faults = faults(&b.vm) - f0;
+    let t = Instant::now();
+    b.vm.get_dirty_log(0, bitmap, crate::platform::NOTIFIER_CPU)
+        .map_err(|e| RunFailure::Config(e.to_string()))?;
+    let get_dirty_log_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    if cfg.manual_protect {
+        b.vm.clear_dirty_log(0, 0, npages, bitmap, crate::platform::NOTIFIER_CPU)
+            .map_err(|e| RunFailure::Config(e.to_string()))?;
+    }
+    let clear_dirty_log_seconds = t.elapsed().as_secs_f64();
+    // With "initially all set", the first bitmap has every page.
+    let all_set = cfg.manual_protect && n == 1;
+    let c = compare(written, bitmap, npages, all_set);
+    if cfg.verify && (c.missing != 0 || c.extra != 0) {
+        return Err(RunFailure::Vcpu {
+            index: 0,
+            what: format!(
+                "iteration {n}: dirty bitmap differs from the guest's writes: \
+                 {} written pages missing, {} unwritten pages reported",
+                c.missing, c.extra
+            ),
+        });
+    }
+    Ok(Iteration {
+        n,
+        dirty_memory_seconds,
+        get_dirty_log_seconds,
+        clear_dirty_log_seconds,
+        pages_written: c.written,
+        pages_dirty: c.dirty,
+        missing: c.missing,
+        extra: c.extra,
+        faults,
+    })
+}
+
+/// A dirty bitmap against the pages the guest recorded writing.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Comparison {
+    written: u64,
+    dirty: u64,
+    missing: u64,
+    extra: u64,
+}
+
+fn compare(written: &[AtomicU64], bitmap: &[u64], npages: u64, all_set: bool) -> Comparison {
+    let mut c = Comparison::default();
+    for (i, (w, d)) in written.iter().zip(bitmap).enumerate() {
+        let left = npages - i as u64 * 64;
+        let full = if left >= 64 {
+            u64::MAX
+        } else {
+            (1 << left) - 1
+        };
+        let w = if all_set {
+            full
+        } else {
+            w.load(Ordering::Relaxed)
+        };
+        c.written += u64::from(w.count_ones());
+        c.dirty += u64::from(d.count_ones());
+        c.missing += u64::from((w & !d).count_ones());
+        c.extra += u64::from((d & !w).count_ones());
+    }
+    c
+}
+
 fn faults(vm: &SimVm) -> u64 {
     let s = vm.stats().snapshot();
     s.translation_faults + s.permission_faults
@@ -569,4 +597,30 @@ fn faults(vm: &SimVm) -> u64 {
 fn finish(b: Built, mut report: Report) -> Result<Report, RunFailure> {
     (report.coherence_violations, report.frames_leaked) = teardown(b);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comparison_counts_missing_and_extra_pages_and_masks_the_last_word() {
+        // 70 pages: the second word has 6 valid bits.
+        let written = [AtomicU64::new(0b1011), AtomicU64::new(0b10)];
+        let bitmap = [0b0111, 0b10];
+        let c = compare(&written, &bitmap, 70, false);
+        assert_eq!(
+            c,
+            Comparison {
+                written: 4,
+                dirty: 4,
+                missing: 1,
+                extra: 1
+            }
+        );
+        // "Initially all set": every one of the 70 pages counts as written.
+        let all = [u64::MAX, 0b11_1111];
+        let c = compare(&written, &all, 70, true);
+        assert_eq!((c.written, c.missing, c.extra), (70, 0, 0));
+    }
 }

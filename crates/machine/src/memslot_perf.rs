@@ -164,100 +164,141 @@ fn guest(vcpu: &mut SimVcpu, be: &mut SimBackend, phases: Vec<Phase>) -> Result<
     }
 }
 
+/// Times `cfg.iterations` calls of `f` (which returns the memslot changes
+/// it made) as test `name`.
+fn time(
+    tests: &mut Vec<TestTime>,
+    cfg: &Config,
+    name: &'static str,
+    f: &mut dyn FnMut() -> Result<u64, RunFailure>,
+) -> Result<(), RunFailure> {
+    let t = Instant::now();
+    let mut changes = 0;
+    for _ in 0..cfg.iterations {
+        changes += f()?;
+    }
+    tests.push(TestTime {
+        name,
+        iterations: cfg.iterations,
+        average_seconds: t.elapsed().as_secs_f64() / cfg.iterations as f64,
+        slot_changes: changes,
+    });
+    Ok(())
+}
+
+/// The workload's vCPU and the tests' times.
+struct Bench<'a> {
+    b: &'a Built,
+    cfg: &'a Config,
+    vcpu: SimVcpu,
+    be: SimBackend,
+    tests: Vec<TestTime>,
+}
+
+impl Bench<'_> {
+    fn all(&self) -> u64 {
+        self.cfg.slot_bytes * u64::from(self.cfg.slots)
+    }
+
+    /// "map": the guest touches every page of every slot; "unmap": every
+    /// slot deleted and created again, then touched again.
+    fn map_unmap(&mut self) -> Result<(), RunFailure> {
+        let (b, cfg, all) = (self.b, self.cfg, self.all());
+        let (vcpu, be) = (&mut self.vcpu, &mut self.be);
+        time(&mut self.tests, cfg, "map", &mut || {
+            guest(vcpu, be, vec![Phase::touch_pages(GUEST_BASE, all)]).map(|_| 0)
+        })?;
+        time(&mut self.tests, cfg, "unmap", &mut || {
+            for s in 0..cfg.slots {
+                set(b, cfg, s, slot_ipa(cfg, s), 0)?;
+                set(b, cfg, s, slot_ipa(cfg, s), cfg.slot_bytes)?;
+            }
+            guest(vcpu, be, vec![Phase::touch_pages(GUEST_BASE, all)])
+                .map(|_| 2 * u64::from(cfg.slots))
+        })
+    }
+
+    /// "move inactive" / "move active": the last slot moves away and back
+    /// on another thread while the guest touches the other slots / it.
+    fn moves(&mut self) -> Result<(), RunFailure> {
+        let (b, cfg) = (self.b, self.cfg);
+        let inactive = self.all() - cfg.slot_bytes;
+        let last = cfg.slots - 1;
+        let away = Ipa(GUEST_BASE.0 + (64u64 << 30));
+        let mover = |stop: &AtomicBool| -> Result<u64, RunFailure> {
+            let mut n = 0;
+            while !stop.load(Ordering::Acquire) || n == 0 {
+                set(b, cfg, last, away, cfg.slot_bytes)?;
+                set(b, cfg, last, slot_ipa(cfg, last), cfg.slot_bytes)?;
+                n += 2;
+            }
+            Ok(n)
+        };
+        let (vcpu, be) = (&mut self.vcpu, &mut self.be);
+        for (name, region) in [
+            ("move inactive", (GUEST_BASE, inactive)),
+            ("move active", (slot_ipa(cfg, last), cfg.slot_bytes)),
+        ] {
+            time(&mut self.tests, cfg, name, &mut || {
+                let stop = AtomicBool::new(false);
+                std::thread::scope(|s| {
+                    let m = s.spawn(|| mover(&stop));
+                    let r = guest(vcpu, be, vec![Phase::touch_pages(region.0, region.1)]);
+                    stop.store(true, Ordering::Release);
+                    let m = m
+                        .join()
+                        .map_err(|_| RunFailure::Config("mover panicked".into()))?;
+                    r?;
+                    m
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// "rw": write and verify every page, then read and verify; returns
+    /// whether every read-back matched.
+    fn rw(&mut self) -> Result<bool, RunFailure> {
+        let (cfg, all) = (self.cfg, self.all());
+        let (vcpu, be) = (&mut self.vcpu, &mut self.be);
+        let mut readback_ok = true;
+        time(&mut self.tests, cfg, "rw", &mut || {
+            let ok = guest(
+                vcpu,
+                be,
+                vec![
+                    Phase::touch_pages(GUEST_BASE, all).verify(true),
+                    Phase::touch_pages(GUEST_BASE, all).writes(0).verify(true),
+                ],
+            )?;
+            readback_ok &= ok;
+            Ok(0)
+        })?;
+        Ok(readback_ok)
+    }
+}
+
 /// Runs the workload.
 ///
 /// # Errors
 /// See [`RunFailure`].
 pub fn run(cfg: &Config) -> Result<Report, RunFailure> {
     let b = build(cfg)?;
-    let mut vcpu = b.vm.vcpu(0)?;
-    let mut be = SimBackend::new(b.machine.cpu(0)?, b.platform.clone(), 1 << 14);
-    let all = cfg.slot_bytes * cfg.slots as u64;
-    let inactive = all - cfg.slot_bytes;
-    let last = cfg.slots - 1;
-    let away = Ipa(GUEST_BASE.0 + (64u64 << 30));
-    let mut tests = Vec::new();
-    // `f` returns the memslot changes it made.
-    let mut time = |name, f: &mut dyn FnMut() -> Result<u64, RunFailure>| {
-        let t = Instant::now();
-        let mut changes = 0;
-        for _ in 0..cfg.iterations {
-            changes += f()?;
-        }
-        tests.push(TestTime {
-            name,
-            iterations: cfg.iterations,
-            average_seconds: t.elapsed().as_secs_f64() / cfg.iterations as f64,
-            slot_changes: changes,
-        });
-        Ok::<(), RunFailure>(())
+    let vcpu = b.vm.vcpu(0)?;
+    let be = SimBackend::new(b.machine.cpu(0)?, b.platform.clone(), 1 << 14);
+    let mut bench = Bench {
+        b: &b,
+        cfg,
+        vcpu,
+        be,
+        tests: Vec::new(),
     };
-    time("map", &mut || {
-        guest(
-            &mut vcpu,
-            &mut be,
-            vec![Phase::touch_pages(GUEST_BASE, all)],
-        )
-        .map(|_| 0)
-    })?;
-    time("unmap", &mut || {
-        for s in 0..cfg.slots {
-            set(&b, cfg, s, slot_ipa(cfg, s), 0)?;
-            set(&b, cfg, s, slot_ipa(cfg, s), cfg.slot_bytes)?;
-        }
-        guest(
-            &mut vcpu,
-            &mut be,
-            vec![Phase::touch_pages(GUEST_BASE, all)],
-        )
-        .map(|_| 2 * cfg.slots as u64)
-    })?;
-    let moves = |b: &Built, stop: &AtomicBool| -> Result<u64, RunFailure> {
-        let mut n = 0;
-        while !stop.load(Ordering::Acquire) || n == 0 {
-            set(b, cfg, last, away, cfg.slot_bytes)?;
-            set(b, cfg, last, slot_ipa(cfg, last), cfg.slot_bytes)?;
-            n += 2;
-        }
-        Ok(n)
-    };
-    for (name, region) in [
-        ("move inactive", (GUEST_BASE, inactive)),
-        ("move active", (slot_ipa(cfg, last), cfg.slot_bytes)),
-    ] {
-        time(name, &mut || {
-            let stop = AtomicBool::new(false);
-            std::thread::scope(|s| {
-                let mover = s.spawn(|| moves(&b, &stop));
-                let r = guest(
-                    &mut vcpu,
-                    &mut be,
-                    vec![Phase::touch_pages(region.0, region.1)],
-                );
-                stop.store(true, Ordering::Release);
-                let m = mover
-                    .join()
-                    .map_err(|_| RunFailure::Config("mover panicked".into()))?;
-                r?;
-                m
-            })
-        })?;
-    }
-    let mut readback_ok = true;
-    time("rw", &mut || {
-        let ok = guest(
-            &mut vcpu,
-            &mut be,
-            vec![
-                Phase::touch_pages(GUEST_BASE, all).verify(true),
-                Phase::touch_pages(GUEST_BASE, all).writes(0).verify(true),
-            ],
-        )?;
-        readback_ok &= ok;
-        Ok(0)
-    })?;
-    drop(vcpu);
-    drop(be);
+    bench.map_unmap()?;
+    bench.moves()?;
+    let readback_ok = bench.rw()?;
+    let tests = bench.tests;
+    drop(bench.vcpu);
+    drop(bench.be);
     b.vm.teardown(0);
     drop(b.vm);
     b.mm.exit();
