@@ -302,3 +302,51 @@ fn moving_a_slot_can_start_and_stop_logging() {
     drop(r);
     env.finish();
 }
+
+/// Writes to pages dirty logging protected take the in-place fast path
+/// (one per page per iteration, every write in the bitmap); a page that
+/// was never writable (a read-only file) is never made writable by it.
+#[test]
+fn logged_writes_take_the_fast_path_and_never_make_a_read_only_page_writable() {
+    let env = Env::new(Flavor::Standard, 1);
+    let size = 1u64 << 20;
+    let pages = size / PAGE_SIZE;
+    let hva = env.add_slot(0, RAM, size, VmaKind::Anonymous4K, 0);
+    let ro = Ipa(RAM.0 + (64 << 20));
+    let write_all = |env: &Env| {
+        let ops = (0..pages).map(|p| Op::write(Ipa(RAM.0 + p * PAGE_SIZE), 8));
+        env.runner(0, Box::new(Script::new(ops.collect::<Vec<_>>())))
+            .run_to_end();
+    };
+    write_all(&env);
+    env.set_slot(0, RAM, size, hva, MEM_LOG_DIRTY_PAGES);
+    let mut bm = vec![0u64; (pages / 64) as usize];
+    for round in 0..2 {
+        let f0 = env.vm.stats().snapshot().fast_permission_faults;
+        write_all(&env);
+        let fast = env.vm.stats().snapshot().fast_permission_faults - f0;
+        assert_eq!(fast, pages, "round {round}: fast-path faults");
+        env.vm.get_dirty_log(0, &mut bm, 0).unwrap();
+        assert!(bm.iter().all(|w| *w == u64::MAX), "round {round}: {bm:x?}");
+    }
+    // The read-only page: logging on, read (mapped read-only), then write.
+    let file = env.mm.mmap(PAGE_SIZE, VmaKind::ReadOnlyFile { file_id: 7 });
+    let file = file.expect("mmap");
+    env.set_slot(1, ro, PAGE_SIZE, file, MEM_LOG_DIRTY_PAGES);
+    let mut r = env.runner(
+        0,
+        Box::new(Script::new(vec![Op::read(ro, 8), Op::write(ro, 8)])),
+    );
+    let exit = r.run();
+    drop(r);
+    let (_, prot, _) = env.vm.s2_translate(ro).expect("mapped by the read");
+    assert!(
+        !prot.contains(pkvm_arch::pte::S2Prot::W),
+        "a read-only file page became writable (exit {exit:?})"
+    );
+    assert!(
+        !matches!(exit, pkvm_host::vcpu::VcpuExit::Halted),
+        "the write to a read-only page completed"
+    );
+    env.finish();
+}

@@ -780,3 +780,79 @@ fn el2_stage1_tables_use_the_el2_attribute_format() {
     pt.destroy(&env, &mut cache);
     assert_eq!(cache.outstanding(), 0);
 }
+
+/// Dirty logging's marks: only leaves that were writable get the mark,
+/// splitting keeps it, and the fast relax gives write permission back to
+/// a marked 4K leaf only (never to a block, an unmarked or a writable one).
+#[test]
+fn wrprotect_marking_and_relax_marked_write() {
+    let mut f = Fixture::new();
+    let mut pt = f.s2(39);
+    let env = Env {
+        mem: &f.mem,
+        tlb: NoTlb,
+    };
+    let mark = S2Prot::SW3;
+    let mut map = |pt: &mut PageTable<Stage2>, ipa: u64, size: u64, prot| {
+        pt.map(
+            &env,
+            Ipa(ipa),
+            size,
+            Pa(ipa),
+            prot,
+            MapFlags::NONE,
+            &mut f.cache,
+        )
+        .unwrap()
+    };
+    map(&mut pt, 0, G2M, S2Prot::RW); // a block
+    map(&mut pt, G2M, 4096, S2Prot::RW); // a writable page
+    map(&mut pt, G2M + 4096, 4096, S2Prot::R); // a page never writable
+    let (first, end) = (Ipa(0), G2M + 8192);
+    assert_eq!(
+        pt.wrprotect_marking(&env, first, end, S2Prot::R),
+        Err(PtError::InvalidProt)
+    );
+    pt.wrprotect_marking(&env, first, end, mark).unwrap();
+    let prot = |pt: &PageTable<Stage2>, ipa| pt.translate(&env, Ipa(ipa)).unwrap().1;
+    assert_eq!(prot(&pt, 0), S2Prot::R | mark, "block marked");
+    assert_eq!(prot(&pt, G2M), S2Prot::R | mark, "page marked");
+    assert_eq!(
+        prot(&pt, G2M + 4096),
+        S2Prot::R,
+        "read-only page not marked"
+    );
+    let shared = pt.shared();
+    assert_eq!(
+        shared.relax_marked_write(&env, Ipa(0x3000), mark),
+        Ok(false),
+        "block"
+    );
+    assert_eq!(prot(&pt, 0), S2Prot::R | mark);
+    assert_eq!(
+        shared.relax_marked_write(&env, Ipa(G2M + 4096), mark),
+        Ok(false)
+    );
+    assert_eq!(shared.relax_marked_write(&env, Ipa(G2M), mark), Ok(true));
+    assert_eq!(prot(&pt, G2M), S2Prot::RW, "writable, mark cleared");
+    assert_eq!(
+        shared.relax_marked_write(&env, Ipa(G2M), mark),
+        Ok(false),
+        "twice"
+    );
+    assert_eq!(
+        shared.relax_marked_write(&env, Ipa(G1G), mark),
+        Err(PtError::Again),
+        "nothing mapped"
+    );
+    // Splitting the marked block: every page is marked and relaxable.
+    pt.split(&env, Ipa(0), G2M, &mut f.cache).unwrap();
+    assert_eq!(prot(&pt, 0x3000), S2Prot::R | mark);
+    assert_eq!(
+        pt.shared().relax_marked_write(&env, Ipa(0x3000), mark),
+        Ok(true)
+    );
+    assert_eq!(prot(&pt, 0x3000), S2Prot::RW);
+    assert_eq!(prot(&pt, 0x4000), S2Prot::R | mark);
+    f.finish(pt);
+}
