@@ -25,7 +25,8 @@
 //!
 //! # Lock order (host)
 //! `HostVm` (hyp VM init state) -> `HostSlots` (memslots) -> `HostMmu`
-//! (stage-2) -> `HostVcpu` (power state). Memslots are copied out and the
+//! (stage-2) -> `HostVcpu` (power state) -> `HostMmuShard` (a protected VM's
+//! mapping table shard, under the MMU lock). Memslots are copied out and the
 //! lock dropped before the fault path pins a page; the invalidation
 //! sequence, sampled before the memslot lookup, catches a slot deleted in
 //! between (or switched to dirty logging). The dirty bitmaps' map is a leaf

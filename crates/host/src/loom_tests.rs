@@ -293,7 +293,7 @@ fn race_teardowns(protected_mode: bool, protected_vm: bool, run: bool) -> Arc<Fa
     if run {
         vm.ensure_hyp_init(0).expect("hyp init");
         if let Some(S2State::Protected(m)) = vm.mmu.state.write().as_mut() {
-            m.insert(
+            m.shard(pkvm_arch::Gfn(0x40000)).insert(
                 0x40000,
                 HypMapping {
                     npages: 1,

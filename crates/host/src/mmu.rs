@@ -5,8 +5,10 @@
 //!   under the MMU read lock with shared walks; notifiers, memslot changes
 //!   and teardown take the write lock.
 //! - Protected mode: the hypervisor owns the tables; the host maps by
-//!   hypercalls under the MMU write lock and remembers, per mapping, the
-//!   host page reference it holds (released when the mapping goes).
+//!   hypercalls under the MMU read lock and its chunk's shard lock
+//!   ([`ProtectedMaps`]) and remembers, per mapping, the host page
+//!   reference it holds (released when the mapping goes); notifiers and
+//!   teardown take the write lock.
 //!
 //! Teardown has one owner: the state lives in an `Option` under the MMU
 //! write lock and whoever takes it (VM destroy or the mm-exit notifier,
@@ -19,7 +21,7 @@ use alloc::collections::BTreeMap;
 use pkvm_arch::vtcr::S2Geometry;
 use pkvm_arch::{Gfn, Ipa, PAGE_SIZE};
 use pkvm_pgtable::{PageTable, Stage2};
-use pkvm_sync::{LockClass, RwSpinLock};
+use pkvm_sync::{LockClass, RwSpinLock, SpinGuard, SpinLock};
 
 /// Software mark on a standard stage-2 leaf that dirty logging made
 /// read-only: it was writable, so a write fault on it (4K) only needs the
@@ -128,9 +130,73 @@ impl core::ops::DerefMut for HostS2 {
 pub(crate) enum S2State<Pin> {
     /// Host-managed tables (with their split cache and shadow MMUs).
     Standard(HostS2),
-    /// Hypervisor-managed tables: the mappings the host asked for, by
-    /// first gfn.
-    Protected(BTreeMap<u64, HypMapping<Pin>>),
+    /// Hypervisor-managed tables: the mappings the host asked for.
+    Protected(ProtectedMaps<Pin>),
+}
+
+/// Guest frames in one chunk of [`ProtectedMaps`] (2M): no hypervisor
+/// mapping the host asks for crosses a chunk boundary (blocks are at most
+/// 2M, as pKVM's host_share_guest allows), so every entry that can cover a
+/// frame is in its chunk's shard.
+pub(crate) const CHUNK_PAGES: u64 = 512;
+
+/// Shards of [`ProtectedMaps`].
+const MAP_SHARDS: usize = 64;
+
+/// A protected-mode VM's mappings through the hypervisor, by first gfn,
+/// in shards picked by a hash of the 2M chunk: a fault takes the MMU lock
+/// for reading and only its chunk's shard lock, so vCPUs faulting in
+/// different chunks share no lock for writing. Whoever holds the MMU write
+/// lock (invalidation, teardown) excludes every fault.
+pub(crate) struct ProtectedMaps<Pin> {
+    shards: alloc::boxed::Box<[MapShard<Pin>]>,
+}
+
+/// One shard, on cache lines of its own.
+#[repr(align(128))]
+struct MapShard<Pin>(SpinLock<BTreeMap<u64, HypMapping<Pin>>>);
+
+impl<Pin> ProtectedMaps<Pin> {
+    pub fn new() -> Self {
+        ProtectedMaps {
+            shards: (0..MAP_SHARDS)
+                .map(|_| MapShard(SpinLock::new(BTreeMap::new(), LockClass::HostMmuShard)))
+                .collect(),
+        }
+    }
+
+    fn index(gfn: Gfn) -> usize {
+        // Fibonacci hashing of the chunk number: vCPUs whose regions are a
+        // multiple of 64 chunks apart do not walk the shards in lockstep.
+        let chunk = gfn.0 / CHUNK_PAGES;
+        (chunk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % MAP_SHARDS
+    }
+
+    /// Locks the shard holding every entry that can cover `gfn`.
+    pub fn shard(&self, gfn: Gfn) -> SpinGuard<'_, BTreeMap<u64, HypMapping<Pin>>> {
+        self.shards[Self::index(gfn)].0.lock()
+    }
+
+    /// Every shard, exclusively (the caller holds the MMU write lock).
+    pub fn shards_mut(&mut self) -> impl Iterator<Item = &mut BTreeMap<u64, HypMapping<Pin>>> {
+        self.shards.iter_mut().map(|s| s.0.get_mut())
+    }
+
+    /// Every entry, by value (teardown: the state's one owner).
+    pub fn into_entries(self) -> impl Iterator<Item = (u64, HypMapping<Pin>)> {
+        self.shards
+            .into_vec()
+            .into_iter()
+            .flat_map(|s| s.0.into_inner())
+    }
+
+    /// Guest frames mapped.
+    pub fn pages(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0.lock().values().map(|m| m.npages).sum::<u64>())
+            .sum()
+    }
 }
 
 /// The MMU lock and what it protects. `None` once torn down.
@@ -232,10 +298,26 @@ pub(crate) fn unmap_protected<P: HostPlatform, Pin>(
     p: &P,
     cpu: usize,
     handle: u16,
+    maps: &mut ProtectedMaps<Pin>,
+    start: Ipa,
+    end: Ipa,
+) -> Result<(), HypCallError> {
+    for shard in maps.shards_mut() {
+        unmap_protected_shard(p, cpu, handle, shard, start, end)?;
+    }
+    Ok(())
+}
+
+fn unmap_protected_shard<P: HostPlatform, Pin>(
+    p: &P,
+    cpu: usize,
+    handle: u16,
     maps: &mut BTreeMap<u64, HypMapping<Pin>>,
     start: Ipa,
     end: Ipa,
 ) -> Result<(), HypCallError> {
+    // Entries are disjoint, so those overlapping the range are adjacent
+    // in key order (also with other chunks' entries in the shard).
     let (sg, eg) = (start.gfn().0, end.0.div_ceil(PAGE_SIZE));
     let keys: alloc::vec::Vec<u64> = maps
         .range(..eg)
@@ -278,4 +360,49 @@ pub(crate) fn destroy_standard<P: HostPlatform>(
 /// Allocation order of the concatenated root.
 pub(crate) fn root_order(geo: &S2Geometry) -> u32 {
     geo.root_pages.trailing_zeros()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn entry(npages: u64) -> HypMapping<()> {
+        HypMapping {
+            npages,
+            pa: pkvm_arch::Pa(0),
+            _pin: (),
+        }
+    }
+
+    /// Every frame of a 2M chunk finds the chunk's entries (whatever their
+    /// size) in its shard: that is what lets a fault decide under one
+    /// shard lock.
+    #[test]
+    fn every_frame_of_a_chunk_sees_the_chunks_entries() {
+        let maps = ProtectedMaps::<()>::new();
+        let base = 7 * CHUNK_PAGES;
+        maps.shard(Gfn(base + 5)).insert(base + 5, entry(1));
+        maps.shard(Gfn(base + CHUNK_PAGES))
+            .insert(base + CHUNK_PAGES, entry(CHUNK_PAGES));
+        for g in base..base + CHUNK_PAGES {
+            assert!(maps.shard(Gfn(g)).contains_key(&(base + 5)), "gfn {g:#x}");
+            let next = Gfn(g + CHUNK_PAGES);
+            assert!(maps.shard(next).contains_key(&(base + CHUNK_PAGES)));
+        }
+        assert_eq!(maps.pages(), 1 + CHUNK_PAGES);
+    }
+
+    /// vCPUs paging in regions 512M apart (a multiple of 64 chunks) do not
+    /// share a shard at every step.
+    #[test]
+    fn chunks_a_multiple_of_the_shard_count_apart_mostly_use_different_shards() {
+        let same = (0..256u64)
+            .filter(|c| {
+                let a = ProtectedMaps::<()>::index(Gfn(c * CHUNK_PAGES));
+                let b = ProtectedMaps::<()>::index(Gfn((c + 256) * CHUNK_PAGES));
+                a == b
+            })
+            .count();
+        assert!(same < 32, "{same} of 256 chunk pairs share a shard");
+    }
 }

@@ -326,6 +326,22 @@ impl Block {
         }
     }
 
+    /// The part of this block in `gfn`'s 2M chunk: hypervisor mappings
+    /// never cross one (see [`crate::mmu::ProtectedMaps`]); a 1G block is
+    /// mapped 2M at a time.
+    pub fn within_chunk(&self, gfn: Gfn) -> Self {
+        use crate::mmu::CHUNK_PAGES;
+        if self.npages <= CHUNK_PAGES {
+            return *self;
+        }
+        let start = gfn.0 & !(CHUNK_PAGES - 1);
+        Block {
+            gfn: Gfn(start),
+            pa: Pa(self.pa.0 + (start - self.gfn.0) * PAGE_SIZE),
+            npages: CHUNK_PAGES,
+        }
+    }
+
     /// The single page `gfn` of this block.
     fn page(&self, gfn: Gfn) -> Self {
         Block {
@@ -337,7 +353,8 @@ impl Block {
 }
 
 /// What a protected-mode fault does, given what the host already asked
-/// the hypervisor to map (step 7's decision, under the MMU write lock).
+/// the hypervisor to map (step 7's decision, under the MMU lock and the
+/// block's shard of the mapping table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ProtectedPlan {
     /// The faulting page is mapped already (another vCPU won, or this is
@@ -404,7 +421,7 @@ pub(crate) fn plan_protected<Pin>(
 /// (protected VM) the pages of `block` to the loaded guest, starting at
 /// page `*done` and advancing it, so an attempt interrupted by an empty
 /// hypervisor memcache resumes where it stopped. The caller holds the MMU
-/// write lock.
+/// lock and the block's shard of the mapping table.
 ///
 /// # Errors
 /// The hypervisor's refusal; `NO_MEMORY` means its memcache needs a top-up.

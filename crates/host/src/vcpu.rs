@@ -499,7 +499,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         t: pipeline::Target<M::Pin>,
         seq: u64,
     ) -> Result<Mapped, MemFaultError> {
-        let block = pipeline::Block::of(&t);
+        let block = pipeline::Block::of(&t).within_chunk(fault.page().gfn());
         let mut pin = Some(t.pin);
         for _ in 0..MAX_HYP_TOPUPS {
             match map_protected_locked(vm, cpu, fault, &block, t.prot, &mut pin, seq) {
@@ -516,10 +516,10 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
         // Out of memory for good: a non-protected VM's partial block is
         // taken back; a protected VM's donations cannot be, and stay
         // recorded (with the page reference) for teardown to reclaim.
-        let mut state = vm.mmu.state.write();
-        if let (Some(S2State::Protected(maps)), Some(h)) = (state.as_mut(), vm.handle()) {
+        let state = vm.mmu.state.read();
+        if let (Some(S2State::Protected(maps)), Some(h)) = (state.as_ref(), vm.handle()) {
             if !vm.config().protected {
-                undo_partial(&*vm.platform, cpu, h, maps, &block);
+                undo_partial(&*vm.platform, cpu, h, &mut maps.shard(block.gfn), &block);
             }
         }
         Err(MemFaultError::NoMemory)
@@ -537,7 +537,8 @@ enum Stop {
     Failed(MemFaultError),
 }
 
-/// One attempt at step 7 (protected mode) under the MMU write lock:
+/// One attempt at step 7 (protected mode) under the MMU read lock and the
+/// mapping table shard of the block's chunk:
 /// re-checks the invalidation sequence (also after a top-up dropped the
 /// lock), decides ([`pipeline::plan_protected`]), shares or donates, and
 /// records the pages done in the mapping table before the lock goes, the
@@ -551,13 +552,16 @@ fn map_protected_locked<P: HostPlatform, M: ProcessMemory>(
     pin: &mut Option<M::Pin>,
     seq: u64,
 ) -> Result<Mapped, Stop> {
-    let mut state = vm.mmu.state.write();
-    let (Some(S2State::Protected(maps)), Some(h)) = (state.as_mut(), vm.handle()) else {
+    let state = vm.mmu.state.read();
+    let (Some(S2State::Protected(maps)), Some(h)) = (state.as_ref(), vm.handle()) else {
         return Err(Stop::Failed(MemFaultError::Dead));
     };
     if vm.mmu.retry(seq, fault.ipa) {
         return Ok(Mapped::Retry);
     }
+    // Every entry that can cover the block is in its chunk's shard; the
+    // decision and the record of what was mapped are made under it.
+    let maps = &mut *maps.shard(target.gfn);
     let permission = fault.kind == FaultKind::Permission;
     let (block, from) = match pipeline::plan_protected(maps, fault.page().gfn(), permission, target)
     {
@@ -600,7 +604,8 @@ fn map_protected_locked<P: HostPlatform, M: ProcessMemory>(
 
 /// Takes back the recorded part of `block` if sharing it stopped part-way
 /// (a non-protected VM), so no guest mapping outlives the host reference
-/// and nothing half-done stays behind. Called under the MMU write lock.
+/// and nothing half-done stays behind. Called with the MMU lock and the
+/// block's shard of the mapping table held.
 fn undo_partial<P: HostPlatform + ?Sized, Pin>(
     p: &P,
     cpu: usize,

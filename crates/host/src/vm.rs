@@ -16,7 +16,6 @@
 //! `Option` under a lock and is taken exactly once; the second caller finds
 //! nothing to free.
 
-use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
@@ -337,7 +336,11 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
                     LockClass::HostVm,
                 ),
             };
-            (None, Some(hyp), S2State::Protected(BTreeMap::new()))
+            (
+                None,
+                Some(hyp),
+                S2State::Protected(mmu::ProtectedMaps::new()),
+            )
         } else {
             let vmid = Vmid::alloc().ok_or(VmError::NoVmid)?;
             let order = mmu::root_order(&geo);
@@ -639,22 +642,21 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         }
     }
 
-    fn teardown_hyp(&self, cpu: usize, maps: Option<BTreeMap<u64, mmu::HypMapping<M::Pin>>>) {
+    fn teardown_hyp(&self, cpu: usize, maps: Option<mmu::ProtectedMaps<M::Pin>>) {
         let Some(h) = &self.hyp else { return };
         let Some(state) = h.state.lock().take() else {
             return;
         };
         let p = &*self.platform;
+        let maps: alloc::vec::Vec<_> = maps.into_iter().flat_map(|m| m.into_entries()).collect();
         if state.initialized {
             // Every vCPU was put (vCPU handles put on every exit path).
             let r = hypcall::start_teardown(p, cpu, h.handle);
             debug_assert!(r.is_ok(), "start_teardown: {r:?}");
-            if let Some(maps) = &maps {
-                for (gfn, m) in maps {
-                    for g in *gfn..*gfn + m.npages {
-                        let r = hypcall::reclaim_guest_page(p, cpu, h.handle, pkvm_arch::Gfn(g));
-                        debug_assert!(r.is_ok(), "reclaim gfn {g:#x}: {r:?}");
-                    }
+            for (gfn, m) in &maps {
+                for g in *gfn..*gfn + m.npages {
+                    let r = hypcall::reclaim_guest_page(p, cpu, h.handle, pkvm_arch::Gfn(g));
+                    debug_assert!(r.is_ok(), "reclaim gfn {g:#x}: {r:?}");
                 }
             }
             let r = hypcall::finalize_teardown(p, cpu, h.handle);
@@ -795,7 +797,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
     /// Number of guest frames mapped through the hypervisor (protected mode).
     pub fn hyp_mapped_pages(&self) -> u64 {
         match self.mmu.state.read().as_ref() {
-            Some(S2State::Protected(m)) => m.values().map(|m| m.npages).sum(),
+            Some(S2State::Protected(m)) => m.pages(),
             _ => 0,
         }
     }

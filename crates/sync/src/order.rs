@@ -18,6 +18,9 @@ pub enum LockClass {
     HostMmu = 2,
     /// Host: a vCPU's power state (`vcpu->arch.mp_state_lock`).
     HostVcpu = 3,
+    /// Host: one shard of a protected-mode VM's table of hypervisor
+    /// mappings (taken under the MMU lock, read or write).
+    HostMmuShard = 4,
     /// Hyp: the VM table (`vm_table_lock`).
     HypVmTable = 10,
     /// Hyp: the host's stage-2 (`host_mmu.lock`).
