@@ -30,7 +30,9 @@
 //! abort) and `ICC_SGI*R_EL1` writes go to the vGIC. Trapped
 //! system-register accesses (EC 0x18) never leave the backend: they are
 //! answered from pkvm-sysreg's table over the vCPU's [`VcpuSysregs`]
-//! ([`super::sysregs`]), and every other synchronous exception class
+//! ([`super::sysregs`]; PMU registers by the vCPU's [`VirtPmu`], which
+//! counts the cycles of the guest's run slices as the world switch stamps
+//! them and drives the overflow PPI), and every other synchronous exception class
 //! (SVE/SME/PAC not offered, unknown) gets an UNDEF injected at the
 //! guest's vector with a rate-limited log line: the VM lives. Vendor
 //! hypercalls (guest-rt's report) reach the VMM as pkvm-host's
