@@ -420,7 +420,10 @@ impl<'a> HwBackend<'a> {
         }
         let index = self.hw.who.1;
         let hw = &mut *self.hw;
-        let cycles = slice.1.wrapping_sub(slice.0).saturating_mul(cycles_per_tick());
+        let cycles = slice
+            .1
+            .wrapping_sub(slice.0)
+            .saturating_mul(cycles_per_tick());
         hw.pmu
             .advance(cycles, GuestEl::of_pstate(hw.st.regs.pstate));
         let kick = self.irq.set_ppi(index, PMU_PPI, hw.pmu.irq_level());
