@@ -598,6 +598,7 @@ fn pmu_tests() -> Vec<QemuTest> {
     let counting = [
         format!("{g}cycle counter advances while the guest runs:"),
         format!("{g}cycle counter disabled (PMCNTENCLR bit 31): 0 cycles in 5 ms"),
+        format!("{g}filters at EL1: PMCCFILTR.P: 0 cycles in 5 ms; CPU_CYCLES with PMEVTYPER.U: "),
         format!("{g}3000 hypercalls: "),
         format!("{g}SW_INCR: 1000 PMSWINC writes: enabled counter 1000 (PMEVCNTR0_EL0 1000), disabled counter 0"),
         format!("{g}SW_INCR overflow: counter"),

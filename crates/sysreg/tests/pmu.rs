@@ -420,6 +420,10 @@ proptest! {
         for o in &before {
             apply(&mut a, o);
         }
+        let mask = u64::from(a.counter_mask());
+        for r in [PmuReg::CntenSet, PmuReg::IntenSet, PmuReg::OvsSet] {
+            prop_assert_eq!(rd(&a, r) & !mask, 0, "{:?}: a bit beyond N", r);
+        }
         let mut b = VirtPmu::new(n);
         b.restore(&a.save());
         prop_assert_eq!(&a, &b);

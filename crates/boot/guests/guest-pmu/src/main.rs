@@ -2,7 +2,8 @@
 //! comes from the device tree's command line (`pmu-role=N`):
 //!
 //! 0. basic (1 vCPU): the cycle counter advances while the guest runs and
-//!    not while disabled; a loop of hypercalls counts far fewer cycles
+//!    not while disabled or filtered out (`PMCCFILTR_EL0.P`; a `CPU_CYCLES`
+//!    counter excluding only EL0 counts); a loop of hypercalls counts far fewer cycles
 //!    than wall time (the ratio printed beside a spinning loop's);
 //!    `SW_INCR` counts exactly one per `PMSWINC_EL0` write; a 32-bit event
 //!    counter preset near `0xffffffff` wraps, sets its overflow flag and
@@ -178,6 +179,7 @@ fn cycle_counter() -> u64 {
         format_args!("cycle counter disabled (PMCNTENCLR bit 31): {c} cycles in 5 ms"),
         c == 0,
     );
+    bad += filters();
     wr!("pmcntenset_el0", CYCLE);
     let (t0, c0) = (vct(), rd!("pmccntr_el0"));
     for _ in 0..HVCS {
@@ -191,6 +193,25 @@ fn cycle_counter() -> u64 {
         hvc_pm <= 500,
     );
     bad
+}
+
+/// The guest runs at EL1: `PMCCFILTR_EL0.P` stops the cycle counter, a
+/// `CPU_CYCLES` counter with only `U` (EL0 excluded) counts.
+fn filters() -> u64 {
+    wr!("pmccfiltr_el0", FILT_P);
+    set_evtype(0, FILT_U | CPU_CYCLES);
+    set_evcnt(0, 0);
+    wr!("pmcntenset_el0", CYCLE | 1);
+    let (c, _) = cycles_spinning(5);
+    let ev = evcnt(0);
+    wr!("pmccfiltr_el0", 0);
+    wr!("pmcntenclr_el0", 1);
+    check(
+        format_args!(
+            "filters at EL1: PMCCFILTR.P: {c} cycles in 5 ms; CPU_CYCLES with PMEVTYPER.U: {ev}"
+        ),
+        c == 0 && ev > 0,
+    )
 }
 
 fn sw_incr(n: u64) -> u64 {
