@@ -225,6 +225,7 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     v.extend(sched_tests());
     v.extend(reset_tests());
     v.extend(external_guest_tests(&gfile, &offfile));
+    v.extend(pmu_tests());
     Ok(v)
 }
 
@@ -557,6 +558,84 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
             "scenario guest: PASS",
         ]),
     }
+}
+
+/// The virtual PMU (image scenario `pmu`, guest-pmu as the guest file):
+/// `phase` with `vcpus` vCPUs per VM on `cpus` physical CPUs. Every check
+/// of the guest prints its measured values; `markers` are the checks that
+/// must pass.
+fn pmu_test(name: &'static str, phase: &str, vcpus: u32, cpus: u32, markers: &[&str]) -> QemuTest {
+    let mut m = strings(markers);
+    m.extend(strings(&[
+        "pool: back to starting count",
+        "scenario pmu: PASS",
+    ]));
+    QemuTest {
+        name,
+        spec: RunSpec {
+            scenario: "pmu".into(),
+            guest: Some(
+                image::boot_target_dir()
+                    .join("guests")
+                    .join("guest-pmu.bin"),
+            ),
+            initrd: None,
+            protected: false,
+            smp: vcpus,
+            mem_mib: 16,
+            append: phase.into(),
+            host_cpus: cpus,
+        },
+        exit_code: 0,
+        markers: m,
+    }
+}
+
+/// The virtual-PMU tiers: counting (1 vCPU), migration (8 vCPUs on 2
+/// CPUs), isolation (a hostile and a victim VM, 2 vCPUs each on 2 CPUs).
+fn pmu_tests() -> Vec<QemuTest> {
+    let g = "[guest pmu] pmu: ok: ";
+    let counting = [
+        format!("{g}cycle counter advances while the guest runs:"),
+        format!("{g}cycle counter disabled (PMCNTENCLR bit 31): 0 cycles in 5 ms"),
+        format!("{g}filters at EL1: PMCCFILTR.P: 0 cycles in 5 ms; CPU_CYCLES with PMEVTYPER.U: "),
+        format!("{g}3000 hypercalls: "),
+        format!("{g}SW_INCR: 1000 PMSWINC writes: enabled counter 1000 (PMEVCNTR0_EL0 1000), disabled counter 0"),
+        format!("{g}SW_INCR overflow: counter"),
+        format!("{g}CPU_CYCLES overflow: counter"),
+        "[guest pmu] pmu: all checks passed (role 0)".to_string(),
+        "vm pmu: powered off (PSCI SYSTEM_OFF)".to_string(),
+    ];
+    let counting: Vec<&str> = counting.iter().map(String::as_str).collect();
+    vec![
+        pmu_test("qemu:pmu-counting", "basic", 1, 1, &counting),
+        pmu_test(
+            "qemu:pmu-migration-8on2",
+            "migrate",
+            8,
+            2,
+            &[
+                "[guest pmu-migrate vcpu 0] pmu: ok: migrate: 8 vCPUs x 200 yields: 0 register mismatches; SW_INCR counts [200, 200, 200, 200, 200, 200, 200, 200]",
+                "[guest pmu-migrate vcpu 0] pmu: all checks passed (role 1)",
+                "vm pmu-migrate: vCPU migrations between physical CPUs:",
+                "vm pmu-migrate: powered off (PSCI SYSTEM_OFF)",
+            ],
+        ),
+        pmu_test(
+            "qemu:pmu-isolation-2vms",
+            "isolation",
+            2,
+            2,
+            &[
+                "[guest hostile vcpu 0] pmu: hostile: ",
+                "[guest victim vcpu 0] pmu: ok: victim: spinning beside the hostile VM:",
+                "[guest victim vcpu 0] pmu: ok: victim: 2 vCPUs x 200 yields: 0 register mismatches; SW_INCR counts [200, 200]",
+                "[guest victim vcpu 0] pmu: all checks passed (role 3)",
+                "vm hostile: powered off (PSCI SYSTEM_OFF)",
+                "vm victim: powered off (PSCI SYSTEM_OFF)",
+            ],
+        ),
+    ]
 }
 
 /// The interrupt guest (guest-irq) with `vcpus` vCPUs on `cpus` physical

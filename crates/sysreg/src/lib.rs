@@ -22,6 +22,10 @@
 //!   what is emulated, SVE appears only when offered with a vector length,
 //!   and a configuration may lower fields but never raise them above the
 //!   host ([`IdError`] names the field).
+//! - [`pmu`]: the virtual PMUv3 of one vCPU behind [`Hook::Pmu`]
+//!   ([`VirtPmu`]; [`pmu::handle_pmu_trap`] answers a hook call): counters
+//!   that count only their vCPU's run slices, `SW_INCR`, overflow flags
+//!   and the overflow interrupt line.
 //! - [`traps`]: `HCR_EL2`, `CPTR_EL2`, `MDCR_EL2`, `CNTHCTL_EL2` and
 //!   `MPAM2_EL2` for a VM, as pure functions of its [`VmFeatures`].
 //! - [`SWITCHED`]: the registers a guest uses directly, which the world
@@ -39,7 +43,7 @@
 //!   ordering (unsigned, or signed with `0xF` = not implemented).
 //!
 //! What it leaves out: state switching itself (the world switch's job: it
-//! reads [`SWITCHED`] and the trap controls), the PMU, physical-timer,
+//! reads [`SWITCHED`] and the trap controls), the physical-timer,
 //! set/way and SGI models behind the hooks, SVE state (Z/P/FFR) switching,
 //! AArch32 guests (no AArch32 is offered; the AArch32 ID registers read as
 //! zero, though a CPU with AArch32 EL0 still lets a guest enter it),
@@ -82,6 +86,7 @@ extern crate std;
 mod dispatch;
 mod enc;
 mod id;
+pub mod pmu;
 mod switched;
 mod table;
 pub mod traps;
@@ -95,6 +100,7 @@ pub use id::{
     HostFeature, HostIds, IdError, IdField, IdOverrides, IdReg, Offer, Policy, VmFeatures,
     DEBUG_EMULATED, ID_FIELDS, ID_FIELD_COUNT, PMU_EMULATED_MAX, SVE_VL_ARCH_MAX,
 };
+pub use pmu::{handle_pmu_trap, VirtPmu, PMU_PPI};
 pub use switched::{switched, Switched, Via, When, SWITCHED};
 pub use table::{
     lookup, Handler, Hook, SysReg, Trap, Visibility, DBGBCR_MASK, DBGWCR_MASK, MDSCR_MASK,

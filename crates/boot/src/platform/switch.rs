@@ -544,6 +544,9 @@ pub struct Exit {
     pub far: u64,
     /// HPFAR_EL2.
     pub hpfar: u64,
+    /// The physical count just before the `eret` into the guest and just
+    /// after its exit: the guest's run slice (the virtual PMU counts it).
+    pub slice: (u64, u64),
 }
 
 /// Vector index of a synchronous exception from a lower AArch64 EL.
@@ -626,6 +629,14 @@ fn save_opt(vm: &VmRegs, o: &mut OptRegs) {
     }
 }
 
+/// Loads the guest's `PMUSERENR_EL0` (its virtual PMU's): the hardware
+/// register only decides whether an EL0 PMU access traps to the guest's
+/// EL1 or goes on to EL2 (`MDCR_EL2.TPM`), where the virtual PMU answers.
+/// No EL0/EL1 code but guests' runs, so it needs no host value.
+pub fn load_pmuserenr(v: u64) {
+    write_sysreg!("pmuserenr_el0", v);
+}
+
 /// Runs the vCPU until it exits to EL2.
 pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     let pauth = vm.pauth;
@@ -645,16 +656,19 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     load_opt(vm, &vcpu.opt);
     load_gic(&vcpu.gic, vm.lrs, vm.aprs);
     super::sysreg::isb();
+    let entered = read_sysreg!("cntpct_el0");
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
     // saves/restores every callee-saved register and the stack pointer
     // around the guest run, the guest runs under stage-2 with memory
     // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
     let kind = unsafe { __guest_enter(&mut vcpu.regs) };
+    let left = read_sysreg!("cntpct_el0");
     let exit = Exit {
         kind,
         esr: read_sysreg!("esr_el2"),
         far: read_sysreg!("far_el2"),
         hpfar: read_sysreg!("hpfar_el2"),
+        slice: (entered, left),
     };
     let s = &mut vcpu.sys;
     el1_list!(sysregs_xfer!(s, save));

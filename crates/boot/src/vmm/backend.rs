@@ -30,7 +30,9 @@
 //! abort) and `ICC_SGI*R_EL1` writes go to the vGIC. Trapped
 //! system-register accesses (EC 0x18) never leave the backend: they are
 //! answered from pkvm-sysreg's table over the vCPU's [`VcpuSysregs`]
-//! ([`super::sysregs`]), and every other synchronous exception class
+//! ([`super::sysregs`]; PMU registers by the vCPU's [`VirtPmu`], which
+//! counts the cycles of the guest's run slices as the world switch stamps
+//! them and drives the overflow PPI), and every other synchronous exception class
 //! (SVE/SME/PAC not offered, unknown) gets an UNDEF injected at the
 //! guest's vector with a rate-limited log line: the VM lives. Vendor
 //! hypercalls (guest-rt's report) reach the VMM as pkvm-host's
@@ -42,7 +44,9 @@ use pkvm_host::fault::GuestFault;
 use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 use pkvm_sync::SpinGuard;
-use pkvm_sysreg::{inject_undef, El1State, HostFeature, VcpuSysregs};
+use pkvm_sysreg::pmu::GuestEl;
+use pkvm_sysreg::{handle_pmu_trap, inject_undef, El1State, HostFeature, Offer, Outcome};
+use pkvm_sysreg::{VcpuSysregs, VirtPmu, PMU_PPI};
 
 use pkvm_host::psci::PsciVm;
 use pkvm_vgic::VcpuSet;
@@ -94,6 +98,8 @@ pub struct BackendStats {
     pub guest_irqs: u64,
     /// WFIs that blocked the vCPU (nothing pending).
     pub wfi_blocks: u64,
+    /// Scheduler runs on a different physical CPU than the previous one.
+    pub migrations: u64,
 }
 
 /// The hardware-only state of one vCPU, lent to its backend while it runs.
@@ -110,6 +116,8 @@ pub struct VcpuHw {
     boot_args: Option<(u64, [u64; 3])>,
     /// VMID of the last entry (as loaded in VTTBR_EL2).
     pub last_vmid: u16,
+    /// The physical CPU of the last scheduler run (`usize::MAX`: none yet).
+    last_cpu: usize,
     /// The emulated system registers and per-register trap counts (the
     /// only copy of the registers the policy traps: `ACTLR_EL1`,
     /// `CSSELR_EL1`, `MDSCR_EL1`, the debug and EL1 physical-timer registers).
@@ -118,6 +126,9 @@ pub struct VcpuHw {
     who: (&'static str, usize),
     /// What the last WFI/WFE exit asks of the scheduler.
     pub wait: WfiAction,
+    /// The virtual PMU (when the VM is offered one): all of its state, so
+    /// it moves with the vCPU and no two vCPUs share it.
+    pub pmu: VirtPmu,
 }
 
 impl VcpuHw {
@@ -129,9 +140,11 @@ impl VcpuHw {
             stats: BackendStats::default(),
             boot_args: None,
             last_vmid: 0,
+            last_cpu: usize::MAX,
             sysregs: VcpuSysregs::new(),
             who: ("?", 0),
             wait: WfiAction::Yield,
+            pmu: VirtPmu::new(0),
         }
     }
 
@@ -198,6 +211,13 @@ impl<'a> HwBackend<'a> {
         irq: &'a VmIrq,
         vm: &'a BootVm,
     ) -> Self {
+        let mut hw = hw;
+        if hw.last_cpu != cpu {
+            if hw.last_cpu != usize::MAX {
+                hw.stats.migrations += 1;
+            }
+            hw.last_cpu = cpu;
+        }
         HwBackend {
             cpu,
             hw,
@@ -334,8 +354,10 @@ impl<'a> HwBackend<'a> {
         if let Some(d) = pt.deadline {
             timer::pull_in(d);
         }
+        self.pmu_before_entry();
         let exit = switch::run(vm, &mut self.hw.st);
         self.hw.stats.exits += 1;
+        self.pmu_after_exit(exit.slice);
         let (vt, pt) = self.timers();
         let kick = self
             .irq
@@ -363,6 +385,63 @@ impl<'a> HwBackend<'a> {
             }
             _ => Some(GuestExit::Unhandled { esr: exit.esr }),
         }
+    }
+
+    /// Whether the VM has a virtual PMU.
+    fn has_pmu(&self) -> bool {
+        self.policy.features.has(Offer::Pmu)
+    }
+
+    /// Before an entry: the guest's `PMUSERENR_EL0` in the hardware (EN
+    /// for a VM without a PMU: its EL0 accesses reach EL2 and the table's
+    /// UNDEF, whatever another VM left there), and, with a PMU, an early
+    /// exit at the first predicted overflow of a counter whose interrupt
+    /// is enabled, so the PPI is not late.
+    fn pmu_before_entry(&self) {
+        if !self.has_pmu() {
+            switch::load_pmuserenr(1);
+            return;
+        }
+        let pmu = &self.hw.pmu;
+        switch::load_pmuserenr(pmu.userenr());
+        if let Some(cycles) = pmu.cycles_to_overflow() {
+            let ticks = cycles.div_ceil(cycles_per_tick());
+            timer::pull_in(timer::now().saturating_add(ticks));
+        }
+    }
+
+    /// After an exit: the run slice (`slice`: the physical counts at entry
+    /// and exit) is counted by the vCPU's PMU, attributed to the level the
+    /// guest left from, and the overflow PPI follows the PMU's line. Time
+    /// outside the slice (the hypervisor, other vCPUs and VMs) never counts.
+    fn pmu_after_exit(&mut self, slice: (u64, u64)) {
+        if !self.has_pmu() {
+            return;
+        }
+        let index = self.hw.who.1;
+        let hw = &mut *self.hw;
+        let cycles = slice
+            .1
+            .wrapping_sub(slice.0)
+            .saturating_mul(cycles_per_tick());
+        hw.pmu
+            .advance(cycles, GuestEl::of_pstate(hw.st.regs.pstate));
+        let kick = self.irq.set_ppi(index, PMU_PPI, hw.pmu.irq_level());
+        self.kick(kick);
+    }
+
+    /// A trapped PMU register access, answered by the vCPU's PMU.
+    fn pmu_access(&mut self, call: &pkvm_sysreg::HookCall) {
+        let hw = &mut *self.hw;
+        let out = handle_pmu_trap(&mut hw.pmu, call);
+        let r = &mut hw.st.regs;
+        match out {
+            Outcome::Handled(_) => out.complete(&mut r.x, &mut r.pc),
+            _ => return self.undef(UndefCause::Pmu(call.row)),
+        }
+        // A write may have raised or dropped the overflow line.
+        let kick = self.irq.set_ppi(hw.who.1, PMU_PPI, hw.pmu.irq_level());
+        self.kick(kick);
     }
 
     /// A synchronous exit; `None` when the backend handled it.
@@ -394,6 +473,7 @@ impl<'a> HwBackend<'a> {
                 match sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now()) {
                     Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
                     Action::Undef(why) => self.undef(why),
+                    Action::Pmu(call) => self.pmu_access(&call),
                     Action::Sgi { value, group1 } => {
                         r.pc += 4;
                         hw.stats.sgis += 1;
@@ -523,6 +603,13 @@ impl<'a> HwBackend<'a> {
     }
 }
 
+/// Virtual PMU cycles per physical counter tick: the virtual PMU's clock
+/// is a nominal 1 GHz (as QEMU's own PMU under TCG), so a guest converts
+/// `CNTVCT_EL0` ticks to cycles with `CNTFRQ_EL0` alone.
+fn cycles_per_tick() -> u64 {
+    (1_000_000_000 / timer::frequency().max(1)).max(1)
+}
+
 /// A loaded value of `size` bytes as the load instruction leaves it in its
 /// register: sign-extended (SSE) and cut to 32 bits (!SF).
 fn extend(value: u64, size: usize, sse: bool, sf: bool) -> u64 {
@@ -548,6 +635,7 @@ impl VcpuBackend for HwBackend<'_> {
 
     fn on_reset(&mut self, ctx: &mut VcpuContext, _start: &pkvm_host::psci::ResetState) {
         self.hw.on_reset(ctx);
+        self.hw.pmu = VirtPmu::new(self.policy.features.pmu_counters());
     }
 
     fn enter(&mut self, ctx: &mut VcpuContext, s2: &StageTwo) -> GuestExit {

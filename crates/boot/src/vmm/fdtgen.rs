@@ -199,6 +199,37 @@ pub fn vm_device_tree(
     bootargs: &str,
     initrd: Option<(u64, u64)>,
 ) -> Result<usize, FdtError> {
+    write_tree(out, mem_base, mem, vcpus, bootargs, initrd, false)
+}
+
+/// [`vm_device_tree`] for a VM offered a virtual PMU: with a `pmu` node
+/// (`arm,armv8-pmuv3`, its overflow interrupt PPI 7 = INTID 23, level).
+///
+/// # Errors
+/// [`FdtError::TooBig`] (a command line that does not fit).
+pub fn vm_device_tree_pmu(
+    out: &mut [u8],
+    mem_base: u64,
+    mem: u64,
+    vcpus: usize,
+    bootargs: &str,
+    initrd: Option<(u64, u64)>,
+) -> Result<usize, FdtError> {
+    write_tree(out, mem_base, mem, vcpus, bootargs, initrd, true)
+}
+
+/// The PMU node's `interrupts`: PPI 7 (INTID 23), level high.
+pub const PMU_INTERRUPTS: [u32; 3] = [1, 7, 4];
+
+fn write_tree(
+    out: &mut [u8],
+    mem_base: u64,
+    mem: u64,
+    vcpus: usize,
+    bootargs: &str,
+    initrd: Option<(u64, u64)>,
+    pmu: bool,
+) -> Result<usize, FdtError> {
     let mut w = FdtWriter::new();
     w.begin("");
     w.prop_cells("#address-cells", &[2]);
@@ -250,6 +281,13 @@ pub fn vm_device_tree(
     );
     w.prop("always-on", &[]);
     w.end();
+
+    if pmu {
+        w.begin("pmu");
+        w.prop_str("compatible", "arm,armv8-pmuv3");
+        w.prop_cells("interrupts", &PMU_INTERRUPTS);
+        w.end();
+    }
 
     w.begin("intc@8000000");
     w.prop_str("compatible", "arm,gic-v3");
@@ -363,6 +401,27 @@ pub fn verify(
         != Some(GUEST_UART)
     {
         return Err("pl011 reg mismatch");
+    }
+    Ok(())
+}
+
+/// Checks the PMU node of a blob from [`vm_device_tree_pmu`].
+///
+/// # Errors
+/// A description of the mismatch.
+pub fn verify_pmu(blob: &[u8]) -> Result<(), &'static str> {
+    let f = fdt::Fdt::new(blob).map_err(|_| "fdt crate rejects the blob")?;
+    let n = f
+        .find_compatible(&["arm,armv8-pmuv3"])
+        .ok_or("no arm,armv8-pmuv3 node")?;
+    let cells: Option<alloc::vec::Vec<u32>> = n.property("interrupts").map(|p| {
+        p.value
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    });
+    if cells.as_deref() != Some(&PMU_INTERRUPTS[..]) {
+        return Err("pmu interrupts are not PPI 7, level");
     }
     Ok(())
 }

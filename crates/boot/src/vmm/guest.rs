@@ -392,9 +392,24 @@ pub fn create(
     process: &Arc<BootProcess>,
     spec: &VmSpec<'_>,
 ) -> Result<Arc<GuestVm>, VmmError> {
+    create_with(platform, process, spec, &pkvm_sysreg::IdOverrides::new())
+}
+
+/// [`create`] with the VM's ID-register configuration `cfg` (a PMU,
+/// fields lowered...) instead of the default.
+///
+/// # Errors
+/// See [`VmmError`]; [`VmmError::Features`] names what `cfg` asks beyond
+/// the CPU.
+pub fn create_with(
+    platform: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    spec: &VmSpec<'_>,
+    cfg: &pkvm_sysreg::IdOverrides,
+) -> Result<Arc<GuestVm>, VmmError> {
     check_spec(spec)?;
     let policy =
-        VmPolicy::default_for(&crate::platform::idregs::host_ids()).map_err(VmmError::Features)?;
+        VmPolicy::new(&crate::platform::idregs::host_ids(), cfg).map_err(VmmError::Features)?;
     let vm = BootVm::create(
         platform.clone(),
         process.clone(),
@@ -505,10 +520,19 @@ impl GuestVm {
         let mut blob = [0u8; 8192];
         let initrd = self.initrd.map(|(img, ipa)| (ipa, ipa + img.len()));
         let (mem, vcpus) = (spec.mem, spec.vcpus);
-        let n = fdtgen::vm_device_tree(&mut blob, GUEST_RAM, mem, vcpus, bootargs, initrd)
+        let pmu = self.policy.features.has(pkvm_sysreg::Offer::Pmu);
+        let write = if pmu {
+            fdtgen::vm_device_tree_pmu
+        } else {
+            fdtgen::vm_device_tree
+        };
+        let n = write(&mut blob, GUEST_RAM, mem, vcpus, bootargs, initrd)
             .map_err(|_| VmmError::BadConfig("device tree too big (command line?)"))?;
         fdtgen::verify(&blob[..n], GUEST_RAM, mem, vcpus, bootargs, initrd)
             .map_err(VmmError::BadConfig)?;
+        if pmu {
+            fdtgen::verify_pmu(&blob[..n]).map_err(VmmError::BadConfig)?;
+        }
         if let Some((start, end)) = initrd {
             println!(
                 "vm {}: initrd at IPA {start:#x}..{end:#x} ({} bytes)",

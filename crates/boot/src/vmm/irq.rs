@@ -219,6 +219,15 @@ impl VmIrq {
             .unwrap_or(VcpuSet::EMPTY)
     }
 
+    /// Drives PPI `intid` of `vcpu` (a per-vCPU device's output, such as
+    /// the virtual PMU's overflow line): the vCPUs to kick.
+    pub fn set_ppi(&self, vcpu: usize, intid: u32, level: bool) -> VcpuSet {
+        self.vgic
+            .lock()
+            .set_level(Line::Ppi { vcpu, intid }, level)
+            .unwrap_or(VcpuSet::EMPTY)
+    }
+
     /// Drives the line of SPI `intid` (a device model's interrupt output,
     /// such as the PL011's): the vCPUs to kick.
     pub fn set_spi(&self, intid: u32, level: bool) -> VcpuSet {

@@ -17,6 +17,7 @@
 //!   `sched-smp-protected`).
 //! - [`resets`]: the guest system-reset scenarios (`reset`,
 //!   `reset-protected`, `reset-concurrent`).
+//! - [`pmu`]: the virtual-PMU scenario (`pmu`: guest-pmu's roles).
 //! - [`sysregs`]: a VM's system-register policy (pkvm-sysreg) and the
 //!   handling of trapped accesses.
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
@@ -36,6 +37,7 @@ pub mod fdtgen;
 pub mod guest;
 pub mod irq;
 pub mod platform;
+pub mod pmu;
 pub mod pool;
 pub mod process;
 pub mod resets;
@@ -157,10 +159,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "reset" => bool_code(resets::reset(&process, p)),
         "reset-protected" => bool_code(resets::reset_protected(&lay, &process, p)),
         "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
+        "pmu" => bool_code(pmu::scenario(&process, p)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, panic)"
             );
             (false, 2)
         }
@@ -195,7 +198,7 @@ fn sysreg_check() -> bool {
     let host = crate::platform::idregs::host_ids();
     let yn = |f| if host.has(f) { "yes" } else { "no" };
     println!(
-        "sysreg: host CPU: SVE {}, SME {}, MTE2 {}, PMU {} ({} counters), PAuth {}, RAS {}; VMs get sanitised ID registers, no SVE/SME/MTE/PMU",
+        "sysreg: host CPU: SVE {}, SME {}, MTE2 {}, PMU {} ({} counters), PAuth {}, RAS {}; VMs get sanitised ID registers, no SVE/SME/MTE, a virtual PMUv3 when offered",
         yn(F::Sve),
         yn(F::Sme),
         yn(F::Mte2),

@@ -6,9 +6,10 @@
 //!   the vCPU's [`VcpuSysregs`]: `Handled` completes the access (Rt written,
 //!   PC + 4); `InjectUndef` makes the guest take an UNDEF; `Hook`: the EL1
 //!   physical timer and counter are emulated here ([`ptimer`]), SGI
-//!   generation goes to the VM's vGIC ([`Action::Sgi`]); the other hooks
-//!   (PMU — never visible, no PMU is offered —, set/way) have no model yet
-//!   and UNDEF.
+//!   generation goes to the VM's vGIC ([`Action::Sgi`]), PMU registers
+//!   (visible only to a VM offered a PMU) to the vCPU's virtual PMU
+//!   ([`Action::Pmu`], pkvm-sysreg's `VirtPmu`, held by the backend); the
+//!   set/way hook has no model yet and UNDEFs.
 //! - Any other synchronous exception class the backend does not handle
 //!   (SVE/SME/PAC traps of a VM not offered them, EC 0, classes this code
 //!   does not know): an UNDEF ([`pkvm_sysreg::handle_feature_trap`]), the VM
@@ -69,6 +70,9 @@ pub enum UndefCause {
     Sysreg(Option<usize>, Encoding),
     /// A hook without a model here.
     Hook(Hook, usize),
+    /// A PMU access the virtual PMU refuses (row): a write-only or
+    /// read-only register, a counter beyond `PMCR_EL0.N`.
+    Pmu(usize),
     /// Another exception class (SVE, SME, PAC, unknown...).
     Class(u8),
 }
@@ -81,6 +85,7 @@ impl core::fmt::Display for UndefCause {
             UndefCause::Hook(h, row) => {
                 write!(f, "EC 0x18, {} ({h:?}: no model yet)", REGISTERS[row])
             }
+            UndefCause::Pmu(row) => write!(f, "EC 0x18, {} (virtual PMU)", REGISTERS[row]),
             UndefCause::Class(c) => write!(f, "EC {c:#x} ({})", class_name(c)),
         }
     }
@@ -113,6 +118,8 @@ pub enum Action {
         /// `ICC_SGI1R_EL1`.
         group1: bool,
     },
+    /// A PMU register access: the vCPU's virtual PMU answers it.
+    Pmu(HookCall),
 }
 
 /// An EC 0x18 trap: the table's answer, with the timer hook applied.
@@ -142,6 +149,7 @@ pub fn sysreg_trap(
                 group1: REGISTERS[call.row].enc == ICC_SGI1R,
             }
         }
+        Outcome::Hook(call) if call.hook == Hook::Pmu => Action::Pmu(call),
         Outcome::Hook(call) => Action::Undef(UndefCause::Hook(call.hook, call.row)),
     }
 }
