@@ -60,8 +60,11 @@ static ROUNDS: AtomicU32 = AtomicU32::new(IPI_ROUNDS);
 const SAMPLES: usize = 50;
 /// The latest a timer interrupt may be taken after its deadline.
 const LATE_MAX_US: u64 = 2000;
-/// WFI throughput: the least per mille of the solo count.
-const MIN_RATIO: u64 = 900;
+/// WFI throughput: the least per mille of the solo count. A vCPU that
+/// spun in its WFI would take half the CPU in the 2-on-1 tier (~500);
+/// the margin below 1000 absorbs a loaded CI machine (medians of 833 were
+/// seen under a load average of 6 with a correct WFI).
+const MIN_RATIO: u64 = 750;
 /// Solo / shared throughput measurements.
 const PAIRS: usize = 9;
 /// SGI round trips measured.
