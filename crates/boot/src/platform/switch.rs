@@ -35,6 +35,7 @@ use core::mem::offset_of;
 
 use pkvm_sysreg::traps::{cptr, TrapControls};
 
+use super::sve::{self, SveRegs};
 use crate::{read_sysreg, write_sysreg};
 
 /// Guest general-purpose, PC, PSTATE and FP/SIMD registers (used by asm).
@@ -54,6 +55,10 @@ pub struct GuestRegs {
     pub fpsr: u64,
     /// FPCR.
     pub fpcr: u64,
+    /// Address of the vCPU's SVE save area while [`run`] runs a vCPU of a
+    /// VM with SVE ([`SveRegs`]), else 0: the entry loads Z/P/FFR from it
+    /// after q0-q31, the exit stores them after q0-q31.
+    sve: u64,
 }
 
 const _: () = assert!(offset_of!(GuestRegs, pc) == 248);
@@ -61,6 +66,7 @@ const _: () = assert!(offset_of!(GuestRegs, pstate) == 256);
 const _: () = assert!(offset_of!(GuestRegs, v) == 272);
 const _: () = assert!(offset_of!(GuestRegs, fpsr) == 784);
 const _: () = assert!(offset_of!(GuestRegs, fpcr) == 792);
+const _: () = assert!(offset_of!(GuestRegs, sve) == 800);
 
 impl Default for GuestRegs {
     fn default() -> Self {
@@ -72,6 +78,7 @@ impl Default for GuestRegs {
             v: [0; 32],
             fpsr: 0,
             fpcr: 0,
+            sve: 0,
         }
     }
 }
@@ -117,7 +124,11 @@ __guest_enter:
     ldp     q26, q27, [x2, #416]
     ldp     q28, q29, [x2, #448]
     ldp     q30, q31, [x2, #480]
-    ldr     x3, [x0, #784]
+    // Guest SVE (a VM with SVE): Z/P/FFR over the V registers just loaded.
+    ldr     x3, [x0, #800]
+    cbz     x3, 1f
+    bl      __sve_load
+1:  ldr     x3, [x0, #784]
     msr     fpsr, x3
     ldr     x3, [x0, #792]
     msr     fpcr, x3
@@ -191,6 +202,11 @@ __guest_exit:
     str     x3, [x1, #784]
     mrs     x3, fpcr
     str     x3, [x1, #792]
+    // Guest SVE (a VM with SVE): Z/P/FFR, before any EL2 code touches V.
+    ldr     x3, [x1, #800]
+    cbz     x3, 2f
+    bl      __sve_save
+2:
     // Host state back.
     mrs     x1, tpidr_el2
     ldr     x2, [x1, #0]
@@ -626,12 +642,27 @@ fn save_opt(vm: &VmRegs, o: &mut OptRegs) {
     }
 }
 
-/// Runs the vCPU until it exits to EL2.
-pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
+/// Runs the vCPU until it exits to EL2. `sve`: the vCPU's SVE registers,
+/// for a VM with SVE (whose trap controls leave `CPTR_EL2.TZ` clear).
+pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> Exit {
     let pauth = vm.pauth;
     write_sysreg!("vtcr_el2", vm.vtcr);
     write_sysreg!("vttbr_el2", vm.vttbr);
     load_traps(&vm.traps);
+    // A VM with SVE: its vector length and ZCR_EL1 (CPTR_EL2.TZ, just
+    // written clear, lets EL2 reach them), and the area the entry loads
+    // Z/P/FFR from and the exit stores them to.
+    assert!(
+        sve.is_none() || vm.traps.cptr & cptr::TZ == 0,
+        "SVE state switched for a VM whose CPTR_EL2 traps SVE"
+    );
+    vcpu.regs.sve = match sve.as_deref_mut() {
+        Some(s) => {
+            sve::load(s);
+            s.area_addr()
+        }
+        None => 0,
+    };
     write_sysreg!("vmpidr_el2", vcpu.vmpidr);
     write_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
@@ -648,8 +679,16 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
     // saves/restores every callee-saved register and the stack pointer
     // around the guest run, the guest runs under stage-2 with memory
-    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
+    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu. `regs.sve`
+    // is 0 or the area of the `SveRegs` borrowed mutably for this call,
+    // which holds `area_bytes(vl)` bytes for the `vl` that `sve::load`
+    // has just written to ZCR_EL2.LEN (the effective length at EL2 is at
+    // most that), with CPTR_EL2.TZ clear (asserted above).
     let kind = unsafe { __guest_enter(&mut vcpu.regs) };
+    vcpu.regs.sve = 0;
+    if let Some(s) = sve {
+        sve::save(s);
+    }
     let exit = Exit {
         kind,
         esr: read_sysreg!("esr_el2"),
