@@ -433,14 +433,14 @@ fn sve_test() -> QemuTest {
         "[guest nosve] sve: ok: ID_AA64PFR0_EL1.SVE 0, ID_AA64ZFR0_EL1 0x0 (SVE not offered)",
         "[guest nosve] sve: ok: RDVL (SVE not offered): UNDEF at VBAR_EL1+0x200 ESR_EL1 0x2000000",
         "[guest nosve] sve: ok: ZCR_EL1 write (SVE not offered): UNDEF at VBAR_EL1+0x200 ESR_EL1 0x2000000",
-        "[guest nosve] sve: 1000 rounds of fill / yield / read back (q0-q31, no SVE): mismatches=0, VL changes=0, q31 != low Z31: 0, exceptions 0",
+        "[guest nosve] sve: 1000 rounds of fill/yield/check (q0-q31, no SVE): mismatches=0, wrong VL=0, q31 != low Z31: 0, exceptions 0",
         "[guest nosve] sve: all checks passed",
     ]);
     for (vm, vl) in [("sve-256", 32), ("sve-512", 64)] {
         markers.extend([
             format!("[guest {vm}] sve: ok: ID_AA64PFR0_EL1.SVE 1"),
             format!("[guest {vm}] sve: ok: RDVL {vl} bytes with ZCR_EL1.LEN 15 (VM configured with {vl}), 16 with ZCR_EL1.LEN 0"),
-            format!("[guest {vm}] sve: 1000 rounds of fill / yield / read back (Z0-Z31, P0-P15, FFR): mismatches=0, VL changes=0, q31 != low Z31: 0, exceptions 0"),
+            format!("[guest {vm}] sve: 1000 rounds of fill/yield/check (Z0-31, P0-15, FFR at VL {vl} and 16): mismatches=0, wrong VL=0, q31 != low Z31: 0, exceptions 0"),
             format!("[guest {vm}] sve: all checks passed"),
             format!("vm {vm}: powered off (PSCI SYSTEM_OFF)"),
         ]);

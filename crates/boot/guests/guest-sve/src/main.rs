@@ -9,8 +9,9 @@
 //! With SVE: checks `ID_AA64PFR0_EL1.SVE`, then that `RDVL` gives the
 //! configured length when `ZCR_EL1.LEN` asks for the architecture's maximum
 //! (the hypervisor's `ZCR_EL2` limits it) and 16 bytes with `ZCR_EL1.LEN`
-//! = 0. Each round fills Z0-Z31, P0-P15 and FFR with a pattern of its own
-//! (tag, round), yields the CPU with a trapped `WFI` (the guest's
+//! = 0. Each round sets `ZCR_EL1.LEN` (the VM's full length and 16 bytes
+//! in turn, in the opposite phase to the other SVE VM), fills Z0-Z31,
+//! P0-P15 and FFR with a pattern of its own (tag, round), yields the CPU with a trapped `WFI` (the guest's
 //! distributor is off, so the hypervisor yields instead of blocking; QEMU
 //! 7.2 does not trap WFE) and the scheduler runs the other VMs, then
 //! reads everything back, with `RDVL` and q31 (the low 128 bits of Z31
@@ -297,28 +298,57 @@ fn diff(a: &[u8], b: &[u8]) -> u64 {
     a.iter().zip(b).filter(|(x, y)| x != y).count() as u64
 }
 
-/// The rounds: (image mismatches, VL changes, q31 mismatches).
+/// The vector length of round `r` in bytes and the `ZCR_EL1.LEN` that
+/// asks for it: the VM's full length (`ZCR_EL1.LEN` 15, limited by the
+/// hypervisor's `ZCR_EL2`) and 16 bytes (`ZCR_EL1.LEN` 0) in turn, in
+/// opposite phases for odd and even tags, so that two VMs taking turns
+/// need their own `ZCR_EL1` (and the hypervisor's `ZCR_EL2` for each).
+fn round_vl(vl: usize, tag: u64, r: u64) -> (usize, u64) {
+    if (r + tag) % 2 == 0 {
+        (vl, 0xf)
+    } else {
+        (16, 0)
+    }
+}
+
+/// The rounds: (image mismatches, VL mismatches, q31 mismatches).
 fn rounds(vl: usize, tag: u64, n: u64) -> (u64, u64, u64) {
     // SAFETY: the buffers are this single-vCPU guest's own .bss, used only
     // here (the asm reaches them through the raw pointers derived below,
     // while these references are not used).
     let (want, got) = unsafe { (&mut *addr_of_mut!(sve_want), &mut *addr_of_mut!(sve_got)) };
-    let len = if vl == 0 { 512 } else { 34 * vl + vl / 8 };
     let (mut bad, mut vl_bad, mut q_bad) = (0, 0, 0);
     for r in 0..n {
-        fill(want, vl.max(16), tag, r);
         got.fill(0);
-        if vl == 0 {
+        let len = if vl == 0 {
+            fill(want, 16, tag, r);
             fp_round(want.as_ptr(), got.as_mut_ptr());
+            512
         } else {
+            let (cur, len_field) = round_vl(vl, tag, r);
+            zcr_write(len_field);
+            fill(want, cur, tag, r);
             let (now, q31) = sve_round(want.as_ptr(), got.as_mut_ptr());
-            vl_bad += u64::from(now != vl as u64);
-            let z31 = &want[31 * vl..31 * vl + 16];
+            vl_bad += u64::from(now != cur as u64);
+            let z31 = &want[31 * cur..31 * cur + 16];
             q_bad += u64::from(q31.to_le_bytes() != z31);
-        }
+            34 * cur + cur / 8
+        };
         bad += u64::from(diff(&want[..len], &got[..len]) != 0);
     }
     (bad, vl_bad, q_bad)
+}
+
+/// The registers the rounds check, for the VM's vector length (0: no SVE).
+struct Regs(u64);
+
+impl core::fmt::Display for Regs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            0 => write!(f, "q0-q31, no SVE"),
+            vl => write!(f, "Z0-31, P0-15, FFR at VL {vl} and 16"),
+        }
+    }
 }
 
 /// Entry called by guest-rt.
@@ -339,8 +369,8 @@ pub fn guest_main(cfg: u64, _: u64, _: u64, _: u64) -> u64 {
     let (bad, vl_bad, q_bad) = rounds(vl as usize, tag, n);
     let exc = taken()[3] - exc_before;
     println!(
-        "sve: {n} rounds of fill / yield / read back ({}): mismatches={bad}, VL changes={vl_bad}, q31 != low Z31: {q_bad}, exceptions {exc}",
-        if vl == 0 { "q0-q31, no SVE" } else { "Z0-Z31, P0-P15, FFR" }
+        "sve: {n} rounds of fill/yield/check ({}): mismatches={bad}, wrong VL={vl_bad}, q31 != low Z31: {q_bad}, exceptions {exc}",
+        Regs(vl)
     );
     failed += u64::from(bad != 0 || vl_bad != 0 || q_bad != 0 || exc != 0);
     println!(
