@@ -17,6 +17,7 @@ use alloc::vec::Vec;
 use core::arch::{asm, global_asm};
 
 use pkvm_sysreg::traps::cptr;
+use pkvm_sysreg::SVE_VL_ARCH_MAX;
 
 use crate::{read_sysreg, write_sysreg};
 
@@ -69,7 +70,9 @@ pub struct SveRegs {
     /// `ZCR_EL1` (the guest's own limit, at most the VM's length).
     pub zcr_el1: u64,
     /// Z0-Z31, P0-P15, FFR in the layout of `STR Z/P [.., #i, MUL VL]`.
-    /// Invariant: at least [`area_bytes`]`(vl)` bytes, 16-byte aligned.
+    /// Invariant: [`area_bytes`]`(SVE_VL_ARCH_MAX)` bytes, 16-byte
+    /// aligned: room for any vector length, so that memory safety does not
+    /// rest on `ZCR_EL2` holding exactly `vl` (8.5 KiB per vCPU with SVE).
     area: Vec<u128>,
 }
 
@@ -85,7 +88,7 @@ impl SveRegs {
         SveRegs {
             vl,
             zcr_el1: zcr_len(vl),
-            area: vec![0; area_bytes(vl).div_ceil(16)],
+            area: vec![0; area_bytes(SVE_VL_ARCH_MAX).div_ceil(16)],
         }
     }
 

@@ -17,7 +17,12 @@
 //! registers cleared) so no maintenance interrupt stays asserted at EL2.
 //!
 //! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
-//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly.
+//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly,
+//! and so are the SVE registers of a VM with SVE ([`super::sve`]: Z0-Z31,
+//! P0-P15 and FFR inside the entry/exit assembly, after q0-q31, with
+//! `ZCR_EL2.LEN` at the VM's vector length; `ZCR_EL1` around it). The
+//! host's own FP state is only EL2's callee-saved d8-d15, kept on the
+//! stack across the guest run.
 //!
 //! Which EL1 registers are switched follows pkvm-sysreg's `SWITCHED` list:
 //! the registers the policy traps (`ACTLR_EL1` by `HCR_EL2.TACR`,
@@ -26,7 +31,7 @@
 //! loaded into the hardware (whose copies stay at the values
 //! [`init_cpu`] gives them). The trap controls are not restored at exit:
 //! they act on EL0/EL1 only, except `CPTR_EL2` (TZ/TSM/TTA also trap EL2,
-//! which uses no SVE, SME or trace; TFP stays clear for the EL2 FP/SIMD
+//! which uses no SVE outside the switch, SME or trace; TFP stays clear for the EL2 FP/SIMD
 //! code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
 //! hypervisor wants anyway).
 
@@ -681,9 +686,9 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> 
     // around the guest run, the guest runs under stage-2 with memory
     // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu. `regs.sve`
     // is 0 or the area of the `SveRegs` borrowed mutably for this call,
-    // which holds `area_bytes(vl)` bytes for the `vl` that `sve::load`
-    // has just written to ZCR_EL2.LEN (the effective length at EL2 is at
-    // most that), with CPTR_EL2.TZ clear (asserted above).
+    // which has room for Z/P/FFR at the architecture's largest vector
+    // length (so at whatever length ZCR_EL2 gives EL2), with CPTR_EL2.TZ
+    // clear (asserted above) so the SVE transfers do not trap at EL2.
     let kind = unsafe { __guest_enter(&mut vcpu.regs) };
     vcpu.regs.sve = 0;
     if let Some(s) = sve {

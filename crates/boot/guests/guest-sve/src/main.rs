@@ -304,7 +304,7 @@ fn diff(a: &[u8], b: &[u8]) -> u64 {
 /// opposite phases for odd and even tags, so that two VMs taking turns
 /// need their own `ZCR_EL1` (and the hypervisor's `ZCR_EL2` for each).
 fn round_vl(vl: usize, tag: u64, r: u64) -> (usize, u64) {
-    if (r + tag) % 2 == 0 {
+    if (r + tag).is_multiple_of(2) {
         (vl, 0xf)
     } else {
         (16, 0)
