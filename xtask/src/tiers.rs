@@ -421,8 +421,9 @@ fn reset_tests() -> Vec<QemuTest> {
 }
 
 /// SVE with per-VM vector lengths (guest-sve, the image's `sve-switch`
-/// scenario): three single-vCPU VMs on one physical CPU, 256-bit SVE,
-/// 512-bit SVE and none, each filling its registers, yielding and checking
+/// scenario): four single-vCPU VMs on one physical CPU, 256-bit SVE,
+/// 512-bit SVE, the host's largest (the configuration's default: 2048-bit
+/// on QEMU's `max` CPU) and none, each filling its registers, yielding and checking
 /// them 1,000 times; configurations beyond the CPU refused by name; UNDEF
 /// for SVE in the VM without it.
 fn sve_test() -> QemuTest {
@@ -436,7 +437,7 @@ fn sve_test() -> QemuTest {
         "[guest nosve] sve: 1000 rounds of fill/yield/check (q0-q31, no SVE): mismatches=0, wrong VL=0, q31 != low Z31: 0, exceptions 0",
         "[guest nosve] sve: all checks passed",
     ]);
-    for (vm, vl) in [("sve-256", 32), ("sve-512", 64)] {
+    for (vm, vl) in [("sve-256", 32), ("sve-512", 64), ("sve-max", 256)] {
         markers.extend([
             format!("[guest {vm}] sve: ok: ID_AA64PFR0_EL1.SVE 1"),
             format!("[guest {vm}] sve: ok: RDVL {vl} bytes with ZCR_EL1.LEN 15 (VM configured with {vl}), 16 with ZCR_EL1.LEN 0"),
@@ -446,14 +447,14 @@ fn sve_test() -> QemuTest {
         ]);
     }
     markers.extend(strings(&[
-        "sve: 3 VMs, 1000 rounds each, ",
+        "sve: 4 VMs, 1000 rounds each, ",
         " world switches in, mismatches=0",
         "vm nosve: powered off (PSCI SYSTEM_OFF)",
         "pool: back to starting count",
         "scenario sve-switch: PASS",
     ]));
     QemuTest {
-        name: "qemu:sve-switch-3on1",
+        name: "qemu:sve-switch-4on1",
         spec: RunSpec::sched("sve-switch", 1, 1),
         exit_code: 0,
         markers,

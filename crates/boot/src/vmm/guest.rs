@@ -660,6 +660,11 @@ impl GuestVm {
         self.reports.lock().get(c as usize).copied().flatten()
     }
 
+    /// The VM's SVE vector length in bytes, when it has SVE.
+    pub fn sve_max_vl(&self) -> Option<u16> {
+        self.policy.features.sve_max_vl()
+    }
+
     /// How it ended (once stopped).
     pub fn end(&self) -> Option<VmEnd> {
         *self.end.lock()

@@ -3,9 +3,10 @@
 //! - Configurations the CPU cannot give are refused before a VM exists,
 //!   with an error naming the field (`sve_max_vl` above the CPU's largest,
 //!   and not a power-of-two multiple of 16 bytes).
-//! - Three single-vCPU VMs of guest-sve share the physical CPUs (the tier
-//!   runs them on one): `sve-256` (256-bit vectors), `sve-512` (512-bit)
-//!   and `nosve` (SVE not offered). Each round, every VM fills its
+//! - Four single-vCPU VMs of guest-sve share the physical CPUs (the tier
+//!   runs them on one): `sve-256` (256-bit vectors), `sve-512` (512-bit),
+//!   `sve-max` (the configuration's default, the host's largest: 2048-bit
+//!   on QEMU's `max` CPU) and `nosve` (SVE not offered). Each round, every VM fills its
 //!   registers (Z/P/FFR, or q0-q31 without SVE) with its own pattern,
 //!   yields the CPU with a trapped WFI so the scheduler runs another VM,
 //!   and checks its registers and vector length afterwards; `nosve` also
@@ -33,11 +34,23 @@ static GUEST_SVE: &[u8] = include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/gues
 /// Rounds of fill / yield / check per VM.
 const ROUNDS: u64 = 1000;
 
-/// The scenario's VMs: (name, vector length in bytes or `None`, tag).
-const VMS: [(&str, Option<u16>, u64); 3] = [
-    ("sve-256", Some(32), 1),
-    ("sve-512", Some(64), 2),
-    ("nosve", None, 3),
+/// A VM's SVE configuration in the scenario.
+#[derive(Clone, Copy, Debug)]
+enum Sve {
+    /// Not offered.
+    Off,
+    /// This vector length in bytes.
+    Vl(u16),
+    /// The configuration's default: the largest the host allows.
+    HostMax,
+}
+
+/// The scenario's VMs: (name, SVE, tag).
+const VMS: [(&str, Sve, u64); 4] = [
+    ("sve-256", Sve::Vl(32), 1),
+    ("sve-512", Sve::Vl(64), 2),
+    ("sve-max", Sve::HostMax, 3),
+    ("nosve", Sve::Off, 4),
 ];
 
 fn spec(name: &'static str, x0: u64) -> VmSpec<'static> {
@@ -89,12 +102,16 @@ fn refusals(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, limit: u16) ->
 
 /// Creates the scenario's VMs.
 fn create(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> Option<Vec<Arc<GuestVm>>> {
+    let host = crate::platform::idregs::host_ids();
     let mut vms = Vec::new();
-    for (name, vl, tag) in VMS {
-        let cfg = match vl {
-            Some(vl) => IdOverrides::new().with_sve(vl),
-            None => IdOverrides::new(),
+    for (name, sve, tag) in VMS {
+        let cfg = match sve {
+            Sve::Off => IdOverrides::new(),
+            Sve::Vl(vl) => IdOverrides::new().with_sve(vl),
+            Sve::HostMax => IdOverrides::new().with_sve_host_max(&host),
         };
+        // The guest checks RDVL against the configured length.
+        let vl = cfg.sve_max_vl;
         match guest::create_with(plat, process, &spec(name, guest_arg(vl, tag)), &cfg) {
             Ok(g) => vms.push(g),
             Err(e) => {
@@ -131,7 +148,7 @@ pub fn sve_switch(process: &Arc<BootProcess>) -> bool {
     };
     ok &= run_vms(&vms);
     let mut runs_total = 0;
-    for (g, (name, vl, _)) in vms.iter().zip(VMS) {
+    for (g, (name, _, _)) in vms.iter().zip(VMS) {
         let slot = g.slots[0].load(Ordering::Relaxed);
         let runs = SCHED
             .stats
@@ -141,7 +158,7 @@ pub fn sve_switch(process: &Arc<BootProcess>) -> bool {
         let st = g.vcpu_stats(0);
         println!(
             "sve: vm {name}: VL {} bytes, {runs} scheduler runs, {} guest entries, {} WFx exits, {} UNDEFs injected",
-            vl.unwrap_or(0),
+            g.sve_max_vl().unwrap_or(0),
             st.entries,
             st.wfx,
             st.undefs
