@@ -224,7 +224,8 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     let mut v = scenario_tests();
     v.extend(sched_tests());
     v.extend(reset_tests());
-    v.push(sve_test());
+    v.push(sve_test("qemu:sve-switch-4on1", 1));
+    v.push(sve_test("qemu:sve-switch-4on2", 2));
     v.extend(external_guest_tests(&gfile, &offfile));
     Ok(v)
 }
@@ -421,12 +422,13 @@ fn reset_tests() -> Vec<QemuTest> {
 }
 
 /// SVE with per-VM vector lengths (guest-sve, the image's `sve-switch`
-/// scenario): four single-vCPU VMs on one physical CPU, 256-bit SVE,
+/// scenario): four single-vCPU VMs on `cpus` physical CPUs (with 2 they
+/// also move between CPUs, their SVE state with them), 256-bit SVE,
 /// 512-bit SVE, the host's largest (the configuration's default: 2048-bit
-/// on QEMU's `max` CPU) and none, each filling its registers, yielding and checking
-/// them 1,000 times; configurations beyond the CPU refused by name; UNDEF
-/// for SVE in the VM without it.
-fn sve_test() -> QemuTest {
+/// on QEMU's `max` CPU) and none, each filling its registers, yielding and
+/// checking them 1,000 times; configurations beyond the CPU refused by
+/// name; UNDEF for SVE in the VM without it.
+fn sve_test(name: &'static str, cpus: u32) -> QemuTest {
     let mut markers = strings(&[
         "sysreg: the world switch covers pkvm-sysreg's SWITCHED list on this CPU",
         "sve: ok: VM configuration sve_max_vl = 512 refused before the VM exists: VM configuration: sve_max_vl = 512 bytes is more than this CPU supports (at most 256 bytes)",
@@ -454,8 +456,8 @@ fn sve_test() -> QemuTest {
         "scenario sve-switch: PASS",
     ]));
     QemuTest {
-        name: "qemu:sve-switch-4on1",
-        spec: RunSpec::sched("sve-switch", 1, 1),
+        name,
+        spec: RunSpec::sched("sve-switch", 1, cpus),
         exit_code: 0,
         markers,
     }

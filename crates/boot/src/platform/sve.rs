@@ -64,7 +64,6 @@ pub fn probe_max_vl() -> u16 {
 
 /// One vCPU's SVE registers while it is not running, for a VM with a
 /// vector length of `vl` bytes.
-#[derive(Debug)]
 pub struct SveRegs {
     vl: u16,
     /// `ZCR_EL1` (the guest's own limit, at most the VM's length).
@@ -108,6 +107,16 @@ impl SveRegs {
     /// The save area's address, for the world switch's assembly.
     pub(super) fn area_addr(&mut self) -> u64 {
         self.area.as_mut_ptr() as u64
+    }
+}
+
+impl core::fmt::Debug for SveRegs {
+    /// The length and `ZCR_EL1`, not the 8.5 KiB of registers.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SveRegs")
+            .field("vl", &self.vl)
+            .field("zcr_el1", &self.zcr_el1)
+            .finish_non_exhaustive()
     }
 }
 
