@@ -19,8 +19,10 @@
 //! - [`VmFeatures`]: a VM's sanitised ID registers, computed from the
 //!   host's ([`HostIds`]) and the VM configuration ([`IdOverrides`]):
 //!   features not virtualised are hidden, the PMU and debug versions say
-//!   what is emulated, SVE appears only when offered with a vector length,
-//!   and a configuration may lower fields but never raise them above the
+//!   what is emulated, SVE appears only when offered with a vector length
+//!   (a power-of-two multiple of 16 bytes the host supports;
+//!   [`IdOverrides::with_sve_host_max`] asks for the largest,
+//!   [`HostIds::sve_vl_limit`]), and a configuration may lower fields but never raise them above the
 //!   host ([`IdError`] names the field).
 //! - [`traps`]: `HCR_EL2`, `CPTR_EL2`, `MDCR_EL2`, `CNTHCTL_EL2` and
 //!   `MPAM2_EL2` for a VM, as pure functions of its [`VmFeatures`].
