@@ -125,8 +125,9 @@ const fn zcr_len(vl: u16) -> u64 {
     (vl / 16) as u64 - 1
 }
 
-/// Before a guest entry, with the VM's `CPTR_EL2` (TZ clear) written: the
-/// VM's vector length into `ZCR_EL2` and the vCPU's `ZCR_EL1`.
+/// Before a guest entry, with the VM's `CPTR_EL2` (TZ clear) written and
+/// synchronised (ISB): the VM's vector length into `ZCR_EL2` and the
+/// vCPU's `ZCR_EL1` (the entry's ISB makes them take effect).
 pub(super) fn load(s: &SveRegs) {
     write_sysreg!("S3_4_C1_C2_0", zcr_len(s.vl));
     write_sysreg!("S3_0_C1_C2_0", s.zcr_el1);

@@ -31,8 +31,8 @@
 //! loaded into the hardware (whose copies stay at the values
 //! [`init_cpu`] gives them). The trap controls are not restored at exit:
 //! they act on EL0/EL1 only, except `CPTR_EL2` (TZ/TSM/TTA also trap EL2,
-//! which uses no SVE outside the switch, SME or trace; TFP stays clear for the EL2 FP/SIMD
-//! code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
+//! which uses no SVE outside the switch, SME or trace; TFP stays clear for
+//! the EL2 FP/SIMD code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
 //! hypervisor wants anyway).
 
 use core::arch::global_asm;
@@ -655,14 +655,16 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> 
     write_sysreg!("vttbr_el2", vm.vttbr);
     load_traps(&vm.traps);
     // A VM with SVE: its vector length and ZCR_EL1 (CPTR_EL2.TZ, just
-    // written clear, lets EL2 reach them), and the area the entry loads
-    // Z/P/FFR from and the exit stores them to.
+    // written clear, lets EL2 reach them once an ISB has made the write
+    // take effect), and the area the entry loads Z/P/FFR from and the
+    // exit stores them to.
     assert!(
         sve.is_none() || vm.traps.cptr & cptr::TZ == 0,
         "SVE state switched for a VM whose CPTR_EL2 traps SVE"
     );
     vcpu.regs.sve = match sve.as_deref_mut() {
         Some(s) => {
+            super::sysreg::isb();
             sve::load(s);
             s.area_addr()
         }
