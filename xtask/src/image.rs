@@ -27,6 +27,7 @@ pub const GUESTS: &[&str] = &[
     "guest-gic",
     "guest-irq",
     "guest-pmu",
+    "guest-sve",
 ];
 
 /// The image package and binary name.

@@ -98,6 +98,9 @@ pub enum Scenario {
     ResetProtected,
     /// Two vCPUs reset the VM at the same moment (needs >= 2 vCPUs).
     ResetConcurrent,
+    /// SVE state and per-VM vector lengths across world switches (three
+    /// VMs: 256-bit, 512-bit, no SVE).
+    SveSwitch,
     /// A deliberate panic of the image (tests the panic path).
     Panic,
 }
@@ -116,6 +119,7 @@ impl Scenario {
             Scenario::Reset => "reset",
             Scenario::ResetProtected => "reset-protected",
             Scenario::ResetConcurrent => "reset-concurrent",
+            Scenario::SveSwitch => "sve-switch",
             Scenario::Panic => "panic",
         }
     }

@@ -224,6 +224,8 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     let mut v = scenario_tests();
     v.extend(sched_tests());
     v.extend(reset_tests());
+    v.push(sve_test("qemu:sve-switch-4on1", 1));
+    v.push(sve_test("qemu:sve-switch-4on2", 2));
     v.extend(external_guest_tests(&gfile, &offfile));
     v.extend(pmu_tests());
     Ok(v)
@@ -418,6 +420,48 @@ fn reset_tests() -> Vec<QemuTest> {
             ]),
         },
     ]
+}
+
+/// SVE with per-VM vector lengths (guest-sve, the image's `sve-switch`
+/// scenario): four single-vCPU VMs on `cpus` physical CPUs (with 2 they
+/// also move between CPUs, their SVE state with them), 256-bit SVE,
+/// 512-bit SVE, the host's largest (the configuration's default: 2048-bit
+/// on QEMU's `max` CPU) and none, each filling its registers, yielding and
+/// checking them 1,000 times; configurations beyond the CPU refused by
+/// name; UNDEF for SVE in the VM without it.
+fn sve_test(name: &'static str, cpus: u32) -> QemuTest {
+    let mut markers = strings(&[
+        "sysreg: the world switch covers pkvm-sysreg's SWITCHED list on this CPU",
+        "sve: ok: VM configuration sve_max_vl = 512 refused before the VM exists: VM configuration: sve_max_vl = 512 bytes is more than this CPU supports (at most 256 bytes)",
+        "sve: ok: VM configuration sve_max_vl = 48 refused before the VM exists: VM configuration: sve_max_vl = 48 bytes is not a power-of-two multiple of 16 bytes",
+        "[guest nosve] sve: ok: ID_AA64PFR0_EL1.SVE 0, ID_AA64ZFR0_EL1 0x0 (SVE not offered)",
+        "[guest nosve] sve: ok: RDVL (SVE not offered): UNDEF at VBAR_EL1+0x200 ESR_EL1 0x2000000",
+        "[guest nosve] sve: ok: ZCR_EL1 write (SVE not offered): UNDEF at VBAR_EL1+0x200 ESR_EL1 0x2000000",
+        "[guest nosve] sve: 1000 rounds of fill/yield/check (q0-q31, no SVE): mismatches=0, wrong VL=0, q31 != low Z31: 0, exceptions 0",
+        "[guest nosve] sve: all checks passed",
+    ]);
+    for (vm, vl) in [("sve-256", 32), ("sve-512", 64), ("sve-max", 256)] {
+        markers.extend([
+            format!("[guest {vm}] sve: ok: ID_AA64PFR0_EL1.SVE 1"),
+            format!("[guest {vm}] sve: ok: RDVL {vl} bytes with ZCR_EL1.LEN 15 (VM configured with {vl}), 16 with ZCR_EL1.LEN 0"),
+            format!("[guest {vm}] sve: 1000 rounds of fill/yield/check (Z0-31, P0-15, FFR at VL {vl} and 16): mismatches=0, wrong VL=0, q31 != low Z31: 0, exceptions 0"),
+            format!("[guest {vm}] sve: all checks passed"),
+            format!("vm {vm}: powered off (PSCI SYSTEM_OFF)"),
+        ]);
+    }
+    markers.extend(strings(&[
+        "sve: 4 VMs, 1000 rounds each, ",
+        " world switches in, mismatches=0",
+        "vm nosve: powered off (PSCI SYSTEM_OFF)",
+        "pool: back to starting count",
+        "scenario sve-switch: PASS",
+    ]));
+    QemuTest {
+        name,
+        spec: RunSpec::sched("sve-switch", 1, cpus),
+        exit_code: 0,
+        markers,
+    }
 }
 
 /// Guests loaded from files: the hello guest (`gfile`) and the

@@ -166,6 +166,23 @@ impl Default for HostIds {
 }
 
 impl HostIds {
+    /// The largest vector length a VM may be given on this CPU, in bytes:
+    /// the largest power of two of at most [`HostIds::sve_max_vl`] and
+    /// [`SVE_VL_ARCH_MAX`] (the architecture makes every power-of-two length
+    /// up to the maximum available; others need not be); 0 without SVE.
+    pub const fn sve_vl_limit(&self) -> u16 {
+        let max = if self.sve_max_vl < SVE_VL_ARCH_MAX {
+            self.sve_max_vl
+        } else {
+            SVE_VL_ARCH_MAX
+        };
+        if max < 16 {
+            0
+        } else {
+            1 << (15 - max.leading_zeros())
+        }
+    }
+
     /// All registers zero (a CPU with nothing optional).
     pub const fn new() -> HostIds {
         HostIds {
@@ -558,12 +575,12 @@ pub enum IdError {
         /// The feature, e.g. "SVE".
         feature: &'static str,
     },
-    /// The SVE vector length is not a multiple of 16 bytes in 16..=256, or
-    /// exceeds the host's.
+    /// The SVE vector length (`sve_max_vl`) is not a power-of-two multiple
+    /// of 16 bytes in 16..=256, or exceeds what the host CPU supports.
     SveVectorLength {
         /// What was asked, in bytes.
         requested: u16,
-        /// The host's maximum, in bytes.
+        /// The largest the host allows, in bytes ([`HostIds::sve_vl_limit`]).
         host_max: u16,
     },
     /// More PMU event counters than the host has.
@@ -612,9 +629,16 @@ impl fmt::Display for IdError {
             IdError::SveVectorLength {
                 requested,
                 host_max,
+            } if !(requested.is_power_of_two() && requested >= 16) => write!(
+                f,
+                "VM configuration: sve_max_vl = {requested} bytes is not a power-of-two multiple of 16 bytes in 16..={SVE_VL_ARCH_MAX} (this CPU: at most {host_max})"
+            ),
+            IdError::SveVectorLength {
+                requested,
+                host_max,
             } => write!(
                 f,
-                "VM configuration: SVE vector length {requested} bytes is not a multiple of 16 in 16..={host_max}"
+                "VM configuration: sve_max_vl = {requested} bytes is more than this CPU supports (at most {host_max} bytes)"
             ),
             IdError::PmuCounters { requested, host } => write!(
                 f,
@@ -658,10 +682,19 @@ impl IdOverrides {
         }
     }
 
-    /// Offers SVE with a maximum vector length of `vl_bytes`.
+    /// Offers SVE with a maximum vector length of `vl_bytes` (checked by
+    /// [`VmFeatures::new`]: a power-of-two multiple of 16 bytes the host
+    /// supports).
     pub const fn with_sve(mut self, vl_bytes: u16) -> Self {
         self.sve_max_vl = Some(vl_bytes);
         self
+    }
+
+    /// Offers SVE with the largest vector length `host` allows
+    /// ([`HostIds::sve_vl_limit`]); refused by [`VmFeatures::new`] when the
+    /// host has no SVE.
+    pub const fn with_sve_host_max(self, host: &HostIds) -> Self {
+        self.with_sve(host.sve_vl_limit())
     }
 
     /// Offers a virtual PMU.
@@ -719,6 +752,12 @@ pub struct VmFeatures {
 /// The largest SVE vector length the architecture allows, in bytes.
 pub const SVE_VL_ARCH_MAX: u16 = 256;
 
+/// Whether `vl` bytes is a vector length a VM may have on some CPU: a
+/// power-of-two multiple of 16 bytes, at most [`SVE_VL_ARCH_MAX`].
+const fn sve_vl_well_formed(vl: u16) -> bool {
+    vl.is_power_of_two() && vl >= 16 && vl <= SVE_VL_ARCH_MAX
+}
+
 impl VmFeatures {
     /// Computes a VM's view from the host's ID registers and its configuration.
     ///
@@ -731,10 +770,10 @@ impl VmFeatures {
             if !host.has(HostFeature::Sve) {
                 return Err(IdError::NotOnHost { feature: "SVE" });
             }
-            if vl == 0 || vl % 16 != 0 || vl > SVE_VL_ARCH_MAX || vl > host.sve_max_vl {
+            if !sve_vl_well_formed(vl) || vl > host.sve_vl_limit() {
                 return Err(IdError::SveVectorLength {
                     requested: vl,
-                    host_max: host.sve_max_vl,
+                    host_max: host.sve_vl_limit(),
                 });
             }
         }

@@ -19,8 +19,10 @@
 //! - [`VmFeatures`]: a VM's sanitised ID registers, computed from the
 //!   host's ([`HostIds`]) and the VM configuration ([`IdOverrides`]):
 //!   features not virtualised are hidden, the PMU and debug versions say
-//!   what is emulated, SVE appears only when offered with a vector length,
-//!   and a configuration may lower fields but never raise them above the
+//!   what is emulated, SVE appears only when offered with a vector length
+//!   (a power-of-two multiple of 16 bytes the host supports;
+//!   [`IdOverrides::with_sve_host_max`] asks for the largest,
+//!   [`HostIds::sve_vl_limit`]), and a configuration may lower fields but never raise them above the
 //!   host ([`IdError`] names the field).
 //! - [`pmu`]: the virtual PMUv3 of one vCPU behind [`Hook::Pmu`]
 //!   ([`VirtPmu`]; [`pmu::handle_pmu_trap`] answers a hook call): counters

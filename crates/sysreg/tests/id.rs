@@ -142,7 +142,10 @@ fn sve_configurations_beyond_the_host_are_refused() {
         VmFeatures::new(&minimal_host(), &cfg(16)),
         Err(IdError::NotOnHost { feature: "SVE" })
     );
-    for bad in [0, 24, 80, 512] {
+    // Not a power-of-two multiple of 16 bytes (48: 384 bits, which some
+    // CPUs implement but the architecture does not guarantee), beyond the
+    // architecture, beyond this host (64 bytes).
+    for bad in [0, 8, 24, 48, 80, 96, 128, 256, 512] {
         assert_eq!(
             VmFeatures::new(&full_host(), &cfg(bad)),
             Err(IdError::SveVectorLength {
@@ -152,7 +155,53 @@ fn sve_configurations_beyond_the_host_are_refused() {
             "VL {bad}"
         );
     }
-    assert!(VmFeatures::new(&full_host(), &cfg(64)).is_ok());
+    for good in [16, 32, 64] {
+        let vm = VmFeatures::new(&full_host(), &cfg(good)).unwrap();
+        assert_eq!(vm.sve_max_vl(), Some(good));
+        assert_eq!(vm.zcr_el2_len(), Some(u64::from(good / 16 - 1)));
+    }
+}
+
+#[test]
+fn sve_errors_name_the_configuration_field() {
+    let cfg = |vl| IdOverrides::new().with_sve(vl);
+    let above = VmFeatures::new(&full_host(), &cfg(128)).unwrap_err();
+    assert_eq!(
+        above.to_string(),
+        "VM configuration: sve_max_vl = 128 bytes is more than this CPU supports (at most 64 bytes)"
+    );
+    let odd = VmFeatures::new(&full_host(), &cfg(48)).unwrap_err();
+    assert_eq!(
+        odd.to_string(),
+        "VM configuration: sve_max_vl = 48 bytes is not a power-of-two multiple of 16 bytes in 16..=256 (this CPU: at most 64)"
+    );
+}
+
+#[test]
+fn sve_default_length_is_the_largest_power_of_two_the_host_allows() {
+    let mut host = full_host();
+    for (max, limit) in [
+        (0, 0),
+        (16, 16),
+        (48, 32),
+        (64, 64),
+        (240, 128),
+        (256, 256),
+        (512, 256),
+    ] {
+        host.sve_max_vl = max;
+        assert_eq!(host.sve_vl_limit(), limit, "host max {max}");
+    }
+    host.sve_max_vl = 48; // a 384-bit CPU: the VM gets 256 bits
+    let vm = VmFeatures::new(&host, &IdOverrides::new().with_sve_host_max(&host)).unwrap();
+    assert_eq!(vm.sve_max_vl(), Some(32));
+    assert_eq!(
+        VmFeatures::new(
+            &minimal_host(),
+            &IdOverrides::new().with_sve_host_max(&minimal_host())
+        ),
+        Err(IdError::NotOnHost { feature: "SVE" })
+    );
 }
 
 #[test]

@@ -177,7 +177,7 @@ proptest! {
             prop_assert_eq!(vm.id(*r) & !listed, 0, "{}: an unlisted field shows", r.name());
         }
         if let Some(vl) = vm.sve_max_vl() {
-            prop_assert!(vl <= host.sve_max_vl && vl % 16 == 0 && vl >= 16);
+            prop_assert!(vl <= host.sve_max_vl && vl.is_power_of_two() && vl >= 16);
         }
         prop_assert!(vm.pmu_counters() <= host.pmu_counters);
     }

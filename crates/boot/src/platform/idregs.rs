@@ -22,8 +22,10 @@ fn read() -> HostIds {
         // PMCR_EL0.N: event counters implemented.
         h.pmu_counters = ((read_sysreg!("pmcr_el0") >> 11) & 0x1f) as u8;
     }
-    // SVE is not offered to VMs yet: the maximum vector length (a ZCR_EL2
-    // probe) is left 0, so a configuration asking for SVE is refused.
+    if h.has(HostFeature::Sve) {
+        // The largest vector length: a ZCR_EL2 probe (VMs get at most it).
+        h.sve_max_vl = super::sve::probe_max_vl();
+    }
     h
 }
 

@@ -13,6 +13,7 @@
 //! | [`phys`] | access to identity-mapped physical memory |
 //! | [`vectors`] | EL2 exception vectors |
 //! | [`switch`] | the world switch: trap controls, guest GPRs, EL1 sysregs, FP/SIMD, timer, PAC keys |
+//! | [`sve`] | SVE: the CPU's maximum vector length, a vCPU's Z/P/FFR/`ZCR_EL1` (switched by [`switch`]) |
 //! | [`handoff`] | the block xtask passes at 0x4800_0000 |
 //! | [`gic`] | GICv3: distributor, redistributors, CPU interface, SGIs |
 //! | [`timer`] | the EL2 physical timer (preemption tick) |
@@ -27,6 +28,7 @@ pub mod idregs;
 pub mod mmu;
 pub mod phys;
 pub mod start;
+pub mod sve;
 pub mod switch;
 pub mod sysreg;
 pub mod timer;

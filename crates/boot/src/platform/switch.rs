@@ -17,7 +17,12 @@
 //! registers cleared) so no maintenance interrupt stays asserted at EL2.
 //!
 //! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
-//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly.
+//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly,
+//! and so are the SVE registers of a VM with SVE ([`super::sve`]: Z0-Z31,
+//! P0-P15 and FFR inside the entry/exit assembly, after q0-q31, with
+//! `ZCR_EL2.LEN` at the VM's vector length; `ZCR_EL1` around it). The
+//! host's own FP state is only EL2's callee-saved d8-d15, kept on the
+//! stack across the guest run.
 //!
 //! Which EL1 registers are switched follows pkvm-sysreg's `SWITCHED` list:
 //! the registers the policy traps (`ACTLR_EL1` by `HCR_EL2.TACR`,
@@ -26,8 +31,8 @@
 //! loaded into the hardware (whose copies stay at the values
 //! [`init_cpu`] gives them). The trap controls are not restored at exit:
 //! they act on EL0/EL1 only, except `CPTR_EL2` (TZ/TSM/TTA also trap EL2,
-//! which uses no SVE, SME or trace; TFP stays clear for the EL2 FP/SIMD
-//! code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
+//! which uses no SVE outside the switch, SME or trace; TFP stays clear for
+//! the EL2 FP/SIMD code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
 //! hypervisor wants anyway).
 
 use core::arch::global_asm;
@@ -35,6 +40,7 @@ use core::mem::offset_of;
 
 use pkvm_sysreg::traps::{cptr, TrapControls};
 
+use super::sve::{self, SveRegs};
 use crate::{read_sysreg, write_sysreg};
 
 /// Guest general-purpose, PC, PSTATE and FP/SIMD registers (used by asm).
@@ -54,6 +60,10 @@ pub struct GuestRegs {
     pub fpsr: u64,
     /// FPCR.
     pub fpcr: u64,
+    /// Address of the vCPU's SVE save area while [`run`] runs a vCPU of a
+    /// VM with SVE ([`SveRegs`]), else 0: the entry loads Z/P/FFR from it
+    /// after q0-q31, the exit stores them after q0-q31.
+    sve: u64,
 }
 
 const _: () = assert!(offset_of!(GuestRegs, pc) == 248);
@@ -61,6 +71,7 @@ const _: () = assert!(offset_of!(GuestRegs, pstate) == 256);
 const _: () = assert!(offset_of!(GuestRegs, v) == 272);
 const _: () = assert!(offset_of!(GuestRegs, fpsr) == 784);
 const _: () = assert!(offset_of!(GuestRegs, fpcr) == 792);
+const _: () = assert!(offset_of!(GuestRegs, sve) == 800);
 
 impl Default for GuestRegs {
     fn default() -> Self {
@@ -72,6 +83,7 @@ impl Default for GuestRegs {
             v: [0; 32],
             fpsr: 0,
             fpcr: 0,
+            sve: 0,
         }
     }
 }
@@ -117,7 +129,11 @@ __guest_enter:
     ldp     q26, q27, [x2, #416]
     ldp     q28, q29, [x2, #448]
     ldp     q30, q31, [x2, #480]
-    ldr     x3, [x0, #784]
+    // Guest SVE (a VM with SVE): Z/P/FFR over the V registers just loaded.
+    ldr     x3, [x0, #800]
+    cbz     x3, 1f
+    bl      __sve_load
+1:  ldr     x3, [x0, #784]
     msr     fpsr, x3
     ldr     x3, [x0, #792]
     msr     fpcr, x3
@@ -191,6 +207,11 @@ __guest_exit:
     str     x3, [x1, #784]
     mrs     x3, fpcr
     str     x3, [x1, #792]
+    // Guest SVE (a VM with SVE): Z/P/FFR, before any EL2 code touches V.
+    ldr     x3, [x1, #800]
+    cbz     x3, 2f
+    bl      __sve_save
+2:
     // Host state back.
     mrs     x1, tpidr_el2
     ldr     x2, [x1, #0]
@@ -637,12 +658,29 @@ pub fn load_pmuserenr(v: u64) {
     write_sysreg!("pmuserenr_el0", v);
 }
 
-/// Runs the vCPU until it exits to EL2.
-pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
+/// Runs the vCPU until it exits to EL2. `sve`: the vCPU's SVE registers,
+/// for a VM with SVE (whose trap controls leave `CPTR_EL2.TZ` clear).
+pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> Exit {
     let pauth = vm.pauth;
     write_sysreg!("vtcr_el2", vm.vtcr);
     write_sysreg!("vttbr_el2", vm.vttbr);
     load_traps(&vm.traps);
+    // A VM with SVE: its vector length and ZCR_EL1 (CPTR_EL2.TZ, just
+    // written clear, lets EL2 reach them once an ISB has made the write
+    // take effect), and the area the entry loads Z/P/FFR from and the
+    // exit stores them to.
+    assert!(
+        sve.is_none() || vm.traps.cptr & cptr::TZ == 0,
+        "SVE state switched for a VM whose CPTR_EL2 traps SVE"
+    );
+    vcpu.regs.sve = match sve.as_deref_mut() {
+        Some(s) => {
+            super::sysreg::isb();
+            sve::load(s);
+            s.area_addr()
+        }
+        None => 0,
+    };
     write_sysreg!("vmpidr_el2", vcpu.vmpidr);
     write_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
@@ -660,9 +698,17 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
     // saves/restores every callee-saved register and the stack pointer
     // around the guest run, the guest runs under stage-2 with memory
-    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
+    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu. `regs.sve`
+    // is 0 or the area of the `SveRegs` borrowed mutably for this call,
+    // which has room for Z/P/FFR at the architecture's largest vector
+    // length (so at whatever length ZCR_EL2 gives EL2), with CPTR_EL2.TZ
+    // clear (asserted above) so the SVE transfers do not trap at EL2.
     let kind = unsafe { __guest_enter(&mut vcpu.regs) };
     let left = read_sysreg!("cntpct_el0");
+    vcpu.regs.sve = 0;
+    if let Some(s) = sve {
+        sve::save(s);
+    }
     let exit = Exit {
         kind,
         esr: read_sysreg!("esr_el2"),

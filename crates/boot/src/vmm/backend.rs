@@ -55,6 +55,7 @@ use super::guest::BootVm;
 use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
+use crate::platform::sve::SveRegs;
 use crate::platform::switch::{self, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{gic, timer};
 use crate::println;
@@ -129,6 +130,8 @@ pub struct VcpuHw {
     /// The virtual PMU (when the VM is offered one): all of its state, so
     /// it moves with the vCPU and no two vCPUs share it.
     pub pmu: VirtPmu,
+    /// The SVE registers (Z/P/FFR, `ZCR_EL1`) of a vCPU of a VM with SVE.
+    pub sve: Option<SveRegs>,
 }
 
 impl VcpuHw {
@@ -145,7 +148,15 @@ impl VcpuHw {
             who: ("?", 0),
             wait: WfiAction::Yield,
             pmu: VirtPmu::new(0),
+            sve: None,
         }
+    }
+
+    /// Gives the vCPU SVE registers for a vector length of `vl` bytes (its
+    /// VM's, from the policy), or none.
+    pub fn with_sve(mut self, vl: Option<u16>) -> Self {
+        self.sve = vl.map(SveRegs::new);
+        self
     }
 
     /// Names the vCPU in its log lines: vCPU `index` of VM `name`.
@@ -173,6 +184,9 @@ impl VcpuHw {
         r.v = [0; 32];
         r.fpsr = 0;
         r.fpcr = 0;
+        if let Some(s) = &mut self.sve {
+            s.reset();
+        }
         if let Some((pc, args)) = self.boot_args {
             if ctx.gprs.pc == pc {
                 ctx.gprs.x[1..4].copy_from_slice(&args);
@@ -355,7 +369,8 @@ impl<'a> HwBackend<'a> {
             timer::pull_in(d);
         }
         self.pmu_before_entry();
-        let exit = switch::run(vm, &mut self.hw.st);
+        let hw = &mut *self.hw;
+        let exit = switch::run(vm, &mut hw.st, hw.sve.as_mut());
         self.hw.stats.exits += 1;
         self.pmu_after_exit(exit.slice);
         let (vt, pt) = self.timers();

@@ -35,6 +35,7 @@ use pkvm_host::psci::{PsciVm, SystemEvent, SystemEventKind};
 use pkvm_host::reset::BootParams;
 use pkvm_host::{Vcpu, VcpuExit, VmConfig};
 use pkvm_sync::{LockClass, SpinLock};
+use pkvm_sysreg::IdOverrides;
 
 use pkvm_pl011::Pl011;
 
@@ -392,24 +393,26 @@ pub fn create(
     process: &Arc<BootProcess>,
     spec: &VmSpec<'_>,
 ) -> Result<Arc<GuestVm>, VmmError> {
-    create_with(platform, process, spec, &pkvm_sysreg::IdOverrides::new())
+    create_with(platform, process, spec, &IdOverrides::new())
 }
 
-/// [`create`] with the VM's ID-register configuration `cfg` (a PMU,
-/// fields lowered...) instead of the default.
+/// [`create`] with the VM's own feature configuration `features` (SVE and
+/// its vector length, ID register fields lowered...), checked against the
+/// host CPU before anything is created.
 ///
 /// # Errors
-/// See [`VmmError`]; [`VmmError::Features`] names what `cfg` asks beyond
-/// the CPU.
+/// See [`VmmError`]; [`VmmError::Features`] names the configuration field
+/// the CPU cannot give.
 pub fn create_with(
     platform: &Arc<BootPlatform>,
     process: &Arc<BootProcess>,
     spec: &VmSpec<'_>,
-    cfg: &pkvm_sysreg::IdOverrides,
+    features: &IdOverrides,
 ) -> Result<Arc<GuestVm>, VmmError> {
     check_spec(spec)?;
-    let policy =
-        VmPolicy::new(&crate::platform::idregs::host_ids(), cfg).map_err(VmmError::Features)?;
+    let policy = VmPolicy::new(&crate::platform::idregs::host_ids(), features)
+        .map_err(VmmError::Features)?;
+    let sve_vl = policy.features.sve_max_vl();
     let vm = BootVm::create(
         platform.clone(),
         process.clone(),
@@ -455,7 +458,10 @@ pub fn create_with(
         last_poll: AtomicU64::new(0),
         // Taken by the scheduler's runner before any pkvm-host lock.
         hw: (0..spec.vcpus)
-            .map(|i| SpinLock::new(VcpuHw::new().named(spec.name, i), LockClass::HostVm))
+            .map(|i| {
+                let hw = VcpuHw::new().named(spec.name, i).with_sve(sve_vl);
+                SpinLock::new(hw, LockClass::HostVm)
+            })
             .collect(),
         policy,
         irq: VmIrq::new(spec.vcpus).map_err(|_| VmmError::BadConfig("vCPU count (vGIC)"))?,
@@ -661,6 +667,11 @@ impl GuestVm {
     /// The last report with code `c`.
     pub fn report(&self, c: u64) -> Option<(u64, u64)> {
         self.reports.lock().get(c as usize).copied().flatten()
+    }
+
+    /// The VM's SVE vector length in bytes, when it has SVE.
+    pub fn sve_max_vl(&self) -> Option<u16> {
+        self.policy.features.sve_max_vl()
     }
 
     /// How it ended (once stopped).

@@ -20,6 +20,8 @@
 //! - [`pmu`]: the virtual-PMU scenario (`pmu`: guest-pmu's roles).
 //! - [`sysregs`]: a VM's system-register policy (pkvm-sysreg) and the
 //!   handling of trapped accesses.
+//! - [`sve`]: the `sve-switch` scenario (SVE state and per-VM vector
+//!   lengths across world switches; UNDEF without SVE).
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
 //!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
@@ -43,6 +45,7 @@ pub mod process;
 pub mod resets;
 pub mod run;
 pub mod smp;
+pub mod sve;
 pub mod sysregs;
 
 use alloc::sync::Arc;
@@ -160,10 +163,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "reset-protected" => bool_code(resets::reset_protected(&lay, &process, p)),
         "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
         "pmu" => bool_code(pmu::scenario(&process, p)),
+        "sve-switch" => bool_code(sve::sve_switch(&process)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, panic)"
             );
             (false, 2)
         }
@@ -198,8 +202,9 @@ fn sysreg_check() -> bool {
     let host = crate::platform::idregs::host_ids();
     let yn = |f| if host.has(f) { "yes" } else { "no" };
     println!(
-        "sysreg: host CPU: SVE {}, SME {}, MTE2 {}, PMU {} ({} counters), PAuth {}, RAS {}; VMs get sanitised ID registers, no SVE/SME/MTE, a virtual PMUv3 when offered",
+        "sysreg: host CPU: SVE {} (max VL {} bytes), SME {}, MTE2 {}, PMU {} ({} counters), PAuth {}, RAS {}; VMs get sanitised ID registers, SVE when configured (per-VM vector length), a virtual PMUv3 when offered, no SME/MTE",
         yn(F::Sve),
+        host.sve_max_vl,
         yn(F::Sme),
         yn(F::Mte2),
         yn(F::Pmu),
@@ -211,6 +216,7 @@ fn sysreg_check() -> bool {
         guest: switch::SWITCHED_HERE,
         pac_keys: switch::PAC_KEYS_HERE,
         el2: switch::EL2_HERE,
+        sve: crate::platform::sve::SVE_HERE,
     };
     match sysregs::check_switched(&host, &cover) {
         Ok(n) => {

@@ -22,8 +22,8 @@ use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{
     handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Hook, HookCall,
-    HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When, REGISTERS,
-    SWITCHED,
+    HostFeature, HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When,
+    REGISTERS, SWITCHED,
 };
 
 /// A VM's system-register policy, fixed at creation and shared by its vCPUs.
@@ -49,9 +49,9 @@ impl VmPolicy {
         })
     }
 
-    /// The default VM configuration: no SVE (its state is not switched
-    /// yet), no PMU (no virtual PMU yet), pointer authentication as the
-    /// host has it.
+    /// The default VM configuration: no SVE (a VM gets it when its
+    /// configuration asks, [`IdOverrides::with_sve`]), no PMU (no virtual
+    /// PMU yet), pointer authentication as the host has it.
     pub fn default_for(host: &HostIds) -> Result<VmPolicy, IdError> {
         VmPolicy::new(host, &IdOverrides::new())
     }
@@ -169,7 +169,8 @@ pub fn ptimer_regs(regs: &VcpuSysregs) -> (u64, u64) {
 /// A synchronous exception of a class the backend does not handle itself.
 pub fn other_trap(policy: &VmPolicy, esr: Esr) -> UndefCause {
     // `None` (an SVE trap of a VM that has SVE, lazily switched) cannot
-    // happen while SVE is never offered; it gets an UNDEF too.
+    // happen: the world switch switches SVE eagerly and leaves
+    // CPTR_EL2.TZ clear for such a VM. Should it, an UNDEF too.
     let _ = handle_feature_trap(&policy.features, esr);
     UndefCause::Class(esr.ec())
 }
@@ -257,6 +258,8 @@ pub struct WorldSwitchCover<'a> {
     pub pac_keys: &'a [&'a str],
     /// EL2 registers loaded per vCPU or per VM.
     pub el2: &'a [&'a str],
+    /// Registers switched for a VM with SVE (besides Z/P/FFR).
+    pub sve: &'a [&'a str],
 }
 
 /// Checks pkvm-sysreg's [`SWITCHED`] list against what the world switch
@@ -266,8 +269,7 @@ pub struct WorldSwitchCover<'a> {
 /// entries apply to this host.
 ///
 /// Not checked here: the GIC CPU interface (the vGIC's), constants and
-/// host read-only registers, and `ZCR_EL1` (SVE is never offered: the
-/// default policy refuses to, so its `When::Offered` never applies).
+/// host read-only registers.
 ///
 /// # Errors
 /// The name of the first register the world switch misses.
@@ -278,7 +280,9 @@ pub fn check_switched(host: &HostIds, cover: &WorldSwitchCover<'_>) -> Result<us
         let list = match s.when {
             When::Always => cover.guest,
             When::Host(f) if host.has(f) => cover.guest,
-            When::Host(_) | When::Offered(Offer::Sve) => continue,
+            When::Host(_) => continue,
+            When::Offered(Offer::Sve) if host.has(HostFeature::Sve) => cover.sve,
+            When::Offered(Offer::Sve) => continue,
             When::Offered(Offer::PAuth) => cover.pac_keys,
             When::Offered(_) => cover.guest,
         };

@@ -1,0 +1,183 @@
+//! SVE at EL2: the CPU's maximum vector length, and a vCPU's SVE register
+//! file (Z0-Z31, P0-P15, FFR, `ZCR_EL1`) for the world switch.
+//!
+//! The world switch ([`super::switch`]) saves and restores the SVE state of
+//! a VM that has SVE eagerly, inside its entry/exit assembly (`__sve_load`
+//! after the guest's q0-q31 are loaded, `__sve_save` after they are
+//! stored): the Z registers hold the V registers in their low 128 bits, so
+//! the SVE image is the authority for a VM with SVE (loading it last sets
+//! V as well), and the saved q0-q31 are the low halves of the saved Z. The
+//! transfers run with `ZCR_EL2.LEN` at the VM's vector length ([`load`]),
+//! so the area holds exactly that many bytes per register. EL2 code uses
+//! only FP/SIMD (writes to V zero the upper bits of Z: harmless, the guest's
+//! Z were saved before any EL2 Rust code runs).
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::arch::{asm, global_asm};
+
+use pkvm_sysreg::traps::cptr;
+use pkvm_sysreg::SVE_VL_ARCH_MAX;
+
+use crate::{read_sysreg, write_sysreg};
+
+/// The guest registers this module switches besides Z/P/FFR (checked
+/// against pkvm-sysreg's `SWITCHED` list at boot).
+pub const SVE_HERE: &[&str] = &["zcr_el1"];
+
+/// Bytes of the SVE save area for a vector length of `vl` bytes: 32 Z
+/// registers of `vl` bytes, 16 P registers and FFR of `vl / 8` bytes.
+pub const fn area_bytes(vl: u16) -> usize {
+    let vl = vl as usize;
+    32 * vl + 17 * (vl / 8)
+}
+
+/// The current vector length at EL2 in bytes (`RDVL`). `CPTR_EL2.TZ` must
+/// be clear.
+fn rdvl() -> u64 {
+    let v: u64;
+    // SAFETY: RDVL only reads the vector length into a register; the
+    // caller has cleared CPTR_EL2.TZ so it does not trap.
+    unsafe {
+        asm!(".arch_extension sve", "rdvl {}, #1", out(reg) v,
+             options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// The CPU's largest SVE vector length in bytes: `ZCR_EL2.LEN` set to its
+/// maximum (the CPU clamps the effective length to what it implements),
+/// read back with `RDVL`. Call only when `ID_AA64PFR0_EL1.SVE` says the CPU
+/// has SVE. `CPTR_EL2` is left as it was found; `ZCR_EL2` keeps the
+/// maximum (every entry of a VM with SVE writes its own).
+pub fn probe_max_vl() -> u16 {
+    let saved = read_sysreg!("cptr_el2");
+    write_sysreg!("cptr_el2", saved & !cptr::TZ);
+    super::sysreg::isb();
+    write_sysreg!("S3_4_C1_C2_0", 0xf); // ZCR_EL2.LEN: 2048 bits asked
+    super::sysreg::isb();
+    let vl = rdvl();
+    write_sysreg!("cptr_el2", saved);
+    super::sysreg::isb();
+    vl.min(u64::from(u16::MAX)) as u16
+}
+
+/// One vCPU's SVE registers while it is not running, for a VM with a
+/// vector length of `vl` bytes.
+pub struct SveRegs {
+    vl: u16,
+    /// `ZCR_EL1` (the guest's own limit, at most the VM's length).
+    pub zcr_el1: u64,
+    /// Z0-Z31, P0-P15, FFR in the layout of `STR Z/P [.., #i, MUL VL]`.
+    /// Invariant: [`area_bytes`]`(SVE_VL_ARCH_MAX)` bytes, 16-byte
+    /// aligned: room for any vector length, so that memory safety does not
+    /// rest on `ZCR_EL2` holding exactly `vl` (8.5 KiB per vCPU with SVE).
+    area: Vec<u128>,
+}
+
+impl SveRegs {
+    /// Zeroed registers for vector length `vl` bytes (a power of two in
+    /// 16..=256, checked by pkvm-sysreg's policy); `ZCR_EL1` at its reset
+    /// value ([`SveRegs::reset`]).
+    pub fn new(vl: u16) -> SveRegs {
+        debug_assert!(
+            vl.is_power_of_two() && (16..=256).contains(&vl),
+            "SVE VL {vl}"
+        );
+        SveRegs {
+            vl,
+            zcr_el1: zcr_len(vl),
+            area: vec![0; area_bytes(SVE_VL_ARCH_MAX).div_ceil(16)],
+        }
+    }
+
+    /// The vector length in bytes.
+    pub fn vl(&self) -> u16 {
+        self.vl
+    }
+
+    /// Back to the state of a vCPU at reset: registers zero, `ZCR_EL1.LEN`
+    /// at the VM's length (architecturally UNKNOWN; the largest, so a guest
+    /// that never writes it gets its VM's full length).
+    pub fn reset(&mut self) {
+        self.area.fill(0);
+        self.zcr_el1 = zcr_len(self.vl);
+    }
+
+    /// The save area's address, for the world switch's assembly.
+    pub(super) fn area_addr(&mut self) -> u64 {
+        self.area.as_mut_ptr() as u64
+    }
+}
+
+impl core::fmt::Debug for SveRegs {
+    /// The length and `ZCR_EL1`, not the 8.5 KiB of registers.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SveRegs")
+            .field("vl", &self.vl)
+            .field("zcr_el1", &self.zcr_el1)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `ZCR_ELx.LEN` for `vl` bytes.
+const fn zcr_len(vl: u16) -> u64 {
+    (vl / 16) as u64 - 1
+}
+
+/// Before a guest entry, with the VM's `CPTR_EL2` (TZ clear) written and
+/// synchronised (ISB): the VM's vector length into `ZCR_EL2` and the
+/// vCPU's `ZCR_EL1` (the entry's ISB makes them take effect).
+pub(super) fn load(s: &SveRegs) {
+    write_sysreg!("S3_4_C1_C2_0", zcr_len(s.vl));
+    write_sysreg!("S3_0_C1_C2_0", s.zcr_el1);
+}
+
+/// After a guest exit: the vCPU's `ZCR_EL1`.
+pub(super) fn save(s: &mut SveRegs) {
+    s.zcr_el1 = read_sysreg!("S3_0_C1_C2_0");
+}
+
+// `__sve_load` / `__sve_save`: x3 = the save area; use x3 and x4 only
+// (plus Z/P/FFR), return with `ret` (called with `bl` from the world
+// switch, which saved x30). Run at EL2 with CPTR_EL2.TZ clear and
+// ZCR_EL2.LEN at the area's vector length.
+global_asm!(
+    r#"
+.arch_extension sve
+.section .text
+.global __sve_load
+__sve_load:
+    // FFR first (through p0, loaded again below), then P, then Z.
+    addvl   x4, x3, #16
+    addvl   x4, x4, #16
+    addpl   x4, x4, #16
+    ldr     p0, [x4]
+    wrffr   p0.b
+    addvl   x4, x3, #16
+    addvl   x4, x4, #16
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    ldr     p\n, [x4, #\n, mul vl]
+    .endr
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    ldr     z\n, [x3, #\n, mul vl]
+    .endr
+    ret
+
+.global __sve_save
+__sve_save:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    str     z\n, [x3, #\n, mul vl]
+    .endr
+    addvl   x4, x3, #16
+    addvl   x4, x4, #16
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    str     p\n, [x4, #\n, mul vl]
+    .endr
+    // FFR last, through p0 (already saved).
+    addpl   x4, x4, #16
+    rdffr   p0.b
+    str     p0, [x4]
+    ret
+"#
+);
