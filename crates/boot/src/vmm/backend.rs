@@ -37,12 +37,16 @@
 //! `VcpuExit::Hypercall`.
 
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
+use pkvm_arch::pte::{S2Features, S2Pte};
+use pkvm_arch::vtcr::S2Geometry;
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
+use pkvm_arch::{Ipa, Pa};
 use pkvm_host::fault::GuestFault;
 use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
+use pkvm_pgtable::{PageTable, Stage2};
 use pkvm_sync::SpinGuard;
-use pkvm_sysreg::{inject_undef, El1State, HostFeature, VcpuSysregs};
+use pkvm_sysreg::{guest_debug, inject_undef, El1State, HostFeature, VcpuSysregs};
 
 use pkvm_host::psci::PsciVm;
 use pkvm_vgic::VcpuSet;
@@ -52,7 +56,7 @@ use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
 use crate::platform::switch::{self, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
-use crate::platform::{gic, timer};
+use crate::platform::{gic, hw, timer};
 use crate::println;
 
 /// Exit counts seen by the backend (including those it handles itself),
@@ -94,6 +98,13 @@ pub struct BackendStats {
     pub guest_irqs: u64,
     /// WFIs that blocked the vCPU (nothing pending).
     pub wfi_blocks: u64,
+    /// Scheduler runs that started on a different physical CPU than the
+    /// vCPU's previous run.
+    pub migrations: u64,
+    /// Entries with the guest's debug state loaded (its debug active).
+    pub debug_entries: u64,
+    /// Set/way instructions answered by a flush of the VM's memory.
+    pub setway: u64,
 }
 
 /// The hardware-only state of one vCPU, lent to its backend while it runs.
@@ -118,6 +129,8 @@ pub struct VcpuHw {
     who: (&'static str, usize),
     /// What the last WFI/WFE exit asks of the scheduler.
     pub wait: WfiAction,
+    /// The physical CPU of the previous scheduler run.
+    last_cpu: Option<usize>,
 }
 
 impl VcpuHw {
@@ -132,6 +145,7 @@ impl VcpuHw {
             sysregs: VcpuSysregs::new(),
             who: ("?", 0),
             wait: WfiAction::Yield,
+            last_cpu: None,
         }
     }
 
@@ -183,6 +197,9 @@ pub struct HwBackend<'a> {
     hyp: Option<&'static BootHyp>,
     irq: &'a VmIrq,
     vm: &'a BootVm,
+    /// The stage-2 table of the current entry (root, geometry), for
+    /// set/way flushes.
+    s2: Option<(Pa, S2Geometry)>,
 }
 
 impl<'a> HwBackend<'a> {
@@ -192,12 +209,16 @@ impl<'a> HwBackend<'a> {
     /// `hyp` is the hypervisor in protected mode.
     pub fn new(
         cpu: usize,
-        hw: SpinGuard<'a, VcpuHw>,
+        mut hw: SpinGuard<'a, VcpuHw>,
         policy: &'a VmPolicy,
         hyp: Option<&'static BootHyp>,
         irq: &'a VmIrq,
         vm: &'a BootVm,
     ) -> Self {
+        if hw.last_cpu.is_some_and(|c| c != cpu) {
+            hw.stats.migrations += 1;
+        }
+        hw.last_cpu = Some(cpu);
         HwBackend {
             cpu,
             hw,
@@ -206,6 +227,7 @@ impl<'a> HwBackend<'a> {
             hyp,
             irq,
             vm,
+            s2: None,
         }
     }
 
@@ -214,17 +236,18 @@ impl<'a> HwBackend<'a> {
         &mut self.hw
     }
 
-    fn vm_regs(&self, s2: &StageTwo) -> Option<VmRegs> {
-        let (root, vmid, ipa_bits) = match *s2 {
-            StageTwo::Host { vmid, root, geo } => (root, vmid, geo.ipa_bits),
+    fn vm_regs(&mut self, s2: &StageTwo) -> Option<VmRegs> {
+        let (root, vmid, geo) = match *s2 {
+            StageTwo::Host { vmid, root, geo } => (root, vmid, geo),
             StageTwo::Hyp { .. } => {
                 let c = self.hyp?.loaded_vcpu_context(self.cpu)?;
-                (c.s2_root, c.vmid, c.geometry.ipa_bits)
+                (c.s2_root, c.vmid, c.geometry)
             }
         };
+        self.s2 = Some((root, geo));
         Some(VmRegs {
             vttbr: vttbr(root, vmid),
-            vtcr: vtcr(ipa_bits, self.parange, VtcrOptions::default()).ok()?,
+            vtcr: vtcr(geo.ipa_bits, self.parange, VtcrOptions::default()).ok()?,
             traps: self.policy.traps,
             pauth: self.policy.pauth(),
             sme: self.policy.features.host().has(HostFeature::Sme),
@@ -334,7 +357,10 @@ impl<'a> HwBackend<'a> {
         if let Some(d) = pt.deadline {
             timer::pull_in(d);
         }
-        let exit = switch::run(vm, &mut self.hw.st);
+        let hw = &mut *self.hw;
+        hw.st.debug = guest_debug(&hw.sysregs, &self.policy.features);
+        hw.stats.debug_entries += u64::from(hw.st.debug.is_some());
+        let exit = switch::run(vm, &mut hw.st);
         self.hw.stats.exits += 1;
         let (vt, pt) = self.timers();
         let kick = self
@@ -394,6 +420,11 @@ impl<'a> HwBackend<'a> {
                 match sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now()) {
                     Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
                     Action::Undef(why) => self.undef(why),
+                    Action::SetWayFlush => {
+                        r.pc += 4;
+                        hw.stats.setway += 1;
+                        self.flush_vm();
+                    }
                     Action::Sgi { value, group1 } => {
                         r.pc += 4;
                         hw.stats.sgis += 1;
@@ -489,6 +520,25 @@ impl<'a> HwBackend<'a> {
         s.elr = el1.elr_el1;
         s.esr = ((class as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
         s.far = far;
+    }
+
+    /// A set/way instruction's answer (pkvm-sysreg's `set_way`, KVM's
+    /// policy): clean and invalidate to the point of coherency, by VA
+    /// through the EL2 identity map, every page the VM's stage-2 table maps
+    /// now (a read-only walk; a page unmapped meanwhile is still RAM, and
+    /// cleaning it is harmless).
+    fn flush_vm(&self) {
+        let Some((root, geo)) = self.s2 else {
+            return;
+        };
+        let pt = PageTable::<Stage2>::new(root, geo, S2Features::default());
+        let env = super::platform::s2_env(0);
+        let _ = pt.for_each_leaf(&env, Ipa(0), geo.ipa_size(), |_, level, pte| {
+            let pte = S2Pte(pte);
+            if pte.is_valid() {
+                hw::dcache_clean_inval_range(pte.oa().0, geo.granule.level_size(level));
+            }
+        });
     }
 
     /// Injects an UNDEF into the guest (its PC on the refused instruction)

@@ -6,9 +6,11 @@
 //!   the vCPU's [`VcpuSysregs`]: `Handled` completes the access (Rt written,
 //!   PC + 4); `InjectUndef` makes the guest take an UNDEF; `Hook`: the EL1
 //!   physical timer and counter are emulated here ([`ptimer`]), SGI
-//!   generation goes to the VM's vGIC ([`Action::Sgi`]); the other hooks
-//!   (PMU — never visible, no PMU is offered —, set/way) have no model yet
-//!   and UNDEF.
+//!   generation goes to the VM's vGIC ([`Action::Sgi`]), a data-cache
+//!   set/way instruction becomes a clean and invalidate of the VM's
+//!   stage-2-mapped memory by VA ([`Action::SetWayFlush`], KVM's answer);
+//!   the PMU hook (never visible, no PMU is offered) has no model yet and
+//!   UNDEFs.
 //! - Any other synchronous exception class the backend does not handle
 //!   (SVE/SME/PAC traps of a VM not offered them, EC 0, classes this code
 //!   does not know): an UNDEF ([`pkvm_sysreg::handle_feature_trap`]), the VM
@@ -20,9 +22,9 @@
 use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{
-    handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Hook, HookCall,
-    HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When, REGISTERS,
-    SWITCHED,
+    handle_feature_trap, handle_sysreg_trap, lookup, set_way, Direction, Done, Encoding, Hook,
+    HookCall, HostIds, IdError, IdOverrides, Offer, Outcome, SetWay, VcpuSysregs, Via, VmFeatures,
+    When, REGISTERS, SWITCHED,
 };
 
 /// A VM's system-register policy, fixed at creation and shared by its vCPUs.
@@ -103,6 +105,10 @@ pub enum Action {
     Complete(Outcome),
     /// Inject an UNDEF.
     Undef(UndefCause),
+    /// A data-cache set/way instruction (pkvm-sysreg's [`set_way`]):
+    /// clean and invalidate the VM's stage-2-mapped memory by VA, then
+    /// complete it (PC + 4).
+    SetWayFlush,
     /// A write to `ICC_SGI1R_EL1` (`group1`), `ICC_SGI0R_EL1` or
     /// `ICC_ASGI1R_EL1` (with one security state, KVM's vGIC and this one
     /// treat ASGI1R as generating Group 0 SGIs): the vGIC sends it, then the
@@ -142,6 +148,7 @@ pub fn sysreg_trap(
                 group1: REGISTERS[call.row].enc == ICC_SGI1R,
             }
         }
+        Outcome::Hook(call) if set_way(&call) == Some(SetWay::FlushVm) => Action::SetWayFlush,
         Outcome::Hook(call) => Action::Undef(UndefCause::Hook(call.hook, call.row)),
     }
 }
