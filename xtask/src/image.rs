@@ -26,6 +26,7 @@ pub const GUESTS: &[&str] = &[
     "guest-sysreg",
     "guest-gic",
     "guest-irq",
+    "guest-debug",
 ];
 
 /// The image package and binary name.

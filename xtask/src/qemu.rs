@@ -98,6 +98,10 @@ pub enum Scenario {
     ResetProtected,
     /// Two vCPUs reset the VM at the same moment (needs >= 2 vCPUs).
     ResetConcurrent,
+    /// Hardware breakpoints, watchpoints and single-step on migrating vCPUs.
+    Debug,
+    /// A hostile VM's debug and timer state does not reach another VM.
+    DebugIsolation,
     /// A deliberate panic of the image (tests the panic path).
     Panic,
 }
@@ -116,6 +120,8 @@ impl Scenario {
             Scenario::Reset => "reset",
             Scenario::ResetProtected => "reset-protected",
             Scenario::ResetConcurrent => "reset-concurrent",
+            Scenario::Debug => "debug",
+            Scenario::DebugIsolation => "debug-isolation",
             Scenario::Panic => "panic",
         }
     }
@@ -129,6 +135,8 @@ impl Scenario {
             Scenario::Reset => (2, 1, 5),
             Scenario::ResetProtected => (2, 1, 8),
             Scenario::ResetConcurrent => (2, 2, 8),
+            Scenario::Debug => (8, 1, 8),
+            Scenario::DebugIsolation => (2, 1, 8),
             _ => (1, 1, 8),
         }
     }

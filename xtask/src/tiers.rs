@@ -225,7 +225,43 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     v.extend(sched_tests());
     v.extend(reset_tests());
     v.extend(external_guest_tests(&gfile, &offfile));
+    v.extend(debug_tests());
     Ok(v)
+}
+
+/// Self-hosted debug (guest-debug): breakpoints, watchpoints and
+/// single-step on 8 vCPUs migrating between 2 CPUs; isolation from a
+/// hostile VM on the same CPUs; a set/way clean/invalidate loop.
+fn debug_tests() -> Vec<QemuTest> {
+    let s = strings;
+    vec![
+        QemuTest {
+            name: "qemu:debug-bp-wp-step-8on2",
+            spec: RunSpec::sched("debug", 8, 2),
+            exit_code: 0,
+            markers: s(&[
+                "[guest debug vcpu 0] debug: vCPU 7: 250 rounds, ",
+                "[guest debug vcpu 0] debug: all 8 vCPUs: every breakpoint, watchpoint and step hit exactly where expected, no spurious debug exception: ok",
+                "debug: PASS: 8 vCPUs on 2 CPUs, 250 rounds each",
+                "vm debug: powered off (PSCI SYSTEM_OFF)",
+                "pool: back to starting count",
+                "scenario debug: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:debug-isolation-2vms-on2",
+            spec: RunSpec::sched("debug-isolation", 2, 2),
+            exit_code: 0,
+            markers: s(&[
+                "[guest victim vcpu 0] debug: all 2 vCPUs: every breakpoint, watchpoint and step hit exactly where expected, no spurious debug exception: ok",
+                "isolation: PASS: the victim's debug registers, MDSCR_EL1 and physical timer were its own",
+                "vm victim: powered off (PSCI SYSTEM_OFF)",
+                "vm hostile: powered off (PSCI SYSTEM_OFF)",
+                "pool: back to starting count",
+                "scenario debug-isolation: PASS",
+            ]),
+        },
+    ]
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

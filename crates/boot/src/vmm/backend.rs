@@ -36,6 +36,8 @@
 //! hypercalls (guest-rt's report) reach the VMM as pkvm-host's
 //! `VcpuExit::Hypercall`.
 
+use core::sync::atomic::{AtomicU16, Ordering};
+
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
 use pkvm_arch::pte::{S2Features, S2Pte};
 use pkvm_arch::vtcr::S2Geometry;
@@ -56,6 +58,7 @@ use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
 use crate::platform::switch::{self, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
+use crate::platform::MAX_CPUS;
 use crate::platform::{gic, hw, timer};
 use crate::println;
 
@@ -105,7 +108,13 @@ pub struct BackendStats {
     pub debug_entries: u64,
     /// Set/way instructions answered by a flush of the VM's memory.
     pub setway: u64,
+    /// Scheduler runs that entered the guest on a CPU whose previous guest
+    /// was another VM.
+    pub after_other_vm: u64,
 }
+
+/// The VMID of the last guest entered on each CPU (0: none yet).
+static LAST_VMID_ON: [AtomicU16; MAX_CPUS] = [const { AtomicU16::new(0) }; MAX_CPUS];
 
 /// The hardware-only state of one vCPU, lent to its backend while it runs.
 #[derive(Debug)]
@@ -606,6 +615,10 @@ impl VcpuBackend for HwBackend<'_> {
         };
         let hw = &mut *self.hw;
         hw.last_vmid = (vm.vttbr >> 48) as u16;
+        if let Some(last) = LAST_VMID_ON.get(self.cpu) {
+            let prev = last.swap(hw.last_vmid, Ordering::Relaxed);
+            hw.stats.after_other_vm += u64::from(prev != 0 && prev != hw.last_vmid);
+        }
         hw.stats.entries += 1;
         self.load(ctx);
         let exit = loop {

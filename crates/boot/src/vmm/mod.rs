@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod debug;
 pub mod fdtgen;
 pub mod guest;
 pub mod irq;
@@ -157,10 +158,12 @@ pub fn main(p: &'static Platform) -> i32 {
         "reset" => bool_code(resets::reset(&process, p)),
         "reset-protected" => bool_code(resets::reset_protected(&lay, &process, p)),
         "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
+        "debug" => bool_code(debug::debug(&process, p)),
+        "debug-isolation" => bool_code(debug::isolation(&process, p)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, debug, debug-isolation, panic)"
             );
             (false, 2)
         }
