@@ -102,6 +102,8 @@ pub enum Scenario {
     Debug,
     /// A hostile VM's debug and timer state does not reach another VM.
     DebugIsolation,
+    /// A full set/way clean/invalidate loop: trapped, the VM's memory flushed by VA.
+    Setway,
     /// A deliberate panic of the image (tests the panic path).
     Panic,
 }
@@ -122,6 +124,7 @@ impl Scenario {
             Scenario::ResetConcurrent => "reset-concurrent",
             Scenario::Debug => "debug",
             Scenario::DebugIsolation => "debug-isolation",
+            Scenario::Setway => "setway",
             Scenario::Panic => "panic",
         }
     }

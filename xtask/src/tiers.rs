@@ -261,6 +261,19 @@ fn debug_tests() -> Vec<QemuTest> {
                 "scenario debug-isolation: PASS",
             ]),
         },
+        QemuTest {
+            name: "qemu:setway-flush",
+            spec: RunSpec::scenario("setway"),
+            exit_code: 0,
+            markers: s(&[
+                "[guest setway] setway: DC CSW, DC ISW (MMU and caches off), DC CISW loops:",
+                "[guest setway] setway: the memory survived a full set/way clean/invalidate: ok",
+                "setway: PASS:",
+                "vm setway: powered off (PSCI SYSTEM_OFF)",
+                "pool: back to starting count",
+                "scenario setway: PASS",
+            ]),
+        },
     ]
 }
 

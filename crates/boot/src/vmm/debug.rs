@@ -13,6 +13,11 @@
 //!   same CPUs. Passes if the victim saw its own register values and timer
 //!   back and no spurious debug exception, and each of its vCPUs ran at
 //!   least [`MIN_AFTER_OTHER`] times right after the hostile VM on a CPU.
+//! - `setway`: one vCPU runs full `DC CSW`/`ISW`/`CISW` loops (caches on,
+//!   off, on) over a pattern: each operation traps (`HCR_EL2.TSW`) and
+//!   becomes a clean and invalidate of the VM's memory by VA, the guest
+//!   continues with its memory intact and no exception. Passes if it says
+//!   so and the backend counted the flushes.
 
 use alloc::sync::Arc;
 
@@ -32,6 +37,7 @@ pub const MIN_AFTER_OTHER: u64 = 100;
 /// guest-debug's roles.
 const ROLE_TESTER: u64 = 0;
 const ROLE_HOSTILE: u64 = 2;
+const ROLE_SETWAY: u64 = 3;
 /// Rounds of the tester (`debug`, `debug-isolation`) and of the hostile VM
 /// (more: it should outlast the victim).
 const ROUNDS: u64 = 250;
@@ -155,4 +161,27 @@ pub fn isolation(process: &Arc<BootProcess>, p: &Platform) -> bool {
     }
     ok &= finish(v);
     ok & finish(h)
+}
+
+/// `setway`: see the module documentation.
+pub fn setway(process: &Arc<BootProcess>) -> bool {
+    let plat = BootPlatform::new(None);
+    let Some(g) = create(&plat, process, "setway", 1, ROLE_SETWAY, 0) else {
+        return false;
+    };
+    if !run_vms(core::slice::from_ref(&g)) {
+        return false;
+    }
+    let mut ok = tester_ok(&g);
+    let flushes = g.vcpu_stats(0).setway;
+    ok &= check(
+        &alloc::format!(
+            "setway: the backend flushed the VM's memory for each set/way operation ({flushes})"
+        ),
+        flushes >= 3,
+    );
+    if ok {
+        println!("setway: PASS: {flushes} set/way operations trapped, each a clean and invalidate of the VM's mapped memory by VA");
+    }
+    ok & finish(g)
 }

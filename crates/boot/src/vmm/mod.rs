@@ -160,10 +160,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
         "debug" => bool_code(debug::debug(&process, p)),
         "debug-isolation" => bool_code(debug::isolation(&process, p)),
+        "setway" => bool_code(debug::setway(&process)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, debug, debug-isolation, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, debug, debug-isolation, setway, panic)"
             );
             (false, 2)
         }

@@ -49,6 +49,7 @@ use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, wfi};
 
 const MAX_VCPUS: usize = 8;
 const ROLE_HOSTILE: u64 = 2;
+const ROLE_SETWAY: u64 = 3;
 /// Target functions / watched doublewords.
 const TARGETS: usize = 8;
 /// Instructions of the stepped sequence.
@@ -202,8 +203,7 @@ static DONE: AtomicU64 = AtomicU64::new(0);
 static SLOTS: [AtomicU64; TARGETS] = [const { AtomicU64::new(0) }; TARGETS];
 
 fn target(k: usize) -> u64 {
-    // SAFETY: only the symbol's address is taken.
-    unsafe { core::ptr::addr_of!(bp_targets) as u64 + 16 * k as u64 }
+    core::ptr::addr_of!(bp_targets) as u64 + 16 * k as u64
 }
 
 fn slot(k: usize) -> u64 {
@@ -211,13 +211,10 @@ fn slot(k: usize) -> u64 {
 }
 
 fn step_addr(end: bool) -> u64 {
-    // SAFETY: only the symbols' addresses are taken.
-    unsafe {
-        if end {
-            core::ptr::addr_of!(step_end) as u64
-        } else {
-            core::ptr::addr_of!(step_seq) as u64
-        }
+    if end {
+        core::ptr::addr_of!(step_end) as u64
+    } else {
+        core::ptr::addr_of!(step_seq) as u64
     }
 }
 
@@ -414,6 +411,15 @@ fn watchpoint_phase(i: usize, r: u64, p: Points) {
     set_wcr(w, WCR_EL1_EL0);
     yield_cpu();
     check(i, r, get_wvr(w) == s, "DBGWVR read back", get_wvr(w), s);
+    let wcr = get_wcr(w);
+    check(
+        i,
+        r,
+        wcr == WCR_EL1_EL0,
+        "DBGWCR read back",
+        wcr,
+        WCR_EL1_EL0,
+    );
     let before = WP_HITS.get(i);
     (0..TARGETS).for_each(|k| load_store(slot(k)));
     let hits = WP_HITS.get(i) - before;
@@ -441,7 +447,7 @@ fn step_phase(i: usize, r: u64) {
 }
 
 /// Phase 4: debug off, nothing may fire.
-fn quiet_phase(i: usize, _r: u64) {
+fn quiet_phase() {
     wr!("mdscr_el1", 0);
     yield_cpu();
     (0..TARGETS).for_each(|k| {
@@ -460,7 +466,7 @@ fn tester_round(i: usize, r: u64, p: Points) {
     unmask_debug();
     step_phase(i, r);
     unmask_debug();
-    quiet_phase(i, r);
+    quiet_phase();
     let (cval, ctl) = (rd!("cntp_cval_el0"), rd!("cntp_ctl_el0") & 3);
     let want = PTIMER_CVAL + i as u64;
     check(i, r, cval == want, "CNTP_CVAL_EL0 read back", cval, want);
@@ -476,12 +482,12 @@ fn tester_round(i: usize, r: u64, p: Points) {
 
 /// One round of the hostile VM: everything it can program, then a yield.
 fn hostile_round(r: u64, p: Points) {
-    let bcr = if r % 2 == 0 {
+    let bcr = if r.is_multiple_of(2) {
         BCR_EL1_EL0 | HMC
     } else {
         u64::MAX
     };
-    let wcr = if r % 2 == 0 {
+    let wcr = if r.is_multiple_of(2) {
         WCR_EL1_EL0 | HMC
     } else {
         u64::MAX
@@ -510,10 +516,8 @@ fn hostile_round(r: u64, p: Points) {
 fn vcpu_main(i: usize, role: u64, rounds: u64) {
     smp::enable_mmu();
     wr!("tpidr_el1", i as u64);
-    // SAFETY: a valid, 2 KiB-aligned vector table.
-    wr!("vbar_el1", unsafe {
-        core::ptr::addr_of!(debug_vectors) as u64
-    });
+    // A valid, 2 KiB-aligned vector table.
+    wr!("vbar_el1", core::ptr::addr_of!(debug_vectors) as u64);
     wr!("oslar_el1", 0);
     let p = points();
     if role == ROLE_HOSTILE {
@@ -573,9 +577,111 @@ fn report(i: usize, rounds: u64, p: Points) -> bool {
     bp == rounds && wp == 2 * rounds && ss == STEPS * rounds && bad == 0 && failed == 0
 }
 
+/// The set/way guest's buffer (words).
+const SETWAY_WORDS: usize = 8192;
+static SETWAY_BUF: [AtomicU64; SETWAY_WORDS] = [const { AtomicU64::new(0) }; SETWAY_WORDS];
+
+/// `DC CSW`, `DC ISW` or `DC CISW` over every set and way of every data or
+/// unified cache level up to the Level of Coherence (the VM's
+/// `CLIDR_EL1`/`CCSIDR_EL1`), as a kernel's flush-all does; the number of
+/// operations.
+fn setway_loop(op: u8) -> u64 {
+    let clidr = rd!("clidr_el1");
+    let loc = (clidr >> 24) & 7;
+    let mut ops = 0;
+    for level in 0..loc {
+        if (clidr >> (3 * level)) & 7 < 2 {
+            continue; // no data cache at this level
+        }
+        wr!("csselr_el1", level << 1);
+        let ccsidr = rd!("ccsidr_el1");
+        let line_shift = (ccsidr & 7) + 4;
+        let ways = ((ccsidr >> 3) & 0x3ff) + 1;
+        let sets = ((ccsidr >> 13) & 0x7fff) + 1;
+        let way_shift = ((ways - 1) as u32).leading_zeros();
+        for way in 0..ways {
+            for set in 0..sets {
+                let w = if ways > 1 { way << way_shift } else { 0 };
+                let v = w | (set << line_shift) | (level << 1);
+                // SAFETY: a set/way cache maintenance instruction (trapped
+                // by the hypervisor, HCR_EL2.TSW).
+                unsafe {
+                    match op {
+                        0 => asm!("dc csw, {}", in(reg) v, options(nostack)),
+                        1 => asm!("dc isw, {}", in(reg) v, options(nostack)),
+                        _ => asm!("dc cisw, {}", in(reg) v, options(nostack)),
+                    }
+                }
+                ops += 1;
+            }
+        }
+    }
+    // SAFETY: barriers only.
+    unsafe { asm!("dsb sy", "isb", options(nostack)) };
+    ops
+}
+
+fn pattern(k: usize) -> u64 {
+    0x5e7_0000_0000_0000 ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn pattern_intact() -> usize {
+    (0..SETWAY_WORDS)
+        .filter(|&k| SETWAY_BUF[k].load(Ordering::Relaxed) != pattern(k))
+        .count()
+}
+
+fn set_caches(on: bool) {
+    let sctlr = rd!("sctlr_el1");
+    let bits = 1 | (1 << 2) | (1 << 12); // M, C, I
+    wr!("sctlr_el1", if on { sctlr | bits } else { sctlr & !bits });
+}
+
+/// The set/way role: a full clean (caches on), then with the MMU and
+/// caches off an invalidate, then (caches on again) a clean and invalidate;
+/// the pattern written first must survive each, and no exception (an
+/// UNDEF would land in the vectors as a spurious one) may come.
+fn setway_main() -> u64 {
+    smp::enable_mmu();
+    wr!("tpidr_el1", 0);
+    // A valid, 2 KiB-aligned vector table.
+    wr!("vbar_el1", core::ptr::addr_of!(debug_vectors) as u64);
+    (0..SETWAY_WORDS).for_each(|k| SETWAY_BUF[k].store(pattern(k), Ordering::Relaxed));
+    let mut ops = setway_loop(0);
+    set_caches(false);
+    ops += setway_loop(1);
+    let bad_off = pattern_intact();
+    set_caches(true);
+    ops += setway_loop(2);
+    let bad_on = pattern_intact();
+    let exc = SPURIOUS.get(0);
+    println!(
+        "setway: DC CSW, DC ISW (MMU and caches off), DC CISW loops: {ops} set/way operations, {exc} exceptions; {} KiB pattern: {bad_off} words wrong with caches off, {bad_on} after",
+        SETWAY_WORDS * 8 / 1024
+    );
+    if exc != 0 {
+        println!(
+            "setway: exception ESR_EL1 {:#x} at {:#x}",
+            LAST_BAD.get(0),
+            LAST_BAD_ELR.get(0)
+        );
+    }
+    let ok = ops >= 3 && exc == 0 && bad_off == 0 && bad_on == 0;
+    if !ok {
+        println!("setway: FAIL");
+        smp::cpu_off();
+        return 1;
+    }
+    println!("setway: the memory survived a full set/way clean/invalidate: ok");
+    0
+}
+
 /// vCPU 0 (from guest-rt).
 #[no_mangle]
 pub fn guest_main(x0: u64, _: u64, _: u64, _: u64) -> u64 {
+    if (x0 >> 8) & 0xff == ROLE_SETWAY {
+        return setway_main();
+    }
     let n = ((x0 & 0xff) as usize).clamp(1, MAX_VCPUS);
     let role = (x0 >> 8) & 0xff;
     let rounds = (x0 >> 16).max(1);
