@@ -16,8 +16,10 @@
 //! - `setway`: one vCPU runs full `DC CSW`/`ISW`/`CISW` loops (caches on,
 //!   off, on) over a pattern: each operation traps (`HCR_EL2.TSW`) and
 //!   becomes a clean and invalidate of the VM's memory by VA, the guest
-//!   continues with its memory intact and no exception. Passes if it says
-//!   so and the backend counted the flushes.
+//!   continues with its memory intact and no exception. Then it makes an
+//!   exception class the backend does not handle (an AArch32 EL0 `MRRC`
+//!   trapped with EC 0x4) and must take an UNDEF at its AArch32 vector.
+//!   Passes if it says so and the backend counted the flushes.
 
 use alloc::sync::Arc;
 

@@ -154,10 +154,60 @@ step_seq:
 .global step_end
 step_end:
     ret
+
+// An AArch32 EL0 excursion: run_a32() ERETs to a32_code in AArch32 User
+// mode with temporary vectors; any exception to EL1 comes back here with
+// x0 = vector index, x1 = ESR_EL1, x2 = ELR_EL1 (callee-saved registers
+// and VBAR_EL1 restored).
+.section .text.a32_vectors, "ax"
+.balign 2048
+a32_vectors:
+.irp idx, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .balign 128
+    mov     x0, #\idx
+    b       a32_back
+.endr
+.global run_a32
+run_a32:
+    stp     x19, x20, [sp, #-112]!
+    stp     x21, x22, [sp, #16]
+    stp     x23, x24, [sp, #32]
+    stp     x25, x26, [sp, #48]
+    stp     x27, x28, [sp, #64]
+    stp     x29, x30, [sp, #80]
+    mrs     x9, vbar_el1
+    str     x9, [sp, #96]
+    adr     x9, a32_vectors
+    msr     vbar_el1, x9
+    adr     x9, a32_code
+    msr     elr_el1, x9
+    mov     x9, #0x1d0
+    msr     spsr_el1, x9
+    isb
+    eret
+a32_back:
+    mrs     x1, esr_el1
+    mrs     x2, elr_el1
+    ldr     x9, [sp, #96]
+    msr     vbar_el1, x9
+    isb
+    ldp     x21, x22, [sp, #16]
+    ldp     x23, x24, [sp, #32]
+    ldp     x25, x26, [sp, #48]
+    ldp     x27, x28, [sp, #64]
+    ldp     x29, x30, [sp, #80]
+    ldp     x19, x20, [sp], #112
+    ret
+.balign 4
+.global a32_code
+a32_code:
+    .inst   0xec510f0e      // mrrc p15, 0, r0, r1, c14: CNTPCT (trapped to EL2, EC 0x4)
+    .inst   0xe7f000f0      // udf #0
 "#
 );
 
 extern "C" {
+    static a32_code: u8;
     static debug_vectors: u8;
     static bp_targets: u8;
     static step_seq: u8;
@@ -640,7 +690,8 @@ fn set_caches(on: bool) {
 /// The set/way role: a full clean (caches on), then with the MMU and
 /// caches off an invalidate, then (caches on again) a clean and invalidate;
 /// the pattern written first must survive each, and no exception (an
-/// UNDEF would land in the vectors as a spurious one) may come.
+/// UNDEF would land in the vectors as a spurious one) may come. Then the
+/// [`unknown_class`] check.
 fn setway_main() -> u64 {
     smp::enable_mmu();
     wr!("tpidr_el1", 0);
@@ -666,13 +717,37 @@ fn setway_main() -> u64 {
             LAST_BAD_ELR.get(0)
         );
     }
-    let ok = ops >= 3 && exc == 0 && bad_off == 0 && bad_on == 0;
+    let ok = ops >= 3 && exc == 0 && bad_off == 0 && bad_on == 0 && unknown_class();
     if !ok {
         println!("setway: FAIL");
         return 1;
     }
     println!("setway: the memory survived a full set/way clean/invalidate: ok");
     0
+}
+
+/// An exception class the hypervisor does not handle: an AArch32 EL0
+/// `MRRC` of `CNTPCT` (EL0 access allowed by `CNTKCTL_EL1.EL0PCTEN`,
+/// trapped to EL2 by `CNTHCTL_EL2.EL1PCTEN` with EC 0x4). The VM must live
+/// and take an UNDEF at `VBAR_EL1` + 0x600 (from AArch32 EL0) on the MRRC.
+fn unknown_class() -> bool {
+    let (vector, esr, elr): (u64, u64, u64);
+    wr!("cntkctl_el1", rd!("cntkctl_el1") | 1);
+    // SAFETY: run_a32 saves and restores every callee-saved register and
+    // VBAR_EL1 around its AArch32 excursion, which touches no memory.
+    unsafe {
+        asm!("bl run_a32", out("x0") vector, out("x1") esr, out("x2") elr, out("x9") _,
+             out("x30") _, clobber_abi("C"))
+    };
+    let code = core::ptr::addr_of!(a32_code) as u64;
+    let ok = vector == 12 && esr == 0x0200_0000 && elr == code;
+    println!(
+        "unknown class: MRRC CNTPCT from AArch32 EL0 (EC 0x4 at EL2): vector {vector} (VBAR_EL1+{:#x}), ESR_EL1 {esr:#x}, ELR_EL1 {}: {}",
+        vector * 0x80,
+        if elr == code { "on the MRRC" } else { "elsewhere" },
+        if ok { "ok" } else { "FAIL" }
+    );
+    ok
 }
 
 /// vCPU 0 (from guest-rt).
