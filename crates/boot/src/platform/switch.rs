@@ -24,7 +24,11 @@
 //! `CSSELR_EL1` by `TID2`, `MDSCR_EL1` and the debug registers by
 //! `MDCR_EL2.TDA`) live only in the vCPU's `VcpuSysregs` and are not
 //! loaded into the hardware (whose copies stay at the values
-//! [`init_cpu`] gives them). The trap controls are not restored at exit:
+//! [`init_cpu`] gives them), except the debug state of a guest whose debug
+//! is active ([`VcpuState::debug`]): loaded before entry, disabled again
+//! after exit (`MDSCR_EL1` = 0, breakpoints and watchpoints off), so its
+//! breakpoints, watchpoints and single-step fire while it runs and no
+//! other guest ever runs with them. The trap controls are not restored at exit:
 //! they act on EL0/EL1 only, except `CPTR_EL2` (TZ/TSM/TTA also trap EL2,
 //! which uses no SVE, SME or trace; TFP stays clear for the EL2 FP/SIMD
 //! code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the

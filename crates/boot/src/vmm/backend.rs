@@ -113,6 +113,13 @@ pub struct BackendStats {
     pub after_other_vm: u64,
 }
 
+/// PSTATE.SS (software step). An instruction the hypervisor emulates and
+/// steps over (PC + 4) completes as far as the guest can tell: as KVM
+/// does, PSTATE.SS is cleared so that a guest single-stepping it takes its
+/// step exception right after it (active-pending), not one instruction
+/// later.
+const PSTATE_SS: u64 = 1 << 21;
+
 /// The VMID of the last guest entered on each CPU (0: none yet).
 static LAST_VMID_ON: [AtomicU16; MAX_CPUS] = [const { AtomicU16::new(0) }; MAX_CPUS];
 
@@ -377,7 +384,15 @@ impl<'a> HwBackend<'a> {
             .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         match exit.kind {
-            EXIT_SYNC => self.sync_exit(&exit),
+            EXIT_SYNC => {
+                let pc = self.hw.st.regs.pc;
+                let out = self.sync_exit(&exit);
+                let r = &mut self.hw.st.regs;
+                if r.pc == pc.wrapping_add(4) {
+                    r.pstate &= !PSTATE_SS;
+                }
+                out
+            }
             EXIT_IRQ | 10 => {
                 let hw = &mut *self.hw;
                 hw.stats.irq += 1;
@@ -637,6 +652,7 @@ impl VcpuBackend for HwBackend<'_> {
             }
         }
         ctx.gprs.pc += 4;
+        ctx.gprs.pstate &= !PSTATE_SS;
     }
 
     /// KVM's `inject_abt64`: ESR_EL1 (EC by source EL, IL, FSC external
