@@ -24,7 +24,7 @@
 use crate::dispatch::VcpuSysregs;
 use crate::enc::Encoding;
 use crate::id::VmFeatures;
-use crate::table::{lookup, DBGBCR_MASK, DBGWCR_MASK, MDSCR_MASK};
+use crate::table::{lookup, DBGBCR_MASK, DBGWCR_MASK, MDSCR_MASK, OSLSR_OSLK};
 
 /// `MDSCR_EL1.SS`: software step.
 pub const MDSCR_SS: u64 = 1 << 0;
@@ -55,6 +55,7 @@ pub struct GuestDebug {
 }
 
 const MDSCR: Encoding = Encoding::new(2, 0, 0, 2, 2);
+const OSLSR: Encoding = Encoding::new(2, 0, 1, 1, 4);
 
 fn stored(regs: &VcpuSysregs, enc: Encoding) -> u64 {
     lookup(enc).map_or(0, |row| regs.get(row))
@@ -63,7 +64,9 @@ fn stored(regs: &VcpuSysregs, enc: Encoding) -> u64 {
 /// Whether the guest's debug is active (see the module documentation).
 pub fn debug_active(regs: &VcpuSysregs) -> bool {
     let mdscr = stored(regs, MDSCR);
-    mdscr & (MDSCR_MDE | MDSCR_KDE | MDSCR_SS) != 0 && !regs.os_locked()
+    // OSLSR_EL1.OSLK by encoding (a binary search, not `os_locked`'s scan
+    // by name: this runs on every guest entry).
+    mdscr & (MDSCR_MDE | MDSCR_KDE | MDSCR_SS) != 0 && stored(regs, OSLSR) & OSLSR_OSLK == 0
 }
 
 /// What the world switch loads for one entry of a vCPU with `regs` in a VM
