@@ -13,6 +13,7 @@ const GUESTS: &[&str] = &[
     "guest-reset",
     "guest-sysreg",
     "guest-gic",
+    "guest-debug",
 ];
 
 fn main() {

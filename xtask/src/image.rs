@@ -28,6 +28,7 @@ pub const GUESTS: &[&str] = &[
     "guest-irq",
     "guest-pmu",
     "guest-sve",
+    "guest-debug",
 ];
 
 /// The image package and binary name.

@@ -101,6 +101,12 @@ pub enum Scenario {
     /// SVE state and per-VM vector lengths across world switches (three
     /// VMs: 256-bit, 512-bit, no SVE).
     SveSwitch,
+    /// Hardware breakpoints, watchpoints and single-step on migrating vCPUs.
+    Debug,
+    /// A hostile VM's debug and timer state does not reach another VM.
+    DebugIsolation,
+    /// A full set/way clean/invalidate loop: trapped, the VM's memory flushed by VA.
+    Setway,
     /// A deliberate panic of the image (tests the panic path).
     Panic,
 }
@@ -120,6 +126,9 @@ impl Scenario {
             Scenario::ResetProtected => "reset-protected",
             Scenario::ResetConcurrent => "reset-concurrent",
             Scenario::SveSwitch => "sve-switch",
+            Scenario::Debug => "debug",
+            Scenario::DebugIsolation => "debug-isolation",
+            Scenario::Setway => "setway",
             Scenario::Panic => "panic",
         }
     }
@@ -133,6 +142,8 @@ impl Scenario {
             Scenario::Reset => (2, 1, 5),
             Scenario::ResetProtected => (2, 1, 8),
             Scenario::ResetConcurrent => (2, 2, 8),
+            Scenario::Debug => (8, 1, 8),
+            Scenario::DebugIsolation => (2, 1, 8),
             _ => (1, 1, 8),
         }
     }

@@ -228,7 +228,61 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     v.push(sve_test("qemu:sve-switch-4on2", 2));
     v.extend(external_guest_tests(&gfile, &offfile));
     v.extend(pmu_tests());
+    v.extend(debug_tests());
     Ok(v)
+}
+
+/// Self-hosted debug (guest-debug): breakpoints, watchpoints and
+/// single-step on 8 vCPUs migrating between 2 CPUs; isolation from a
+/// hostile VM on the same CPUs; a set/way clean/invalidate loop and an
+/// unknown exception class.
+fn debug_tests() -> Vec<QemuTest> {
+    let s = strings;
+    vec![
+        QemuTest {
+            name: "qemu:debug-bp-wp-step-8on2",
+            spec: RunSpec::sched("debug", 8, 2),
+            exit_code: 0,
+            markers: s(&[
+                "[guest debug vcpu 0] debug: vCPU 7: 250 rounds, ",
+                "[guest debug vcpu 0] debug: all 8 vCPUs: every breakpoint, watchpoint and step hit exactly where expected, no spurious debug exception: ok",
+                "debug: PASS: 8 vCPUs on 2 CPUs, 250 rounds each",
+                "vm debug: powered off (PSCI SYSTEM_OFF)",
+                "pool: back to starting count",
+                "scenario debug: PASS",
+            ]),
+        },
+        QemuTest {
+            name: "qemu:debug-isolation-2vms-on2",
+            spec: RunSpec::sched("debug-isolation", 2, 2),
+            exit_code: 0,
+            markers: s(&[
+                "[guest victim vcpu 0] debug: all 2 vCPUs: every breakpoint, watchpoint and step hit exactly where expected, no spurious debug exception: ok",
+                "isolation: PASS: the victim's debug registers, MDSCR_EL1 and physical timer were its own",
+                "vm victim: powered off (PSCI SYSTEM_OFF)",
+                "vm hostile: powered off (PSCI SYSTEM_OFF)",
+                "pool: back to starting count",
+                "scenario debug-isolation: PASS",
+            ]),
+        },
+        QemuTest {
+            // Also: an exception class the backend does not know (an
+            // AArch32 EL0 coprocessor trap) gets an UNDEF and a log line.
+            name: "qemu:setway-flush-and-unknown-ec",
+            spec: RunSpec::scenario("setway"),
+            exit_code: 0,
+            markers: s(&[
+                "[guest setway] setway: DC CSW, DC ISW (MMU and caches off), DC CISW loops:",
+                "[guest setway] setway: the memory survived a full set/way clean/invalidate: ok",
+                "[guest setway] unknown class: MRRC CNTPCT from AArch32 EL0 (EC 0x4 at EL2): vector 12 (VBAR_EL1+0x600), ESR_EL1 0x2000000, ELR_EL1 on the MRRC: ok",
+                "vm setway: vCPU 0: UNDEF injected for EC 0x4 (not handled by the hypervisor) at PC",
+                "setway: PASS:",
+                "vm setway: powered off (PSCI SYSTEM_OFF)",
+                "pool: back to starting count",
+                "scenario setway: PASS",
+            ]),
+        },
+    ]
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

@@ -32,6 +32,10 @@
 //!   `MPAM2_EL2` for a VM, as pure functions of its [`VmFeatures`].
 //! - [`SWITCHED`]: the registers a guest uses directly, which the world
 //!   switch saves and restores (or an EL2 register stands in for).
+//! - [`guest_debug`]: the breakpoints, watchpoints and `MDSCR_EL1` the
+//!   world switch loads for an entry while the guest's debug is active
+//!   (and [`set_way`]: a trapped set/way operation becomes a flush of the
+//!   VM's memory by VA).
 //!
 //! Invariants:
 //! - Every EL0/EL1-accessible register is trapped (a table row whose
@@ -85,6 +89,7 @@
 #[cfg(test)]
 extern crate std;
 
+mod debug;
 mod dispatch;
 mod enc;
 mod id;
@@ -94,6 +99,10 @@ mod table;
 pub mod traps;
 mod undef;
 
+pub use debug::{
+    debug_active, guest_debug, set_way, GuestDebug, SetWay, MAX_POINTS, MDSCR_KDE, MDSCR_MDE,
+    MDSCR_SS,
+};
 pub use dispatch::{
     handle_feature_trap, handle_sysreg_trap, visible, Done, HookCall, Outcome, VcpuSysregs,
 };

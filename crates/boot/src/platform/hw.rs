@@ -63,6 +63,21 @@ pub fn dcache_clean_range(va: u64, size: u64) {
     super::sysreg::dsb_ish();
 }
 
+/// Cleans and invalidates `[va, va+size)` to the point of coherency
+/// (`dc civac` loop).
+pub fn dcache_clean_inval_range(va: u64, size: u64) {
+    let line = dcache_line();
+    let mut a = va & !(line - 1);
+    while a < va + size {
+        // SAFETY: cleaning and invalidating a cache line writes dirty data
+        // back first, so memory keeps its contents; `a` is identity-mapped
+        // RAM (a guest's stage-2-mapped frame).
+        unsafe { core::arch::asm!("dc civac, {}", in(reg) a, options(nostack, preserves_flags)) };
+        a += line;
+    }
+    super::sysreg::dsb_ish();
+}
+
 /// Invalidates every instruction cache of the inner shareable domain (e.g.
 /// after the VMM rewrote a guest image in memory the guest may already
 /// have executed).

@@ -29,7 +29,11 @@
 //! `CSSELR_EL1` by `TID2`, `MDSCR_EL1` and the debug registers by
 //! `MDCR_EL2.TDA`) live only in the vCPU's `VcpuSysregs` and are not
 //! loaded into the hardware (whose copies stay at the values
-//! [`init_cpu`] gives them). The trap controls are not restored at exit:
+//! [`init_cpu`] gives them), except the debug state of a guest whose debug
+//! is active ([`VcpuState::debug`]): loaded before entry, disabled again
+//! after exit (`MDSCR_EL1` = 0, breakpoints and watchpoints off), so its
+//! breakpoints, watchpoints and single-step fire while it runs and no
+//! other guest ever runs with them. The trap controls are not restored at exit:
 //! they act on EL0/EL1 only, except `CPTR_EL2` (TZ/TSM/TTA also trap EL2,
 //! which uses no SVE outside the switch, SME or trace; TFP stays clear for
 //! the EL2 FP/SIMD code) and `MDCR_EL2` (HPMD/HCCD prohibit counting at EL2, which the
@@ -39,6 +43,7 @@ use core::arch::global_asm;
 use core::mem::offset_of;
 
 use pkvm_sysreg::traps::{cptr, TrapControls};
+use pkvm_sysreg::{GuestDebug, MAX_POINTS};
 
 use super::sve::{self, SveRegs};
 use crate::{read_sysreg, write_sysreg};
@@ -510,6 +515,10 @@ pub struct VcpuState {
     pub opt: OptRegs,
     /// The virtual GIC CPU interface.
     pub gic: GicCpu,
+    /// The guest's debug registers for the next entry, while its debug is
+    /// active (pkvm-sysreg's [`guest_debug`]); `None`: the hardware keeps
+    /// the hypervisor's disabled state.
+    pub debug: Option<GuestDebug>,
 }
 
 impl VcpuState {
@@ -529,6 +538,7 @@ impl VcpuState {
             vmpidr: (1 << 31) | mpidr_aff,
             opt: OptRegs::default(),
             gic: GicCpu::default(),
+            debug: None,
         }
     }
 }
@@ -607,9 +617,19 @@ pub fn init_cpu() {
         0
     };
     write_sysreg!("mdcr_el2", hpmn);
-    // The debug state guests never reach (MDCR_EL2.TDA traps it into
-    // their emulated register files): quiet.
-    write_sysreg!("mdscr_el1", 0);
+    // The hypervisor's debug state, which guests never read (MDCR_EL2.TDA
+    // traps them into their emulated register files) and the world switch
+    // puts back after a guest with active debug: MDSCR_EL1 = 0, every
+    // breakpoint and watchpoint disabled (their reset values are UNKNOWN),
+    // the OS lock clear (it resets locked; while locked, a guest's debug
+    // the world switch loads would generate no exception). MDCR_EL2.TDE
+    // stays clear: the debug target is EL1, EL2 takes no debug exception.
+    let dfr0 = read_sysreg!("id_aa64dfr0_el1");
+    disable_debug(
+        ((dfr0 >> 12) & 0xf) as usize + 1,
+        ((dfr0 >> 20) & 0xf) as usize + 1,
+    );
+    write_sysreg!("oslar_el1", 0);
     if super::idregs::has_hcx() {
         // HCRX_EL2 = 0: the FEAT_HCX controls off, so TCR2_EL1,
         // SCTLR2_EL1 and the like trap and meet pkvm-sysreg's UNDEF.
@@ -693,6 +713,9 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> 
     }
     load_opt(vm, &vcpu.opt);
     load_gic(&vcpu.gic, vm.lrs, vm.aprs);
+    if let Some(d) = &vcpu.debug {
+        load_debug(d);
+    }
     super::sysreg::isb();
     let entered = read_sysreg!("cntpct_el0");
     // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
@@ -728,6 +751,66 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> 
     }
     save_opt(vm, &mut vcpu.opt);
     save_gic(&mut vcpu.gic, vm.lrs, vm.aprs);
+    if let Some(d) = &vcpu.debug {
+        disable_debug(d.brps, d.wrps);
+    }
     super::sysreg::isb();
     exit
+}
+
+/// Writes one of 16 numbered registers (the names are literals) for a
+/// run-time index `n` (`n >= 16`: nothing).
+macro_rules! nth_write {
+    ($n:expr, $v:expr; $($i:literal => $r:literal),* $(,)?) => {
+        match $n {
+            $( $i => write_sysreg!($r, $v), )*
+            _ => {}
+        }
+    };
+}
+
+fn write_bvr(n: usize, v: u64) {
+    nth_write!(n, v; 0 => "dbgbvr0_el1", 1 => "dbgbvr1_el1", 2 => "dbgbvr2_el1", 3 => "dbgbvr3_el1", 4 => "dbgbvr4_el1", 5 => "dbgbvr5_el1", 6 => "dbgbvr6_el1", 7 => "dbgbvr7_el1", 8 => "dbgbvr8_el1", 9 => "dbgbvr9_el1", 10 => "dbgbvr10_el1", 11 => "dbgbvr11_el1", 12 => "dbgbvr12_el1", 13 => "dbgbvr13_el1", 14 => "dbgbvr14_el1", 15 => "dbgbvr15_el1");
+}
+
+fn write_bcr(n: usize, v: u64) {
+    nth_write!(n, v; 0 => "dbgbcr0_el1", 1 => "dbgbcr1_el1", 2 => "dbgbcr2_el1", 3 => "dbgbcr3_el1", 4 => "dbgbcr4_el1", 5 => "dbgbcr5_el1", 6 => "dbgbcr6_el1", 7 => "dbgbcr7_el1", 8 => "dbgbcr8_el1", 9 => "dbgbcr9_el1", 10 => "dbgbcr10_el1", 11 => "dbgbcr11_el1", 12 => "dbgbcr12_el1", 13 => "dbgbcr13_el1", 14 => "dbgbcr14_el1", 15 => "dbgbcr15_el1");
+}
+
+fn write_wvr(n: usize, v: u64) {
+    nth_write!(n, v; 0 => "dbgwvr0_el1", 1 => "dbgwvr1_el1", 2 => "dbgwvr2_el1", 3 => "dbgwvr3_el1", 4 => "dbgwvr4_el1", 5 => "dbgwvr5_el1", 6 => "dbgwvr6_el1", 7 => "dbgwvr7_el1", 8 => "dbgwvr8_el1", 9 => "dbgwvr9_el1", 10 => "dbgwvr10_el1", 11 => "dbgwvr11_el1", 12 => "dbgwvr12_el1", 13 => "dbgwvr13_el1", 14 => "dbgwvr14_el1", 15 => "dbgwvr15_el1");
+}
+
+fn write_wcr(n: usize, v: u64) {
+    nth_write!(n, v; 0 => "dbgwcr0_el1", 1 => "dbgwcr1_el1", 2 => "dbgwcr2_el1", 3 => "dbgwcr3_el1", 4 => "dbgwcr4_el1", 5 => "dbgwcr5_el1", 6 => "dbgwcr6_el1", 7 => "dbgwcr7_el1", 8 => "dbgwcr8_el1", 9 => "dbgwcr9_el1", 10 => "dbgwcr10_el1", 11 => "dbgwcr11_el1", 12 => "dbgwcr12_el1", 13 => "dbgwcr13_el1", 14 => "dbgwcr14_el1", 15 => "dbgwcr15_el1");
+}
+
+/// Loads an active guest's breakpoints, watchpoints and `MDSCR_EL1`
+/// (values and counts as pkvm-sysreg's `guest_debug` computed them for
+/// this VM: never more than the CPU has, HMC clear). `MDCR_EL2.TDE` is
+/// clear, so their exceptions go to the guest's EL1 vectors and never to
+/// EL2 (above the debug target).
+fn load_debug(d: &GuestDebug) {
+    for n in 0..d.brps.min(MAX_POINTS) {
+        write_bvr(n, d.bvr[n]);
+        write_bcr(n, d.bcr[n]);
+    }
+    for n in 0..d.wrps.min(MAX_POINTS) {
+        write_wvr(n, d.wvr[n]);
+        write_wcr(n, d.wcr[n]);
+    }
+    write_sysreg!("mdscr_el1", d.mdscr);
+}
+
+/// The hypervisor's debug state: `MDSCR_EL1` = 0 and breakpoints
+/// `0..brps`, watchpoints `0..wrps` disabled (their value registers are
+/// left: nothing reads them, every guest access traps).
+pub fn disable_debug(brps: usize, wrps: usize) {
+    write_sysreg!("mdscr_el1", 0);
+    for n in 0..brps.min(MAX_POINTS) {
+        write_bcr(n, 0);
+    }
+    for n in 0..wrps.min(MAX_POINTS) {
+        write_wcr(n, 0);
+    }
 }

@@ -38,14 +38,22 @@
 //! hypercalls (guest-rt's report) reach the VMM as pkvm-host's
 //! `VcpuExit::Hypercall`.
 
+use core::sync::atomic::{AtomicU16, Ordering};
+
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
+use pkvm_arch::pte::{S2Features, S2Pte};
+use pkvm_arch::vtcr::S2Geometry;
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
+use pkvm_arch::{Ipa, Pa};
 use pkvm_host::fault::GuestFault;
 use pkvm_host::vcpu_state::pstate;
 use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
+use pkvm_pgtable::{PageTable, Stage2};
 use pkvm_sync::SpinGuard;
 use pkvm_sysreg::pmu::GuestEl;
-use pkvm_sysreg::{handle_pmu_trap, inject_undef, El1State, HostFeature, Offer, Outcome};
+use pkvm_sysreg::{
+    guest_debug, handle_pmu_trap, inject_undef, El1State, HostFeature, Offer, Outcome,
+};
 use pkvm_sysreg::{VcpuSysregs, VirtPmu, PMU_PPI};
 
 use pkvm_host::psci::PsciVm;
@@ -57,7 +65,8 @@ use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
 use crate::platform::sve::SveRegs;
 use crate::platform::switch::{self, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
-use crate::platform::{gic, timer};
+use crate::platform::MAX_CPUS;
+use crate::platform::{gic, hw, timer};
 use crate::println;
 
 /// Exit counts seen by the backend (including those it handles itself),
@@ -99,9 +108,27 @@ pub struct BackendStats {
     pub guest_irqs: u64,
     /// WFIs that blocked the vCPU (nothing pending).
     pub wfi_blocks: u64,
-    /// Scheduler runs on a different physical CPU than the previous one.
+    /// Scheduler runs that started on a different physical CPU than the
+    /// vCPU's previous run.
     pub migrations: u64,
+    /// Entries with the guest's debug state loaded (its debug active).
+    pub debug_entries: u64,
+    /// Set/way instructions answered by a flush of the VM's memory.
+    pub setway: u64,
+    /// Scheduler runs that entered the guest on a CPU whose previous guest
+    /// was another VM.
+    pub after_other_vm: u64,
 }
+
+/// PSTATE.SS (software step). An instruction the hypervisor emulates and
+/// steps over (PC + 4) completes as far as the guest can tell: as KVM
+/// does, PSTATE.SS is cleared so that a guest single-stepping it takes its
+/// step exception right after it (active-pending), not one instruction
+/// later.
+const PSTATE_SS: u64 = 1 << 21;
+
+/// The VMID of the last guest entered on each CPU (0: none yet).
+static LAST_VMID_ON: [AtomicU16; MAX_CPUS] = [const { AtomicU16::new(0) }; MAX_CPUS];
 
 /// The hardware-only state of one vCPU, lent to its backend while it runs.
 #[derive(Debug)]
@@ -117,8 +144,6 @@ pub struct VcpuHw {
     boot_args: Option<(u64, [u64; 3])>,
     /// VMID of the last entry (as loaded in VTTBR_EL2).
     pub last_vmid: u16,
-    /// The physical CPU of the last scheduler run (`usize::MAX`: none yet).
-    last_cpu: usize,
     /// The emulated system registers and per-register trap counts (the
     /// only copy of the registers the policy traps: `ACTLR_EL1`,
     /// `CSSELR_EL1`, `MDSCR_EL1`, the debug and EL1 physical-timer registers).
@@ -132,6 +157,8 @@ pub struct VcpuHw {
     pub pmu: VirtPmu,
     /// The SVE registers (Z/P/FFR, `ZCR_EL1`) of a vCPU of a VM with SVE.
     pub sve: Option<SveRegs>,
+    /// The physical CPU of the previous scheduler run.
+    last_cpu: Option<usize>,
 }
 
 impl VcpuHw {
@@ -143,12 +170,12 @@ impl VcpuHw {
             stats: BackendStats::default(),
             boot_args: None,
             last_vmid: 0,
-            last_cpu: usize::MAX,
             sysregs: VcpuSysregs::new(),
             who: ("?", 0),
             wait: WfiAction::Yield,
             pmu: VirtPmu::new(0),
             sve: None,
+            last_cpu: None,
         }
     }
 
@@ -210,6 +237,9 @@ pub struct HwBackend<'a> {
     hyp: Option<&'static BootHyp>,
     irq: &'a VmIrq,
     vm: &'a BootVm,
+    /// The stage-2 table of the current entry (root, geometry), for
+    /// set/way flushes.
+    s2: Option<(Pa, S2Geometry)>,
 }
 
 impl<'a> HwBackend<'a> {
@@ -219,19 +249,16 @@ impl<'a> HwBackend<'a> {
     /// `hyp` is the hypervisor in protected mode.
     pub fn new(
         cpu: usize,
-        hw: SpinGuard<'a, VcpuHw>,
+        mut hw: SpinGuard<'a, VcpuHw>,
         policy: &'a VmPolicy,
         hyp: Option<&'static BootHyp>,
         irq: &'a VmIrq,
         vm: &'a BootVm,
     ) -> Self {
-        let mut hw = hw;
-        if hw.last_cpu != cpu {
-            if hw.last_cpu != usize::MAX {
-                hw.stats.migrations += 1;
-            }
-            hw.last_cpu = cpu;
+        if hw.last_cpu.is_some_and(|c| c != cpu) {
+            hw.stats.migrations += 1;
         }
+        hw.last_cpu = Some(cpu);
         HwBackend {
             cpu,
             hw,
@@ -240,6 +267,7 @@ impl<'a> HwBackend<'a> {
             hyp,
             irq,
             vm,
+            s2: None,
         }
     }
 
@@ -248,17 +276,18 @@ impl<'a> HwBackend<'a> {
         &mut self.hw
     }
 
-    fn vm_regs(&self, s2: &StageTwo) -> Option<VmRegs> {
-        let (root, vmid, ipa_bits) = match *s2 {
-            StageTwo::Host { vmid, root, geo } => (root, vmid, geo.ipa_bits),
+    fn vm_regs(&mut self, s2: &StageTwo) -> Option<VmRegs> {
+        let (root, vmid, geo) = match *s2 {
+            StageTwo::Host { vmid, root, geo } => (root, vmid, geo),
             StageTwo::Hyp { .. } => {
                 let c = self.hyp?.loaded_vcpu_context(self.cpu)?;
-                (c.s2_root, c.vmid, c.geometry.ipa_bits)
+                (c.s2_root, c.vmid, c.geometry)
             }
         };
+        self.s2 = Some((root, geo));
         Some(VmRegs {
             vttbr: vttbr(root, vmid),
-            vtcr: vtcr(ipa_bits, self.parange, VtcrOptions::default()).ok()?,
+            vtcr: vtcr(geo.ipa_bits, self.parange, VtcrOptions::default()).ok()?,
             traps: self.policy.traps,
             pauth: self.policy.pauth(),
             sme: self.policy.features.host().has(HostFeature::Sme),
@@ -370,6 +399,8 @@ impl<'a> HwBackend<'a> {
         }
         self.pmu_before_entry();
         let hw = &mut *self.hw;
+        hw.st.debug = guest_debug(&hw.sysregs, &self.policy.features);
+        hw.stats.debug_entries += u64::from(hw.st.debug.is_some());
         let exit = switch::run(vm, &mut hw.st, hw.sve.as_mut());
         self.hw.stats.exits += 1;
         self.pmu_after_exit(exit.slice);
@@ -379,7 +410,15 @@ impl<'a> HwBackend<'a> {
             .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         match exit.kind {
-            EXIT_SYNC => self.sync_exit(&exit),
+            EXIT_SYNC => {
+                let pc = self.hw.st.regs.pc;
+                let out = self.sync_exit(&exit);
+                let r = &mut self.hw.st.regs;
+                if r.pc == pc.wrapping_add(4) {
+                    r.pstate &= !PSTATE_SS;
+                }
+                out
+            }
             EXIT_IRQ | 10 => {
                 let hw = &mut *self.hw;
                 hw.stats.irq += 1;
@@ -489,6 +528,11 @@ impl<'a> HwBackend<'a> {
                     Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
                     Action::Undef(why) => self.undef(why),
                     Action::Pmu(call) => self.pmu_access(&call),
+                    Action::SetWayFlush => {
+                        r.pc += 4;
+                        hw.stats.setway += 1;
+                        self.flush_vm();
+                    }
                     Action::Sgi { value, group1 } => {
                         r.pc += 4;
                         hw.stats.sgis += 1;
@@ -586,6 +630,25 @@ impl<'a> HwBackend<'a> {
         s.far = far;
     }
 
+    /// A set/way instruction's answer (pkvm-sysreg's `set_way`, KVM's
+    /// policy): clean and invalidate to the point of coherency, by VA
+    /// through the EL2 identity map, every page the VM's stage-2 table maps
+    /// now (a read-only walk; a page unmapped meanwhile is still RAM, and
+    /// cleaning it is harmless).
+    fn flush_vm(&self) {
+        let Some((root, geo)) = self.s2 else {
+            return;
+        };
+        let pt = PageTable::<Stage2>::new(root, geo, S2Features::default());
+        let env = super::platform::s2_env(0);
+        let _ = pt.for_each_leaf(&env, Ipa(0), geo.ipa_size(), |_, level, pte| {
+            let pte = S2Pte(pte);
+            if pte.is_valid() {
+                hw::dcache_clean_inval_range(pte.oa().0, geo.granule.level_size(level));
+            }
+        });
+    }
+
     /// Injects an UNDEF into the guest (its PC on the refused instruction)
     /// and logs it, rate-limited ([`sysregs::undef_logged`]).
     fn undef(&mut self, why: UndefCause) {
@@ -659,6 +722,10 @@ impl VcpuBackend for HwBackend<'_> {
         };
         let hw = &mut *self.hw;
         hw.last_vmid = (vm.vttbr >> 48) as u16;
+        if let Some(last) = LAST_VMID_ON.get(self.cpu) {
+            let prev = last.swap(hw.last_vmid, Ordering::Relaxed);
+            hw.stats.after_other_vm += u64::from(prev != 0 && prev != hw.last_vmid);
+        }
         hw.stats.entries += 1;
         self.load(ctx);
         let exit = loop {
@@ -677,6 +744,7 @@ impl VcpuBackend for HwBackend<'_> {
             }
         }
         ctx.gprs.pc += 4;
+        ctx.gprs.pstate &= !PSTATE_SS;
     }
 
     /// KVM's `inject_abt64`: ESR_EL1 (EC by source EL, IL, FSC external

@@ -35,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod debug;
 pub mod fdtgen;
 pub mod guest;
 pub mod irq;
@@ -164,10 +165,13 @@ pub fn main(p: &'static Platform) -> i32 {
         "reset-concurrent" => bool_code(resets::reset_concurrent(&process, p)),
         "pmu" => bool_code(pmu::scenario(&process, p)),
         "sve-switch" => bool_code(sve::sve_switch(&process)),
+        "debug" => bool_code(debug::debug(&process, p)),
+        "debug-isolation" => bool_code(debug::isolation(&process, p)),
+        "setway" => bool_code(debug::setway(&process)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, debug, debug-isolation, setway, panic)"
             );
             (false, 2)
         }

@@ -8,8 +8,10 @@
 //!   physical timer and counter are emulated here ([`ptimer`]), SGI
 //!   generation goes to the VM's vGIC ([`Action::Sgi`]), PMU registers
 //!   (visible only to a VM offered a PMU) to the vCPU's virtual PMU
-//!   ([`Action::Pmu`], pkvm-sysreg's `VirtPmu`, held by the backend); the
-//!   set/way hook has no model yet and UNDEFs.
+//!   ([`Action::Pmu`], pkvm-sysreg's `VirtPmu`, held by the backend), a
+//!   data-cache set/way instruction becomes a clean and invalidate of the
+//!   VM's stage-2-mapped memory by VA ([`Action::SetWayFlush`], KVM's
+//!   answer).
 //! - Any other synchronous exception class the backend does not handle
 //!   (SVE/SME/PAC traps of a VM not offered them, EC 0, classes this code
 //!   does not know): an UNDEF ([`pkvm_sysreg::handle_feature_trap`]), the VM
@@ -21,9 +23,9 @@
 use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{
-    handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Hook, HookCall,
-    HostFeature, HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When,
-    REGISTERS, SWITCHED,
+    handle_feature_trap, handle_sysreg_trap, lookup, set_way, Direction, Done, Encoding, Hook,
+    HookCall, HostFeature, HostIds, IdError, IdOverrides, Offer, Outcome, SetWay, VcpuSysregs, Via,
+    VmFeatures, When, REGISTERS, SWITCHED,
 };
 
 /// A VM's system-register policy, fixed at creation and shared by its vCPUs.
@@ -108,6 +110,10 @@ pub enum Action {
     Complete(Outcome),
     /// Inject an UNDEF.
     Undef(UndefCause),
+    /// A data-cache set/way instruction (pkvm-sysreg's [`set_way`]):
+    /// clean and invalidate the VM's stage-2-mapped memory by VA, then
+    /// complete it (PC + 4).
+    SetWayFlush,
     /// A write to `ICC_SGI1R_EL1` (`group1`), `ICC_SGI0R_EL1` or
     /// `ICC_ASGI1R_EL1` (with one security state, KVM's vGIC and this one
     /// treat ASGI1R as generating Group 0 SGIs): the vGIC sends it, then the
@@ -150,6 +156,7 @@ pub fn sysreg_trap(
             }
         }
         Outcome::Hook(call) if call.hook == Hook::Pmu => Action::Pmu(call),
+        Outcome::Hook(call) if set_way(&call) == Some(SetWay::FlushVm) => Action::SetWayFlush,
         Outcome::Hook(call) => Action::Undef(UndefCause::Hook(call.hook, call.row)),
     }
 }
