@@ -209,6 +209,51 @@ pub fn tier(image: &Path, verbose: bool) -> Result<String> {
     ))
 }
 
+/// `cargo xtask boot-ratio`: `repeat` pairs of boots to the `/init`
+/// marker, bare QEMU then pkvm-rs (standard mode, [`VCPUS`] vCPUs on
+/// [`HOST_CPUS`] CPUs), each pair back to back so both see the same load;
+/// prints every pair and the medians. Returns the exit code (1 when a boot
+/// never reached `/init`).
+///
+/// # Errors
+/// The kernel or busybox is missing, or QEMU could not start.
+pub fn ratio(image: &Path, repeat: u32) -> Result<i32> {
+    let files = match inputs()? {
+        Ok(f) => f,
+        Err(skip) => bail!("boot-ratio: {skip}"),
+    };
+    let (mut bare, mut pkvm, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 1..=repeat.max(1) {
+        let b = bare_qemu(&files)?;
+        let p = boot(image, &files, false, VCPUS, APPEND, None)?;
+        let (Some(b), Some(p)) = (b.mark_at, p.mark_at) else {
+            println!(
+                "boot-ratio: run {i}: a boot never reached /init (bare {:?}, pkvm-rs {:?})",
+                b.exit_code, p.exit_code
+            );
+            return Ok(1);
+        };
+        let r = p.as_secs_f64() / b.as_secs_f64();
+        println!("boot-ratio: run {i}: bare QEMU {b:.2?}, pkvm-rs {p:.2?}: {r:.2}x");
+        bare.push(b.as_secs_f64());
+        pkvm.push(p.as_secs_f64());
+        ratios.push(r);
+    }
+    println!(
+        "boot-ratio: median of {} runs to /init: bare QEMU {:.2}s, pkvm-rs {:.2}s, ratio {:.2}x (goal <= 1.2x)",
+        ratios.len(),
+        median(&mut bare),
+        median(&mut pkvm),
+        median(&mut ratios)
+    );
+    Ok(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// What is wrong with the interactive run: the shell must print 42 on a
 /// line of its own and the guest must power off.
 fn interactive_problems(o: &qemu::Outcome) -> Vec<String> {
