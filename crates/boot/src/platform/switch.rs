@@ -35,7 +35,7 @@ use core::mem::offset_of;
 
 use pkvm_sysreg::traps::{cptr, TrapControls};
 
-use crate::{read_sysreg, write_sysreg};
+use crate::{read_sysreg, update_sysreg, write_sysreg};
 
 /// Guest general-purpose, PC, PSTATE and FP/SIMD registers (used by asm).
 #[repr(C)]
@@ -259,7 +259,7 @@ macro_rules! sysregs_xfer {
     ($s:ident, $dir:ident; $($f:ident = $r:literal),* $(,)?) => {
         $( sysregs_xfer!(@one $s, $dir, $f, $r); )*
     };
-    (@one $s:ident, load, $f:ident, $r:literal) => { write_sysreg!($r, $s.$f) };
+    (@one $s:ident, load, $f:ident, $r:literal) => { update_sysreg!($r, $s.$f) };
     (@one $s:ident, save, $f:ident, $r:literal) => { $s.$f = read_sysreg!($r) };
 }
 
@@ -597,12 +597,12 @@ pub fn init_cpu() {
 /// Writes a VM's trap controls (`MPAM2_EL2` only exists with FEAT_MPAM,
 /// for which the policy's value is non-zero).
 fn load_traps(t: &TrapControls) {
-    write_sysreg!("hcr_el2", t.hcr);
-    write_sysreg!("cptr_el2", t.cptr);
-    write_sysreg!("mdcr_el2", t.mdcr);
-    write_sysreg!("cnthctl_el2", t.cnthctl);
+    update_sysreg!("hcr_el2", t.hcr);
+    update_sysreg!("cptr_el2", t.cptr);
+    update_sysreg!("mdcr_el2", t.mdcr);
+    update_sysreg!("cnthctl_el2", t.cnthctl);
     if t.mpam2 != 0 {
-        write_sysreg!("S3_4_C10_C5_0", t.mpam2);
+        update_sysreg!("S3_4_C10_C5_0", t.mpam2);
     }
 }
 
@@ -626,17 +626,33 @@ fn save_opt(vm: &VmRegs, o: &mut OptRegs) {
     }
 }
 
-/// Runs the vCPU until it exits to EL2.
-pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
+/// Runs the vCPU until it exits to EL2 with an exit `fast` does not
+/// complete.
+///
+/// `fast` sees every exit first, with the guest's EL1 state, timer and
+/// virtual CPU interface still loaded in the hardware (only the general
+/// and FP/SIMD registers are in `regs`): when it completes the exit (it
+/// returns `true`, having updated `regs`, e.g. Rt and PC of a trapped
+/// register read), the guest is entered again at once, without the
+/// register saves and loads of a full switch. It must not touch EL1, timer
+/// or GIC CPU interface registers. A physical interrupt that arrives
+/// meanwhile stays pending (PSTATE.I is set at EL2) and takes the guest
+/// out again right after the next entry, so the fast path cannot keep the
+/// scheduler's tick or a kick from this CPU.
+pub fn run(
+    vm: &VmRegs,
+    vcpu: &mut VcpuState,
+    fast: &mut dyn FnMut(&Exit, &mut GuestRegs) -> bool,
+) -> Exit {
     let pauth = vm.pauth;
-    write_sysreg!("vtcr_el2", vm.vtcr);
-    write_sysreg!("vttbr_el2", vm.vttbr);
+    update_sysreg!("vtcr_el2", vm.vtcr);
+    update_sysreg!("vttbr_el2", vm.vttbr);
     load_traps(&vm.traps);
-    write_sysreg!("vmpidr_el2", vcpu.vmpidr);
-    write_sysreg!("cntvoff_el2", vcpu.timer.voff);
+    update_sysreg!("vmpidr_el2", vcpu.vmpidr);
+    update_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
     el1_list!(sysregs_xfer!(s, load));
-    write_sysreg!("cntv_cval_el0", vcpu.timer.cval);
+    update_sysreg!("cntv_cval_el0", vcpu.timer.cval);
     write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
     if pauth {
         let k = &vcpu.pac;
@@ -645,16 +661,23 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState) -> Exit {
     load_opt(vm, &vcpu.opt);
     load_gic(&vcpu.gic, vm.lrs, vm.aprs);
     super::sysreg::isb();
-    // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
-    // saves/restores every callee-saved register and the stack pointer
-    // around the guest run, the guest runs under stage-2 with memory
-    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
-    let kind = unsafe { __guest_enter(&mut vcpu.regs) };
-    let exit = Exit {
-        kind,
-        esr: read_sysreg!("esr_el2"),
-        far: read_sysreg!("far_el2"),
-        hpfar: read_sysreg!("hpfar_el2"),
+    let exit = loop {
+        // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the
+        // asm saves/restores every callee-saved register and the stack
+        // pointer around the guest run, the guest runs under stage-2 with
+        // memory the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
+        // After a fast-path exit the loaded state is as before (`fast`
+        // only changes `regs`).
+        let kind = unsafe { __guest_enter(&mut vcpu.regs) };
+        let exit = Exit {
+            kind,
+            esr: read_sysreg!("esr_el2"),
+            far: read_sysreg!("far_el2"),
+            hpfar: read_sysreg!("hpfar_el2"),
+        };
+        if !fast(&exit, &mut vcpu.regs) {
+            break exit;
+        }
     };
     let s = &mut vcpu.sys;
     el1_list!(sysregs_xfer!(s, save));

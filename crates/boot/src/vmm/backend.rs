@@ -77,6 +77,8 @@ pub struct BackendStats {
     pub kick_irqs: u64,
     /// Trapped system-register accesses (EC 0x18), however answered.
     pub sysreg: u64,
+    /// Of those, completed on the world switch's fast path (no full exit).
+    pub sysreg_fast: u64,
     /// UNDEFs injected (refused registers, features not offered, unknown
     /// exception classes).
     pub undefs: u64,
@@ -334,7 +336,18 @@ impl<'a> HwBackend<'a> {
         if let Some(d) = pt.deadline {
             timer::pull_in(d);
         }
-        let exit = switch::run(vm, &mut self.hw.st);
+        let hw = &mut *self.hw;
+        let mut deferred = None;
+        let exit = switch::run(vm, &mut hw.st, &mut |e, regs| {
+            fast_exit(
+                e,
+                regs,
+                &mut hw.sysregs,
+                self.policy,
+                &mut hw.stats,
+                &mut deferred,
+            )
+        });
         self.hw.stats.exits += 1;
         let (vt, pt) = self.timers();
         let kick = self
@@ -342,7 +355,7 @@ impl<'a> HwBackend<'a> {
             .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         match exit.kind {
-            EXIT_SYNC => self.sync_exit(&exit),
+            EXIT_SYNC => self.sync_exit(&exit, deferred),
             EXIT_IRQ | 10 => {
                 let hw = &mut *self.hw;
                 hw.stats.irq += 1;
@@ -365,8 +378,10 @@ impl<'a> HwBackend<'a> {
         }
     }
 
-    /// A synchronous exit; `None` when the backend handled it.
-    fn sync_exit(&mut self, exit: &switch::Exit) -> Option<GuestExit> {
+    /// A synchronous exit; `None` when the backend handled it. `deferred`:
+    /// the answer [`fast_exit`] already computed for a trapped register
+    /// access it left to this path.
+    fn sync_exit(&mut self, exit: &switch::Exit, deferred: Option<Action>) -> Option<GuestExit> {
         let esr = Esr(exit.esr);
         let ipa = pkvm_arch::esr::fault_ipa(exit.hpfar, exit.far).0;
         match esr.ec() {
@@ -389,10 +404,15 @@ impl<'a> HwBackend<'a> {
             ec::WFX => self.wfx(esr),
             ec::SYS64 => {
                 let hw = &mut *self.hw;
-                hw.stats.sysreg += 1;
                 let r = &mut hw.st.regs;
-                match sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now()) {
-                    Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
+                let action = deferred.unwrap_or_else(|| {
+                    hw.stats.sysreg += 1;
+                    sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now())
+                });
+                match action {
+                    Action::Complete(out) | Action::TimerWrite(out) => {
+                        out.complete(&mut r.x, &mut r.pc)
+                    }
                     Action::Undef(why) => self.undef(why),
                     Action::Sgi { value, group1 } => {
                         r.pc += 4;
@@ -520,6 +540,43 @@ impl<'a> HwBackend<'a> {
         s.spsr = el1.spsr_el1;
         s.elr = el1.elr_el1;
         s.esr = el1.esr_el1;
+    }
+}
+
+/// The world switch's fast path ([`switch::run`]): a trapped system-register
+/// access whose answer only touches the guest's general registers and the
+/// vCPU's emulated register file (the table's registers: ID and cache
+/// registers such as `CTR_EL0`, which Linux reads in every cache-maintenance
+/// loop, the emulated `CSSELR_EL1`, `ACTLR_EL1`, debug registers; reads of
+/// the emulated physical timer) is completed here and the guest re-entered
+/// without a full exit. Anything else (an UNDEF, which needs the guest's
+/// EL1 state; an SGI, which needs the vGIC; a physical-timer write, whose
+/// deadline and line the full path re-evaluates) leaves `deferred` for the
+/// full path, with the trap already counted and dispatched once.
+fn fast_exit(
+    e: &switch::Exit,
+    regs: &mut switch::GuestRegs,
+    sysregs: &mut VcpuSysregs,
+    policy: &VmPolicy,
+    stats: &mut BackendStats,
+    deferred: &mut Option<Action>,
+) -> bool {
+    let esr = Esr(e.esr);
+    if e.kind != EXIT_SYNC || esr.ec() != ec::SYS64 {
+        return false;
+    }
+    stats.sysreg += 1;
+    match sysregs::sysreg_trap(sysregs, policy, esr, &regs.x, timer::now()) {
+        Action::Complete(out) => {
+            out.complete(&mut regs.x, &mut regs.pc);
+            stats.sysreg_fast += 1;
+            stats.exits += 1;
+            true
+        }
+        other => {
+            *deferred = Some(other);
+            false
+        }
     }
 }
 

@@ -904,6 +904,7 @@ impl GuestVm {
             let s = h.lock().stats;
             t.entries += s.entries;
             t.sysreg += s.sysreg;
+            t.sysreg_fast += s.sysreg_fast;
             t.undefs += s.undefs;
             t.resets += s.resets;
             t.irq += s.irq;
@@ -1008,9 +1009,10 @@ impl GuestVm {
             top.push_str(&alloc::format!("{sep}{} {n}", pkvm_sysreg::REGISTERS[row]));
         }
         println!(
-            "vm {}: sysreg traps: {} (encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
+            "vm {}: sysreg traps: {} ({} on the world switch's fast path; encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
             self.name,
             hw.sysreg,
+            hw.sysreg_fast,
             hw.undefs,
             if top.is_empty() { "none" } else { &top }
         );

@@ -101,6 +101,10 @@ fn class_name(c: u8) -> &'static str {
 pub enum Action {
     /// Complete the access: this outcome applied to the guest's registers.
     Complete(Outcome),
+    /// A write to the emulated EL1 physical timer: complete it like
+    /// [`Action::Complete`], then its interrupt line and deadline need a
+    /// fresh look (the backend's full exit path, not the fast one).
+    TimerWrite(Outcome),
     /// Inject an UNDEF.
     Undef(UndefCause),
     /// A write to `ICC_SGI1R_EL1` (`group1`), `ICC_SGI0R_EL1` or
@@ -133,6 +137,7 @@ pub fn sysreg_trap(
             Action::Undef(UndefCause::Sysreg(lookup(enc), enc))
         }
         Outcome::Hook(call) if call.hook == Hook::Timer => match ptimer(regs, &call, now) {
+            Some(done @ Done::Write) => Action::TimerWrite(Outcome::Handled(done)),
             Some(done) => Action::Complete(Outcome::Handled(done)),
             None => Action::Undef(UndefCause::Hook(call.hook, call.row)),
         },
