@@ -710,11 +710,14 @@ fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (boo
         mem / MIB
     );
     // The file stays where QEMU put it (below the pool): a guest system
-    // reset reloads it from there.
+    // reset reloads it from there. Guest RAM is backed by 2M folios, so
+    // stage-2 maps it with 2M blocks: a Linux boot takes about 30 stage-2
+    // faults instead of about 15,600 with 4K pages (--mem is a multiple
+    // of 2 MiB and the RAM base is 1 GiB aligned).
     let spec = VmSpec {
         name: "guest",
         mem,
-        backing: Backing::Page4K,
+        backing: Backing::Block2M,
         image: ImageSource::Phys(Pa(gpa), gsize),
         load_offset,
         vcpus,
