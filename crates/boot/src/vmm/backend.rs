@@ -79,6 +79,9 @@ pub struct BackendStats {
     pub sysreg: u64,
     /// Of those, completed on the world switch's fast path (no full exit).
     pub sysreg_fast: u64,
+    /// Accesses to a [`FastMmio`] device (the PL011) completed on the
+    /// world switch's fast path.
+    pub mmio_fast: u64,
     /// UNDEFs injected (refused registers, features not offered, unknown
     /// exception classes).
     pub undefs: u64,
@@ -185,20 +188,43 @@ pub struct HwBackend<'a> {
     hyp: Option<&'static BootHyp>,
     irq: &'a VmIrq,
     vm: &'a BootVm,
+    dev: &'a dyn FastMmio,
+}
+
+/// A device the VMM emulates whose registers the backend may access on
+/// the world switch's fast path, like KVM's in-kernel MMIO devices: the
+/// access needs nothing of the vCPU but the loaded or stored value, so it
+/// is completed without a full exit and without pkvm-host's fault path.
+/// Only for addresses outside every memslot (the VMM's layout puts its
+/// devices below guest RAM), so a fault there is MMIO whatever the
+/// stage-2 state.
+pub trait FastMmio: Sync {
+    /// An access by vCPU `index` of `size` bytes at `ipa` (`write`: the
+    /// value stored, cut to `size`), if `ipa` is one of the device's
+    /// registers: the value read (0 for a write) and whether the device's
+    /// interrupt line changed (the vGIC then needs the full exit path to
+    /// update the list registers). `None`: not such a device.
+    fn fast_mmio(
+        &self,
+        index: usize,
+        ipa: u64,
+        size: usize,
+        write: Option<u64>,
+    ) -> Option<(u64, bool)>;
 }
 
 impl<'a> HwBackend<'a> {
     /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU whose
     /// hardware-only state is `hw` (held for the backend's life), of the VM
     /// `vm` with system-register policy `policy` and interrupts `irq`;
-    /// `hyp` is the hypervisor in protected mode.
+    /// `hyp` is the hypervisor in protected mode; `dev` the VMM's
+    /// [`FastMmio`] devices.
     pub fn new(
         cpu: usize,
         hw: SpinGuard<'a, VcpuHw>,
         policy: &'a VmPolicy,
         hyp: Option<&'static BootHyp>,
-        irq: &'a VmIrq,
-        vm: &'a BootVm,
+        (irq, vm, dev): (&'a VmIrq, &'a BootVm, &'a dyn FastMmio),
     ) -> Self {
         HwBackend {
             cpu,
@@ -208,6 +234,7 @@ impl<'a> HwBackend<'a> {
             hyp,
             irq,
             vm,
+            dev,
         }
     }
 
@@ -337,17 +364,17 @@ impl<'a> HwBackend<'a> {
             timer::pull_in(d);
         }
         let hw = &mut *self.hw;
-        let mut deferred = None;
-        let exit = switch::run(vm, &mut hw.st, &mut |e, regs| {
-            fast_exit(
-                e,
-                regs,
-                &mut hw.sysregs,
-                self.policy,
-                &mut hw.stats,
-                &mut deferred,
-            )
-        });
+        let mut fast = Fast {
+            sysregs: &mut hw.sysregs,
+            stats: &mut hw.stats,
+            policy: self.policy,
+            dev: self.dev,
+            index,
+            deferred: None,
+            done: false,
+        };
+        let exit = switch::run(vm, &mut hw.st, &mut |e, regs| fast.exit(e, regs));
+        let (deferred, done) = (fast.deferred, fast.done);
         self.hw.stats.exits += 1;
         let (vt, pt) = self.timers();
         let kick = self
@@ -355,6 +382,9 @@ impl<'a> HwBackend<'a> {
             .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         match exit.kind {
+            // Completed by the fast path; the vGIC sync above saw the
+            // device's new line.
+            EXIT_SYNC if done => None,
             EXIT_SYNC => self.sync_exit(&exit, deferred),
             EXIT_IRQ | 10 => {
                 let hw = &mut *self.hw;
@@ -543,40 +573,91 @@ impl<'a> HwBackend<'a> {
     }
 }
 
-/// The world switch's fast path ([`switch::run`]): a trapped system-register
-/// access whose answer only touches the guest's general registers and the
-/// vCPU's emulated register file (the table's registers: ID and cache
-/// registers such as `CTR_EL0`, which Linux reads in every cache-maintenance
-/// loop, the emulated `CSSELR_EL1`, `ACTLR_EL1`, debug registers; reads of
-/// the emulated physical timer) is completed here and the guest re-entered
-/// without a full exit. Anything else (an UNDEF, which needs the guest's
-/// EL1 state; an SGI, which needs the vGIC; a physical-timer write, whose
-/// deadline and line the full path re-evaluates) leaves `deferred` for the
-/// full path, with the trap already counted and dispatched once.
-fn fast_exit(
-    e: &switch::Exit,
-    regs: &mut switch::GuestRegs,
-    sysregs: &mut VcpuSysregs,
-    policy: &VmPolicy,
-    stats: &mut BackendStats,
-    deferred: &mut Option<Action>,
-) -> bool {
-    let esr = Esr(e.esr);
-    if e.kind != EXIT_SYNC || esr.ec() != ec::SYS64 {
-        return false;
+/// The world switch's fast path ([`switch::run`]), for the exits that need
+/// nothing of the vCPU's EL1 state, its timers or the vGIC:
+///
+/// - a trapped system-register access whose answer only touches the
+///   guest's general registers and the vCPU's emulated register file (the
+///   table's registers: ID and cache registers such as `CTR_EL0`, which
+///   Linux reads in every cache-maintenance loop, the emulated
+///   `CSSELR_EL1`, `ACTLR_EL1`, debug registers; reads of the emulated
+///   physical timer). Anything else (an UNDEF, which needs the guest's EL1
+///   state; an SGI, which needs the vGIC; a physical-timer write, whose
+///   deadline and line the full path re-evaluates) is left in `deferred`
+///   for the full path, counted and dispatched once;
+/// - a data abort with a valid syndrome on a [`FastMmio`] device's
+///   register (the PL011: two accesses per console character): emulated
+///   and completed; when the device's interrupt line changed, the exit
+///   still takes the full path (`done`), which updates the list registers.
+struct Fast<'b> {
+    sysregs: &'b mut VcpuSysregs,
+    stats: &'b mut BackendStats,
+    policy: &'b VmPolicy,
+    dev: &'b dyn FastMmio,
+    index: usize,
+    deferred: Option<Action>,
+    done: bool,
+}
+
+impl Fast<'_> {
+    /// `true`: completed, enter the guest again.
+    fn exit(&mut self, e: &switch::Exit, regs: &mut switch::GuestRegs) -> bool {
+        let esr = Esr(e.esr);
+        if e.kind != EXIT_SYNC {
+            return false;
+        }
+        let done = match esr.ec() {
+            ec::SYS64 => self.sysreg(esr, regs),
+            ec::DABT_LOW => self.mmio(e, esr, regs),
+            _ => false,
+        };
+        if done {
+            self.stats.exits += 1;
+        }
+        done
     }
-    stats.sysreg += 1;
-    match sysregs::sysreg_trap(sysregs, policy, esr, &regs.x, timer::now()) {
-        Action::Complete(out) => {
-            out.complete(&mut regs.x, &mut regs.pc);
-            stats.sysreg_fast += 1;
-            stats.exits += 1;
-            true
+
+    fn sysreg(&mut self, esr: Esr, regs: &mut switch::GuestRegs) -> bool {
+        self.stats.sysreg += 1;
+        match sysregs::sysreg_trap(self.sysregs, self.policy, esr, &regs.x, timer::now()) {
+            Action::Complete(out) => {
+                out.complete(&mut regs.x, &mut regs.pc);
+                self.stats.sysreg_fast += 1;
+                true
+            }
+            other => {
+                self.deferred = Some(other);
+                false
+            }
         }
-        other => {
-            *deferred = Some(other);
-            false
+    }
+
+    /// A stage-2 translation fault with a valid syndrome (no cache
+    /// maintenance, no stage-1 walk, FAR valid) on a device register.
+    fn mmio(&mut self, e: &switch::Exit, esr: Esr, regs: &mut switch::GuestRegs) -> bool {
+        let Some(a) = esr.abort() else {
+            return false;
+        };
+        let Some(s) = a.syndrome else {
+            return false;
+        };
+        if a.cm || a.s1ptw || a.fnv || !matches!(a.status, FaultStatus::Translation(_)) {
+            return false;
         }
+        let ipa = pkvm_arch::esr::fault_ipa(e.hpfar, e.far).0;
+        let size = s.size() as usize;
+        let rt = |x: &[u64; 31]| if s.srt < 31 { x[s.srt as usize] } else { 0 };
+        let stored = a.write.then(|| extend(rt(&regs.x), size, false, true));
+        let Some((value, line_changed)) = self.dev.fast_mmio(self.index, ipa, size, stored) else {
+            return false;
+        };
+        if !a.write && s.srt < 31 {
+            regs.x[s.srt as usize] = extend(value, size, s.sse, s.sf);
+        }
+        regs.pc += 4;
+        self.stats.mmio_fast += 1;
+        self.done = line_changed;
+        !line_changed
     }
 }
 
