@@ -346,6 +346,14 @@ fn finish_all(vms: Vec<Arc<GuestVm>>) -> bool {
 /// Two VMs touch 64 MiB each at once: 4K pages (16384 faults) and 2M
 /// blocks (32 faults).
 fn touch(process: &Arc<BootProcess>) -> bool {
+    let zeroed = pool::zeroing_works();
+    println!(
+        "pool: a dirtied 2M folio and 4K frame read as zero after zeroing: {}",
+        if zeroed { "ok" } else { "FAILED" }
+    );
+    if !zeroed {
+        return false;
+    }
     let plat = BootPlatform::new(None);
     println!("mode: standard (the host manages guest stage-2 with pkvm-pgtable)");
     let r = (0x4400_0000, 64 * MIB);
