@@ -54,6 +54,12 @@ pub struct GuestRegs {
     pub fpsr: u64,
     /// FPCR.
     pub fpcr: u64,
+    /// The value a trapped `CTR_EL0` read returns on the vectors' own
+    /// path (`__guest_ctr_read`, without a world switch); 0: such reads
+    /// exit like any other trap.
+    pub ctr_el0: u64,
+    /// `CTR_EL0` reads answered there since the owner last took the count.
+    pub ctr_reads: u64,
 }
 
 const _: () = assert!(offset_of!(GuestRegs, pc) == 248);
@@ -61,6 +67,8 @@ const _: () = assert!(offset_of!(GuestRegs, pstate) == 256);
 const _: () = assert!(offset_of!(GuestRegs, v) == 272);
 const _: () = assert!(offset_of!(GuestRegs, fpsr) == 784);
 const _: () = assert!(offset_of!(GuestRegs, fpcr) == 792);
+const _: () = assert!(offset_of!(GuestRegs, ctr_el0) == 800);
+const _: () = assert!(offset_of!(GuestRegs, ctr_reads) == 808);
 
 impl Default for GuestRegs {
     fn default() -> Self {
@@ -72,6 +80,8 @@ impl Default for GuestRegs {
             v: [0; 32],
             fpsr: 0,
             fpcr: 0,
+            ctr_el0: 0,
+            ctr_reads: 0,
         }
     }
 }

@@ -82,6 +82,9 @@ pub struct BackendStats {
     /// Accesses to a [`FastMmio`] device (the PL011) completed on the
     /// world switch's fast path.
     pub mmio_fast: u64,
+    /// `CTR_EL0` reads answered by the EL2 vectors themselves (counted in
+    /// `sysreg` and `sysreg_fast` too).
+    pub ctr_vector: u64,
     /// UNDEFs injected (refused registers, features not offered, unknown
     /// exception classes).
     pub undefs: u64,
@@ -364,6 +367,7 @@ impl<'a> HwBackend<'a> {
             timer::pull_in(d);
         }
         let hw = &mut *self.hw;
+        hw.st.regs.ctr_el0 = self.policy.ctr_fast();
         let mut fast = Fast {
             sysregs: &mut hw.sysregs,
             stats: &mut hw.stats,
@@ -375,7 +379,13 @@ impl<'a> HwBackend<'a> {
         };
         let exit = switch::run(vm, &mut hw.st, &mut |e, regs| fast.exit(e, regs));
         let (deferred, done) = (fast.deferred, fast.done);
-        self.hw.stats.exits += 1;
+        let regs = &mut self.hw.st.regs;
+        let ctr = core::mem::take(&mut regs.ctr_reads);
+        let s = &mut self.hw.stats;
+        s.ctr_vector += ctr;
+        s.sysreg += ctr;
+        s.sysreg_fast += ctr;
+        s.exits += 1 + ctr;
         let (vt, pt) = self.timers();
         let kick = self
             .irq

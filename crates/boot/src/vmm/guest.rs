@@ -913,6 +913,7 @@ impl GuestVm {
             t.sysreg += s.sysreg;
             t.sysreg_fast += s.sysreg_fast;
             t.mmio_fast += s.mmio_fast;
+            t.ctr_vector += s.ctr_vector;
             t.undefs += s.undefs;
             t.resets += s.resets;
             t.irq += s.irq;
@@ -1012,16 +1013,21 @@ impl GuestVm {
             unknown += u64::from(h.sysregs.unknown_traps());
         }
         let hw = self.hw_stats();
+        // The reads the vectors answered are CTR_EL0 traps too.
+        if let Some(row) = pkvm_sysreg::lookup(sysregs::CTR_EL0) {
+            sums[row] += hw.ctr_vector;
+        }
         let mut top = String::new();
         for (row, n) in sysregs::top_traps(&sums, 8) {
             let sep = if top.is_empty() { "" } else { ", " };
             top.push_str(&alloc::format!("{sep}{} {n}", pkvm_sysreg::REGISTERS[row]));
         }
         println!(
-            "vm {}: sysreg traps: {} ({} on the world switch's fast path; encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
+            "vm {}: sysreg traps: {} ({} on the world switch's fast path, {} CTR_EL0 reads of which in the EL2 vectors; encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
             self.name,
             hw.sysreg,
             hw.sysreg_fast,
+            hw.ctr_vector,
             hw.undefs,
             if top.is_empty() { "none" } else { &top }
         );

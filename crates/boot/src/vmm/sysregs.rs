@@ -20,9 +20,9 @@
 use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{
-    handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Hook, HookCall,
-    HostIds, IdError, IdOverrides, Offer, Outcome, VcpuSysregs, Via, VmFeatures, When, REGISTERS,
-    SWITCHED,
+    handle_feature_trap, handle_sysreg_trap, lookup, Direction, Done, Encoding, Handler, Hook,
+    HookCall, HostIds, IdError, IdOverrides, IdReg, Offer, Outcome, VcpuSysregs, Via, Visibility,
+    VmFeatures, When, REGISTERS, SWITCHED,
 };
 
 /// A VM's system-register policy, fixed at creation and shared by its vCPUs.
@@ -59,7 +59,23 @@ impl VmPolicy {
     pub fn pauth(&self) -> bool {
         self.features.has(Offer::PAuth)
     }
+
+    /// The value the EL2 vectors answer a trapped `CTR_EL0` read with
+    /// (`GuestRegs::ctr_el0`): the table's own answer (the row always
+    /// visible, read from the VM's sanitised ID registers), or 0 — every
+    /// read then takes the table's path — should the table ever answer it
+    /// otherwise.
+    pub fn ctr_fast(&self) -> u64 {
+        let row = lookup(CTR_EL0).map(|r| (REGISTERS[r].vis, REGISTERS[r].handler));
+        match row {
+            Some((Visibility::Always, Handler::Id(IdReg::Ctr))) => self.features.id(IdReg::Ctr),
+            _ => 0,
+        }
+    }
 }
+
+/// `CTR_EL0`.
+pub const CTR_EL0: Encoding = Encoding::new(3, 3, 0, 0, 1);
 
 /// Why an UNDEF was injected (for the log line and the statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
