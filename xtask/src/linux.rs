@@ -162,13 +162,14 @@ fn inputs() -> Result<std::result::Result<(PathBuf, PathBuf), String>> {
     Ok(Ok((k, initrd)))
 }
 
-/// The tier: builds the initramfs; boots it in standard mode and as a
-/// protected VM ([`problems`] checked each time); boots it once more with
-/// a shell and types `echo $((6*7))` and `poweroff -f` into the serial
-/// input (the answer 42 must come back); then boots the same kernel and
-/// initramfs directly under the same QEMU (same CPU model, same vCPU
-/// count) and reports the ratio of the times to the `/init` marker
-/// (reported, not asserted: no timing assertions).
+/// The tier: builds the initramfs; boots it in standard mode, then the
+/// same kernel and initramfs directly under the same QEMU (same CPU model,
+/// same vCPU count), then as a protected VM ([`problems`] checked for
+/// both pkvm-rs boots); boots it once more with a shell and types
+/// `echo $((6*7))` and `poweroff -f` into the serial input (the answer 42
+/// must come back). Reports the times to the `/init` marker and the ratio
+/// of the standard boot's to bare QEMU's (reported, not asserted: no
+/// timing assertions; `cargo xtask boot-ratio` takes medians).
 ///
 /// # Errors
 /// A failed check (with the console printed), or QEMU could not start.
@@ -178,10 +179,16 @@ pub fn tier(image: &Path, verbose: bool) -> Result<String> {
         Err(skip) => return Ok(skip),
     };
     let mut times = Vec::new();
+    let mut bare = None;
     for (name, protected) in [("standard", false), ("protected VM", true)] {
         let o = boot(image, &files, protected, VCPUS, APPEND, None)?;
         fail_or(name, &o, problems(&o.console, o.exit_code, VCPUS), verbose)?;
         times.push(o.mark_at.unwrap_or(o.elapsed));
+        if bare.is_none() {
+            // Right after the standard boot, so both see the same load
+            // on the (shared) host.
+            bare = Some(bare_qemu(&files)?);
+        }
     }
     let typed: &[u8] = b"echo $((6*7))\npoweroff -f\n";
     let shell = format!("{APPEND} pkvm.shell");
@@ -194,19 +201,63 @@ pub fn tier(image: &Path, verbose: bool) -> Result<String> {
         Some(("pkvm-init: shell", typed)),
     )?;
     fail_or("interactive", &o, interactive_problems(&o), verbose)?;
-    let bare = bare_qemu(&files)?;
-    let ratio = match bare.mark_at {
-        Some(b) if !b.is_zero() => format!(
-            "{:.2}x bare QEMU ({:.1?})",
+    let ratio = match bare.as_ref().map(|o| (o.mark_at, o.exit_code)) {
+        Some((Some(b), _)) if !b.is_zero() => format!(
+            "{:.2}x bare QEMU ({:.2?}, booted right after it; goal <= 1.2x)",
             times[0].as_secs_f64() / b.as_secs_f64(),
             b
         ),
-        _ => format!("bare QEMU never reached /init (exit {:?})", bare.exit_code),
+        other => format!("bare QEMU never reached /init: {other:?}"),
     };
     Ok(format!(
-        "{VCPUS} vCPUs on {HOST_CPUS} CPUs, nproc/timers/sleep 1/SYSTEM_OFF checked: /init after {:.1?} standard ({ratio}), {:.1?} protected VM; shell answered `echo $((6*7))` with 42 through the PL011's RX",
+        "{VCPUS} vCPUs on {HOST_CPUS} CPUs, nproc/timers/sleep 1/SYSTEM_OFF checked: /init after {:.2?} standard ({ratio}), {:.2?} protected VM; shell answered `echo $((6*7))` with 42 through the PL011's RX",
         times[0], times[1]
     ))
+}
+
+/// `cargo xtask boot-ratio`: `repeat` pairs of boots to the `/init`
+/// marker, bare QEMU then pkvm-rs (standard mode, [`VCPUS`] vCPUs on
+/// [`HOST_CPUS`] CPUs), each pair back to back so both see the same load;
+/// prints every pair and the medians. Returns the exit code (1 when a boot
+/// never reached `/init`).
+///
+/// # Errors
+/// The kernel or busybox is missing, or QEMU could not start.
+pub fn ratio(image: &Path, repeat: u32) -> Result<i32> {
+    let files = match inputs()? {
+        Ok(f) => f,
+        Err(skip) => bail!("boot-ratio: {skip}"),
+    };
+    let (mut bare, mut pkvm, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 1..=repeat.max(1) {
+        let b = bare_qemu(&files)?;
+        let p = boot(image, &files, false, VCPUS, APPEND, None)?;
+        let (Some(b), Some(p)) = (b.mark_at, p.mark_at) else {
+            println!(
+                "boot-ratio: run {i}: a boot never reached /init (bare {:?}, pkvm-rs {:?})",
+                b.exit_code, p.exit_code
+            );
+            return Ok(1);
+        };
+        let r = p.as_secs_f64() / b.as_secs_f64();
+        println!("boot-ratio: run {i}: bare QEMU {b:.2?}, pkvm-rs {p:.2?}: {r:.2}x");
+        bare.push(b.as_secs_f64());
+        pkvm.push(p.as_secs_f64());
+        ratios.push(r);
+    }
+    println!(
+        "boot-ratio: median of {} runs to /init: bare QEMU {:.2}s, pkvm-rs {:.2}s, ratio {:.2}x (goal <= 1.2x)",
+        ratios.len(),
+        median(&mut bare),
+        median(&mut pkvm),
+        median(&mut ratios)
+    );
+    Ok(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// What is wrong with the interactive run: the shell must print 42 on a

@@ -60,6 +60,15 @@ enum Cmd {
     /// Run the interrupt guest under pkvm-rs and bare on QEMU's own
     /// GICv3; print SGI round-trip and timer-wakeup medians and ratios.
     IrqLatency,
+    /// Boot Debian's kernel with the test initramfs to `/init` under
+    /// bare QEMU and under pkvm-rs, `--repeat` times each; print the
+    /// times and the median ratio (what `qemu:linux-initramfs` measures
+    /// once).
+    BootRatio {
+        /// Pairs of boots.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
     /// Write the test initramfs (newc cpio: a static arm64 busybox and an
     /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
     /// powers off; `pkvm.shell` on the command line leaves a shell).
@@ -141,6 +150,9 @@ fn main() -> ExitCode {
         Cmd::Test { only, verbose } => tiers::run_all(only.as_deref(), verbose),
         Cmd::Run(args) => run(&args),
         Cmd::IrqLatency => latency::run(),
+        Cmd::BootRatio { repeat } => prereq::ensure(true)
+            .and_then(|()| image::build_all())
+            .and_then(|img| linux::ratio(&img.image, repeat)),
         Cmd::Build => prereq::ensure(true)
             .and_then(|()| image::build_all())
             .map(|img| {

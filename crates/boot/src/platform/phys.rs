@@ -28,10 +28,33 @@ fn check(pa: Pa, len: u64) {
 /// If the range is not inside RAM (an internal bug: frames come from the pool).
 pub fn zero(pa: Pa, len: u64) {
     check(pa, len);
+    if let Some(block) = zva_block() {
+        if pa.0.is_multiple_of(block) && len.is_multiple_of(block) {
+            // One `DC ZVA` per block: under QEMU's TCG a single host
+            // memset each instead of a loop of emulated stores (a 2M
+            // folio: 32,768 instructions instead of about 10 times as
+            // many).
+            for a in (pa.0..pa.0 + len).step_by(block as usize) {
+                // SAFETY: as below; `a` is a block-aligned address inside
+                // the range, which DC ZVA zeroes (Normal memory, EL2).
+                unsafe {
+                    core::arch::asm!("dc zva, {}", in(reg) a, options(nostack, preserves_flags))
+                };
+            }
+            return;
+        }
+    }
     // SAFETY: the range is RAM, identity-mapped read-write at EL2, and owned
     // by the caller (a frame just taken from the pool), so no Rust object
     // lives there.
     unsafe { core::ptr::write_bytes(pa.0 as *mut u8, 0, len as usize) };
+}
+
+/// The `DC ZVA` block size in bytes (`DCZID_EL0.BS` words), or `None`
+/// when `DCZID_EL0.DZP` prohibits it.
+fn zva_block() -> Option<u64> {
+    let dczid = crate::read_sysreg!("dczid_el0");
+    (dczid & 0x10 == 0).then(|| 4 << (dczid & 0xf))
 }
 
 /// Copies `src` to physical memory at `pa`.

@@ -46,7 +46,7 @@ use pkvm_sysreg::traps::{cptr, TrapControls};
 use pkvm_sysreg::{GuestDebug, MAX_POINTS};
 
 use super::sve::{self, SveRegs};
-use crate::{read_sysreg, write_sysreg};
+use crate::{read_sysreg, update_sysreg, write_sysreg};
 
 /// Guest general-purpose, PC, PSTATE and FP/SIMD registers (used by asm).
 #[repr(C)]
@@ -69,6 +69,12 @@ pub struct GuestRegs {
     /// VM with SVE ([`SveRegs`]), else 0: the entry loads Z/P/FFR from it
     /// after q0-q31, the exit stores them after q0-q31.
     sve: u64,
+    /// The value a trapped `CTR_EL0` read returns on the vectors' own
+    /// path (`__guest_ctr_read`, without a world switch); 0: such reads
+    /// exit like any other trap.
+    pub ctr_el0: u64,
+    /// `CTR_EL0` reads answered there since the owner last took the count.
+    pub ctr_reads: u64,
 }
 
 const _: () = assert!(offset_of!(GuestRegs, pc) == 248);
@@ -77,6 +83,8 @@ const _: () = assert!(offset_of!(GuestRegs, v) == 272);
 const _: () = assert!(offset_of!(GuestRegs, fpsr) == 784);
 const _: () = assert!(offset_of!(GuestRegs, fpcr) == 792);
 const _: () = assert!(offset_of!(GuestRegs, sve) == 800);
+const _: () = assert!(offset_of!(GuestRegs, ctr_el0) == 808);
+const _: () = assert!(offset_of!(GuestRegs, ctr_reads) == 816);
 
 impl Default for GuestRegs {
     fn default() -> Self {
@@ -89,6 +97,8 @@ impl Default for GuestRegs {
             fpsr: 0,
             fpcr: 0,
             sve: 0,
+            ctr_el0: 0,
+            ctr_reads: 0,
         }
     }
 }
@@ -285,7 +295,7 @@ macro_rules! sysregs_xfer {
     ($s:ident, $dir:ident; $($f:ident = $r:literal),* $(,)?) => {
         $( sysregs_xfer!(@one $s, $dir, $f, $r); )*
     };
-    (@one $s:ident, load, $f:ident, $r:literal) => { write_sysreg!($r, $s.$f) };
+    (@one $s:ident, load, $f:ident, $r:literal) => { update_sysreg!($r, $s.$f) };
     (@one $s:ident, save, $f:ident, $r:literal) => { $s.$f = read_sysreg!($r) };
 }
 
@@ -641,12 +651,12 @@ pub fn init_cpu() {
 /// Writes a VM's trap controls (`MPAM2_EL2` only exists with FEAT_MPAM,
 /// for which the policy's value is non-zero).
 fn load_traps(t: &TrapControls) {
-    write_sysreg!("hcr_el2", t.hcr);
-    write_sysreg!("cptr_el2", t.cptr);
-    write_sysreg!("mdcr_el2", t.mdcr);
-    write_sysreg!("cnthctl_el2", t.cnthctl);
+    update_sysreg!("hcr_el2", t.hcr);
+    update_sysreg!("cptr_el2", t.cptr);
+    update_sysreg!("mdcr_el2", t.mdcr);
+    update_sysreg!("cnthctl_el2", t.cnthctl);
     if t.mpam2 != 0 {
-        write_sysreg!("S3_4_C10_C5_0", t.mpam2);
+        update_sysreg!("S3_4_C10_C5_0", t.mpam2);
     }
 }
 
@@ -678,12 +688,29 @@ pub fn load_pmuserenr(v: u64) {
     write_sysreg!("pmuserenr_el0", v);
 }
 
-/// Runs the vCPU until it exits to EL2. `sve`: the vCPU's SVE registers,
-/// for a VM with SVE (whose trap controls leave `CPTR_EL2.TZ` clear).
-pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> Exit {
+/// Runs the vCPU until it exits to EL2 with an exit `fast` does not
+/// complete. `sve`: the vCPU's SVE registers, for a VM with SVE (whose
+/// trap controls leave `CPTR_EL2.TZ` clear).
+///
+/// `fast` sees every exit first, with the guest's EL1 state, timer and
+/// virtual CPU interface still loaded in the hardware (only the general,
+/// FP/SIMD and, with SVE, Z/P/FFR registers are in memory): when it
+/// completes the exit (it returns `true`, having updated `regs`, e.g. Rt
+/// and PC of a trapped register read), the guest is entered again at
+/// once, without the register saves and loads of a full switch. It must
+/// not touch EL1, timer or GIC CPU interface registers. A physical
+/// interrupt that arrives meanwhile stays pending (PSTATE.I is set at EL2)
+/// and takes the guest out again right after the next entry, so the fast
+/// path cannot keep the scheduler's tick or a kick from this CPU.
+pub fn run(
+    vm: &VmRegs,
+    vcpu: &mut VcpuState,
+    mut sve: Option<&mut SveRegs>,
+    fast: &mut dyn FnMut(&Exit, &mut GuestRegs) -> bool,
+) -> Exit {
     let pauth = vm.pauth;
-    write_sysreg!("vtcr_el2", vm.vtcr);
-    write_sysreg!("vttbr_el2", vm.vttbr);
+    update_sysreg!("vtcr_el2", vm.vtcr);
+    update_sysreg!("vttbr_el2", vm.vttbr);
     load_traps(&vm.traps);
     // A VM with SVE: its vector length and ZCR_EL1 (CPTR_EL2.TZ, just
     // written clear, lets EL2 reach them once an ISB has made the write
@@ -701,11 +728,11 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> 
         }
         None => 0,
     };
-    write_sysreg!("vmpidr_el2", vcpu.vmpidr);
-    write_sysreg!("cntvoff_el2", vcpu.timer.voff);
+    update_sysreg!("vmpidr_el2", vcpu.vmpidr);
+    update_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
     el1_list!(sysregs_xfer!(s, load));
-    write_sysreg!("cntv_cval_el0", vcpu.timer.cval);
+    update_sysreg!("cntv_cval_el0", vcpu.timer.cval);
     write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
     if pauth {
         let k = &vcpu.pac;
@@ -718,27 +745,37 @@ pub fn run(vm: &VmRegs, vcpu: &mut VcpuState, mut sve: Option<&mut SveRegs>) -> 
     }
     super::sysreg::isb();
     let entered = read_sysreg!("cntpct_el0");
-    // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the asm
-    // saves/restores every callee-saved register and the stack pointer
-    // around the guest run, the guest runs under stage-2 with memory
-    // the VM owns, and TPIDR_EL2 points at this CPU's PerCpu. `regs.sve`
-    // is 0 or the area of the `SveRegs` borrowed mutably for this call,
-    // which has room for Z/P/FFR at the architecture's largest vector
-    // length (so at whatever length ZCR_EL2 gives EL2), with CPTR_EL2.TZ
-    // clear (asserted above) so the SVE transfers do not trap at EL2.
-    let kind = unsafe { __guest_enter(&mut vcpu.regs) };
-    let left = read_sysreg!("cntpct_el0");
+    let exit = loop {
+        // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the
+        // asm saves/restores every callee-saved register and the stack
+        // pointer around the guest run, the guest runs under stage-2 with
+        // memory the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
+        // `regs.sve` is 0 or the area of the `SveRegs` borrowed mutably for
+        // this call, which has room for Z/P/FFR at the architecture's
+        // largest vector length (so at whatever length ZCR_EL2 gives EL2),
+        // with CPTR_EL2.TZ clear (asserted above) so the SVE transfers do
+        // not trap at EL2. After a fast-path exit the loaded state is as
+        // before (`fast` only changes `regs`).
+        let kind = unsafe { __guest_enter(&mut vcpu.regs) };
+        let exit = Exit {
+            kind,
+            esr: read_sysreg!("esr_el2"),
+            far: read_sysreg!("far_el2"),
+            hpfar: read_sysreg!("hpfar_el2"),
+            slice: (entered, 0),
+        };
+        if !fast(&exit, &mut vcpu.regs) {
+            break exit;
+        }
+    };
+    let exit = Exit {
+        slice: (entered, read_sysreg!("cntpct_el0")),
+        ..exit
+    };
     vcpu.regs.sve = 0;
     if let Some(s) = sve {
         sve::save(s);
     }
-    let exit = Exit {
-        kind,
-        esr: read_sysreg!("esr_el2"),
-        far: read_sysreg!("far_el2"),
-        hpfar: read_sysreg!("hpfar_el2"),
-        slice: (entered, left),
-    };
     let s = &mut vcpu.sys;
     el1_list!(sysregs_xfer!(s, save));
     vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");

@@ -25,6 +25,24 @@ macro_rules! write_sysreg {
     }};
 }
 
+/// Writes a system register by name only when its value differs from
+/// `$v` (`update_sysreg!("tcr_el1", v)`): the world switch's way to load
+/// guest state. Writing the value a register already holds is
+/// architecturally a no-op, but not free: QEMU 7.2's TCG flushes the
+/// CPU's whole soft TLB (and its jump cache) on every `TCR_EL1` write and
+/// re-evaluates timers on every timer-register write, so after each exit
+/// the guest would refill its TLB with two-stage walks. A read of a plain
+/// register is cheap on hardware and in TCG alike.
+#[macro_export]
+macro_rules! update_sysreg {
+    ($r:literal, $v:expr) => {{
+        let v: u64 = $v;
+        if $crate::read_sysreg!($r) != v {
+            $crate::write_sysreg!($r, v);
+        }
+    }};
+}
+
 /// Instruction synchronization barrier.
 #[inline(always)]
 pub fn isb() {

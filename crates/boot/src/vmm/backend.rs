@@ -91,6 +91,14 @@ pub struct BackendStats {
     pub kick_irqs: u64,
     /// Trapped system-register accesses (EC 0x18), however answered.
     pub sysreg: u64,
+    /// Of those, completed on the world switch's fast path (no full exit).
+    pub sysreg_fast: u64,
+    /// Accesses to a [`FastMmio`] device (the PL011) completed on the
+    /// world switch's fast path.
+    pub mmio_fast: u64,
+    /// `CTR_EL0` reads answered by the EL2 vectors themselves (counted in
+    /// `sysreg` and `sysreg_fast` too).
+    pub ctr_vector: u64,
     /// UNDEFs injected (refused registers, features not offered, unknown
     /// exception classes).
     pub undefs: u64,
@@ -240,20 +248,43 @@ pub struct HwBackend<'a> {
     /// The stage-2 table of the current entry (root, geometry), for
     /// set/way flushes.
     s2: Option<(Pa, S2Geometry)>,
+    dev: &'a dyn FastMmio,
+}
+
+/// A device the VMM emulates whose registers the backend may access on
+/// the world switch's fast path, like KVM's in-kernel MMIO devices: the
+/// access needs nothing of the vCPU but the loaded or stored value, so it
+/// is completed without a full exit and without pkvm-host's fault path.
+/// Only for addresses outside every memslot (the VMM's layout puts its
+/// devices below guest RAM), so a fault there is MMIO whatever the
+/// stage-2 state.
+pub trait FastMmio: Sync {
+    /// An access by vCPU `index` of `size` bytes at `ipa` (`write`: the
+    /// value stored, cut to `size`), if `ipa` is one of the device's
+    /// registers: the value read (0 for a write) and whether the device's
+    /// interrupt line changed (the vGIC then needs the full exit path to
+    /// update the list registers). `None`: not such a device.
+    fn fast_mmio(
+        &self,
+        index: usize,
+        ipa: u64,
+        size: usize,
+        write: Option<u64>,
+    ) -> Option<(u64, bool)>;
 }
 
 impl<'a> HwBackend<'a> {
     /// A backend on physical CPU `cpu` (the calling CPU) for the vCPU whose
     /// hardware-only state is `hw` (held for the backend's life), of the VM
     /// `vm` with system-register policy `policy` and interrupts `irq`;
-    /// `hyp` is the hypervisor in protected mode.
+    /// `hyp` is the hypervisor in protected mode; `dev` the VMM's
+    /// [`FastMmio`] devices.
     pub fn new(
         cpu: usize,
         mut hw: SpinGuard<'a, VcpuHw>,
         policy: &'a VmPolicy,
         hyp: Option<&'static BootHyp>,
-        irq: &'a VmIrq,
-        vm: &'a BootVm,
+        (irq, vm, dev): (&'a VmIrq, &'a BootVm, &'a dyn FastMmio),
     ) -> Self {
         if hw.last_cpu.is_some_and(|c| c != cpu) {
             hw.stats.migrations += 1;
@@ -268,6 +299,7 @@ impl<'a> HwBackend<'a> {
             irq,
             vm,
             s2: None,
+            dev,
         }
     }
 
@@ -401,8 +433,32 @@ impl<'a> HwBackend<'a> {
         let hw = &mut *self.hw;
         hw.st.debug = guest_debug(&hw.sysregs, &self.policy.features);
         hw.stats.debug_entries += u64::from(hw.st.debug.is_some());
-        let exit = switch::run(vm, &mut hw.st, hw.sve.as_mut());
-        self.hw.stats.exits += 1;
+        // A guest using self-hosted debug takes every exit on the full
+        // path: the fast paths neither reload its breakpoints after an
+        // emulated write nor clear PSTATE.SS after an emulated instruction.
+        let debug = hw.st.debug.is_some();
+        hw.st.regs.ctr_el0 = if debug { 0 } else { self.policy.ctr_fast() };
+        let mut fast = Fast {
+            sysregs: &mut hw.sysregs,
+            stats: &mut hw.stats,
+            policy: self.policy,
+            dev: self.dev,
+            index,
+            enabled: !debug,
+            deferred: None,
+            done: false,
+        };
+        let exit = switch::run(vm, &mut hw.st, hw.sve.as_mut(), &mut |e, regs| {
+            fast.exit(e, regs)
+        });
+        let (deferred, done) = (fast.deferred, fast.done);
+        let regs = &mut self.hw.st.regs;
+        let ctr = core::mem::take(&mut regs.ctr_reads);
+        let s = &mut self.hw.stats;
+        s.ctr_vector += ctr;
+        s.sysreg += ctr;
+        s.sysreg_fast += ctr;
+        s.exits += 1 + ctr;
         self.pmu_after_exit(exit.slice);
         let (vt, pt) = self.timers();
         let kick = self
@@ -410,9 +466,12 @@ impl<'a> HwBackend<'a> {
             .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         match exit.kind {
+            // Completed by the fast path; the vGIC sync above saw the
+            // device's new line.
+            EXIT_SYNC if done => None,
             EXIT_SYNC => {
                 let pc = self.hw.st.regs.pc;
-                let out = self.sync_exit(&exit);
+                let out = self.sync_exit(&exit, deferred);
                 let r = &mut self.hw.st.regs;
                 if r.pc == pc.wrapping_add(4) {
                     r.pstate &= !PSTATE_SS;
@@ -498,8 +557,10 @@ impl<'a> HwBackend<'a> {
         self.kick(kick);
     }
 
-    /// A synchronous exit; `None` when the backend handled it.
-    fn sync_exit(&mut self, exit: &switch::Exit) -> Option<GuestExit> {
+    /// A synchronous exit; `None` when the backend handled it. `deferred`:
+    /// the answer [`fast_exit`] already computed for a trapped register
+    /// access it left to this path.
+    fn sync_exit(&mut self, exit: &switch::Exit, deferred: Option<Action>) -> Option<GuestExit> {
         let esr = Esr(exit.esr);
         let ipa = pkvm_arch::esr::fault_ipa(exit.hpfar, exit.far).0;
         match esr.ec() {
@@ -522,10 +583,15 @@ impl<'a> HwBackend<'a> {
             ec::WFX => self.wfx(esr),
             ec::SYS64 => {
                 let hw = &mut *self.hw;
-                hw.stats.sysreg += 1;
                 let r = &mut hw.st.regs;
-                match sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now()) {
-                    Action::Complete(out) => out.complete(&mut r.x, &mut r.pc),
+                let action = deferred.unwrap_or_else(|| {
+                    hw.stats.sysreg += 1;
+                    sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now())
+                });
+                match action {
+                    Action::Complete(out) | Action::TimerWrite(out) => {
+                        out.complete(&mut r.x, &mut r.pc)
+                    }
                     Action::Undef(why) => self.undef(why),
                     Action::Pmu(call) => self.pmu_access(&call),
                     Action::SetWayFlush => {
@@ -686,6 +752,96 @@ impl<'a> HwBackend<'a> {
 /// `CNTVCT_EL0` ticks to cycles with `CNTFRQ_EL0` alone.
 fn cycles_per_tick() -> u64 {
     (1_000_000_000 / timer::frequency().max(1)).max(1)
+}
+
+/// The world switch's fast path ([`switch::run`]), for the exits that need
+/// nothing of the vCPU's EL1 state, its timers or the vGIC:
+///
+/// - a trapped system-register access whose answer only touches the
+///   guest's general registers and the vCPU's emulated register file (the
+///   table's registers: ID and cache registers such as `CTR_EL0`, which
+///   Linux reads in every cache-maintenance loop, the emulated
+///   `CSSELR_EL1`, `ACTLR_EL1`, debug registers; reads of the emulated
+///   physical timer). Anything else (an UNDEF, which needs the guest's EL1
+///   state; an SGI, which needs the vGIC; a physical-timer write, whose
+///   deadline and line the full path re-evaluates) is left in `deferred`
+///   for the full path, counted and dispatched once;
+/// - a data abort with a valid syndrome on a [`FastMmio`] device's
+///   register (the PL011: two accesses per console character): emulated
+///   and completed; when the device's interrupt line changed, the exit
+///   still takes the full path (`done`), which updates the list registers.
+struct Fast<'b> {
+    sysregs: &'b mut VcpuSysregs,
+    stats: &'b mut BackendStats,
+    policy: &'b VmPolicy,
+    dev: &'b dyn FastMmio,
+    index: usize,
+    /// False while the guest's self-hosted debug is active.
+    enabled: bool,
+    deferred: Option<Action>,
+    done: bool,
+}
+
+impl Fast<'_> {
+    /// `true`: completed, enter the guest again.
+    fn exit(&mut self, e: &switch::Exit, regs: &mut switch::GuestRegs) -> bool {
+        let esr = Esr(e.esr);
+        if !self.enabled || e.kind != EXIT_SYNC {
+            return false;
+        }
+        let done = match esr.ec() {
+            ec::SYS64 => self.sysreg(esr, regs),
+            ec::DABT_LOW => self.mmio(e, esr, regs),
+            _ => false,
+        };
+        if done {
+            self.stats.exits += 1;
+        }
+        done
+    }
+
+    fn sysreg(&mut self, esr: Esr, regs: &mut switch::GuestRegs) -> bool {
+        self.stats.sysreg += 1;
+        match sysregs::sysreg_trap(self.sysregs, self.policy, esr, &regs.x, timer::now()) {
+            Action::Complete(out) => {
+                out.complete(&mut regs.x, &mut regs.pc);
+                self.stats.sysreg_fast += 1;
+                true
+            }
+            other => {
+                self.deferred = Some(other);
+                false
+            }
+        }
+    }
+
+    /// A stage-2 translation fault with a valid syndrome (no cache
+    /// maintenance, no stage-1 walk, FAR valid) on a device register.
+    fn mmio(&mut self, e: &switch::Exit, esr: Esr, regs: &mut switch::GuestRegs) -> bool {
+        let Some(a) = esr.abort() else {
+            return false;
+        };
+        let Some(s) = a.syndrome else {
+            return false;
+        };
+        if a.cm || a.s1ptw || a.fnv || !matches!(a.status, FaultStatus::Translation(_)) {
+            return false;
+        }
+        let ipa = pkvm_arch::esr::fault_ipa(e.hpfar, e.far).0;
+        let size = s.size() as usize;
+        let rt = |x: &[u64; 31]| if s.srt < 31 { x[s.srt as usize] } else { 0 };
+        let stored = a.write.then(|| extend(rt(&regs.x), size, false, true));
+        let Some((value, line_changed)) = self.dev.fast_mmio(self.index, ipa, size, stored) else {
+            return false;
+        };
+        if !a.write && s.srt < 31 {
+            regs.x[s.srt as usize] = extend(value, size, s.sse, s.sf);
+        }
+        regs.pc += 4;
+        self.stats.mmio_fast += 1;
+        self.done = line_changed;
+        !line_changed
+    }
 }
 
 /// A loaded value of `size` bytes as the load instruction leaves it in its

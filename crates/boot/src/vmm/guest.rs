@@ -830,26 +830,33 @@ impl GuestVm {
         u.n += 1;
     }
 
+    /// A guest access to its PL011 at register offset `off` (`write`: the
+    /// value stored): the value read (0 for a write) and whether the
+    /// UART's interrupt line changed. The line is driven into the vGIC and
+    /// a transmitted byte goes to the console.
+    fn uart_access(&self, index: usize, off: u64, write: Option<u64>) -> (u64, bool) {
+        let mut u = self.pl011.lock();
+        let before = u.irq_level();
+        let (v, tx) = match write {
+            Some(d) => (0, u.write(off, d as u32)),
+            None => (u64::from(u.read(off)), None),
+        };
+        let changed = u.irq_level() != before;
+        self.pl011_line(&u);
+        drop(u);
+        if let Some(b) = tx {
+            self.uart_putc(index, b);
+        }
+        (v, changed)
+    }
+
     /// Emulates an MMIO access: the PL011 at `fdtgen::GUEST_UART`
     /// ([`pkvm_pl011`]: transmitted bytes go to the console, its interrupt
     /// line to the vGIC); anything else reads as 0, writes ignored.
     fn mmio(&self, index: usize, addr: u64, len: u8, write: bool, data: u64) -> u64 {
         self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-        let uart = fdtgen::GUEST_UART;
-        if (uart..uart + pkvm_pl011::SIZE).contains(&addr) {
-            let off = addr - uart;
-            let mut u = self.pl011.lock();
-            let (v, tx) = if write {
-                (0, u.write(off, data as u32))
-            } else {
-                (u64::from(u.read(off)), None)
-            };
-            self.pl011_line(&u);
-            drop(u);
-            if let Some(b) = tx {
-                self.uart_putc(index, b);
-            }
-            return v;
+        if let Some(off) = uart_offset(addr) {
+            return self.uart_access(index, off, write.then_some(data)).0;
         }
         self.counters.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
         if !self.warned_unclaimed.swap(true, Ordering::Relaxed) {
@@ -939,6 +946,9 @@ impl GuestVm {
             let s = h.lock().stats;
             t.entries += s.entries;
             t.sysreg += s.sysreg;
+            t.sysreg_fast += s.sysreg_fast;
+            t.mmio_fast += s.mmio_fast;
+            t.ctr_vector += s.ctr_vector;
             t.undefs += s.undefs;
             t.resets += s.resets;
             t.irq += s.irq;
@@ -988,7 +998,7 @@ impl GuestVm {
             s.injected_aborts,
         );
         println!(
-            "vm {}: run loop: {} guest entries ({} after a vCPU reset), {} VM resets, {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
+            "vm {}: run loop: {} guest entries ({} after a vCPU reset), {} VM resets, {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} PL011 accesses on the world switch's fast path, {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
             self.name,
             hw.entries,
             hw.resets,
@@ -1001,6 +1011,7 @@ impl GuestVm {
             hw.timer_irqs,
             hw.kick_irqs,
             l(&c.sleeps),
+            hw.mmio_fast,
             l(&c.reports),
             l(&c.unknown_calls),
             hw.sysreg,
@@ -1037,15 +1048,21 @@ impl GuestVm {
             unknown += u64::from(h.sysregs.unknown_traps());
         }
         let hw = self.hw_stats();
+        // The reads the vectors answered are CTR_EL0 traps too.
+        if let Some(row) = pkvm_sysreg::lookup(sysregs::CTR_EL0) {
+            sums[row] += hw.ctr_vector;
+        }
         let mut top = String::new();
         for (row, n) in sysregs::top_traps(&sums, 8) {
             let sep = if top.is_empty() { "" } else { ", " };
             top.push_str(&alloc::format!("{sep}{} {n}", pkvm_sysreg::REGISTERS[row]));
         }
         println!(
-            "vm {}: sysreg traps: {} (encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
+            "vm {}: sysreg traps: {} ({} on the world switch's fast path, {} CTR_EL0 reads of which in the EL2 vectors; encodings outside the table {unknown}), UNDEFs injected {}; most trapped: {}",
             self.name,
             hw.sysreg,
+            hw.sysreg_fast,
+            hw.ctr_vector,
             hw.undefs,
             if top.is_empty() { "none" } else { &top }
         );
@@ -1073,6 +1090,30 @@ impl GuestVm {
     }
 }
 
+/// The offset of `ipa` in the guest's PL011 register page, if it is there.
+fn uart_offset(ipa: u64) -> Option<u64> {
+    ipa.checked_sub(fdtgen::GUEST_UART)
+        .filter(|&off| off < pkvm_pl011::SIZE)
+}
+
+/// The PL011 on the world switch's fast path: outside every memslot (the
+/// UART page lies below guest RAM, [`GUEST_RAM`]), emulated exactly as on
+/// an MMIO exit (counted in the backend's statistics, not as an exit).
+impl backend::FastMmio for GuestVm {
+    fn fast_mmio(
+        &self,
+        index: usize,
+        ipa: u64,
+        _size: usize,
+        write: Option<u64>,
+    ) -> Option<(u64, bool)> {
+        let off = uart_offset(ipa)?;
+        Some(self.uart_access(index, off, write))
+    }
+}
+
+const _: () = assert!(fdtgen::GUEST_UART + pkvm_pl011::SIZE <= GUEST_RAM);
+
 impl HostVmm for GuestVm {
     type Platform = BootPlatform;
     type Memory = BootProcess;
@@ -1090,8 +1131,7 @@ impl HostVmm for GuestVm {
             self.hw[index].lock(),
             &self.policy,
             self.platform.hyp(),
-            &self.irq,
-            &self.vm,
+            (&self.irq, &self.vm, self),
         )
     }
 

@@ -359,6 +359,14 @@ fn finish_all(vms: Vec<Arc<GuestVm>>) -> bool {
 /// Two VMs touch 64 MiB each at once: 4K pages (16384 faults) and 2M
 /// blocks (32 faults).
 fn touch(process: &Arc<BootProcess>) -> bool {
+    let zeroed = pool::zeroing_works();
+    println!(
+        "pool: a dirtied 2M folio and 4K frame read as zero after zeroing: {}",
+        if zeroed { "ok" } else { "FAILED" }
+    );
+    if !zeroed {
+        return false;
+    }
     let plat = BootPlatform::new(None);
     println!("mode: standard (the host manages guest stage-2 with pkvm-pgtable)");
     let r = (0x4400_0000, 64 * MIB);
@@ -723,11 +731,14 @@ fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (boo
         mem / MIB
     );
     // The file stays where QEMU put it (below the pool): a guest system
-    // reset reloads it from there.
+    // reset reloads it from there. Guest RAM is backed by 2M folios, so
+    // stage-2 maps it with 2M blocks: a Linux boot takes about 30 stage-2
+    // faults instead of about 15,600 with 4K pages (--mem is a multiple
+    // of 2 MiB and the RAM base is 1 GiB aligned).
     let spec = VmSpec {
         name: "guest",
         mem,
-        backing: Backing::Page4K,
+        backing: Backing::Block2M,
         image: ImageSource::Phys(Pa(gpa), gsize),
         load_offset,
         vcpus,

@@ -124,6 +124,27 @@ pub fn alloc(order: u32) -> Option<Pa> {
     Some(pa)
 }
 
+/// Whether the zeroing behind [`alloc`] zeroes (no data of a previous
+/// owner reaches the next one): a 2M folio and a 4K frame are filled with
+/// a pattern, zeroed as [`alloc`] zeroes them, read back word by word and
+/// freed. `false` also when the pool is out of frames.
+pub fn zeroing_works() -> bool {
+    const PATTERN: [u8; 4096] = [0xa5; 4096];
+    [9u32, 0].iter().all(|&order| {
+        let Some(pa) = alloc(order) else {
+            return false;
+        };
+        let len = 4096u64 << order;
+        for off in (0..len).step_by(PATTERN.len()) {
+            phys::write(Pa(pa.0 + off), &PATTERN);
+        }
+        phys::zero(pa, len);
+        let zero = phys::with_slice(pa, len, |s| s.iter().all(|&b| b == 0));
+        free(pa, order);
+        zero
+    })
+}
+
 /// Returns `2^order` frames from [`alloc`].
 ///
 /// # Panics

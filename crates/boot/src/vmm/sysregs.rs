@@ -23,9 +23,9 @@
 use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{
-    handle_feature_trap, handle_sysreg_trap, lookup, set_way, Direction, Done, Encoding, Hook,
-    HookCall, HostFeature, HostIds, IdError, IdOverrides, Offer, Outcome, SetWay, VcpuSysregs, Via,
-    VmFeatures, When, REGISTERS, SWITCHED,
+    handle_feature_trap, handle_sysreg_trap, lookup, set_way, Direction, Done, Encoding, Handler,
+    Hook, HookCall, HostFeature, HostIds, IdError, IdOverrides, IdReg, Offer, Outcome, SetWay,
+    VcpuSysregs, Via, Visibility, VmFeatures, When, REGISTERS, SWITCHED,
 };
 
 /// A VM's system-register policy, fixed at creation and shared by its vCPUs.
@@ -62,7 +62,23 @@ impl VmPolicy {
     pub fn pauth(&self) -> bool {
         self.features.has(Offer::PAuth)
     }
+
+    /// The value the EL2 vectors answer a trapped `CTR_EL0` read with
+    /// (`GuestRegs::ctr_el0`): the table's own answer (the row always
+    /// visible, read from the VM's sanitised ID registers), or 0 — every
+    /// read then takes the table's path — should the table ever answer it
+    /// otherwise.
+    pub fn ctr_fast(&self) -> u64 {
+        let row = lookup(CTR_EL0).map(|r| (REGISTERS[r].vis, REGISTERS[r].handler));
+        match row {
+            Some((Visibility::Always, Handler::Id(IdReg::Ctr))) => self.features.id(IdReg::Ctr),
+            _ => 0,
+        }
+    }
 }
+
+/// `CTR_EL0`.
+pub const CTR_EL0: Encoding = Encoding::new(3, 3, 0, 0, 1);
 
 /// Why an UNDEF was injected (for the log line and the statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +124,10 @@ fn class_name(c: u8) -> &'static str {
 pub enum Action {
     /// Complete the access: this outcome applied to the guest's registers.
     Complete(Outcome),
+    /// A write to the emulated EL1 physical timer: complete it like
+    /// [`Action::Complete`], then its interrupt line and deadline need a
+    /// fresh look (the backend's full exit path, not the fast one).
+    TimerWrite(Outcome),
     /// Inject an UNDEF.
     Undef(UndefCause),
     /// A data-cache set/way instruction (pkvm-sysreg's [`set_way`]):
@@ -146,6 +166,7 @@ pub fn sysreg_trap(
             Action::Undef(UndefCause::Sysreg(lookup(enc), enc))
         }
         Outcome::Hook(call) if call.hook == Hook::Timer => match ptimer(regs, &call, now) {
+            Some(done @ Done::Write) => Action::TimerWrite(Outcome::Handled(done)),
             Some(done) => Action::Complete(Outcome::Handled(done)),
             None => Action::Undef(UndefCause::Hook(call.hook, call.row)),
         },

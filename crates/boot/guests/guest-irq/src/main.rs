@@ -497,8 +497,8 @@ fn timers() -> (u64, u64) {
 
 // ---- 3. WFI throughput, 4. latency ----
 
-/// Loop iterations in 30 ms of the virtual counter: three of pkvm-rs's
-/// 10 ms time slices, so a vCPU that spun in its WFI would take its share.
+/// Loop iterations in 30 ms of the virtual counter: ten of pkvm-rs's
+/// 3 ms time slices, so a vCPU that spun in its WFI would take its share.
 fn count() -> u64 {
     let end = vct() + freq() * 3 / 100;
     let mut n = 0u64;

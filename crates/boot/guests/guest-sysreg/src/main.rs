@@ -13,7 +13,11 @@
 //!   offered), a write to a read-only ID register;
 //! - emulated registers keep what they should: `MDSCR_EL1` (writable mask),
 //!   `CSSELR_EL1`, the EL1 physical timer (`CNTP_CVAL`/`CNTP_CTL` with
-//!   ISTATUS computed, `CNTPCT_EL0` counting).
+//!   ISTATUS computed, `CNTPCT_EL0` counting);
+//! - trapped `CTR_EL0` reads (answered by the EL2 vectors themselves) into
+//!   x0, x1, x2 (their saved copies), x4, x17, x30 (their registers) and XZR
+//!   each give the same value, with no exception and every other general
+//!   register unchanged ([`ctr_probe`]).
 //!
 //! Prints one line per check. All passed: `guest_main` returns 0 (guest-rt
 //! powers off). Any failure: the vCPU turns itself off with PSCI CPU_OFF,
@@ -62,9 +66,74 @@ sysreg_undef:
 "#
 );
 
+// ctr_probe(buf: x0): x1..x30 = their index, x0 = 0x100, then CTR_EL0
+// into x0, x1, x2 (three of the four the vectors keep on their stack: a
+// wrong slot shows in x3 or a missing value), x4, x17, x30 and XZR;
+// stores x0..x30 to buf[0..31].
+// Saves and restores x18-x30 (callee-saved and the platform register).
+global_asm!(
+    r#"
+.section .text.ctr_probe, "ax"
+.global ctr_probe
+ctr_probe:
+    stp     x29, x30, [sp, #-128]!
+    stp     x18, x19, [sp, #16]
+    stp     x20, x21, [sp, #32]
+    stp     x22, x23, [sp, #48]
+    stp     x24, x25, [sp, #64]
+    stp     x26, x27, [sp, #80]
+    str     x28, [sp, #96]
+    str     x0, [sp, #104]
+.irp n, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30
+    mov     x\n, #\n
+.endr
+    mov     x0, #0x100
+    mrs     x0, ctr_el0
+    mrs     x1, ctr_el0
+    mrs     x2, ctr_el0
+    mrs     x4, ctr_el0
+    mrs     x17, ctr_el0
+    mrs     x30, ctr_el0
+    mrs     xzr, ctr_el0
+    stp     x0, x1, [sp, #-256]!
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    str     x30, [sp, #240]
+    ldr     x0, [sp, #360]
+    mov     x1, #0
+1:  ldr     x2, [sp, x1, lsl #3]
+    str     x2, [x0, x1, lsl #3]
+    add     x1, x1, #1
+    cmp     x1, #31
+    b.ne    1b
+    add     sp, sp, #256
+    ldp     x18, x19, [sp, #16]
+    ldp     x20, x21, [sp, #32]
+    ldp     x22, x23, [sp, #48]
+    ldp     x24, x25, [sp, #64]
+    ldp     x26, x27, [sp, #80]
+    ldr     x28, [sp, #96]
+    ldp     x29, x30, [sp], #128
+    ret
+"#
+);
+
 extern "C" {
     static undef_log: [u64; 4];
     static sysreg_vectors: u8;
+    fn ctr_probe(buf: *mut [u64; 31]);
 }
 
 /// What the last exception recorded.
@@ -307,6 +376,29 @@ fn emulated(c: &mut Checker) {
     );
 }
 
+/// `CTR_EL0` into several kinds of destination register ([`ctr_probe`]).
+fn ctr_el0(c: &mut Checker) {
+    let n = taken().count;
+    let mut buf = [0u64; 31];
+    // SAFETY: `ctr_probe` writes the 31 words of `buf` and restores every
+    // register the calling convention asks it to keep.
+    unsafe { ctr_probe(&mut buf) };
+    let ctr = buf[0];
+    let read_into = [0usize, 1, 2, 4, 17, 30];
+    let same = read_into.iter().all(|&r| buf[r] == ctr);
+    let kept = (1..31)
+        .filter(|r| !read_into.contains(r))
+        .all(|r| buf[r] == r as u64);
+    c.check(
+        "CTR_EL0 into x0, x1, x2, x4, x17, x30, xzr (EL2 vectors)",
+        no_exception(n) && ctr & (1 << 31) != 0 && same && kept,
+        format_args!(
+            "{ctr:#x}; x1 {:#x} x2 {:#x} x4 {:#x} x17 {:#x} x30 {:#x}; others kept: {kept}",
+            buf[1], buf[2], buf[4], buf[17], buf[30]
+        ),
+    );
+}
+
 /// Entry called by guest-rt.
 #[no_mangle]
 pub fn guest_main(_: u64, _: u64, _: u64, _: u64) -> u64 {
@@ -320,6 +412,7 @@ pub fn guest_main(_: u64, _: u64, _: u64, _: u64) -> u64 {
     id_registers(&mut c);
     undefs(&mut c);
     emulated(&mut c);
+    ctr_el0(&mut c);
     if c.failed == 0 {
         println!("sysreg: all {} checks passed", c.passed);
         return 0;
