@@ -194,6 +194,13 @@ impl VcpuHw {
         self
     }
 
+    /// Sets the VM's `CNTVOFF_EL2` (one per VM: all its vCPUs read the
+    /// same virtual time, which starts near 0 when the VM is created).
+    pub fn with_voff(mut self, voff: u64) -> Self {
+        self.st.timer.voff = voff;
+        self
+    }
+
     /// Names the vCPU in its log lines: vCPU `index` of VM `name`.
     pub fn named(mut self, name: &'static str, index: usize) -> Self {
         self.who = (name, index);

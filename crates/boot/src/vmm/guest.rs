@@ -413,6 +413,8 @@ pub fn create_with(
     let policy = VmPolicy::new(&crate::platform::idregs::host_ids(), features)
         .map_err(VmmError::Features)?;
     let sve_vl = policy.features.sve_max_vl();
+    // The VM's virtual count starts (near) 0 now, the same for every vCPU.
+    let voff = crate::platform::timer::now();
     let vm = BootVm::create(
         platform.clone(),
         process.clone(),
@@ -459,7 +461,10 @@ pub fn create_with(
         // Taken by the scheduler's runner before any pkvm-host lock.
         hw: (0..spec.vcpus)
             .map(|i| {
-                let hw = VcpuHw::new().named(spec.name, i).with_sve(sve_vl);
+                let hw = VcpuHw::new()
+                    .named(spec.name, i)
+                    .with_sve(sve_vl)
+                    .with_voff(voff);
                 SpinLock::new(hw, LockClass::HostVm)
             })
             .collect(),
