@@ -530,70 +530,76 @@ impl SimCpu {
                 self.stats.exits_preempt += 1;
                 return SimExit::Preempted;
             }
-            let p = match self.pending.take() {
-                Some(p) => p,
-                None => {
-                    let Some(prog) = self.program.as_mut() else {
-                        return SimExit::ProgramDone;
-                    };
-                    let Some(op) = prog.next_op(&self.regs) else {
-                        return SimExit::ProgramDone;
-                    };
-                    let value = if matches!(
-                        op,
-                        Op::Access {
-                            kind: AccessKind::Write,
-                            ..
-                        }
-                    ) {
-                        self.write_seq += 1;
-                        (0xa5 << 56)
-                            | ((self.id as u64 & 0xff) << 48)
-                            | (self.write_seq & 0xffff_ffff_ffff)
-                    } else {
-                        0
-                    };
-                    Pending { op, value }
-                }
+            let Some(p) = self.pending.take().or_else(|| self.fetch()) else {
+                return SimExit::ProgramDone;
             };
-            match p.op {
-                Op::Access {
-                    ipa,
-                    kind,
-                    size,
-                    verify,
-                    plain,
-                } => match self.access(&ctx, ipa, kind, size, verify, plain, p.value, check_use) {
-                    Ok(()) => done += 1,
-                    Err(Stop::Fault(f)) => {
-                        self.pending = Some(p);
-                        self.stats.exits_abort += 1;
-                        return SimExit::Abort {
-                            esr: f.esr,
-                            far: f.far,
-                            hpfar: f.hpfar,
-                        };
-                    }
-                    Err(Stop::Guest(e)) => {
-                        self.stats.exits_guest_error += 1;
-                        return SimExit::GuestError(e);
-                    }
-                },
-                Op::Hvc { imm, args } => {
-                    self.regs[..4].copy_from_slice(&args);
-                    self.stats.exits_hvc += 1;
-                    return SimExit::Hvc { imm };
+            let Op::Access {
+                ipa,
+                kind,
+                size,
+                verify,
+                plain,
+            } = p.op
+            else {
+                return self.exit_op(p.op);
+            };
+            match self.access(&ctx, ipa, kind, size, verify, plain, p.value, check_use) {
+                Ok(()) => done += 1,
+                Err(Stop::Fault(f)) => {
+                    self.pending = Some(p);
+                    self.stats.exits_abort += 1;
+                    return SimExit::Abort {
+                        esr: f.esr,
+                        far: f.far,
+                        hpfar: f.hpfar,
+                    };
                 }
-                Op::Smc { imm, args } => {
-                    self.regs[..4].copy_from_slice(&args);
-                    self.stats.exits_smc += 1;
-                    return SimExit::Smc { imm };
-                }
-                Op::Wfi => {
-                    self.stats.exits_wfi += 1;
-                    return SimExit::Wfi;
+                Err(Stop::Guest(e)) => {
+                    self.stats.exits_guest_error += 1;
+                    return SimExit::GuestError(e);
                 }
             }
+        }
+    }
+
+    /// The program's next operation, with the value a write stores (CPU
+    /// id and a per-CPU sequence number, so the checker can tell stores
+    /// apart); `None` when the program is done.
+    fn fetch(&mut self) -> Option<Pending> {
+        let op = self.program.as_mut()?.next_op(&self.regs)?;
+        let value = if matches!(
+            op,
+            Op::Access {
+                kind: AccessKind::Write,
+                ..
+            }
+        ) {
+            self.write_seq += 1;
+            (0xa5 << 56) | ((self.id as u64 & 0xff) << 48) | (self.write_seq & 0xffff_ffff_ffff)
+        } else {
+            0
+        };
+        Some(Pending { op, value })
+    }
+
+    /// The exit of an operation other than a memory access.
+    fn exit_op(&mut self, op: Op) -> SimExit {
+        match op {
+            Op::Hvc { imm, args } => {
+                self.regs[..4].copy_from_slice(&args);
+                self.stats.exits_hvc += 1;
+                SimExit::Hvc { imm }
+            }
+            Op::Smc { imm, args } => {
+                self.regs[..4].copy_from_slice(&args);
+                self.stats.exits_smc += 1;
+                SimExit::Smc { imm }
+            }
+            Op::Wfi => {
+                self.stats.exits_wfi += 1;
+                SimExit::Wfi
+            }
+            Op::Access { .. } => unreachable!("accesses are run, not exits"),
         }
     }
 
@@ -609,6 +615,42 @@ impl SimCpu {
                 self.scanned_epoch = Some(epoch);
             }
         }
+    }
+
+    /// The leaf mapping `ipa`: from this CPU's TLB (checked against the
+    /// tables with `check_use`) or a walk that fills it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn translate(
+        m: &Machine,
+        stats: &mut CpuStats,
+        id: usize,
+        ctx: &VmContext,
+        ipa: Ipa,
+        access: &Access,
+        check_use: bool,
+    ) -> Result<crate::mmu::S2Leaf, Stop> {
+        let tlb = m.tlb(id);
+        if let Some(leaf) = tlb.lookup(ctx.vmid, ipa.0) {
+            stats.tlb_hits += 1;
+            if check_use {
+                let current = walk(m.mem(), ctx, ipa.0);
+                if staleness(&leaf, ipa.0, &current).is_some() {
+                    m.checker()
+                        .report(m.mem(), m.tlbs(), id, ctx.vmid, ipa.0, leaf);
+                }
+            }
+            return Ok(leaf);
+        }
+        stats.tlb_misses += 1;
+        let gen = tlb.generation();
+        let leaf =
+            walk(m.mem(), ctx, ipa.0).map_err(|s| Stop::Fault(Fault::for_access(access, s)))?;
+        // Entries with AF clear are never cached.
+        if leaf.pte.young() {
+            tlb.fill(ctx.vmid, ipa.0, leaf, gen);
+        }
+        Ok(leaf)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -638,30 +680,7 @@ impl SimCpu {
             self.regs[STORE_REG as usize] = value;
         }
         let _in_access = tlb.enter_access();
-        let leaf = match tlb.lookup(ctx.vmid, ipa.0) {
-            Some(leaf) => {
-                self.stats.tlb_hits += 1;
-                if check_use {
-                    let current = walk(m.mem(), ctx, ipa.0);
-                    if staleness(&leaf, ipa.0, &current).is_some() {
-                        m.checker()
-                            .report(m.mem(), m.tlbs(), self.id, ctx.vmid, ipa.0, leaf);
-                    }
-                }
-                leaf
-            }
-            None => {
-                self.stats.tlb_misses += 1;
-                let gen = tlb.generation();
-                let leaf = walk(m.mem(), ctx, ipa.0)
-                    .map_err(|s| Stop::Fault(Fault::for_access(&access, s)))?;
-                // Entries with AF clear are never cached.
-                if leaf.pte.young() {
-                    tlb.fill(ctx.vmid, ipa.0, leaf, gen);
-                }
-                leaf
-            }
-        };
+        let leaf = Self::translate(m, &mut self.stats, self.id, ctx, ipa, &access, check_use)?;
         check_leaf(&leaf, &access).map_err(|s| Stop::Fault(Fault::for_access(&access, s)))?;
         let pa = leaf.pa_of(ipa.0);
         let mem = m.mem();
