@@ -2,7 +2,7 @@
 //!
 //! QEMU enters `_start` on the boot CPU at EL2 with the MMU off (the other
 //! CPUs start powered off, waiting for PSCI CPU_ON). Every CPU runs
-//! `pkvm_cpu_entry` with x0 = its index: it picks its 64 KiB stack from
+//! `pkvm_cpu_entry` with x0 = its index: it picks its 256 KiB stack from
 //! `.stacks`, stops FP/SIMD traps (CPTR_EL2), installs the EL2 vectors and
 //! enters Rust. CPU 0 also zeroes `.bss` first. `TPIDR_EL2` points at the
 //! CPU's [`PerCpu`] once Rust runs.
@@ -93,6 +93,33 @@ pub fn cpu_index() -> usize {
     // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
     // an element of the static PERCPU array.
     unsafe { (*p).index.load(Ordering::Relaxed) }
+}
+
+/// The most stack CPU `cpu` has used so far, in bytes: the stacks are
+/// never written before use (RAM starts zeroed, and so does `.stacks`,
+/// which the loader does not fill), so the lowest non-zero word marks the
+/// deepest use. A value near [`STACK_SIZE`] means the CPU ran (or nearly
+/// ran) off its stack into the one below it or into `.bss` (no guard
+/// page).
+pub fn stack_used(cpu: usize) -> u64 {
+    extern "C" {
+        static __stacks_start: u8;
+    }
+    if cpu >= MAX_CPUS {
+        return 0;
+    }
+    let base = core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE;
+    let mut a = base;
+    while a < base + STACK_SIZE {
+        // SAFETY: `a` is 8-byte aligned inside `.stacks`, which the EL2
+        // identity map maps RW; a racing write by the owning CPU only
+        // changes which (still valid) value is read.
+        if unsafe { core::ptr::read_volatile(a as *const u64) } != 0 {
+            break;
+        }
+        a += 8;
+    }
+    base + STACK_SIZE - a
 }
 
 /// Whether CPU `idx` is up.

@@ -587,6 +587,15 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     let Some(plat) = protected_platform(lay) else {
         return false;
     };
+    if let Some(h) = plat.hyp() {
+        match platform::null_hvc_ns(h) {
+            Some(ns) => println!(
+                "hyp: null hypercall round trip {ns} ns (GET_SIZES, mean of {})",
+                platform::NULL_HVC_CALLS
+            ),
+            None => return check("hyp: null hypercall succeeds", false),
+        }
+    }
     let before = print_hyp(&plat, "before the VMs");
     let size = if full { 64 * MIB } else { 16 * MIB };
     let r = (0x4400_0000, size);
@@ -628,6 +637,16 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     }
     ok &= finish_all(vms);
     let after = print_hyp(&plat, "after teardown");
+    let used = crate::platform::start::stack_used(0);
+    println!(
+        "boot CPU stack: {} KiB of {} KiB used",
+        used / 1024,
+        crate::platform::STACK_SIZE / 1024
+    );
+    ok &= check(
+        "boot CPU stack: 16 KiB left",
+        used + 16 * 1024 <= crate::platform::STACK_SIZE,
+    );
     ok &= check(
         "hyp: no VM state left",
         after.vm_pages == 0 && after.live_vms == 0,
