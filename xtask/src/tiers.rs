@@ -282,6 +282,25 @@ fn debug_tests() -> Vec<QemuTest> {
                 "scenario setway: PASS",
             ]),
         },
+        QemuTest {
+            // The host at EL1 under its stage-2 attacks two protected VMs
+            // and the hypervisor; the image exits 0 only if every attack
+            // is refused and the victim's pages come back zeroed.
+            name: "qemu:host-attack",
+            spec: RunSpec::scenario("host-attack"),
+            exit_code: 0,
+            markers: s(&[
+                "host-attack: the host runs at EL1 (CurrentEL = 0x4)",
+                "host-attack: load from the victim VM's donated page",
+                "host-attack: store to the victim VM's donated page",
+                "host-attack: map a hypervisor pool page",
+                "host-attack: HOST_DONATE_GUEST of the victim's page to the other VM: refused",
+                "host-attack: VCPU_LOAD of the victim's vCPU 0 on a CPU running another vCPU: refused",
+                "host-attack: 2 VMs still live in the hypervisor after the attacks",
+                "at EL1: all zero",
+                "scenario host-attack: PASS",
+            ]),
+        },
     ]
 }
 

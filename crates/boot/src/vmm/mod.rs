@@ -34,8 +34,10 @@
 //! end of RAM. The carve-out is kept out of the host pool in both modes.
 #![forbid(unsafe_code)]
 
+pub mod attack;
 pub mod backend;
 pub mod debug;
+pub mod el1host;
 pub mod fdtgen;
 pub mod guest;
 pub mod irq;
@@ -168,10 +170,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "debug" => bool_code(debug::debug(&process, p)),
         "debug-isolation" => bool_code(debug::isolation(&process, p)),
         "setway" => bool_code(debug::setway(&process)),
+        "host-attack" => bool_code(attack::host_attack(&lay, &process)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, debug, debug-isolation, setway, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, debug, debug-isolation, setway, host-attack, panic)"
             );
             (false, 2)
         }

@@ -1,0 +1,234 @@
+//! A host context at EL1: a small program the hypervisor enters at EL1h
+//! under the host's stage-2 (pkvm-hyp's lazily mapped identity map, VMID 0)
+//! with the host's own exception vectors, the way pKVM runs its host. It
+//! executes a list of commands from a mailbox in host memory (load, store,
+//! `hvc #0`, read `CurrentEL`) and returns to EL2 with `hvc #1` when done.
+//!
+//! The program is position independent and is copied into a host-owned
+//! page ([`install`]): the image itself is the hypervisor's memory, which
+//! the host stage-2 never maps. Its EL1 stage-1 is off (`SCTLR_EL1.M` = 0:
+//! flat physical addresses, data accesses Device-nGnRnE, so every access is
+//! a naturally aligned 64-bit one).
+//!
+//! Page layout: the EL1 vector table at offset 0 (`VBAR_EL1`, 2 KiB
+//! aligned), the entry at [`ENTRY_OFFSET`]. A synchronous exception taken
+//! at EL1 (an abort the hypervisor injected) records `ESR_EL1` and
+//! `FAR_EL1` in the current command and resumes after the faulting
+//! instruction; any other vector reports itself with `hvc #2`, x0 = the
+//! vector offset.
+//!
+//! Mailbox (x0 at entry): word 0 = number of commands, commands of
+//! [`CMD_WORDS`] words from byte 128: `op, addr, value, result, esr, far,
+//! x0..x7` ([`Cmd`]).
+
+use core::arch::global_asm;
+
+use pkvm_arch::Pa;
+
+/// Offset of the program's entry in its page.
+pub const ENTRY_OFFSET: u64 = 0x800;
+/// Words per mailbox command.
+pub const CMD_WORDS: usize = 16;
+/// Byte offset of the first command in the mailbox.
+pub const CMDS_OFFSET: u64 = 128;
+/// `hvc` immediate: the program finished.
+pub const HVC_DONE: u16 = 1;
+/// `hvc` immediate: an unexpected exception at EL1 (x0 = vector offset).
+pub const HVC_UNEXPECTED: u16 = 2;
+
+/// Command operations.
+pub mod op {
+    /// `result` = the 64-bit load at `addr`.
+    pub const LOAD: u64 = 1;
+    /// Store `value` at `addr`.
+    pub const STORE: u64 = 2;
+    /// `hvc #0` with x0..x7 from the command; x0..x7 stored back.
+    pub const HVC: u64 = 3;
+    /// `result` = `CurrentEL`.
+    pub const CURRENT_EL: u64 = 4;
+}
+
+/// One mailbox command, as the program reads and writes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cmd {
+    /// [`op`].
+    pub op: u64,
+    /// Address of a load or store.
+    pub addr: u64,
+    /// Value of a store.
+    pub value: u64,
+    /// Value of a load or of `CurrentEL`.
+    pub result: u64,
+    /// `ESR_EL1` of an exception the command took at EL1 (0: none).
+    pub esr: u64,
+    /// `FAR_EL1` of that exception.
+    pub far: u64,
+    /// x0..x7 of an `hvc #0`, in and out.
+    pub regs: [u64; 8],
+}
+
+impl Cmd {
+    /// The command as mailbox words.
+    pub fn to_words(&self) -> [u64; CMD_WORDS] {
+        let mut w = [0u64; CMD_WORDS];
+        w[..6].copy_from_slice(&[
+            self.op,
+            self.addr,
+            self.value,
+            self.result,
+            self.esr,
+            self.far,
+        ]);
+        w[6..14].copy_from_slice(&self.regs);
+        w
+    }
+
+    /// A command from mailbox words.
+    pub fn from_words(w: &[u64; CMD_WORDS]) -> Cmd {
+        let mut regs = [0u64; 8];
+        regs.copy_from_slice(&w[6..14]);
+        Cmd {
+            op: w[0],
+            addr: w[1],
+            value: w[2],
+            result: w[3],
+            esr: w[4],
+            far: w[5],
+            regs,
+        }
+    }
+}
+
+global_asm!(
+    r#"
+.macro EL1_UNEXPECTED off
+    .balign 128
+    mov     x0, #\off
+    hvc     #{unexpected}
+.endm
+
+.section .rodata.el1host, "a"
+.balign 4096
+.global pkvm_el1host_start
+pkvm_el1host_start:
+    EL1_UNEXPECTED 0x000
+    EL1_UNEXPECTED 0x080
+    EL1_UNEXPECTED 0x100
+    EL1_UNEXPECTED 0x180
+    // Synchronous, EL1 with SP_EL1: an abort injected by the hypervisor.
+    .balign 128
+    mrs     x9, esr_el1
+    str     x9, [x19, #32]
+    mrs     x9, far_el1
+    str     x9, [x19, #40]
+    mrs     x9, elr_el1
+    add     x9, x9, #4
+    msr     elr_el1, x9
+    eret
+    EL1_UNEXPECTED 0x280
+    EL1_UNEXPECTED 0x300
+    EL1_UNEXPECTED 0x380
+    EL1_UNEXPECTED 0x400
+    EL1_UNEXPECTED 0x480
+    EL1_UNEXPECTED 0x500
+    EL1_UNEXPECTED 0x580
+    EL1_UNEXPECTED 0x600
+    EL1_UNEXPECTED 0x680
+    EL1_UNEXPECTED 0x700
+    EL1_UNEXPECTED 0x780
+
+    // Entry: x0 = mailbox.
+    .balign 2048
+    ldr     x21, [x0]
+    add     x19, x0, #{cmds}
+1:  cbz     x21, 9f
+    ldr     x1, [x19, #0]
+    ldr     x2, [x19, #8]
+    mov     x3, #0
+    cmp     x1, #{op_load}
+    b.ne    2f
+    ldr     x3, [x2]
+    str     x3, [x19, #24]
+    b       8f
+2:  cmp     x1, #{op_store}
+    b.ne    3f
+    ldr     x3, [x19, #16]
+    str     x3, [x2]
+    b       8f
+3:  cmp     x1, #{op_hvc}
+    b.ne    4f
+    ldp     x0, x1, [x19, #48]
+    ldp     x2, x3, [x19, #64]
+    ldp     x4, x5, [x19, #80]
+    ldp     x6, x7, [x19, #96]
+    hvc     #0
+    stp     x0, x1, [x19, #48]
+    stp     x2, x3, [x19, #64]
+    stp     x4, x5, [x19, #80]
+    stp     x6, x7, [x19, #96]
+    b       8f
+4:  cmp     x1, #{op_el}
+    b.ne    8f
+    mrs     x3, CurrentEL
+    str     x3, [x19, #24]
+8:  add     x19, x19, #{cmd_bytes}
+    sub     x21, x21, #1
+    b       1b
+9:  hvc     #{done}
+    b       9b
+.balign 4096
+.global pkvm_el1host_end
+pkvm_el1host_end:
+"#,
+    unexpected = const HVC_UNEXPECTED,
+    done = const HVC_DONE,
+    cmds = const CMDS_OFFSET,
+    cmd_bytes = const CMD_WORDS * 8,
+    op_load = const op::LOAD,
+    op_store = const op::STORE,
+    op_hvc = const op::HVC,
+    op_el = const op::CURRENT_EL,
+);
+
+extern "C" {
+    static pkvm_el1host_start: [u8; 4096];
+    static pkvm_el1host_end: u8;
+}
+
+/// Copies the program into the host page `page` (page aligned, host
+/// owned) and makes it visible to instruction fetches. Returns
+/// (`VBAR_EL1`, entry PC).
+pub fn install(page: Pa) -> (u64, u64) {
+    let start = core::ptr::addr_of!(pkvm_el1host_start) as u64;
+    let end = core::ptr::addr_of!(pkvm_el1host_end) as u64;
+    assert_eq!(end - start, 4096, "the EL1 host program is not one page");
+    // SAFETY: the symbol is the start of the 4 KiB-aligned, 4 KiB program
+    // in `.rodata` (the asm above pads it to exactly one page), read-only.
+    let code: &[u8; 4096] = unsafe { &*core::ptr::addr_of!(pkvm_el1host_start) };
+    super::phys::write(page, code);
+    super::hw::dcache_clean_range(page.0, 4096);
+    super::hw::icache_inval_all();
+    (page.0, page.0 + ENTRY_OFFSET)
+}
+
+/// The trap controls the host runs under at EL1: its stage-2 (`VM`),
+/// AArch64 EL1 (`RW`), SMCs trapped (`TSC`: PSCI reaches the hypervisor),
+/// physical interrupts and SErrors to EL2 (`IMO`/`FMO`/`AMO`: this host
+/// context owns no GIC driver yet); SVE, SME and trace trapped as for the
+/// hypervisor itself, no debug or PMU traps; the EL1 physical counter and
+/// timer untrapped (`CNTHCTL_EL2.EL1PCTEN`/`EL1PCEN`: the host's timer).
+pub fn host_traps() -> pkvm_sysreg::traps::TrapControls {
+    use pkvm_sysreg::traps::{cnthctl, cptr, hcr};
+    let hpmn = if super::idregs::host_ids().has(pkvm_sysreg::HostFeature::Pmu) {
+        (crate::read_sysreg!("pmcr_el0") >> 11) & 0x1f
+    } else {
+        0
+    };
+    pkvm_sysreg::traps::TrapControls {
+        hcr: hcr::VM | hcr::RW | hcr::TSC | hcr::IMO | hcr::FMO | hcr::AMO,
+        cptr: cptr::RES1 | cptr::TZ | cptr::TSM | cptr::TTA,
+        mdcr: hpmn,
+        cnthctl: cnthctl::EL1PCTEN | cnthctl::EL1PCEN,
+        mpam2: 0,
+    }
+}

@@ -1,0 +1,367 @@
+//! The `host-attack` scenario: the host, deprivileged at EL1 under its
+//! stage-2 ([`super::el1host`]), attacks what pkvm-hyp protects, and every
+//! attempt must be refused.
+//!
+//! Two protected toucher VMs write their secret pattern (guest-toucher's
+//! `pattern(gpa)`) and power off; they stay alive in the hypervisor (their
+//! pages donated). The host, at EL1, then: prints its exception level;
+//! loads and stores a page of the victim VM and of the other VM, the
+//! hypervisor's pool and image (each an abort the hypervisor injects into
+//! the host, which its EL1 vector reports; never a mapping); passes the
+//! hypervisor's and the VMs' pages and handles in hypercalls (share with
+//! the hypervisor, donate to another VM, reclaim while alive, top up a
+//! memcache with a guest's page, unshare a protected page, finalize
+//! again); tries to load vCPUs it may not run (an unknown handle, a vCPU
+//! the VM does not have, a second vCPU on a busy CPU). Each attempt prints
+//! one line with "refused". The guest's data is read back by the
+//! hypervisor after the attack: unchanged. Then the victim is torn down
+//! and the host, at EL1, reads its former pages: zero.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+
+use pkvm_arch::Pa;
+use pkvm_hyp::hvc::{id, ret};
+
+use super::el1host::{HostCtx, HostRun};
+use super::guest::GuestVm;
+use super::platform::BootHyp;
+use super::process::{Backing, BootProcess};
+use super::{check, finish, protected_platform, run_vms, toucher, Layout, MIB};
+use crate::platform::el1host::{op, Cmd};
+use crate::platform::phys;
+use crate::println;
+
+/// Guest address of the touch slot.
+const TOUCH_GPA: u64 = 0x4400_0000;
+/// Bytes of each VM's touch slot (a 2 MiB multiple).
+const TOUCH_BYTES: u64 = 2 * MIB;
+/// Pages of the victim's touch slot whose secret is checked.
+const TOUCH_PAGES: u64 = 16;
+
+/// guest-toucher's pattern at guest address `gpa`.
+fn secret(gpa: u64) -> u64 {
+    gpa.rotate_left(17) ^ 0x5a5a_1234_9876_a5a5
+}
+
+fn load(addr: u64) -> Cmd {
+    Cmd {
+        op: op::LOAD,
+        addr,
+        ..Cmd::default()
+    }
+}
+
+fn store(addr: u64, value: u64) -> Cmd {
+    Cmd {
+        op: op::STORE,
+        addr,
+        value,
+        ..Cmd::default()
+    }
+}
+
+fn hvc(func: u32, args: &[u64]) -> Cmd {
+    let mut regs = [0u64; 8];
+    regs[0] = func as u64;
+    regs[1..=args.len()].copy_from_slice(args);
+    Cmd {
+        op: op::HVC,
+        regs,
+        ..Cmd::default()
+    }
+}
+
+/// One attack and how it must be refused.
+struct Attack {
+    what: String,
+    cmd: Cmd,
+    /// `true`: an abort injected at EL1; `false`: a hypercall error.
+    abort: bool,
+}
+
+fn mem_attack(what: String, cmd: Cmd) -> Attack {
+    Attack {
+        what,
+        cmd,
+        abort: true,
+    }
+}
+
+fn hvc_attack(what: &str, cmd: Cmd) -> Attack {
+    Attack {
+        what: String::from(what),
+        cmd,
+        abort: false,
+    }
+}
+
+/// Prints the attack's outcome; `true` if it was refused.
+fn report(a: &Attack) -> bool {
+    let c = &a.cmd;
+    let (refused, how) = if a.abort {
+        let ec = c.esr >> 26;
+        if c.esr == 0 {
+            println!(
+                "host-attack: {}: NOT refused (no abort: the access went through, load result {:#x})",
+                a.what, c.result
+            );
+            return false;
+        }
+        (
+            ec == 0x25 && c.far == c.addr,
+            format!(
+                "abort injected into the host at EL1: ESR_EL1 {:#x} (EC {ec:#x}, FSC {:#x}), FAR_EL1 {:#x}",
+                c.esr,
+                c.esr & 0x3f,
+                c.far
+            ),
+        )
+    } else {
+        let status = c.regs[0] as i64;
+        (
+            status != ret::SUCCESS,
+            format!("hypercall returned {status}"),
+        )
+    };
+    if refused {
+        println!("host-attack: {}: refused ({how})", a.what);
+    } else {
+        println!("host-attack: {}: NOT refused ({how})", a.what);
+    }
+    refused
+}
+
+/// Two protected toucher VMs, run until they power off (alive after).
+fn victims(
+    plat: &Arc<super::platform::BootPlatform>,
+    process: &Arc<BootProcess>,
+) -> Option<[Arc<GuestVm>; 2]> {
+    let slot = (TOUCH_GPA, TOUCH_BYTES);
+    let mk = |name| toucher(plat, process, name, 128 * MIB, slot, Backing::Page4K, true);
+    let vms = [mk("victim")?, mk("other")?];
+    run_vms(&vms).then_some(vms)
+}
+
+/// The victim's secret words (PA, expected value) at offsets 0 and 4088 of
+/// each touched page.
+fn secrets(v: &GuestVm) -> Option<alloc::vec::Vec<(Pa, u64)>> {
+    let mut out = alloc::vec::Vec::new();
+    for p in 0..TOUCH_PAGES {
+        let pa = v.touch_pa(p * 4096)?;
+        for off in [0u64, 4088] {
+            out.push((Pa(pa.0 + off), secret(TOUCH_GPA + p * 4096 + off)));
+        }
+    }
+    Some(out)
+}
+
+fn attacks(
+    lay: &Layout,
+    victim: &GuestVm,
+    other: &GuestVm,
+    secret_pa: Pa,
+) -> Option<alloc::vec::Vec<Attack>> {
+    let other_pa = other.touch_pa(0)?;
+    let hyp_pool = lay.carveout.0;
+    let image = 0x4020_0000u64;
+    let (vh, oh) = (victim.kick_id() as u64, other.kick_id() as u64);
+    let gfn = TOUCH_GPA >> 12;
+    let spfn = secret_pa.0 >> 12;
+    let mut v = alloc::vec![
+        mem_attack(
+            format!("load from the victim VM's donated page {:#x}", secret_pa.0),
+            load(secret_pa.0)
+        ),
+        mem_attack(
+            format!("store to the victim VM's donated page {:#x}", secret_pa.0),
+            store(secret_pa.0, 0xbad0_bad0_bad0_bad0)
+        ),
+        mem_attack(
+            format!("load from the other VM's donated page {:#x}", other_pa.0),
+            load(other_pa.0)
+        ),
+        mem_attack(
+            format!("map a hypervisor pool page {hyp_pool:#x} (load)"),
+            load(hyp_pool)
+        ),
+        mem_attack(
+            format!("map a hypervisor pool page {hyp_pool:#x} (store)"),
+            store(hyp_pool, 0)
+        ),
+        mem_attack(
+            format!("load from the hypervisor's image {image:#x}"),
+            load(image)
+        ),
+        hvc_attack(
+            "HOST_SHARE_HYP of a hypervisor pool page",
+            hvc(id::HOST_SHARE_HYP, &[hyp_pool >> 12])
+        ),
+        hvc_attack(
+            "HOST_SHARE_HYP of the victim's page",
+            hvc(id::HOST_SHARE_HYP, &[spfn])
+        ),
+        hvc_attack(
+            "HOST_UNSHARE_HYP of a hypervisor pool page",
+            hvc(id::HOST_UNSHARE_HYP, &[hyp_pool >> 12])
+        ),
+        hvc_attack(
+            "TOPUP_MEMCACHE of the other VM with the victim's page",
+            hvc(id::TOPUP_MEMCACHE, &[oh, spfn, 1])
+        ),
+        hvc_attack(
+            "HOST_UNSHARE_GUEST of the victim's donated page",
+            hvc(id::HOST_UNSHARE_GUEST, &[vh, gfn])
+        ),
+        hvc_attack(
+            "RECLAIM_GUEST_PAGE of the live victim's page",
+            hvc(id::RECLAIM_GUEST_PAGE, &[vh, gfn])
+        ),
+        hvc_attack(
+            "START_TEARDOWN of an unknown handle",
+            hvc(id::START_TEARDOWN, &[0x7fff])
+        ),
+        hvc_attack(
+            "VCPU_LOAD of an unknown handle",
+            hvc(id::VCPU_LOAD, &[0x7fff, 0])
+        ),
+        hvc_attack(
+            "VCPU_LOAD of a vCPU the victim does not have",
+            hvc(id::VCPU_LOAD, &[vh, 5])
+        ),
+    ];
+    // With the other VM's vCPU loaded on this CPU: the victim's page
+    // donated to it, and a second vCPU on the busy CPU.
+    let load_other = hvc(id::VCPU_LOAD, &[oh, 0]);
+    v.push(Attack {
+        what: String::from("(setup) VCPU_LOAD of the other VM's vCPU 0"),
+        cmd: load_other,
+        abort: false,
+    });
+    v.push(hvc_attack(
+        "HOST_DONATE_GUEST of the victim's page to the other VM",
+        hvc(id::HOST_DONATE_GUEST, &[spfn, (TOUCH_GPA >> 12) + 4096]),
+    ));
+    v.push(hvc_attack(
+        "VCPU_LOAD of the victim's vCPU 0 on a CPU running another vCPU",
+        hvc(id::VCPU_LOAD, &[vh, 0]),
+    ));
+    v.push(Attack {
+        what: String::from("(setup) VCPU_PUT"),
+        cmd: hvc(id::VCPU_PUT, &[]),
+        abort: false,
+    });
+    v.push(hvc_attack("FINALIZE again", hvc(id::FINALIZE, &[])));
+    Some(v)
+}
+
+fn print_run(what: &str, r: &HostRun) {
+    println!(
+        "host-attack: {what}: {} hypercalls, {} host stage-2 faults mapped, {} aborts injected, {} interrupts",
+        r.hvcs, r.mapped, r.injected, r.irqs
+    );
+}
+
+/// Runs the attacks at EL1; `true` if every one was refused and the
+/// victim's data is unchanged.
+fn attack_phase(
+    hyp: &'static BootHyp,
+    ctx: &HostCtx,
+    lay: &Layout,
+    vms: &[Arc<GuestVm>; 2],
+) -> bool {
+    let Some(sec) = secrets(&vms[0]) else {
+        return check("host-attack: the victim's touched pages", false);
+    };
+    let in_place = |s: &[(Pa, u64)]| s.iter().all(|&(pa, v)| phys::read_u64(pa) == v);
+    let mut ok = check(
+        "host-attack: the victim's secret is in its pages",
+        in_place(&sec),
+    );
+    let Some(mut list) = attacks(lay, &vms[0], &vms[1], sec[0].0) else {
+        return check("host-attack: the other VM's touched page", false);
+    };
+    let mut cmds: alloc::vec::Vec<Cmd> = alloc::vec![Cmd {
+        op: op::CURRENT_EL,
+        ..Cmd::default()
+    }];
+    cmds.extend(list.iter().map(|a| a.cmd));
+    let r = match ctx.run(hyp, &mut cmds) {
+        Ok(r) => r,
+        Err(e) => return check(&format!("host-attack: host run: {e:?}"), false),
+    };
+    let el = (cmds[0].result >> 2) & 3;
+    println!(
+        "host-attack: the host runs at EL{el} (CurrentEL = {:#x})",
+        cmds[0].result
+    );
+    ok &= check("host-attack: host at EL1", el == 1);
+    for (a, c) in list.iter_mut().zip(&cmds[1..]) {
+        a.cmd = *c;
+        if a.what.starts_with("(setup)") {
+            ok &= check(&a.what, c.regs[0] as i64 == ret::SUCCESS);
+        } else {
+            ok &= report(a);
+        }
+    }
+    print_run("attack run", &r);
+    ok &= check("host-attack: the victim's data unchanged", in_place(&sec));
+    let mapped = hyp.host_pte(Pa(lay.carveout.0)).0.is_valid();
+    ok &= check(
+        "host-attack: no host stage-2 mapping of the hypervisor's pool",
+        !mapped,
+    );
+    let live = hyp.stats().live_vms;
+    println!("host-attack: {live} VMs still live in the hypervisor after the attacks");
+    ok &= check("host-attack: both VMs live", live == 2);
+    ok
+}
+
+/// After the victim's teardown: the host, at EL1, reads its former pages.
+fn zeroed_phase(hyp: &'static BootHyp, ctx: &HostCtx, sec: &[(Pa, u64)]) -> bool {
+    let words: alloc::vec::Vec<(Pa, u64)> = sec
+        .iter()
+        .copied()
+        .filter(|(pa, _)| !ctx.owns(*pa))
+        .collect();
+    let mut cmds: alloc::vec::Vec<Cmd> = words.iter().map(|&(pa, _)| load(pa.0)).collect();
+    let r = match ctx.run(hyp, &mut cmds) {
+        Ok(r) => r,
+        Err(e) => return check(&format!("host-attack: host run: {e:?}"), false),
+    };
+    print_run("read-back run", &r);
+    let zero = cmds.iter().all(|c| c.esr == 0 && c.result == 0);
+    println!(
+        "host-attack: after teardown the host read {} secret words of the victim's first {} pages at EL1: {}",
+        cmds.len(),
+        TOUCH_PAGES,
+        if zero { "all zero" } else { "NOT all zero" }
+    );
+    check("host-attack: the victim's pages come back zeroed", zero)
+}
+
+/// The scenario.
+pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
+    let Some(plat) = protected_platform(lay) else {
+        return false;
+    };
+    let Some(hyp) = plat.hyp() else {
+        return false;
+    };
+    let Some(ctx) = HostCtx::new() else {
+        return check("host-attack: two host pages", false);
+    };
+    let Some(vms) = victims(&plat, process) else {
+        return false;
+    };
+    let sec = secrets(&vms[0]);
+    let mut ok = attack_phase(hyp, &ctx, lay, &vms);
+    let [victim, other] = vms;
+    ok &= finish(victim);
+    if let Some(sec) = sec {
+        ok &= zeroed_phase(hyp, &ctx, &sec);
+    }
+    ok &= finish(other);
+    ok
+}

@@ -1,0 +1,244 @@
+//! The host at EL1, as the hypervisor runs it: [`run`] enters the
+//! `platform::el1host` program at EL1h under the host's stage-2 (pkvm-hyp's
+//! identity map, VMID 0, mapped lazily on the host's faults) through the
+//! world switch, and serves its exits the way pKVM's `handle_trap` does:
+//!
+//! - `hvc #0`: [`BootHyp::handle_host_hvc`] on the host's x0..x7 (the
+//!   CPU index is the hypervisor's own);
+//! - a stage-2 data or instruction abort: [`BootHyp::host_mem_abort`]; a
+//!   page the host does not own (a guest's, the hypervisor's) is never
+//!   mapped: a synchronous external abort is injected into the host at
+//!   EL1 ([`inject_abort`]), whose own vector reports it and goes on;
+//! - `smc` (trapped, `HCR_EL2.TSC`): `NOT_SUPPORTED`, stepped over;
+//! - a physical interrupt (routed to EL2 while the host context runs):
+//!   acknowledged and ended, the host resumed.
+
+use alloc::vec::Vec;
+
+use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
+use pkvm_arch::Pa;
+use pkvm_hyp::HypError;
+
+use super::platform::BootHyp;
+use super::pool;
+use crate::platform::el1host::{self, Cmd, CMDS_OFFSET, CMD_WORDS, HVC_DONE};
+use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, PSTATE_EL1H_MASKED};
+use crate::platform::{gic, phys, start};
+
+/// What the hypervisor did for one host run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostRun {
+    /// Host hypercalls served.
+    pub hvcs: u64,
+    /// Host stage-2 faults resolved by a mapping.
+    pub mapped: u64,
+    /// Aborts injected into the host.
+    pub injected: u64,
+    /// Physical interrupts taken while the host ran.
+    pub irqs: u64,
+}
+
+/// Why a host run stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRunError {
+    /// The host took an exception at EL1 it does not handle (vector offset).
+    Unexpected(u64),
+    /// An exit the hypervisor does not serve for the host (vector, ESR).
+    Exit(u64, u64),
+    /// `host_mem_abort` failed other than by refusing (a hypervisor bug).
+    Hyp(HypError),
+    /// The program did not finish within the exit budget.
+    Runaway,
+}
+
+/// Exits one host run may take.
+const MAX_EXITS: u64 = 100_000;
+
+/// A host context: the page holding the EL1 program and its mailbox,
+/// both host memory from the pool (given back when dropped).
+#[derive(Debug)]
+pub struct HostCtx {
+    code: Pa,
+    mailbox: Pa,
+}
+
+impl HostCtx {
+    /// Takes the two host pages; `None` when the pool is empty.
+    pub fn new() -> Option<HostCtx> {
+        let code = pool::alloc(0)?;
+        let Some(mailbox) = pool::alloc(0) else {
+            pool::free(code, 0);
+            return None;
+        };
+        Some(HostCtx { code, mailbox })
+    }
+
+    /// Whether `pa` is one of this context's own pages.
+    pub fn owns(&self, pa: Pa) -> bool {
+        let page = Pa(pa.0 & !0xfff);
+        page == self.code || page == self.mailbox
+    }
+
+    /// Runs `cmds` in the host context at EL1 on this CPU and stores the
+    /// results back into them.
+    ///
+    /// # Errors
+    /// See [`HostRunError`].
+    /// The commands run in batches of what the mailbox page holds, each
+    /// batch one entry into the host.
+    pub fn run(&self, hyp: &'static BootHyp, cmds: &mut [Cmd]) -> Result<HostRun, HostRunError> {
+        let cap = ((4096 - CMDS_OFFSET) / (CMD_WORDS as u64 * 8)) as usize;
+        let mut total = HostRun::default();
+        for batch in cmds.chunks_mut(cap) {
+            write_mailbox(self.mailbox, batch);
+            let r = enter(hyp, self.code, self.mailbox);
+            read_mailbox(self.mailbox, batch);
+            let r = r?;
+            total.hvcs += r.hvcs;
+            total.mapped += r.mapped;
+            total.injected += r.injected;
+            total.irqs += r.irqs;
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for HostCtx {
+    fn drop(&mut self) {
+        pool::free(self.mailbox, 0);
+        pool::free(self.code, 0);
+    }
+}
+
+fn write_mailbox(mailbox: Pa, cmds: &[Cmd]) {
+    let mut bytes: Vec<u8> = Vec::with_capacity(4096);
+    bytes.extend_from_slice(&(cmds.len() as u64).to_le_bytes());
+    bytes.resize(CMDS_OFFSET as usize, 0);
+    for c in cmds {
+        for w in c.to_words() {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    phys::write(mailbox, &bytes);
+}
+
+fn read_mailbox(mailbox: Pa, cmds: &mut [Cmd]) {
+    for (i, c) in cmds.iter_mut().enumerate() {
+        let base = mailbox.0 + CMDS_OFFSET + (i * CMD_WORDS * 8) as u64;
+        let mut w = [0u64; CMD_WORDS];
+        for (k, v) in w.iter_mut().enumerate() {
+            *v = phys::read_u64(Pa(base + k as u64 * 8));
+        }
+        *c = Cmd::from_words(&w);
+    }
+}
+
+/// The registers of the host context: its stage-2 and trap controls.
+fn host_vm_regs(hyp: &BootHyp) -> Option<VmRegs> {
+    let (root, geo) = hyp.host_stage2();
+    Some(VmRegs {
+        vttbr: vttbr(root, 0),
+        vtcr: vtcr(geo.ipa_bits, switch::parange(), VtcrOptions::default()).ok()?,
+        traps: el1host::host_traps(),
+        pauth: false,
+        sme: false,
+        ras: false,
+        lrs: switch::gic_lrs(),
+        aprs: switch::gic_aprs(),
+    })
+}
+
+fn enter(hyp: &'static BootHyp, code: Pa, mailbox: Pa) -> Result<HostRun, HostRunError> {
+    let vm = host_vm_regs(hyp).ok_or(HostRunError::Exit(0, 0))?;
+    let (vbar, entry) = el1host::install(code);
+    let mut st = VcpuState::new(entry, [mailbox.0, 0, 0, 0], switch::this_mpidr());
+    st.sys.vbar = vbar;
+    let cpu = start::cpu_index();
+    let mut out = HostRun::default();
+    for _ in 0..MAX_EXITS {
+        let exit = switch::run(&vm, &mut st, None);
+        match exit.kind {
+            EXIT_SYNC => {
+                if serve_sync(hyp, cpu, &mut st, &exit, &mut out)? {
+                    return Ok(out);
+                }
+            }
+            EXIT_IRQ | 10 => {
+                gic::drain();
+                out.irqs += 1;
+            }
+            k => return Err(HostRunError::Exit(k, exit.esr)),
+        }
+    }
+    Err(HostRunError::Runaway)
+}
+
+/// Serves one synchronous exit of the host; `true` when the program is
+/// done.
+fn serve_sync(
+    hyp: &'static BootHyp,
+    cpu: usize,
+    st: &mut VcpuState,
+    exit: &switch::Exit,
+    out: &mut HostRun,
+) -> Result<bool, HostRunError> {
+    const EC_HVC64: u64 = 0x16;
+    const EC_SMC64: u64 = 0x17;
+    const EC_IABT_LOW: u64 = 0x20;
+    const EC_DABT_LOW: u64 = 0x24;
+    match exit.esr >> 26 {
+        EC_HVC64 => match exit.esr & 0xffff {
+            0 => {
+                let mut regs = [0u64; 8];
+                regs.copy_from_slice(&st.regs.x[..8]);
+                hyp.handle_host_hvc(cpu, &mut regs);
+                st.regs.x[..8].copy_from_slice(&regs);
+                out.hvcs += 1;
+            }
+            imm if imm == u64::from(HVC_DONE) => return Ok(true),
+            _ => return Err(HostRunError::Unexpected(st.regs.x[0])),
+        },
+        EC_SMC64 => {
+            st.regs.x[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
+            st.regs.pc += 4;
+        }
+        EC_IABT_LOW | EC_DABT_LOW => {
+            let ipa = ((exit.hpfar & 0x0000_0fff_ffff_fff0) << 8) | (exit.far & 0xfff);
+            match hyp.host_mem_abort(Pa(ipa)) {
+                Ok(()) => out.mapped += 1,
+                Err(HypError::Again) => {}
+                Err(HypError::HostAccessDenied { .. }) => {
+                    inject_abort(st, exit.esr, exit.far);
+                    out.injected += 1;
+                }
+                Err(e) => return Err(HostRunError::Hyp(e)),
+            }
+        }
+        _ => return Err(HostRunError::Exit(exit.kind, exit.esr)),
+    }
+    Ok(false)
+}
+
+/// Injects a synchronous external abort into the host at EL1 for the
+/// stage-2 fault `esr` at `far` (as pKVM's `host_inject_abort`): the
+/// syndrome's class becomes the same-EL abort (data 0x25, instruction
+/// 0x21; the host runs at EL1), its fault status code "synchronous
+/// external abort" (0x10); `ELR_EL1`/`SPSR_EL1` take the interrupted PC
+/// and PSTATE and the host resumes at its vector for a synchronous
+/// exception from the current EL (SP_ELx: `VBAR_EL1` + 0x200; SP_EL0:
+/// + 0; from EL0: + 0x400) with D, A, I, F masked.
+pub fn inject_abort(st: &mut VcpuState, esr: u64, far: u64) {
+    let ec = if esr >> 26 == 0x20 { 0x21 } else { 0x25 };
+    let iss = (esr & 0x01ff_ffc0) | 0x10;
+    st.sys.esr = (ec << 26) | (1 << 25) | iss;
+    st.sys.far = far;
+    st.sys.elr = st.regs.pc;
+    st.sys.spsr = st.regs.pstate;
+    let offset = match (st.regs.pstate >> 2 & 3, st.regs.pstate & 1) {
+        (0, _) => 0x400,
+        (_, 1) => 0x200,
+        _ => 0,
+    };
+    st.regs.pc = st.sys.vbar + offset;
+    st.regs.pstate = PSTATE_EL1H_MASKED;
+}
