@@ -2,7 +2,7 @@
 //! under the host's stage-2 (pkvm-hyp's lazily mapped identity map, VMID 0)
 //! with the host's own exception vectors, the way pKVM runs its host. It
 //! executes a list of commands from a mailbox in host memory (load, store,
-//! `hvc #0`, read `CurrentEL`) and returns to EL2 with `hvc #1` when done.
+//! `hvc #0`, read `CurrentEL`, a timed loop of hypercalls) and returns to EL2 with `hvc #1` when done.
 //!
 //! The program is position independent and is copied into a host-owned
 //! page ([`install`]): the image itself is the hypervisor's memory, which
@@ -46,6 +46,10 @@ pub mod op {
     pub const HVC: u64 = 3;
     /// `result` = `CurrentEL`.
     pub const CURRENT_EL: u64 = 4;
+    /// `hvc #0` `value` times with x0, x1 from the command (x2..x7 zero);
+    /// `result` = the physical counter ticks taken (`CNTPCT_EL0`, which
+    /// the host reads untrapped), x0..x7 of the last call stored back.
+    pub const HVC_LOOP: u64 = 5;
 }
 
 /// One mailbox command, as the program reads and writes it.
@@ -168,9 +172,34 @@ pkvm_el1host_start:
     stp     x6, x7, [x19, #96]
     b       8f
 4:  cmp     x1, #{op_el}
-    b.ne    8f
+    b.ne    5f
     mrs     x3, CurrentEL
     str     x3, [x19, #24]
+    b       8f
+5:  cmp     x1, #{op_loop}
+    b.ne    8f
+    ldr     x22, [x19, #16]
+    isb
+    mrs     x23, cntpct_el0
+6:  cbz     x22, 7f
+    ldp     x0, x1, [x19, #48]
+    mov     x2, #0
+    mov     x3, #0
+    mov     x4, #0
+    mov     x5, #0
+    mov     x6, #0
+    mov     x7, #0
+    hvc     #0
+    sub     x22, x22, #1
+    b       6b
+7:  isb
+    mrs     x24, cntpct_el0
+    sub     x24, x24, x23
+    str     x24, [x19, #24]
+    stp     x0, x1, [x19, #48]
+    stp     x2, x3, [x19, #64]
+    stp     x4, x5, [x19, #80]
+    stp     x6, x7, [x19, #96]
 8:  add     x19, x19, #{cmd_bytes}
     sub     x21, x21, #1
     b       1b
@@ -188,6 +217,7 @@ pkvm_el1host_end:
     op_store = const op::STORE,
     op_hvc = const op::HVC,
     op_el = const op::CURRENT_EL,
+    op_loop = const op::HVC_LOOP,
 );
 
 extern "C" {

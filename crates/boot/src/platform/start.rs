@@ -57,14 +57,18 @@ extern "C" {
     fn pkvm_secondary_entry();
 }
 
-/// Per-CPU data. `host_sp` and `vcpu` are used by the world switch asm
-/// (offsets 0 and 8, checked below).
+/// Per-CPU data. `host_sp` and `vcpu` are used by the world switch asm,
+/// `el1_host` by the vectors (offsets 0, 8 and 16, checked below).
 #[repr(C)]
 pub struct PerCpu {
     /// Host stack pointer saved while a guest runs.
     pub host_sp: AtomicU64,
     /// The running vCPU's register block while a guest runs.
     pub vcpu: AtomicU64,
+    /// Non-zero while the host context runs at EL1 on this CPU
+    /// ([`set_el1_host`]): the lower-EL vector then serves its `hvc #0`
+    /// in place instead of leaving the world switch.
+    pub el1_host: AtomicU64,
     /// This CPU's index.
     pub index: AtomicUsize,
     /// Set once the CPU runs Rust code with its MMU on.
@@ -73,11 +77,13 @@ pub struct PerCpu {
 
 const _: () = assert!(core::mem::offset_of!(PerCpu, host_sp) == 0);
 const _: () = assert!(core::mem::offset_of!(PerCpu, vcpu) == 8);
+const _: () = assert!(core::mem::offset_of!(PerCpu, el1_host) == 16);
 
 #[allow(clippy::declare_interior_mutable_const)]
 const PERCPU_INIT: PerCpu = PerCpu {
     host_sp: AtomicU64::new(0),
     vcpu: AtomicU64::new(0),
+    el1_host: AtomicU64::new(0),
     index: AtomicUsize::new(0),
     online: AtomicBool::new(false),
 };
@@ -120,6 +126,18 @@ pub fn stack_used(cpu: usize) -> u64 {
         a += 8;
     }
     base + STACK_SIZE - a
+}
+
+/// Marks whether the host context runs at EL1 on this CPU (its `hvc #0`
+/// is then served by the lower-EL vector's fast path).
+pub fn set_el1_host(on: bool) {
+    let p = crate::read_sysreg!("tpidr_el2") as *const PerCpu;
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
+    // an element of the static PERCPU array.
+    unsafe { (*p).el1_host.store(u64::from(on), Ordering::Relaxed) };
 }
 
 /// Whether CPU `idx` is up.

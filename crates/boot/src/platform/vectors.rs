@@ -1,6 +1,9 @@
 //! EL2 exception vectors.
 //!
-//! - Exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
+//! - An `hvc #0` from a lower EL while the host context runs at EL1
+//!   (`PerCpu::el1_host`) is the host's hypercall, served in place like one
+//!   from EL2 (the handler touches no EL1 state, so none is switched).
+//! - Other exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
 //!   AArch32) push the guest's x0/x1, load the vector index into x0 and
 //!   branch to `__guest_exit` (see [`super::switch`]), which returns from
 //!   `__guest_enter` into Rust with the exit kind.
@@ -50,7 +53,26 @@ pkvm_el2_vectors:
     CUR_ENTRY 5
     CUR_ENTRY 6
     CUR_ENTRY 7
-    GUEST_ENTRY 8
+    // Synchronous, lower EL (AArch64): while the host context runs at
+    // EL1, its `hvc #0` is served in place (no world switch); everything
+    // else leaves the world switch.
+    .balign 128
+    stp     x0, x1, [sp, #-16]!
+    mrs     x0, tpidr_el2
+    ldr     x0, [x0, #16]
+    cbz     x0, 1f
+    mrs     x0, esr_el2
+    lsr     x1, x0, #26
+    cmp     x1, #0x16
+    b.ne    1f
+    tst     x0, #0xffff
+    b.ne    1f
+    ldp     x0, x1, [sp], #16
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    b       pkvm_el2_hvc_entry
+1:  mov     x0, #8
+    b       __guest_exit
     GUEST_ENTRY 9
     GUEST_ENTRY 10
     GUEST_ENTRY 11

@@ -19,7 +19,7 @@ use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 use pkvm_arch::Pa;
 use pkvm_hyp::HypError;
 
-use super::platform::BootHyp;
+use super::platform::{BootHyp, NULL_HVC_CALLS};
 use super::pool;
 use crate::platform::el1host::{self, Cmd, CMDS_OFFSET, CMD_WORDS, HVC_DONE};
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, PSTATE_EL1H_MASKED};
@@ -85,13 +85,49 @@ impl HostCtx {
     /// # Errors
     /// See [`HostRunError`].
     /// The commands run in batches of what the mailbox page holds, each
-    /// batch one entry into the host.
+    /// batch one entry into the host. The host's `hvc #0` takes the
+    /// vectors' fast path (served at EL2 without leaving the world
+    /// switch).
     pub fn run(&self, hyp: &'static BootHyp, cmds: &mut [Cmd]) -> Result<HostRun, HostRunError> {
+        self.run_with(hyp, cmds, true)
+    }
+
+    /// The mean round trip in nanoseconds of [`NULL_HVC_CALLS`] null
+    /// hypercalls (`GET_SIZES`) from the host at EL1, timed there: by the
+    /// vectors' fast path (`fast`), or each one leaving the world switch
+    /// and served by [`serve_sync`] as any other host exit. `None` if a
+    /// call failed.
+    pub fn null_hvc_ns(&self, hyp: &'static BootHyp, fast: bool) -> Option<u64> {
+        let mut regs = [0u64; 8];
+        regs[0] = pkvm_hyp::hvc::id::GET_SIZES as u64;
+        regs[1] = 40;
+        let mut cmd = [Cmd {
+            op: el1host::op::HVC_LOOP,
+            value: u64::from(NULL_HVC_CALLS),
+            regs,
+            ..Cmd::default()
+        }];
+        self.run_with(hyp, &mut cmd, fast).ok()?;
+        if cmd[0].regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
+            return None;
+        }
+        let freq = crate::platform::timer::frequency().max(1);
+        Some(cmd[0].result * 1_000_000_000 / freq / u64::from(NULL_HVC_CALLS))
+    }
+
+    fn run_with(
+        &self,
+        hyp: &'static BootHyp,
+        cmds: &mut [Cmd],
+        fast: bool,
+    ) -> Result<HostRun, HostRunError> {
         let cap = ((4096 - CMDS_OFFSET) / (CMD_WORDS as u64 * 8)) as usize;
         let mut total = HostRun::default();
         for batch in cmds.chunks_mut(cap) {
             write_mailbox(self.mailbox, batch);
+            start::set_el1_host(fast);
             let r = enter(hyp, self.code, self.mailbox);
+            start::set_el1_host(false);
             read_mailbox(self.mailbox, batch);
             let r = r?;
             total.hvcs += r.hvcs;
