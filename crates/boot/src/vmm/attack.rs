@@ -318,6 +318,40 @@ fn attack_phase(
     ok
 }
 
+/// Device addresses the host faults on in [`device_storm`]: one per 2 MiB
+/// of QEMU virt's PCIe MMIO window and above, below RAM (each a new
+/// last-level table of the host stage-2).
+const STORM_FAULTS: u64 = 384;
+
+/// A hostile host faults on [`STORM_FAULTS`] device addresses, each
+/// costing the hypervisor a stage-2 table page: the device-mapping budget
+/// must keep the pool's use bounded (the hypervisor unmaps every host
+/// device mapping and starts over when it runs out).
+fn device_storm(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let before = hyp.stats().pool_free;
+    let mut cmds: alloc::vec::Vec<Cmd> = (0..STORM_FAULTS)
+        .map(|k| load(0x1000_0000 + k * 2 * MIB))
+        .collect();
+    let r = match ctx.run(hyp, &mut cmds) {
+        Ok(r) => r,
+        Err(e) => return check(&format!("host-attack: host run: {e:?}"), false),
+    };
+    let after = hyp.stats().pool_free;
+    let used = before.saturating_sub(after);
+    let bound = pkvm_hyp::HOST_DEV_TABLES + 4;
+    println!(
+        "host-attack: device-fault storm: {} host stage-2 faults on device pages mapped ({} loads ended in an external abort), hyp pool {before} -> {after} free pages ({used} used, budget {}): {}",
+        r.mapped,
+        cmds.iter().filter(|c| c.esr != 0).count(),
+        pkvm_hyp::HOST_DEV_TABLES,
+        if used <= bound { "refused to drain" } else { "DRAINED" }
+    );
+    check(
+        "host-attack: device-fault storm mapped",
+        r.mapped >= STORM_FAULTS,
+    ) & check("host-attack: device-fault storm bounded", used <= bound)
+}
+
 /// After the victim's teardown: the host, at EL1, reads its former pages.
 fn zeroed_phase(hyp: &'static BootHyp, ctx: &HostCtx, sec: &[(Pa, u64)]) -> bool {
     let words: alloc::vec::Vec<(Pa, u64)> = sec
@@ -364,11 +398,20 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     };
     let sec = secrets(&vms[0]);
     let mut ok = attack_phase(hyp, &ctx, lay, &vms);
+    ok &= device_storm(hyp, &ctx);
     let [victim, other] = vms;
     ok &= finish(victim);
     if let Some(sec) = sec {
         ok &= zeroed_phase(hyp, &ctx, &sec);
     }
     ok &= finish(other);
-    ok
+    let s = hyp.stats();
+    println!(
+        "host-attack: after teardown: {} live VMs, {} pages held for VMs, pool {} of {} pages free",
+        s.live_vms, s.vm_pages, s.pool_free, s.pool_pages
+    );
+    ok & check(
+        "host-attack: every VM torn down after the storm",
+        s.live_vms == 0 && s.vm_pages == 0,
+    )
 }
