@@ -50,6 +50,15 @@ pub mod op {
     /// `result` = the physical counter ticks taken (`CNTPCT_EL0`, which
     /// the host reads untrapped), x0..x7 of the last call stored back.
     pub const HVC_LOOP: u64 = 5;
+    /// The host's own timer interrupt: enable PPI 30 with a 32-bit store
+    /// of bit 30 at `addr` (this CPU's `GICR_ISENABLER0`), arm the EL1
+    /// physical timer `value` ticks ahead, unmask IRQs and wait (up to 16
+    /// times `value` ticks) for the IRQ vector, which acknowledges with
+    /// `ICC_IAR1_EL1`, stops the timer, ends it with `ICC_EOIR1_EL1` and
+    /// stores the INTID in `result`; then IRQs masked and the PPI
+    /// disabled again (`addr` + 0x80). `esr` = the `CNTPCT_EL0` ticks
+    /// waited.
+    pub const TIMER_IRQ: u64 = 6;
 }
 
 /// One mailbox command, as the program reads and writes it.
@@ -129,7 +138,14 @@ pkvm_el1host_start:
     add     x9, x9, #4
     msr     elr_el1, x9
     eret
-    EL1_UNEXPECTED 0x280
+    // IRQ, EL1 with SP_EL1: the host's own interrupt (its timer).
+    .balign 128
+    mrs     x9, S3_0_C12_C12_0
+    str     x9, [x19, #24]
+    msr     cntp_ctl_el0, xzr
+    isb
+    msr     S3_0_C12_C12_1, x9
+    eret
     EL1_UNEXPECTED 0x300
     EL1_UNEXPECTED 0x380
     EL1_UNEXPECTED 0x400
@@ -172,16 +188,16 @@ pkvm_el1host_start:
     stp     x6, x7, [x19, #96]
     b       8f
 4:  cmp     x1, #{op_el}
-    b.ne    5f
+    b.ne    10f
     mrs     x3, CurrentEL
     str     x3, [x19, #24]
     b       8f
-5:  cmp     x1, #{op_loop}
-    b.ne    8f
+10: cmp     x1, #{op_loop}
+    b.ne    5f
     ldr     x22, [x19, #16]
     isb
     mrs     x23, cntpct_el0
-6:  cbz     x22, 7f
+11: cbz     x22, 12f
     ldp     x0, x1, [x19, #48]
     mov     x2, #0
     mov     x3, #0
@@ -191,8 +207,8 @@ pkvm_el1host_start:
     mov     x7, #0
     hvc     #0
     sub     x22, x22, #1
-    b       6b
-7:  isb
+    b       11b
+12: isb
     mrs     x24, cntpct_el0
     sub     x24, x24, x23
     str     x24, [x19, #24]
@@ -200,6 +216,34 @@ pkvm_el1host_start:
     stp     x2, x3, [x19, #64]
     stp     x4, x5, [x19, #80]
     stp     x6, x7, [x19, #96]
+    b       8f
+5:  cmp     x1, #{op_timer}
+    b.ne    8f
+    mov     w4, #{ppi_bit}
+    str     w4, [x2]
+    ldr     x4, [x19, #16]
+    isb
+    mrs     x23, cntpct_el0
+    add     x24, x23, x4, lsl #4
+    msr     cntp_tval_el0, x4
+    mov     x5, #1
+    msr     cntp_ctl_el0, x5
+    isb
+    msr     daifclr, #2
+6:  ldr     x5, [x19, #24]
+    cbnz    x5, 7f
+    isb
+    mrs     x6, cntpct_el0
+    cmp     x6, x24
+    b.lo    6b
+7:  msr     daifset, #2
+    msr     cntp_ctl_el0, xzr
+    mov     w4, #{ppi_bit}
+    str     w4, [x2, #0x80]
+    isb
+    mrs     x6, cntpct_el0
+    sub     x6, x6, x23
+    str     x6, [x19, #32]
 8:  add     x19, x19, #{cmd_bytes}
     sub     x21, x21, #1
     b       1b
@@ -218,6 +262,8 @@ pkvm_el1host_end:
     op_hvc = const op::HVC,
     op_el = const op::CURRENT_EL,
     op_loop = const op::HVC_LOOP,
+    op_timer = const op::TIMER_IRQ,
+    ppi_bit = const 1u32 << super::gic::PPI_EL1_PHYS,
 );
 
 extern "C" {
@@ -243,10 +289,12 @@ pub fn install(page: Pa) -> (u64, u64) {
 
 /// The trap controls the host runs under at EL1: its stage-2 (`VM`),
 /// AArch64 EL1 (`RW`), SMCs trapped (`TSC`: PSCI reaches the hypervisor),
-/// physical interrupts and SErrors to EL2 (`IMO`/`FMO`/`AMO`: this host
-/// context owns no GIC driver yet); SVE, SME and trace trapped as for the
-/// hypervisor itself, no debug or PMU traps; the EL1 physical counter and
-/// timer untrapped (`CNTHCTL_EL2.EL1PCTEN`/`EL1PCEN`: the host's timer).
+/// `IMO`/`FMO`/`AMO` clear: physical interrupts and SErrors go to the
+/// host at EL1, which owns the GIC CPU interface (`ICC_*_EL1`, reachable
+/// with `ICC_SRE_EL2.Enable`, set by the GIC driver); SVE, SME and trace
+/// trapped as for the hypervisor itself, no debug or PMU traps; the EL1
+/// physical counter and timer untrapped (`CNTHCTL_EL2.EL1PCTEN`/`EL1PCEN`:
+/// the host's timer).
 pub fn host_traps() -> pkvm_sysreg::traps::TrapControls {
     use pkvm_sysreg::traps::{cnthctl, cptr, hcr};
     let hpmn = if super::idregs::host_ids().has(pkvm_sysreg::HostFeature::Pmu) {
@@ -255,7 +303,7 @@ pub fn host_traps() -> pkvm_sysreg::traps::TrapControls {
         0
     };
     pkvm_sysreg::traps::TrapControls {
-        hcr: hcr::VM | hcr::RW | hcr::TSC | hcr::IMO | hcr::FMO | hcr::AMO,
+        hcr: hcr::VM | hcr::RW | hcr::TSC,
         cptr: cptr::RES1 | cptr::TZ | cptr::TSM | cptr::TTA,
         mdcr: hpmn,
         cnthctl: cnthctl::EL1PCTEN | cnthctl::EL1PCEN,

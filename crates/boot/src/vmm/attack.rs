@@ -318,6 +318,36 @@ fn attack_phase(
     ok
 }
 
+/// The host takes its own timer interrupt at EL1: PPI 30 (the EL1
+/// physical timer) through the GIC CPU interface it owns, while
+/// `HCR_EL2.IMO` is clear.
+fn own_timer(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let cpu = crate::platform::start::cpu_index();
+    let Some(reg) = crate::platform::gic::isenabler0(cpu) else {
+        return check("host-attack: the GIC redistributor of this CPU", false);
+    };
+    let ticks = crate::platform::timer::ticks_for_us(1000);
+    let mut cmd = [Cmd {
+        op: op::TIMER_IRQ,
+        addr: reg,
+        value: ticks,
+        ..Cmd::default()
+    }];
+    let r = match ctx.run(hyp, &mut cmd) {
+        Ok(r) => r,
+        Err(e) => return check(&format!("host-attack: host run: {e:?}"), false),
+    };
+    let intid = cmd[0].result;
+    println!(
+        "host-attack: the host took its own timer interrupt at EL1: INTID {intid} acknowledged with ICC_IAR1_EL1 {} ticks after arming CNTP for {ticks} (HCR_EL2.IMO clear; {} interrupts reached EL2)",
+        cmd[0].esr, r.irqs
+    );
+    check(
+        "host-attack: the host's timer interrupt taken at EL1",
+        intid == u64::from(crate::platform::gic::PPI_EL1_PHYS) && r.irqs == 0,
+    )
+}
+
 /// Device addresses the host faults on in [`device_storm`]: one per 2 MiB
 /// of QEMU virt's PCIe MMIO window and above, below RAM (each a new
 /// last-level table of the host stage-2).
@@ -397,7 +427,8 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
         return false;
     };
     let sec = secrets(&vms[0]);
-    let mut ok = attack_phase(hyp, &ctx, lay, &vms);
+    let mut ok = own_timer(hyp, &ctx);
+    ok &= attack_phase(hyp, &ctx, lay, &vms);
     ok &= device_storm(hyp, &ctx);
     let [victim, other] = vms;
     ok &= finish(victim);
