@@ -292,6 +292,7 @@ fn debug_tests() -> Vec<QemuTest> {
             markers: s(&[
                 "host-attack: null hypercall (GET_SIZES) from the host at EL1:",
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
+                "(ALREADY_ON), SYSTEM_OFF = -1: refused",
                 "host-attack: the host runs at EL1 (CurrentEL = 0x4)",
                 "host-attack: load from the victim VM's donated page",
                 "host-attack: store to the victim VM's donated page",

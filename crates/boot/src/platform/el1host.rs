@@ -59,6 +59,8 @@ pub mod op {
     /// disabled again (`addr` + 0x80). `esr` = the `CNTPCT_EL0` ticks
     /// waited.
     pub const TIMER_IRQ: u64 = 6;
+    /// `smc #0` with x0..x7 from the command; x0..x7 stored back.
+    pub const SMC: u64 = 7;
 }
 
 /// One mailbox command, as the program reads and writes it.
@@ -176,12 +178,24 @@ pkvm_el1host_start:
     str     x3, [x2]
     b       8f
 3:  cmp     x1, #{op_hvc}
-    b.ne    4f
+    b.ne    13f
     ldp     x0, x1, [x19, #48]
     ldp     x2, x3, [x19, #64]
     ldp     x4, x5, [x19, #80]
     ldp     x6, x7, [x19, #96]
     hvc     #0
+    stp     x0, x1, [x19, #48]
+    stp     x2, x3, [x19, #64]
+    stp     x4, x5, [x19, #80]
+    stp     x6, x7, [x19, #96]
+    b       8f
+13: cmp     x1, #{op_smc}
+    b.ne    4f
+    ldp     x0, x1, [x19, #48]
+    ldp     x2, x3, [x19, #64]
+    ldp     x4, x5, [x19, #80]
+    ldp     x6, x7, [x19, #96]
+    smc     #0
     stp     x0, x1, [x19, #48]
     stp     x2, x3, [x19, #64]
     stp     x4, x5, [x19, #80]
@@ -263,6 +277,7 @@ pkvm_el1host_end:
     op_el = const op::CURRENT_EL,
     op_loop = const op::HVC_LOOP,
     op_timer = const op::TIMER_IRQ,
+    op_smc = const op::SMC,
     ppi_bit = const 1u32 << super::gic::PPI_EL1_PHYS,
 );
 

@@ -348,6 +348,39 @@ fn own_timer(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
     )
 }
 
+fn smc(func: u32, args: &[u64]) -> Cmd {
+    Cmd {
+        op: op::SMC,
+        ..hvc(func, args)
+    }
+}
+
+/// PSCI from the host at EL1: its SMCs trap to the hypervisor
+/// (`HCR_EL2.TSC`), which forwards `VERSION` to the firmware, answers
+/// `CPU_ON` of an online CPU `ALREADY_ON` and refuses `SYSTEM_OFF`.
+fn host_psci(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    use pkvm_arch::smccc::psci;
+    let mpidr1 = 1u64;
+    let mut cmds = [
+        smc(psci::VERSION, &[]),
+        smc(psci::CPU_ON_64, &[mpidr1, 0x5000_0000, 0]),
+        smc(psci::SYSTEM_OFF, &[]),
+    ];
+    if let Err(e) = ctx.run(hyp, &mut cmds) {
+        return check(&format!("host-attack: host run: {e:?}"), false);
+    }
+    let [v, on, off] = cmds.map(|c| c.regs[0] as i64);
+    println!(
+        "host-attack: PSCI from the host at EL1 (SMC trapped by HCR_EL2.TSC): VERSION = {v:#x} (from the firmware), CPU_ON of the online CPU 1 = {on} (ALREADY_ON), SYSTEM_OFF = {off}: refused"
+    );
+    check("host-attack: PSCI VERSION 1.x", v >> 16 == 1)
+        & check("host-attack: CPU_ON of an online CPU", on == -4)
+        & check(
+            "host-attack: SYSTEM_OFF refused",
+            off == pkvm_arch::smccc::ret::NOT_SUPPORTED,
+        )
+}
+
 /// Device addresses the host faults on in [`device_storm`]: one per 2 MiB
 /// of QEMU virt's PCIe MMIO window and above, below RAM (each a new
 /// last-level table of the host stage-2).
@@ -428,6 +461,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     };
     let sec = secrets(&vms[0]);
     let mut ok = own_timer(hyp, &ctx);
+    ok &= host_psci(hyp, &ctx);
     ok &= attack_phase(hyp, &ctx, lay, &vms);
     ok &= device_storm(hyp, &ctx);
     let [victim, other] = vms;

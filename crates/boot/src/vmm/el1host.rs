@@ -9,7 +9,8 @@
 //!   page the host does not own (a guest's, the hypervisor's) is never
 //!   mapped: a synchronous external abort is injected into the host at
 //!   EL1 ([`inject_abort`]), whose own vector reports it and goes on;
-//! - `smc` (trapped, `HCR_EL2.TSC`): `NOT_SUPPORTED`, stepped over;
+//! - `smc` (trapped, `HCR_EL2.TSC`): PSCI as [`host_psci`] answers it,
+//!   stepped over;
 //! - a physical interrupt (routed to EL2 while the host context runs):
 //!   acknowledged and ended, the host resumed.
 
@@ -235,7 +236,8 @@ fn serve_sync(
             _ => return Err(HostRunError::Unexpected(st.regs.x[0])),
         },
         EC_SMC64 => {
-            st.regs.x[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
+            let x = &st.regs.x;
+            st.regs.x[0] = host_psci(x[0] as u32, x[1], x[2], x[3]) as u64;
             st.regs.pc += 4;
         }
         EC_IABT_LOW | EC_DABT_LOW => {
@@ -253,6 +255,38 @@ fn serve_sync(
         _ => return Err(HostRunError::Exit(exit.kind, exit.esr)),
     }
     Ok(false)
+}
+
+/// PSCI `ALREADY_ON`.
+const PSCI_ALREADY_ON: i64 = -4;
+/// PSCI `DENIED`.
+const PSCI_DENIED: i64 = -3;
+/// PSCI `FEATURES`.
+const PSCI_FEATURES: u32 = 0x8400_000a;
+
+/// The host's SMC (trapped by `HCR_EL2.TSC`), as the hypervisor answers
+/// it: PSCI `VERSION`, `FEATURES` and `AFFINITY_INFO` go on to the
+/// firmware; `CPU_ON` of a CPU that is on answers `ALREADY_ON` (the
+/// hypervisor asks the firmware), of one that is off `DENIED` (starting a
+/// CPU for the host, at EL2 and then into the host at EL1, is not done
+/// here yet); everything else, `CPU_OFF`, `SYSTEM_OFF`/`RESET`, suspend
+/// and non-PSCI calls, `NOT_SUPPORTED`: the host context cannot stop the
+/// machine under the hypervisor.
+pub fn host_psci(func: u32, a1: u64, a2: u64, a3: u64) -> i64 {
+    use crate::platform::exit::psci_call;
+    use pkvm_arch::smccc::psci;
+    match func {
+        psci::VERSION | PSCI_FEATURES => psci_call(func, a1, a2, a3),
+        psci::AFFINITY_INFO_32 | psci::AFFINITY_INFO_64 => psci_call(func, a1, a2, 0),
+        psci::CPU_ON_32 | psci::CPU_ON_64 => {
+            if psci_call(psci::AFFINITY_INFO_64, a1, 0, 0) == 0 {
+                PSCI_ALREADY_ON
+            } else {
+                PSCI_DENIED
+            }
+        }
+        _ => pkvm_arch::smccc::ret::NOT_SUPPORTED,
+    }
 }
 
 /// Injects a synchronous external abort into the host at EL1 for the
