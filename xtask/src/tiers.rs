@@ -300,6 +300,7 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: HOST_DONATE_GUEST of the victim's page to the other VM: refused",
                 "host-attack: VCPU_LOAD of the victim's vCPU 0 on a CPU running another vCPU: refused",
                 "host-attack: 2 VMs still live in the hypervisor after the attacks",
+                "host-attack: 2000 hostile hypercalls from the host at EL1: 2000 refused; the hypervisor's counters and the victim's data unchanged",
                 "refused to drain",
                 "at EL1: all zero",
                 "host-attack: after teardown: 0 live VMs, 0 pages held for VMs",

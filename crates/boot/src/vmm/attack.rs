@@ -282,6 +282,9 @@ fn attack_phase(
     let Some(mut list) = attacks(lay, &vms[0], &vms[1], sec[0].0) else {
         return check("host-attack: the other VM's touched page", false);
     };
+    if let Some(o) = vms[1].touch_pa(0) {
+        ok &= hvc_sweep(hyp, ctx, lay, [sec[0].0 .0, o.0], &sec);
+    }
     let mut cmds: alloc::vec::Vec<Cmd> = alloc::vec![Cmd {
         op: op::CURRENT_EL,
         ..Cmd::default()
@@ -379,6 +382,98 @@ fn host_psci(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
             "host-attack: SYSTEM_OFF refused",
             off == pkvm_arch::smccc::ret::NOT_SUPPORTED,
         )
+}
+
+/// Hostile hypercalls in [`hvc_sweep`].
+const SWEEP_CALLS: usize = 2000;
+
+/// Every host hypercall but `RESERVE_VM` (which takes no argument and
+/// legitimately succeeds).
+const SWEEP_IDS: [u32; 20] = [
+    id::FINALIZE,
+    id::GET_SIZES,
+    id::HOST_SHARE_HYP,
+    id::HOST_UNSHARE_HYP,
+    id::UNRESERVE_VM,
+    id::INIT_VM,
+    id::INIT_VCPU,
+    id::TOPUP_MEMCACHE,
+    id::VCPU_LOAD,
+    id::VCPU_PUT,
+    id::HOST_SHARE_GUEST,
+    id::HOST_UNSHARE_GUEST,
+    id::HOST_DONATE_GUEST,
+    id::RELAX_PERMS_GUEST,
+    id::WRPROTECT_GUEST,
+    id::TEST_CLEAR_YOUNG_GUEST,
+    id::MKYOUNG_GUEST,
+    id::START_TEARDOWN,
+    id::RECLAIM_GUEST_PAGE,
+    id::FINALIZE_TEARDOWN,
+];
+
+/// Random hypercalls from the host at EL1 (a fixed-seed generator), each
+/// argument drawn from values the host may not use: the hypervisor's pool
+/// and image frames, the VMs' donated frames, frames past the ABI's
+/// limit, handles never issued, all ones. Every call must be refused and
+/// change nothing: the hypervisor's counters and the victim's secret are
+/// compared before and after.
+fn hvc_sweep(
+    hyp: &'static BootHyp,
+    ctx: &HostCtx,
+    lay: &Layout,
+    bad: [u64; 2],
+    sec: &[(Pa, u64)],
+) -> bool {
+    let hostile = [
+        lay.carveout.0 >> 12,
+        (lay.carveout.1 - 4096) >> 12,
+        0x4020_0000 >> 12,
+        bad[0] >> 12,
+        bad[1] >> 12,
+        1 << 36,
+        u64::MAX,
+        0x7fff,
+        4096 + 63,
+        0,
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut cmds: alloc::vec::Vec<Cmd> = (0..SWEEP_CALLS)
+        .map(|_| {
+            let f = SWEEP_IDS[next() as usize % SWEEP_IDS.len()];
+            let args: [u64; 4] = core::array::from_fn(|_| hostile[next() as usize % hostile.len()]);
+            hvc(f, &args)
+        })
+        .collect();
+    let before = hyp.stats();
+    if let Err(e) = ctx.run(hyp, &mut cmds) {
+        return check(&format!("host-attack: host run: {e:?}"), false);
+    }
+    let after = hyp.stats();
+    let accepted: alloc::vec::Vec<&Cmd> = cmds
+        .iter()
+        .filter(|c| c.regs[0] as i64 == ret::SUCCESS)
+        .collect();
+    for c in accepted.iter().take(4) {
+        println!("host-attack: hypercall sweep: NOT refused: {:x?}", c.regs);
+    }
+    let unchanged = before == after && sec.iter().all(|&(pa, v)| phys::read_u64(pa) == v);
+    println!(
+        "host-attack: {} hostile hypercalls from the host at EL1: {} refused; the hypervisor's counters and the victim's data {}",
+        cmds.len(),
+        cmds.len() - accepted.len(),
+        if unchanged { "unchanged" } else { "CHANGED" }
+    );
+    check(
+        "host-attack: every hostile hypercall refused",
+        accepted.is_empty(),
+    ) & check("host-attack: refused hypercalls change nothing", unchanged)
 }
 
 /// Device addresses the host faults on in [`device_storm`]: one per 2 MiB
