@@ -291,6 +291,7 @@ fn debug_tests() -> Vec<QemuTest> {
             exit_code: 0,
             markers: s(&[
                 "host-attack: null hypercall (GET_SIZES) from the host at EL1:",
+                "host-attack: null guest run round trip (enter, hvc #0, exit; mean of 2000):",
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
                 "(ALREADY_ON), SYSTEM_OFF = -1: refused",
                 "host-attack: the host runs at EL1 (CurrentEL = 0x4)",

@@ -131,13 +131,45 @@ pub fn stack_used(cpu: usize) -> u64 {
 /// Marks whether the host context runs at EL1 on this CPU (its `hvc #0`
 /// is then served by the lower-EL vector's fast path).
 pub fn set_el1_host(on: bool) {
+    this_percpu()
+        .el1_host
+        .store(u64::from(on), Ordering::Relaxed);
+}
+
+/// The world switch's per-CPU state of the host context's run (saved host
+/// stack pointer, register block, [`PerCpu::el1_host`]), set aside while
+/// the hypervisor runs a guest for the host from inside one of its
+/// hypercalls ([`take_switch_state`], [`restore_switch_state`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SwitchState([u64; 3]);
+
+fn this_percpu() -> &'static PerCpu {
     let p = crate::read_sysreg!("tpidr_el2") as *const PerCpu;
-    if p.is_null() {
-        return;
-    }
+    assert!(!p.is_null(), "per-CPU data used before it is set up");
     // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
     // an element of the static PERCPU array.
-    unsafe { (*p).el1_host.store(u64::from(on), Ordering::Relaxed) };
+    unsafe { &*p }
+}
+
+/// Takes this CPU's [`SwitchState`] and clears `el1_host` (a guest's
+/// `hvc #0` must leave the world switch).
+pub fn take_switch_state() -> SwitchState {
+    let p = this_percpu();
+    let st = SwitchState([
+        p.host_sp.load(Ordering::Relaxed),
+        p.vcpu.load(Ordering::Relaxed),
+        p.el1_host.load(Ordering::Relaxed),
+    ]);
+    p.el1_host.store(0, Ordering::Relaxed);
+    st
+}
+
+/// Puts back what [`take_switch_state`] took.
+pub fn restore_switch_state(st: SwitchState) {
+    let p = this_percpu();
+    p.host_sp.store(st.0[0], Ordering::Relaxed);
+    p.vcpu.store(st.0[1], Ordering::Relaxed);
+    p.el1_host.store(st.0[2], Ordering::Relaxed);
 }
 
 /// Whether CPU `idx` is up.

@@ -551,6 +551,13 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
         "host-attack: null hypercall (GET_SIZES) from the host at EL1: {fast} ns in place at EL2, {slow} ns through a full world-switch exit (mean of {})",
         super::platform::NULL_HVC_CALLS
     );
+    let Some((el2, el1)) = super::el1host::null_run_cost(hyp, &ctx) else {
+        return check("host-attack: null guest runs", false);
+    };
+    println!(
+        "host-attack: null guest run round trip (enter, hvc #0, exit; mean of {}): {el2} ns by the world switch from EL2 (as the VMM runs vCPUs today), {el1} ns from the host at EL1 by a hypercall that saves and restores the host's EL1 context around it",
+        super::el1host::NULL_RUNS
+    );
     let Some(vms) = victims(&plat, process) else {
         return false;
     };

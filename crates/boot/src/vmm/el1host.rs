@@ -19,6 +19,7 @@ use alloc::vec::Vec;
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 use pkvm_arch::Pa;
 use pkvm_hyp::HypError;
+use pkvm_sync::{LockClass, SpinLock};
 
 use super::platform::{BootHyp, NULL_HVC_CALLS};
 use super::pool;
@@ -311,4 +312,108 @@ pub fn inject_abort(st: &mut VcpuState, esr: u64, far: u64) {
     };
     st.regs.pc = st.sys.vbar + offset;
     st.regs.pstate = PSTATE_EL1H_MASKED;
+}
+
+/// An image-level hypercall (vendor-hyp range, above pkvm-hyp's): run the
+/// null guest prepared by [`null_run_cost`] once and return its exit (x1 =
+/// vector, x2 = ESR, x3 = FAR, x4 = HPFAR); `NOT_SUPPORTED` when none is
+/// prepared.
+pub const NULL_RUN: u32 = 0xc600_0040;
+
+/// The guest [`NULL_RUN`] runs: one page of code (`hvc #0` in a loop)
+/// under the host stage-2, and the host context's controls to put back.
+struct NullGuest {
+    vm: VmRegs,
+    st: VcpuState,
+    host: VmRegs,
+}
+
+static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, LockClass::Leaf);
+
+/// [`NULL_RUN`], at EL2 inside the host's hypercall: the hypervisor saves
+/// the host's EL1 registers and the world switch's per-CPU state, runs the
+/// guest until it exits, and puts the host's EL1 registers, stage-2 and
+/// trap controls back before returning to it, the way a `VCPU_RUN`
+/// hypercall would.
+pub fn null_run(regs: &mut [u64; 8]) {
+    let mut slot = NULL_GUEST.lock();
+    let Some(g) = slot.as_mut() else {
+        regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
+        return;
+    };
+    let mut host_el1 = switch::El1Sysregs::default();
+    switch::save_el1(&mut host_el1);
+    let saved = start::take_switch_state();
+    let exit = switch::run(&g.vm, &mut g.st, None);
+    start::restore_switch_state(saved);
+    switch::load_el1(&host_el1);
+    switch::load_vm_controls(&g.host);
+    *regs = [0, exit.kind, exit.esr, exit.far, exit.hpfar, 0, 0, 0];
+}
+
+/// Calls timed by [`null_run_cost`].
+pub const NULL_RUNS: u64 = 2000;
+
+/// The mean round trip in nanoseconds of running a null guest (enter,
+/// `hvc #0`, exit) [`NULL_RUNS`] times: (from the hypervisor at EL2 by the
+/// world switch directly, as the VMM does today; from the host at EL1 by
+/// the [`NULL_RUN`] hypercall). `None` if something failed.
+pub fn null_run_cost(hyp: &'static BootHyp, ctx: &HostCtx) -> Option<(u64, u64)> {
+    let code = pool::alloc(0)?;
+    let r = null_run_cost_on(hyp, ctx, code);
+    *NULL_GUEST.lock() = None;
+    pool::free(code, 0);
+    r
+}
+
+fn null_run_cost_on(hyp: &'static BootHyp, ctx: &HostCtx, code: Pa) -> Option<(u64, u64)> {
+    // hvc #0; b .-4
+    let prog: [u32; 2] = [0xd400_0002, 0x17ff_ffff];
+    let bytes: Vec<u8> = prog.iter().flat_map(|w| w.to_le_bytes()).collect();
+    phys::write(code, &bytes);
+    crate::platform::hw::dcache_clean_range(code.0, 4096);
+    crate::platform::hw::icache_inval_all();
+    hyp.host_mem_abort(code).ok()?;
+    let host = host_vm_regs(hyp)?;
+    let mut vm = host;
+    vm.traps = null_guest_traps();
+    let st = VcpuState::new(code.0, [0; 4], switch::this_mpidr());
+    let freq = crate::platform::timer::frequency().max(1);
+    // From EL2, as the VMM runs vCPUs today.
+    let mut g = NullGuest { vm, st, host };
+    let t0 = crate::platform::timer::now();
+    for _ in 0..NULL_RUNS {
+        let e = switch::run(&g.vm, &mut g.st, None);
+        if e.kind != EXIT_SYNC || e.esr >> 26 != 0x16 {
+            return None;
+        }
+    }
+    let el2 = (crate::platform::timer::now() - t0) * 1_000_000_000 / freq / NULL_RUNS;
+    *NULL_GUEST.lock() = Some(g);
+    // From the host at EL1.
+    let mut regs = [0u64; 8];
+    regs[0] = NULL_RUN as u64;
+    let mut cmd = [Cmd {
+        op: el1host::op::HVC_LOOP,
+        value: NULL_RUNS,
+        regs,
+        ..Cmd::default()
+    }];
+    ctx.run(hyp, &mut cmd).ok()?;
+    let r = &cmd[0].regs;
+    if r[0] != 0 || r[1] != EXIT_SYNC || r[2] >> 26 != 0x16 {
+        return None;
+    }
+    let el1 = cmd[0].result * 1_000_000_000 / freq / NULL_RUNS;
+    Some((el2, el1))
+}
+
+/// The null guest's trap controls: a guest's interrupt routing
+/// (`IMO`/`FMO`/`AMO`), SMCs trapped, no EL1 timer access.
+fn null_guest_traps() -> pkvm_sysreg::traps::TrapControls {
+    use pkvm_sysreg::traps::hcr;
+    let mut t = el1host::host_traps();
+    t.hcr |= hcr::IMO | hcr::FMO | hcr::AMO;
+    t.cnthctl = 0;
+    t
 }

@@ -143,6 +143,9 @@ static HVC_TARGET: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, Lock
 /// The hypervisor's HVC handler ([`hvc::set_handler`]): runs at EL2 on
 /// the calling CPU, `cpu` from the hypervisor's own per-CPU data.
 fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
+    if regs[0] == u64::from(super::el1host::NULL_RUN) {
+        return super::el1host::null_run(regs);
+    }
     let target = *HVC_TARGET.lock();
     match target {
         Some(h) => h.handle_host_hvc(cpu, regs),
