@@ -292,6 +292,7 @@ fn debug_tests() -> Vec<QemuTest> {
             markers: s(&[
                 "host-attack: null hypercall (GET_SIZES) from the host at EL1:",
                 "host-attack: null guest run round trip (enter, hvc #0, exit; mean of 2000):",
+                "guest registers shown: only the stored one, 0 of its 4 secret registers",
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
                 "(ALREADY_ON), SYSTEM_OFF = -1: refused",
                 "host-attack: the host runs at EL1 (CurrentEL = 0x4)",

@@ -281,9 +281,49 @@ pkvm_el1host_end:
     ppi_bit = const 1u32 << super::gic::PPI_EL1_PHYS,
 );
 
+global_asm!(
+    r#"
+.section .rodata.el1host, "a"
+.balign 8
+.global pkvm_null_guest_start
+pkvm_null_guest_start:
+1:  hvc     #0
+    b       1b
+    // MMIO: store x5 to [x6], load x7 from [x6], hvc, again.
+2:  str     x5, [x6]
+    ldr     x7, [x6]
+    hvc     #0
+    b       2b
+.global pkvm_null_guest_end
+pkvm_null_guest_end:
+"#
+);
+
 extern "C" {
     static pkvm_el1host_start: [u8; 4096];
     static pkvm_el1host_end: u8;
+    static pkvm_null_guest_start: [u8; NULL_GUEST_BYTES];
+    static pkvm_null_guest_end: u8;
+}
+
+/// Bytes of the null guest's code.
+const NULL_GUEST_BYTES: usize = 24;
+/// Offset of the null guest's MMIO loop (after `hvc #0; b .-4`).
+pub const NULL_GUEST_MMIO: u64 = 8;
+
+/// Copies the null guest's code to the start of `page` (host memory):
+/// at offset 0 `hvc #0` in a loop, at [`NULL_GUEST_MMIO`] a store of x5
+/// and a load into x7 at the address in x6, then `hvc #0`, in a loop.
+pub fn install_null_guest(page: Pa) {
+    let start = core::ptr::addr_of!(pkvm_null_guest_start) as u64;
+    let end = core::ptr::addr_of!(pkvm_null_guest_end) as u64;
+    assert_eq!(end - start, NULL_GUEST_BYTES as u64, "null guest size");
+    // SAFETY: the symbol starts the null guest's code in `.rodata`, whose
+    // size the assertion above checked.
+    let code: &[u8; NULL_GUEST_BYTES] = unsafe { &*core::ptr::addr_of!(pkvm_null_guest_start) };
+    super::phys::write(page, code);
+    super::hw::dcache_clean_range(page.0, 4096);
+    super::hw::icache_inval_all();
 }
 
 /// Copies the program into the host page `page` (page aligned, host

@@ -476,6 +476,54 @@ fn hvc_sweep(
     ) & check("host-attack: refused hypercalls change nothing", unchanged)
 }
 
+/// A protected guest's MMIO as the host sees it: only the syndrome, the
+/// fault's IPA and the one register of the access; none of the secrets
+/// in the guest's other registers; the value the host answers a load
+/// with lands in the guest's register.
+fn protected_view(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let secrets = [
+        0x5ec7_e700_0000_0001,
+        0x5ec7_e700_0000_0002,
+        0x5ec7_e700_0000_0003,
+        0x5ec7_e700_0000_0004,
+    ];
+    let (ipa, value, answer) = (0x0bf0_0010u64, 0x1234_5678u64, 0xfeed_f00du64);
+    let Some((seen, x7)) = super::el1host::protected_mmio(hyp, ctx, secrets, (ipa, value, answer))
+    else {
+        return check("host-attack: protected null guest runs", false);
+    };
+    let leaked = seen
+        .iter()
+        .flatten()
+        .filter(|w| secrets.contains(w))
+        .count();
+    let [st, ld, hv] = seen;
+    let srt = |r: &[u64; 8]| (r[2] >> 16) & 0x1f;
+    println!(
+        "host-attack: a protected guest's MMIO as the host at EL1 sees it: store: ESR {:#x} (SRT x{}), IPA {:#x}, value {:#x}; load: ESR {:#x} (SRT x{}), answered {answer:#x}, the guest's x7 now {x7:#x}; then its hvc: ESR {:#x}; guest registers shown: only the stored one, {leaked} of its 4 secret registers",
+        st[2],
+        srt(&st),
+        st[3],
+        st[5],
+        ld[2],
+        srt(&ld),
+        hv[2]
+    );
+    check(
+        "host-attack: MMIO store seen with its register",
+        st[3] == ipa && st[5] == value && srt(&st) == 5,
+    ) & check(
+        "host-attack: MMIO load answered",
+        srt(&ld) == 7 && x7 == answer,
+    ) & check(
+        "host-attack: the guest's hvc",
+        hv[1] == 8 && hv[2] >> 26 == 0x16,
+    ) & check(
+        "host-attack: no other guest register shown to the host",
+        leaked == 0,
+    )
+}
+
 /// Device addresses the host faults on in [`device_storm`]: one per 2 MiB
 /// of QEMU virt's PCIe MMIO window and above, below RAM (each a new
 /// last-level table of the host stage-2).
@@ -558,11 +606,12 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
         "host-attack: null guest run round trip (enter, hvc #0, exit; mean of {}): {el2} ns by the world switch from EL2 (as the VMM runs vCPUs today), {el1} ns from the host at EL1 by a hypercall that saves and restores the host's EL1 context around it",
         super::el1host::NULL_RUNS
     );
+    let mut ok = protected_view(hyp, &ctx);
     let Some(vms) = victims(&plat, process) else {
         return false;
     };
     let sec = secrets(&vms[0]);
-    let mut ok = own_timer(hyp, &ctx);
+    ok &= own_timer(hyp, &ctx);
     ok &= host_psci(hyp, &ctx);
     ok &= attack_phase(hyp, &ctx, lay, &vms);
     ok &= device_storm(hyp, &ctx);

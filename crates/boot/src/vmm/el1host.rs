@@ -320,12 +320,16 @@ pub fn inject_abort(st: &mut VcpuState, esr: u64, far: u64) {
 /// prepared.
 pub const NULL_RUN: u32 = 0xc600_0040;
 
-/// The guest [`NULL_RUN`] runs: one page of code (`hvc #0` in a loop)
-/// under the host stage-2, and the host context's controls to put back.
+/// The guest [`NULL_RUN`] runs: one page of code under the host stage-2,
+/// and the host context's controls to put back.
 struct NullGuest {
     vm: VmRegs,
     st: VcpuState,
     host: VmRegs,
+    /// Protected: the host sees only [`protected_view`] of an exit.
+    protected: bool,
+    /// The register an MMIO load the host is to answer goes to.
+    pending_read: Option<usize>,
 }
 
 static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, LockClass::Leaf);
@@ -334,13 +338,18 @@ static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, LockClass::
 /// the host's EL1 registers and the world switch's per-CPU state, runs the
 /// guest until it exits, and puts the host's EL1 registers, stage-2 and
 /// trap controls back before returning to it, the way a `VCPU_RUN`
-/// hypercall would.
+/// hypercall would. x1 answers the guest's pending MMIO load, if any.
 pub fn null_run(regs: &mut [u64; 8]) {
     let mut slot = NULL_GUEST.lock();
     let Some(g) = slot.as_mut() else {
         regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
         return;
     };
+    if let Some(rt) = g.pending_read.take() {
+        if rt < 31 {
+            g.st.regs.x[rt] = regs[1];
+        }
+    }
     let mut host_el1 = switch::El1Sysregs::default();
     switch::save_el1(&mut host_el1);
     let saved = start::take_switch_state();
@@ -348,39 +357,88 @@ pub fn null_run(regs: &mut [u64; 8]) {
     start::restore_switch_state(saved);
     switch::load_el1(&host_el1);
     switch::load_vm_controls(&g.host);
-    *regs = [0, exit.kind, exit.esr, exit.far, exit.hpfar, 0, 0, 0];
+    *regs = if g.protected {
+        protected_view(g, &exit)
+    } else {
+        [0, exit.kind, exit.esr, exit.far, exit.hpfar, 0, 0, 0]
+    };
+}
+
+/// What the host learns of a protected guest's exit (as pKVM's hyp
+/// vCPU): x1 = vector, x2 = ESR, x3 = the fault's IPA (never the guest's
+/// virtual address), x4 = HPFAR, x5 = for an MMIO store, the one register
+/// stored; no other guest register. An MMIO access is completed by the
+/// hypervisor: the PC steps over it, and a load's register takes the
+/// value the host passes in x1 of its next [`NULL_RUN`].
+fn protected_view(g: &mut NullGuest, e: &switch::Exit) -> [u64; 8] {
+    const ISV: u64 = 1 << 24;
+    const WNR: u64 = 1 << 6;
+    let ipa = ((e.hpfar & 0x0000_0fff_ffff_fff0) << 8) | (e.far & 0xfff);
+    let mut out = [0, e.kind, e.esr, 0, e.hpfar, 0, 0, 0];
+    if e.kind == EXIT_SYNC && e.esr >> 26 == 0x24 && e.esr & ISV != 0 {
+        out[3] = ipa;
+        let rt = ((e.esr >> 16) & 0x1f) as usize;
+        if e.esr & WNR != 0 {
+            out[5] = g.st.regs.x.get(rt).copied().unwrap_or(0);
+        } else {
+            g.pending_read = Some(rt);
+        }
+        g.st.regs.pc += 4;
+    }
+    out
 }
 
 /// Calls timed by [`null_run_cost`].
 pub const NULL_RUNS: u64 = 2000;
+
+/// A null guest in a host page: `None` if the pool is empty or the
+/// hypervisor would not map its page for the host.
+struct NullPage(Pa);
+
+impl NullPage {
+    fn new(hyp: &'static BootHyp) -> Option<NullPage> {
+        let code = pool::alloc(0)?;
+        el1host::install_null_guest(code);
+        if hyp.host_mem_abort(code).is_err() {
+            pool::free(code, 0);
+            return None;
+        }
+        Some(NullPage(code))
+    }
+
+    /// The guest entering at `offset` with `x` in x0..x7.
+    fn guest(&self, hyp: &BootHyp, offset: u64, x: [u64; 8], protected: bool) -> Option<NullGuest> {
+        let host = host_vm_regs(hyp)?;
+        let mut vm = host;
+        vm.traps = null_guest_traps();
+        let mut st = VcpuState::new(self.0 .0 + offset, [0; 4], switch::this_mpidr());
+        st.regs.x[..8].copy_from_slice(&x);
+        Some(NullGuest {
+            vm,
+            st,
+            host,
+            protected,
+            pending_read: None,
+        })
+    }
+}
+
+impl Drop for NullPage {
+    fn drop(&mut self) {
+        *NULL_GUEST.lock() = None;
+        pool::free(self.0, 0);
+    }
+}
 
 /// The mean round trip in nanoseconds of running a null guest (enter,
 /// `hvc #0`, exit) [`NULL_RUNS`] times: (from the hypervisor at EL2 by the
 /// world switch directly, as the VMM does today; from the host at EL1 by
 /// the [`NULL_RUN`] hypercall). `None` if something failed.
 pub fn null_run_cost(hyp: &'static BootHyp, ctx: &HostCtx) -> Option<(u64, u64)> {
-    let code = pool::alloc(0)?;
-    let r = null_run_cost_on(hyp, ctx, code);
-    *NULL_GUEST.lock() = None;
-    pool::free(code, 0);
-    r
-}
-
-fn null_run_cost_on(hyp: &'static BootHyp, ctx: &HostCtx, code: Pa) -> Option<(u64, u64)> {
-    // hvc #0; b .-4
-    let prog: [u32; 2] = [0xd400_0002, 0x17ff_ffff];
-    let bytes: Vec<u8> = prog.iter().flat_map(|w| w.to_le_bytes()).collect();
-    phys::write(code, &bytes);
-    crate::platform::hw::dcache_clean_range(code.0, 4096);
-    crate::platform::hw::icache_inval_all();
-    hyp.host_mem_abort(code).ok()?;
-    let host = host_vm_regs(hyp)?;
-    let mut vm = host;
-    vm.traps = null_guest_traps();
-    let st = VcpuState::new(code.0, [0; 4], switch::this_mpidr());
+    let page = NullPage::new(hyp)?;
+    let mut g = page.guest(hyp, 0, [0; 8], false)?;
     let freq = crate::platform::timer::frequency().max(1);
     // From EL2, as the VMM runs vCPUs today.
-    let mut g = NullGuest { vm, st, host };
     let t0 = crate::platform::timer::now();
     for _ in 0..NULL_RUNS {
         let e = switch::run(&g.vm, &mut g.st, None);
@@ -406,6 +464,42 @@ fn null_run_cost_on(hyp: &'static BootHyp, ctx: &HostCtx, code: Pa) -> Option<(u
     }
     let el1 = cmd[0].result * 1_000_000_000 / freq / NULL_RUNS;
     Some((el2, el1))
+}
+
+/// A protected null guest's MMIO as the host at EL1 sees it: the guest,
+/// with `secrets` in x1..x4, stores x5 = `value` to `ipa` and loads x7
+/// from it. The host runs it three times by [`NULL_RUN`]: to the store,
+/// to the load, and on with `answer` for the load to the guest's
+/// `hvc #0`. Returns
+/// what the host received (x0..x7 of each run) and the guest's x7 after,
+/// read by the hypervisor. `None` if something failed.
+pub fn protected_mmio(
+    hyp: &'static BootHyp,
+    ctx: &HostCtx,
+    secrets: [u64; 4],
+    (ipa, value, answer): (u64, u64, u64),
+) -> Option<([[u64; 8]; 3], u64)> {
+    let page = NullPage::new(hyp)?;
+    let x = [
+        0, secrets[0], secrets[1], secrets[2], secrets[3], value, ipa, 0,
+    ];
+    *NULL_GUEST.lock() = Some(page.guest(hyp, el1host::NULL_GUEST_MMIO, x, true)?);
+    let run = |x1: u64| hvc_cmd(NULL_RUN, x1);
+    let mut cmds = [run(0), run(0), run(answer)];
+    ctx.run(hyp, &mut cmds).ok()?;
+    let x7 = NULL_GUEST.lock().as_ref()?.st.regs.x[7];
+    Some((cmds.map(|c| c.regs), x7))
+}
+
+fn hvc_cmd(func: u32, x1: u64) -> Cmd {
+    let mut regs = [0u64; 8];
+    regs[0] = func as u64;
+    regs[1] = x1;
+    Cmd {
+        op: el1host::op::HVC,
+        regs,
+        ..Cmd::default()
+    }
 }
 
 /// The null guest's trap controls: a guest's interrupt routing
