@@ -1,18 +1,27 @@
-//! The host at EL1, as the hypervisor runs it: [`run`] enters the
-//! `platform::el1host` program at EL1h under the host's stage-2 (pkvm-hyp's
-//! identity map, VMID 0, mapped lazily on the host's faults) through the
-//! world switch, and serves its exits the way pKVM's `handle_trap` does:
+//! The host at EL1, as the hypervisor runs it: [`HostCtx::run`] enters
+//! the `platform::el1host` program at EL1h under the host's stage-2
+//! (pkvm-hyp's identity map, VMID 0, mapped lazily on the host's faults)
+//! through the world switch, and serves its exits the way pKVM's
+//! `handle_trap` does:
 //!
-//! - `hvc #0`: [`BootHyp::handle_host_hvc`] on the host's x0..x7 (the
-//!   CPU index is the hypervisor's own);
+//! - `hvc #0`: served in place by the vectors' fast path
+//!   (`PerCpu::el1_host`), or here, as an exit, by
+//!   [`BootHyp::handle_host_hvc`] on the host's x0..x7 (the CPU index is
+//!   the hypervisor's own);
 //! - a stage-2 data or instruction abort: [`BootHyp::host_mem_abort`]; a
 //!   page the host does not own (a guest's, the hypervisor's) is never
 //!   mapped: a synchronous external abort is injected into the host at
 //!   EL1 ([`inject_abort`]), whose own vector reports it and goes on;
 //! - `smc` (trapped, `HCR_EL2.TSC`): PSCI as [`host_psci`] answers it,
 //!   stepped over;
-//! - a physical interrupt (routed to EL2 while the host context runs):
+//! - a physical interrupt: none should come (`HCR_EL2.IMO`/`FMO` are clear
+//!   for the host, which takes its own at EL1); one that does is
 //!   acknowledged and ended, the host resumed.
+//!
+//! [`NULL_RUN`] is the shape of a `VCPU_RUN` hypercall: the host at EL1
+//! asks the hypervisor to run a (null) guest, which saves the host's EL1
+//! registers around the world switch and returns the exit, for a
+//! protected guest only `protected_view` of it.
 
 use alloc::vec::Vec;
 
@@ -97,7 +106,7 @@ impl HostCtx {
     /// The mean round trip in nanoseconds of [`NULL_HVC_CALLS`] null
     /// hypercalls (`GET_SIZES`) from the host at EL1, timed there: by the
     /// vectors' fast path (`fast`), or each one leaving the world switch
-    /// and served by [`serve_sync`] as any other host exit. `None` if a
+    /// and served by `serve_sync` as any other host exit. `None` if a
     /// call failed.
     pub fn null_hvc_ns(&self, hyp: &'static BootHyp, fast: bool) -> Option<u64> {
         let mut regs = [0u64; 8];
