@@ -157,30 +157,23 @@ fn secrets(v: &GuestVm) -> Option<alloc::vec::Vec<(Pa, u64)>> {
     Some(out)
 }
 
-fn attacks(
-    lay: &Layout,
-    victim: &GuestVm,
-    other: &GuestVm,
-    secret_pa: Pa,
-) -> Option<alloc::vec::Vec<Attack>> {
-    let other_pa = other.touch_pa(0)?;
-    let hyp_pool = lay.carveout.0;
+/// Loads and stores at pages the host does not own: each must end in an
+/// abort injected into the host.
+fn mem_attacks(secret_pa: Pa, other_pa: Pa, hyp_pool: u64) -> alloc::vec::Vec<Attack> {
     let image = 0x4020_0000u64;
-    let (vh, oh) = (victim.kick_id() as u64, other.kick_id() as u64);
-    let gfn = TOUCH_GPA >> 12;
-    let spfn = secret_pa.0 >> 12;
-    let mut v = alloc::vec![
+    let (s, o) = (secret_pa.0, other_pa.0);
+    alloc::vec![
         mem_attack(
-            format!("load from the victim VM's donated page {:#x}", secret_pa.0),
-            load(secret_pa.0)
+            format!("load from the victim VM's donated page {s:#x}"),
+            load(s)
         ),
         mem_attack(
-            format!("store to the victim VM's donated page {:#x}", secret_pa.0),
-            store(secret_pa.0, 0xbad0_bad0_bad0_bad0)
+            format!("store to the victim VM's donated page {s:#x}"),
+            store(s, 0xbad0_bad0_bad0_bad0)
         ),
         mem_attack(
-            format!("load from the other VM's donated page {:#x}", other_pa.0),
-            load(other_pa.0)
+            format!("load from the other VM's donated page {o:#x}"),
+            load(o)
         ),
         mem_attack(
             format!("map a hypervisor pool page {hyp_pool:#x} (load)"),
@@ -194,9 +187,22 @@ fn attacks(
             format!("load from the hypervisor's image {image:#x}"),
             load(image)
         ),
+    ]
+}
+
+/// Hypercalls passing the hypervisor's and the VMs' pages and handles:
+/// each must be refused with a status.
+fn hvc_attacks(spfn: u64, hyp_pfn: u64, (vh, oh): (u64, u64)) -> alloc::vec::Vec<Attack> {
+    let gfn = TOUCH_GPA >> 12;
+    let setup = |what: &str, cmd| Attack {
+        what: format!("(setup) {what}"),
+        cmd,
+        abort: false,
+    };
+    alloc::vec![
         hvc_attack(
             "HOST_SHARE_HYP of a hypervisor pool page",
-            hvc(id::HOST_SHARE_HYP, &[hyp_pool >> 12])
+            hvc(id::HOST_SHARE_HYP, &[hyp_pfn])
         ),
         hvc_attack(
             "HOST_SHARE_HYP of the victim's page",
@@ -204,7 +210,7 @@ fn attacks(
         ),
         hvc_attack(
             "HOST_UNSHARE_HYP of a hypervisor pool page",
-            hvc(id::HOST_UNSHARE_HYP, &[hyp_pool >> 12])
+            hvc(id::HOST_UNSHARE_HYP, &[hyp_pfn])
         ),
         hvc_attack(
             "TOPUP_MEMCACHE of the other VM with the victim's page",
@@ -230,29 +236,36 @@ fn attacks(
             "VCPU_LOAD of a vCPU the victim does not have",
             hvc(id::VCPU_LOAD, &[vh, 5])
         ),
-    ];
-    // With the other VM's vCPU loaded on this CPU: the victim's page
-    // donated to it, and a second vCPU on the busy CPU.
-    let load_other = hvc(id::VCPU_LOAD, &[oh, 0]);
-    v.push(Attack {
-        what: String::from("(setup) VCPU_LOAD of the other VM's vCPU 0"),
-        cmd: load_other,
-        abort: false,
-    });
-    v.push(hvc_attack(
-        "HOST_DONATE_GUEST of the victim's page to the other VM",
-        hvc(id::HOST_DONATE_GUEST, &[spfn, (TOUCH_GPA >> 12) + 4096]),
-    ));
-    v.push(hvc_attack(
-        "VCPU_LOAD of the victim's vCPU 0 on a CPU running another vCPU",
-        hvc(id::VCPU_LOAD, &[vh, 0]),
-    ));
-    v.push(Attack {
-        what: String::from("(setup) VCPU_PUT"),
-        cmd: hvc(id::VCPU_PUT, &[]),
-        abort: false,
-    });
-    v.push(hvc_attack("FINALIZE again", hvc(id::FINALIZE, &[])));
+        // With the other VM's vCPU loaded on this CPU: the victim's page
+        // donated to it, and a second vCPU on the busy CPU.
+        setup(
+            "VCPU_LOAD of the other VM's vCPU 0",
+            hvc(id::VCPU_LOAD, &[oh, 0])
+        ),
+        hvc_attack(
+            "HOST_DONATE_GUEST of the victim's page to the other VM",
+            hvc(id::HOST_DONATE_GUEST, &[spfn, gfn + 4096])
+        ),
+        hvc_attack(
+            "VCPU_LOAD of the victim's vCPU 0 on a CPU running another vCPU",
+            hvc(id::VCPU_LOAD, &[vh, 0])
+        ),
+        setup("VCPU_PUT", hvc(id::VCPU_PUT, &[])),
+        hvc_attack("FINALIZE again", hvc(id::FINALIZE, &[])),
+    ]
+}
+
+fn attacks(
+    lay: &Layout,
+    victim: &GuestVm,
+    other: &GuestVm,
+    secret_pa: Pa,
+) -> Option<alloc::vec::Vec<Attack>> {
+    let other_pa = other.touch_pa(0)?;
+    let hyp_pool = lay.carveout.0;
+    let handles = (victim.kick_id() as u64, other.kick_id() as u64);
+    let mut v = mem_attacks(secret_pa, other_pa, hyp_pool);
+    v.extend(hvc_attacks(secret_pa.0 >> 12, hyp_pool >> 12, handles));
     Some(v)
 }
 
