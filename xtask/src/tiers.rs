@@ -295,7 +295,7 @@ fn debug_tests() -> Vec<QemuTest> {
                 "guest registers shown: only the stored one, 0 of its 4 secret registers",
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
                 "(ALREADY_ON), SYSTEM_OFF = -1: refused",
-                "host-attack: the host runs at EL1 (CurrentEL = 0x4)",
+                "host-attack: the host runs at EL1 (CurrentEL = 0x4) with its own stage-1 in host memory",
                 "host-attack: load from the victim VM's donated page",
                 "host-attack: store to the victim VM's donated page",
                 "host-attack: map a hypervisor pool page",

@@ -6,9 +6,11 @@
 //!
 //! The program is position independent and is copied into a host-owned
 //! page ([`install`]): the image itself is the hypervisor's memory, which
-//! the host stage-2 never maps. Its EL1 stage-1 is off (`SCTLR_EL1.M` = 0:
-//! flat physical addresses, data accesses Device-nGnRnE, so every access is
-//! a naturally aligned 64-bit one).
+//! the host stage-2 never maps. It runs with the host's own EL1 stage-1
+//! ([`host_tcr_el1`], [`HOST_MAIR_EL1`], [`HOST_SCTLR_EL1_MMU`]) over
+//! tables in host memory built by the caller, or with it off (flat
+//! physical addresses, data accesses Device-nGnRnE); every access it makes
+//! is a naturally aligned 64-bit one.
 //!
 //! Page layout: the EL1 vector table at offset 0 (`VBAR_EL1`, 2 KiB
 //! aligned), the entry at [`ENTRY_OFFSET`]. A synchronous exception taken
@@ -44,7 +46,7 @@ pub mod op {
     pub const STORE: u64 = 2;
     /// `hvc #0` with x0..x7 from the command; x0..x7 stored back.
     pub const HVC: u64 = 3;
-    /// `result` = `CurrentEL`.
+    /// `result` = `CurrentEL`, `value` = `SCTLR_EL1`.
     pub const CURRENT_EL: u64 = 4;
     /// `hvc #0` `value` times with x0, x1 from the command (x2..x7 zero);
     /// `result` = the physical counter ticks taken (`CNTPCT_EL0`, which
@@ -205,6 +207,8 @@ pkvm_el1host_start:
     b.ne    10f
     mrs     x3, CurrentEL
     str     x3, [x19, #24]
+    mrs     x3, sctlr_el1
+    str     x3, [x19, #16]
     b       8f
 10: cmp     x1, #{op_loop}
     b.ne    5f
@@ -365,3 +369,19 @@ pub fn host_traps() -> pkvm_sysreg::traps::TrapControls {
         mpam2: 0,
     }
 }
+
+/// `TCR_EL1` of the host context's stage-1 (TTBR0 only): 39-bit VAs
+/// (`T0SZ` 25, as the EL2 map), 4K granule, inner-shareable write-back
+/// walks, TTBR1 walks off (`EPD1`), `IPS` = this CPU's PA range.
+pub fn host_tcr_el1() -> u64 {
+    let parange = (crate::read_sysreg!("id_aa64mmfr0_el1") & 0xf).min(5);
+    (64 - super::mmu::VA_BITS) | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 23) | (parange << 32)
+}
+
+/// `MAIR_EL1` of the host context: the EL2 map's attributes (its
+/// descriptors' `AttrIndx` mean the same).
+pub const HOST_MAIR_EL1: u64 = pkvm_arch::pte::el2::MAIR_EL2;
+
+/// `SCTLR_EL1` of the host context with its stage-1 on: the reset value
+/// with `M`, `C` and `I` set.
+pub const HOST_SCTLR_EL1_MMU: u64 = super::switch::SCTLR_EL1_RESET | 1 | (1 << 2) | (1 << 12);

@@ -308,11 +308,14 @@ fn attack_phase(
         Err(e) => return check(&format!("host-attack: host run: {e:?}"), false),
     };
     let el = (cmds[0].result >> 2) & 3;
+    let sctlr = cmds[0].value;
     println!(
-        "host-attack: the host runs at EL{el} (CurrentEL = {:#x})",
-        cmds[0].result
+        "host-attack: the host runs at EL{el} (CurrentEL = {:#x}) with its own stage-1 in host memory (SCTLR_EL1 = {sctlr:#x}, M = {})",
+        cmds[0].result,
+        sctlr & 1
     );
     ok &= check("host-attack: host at EL1", el == 1);
+    ok &= check("host-attack: host stage-1 on", sctlr & 1 == 1);
     for (a, c) in list.iter_mut().zip(&cmds[1..]) {
         a.cmd = *c;
         if a.what.starts_with("(setup)") {

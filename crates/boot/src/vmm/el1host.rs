@@ -25,14 +25,17 @@
 
 use alloc::vec::Vec;
 
+use pkvm_arch::pte::{El2Prot, S2Features};
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
-use pkvm_arch::Pa;
+use pkvm_arch::{Pa, Va};
 use pkvm_hyp::HypError;
+use pkvm_pgtable::{El2, MapFlags, PageCache, PageTable};
 use pkvm_sync::{LockClass, SpinLock};
 
 use super::platform::{BootHyp, NULL_HVC_CALLS};
 use super::pool;
 use crate::platform::el1host::{self, Cmd, CMDS_OFFSET, CMD_WORDS, HVC_DONE};
+use crate::platform::hw::HwEl2;
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, PSTATE_EL1H_MASKED};
 use crate::platform::{gic, phys, start};
 
@@ -65,23 +68,89 @@ pub enum HostRunError {
 /// Exits one host run may take.
 const MAX_EXITS: u64 = 100_000;
 
-/// A host context: the page holding the EL1 program and its mailbox,
-/// both host memory from the pool (given back when dropped).
+/// A host context: the page holding the EL1 program, its mailbox and its
+/// own stage-1 tables (an identity map: devices below RAM, RAM read-write,
+/// the program's page read-only and executable), all host memory from
+/// the pool (given back when dropped).
 #[derive(Debug)]
 pub struct HostCtx {
     code: Pa,
     mailbox: Pa,
+    /// Root of the host's stage-1 and every table page of it.
+    s1: (Pa, Vec<Pa>),
+}
+
+/// Table pages from the image's pool, remembered for [`HostCtx`]'s drop.
+struct PoolCache(Vec<Pa>);
+
+impl PageCache for PoolCache {
+    fn alloc_table(&mut self) -> Option<Pa> {
+        let p = pool::alloc(0)?;
+        self.0.push(p);
+        Some(p)
+    }
+    fn free_table(&mut self, pa: Pa) {
+        self.0.retain(|p| *p != pa);
+        pool::free(pa, 0);
+    }
+}
+
+/// Builds the host's stage-1 identity map (EL2-format descriptors, which
+/// EL1 reads the same way: `AP[1]`, RES1 at EL2, makes every page
+/// EL0-accessible and so its RW pages privileged-execute-never; EL2's XN
+/// is EL1's UXN; PXN is 0) with `code` read-only and executable.
+fn host_stage1(code: Pa) -> Option<(Pa, Vec<Pa>)> {
+    let mut cache = PoolCache(Vec::new());
+    let root = cache.alloc_table()?;
+    let geo = pkvm_pgtable::table::el2_geometry(crate::platform::mmu::VA_BITS as u32).ok()?;
+    let mut pt: PageTable<El2> = PageTable::new(root, geo, S2Features::default());
+    let ram = crate::platform::RAM_BASE;
+    let top = 1u64 << 32;
+    let maps = [
+        (0, ram, El2Prot::RW.union(El2Prot::DEVICE)),
+        (ram, code.0, El2Prot::RW),
+        (code.0, code.0 + 4096, El2Prot::RX),
+        (code.0 + 4096, top, El2Prot::RW),
+    ];
+    for (start, end, prot) in maps {
+        let r = pt.map(
+            &HwEl2,
+            Va(start),
+            end - start,
+            Pa(start),
+            prot,
+            MapFlags::NONE,
+            &mut cache,
+        );
+        if r.is_err() {
+            for p in cache.0.drain(..) {
+                pool::free(p, 0);
+            }
+            return None;
+        }
+    }
+    crate::platform::sysreg::dsb_ish();
+    Some((root, cache.0))
 }
 
 impl HostCtx {
-    /// Takes the two host pages; `None` when the pool is empty.
+    /// Takes the host pages and builds the host's stage-1; `None` when the
+    /// pool is empty.
     pub fn new() -> Option<HostCtx> {
         let code = pool::alloc(0)?;
         let Some(mailbox) = pool::alloc(0) else {
             pool::free(code, 0);
             return None;
         };
-        Some(HostCtx { code, mailbox })
+        let Some(s1) = host_stage1(code) else {
+            pool::free(mailbox, 0);
+            pool::free(code, 0);
+            return None;
+        };
+        // No EL1&0 translation of an earlier host context may linger
+        // (VMID 0, global entries).
+        pkvm_pgtable::TlbOps::tlbi_all(&super::platform::s2_env(0));
+        Some(HostCtx { code, mailbox, s1 })
     }
 
     /// Whether `pa` is one of this context's own pages.
@@ -137,7 +206,7 @@ impl HostCtx {
         for batch in cmds.chunks_mut(cap) {
             write_mailbox(self.mailbox, batch);
             start::set_el1_host(fast);
-            let r = enter(hyp, self.code, self.mailbox);
+            let r = enter(hyp, self.code, self.mailbox, self.s1.0);
             start::set_el1_host(false);
             read_mailbox(self.mailbox, batch);
             let r = r?;
@@ -152,6 +221,10 @@ impl HostCtx {
 
 impl Drop for HostCtx {
     fn drop(&mut self) {
+        pkvm_pgtable::TlbOps::tlbi_all(&super::platform::s2_env(0));
+        for p in self.s1.1.drain(..) {
+            pool::free(p, 0);
+        }
         pool::free(self.mailbox, 0);
         pool::free(self.code, 0);
     }
@@ -195,11 +268,20 @@ fn host_vm_regs(hyp: &BootHyp) -> Option<VmRegs> {
     })
 }
 
-fn enter(hyp: &'static BootHyp, code: Pa, mailbox: Pa) -> Result<HostRun, HostRunError> {
+fn enter(
+    hyp: &'static BootHyp,
+    code: Pa,
+    mailbox: Pa,
+    s1_root: Pa,
+) -> Result<HostRun, HostRunError> {
     let vm = host_vm_regs(hyp).ok_or(HostRunError::Exit(0, 0))?;
     let (vbar, entry) = el1host::install(code);
     let mut st = VcpuState::new(entry, [mailbox.0, 0, 0, 0], switch::this_mpidr());
     st.sys.vbar = vbar;
+    st.sys.ttbr0 = s1_root.0;
+    st.sys.tcr = el1host::host_tcr_el1();
+    st.sys.mair = el1host::HOST_MAIR_EL1;
+    st.sys.sctlr = el1host::HOST_SCTLR_EL1_MMU;
     let cpu = start::cpu_index();
     let mut out = HostRun::default();
     for _ in 0..MAX_EXITS {
