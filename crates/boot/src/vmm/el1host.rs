@@ -31,12 +31,13 @@ use pkvm_arch::{Pa, Va};
 use pkvm_hyp::HypError;
 use pkvm_pgtable::{El2, MapFlags, PageCache, PageTable};
 use pkvm_sync::{LockClass, SpinLock};
+use pkvm_sysreg::{host_abort_esr, inject_sync, El1State};
 
 use super::platform::{BootHyp, NULL_HVC_CALLS};
 use super::pool;
 use crate::platform::el1host::{self, Cmd, CMDS_OFFSET, CMD_WORDS, HVC_DONE};
 use crate::platform::hw::HwEl2;
-use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC, PSTATE_EL1H_MASKED};
+use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{gic, phys, start};
 
 /// What the hypervisor did for one host run.
@@ -383,26 +384,28 @@ pub fn host_psci(func: u32, a1: u64, a2: u64, a3: u64) -> i64 {
 
 /// Injects a synchronous external abort into the host at EL1 for the
 /// stage-2 fault `esr` at `far` (as pKVM's `host_inject_abort`): the
-/// syndrome's class becomes the same-EL abort (data 0x25, instruction
-/// 0x21; the host runs at EL1), its fault status code "synchronous
-/// external abort" (0x10); `ELR_EL1`/`SPSR_EL1` take the interrupted PC
-/// and PSTATE and the host resumes at its vector for a synchronous
-/// exception from the current EL (SP_ELx: `VBAR_EL1` + 0x200; SP_EL0:
-/// + 0; from EL0: + 0x400) with D, A, I, F masked.
+/// syndrome is pkvm-sysreg's [`host_abort_esr`] (same-EL class, FSC
+/// "synchronous external abort", the rest of the ISS kept), `FAR_EL1` =
+/// `far`, and the exception entry is pkvm-sysreg's [`inject_sync`]
+/// (`ELR_EL1`/`SPSR_EL1` from the interrupted PC and PSTATE, the vector
+/// of the host's EL and SP, D, A, I, F masked).
 pub fn inject_abort(st: &mut VcpuState, esr: u64, far: u64) {
-    let ec = if esr >> 26 == 0x20 { 0x21 } else { 0x25 };
-    let iss = (esr & 0x01ff_ffc0) | 0x10;
-    st.sys.esr = (ec << 26) | (1 << 25) | iss;
-    st.sys.far = far;
-    st.sys.elr = st.regs.pc;
-    st.sys.spsr = st.regs.pstate;
-    let offset = match (st.regs.pstate >> 2 & 3, st.regs.pstate & 1) {
-        (0, _) => 0x400,
-        (_, 1) => 0x200,
-        _ => 0,
+    let mut s = El1State {
+        pc: st.regs.pc,
+        pstate: st.regs.pstate,
+        spsr_el1: st.sys.spsr,
+        elr_el1: st.sys.elr,
+        esr_el1: st.sys.esr,
+        vbar_el1: st.sys.vbar,
+        sctlr_el1: st.sys.sctlr,
     };
-    st.regs.pc = st.sys.vbar + offset;
-    st.regs.pstate = PSTATE_EL1H_MASKED;
+    inject_sync(&mut s, host_abort_esr(esr));
+    st.regs.pc = s.pc;
+    st.regs.pstate = s.pstate;
+    st.sys.spsr = s.spsr_el1;
+    st.sys.elr = s.elr_el1;
+    st.sys.esr = s.esr_el1;
+    st.sys.far = far;
 }
 
 /// An image-level hypercall (vendor-hyp range, above pkvm-hyp's): run the
