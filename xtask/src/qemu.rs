@@ -107,6 +107,9 @@ pub enum Scenario {
     DebugIsolation,
     /// A full set/way clean/invalidate loop: trapped, the VM's memory flushed by VA.
     Setway,
+    /// The host at EL1 under its stage-2 attacks protected VMs and the
+    /// hypervisor; every attempt must be refused.
+    HostAttack,
     /// A deliberate panic of the image (tests the panic path).
     Panic,
 }
@@ -129,6 +132,7 @@ impl Scenario {
             Scenario::Debug => "debug",
             Scenario::DebugIsolation => "debug-isolation",
             Scenario::Setway => "setway",
+            Scenario::HostAttack => "host-attack",
             Scenario::Panic => "panic",
         }
     }

@@ -282,6 +282,33 @@ fn debug_tests() -> Vec<QemuTest> {
                 "scenario setway: PASS",
             ]),
         },
+        QemuTest {
+            // The host at EL1 under its stage-2 attacks two protected VMs
+            // and the hypervisor; the image exits 0 only if every attack
+            // is refused and the victim's pages come back zeroed.
+            name: "qemu:host-attack",
+            spec: RunSpec::scenario("host-attack"),
+            exit_code: 0,
+            markers: s(&[
+                "host-attack: null hypercall (GET_SIZES) from the host at EL1:",
+                "host-attack: null guest run round trip (enter, hvc #0, exit; mean of 2000):",
+                "guest registers shown: only the stored one, 0 of its 4 secret registers",
+                "host-attack: the host took its own timer interrupt at EL1: INTID 30",
+                "(ALREADY_ON), SYSTEM_OFF = -1: refused",
+                "host-attack: the host runs at EL1 (CurrentEL = 0x4) with its own stage-1 in host memory",
+                "host-attack: load from the victim VM's donated page",
+                "host-attack: store to the victim VM's donated page",
+                "host-attack: map a hypervisor pool page",
+                "host-attack: HOST_DONATE_GUEST of the victim's page to the other VM: refused",
+                "host-attack: VCPU_LOAD of the victim's vCPU 0 on a CPU running another vCPU: refused",
+                "host-attack: 2 VMs still live in the hypervisor after the attacks",
+                "host-attack: 2000 hostile hypercalls from the host at EL1: 2000 refused; the hypervisor's counters and the victim's data unchanged",
+                "refused to drain",
+                "at EL1: all zero",
+                "host-attack: after teardown: 0 live VMs, 0 pages held for VMs",
+                "scenario host-attack: PASS",
+            ]),
+        },
     ]
 }
 

@@ -476,6 +476,13 @@ impl<P: HypPlatform> Hyp<P> {
         host.dev_tables = 0;
     }
 
+    /// The host stage-2's root table and geometry, for the platform that
+    /// enters the host under it (`VTTBR_EL2` with VMID 0, `VTCR_EL2`).
+    pub fn host_stage2(&self) -> (Pa, S2Geometry) {
+        let host = self.host.lock();
+        (host.pgt.root(), host.pgt.geometry())
+    }
+
     /// The host stage-2 entry covering `pa` (tests and the simulator).
     pub fn host_pte(&self, pa: Pa) -> (S2Pte, Level) {
         let host = self.host.lock();

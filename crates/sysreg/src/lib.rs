@@ -15,7 +15,9 @@
 //!   [`VcpuSysregs`]; [`handle_feature_trap`] for SVE/SME/PAC/unknown
 //!   exception classes.
 //! - [`inject_undef`]: the architecture's exception entry to EL1 for an
-//!   Undefined Instruction exception, over an [`El1State`].
+//!   Undefined Instruction exception, over an [`El1State`]; [`inject_sync`]
+//!   the same entry with any syndrome, e.g. [`host_abort_esr`]'s for a host
+//!   access the hypervisor refuses.
 //! - [`VmFeatures`]: a VM's sanitised ID registers, computed from the
 //!   host's ([`HostIds`]) and the VM configuration ([`IdOverrides`]):
 //!   features not virtualised are hidden, the PMU and debug versions say
@@ -119,7 +121,8 @@ pub use table::{
 };
 pub use traps::TrapControls;
 pub use undef::{
-    inject_undef, pstate, vector, vector_offset, El1State, ESR_UNDEF, SCTLR_DSSBS, SCTLR_SPAN,
+    host_abort_esr, inject_sync, inject_undef, pstate, vector, vector_offset, El1State, ESR_UNDEF,
+    FSC_SEA, SCTLR_DSSBS, SCTLR_SPAN,
 };
 
 /// The row of the register named `name` (array rows: `name` with `<n>`

@@ -86,10 +86,17 @@ pub const fn vector_offset(pstate: u64) -> u64 {
 /// The guest's EL1 state must be the vCPU's current one (loaded or saved
 /// consistently); the caller writes the results back before entry.
 pub fn inject_undef(s: &mut El1State) {
+    inject_sync(s, ESR_UNDEF);
+}
+
+/// Makes the vCPU (or the host at EL1) take a synchronous exception to
+/// EL1 with syndrome `esr` at its next entry: [`inject_undef`]'s entry
+/// with any syndrome (the caller sets `FAR_EL1` for an abort).
+pub fn inject_sync(s: &mut El1State, esr: u64) {
     let old = s.pstate;
     s.spsr_el1 = old;
     s.elr_el1 = s.pc;
-    s.esr_el1 = ESR_UNDEF;
+    s.esr_el1 = esr;
     s.pc = s.vbar_el1.wrapping_add(vector_offset(old));
     let mut new = pstate::DAIF | pstate::MODE_EL1H | (old & pstate::DIT);
     if old & pstate::PAN != 0 || s.sctlr_el1 & SCTLR_SPAN == 0 {
@@ -99,4 +106,32 @@ pub fn inject_undef(s: &mut El1State) {
         new |= pstate::SSBS;
     }
     s.pstate = new;
+}
+
+/// Exception classes of [`host_abort_esr`].
+mod ec {
+    pub const IABT_LOW: u64 = 0x20;
+    pub const IABT_CUR: u64 = 0x21;
+    pub const DABT_CUR: u64 = 0x25;
+}
+
+/// `ESR_ELx.IL`.
+const ESR_IL: u64 = 1 << 25;
+/// `ESR_ELx.ISS` without the fault status code.
+const ISS_NO_FSC: u64 = 0x01ff_ffc0;
+/// Fault status code: synchronous external abort, not on a walk.
+pub const FSC_SEA: u64 = 0x10;
+
+/// The syndrome of the abort injected into a host at EL1 whose stage-2
+/// fault `esr_el2` (EC 0x20 or 0x24, from the lower EL) the hypervisor
+/// refuses, as pKVM's `host_inject_abort`: the same-EL class (instruction
+/// 0x21, data 0x25), IL set, the fault's ISS (WnR, ISV, SRT...) kept but
+/// its fault status replaced by a synchronous external abort.
+pub const fn host_abort_esr(esr_el2: u64) -> u64 {
+    let class = if esr_el2 >> 26 == ec::IABT_LOW {
+        ec::IABT_CUR
+    } else {
+        ec::DABT_CUR
+    };
+    (class << 26) | ESR_IL | (esr_el2 & ISS_NO_FSC) | FSC_SEA
 }

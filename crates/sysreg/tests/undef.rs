@@ -1,6 +1,6 @@
 //! UNDEF injection against hand-computed exception entries.
 
-use pkvm_sysreg::{inject_undef, El1State};
+use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State};
 
 const VBAR: u64 = 0xffff_8000_1001_0000;
 /// SCTLR_EL1 reset value of the EL2 image (SPAN set, DSSBS clear).
@@ -67,4 +67,41 @@ fn pan_ssbs_and_dit_follow_the_architecture() {
         SCTLR,
     );
     assert_eq!(s.pstate, 0x3c5 | (1 << 22));
+}
+
+#[test]
+fn a_refused_host_data_abort_becomes_a_same_el_external_abort() {
+    // Stage-2 data abort from EL1: EC 0x24, IL, ISV, SAS 3, SRT x5, WnR,
+    // level-3 translation fault.
+    let esr_el2 = (0x24 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (5 << 16) | (1 << 6) | 0x07;
+    let esr = host_abort_esr(esr_el2);
+    assert_eq!(esr >> 26, 0x25, "data abort from the current EL");
+    assert_eq!(esr & 0x3f, 0x10, "synchronous external abort");
+    assert_eq!(esr & (1 << 6), 1 << 6, "WnR kept");
+    assert_eq!((esr >> 16) & 0x1f, 5, "SRT kept");
+    assert_eq!(esr & (1 << 25), 1 << 25, "IL");
+    assert_eq!(esr, 0x97c5_0050);
+}
+
+#[test]
+fn a_refused_host_instruction_abort_becomes_a_same_el_external_abort() {
+    let esr = host_abort_esr((0x20 << 26) | (1 << 25) | 0x0f);
+    assert_eq!(esr, (0x21 << 26) | (1 << 25) | 0x10);
+}
+
+#[test]
+fn inject_sync_enters_the_vector_with_the_given_syndrome() {
+    let mut s = El1State {
+        pc: 0x5000_0804,
+        pstate: 0x3c5,
+        vbar_el1: 0x5000_0000,
+        sctlr_el1: SCTLR,
+        ..El1State::default()
+    };
+    inject_sync(&mut s, 0x97c3_8010);
+    assert_eq!(s.esr_el1, 0x97c3_8010);
+    assert_eq!(s.elr_el1, 0x5000_0804);
+    assert_eq!(s.spsr_el1, 0x3c5);
+    assert_eq!(s.pc, 0x5000_0200);
+    assert_eq!(s.pstate, 0x3c5);
 }

@@ -252,6 +252,15 @@ pub fn set_vtimer_masked(cpu: usize, masked: bool) {
     flag.store(masked, Ordering::Relaxed);
 }
 
+/// INTID of the EL1 physical timer (the host's timer) on QEMU virt.
+pub const PPI_EL1_PHYS: u32 = 30;
+
+/// The address of `cpu`'s `GICR_ISENABLER0` (`GICR_ICENABLER0` is 0x80
+/// above), for a host GIC driver that enables its own PPIs.
+pub fn isenabler0(cpu: usize) -> Option<u64> {
+    cpu_ready(cpu).then(|| RD[cpu].load(Ordering::Acquire) + GICR_ISENABLER0)
+}
+
 /// Whether [`init_cpu`] succeeded on `cpu`.
 pub fn cpu_ready(cpu: usize) -> bool {
     RD.get(cpu).is_some_and(|r| r.load(Ordering::Acquire) != 0)

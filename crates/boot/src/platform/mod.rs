@@ -5,9 +5,11 @@
 //! |---|---|
 //! | [`start`] | entry asm, per-CPU stacks and data, secondary CPU start |
 //! | [`console`] | PL011 driver, `println!`, panic handler |
+//! | [`el1host`] | a host context at EL1 under the host stage-2 (the `host-attack` program) |
 //! | [`exit`] | semihosting exit (status to QEMU), PSCI calls over SMC |
 //! | [`dt`] | device tree parsing (`fdt` crate) into [`dt::Platform`] |
 //! | [`mmu`] | EL2 stage-1: bootstrap blocks, then `PageTable<El2>` |
+//! | [`hvc`] | the host's `hvc #0` and the hypervisor's handler of it |
 //! | [`hw`] | `PtMemory` and `TlbOps` for real hardware |
 //! | [`idregs`] | the CPU's ID registers (pkvm-sysreg's `HostIds`) |
 //! | [`phys`] | access to identity-mapped physical memory |
@@ -20,9 +22,11 @@
 
 pub mod console;
 pub mod dt;
+pub mod el1host;
 pub mod exit;
 pub mod gic;
 pub mod handoff;
+pub mod hvc;
 pub mod hw;
 pub mod idregs;
 pub mod mmu;
@@ -41,4 +45,4 @@ pub const MAX_RAM: u64 = 2 << 30;
 /// Maximum number of physical CPUs.
 pub const MAX_CPUS: usize = 8;
 /// Stack size per CPU (see `link.ld`).
-pub const STACK_SIZE: u64 = 0x1_0000;
+pub const STACK_SIZE: u64 = 0x4_0000;

@@ -2,7 +2,7 @@
 //!
 //! QEMU enters `_start` on the boot CPU at EL2 with the MMU off (the other
 //! CPUs start powered off, waiting for PSCI CPU_ON). Every CPU runs
-//! `pkvm_cpu_entry` with x0 = its index: it picks its 64 KiB stack from
+//! `pkvm_cpu_entry` with x0 = its index: it picks its 256 KiB stack from
 //! `.stacks`, stops FP/SIMD traps (CPTR_EL2), installs the EL2 vectors and
 //! enters Rust. CPU 0 also zeroes `.bss` first. `TPIDR_EL2` points at the
 //! CPU's [`PerCpu`] once Rust runs.
@@ -57,14 +57,18 @@ extern "C" {
     fn pkvm_secondary_entry();
 }
 
-/// Per-CPU data. `host_sp` and `vcpu` are used by the world switch asm
-/// (offsets 0 and 8, checked below).
+/// Per-CPU data. `host_sp` and `vcpu` are used by the world switch asm,
+/// `el1_host` by the vectors (offsets 0, 8 and 16, checked below).
 #[repr(C)]
 pub struct PerCpu {
     /// Host stack pointer saved while a guest runs.
     pub host_sp: AtomicU64,
     /// The running vCPU's register block while a guest runs.
     pub vcpu: AtomicU64,
+    /// Non-zero while the host context runs at EL1 on this CPU
+    /// ([`set_el1_host`]): the lower-EL vector then serves its `hvc #0`
+    /// in place instead of leaving the world switch.
+    pub el1_host: AtomicU64,
     /// This CPU's index.
     pub index: AtomicUsize,
     /// Set once the CPU runs Rust code with its MMU on.
@@ -73,11 +77,13 @@ pub struct PerCpu {
 
 const _: () = assert!(core::mem::offset_of!(PerCpu, host_sp) == 0);
 const _: () = assert!(core::mem::offset_of!(PerCpu, vcpu) == 8);
+const _: () = assert!(core::mem::offset_of!(PerCpu, el1_host) == 16);
 
 #[allow(clippy::declare_interior_mutable_const)]
 const PERCPU_INIT: PerCpu = PerCpu {
     host_sp: AtomicU64::new(0),
     vcpu: AtomicU64::new(0),
+    el1_host: AtomicU64::new(0),
     index: AtomicUsize::new(0),
     online: AtomicBool::new(false),
 };
@@ -93,6 +99,77 @@ pub fn cpu_index() -> usize {
     // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
     // an element of the static PERCPU array.
     unsafe { (*p).index.load(Ordering::Relaxed) }
+}
+
+/// The most stack CPU `cpu` has used so far, in bytes: the stacks are
+/// never written before use (RAM starts zeroed, and so does `.stacks`,
+/// which the loader does not fill), so the lowest non-zero word marks the
+/// deepest use. A value near [`STACK_SIZE`] means the CPU ran (or nearly
+/// ran) off its stack into the one below it or into `.bss` (no guard
+/// page).
+pub fn stack_used(cpu: usize) -> u64 {
+    extern "C" {
+        static __stacks_start: u8;
+    }
+    if cpu >= MAX_CPUS {
+        return 0;
+    }
+    let base = core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE;
+    let mut a = base;
+    while a < base + STACK_SIZE {
+        // SAFETY: `a` is 8-byte aligned inside `.stacks`, which the EL2
+        // identity map maps RW; a racing write by the owning CPU only
+        // changes which (still valid) value is read.
+        if unsafe { core::ptr::read_volatile(a as *const u64) } != 0 {
+            break;
+        }
+        a += 8;
+    }
+    base + STACK_SIZE - a
+}
+
+/// Marks whether the host context runs at EL1 on this CPU (its `hvc #0`
+/// is then served by the lower-EL vector's fast path).
+pub fn set_el1_host(on: bool) {
+    this_percpu()
+        .el1_host
+        .store(u64::from(on), Ordering::Relaxed);
+}
+
+/// The world switch's per-CPU state of the host context's run (saved host
+/// stack pointer, register block, [`PerCpu::el1_host`]), set aside while
+/// the hypervisor runs a guest for the host from inside one of its
+/// hypercalls ([`take_switch_state`], [`restore_switch_state`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SwitchState([u64; 3]);
+
+fn this_percpu() -> &'static PerCpu {
+    let p = crate::read_sysreg!("tpidr_el2") as *const PerCpu;
+    assert!(!p.is_null(), "per-CPU data used before it is set up");
+    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
+    // an element of the static PERCPU array.
+    unsafe { &*p }
+}
+
+/// Takes this CPU's [`SwitchState`] and clears `el1_host` (a guest's
+/// `hvc #0` must leave the world switch).
+pub fn take_switch_state() -> SwitchState {
+    let p = this_percpu();
+    let st = SwitchState([
+        p.host_sp.load(Ordering::Relaxed),
+        p.vcpu.load(Ordering::Relaxed),
+        p.el1_host.load(Ordering::Relaxed),
+    ]);
+    p.el1_host.store(0, Ordering::Relaxed);
+    st
+}
+
+/// Puts back what [`take_switch_state`] took.
+pub fn restore_switch_state(st: SwitchState) {
+    let p = this_percpu();
+    p.host_sp.store(st.0[0], Ordering::Relaxed);
+    p.vcpu.store(st.0[1], Ordering::Relaxed);
+    p.el1_host.store(st.0[2], Ordering::Relaxed);
 }
 
 /// Whether CPU `idx` is up.

@@ -795,6 +795,28 @@ pub fn run(
     exit
 }
 
+/// Saves the hardware's EL1 registers of [`El1Sysregs`] (the host
+/// context's, before the hypervisor runs a guest for it).
+pub fn save_el1(s: &mut El1Sysregs) {
+    el1_list!(sysregs_xfer!(s, save));
+}
+
+/// Loads the EL1 registers of [`El1Sysregs`] into the hardware.
+pub fn load_el1(s: &El1Sysregs) {
+    el1_list!(sysregs_xfer!(s, load));
+    super::sysreg::isb();
+}
+
+/// Writes a VM's (or the host context's) stage-2 and trap controls
+/// without entering it (the host's, back after a guest run inside one of
+/// its hypercalls).
+pub fn load_vm_controls(vm: &VmRegs) {
+    write_sysreg!("vtcr_el2", vm.vtcr);
+    write_sysreg!("vttbr_el2", vm.vttbr);
+    load_traps(&vm.traps);
+    super::sysreg::isb();
+}
+
 /// Writes one of 16 numbered registers (the names are literals) for a
 /// run-time index `n` (`n >= 16`: nothing).
 macro_rules! nth_write {

@@ -1,6 +1,9 @@
 //! EL2 exception vectors.
 //!
-//! - Exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
+//! - An `hvc #0` from a lower EL while the host context runs at EL1
+//!   (`PerCpu::el1_host`) is the host's hypercall, served in place like one
+//!   from EL2 (the handler touches no EL1 state, so none is switched).
+//! - Other exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
 //!   AArch32) push the guest's x0/x1, load the vector index into x0 and
 //!   branch to `__guest_exit` (see [`super::switch`]), which returns from
 //!   `__guest_enter` into Rust with the exit kind.
@@ -13,7 +16,10 @@
 //!   or saved and no other register changes, so this is the world
 //!   switch's fast path at its cheapest; the value is the VM's sanitised
 //!   `CTR_EL0`, the one pkvm-sysreg's table answers with.
-//! - Exceptions taken at EL2 itself are hypervisor bugs: the registers are
+//! - An `hvc #0` taken at EL2 itself (the host, while it runs at EL2) is
+//!   the host's hypercall: the entry saves the registers the SMCCC
+//!   preserves and calls [`super::hvc`]'s handler on x0..x7.
+//! - Other exceptions taken at EL2 itself are hypervisor bugs: the registers are
 //!   saved and [`el2_exception`] prints them and panics (failure exit).
 
 use core::arch::global_asm;
@@ -24,7 +30,7 @@ global_asm!(
     r#"
 .macro CUR_ENTRY kind
     .balign 128
-    sub     sp, sp, #272
+    sub     sp, sp, #{frame}
     stp     x0, x1, [sp, #0]
     mov     x0, #\kind
     b       pkvm_el2_self_exception
@@ -44,21 +50,46 @@ pkvm_el2_vectors:
     CUR_ENTRY 1
     CUR_ENTRY 2
     CUR_ENTRY 3
-    CUR_ENTRY 4
+    // Synchronous, current EL with SP_EL2: `hvc #0` from the host while it
+    // runs at EL2 (any other class is a hypervisor bug).
+    .balign 128
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    mrs     x0, esr_el2
+    lsr     x0, x0, #26
+    cmp     x0, #0x16
+    b.eq    pkvm_el2_hvc_entry
+    mov     x0, #4
+    b       pkvm_el2_self_exception
     CUR_ENTRY 5
     CUR_ENTRY 6
     CUR_ENTRY 7
-    // 8: synchronous from a lower AArch64 EL: a CTR_EL0 read (its ESR
-    // with the Rt field cleared) takes the short path.
+    // 8: synchronous from a lower AArch64 EL. While the host context
+    // runs at EL1, its `hvc #0` is served in place (no world switch); a
+    // guest's CTR_EL0 read (its ESR with the Rt field cleared) takes the
+    // short path; everything else leaves the world switch.
     .balign 128
     stp     x0, x1, [sp, #-16]!
+    mrs     x0, tpidr_el2
+    ldr     x0, [x0, #16]
+    cbz     x0, 1f
     mrs     x0, esr_el2
+    lsr     x1, x0, #26
+    cmp     x1, #0x16
+    b.ne    2f
+    tst     x0, #0xffff
+    b.ne    2f
+    ldp     x0, x1, [sp], #16
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    b       pkvm_el2_hvc_entry
+1:  mrs     x0, esr_el2
     and     x0, x0, #0xfffffffffffffc1f
     movz    x1, #{ctr_lo}
     movk    x1, #{ctr_hi}, lsl #16
     cmp     x0, x1
     b.eq    __guest_ctr_read
-    mov     x0, #8
+2:  mov     x0, #8
     b       __guest_exit
     GUEST_ENTRY 9
     GUEST_ENTRY 10
@@ -109,6 +140,42 @@ __guest_ctr_read:
     mov     x0, #8
     b       __guest_exit
 
+// The host's hypercall: x0..x7 in and out (SMCCC), x8..x18, x29, x30,
+// ELR_EL2 and SPSR_EL2 preserved; the frame's first 64 bytes are the
+// `[u64; 8]` the handler works on. x0, x1 are already at [sp].
+pkvm_el2_hvc_entry:
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x29, [sp, #144]
+    mrs     x0, elr_el2
+    mrs     x1, spsr_el2
+    stp     x0, x1, [sp, #160]
+    str     x30, [sp, #176]
+    mov     x0, sp
+    bl      pkvm_el2_hvc
+    ldp     x0, x1, [sp, #160]
+    msr     elr_el2, x0
+    msr     spsr_el2, x1
+    ldr     x30, [sp, #176]
+    ldp     x18, x29, [sp, #144]
+    ldp     x16, x17, [sp, #128]
+    ldp     x14, x15, [sp, #112]
+    ldp     x12, x13, [sp, #96]
+    ldp     x10, x11, [sp, #80]
+    ldp     x8, x9, [sp, #64]
+    ldp     x6, x7, [sp, #48]
+    ldp     x4, x5, [sp, #32]
+    ldp     x2, x3, [sp, #16]
+    ldp     x0, x1, [sp, #0]
+    add     sp, sp, #{frame}
+    eret
+
 pkvm_el2_self_exception:
     stp     x2, x3, [sp, #16]
     stp     x4, x5, [sp, #32]
@@ -134,12 +201,16 @@ pkvm_el2_self_exception:
     ctr_hi = const CTR_READ_ESR >> 16,
     ctr_off = const core::mem::offset_of!(GuestRegs, ctr_el0),
     reads_off = const core::mem::offset_of!(GuestRegs, ctr_reads),
+    frame = const FRAME,
 );
 
 /// `ESR_EL2` of a trapped `MRS Xt, CTR_EL0` with Rt = 0: EC 0x18, IL,
 /// ISS Op0 3, Op2 1, Op1 3, CRn 0, CRm 0, direction read.
 pub const CTR_READ_ESR: u64 = (0x18 << 26) | (1 << 25) | (3 << 20) | (1 << 17) | (3 << 14) | 1;
 const _: () = assert!(CTR_READ_ESR == 0x6232_c001);
+
+/// Bytes of the frame an exception taken at EL2 pushes (a multiple of 16).
+const FRAME: usize = 272;
 
 /// Registers saved by an EL2-self exception (x0..x30).
 #[repr(C)]
@@ -157,7 +228,7 @@ extern "C" fn pkvm_el2_exception(frame: &SelfFrame, kind: u64) -> ! {
         "EL2 exception (vector {kind}) ESR_EL2={esr:#x} (EC {:#x}) ELR_EL2={elr:#x} FAR_EL2={far:#x} lr={:#x} sp={:#x}",
         esr >> 26,
         frame.x[30],
-        frame as *const SelfFrame as u64 + 272
+        frame as *const SelfFrame as u64 + FRAME as u64
     );
     panic!("unexpected exception at EL2");
 }

@@ -689,6 +689,13 @@ impl GuestVm {
         self.touch_vma.map_or(0, |h| self.process.pins(h))
     }
 
+    /// The physical page at byte `offset` of the touch slot, if the guest
+    /// touched it.
+    pub fn touch_pa(&self, offset: u64) -> Option<Pa> {
+        let hva = self.touch_vma?;
+        self.process.populated(Hva(hva.0 + offset))
+    }
+
     /// The VM's VMID (standard mode) or handle (protected mode).
     pub fn kick_id(&self) -> u16 {
         self.vm.vmid().or(self.vm.handle()).unwrap_or(0)

@@ -34,8 +34,10 @@
 //! end of RAM. The carve-out is kept out of the host pool in both modes.
 #![forbid(unsafe_code)]
 
+pub mod attack;
 pub mod backend;
 pub mod debug;
+pub mod el1host;
 pub mod fdtgen;
 pub mod guest;
 pub mod irq;
@@ -168,10 +170,11 @@ pub fn main(p: &'static Platform) -> i32 {
         "debug" => bool_code(debug::debug(&process, p)),
         "debug-isolation" => bool_code(debug::isolation(&process, p)),
         "setway" => bool_code(debug::setway(&process)),
+        "host-attack" => bool_code(attack::host_attack(&lay, &process)),
         "panic" => panic!("deliberate panic (scenario \"panic\")"),
         other => {
             println!(
-                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, debug, debug-isolation, setway, panic)"
+                "scenario {other}: unknown (known: demo, touch, exits, protected, guest, sched-smp, sched-smp-protected, sched-spin, reset, reset-protected, reset-concurrent, pmu, sve-switch, debug, debug-isolation, setway, host-attack, panic)"
             );
             (false, 2)
         }
@@ -595,6 +598,15 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     let Some(plat) = protected_platform(lay) else {
         return false;
     };
+    if let Some(h) = plat.hyp() {
+        match platform::null_hvc_ns(h) {
+            Some(ns) => println!(
+                "hyp: null hypercall round trip {ns} ns (GET_SIZES, mean of {})",
+                platform::NULL_HVC_CALLS
+            ),
+            None => return check("hyp: null hypercall succeeds", false),
+        }
+    }
     let before = print_hyp(&plat, "before the VMs");
     let size = if full { 64 * MIB } else { 16 * MIB };
     let r = (0x4400_0000, size);
@@ -636,6 +648,16 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     }
     ok &= finish_all(vms);
     let after = print_hyp(&plat, "after teardown");
+    let used = crate::platform::start::stack_used(0);
+    println!(
+        "boot CPU stack: {} KiB of {} KiB used",
+        used / 1024,
+        crate::platform::STACK_SIZE / 1024
+    );
+    ok &= check(
+        "boot CPU stack: 16 KiB left",
+        used + 16 * 1024 <= crate::platform::STACK_SIZE,
+    );
     ok &= check(
         "hyp: no VM state left",
         after.vm_pages == 0 && after.live_vms == 0,

@@ -3,9 +3,9 @@
 //!
 //! - [`BootPlatform`] implements [`HostPlatform`]: stage-2 environments are
 //!   the hardware `TlbOps`/`PtMemory` of [`HwS2`] for a VMID; pages come
-//!   from the image's page pool ([`super::pool`]); the hypercall is a
-//!   direct call into the in-image [`Hyp`] ([`hyp_call`]: host and
-//!   hypervisor both run at EL2 for now); kicks go to the vCPU scheduler
+//!   from the image's page pool ([`super::pool`]); the hypercall is an
+//!   `hvc #0` taken by the EL2 vectors, which call the in-image [`Hyp`]
+//!   ([`hyp_call`]); kicks go to the vCPU scheduler
 //!   ([`super::run`]): a sleeping vCPU is queued, a running one gets the
 //!   kick SGI.
 //! - [`HwHyp`] implements [`HypPlatform`] over the EL2 identity map.
@@ -27,6 +27,7 @@ use pkvm_pgtable::PtMemory;
 use pkvm_sync::{LockClass, SpinLock};
 
 use super::pool;
+use crate::platform::hvc;
 use crate::platform::hw::{HwEl2, HwS2};
 use crate::platform::start;
 
@@ -123,6 +124,8 @@ pub fn init_hyp(
     };
     let hyp: &'static BootHyp =
         Box::leak(Box::new(Hyp::new(HwHyp, &cfg).map_err(HypInitError::Init)?));
+    *HVC_TARGET.lock() = Some(hyp);
+    hvc::set_handler(host_hvc);
     let mut regs = [0u64; 8];
     regs[0] = pkvm_hyp::hvc::id::FINALIZE as u64;
     hyp_call(Some(hyp), start::cpu_index(), &mut regs);
@@ -133,16 +136,56 @@ pub fn init_hyp(
     Ok(hyp)
 }
 
-/// The host -> hypervisor call: the only place the host enters pkvm-hyp.
-/// Host and hypervisor both run at EL2 in this image, so this is a direct
-/// call of [`Hyp::handle_host_hvc`]; once the host moves to EL1 it becomes
-/// an `hvc #0` with `regs` in x0..x7 (and the EL2 vectors call
-/// `handle_host_hvc`).
-pub fn hyp_call(hyp: Option<&BootHyp>, cpu: usize, regs: &mut [u64; 8]) {
-    match hyp {
+/// The hypervisor [`hyp_call`]'s HVCs reach (set by [`init_hyp`] before
+/// `FINALIZE`).
+static HVC_TARGET: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, LockClass::Leaf);
+
+/// The hypervisor's HVC handler ([`hvc::set_handler`]): runs at EL2 on
+/// the calling CPU, `cpu` from the hypervisor's own per-CPU data.
+fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
+    if regs[0] == u64::from(super::el1host::NULL_RUN) {
+        return super::el1host::null_run(regs);
+    }
+    let target = *HVC_TARGET.lock();
+    match target {
         Some(h) => h.handle_host_hvc(cpu, regs),
         None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
     }
+}
+
+/// The host -> hypervisor call: the only place the host enters pkvm-hyp,
+/// by `hvc #0` with `regs` in x0..x7 ([`hvc::call`]); the EL2 vector
+/// calls [`Hyp::handle_host_hvc`] with the CPU index EL2 knows (the
+/// caller's `cpu` is not passed). `hyp` = `None` (standard mode): no
+/// hypervisor, `NOT_SUPPORTED` without a trap.
+pub fn hyp_call(hyp: Option<&BootHyp>, _cpu: usize, regs: &mut [u64; 8]) {
+    match hyp {
+        Some(_) => hvc::call(regs),
+        None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
+    }
+}
+
+/// Hypercalls timed by [`null_hvc_ns`].
+pub const NULL_HVC_CALLS: u32 = 10_000;
+
+/// The mean round trip of a null hypercall in nanoseconds: `GET_SIZES`
+/// (decoded, validated and answered without touching any state) issued
+/// [`NULL_HVC_CALLS`] times through [`hyp_call`], timed with the physical
+/// counter. `None` when a call fails.
+pub fn null_hvc_ns(hyp: &'static BootHyp) -> Option<u64> {
+    let start = crate::platform::timer::now();
+    for _ in 0..NULL_HVC_CALLS {
+        let mut regs = [0u64; 8];
+        regs[0] = pkvm_hyp::hvc::id::GET_SIZES as u64;
+        regs[1] = 40;
+        hyp_call(Some(hyp), start::cpu_index(), &mut regs);
+        if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
+            return None;
+        }
+    }
+    let ticks = crate::platform::timer::now() - start;
+    let freq = crate::platform::timer::frequency().max(1);
+    Some(ticks * 1_000_000_000 / freq / u64::from(NULL_HVC_CALLS))
 }
 
 /// The platform the host runs on in the image.

@@ -188,6 +188,17 @@ impl BootProcess {
             .map_or(0, |m| m.pins.load(Ordering::Relaxed))
     }
 
+    /// The physical page behind `hva` if it is populated (takes no
+    /// reference and populates nothing).
+    pub fn populated(&self, hva: Hva) -> Option<Pa> {
+        let vmas = self.vmas.read();
+        let vma = vmas.iter().find(|m| m.contains(hva))?;
+        let g = vma.backing.granule();
+        let idx = ((hva.0 - vma.start.0) / g) as usize;
+        let folio = vma.folios[idx].load(Ordering::Acquire);
+        (folio != 0).then(|| Pa(folio + (((hva.0 - vma.start.0) % g) & !(PAGE_SIZE - 1))))
+    }
+
     /// Copies `data` into the memory at `hva` (the VMM loading an image),
     /// populating pages as needed, and cleans it to the point of coherency
     /// (the guest starts with its MMU and caches off).
