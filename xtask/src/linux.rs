@@ -120,6 +120,7 @@ fn boot(
         mem_mib: 256,
         append: append.into(),
         host_cpus: HOST_CPUS,
+        sve: None,
     };
     let w = Watch {
         mark: Some(START),

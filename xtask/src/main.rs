@@ -99,6 +99,11 @@ pub struct RunArgs {
     /// pkvm-hyp owns the guest's memory, donated on fault).
     #[arg(long, requires = "guest")]
     pub protected: bool,
+    /// Offer SVE to the `--guest` with a maximum vector length of BYTES (a
+    /// power of two in 16..=256; without a value, the host CPU's largest).
+    /// Off by default.
+    #[arg(long, requires = "guest", value_name = "BYTES", num_args = 0..=1)]
+    pub sve: Option<Option<u32>>,
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,

@@ -157,14 +157,24 @@ pub fn sve_switch(process: &Arc<BootProcess>) -> bool {
         runs_total += runs;
         let st = g.vcpu_stats(0);
         println!(
-            "sve: vm {name}: VL {} bytes, {runs} scheduler runs, {} guest entries, {} WFx exits, {} UNDEFs injected",
+            "sve: vm {name}: VL {} bytes, {runs} scheduler runs, {} guest entries, {} WFx exits, {} UNDEFs injected, {} lazy SVE loads",
             g.sve_max_vl().unwrap_or(0),
             st.entries,
             st.wfx,
-            st.undefs
+            st.undefs,
+            st.sve_lazy_loads
         );
         ok &= check("sve: guest result", g.report(code::DONE) == Some((0, 0)));
         ok &= check("sve: a run per round", runs >= ROUNDS);
+        // Each round's fill after a yield is the first SVE use of a run:
+        // a lazy load per round (none without SVE).
+        ok &= check(
+            "sve: lazy loads",
+            match g.sve_max_vl() {
+                Some(_) => st.sve_lazy_loads >= ROUNDS,
+                None => st.sve_lazy_loads == 0,
+            },
+        );
     }
     let mismatches = vms
         .iter()
