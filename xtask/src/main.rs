@@ -68,6 +68,10 @@ enum Cmd {
         /// Pairs of boots.
         #[arg(long, default_value_t = 3)]
         repeat: u32,
+        /// Boot without SVE (by default the guest is offered SVE at the
+        /// host's largest vector length, as in `qemu:linux-initramfs`).
+        #[arg(long)]
+        no_sve: bool,
     },
     /// Write the test initramfs (newc cpio: a static arm64 busybox and an
     /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
@@ -155,9 +159,9 @@ fn main() -> ExitCode {
         Cmd::Test { only, verbose } => tiers::run_all(only.as_deref(), verbose),
         Cmd::Run(args) => run(&args),
         Cmd::IrqLatency => latency::run(),
-        Cmd::BootRatio { repeat } => prereq::ensure(true)
+        Cmd::BootRatio { repeat, no_sve } => prereq::ensure(true)
             .and_then(|()| image::build_all())
-            .and_then(|img| linux::ratio(&img.image, repeat)),
+            .and_then(|img| linux::ratio(&img.image, repeat, !no_sve)),
         Cmd::Build => prereq::ensure(true)
             .and_then(|()| image::build_all())
             .map(|img| {

@@ -9,12 +9,15 @@
 //!   on QEMU's `max` CPU) and `nosve` (SVE not offered). Each round, every VM fills its
 //!   registers (Z/P/FFR, or q0-q31 without SVE) with its own pattern,
 //!   yields the CPU with a trapped WFI so the scheduler runs another VM,
-//!   and checks its registers and vector length afterwards; `nosve` also
-//!   checks that `RDVL` and `ZCR_EL1` UNDEF at its vector.
+//!   and checks its registers and vector length afterwards (after an
+//!   FP/SIMD write to V30: the first SVE instruction after the yield takes
+//!   the world switch's lazy load, which must merge V into Z); `nosve`
+//!   also checks that `RDVL` and `ZCR_EL1` UNDEF at its vector.
 //!
 //! Passes when every VM reports no failure, each VM ran at least once per
 //! round (every run of a round is a world switch from another VM while
-//! the others are runnable) and the VMs power off.
+//! the others are runnable), each SVE VM took a lazy SVE load per round
+//! (none for `nosve`) and the VMs power off.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
