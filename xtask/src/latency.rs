@@ -50,6 +50,7 @@ fn under_pkvm() -> Result<String> {
         mem_mib: 32,
         append: String::new(),
         host_cpus: 2,
+        sve: None,
         initrd: None,
         protected: false,
     };

@@ -24,6 +24,8 @@ pub const HOST_CPUS: u32 = 2;
 pub const TIMEOUT: Duration = Duration::from_secs(150);
 /// The guest's command line.
 pub const APPEND: &str = "console=ttyAMA0";
+/// What Linux prints when it enables SVE (the standard boot offers it).
+const SVE_FOUND: &str = "CPU features: detected: Scalable Vector Extension";
 /// The line `/init` prints first.
 pub const START: &str = "pkvm-init: start";
 
@@ -101,12 +103,13 @@ pub fn problems(console: &str, exit: Option<i32>, vcpus: u32) -> Vec<String> {
 }
 
 /// One boot of the kernel with the initramfs: `protected` or not, with
+/// SVE offered at the host's largest vector length or not (`sve`), with
 /// `append`, `input` typed into the serial input once a line contains
 /// `.0`. Returns the outcome.
 fn boot(
     image: &Path,
     files: &(PathBuf, PathBuf),
-    protected: bool,
+    (protected, sve): (bool, bool),
     smp: u32,
     append: &str,
     input: Option<(&str, &[u8])>,
@@ -120,6 +123,7 @@ fn boot(
         mem_mib: 256,
         append: append.into(),
         host_cpus: HOST_CPUS,
+        sve: sve.then_some(0),
     };
     let w = Watch {
         mark: Some(START),
@@ -180,9 +184,15 @@ pub fn tier(image: &Path, verbose: bool) -> Result<String> {
     };
     let mut times = Vec::new();
     let mut bare = None;
+    // The standard boot with SVE offered (the host's largest vector
+    // length; Linux finds and enables it), the protected one without.
     for (name, protected) in [("standard", false), ("protected VM", true)] {
-        let o = boot(image, &files, protected, VCPUS, APPEND, None)?;
-        fail_or(name, &o, problems(&o.console, o.exit_code, VCPUS), verbose)?;
+        let o = boot(image, &files, (protected, !protected), VCPUS, APPEND, None)?;
+        let mut p = problems(&o.console, o.exit_code, VCPUS);
+        if !protected && !o.console.contains(SVE_FOUND) {
+            p.push(format!("SVE offered, but no guest line {SVE_FOUND:?}"));
+        }
+        fail_or(name, &o, p, verbose)?;
         times.push(o.mark_at.unwrap_or(o.elapsed));
         if bare.is_none() {
             // Right after the standard boot, so both see the same load
@@ -195,7 +205,7 @@ pub fn tier(image: &Path, verbose: bool) -> Result<String> {
     let o = boot(
         image,
         &files,
-        false,
+        (false, false),
         2,
         &shell,
         Some(("pkvm-init: shell", typed)),
@@ -217,13 +227,14 @@ pub fn tier(image: &Path, verbose: bool) -> Result<String> {
 
 /// `cargo xtask boot-ratio`: `repeat` pairs of boots to the `/init`
 /// marker, bare QEMU then pkvm-rs (standard mode, [`VCPUS`] vCPUs on
-/// [`HOST_CPUS`] CPUs), each pair back to back so both see the same load;
+/// [`HOST_CPUS`] CPUs, SVE offered when `sve`, as in the tier), each pair
+/// back to back so both see the same load;
 /// prints every pair and the medians. Returns the exit code (1 when a boot
 /// never reached `/init`).
 ///
 /// # Errors
 /// The kernel or busybox is missing, or QEMU could not start.
-pub fn ratio(image: &Path, repeat: u32) -> Result<i32> {
+pub fn ratio(image: &Path, repeat: u32, sve: bool) -> Result<i32> {
     let files = match inputs()? {
         Ok(f) => f,
         Err(skip) => bail!("boot-ratio: {skip}"),
@@ -231,7 +242,7 @@ pub fn ratio(image: &Path, repeat: u32) -> Result<i32> {
     let (mut bare, mut pkvm, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=repeat.max(1) {
         let b = bare_qemu(&files)?;
-        let p = boot(image, &files, false, VCPUS, APPEND, None)?;
+        let p = boot(image, &files, (false, sve), VCPUS, APPEND, None)?;
         let (Some(b), Some(p)) = (b.mark_at, p.mark_at) else {
             println!(
                 "boot-ratio: run {i}: a boot never reached /init (bare {:?}, pkvm-rs {:?})",

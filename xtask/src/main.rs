@@ -68,6 +68,10 @@ enum Cmd {
         /// Pairs of boots.
         #[arg(long, default_value_t = 3)]
         repeat: u32,
+        /// Boot without SVE (by default the guest is offered SVE at the
+        /// host's largest vector length, as in `qemu:linux-initramfs`).
+        #[arg(long)]
+        no_sve: bool,
     },
     /// Write the test initramfs (newc cpio: a static arm64 busybox and an
     /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
@@ -99,6 +103,11 @@ pub struct RunArgs {
     /// pkvm-hyp owns the guest's memory, donated on fault).
     #[arg(long, requires = "guest")]
     pub protected: bool,
+    /// Offer SVE to the `--guest` with a maximum vector length of BYTES (a
+    /// power of two in 16..=256; without a value, the host CPU's largest).
+    /// Off by default.
+    #[arg(long, requires = "guest", value_name = "BYTES", num_args = 0..=1)]
+    pub sve: Option<Option<u32>>,
     /// The guest's kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,
@@ -150,9 +159,9 @@ fn main() -> ExitCode {
         Cmd::Test { only, verbose } => tiers::run_all(only.as_deref(), verbose),
         Cmd::Run(args) => run(&args),
         Cmd::IrqLatency => latency::run(),
-        Cmd::BootRatio { repeat } => prereq::ensure(true)
+        Cmd::BootRatio { repeat, no_sve } => prereq::ensure(true)
             .and_then(|()| image::build_all())
-            .and_then(|img| linux::ratio(&img.image, repeat)),
+            .and_then(|img| linux::ratio(&img.image, repeat, !no_sve)),
         Cmd::Build => prereq::ensure(true)
             .and_then(|()| image::build_all())
             .map(|img| {

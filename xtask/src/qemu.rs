@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `PKVMHOF1` |
 //! | 8 | 4 | version (1) |
-//! | 12 | 4 | flags: bit 0 = run the external guest as a protected VM |
+//! | 12 | 4 | flags: bit 0 = run the external guest as a protected VM; bit 1 = offer it SVE |
 //! | 16 | 32 | scenario name, NUL-padded |
 //! | 48 | 8 | guest load address (0 if none) |
 //! | 56 | 8 | guest size in bytes |
@@ -24,6 +24,7 @@
 //! | 80 | 1024 | command line (not NUL-terminated) |
 //! | 1104 | 8 | initrd load address (0 if none) |
 //! | 1112 | 8 | initrd size in bytes |
+//! | 1120 | 4 | SVE maximum vector length in bytes (flags bit 1; 0: the host CPU's largest) |
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -64,6 +65,23 @@ pub struct RunSpec {
     pub append: String,
     /// Physical CPUs QEMU emulates (`-smp`); 0 means [`DEFAULT_HOST_CPUS`].
     pub host_cpus: u32,
+    /// Offer the external guest SVE with this maximum vector length in
+    /// bytes (0: the host CPU's largest); `None`: no SVE.
+    pub sve: Option<u32>,
+}
+
+/// Checks `--sve BYTES`: a vector length the architecture allows (a power
+/// of two in 16..=256 bytes). Whether the CPU has it is the image's check
+/// (its policy refuses a length above the CPU's, naming `sve_max_vl`).
+///
+/// # Errors
+/// The value and what is allowed.
+pub fn validate_sve(bytes: u32) -> Result<u32> {
+    ensure!(
+        bytes.is_power_of_two() && (16..=256).contains(&bytes),
+        "--sve {bytes}: the maximum vector length must be a power of two in 16..=256 bytes (128..=2048 bits); leave the value out for the host CPU's largest"
+    );
+    Ok(bytes)
 }
 
 /// Physical CPUs of a QEMU run unless a spec asks otherwise.
@@ -282,6 +300,11 @@ impl RunSpec {
                 format!("scenario {scenario}")
             }
         );
+        let sve = match a.sve {
+            Some(Some(bytes)) => Some(validate_sve(bytes)?),
+            Some(None) => Some(0),
+            None => None,
+        };
         if let Some(g) = &a.guest {
             validate_guest(g, a.mem)?;
             if let Some(i) = &a.initrd {
@@ -297,6 +320,7 @@ impl RunSpec {
             mem_mib: a.mem,
             append,
             host_cpus: a.cpus,
+            sve: sve.filter(|_| a.guest.is_some()),
         })
     }
 
@@ -327,7 +351,9 @@ pub fn handoff_block(spec: &RunSpec, guest_size: u64, initrd_size: u64) -> Vec<u
     let mut b = vec![0u8; 4096];
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
-    b[12..16].copy_from_slice(&u32::from(spec.protected && spec.guest.is_some()).to_le_bytes());
+    let ext = spec.guest.is_some();
+    let flags = u32::from(spec.protected && ext) | (u32::from(spec.sve.is_some() && ext) << 1);
+    b[12..16].copy_from_slice(&flags.to_le_bytes());
     let name = spec.scenario.as_bytes();
     let n = name.len().min(31);
     b[16..16 + n].copy_from_slice(&name[..n]);
@@ -344,6 +370,9 @@ pub fn handoff_block(spec: &RunSpec, guest_size: u64, initrd_size: u64) -> Vec<u
     if spec.guest.is_some() && initrd_size > 0 {
         b[1104..1112].copy_from_slice(&initrd_pa(guest_size).to_le_bytes());
         b[1112..1120].copy_from_slice(&initrd_size.to_le_bytes());
+    }
+    if let Some(vl) = spec.sve.filter(|_| ext) {
+        b[1120..1124].copy_from_slice(&vl.to_le_bytes());
     }
     b
 }
@@ -736,6 +765,7 @@ mod tests {
             mem_mib: 96,
             append: "console=ttyAMA0".into(),
             host_cpus: 0,
+            sve: None,
         };
         let b = handoff_block(&spec, 1234, 77);
         assert_eq!(b.len(), 4096);
@@ -848,6 +878,43 @@ mod tests {
         assert_eq!(run_timeout(&a), Some(Duration::from_secs(5)));
         let a = parse(&["--timeout", "0"]).unwrap();
         assert_eq!(run_timeout(&a), None);
+    }
+
+    /// `--sve [BYTES]`: off by default; without a value the host's
+    /// largest (0 in the block); a length the architecture does not allow
+    /// is refused before QEMU starts, naming the value and the range.
+    #[test]
+    fn sve_flag_is_validated_and_carried_in_the_handoff_block() {
+        let d = scratch("guest-sve");
+        let flat = d.join("flat.bin");
+        std::fs::write(&flat, [0xd5u8; 8192]).unwrap();
+        let g = flat.to_str().unwrap();
+        let spec = |argv: &[&str]| {
+            let mut v = vec!["--guest", g];
+            v.extend_from_slice(argv);
+            RunSpec::from_args(&parse(&v).unwrap())
+        };
+        let sve_of = |s: &RunSpec| {
+            let b = handoff_block(s, 8192, 0);
+            let flags = u32::from_le_bytes(b[12..16].try_into().unwrap());
+            let vl = u32::from_le_bytes(b[1120..1124].try_into().unwrap());
+            (flags & 2 != 0, vl)
+        };
+        let off = spec(&[]).unwrap();
+        assert_eq!((off.sve, sve_of(&off)), (None, (false, 0)));
+        let max = spec(&["--sve"]).unwrap();
+        assert_eq!((max.sve, sve_of(&max)), (Some(0), (true, 0)));
+        let v64 = spec(&["--sve", "64"]).unwrap();
+        assert_eq!((v64.sve, sve_of(&v64)), (Some(64), (true, 64)));
+        for bad in ["0", "8", "48", "512"] {
+            let e = spec(&["--sve", bad]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("--sve {bad}: the maximum vector length must be a power of two in 16..=256 bytes")),
+                "{e}"
+            );
+        }
+        assert!(parse(&["--sve", "64"]).is_err(), "--sve needs --guest");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// A scratch directory for guest files of one test.

@@ -343,6 +343,11 @@ fn scenario_tests() -> Vec<QemuTest> {
                 "vm mmio: mmio exit outside memslots",
                 "vm hvc: undefined hvc returned NOT_SUPPORTED",
                 "vm psci: powered off (PSCI SYSTEM_OFF)",
+                "[guest off] psci: CPU_OFF of the only vCPU",
+                "[guest late] psci: 300 WFIs done, powering off",
+                "vm late: powered off (PSCI SYSTEM_OFF)",
+                "run: ended with every vCPU left off or suspended",
+                "exits: run ended with every vCPU left asleep: true; vm off: Some(Error(\"every vCPU is off or suspended and nothing can wake them\"))",
                 "scenario exits: PASS",
             ]),
         },
@@ -490,6 +495,7 @@ fn reset_tests() -> Vec<QemuTest> {
                 mem_mib: 32,
                 append: String::new(),
                 host_cpus: 2,
+                sve: None,
             },
             exit_code: 1,
             markers: s(&[
@@ -562,6 +568,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 0,
+                sve: None,
             },
             exit_code: 0,
             markers: s(&[
@@ -584,6 +591,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 mem_mib: 32,
                 append: String::new(),
                 host_cpus: 1,
+                sve: None,
             },
             exit_code: 0,
             markers: s(&[
@@ -620,6 +628,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 mem_mib: 32,
                 append: String::new(),
                 host_cpus: 2,
+                sve: None,
             },
             exit_code: 1,
             markers: s(&[
@@ -640,6 +649,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 mem_mib: 32,
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 2,
+                sve: None,
             },
             exit_code: 0,
             markers: s(&[
@@ -669,6 +679,7 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
             mem_mib: 32,
             append: String::new(),
             host_cpus: cpus,
+            sve: None,
         },
         exit_code: 0,
         markers: s(&[
@@ -714,6 +725,7 @@ fn pmu_test(name: &'static str, phase: &str, vcpus: u32, cpus: u32, markers: &[&
             mem_mib: 16,
             append: phase.into(),
             host_cpus: cpus,
+            sve: None,
         },
         exit_code: 0,
         markers: m,
@@ -815,6 +827,7 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
             mem_mib: 32,
             append: format!("ipi-rounds={rounds}"),
             host_cpus: cpus,
+            sve: None,
             initrd: None,
             protected: false,
         },
@@ -892,13 +905,17 @@ fn debian_kernel_tier(image: &Path, verbose: bool) -> Result<String> {
             k.display()
         ));
     }
-    let one = debian_kernel_run(image, &k, 1, verbose)?;
-    let two = debian_kernel_run(image, &k, 2, verbose)?;
-    Ok(format!("smp 1: {one}; smp 2: {two}"))
+    let one = debian_kernel_run(image, &k, 1, false, verbose)?;
+    let two = debian_kernel_run(image, &k, 2, false, verbose)?;
+    let sve = debian_kernel_run(image, &k, 1, true, verbose)?;
+    Ok(format!(
+        "smp 1: {one}; smp 2: {two}; smp 1 with SVE (host max): {sve}"
+    ))
 }
 
-/// What the Debian kernel must print with `smp` vCPUs.
-fn debian_markers(smp: u32) -> Vec<String> {
+/// What the Debian kernel must print with `smp` vCPUs (and `sve`: SVE
+/// offered at the host's largest vector length, found and used).
+fn debian_markers(smp: u32, sve: bool) -> Vec<String> {
     let mut m: Vec<String> = [
         "Booting Linux on physical CPU",
         "CPU features: detected:",
@@ -914,6 +931,10 @@ fn debian_markers(smp: u32) -> Vec<String> {
         m.push("GICv3: CPU1: found redistributor 1 region 0:0x00000000080c0000".into());
         m.push(format!("smp: Brought up 1 node, {smp} CPUs"));
     }
+    if sve {
+        m.push("SVE: maximum available vector length".into());
+        m.push("CPU features: detected: Scalable Vector Extension".into());
+    }
     m.push(DEBIAN_END.into());
     m
 }
@@ -925,7 +946,7 @@ const DEBIAN_FORBIDDEN: &[&str] = &[
     "Unable to handle kernel",
 ];
 
-fn debian_kernel_run(image: &Path, k: &Path, smp: u32, verbose: bool) -> Result<String> {
+fn debian_kernel_run(image: &Path, k: &Path, smp: u32, sve: bool, verbose: bool) -> Result<String> {
     let spec = RunSpec {
         scenario: "guest".into(),
         guest: Some(k.to_path_buf()),
@@ -935,6 +956,7 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, verbose: bool) -> Result<
         mem_mib: 256,
         append: "console=ttyAMA0 earlycon".into(),
         host_cpus: smp,
+        sve: sve.then_some(0),
     };
     let o = qemu::boot_until(
         image,
@@ -949,7 +971,14 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, verbose: bool) -> Result<
             .any(|l| l.starts_with("[guest guest") && l.contains(m))
     };
     let mut problems = Vec::new();
-    for m in debian_markers(smp) {
+    if sve
+        && !o
+            .console
+            .contains("guest: SVE offered, maximum vector length")
+    {
+        problems.push("the image did not offer SVE".into());
+    }
+    for m in debian_markers(smp, sve) {
         if !guest(&m) {
             problems.push(format!("no guest line with {m:?}"));
         }
@@ -972,12 +1001,12 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, verbose: bool) -> Result<
     }
     if !problems.is_empty() || verbose {
         println!(
-            "---- console of qemu:debian-kernel (smp {smp}) ----\n{}---- end of console ----",
+            "---- console of qemu:debian-kernel (smp {smp}, SVE {sve}) ----\n{}---- end of console ----",
             o.console
         );
     }
     if !problems.is_empty() {
-        bail!("smp {smp}: {}", problems.join("; "));
+        bail!("smp {smp}, SVE {sve}: {}", problems.join("; "));
     }
     let undefs = qemu::hypervisor_lines(&o.console)
         .filter(|l| l.contains("UNDEF injected"))

@@ -36,6 +36,10 @@ pub struct Handoff {
     /// The guest's initrd: (physical address, size), on the page after
     /// the guest file, below the pool.
     pub initrd: Option<(u64, u64)>,
+    /// Offer the external guest SVE (flags bit 1) with this maximum vector
+    /// length in bytes (0: the host CPU's largest). Not checked here: the
+    /// VM's feature policy refuses a bad length by name.
+    pub sve: Option<u32>,
 }
 
 impl Handoff {
@@ -73,6 +77,7 @@ pub fn read() -> Option<Handoff> {
     });
     Some(Handoff {
         protected: (w(8) >> 32) & 1 != 0,
+        sve: ((w(8) >> 33) & 1 != 0).then_some((w(1120) & 0xffff_ffff) as u32),
         initrd,
         scenario,
         guest,

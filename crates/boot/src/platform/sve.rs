@@ -1,16 +1,30 @@
 //! SVE at EL2: the CPU's maximum vector length, and a vCPU's SVE register
 //! file (Z0-Z31, P0-P15, FFR, `ZCR_EL1`) for the world switch.
 //!
-//! The world switch ([`super::switch`]) saves and restores the SVE state of
-//! a VM that has SVE eagerly, inside its entry/exit assembly (`__sve_load`
-//! after the guest's q0-q31 are loaded, `__sve_save` after they are
-//! stored): the Z registers hold the V registers in their low 128 bits, so
-//! the SVE image is the authority for a VM with SVE (loading it last sets
-//! V as well), and the saved q0-q31 are the low halves of the saved Z. The
-//! transfers run with `ZCR_EL2.LEN` at the VM's vector length ([`load`]),
-//! so the area holds exactly that many bytes per register. EL2 code uses
-//! only FP/SIMD (writes to V zero the upper bits of Z: harmless, the guest's
-//! Z were saved before any EL2 Rust code runs).
+//! The world switch ([`super::switch`]) switches the SVE state of a VM that
+//! has SVE lazily, as KVM does: each run enters the guest with
+//! `CPTR_EL2.TZ` set (FP/SIMD is switched eagerly), so the guest's first
+//! SVE instruction or `ZCR_EL1` access of the run traps to EL2 (EC 0x19).
+//! The run's loop answers that trap without a full exit ([`lazy_load`]):
+//! the guest's current V registers (just stored by the exit) become the
+//! low 128 bits of the saved Z, `ZCR_EL2.LEN` and `ZCR_EL1` are loaded,
+//! TZ is cleared and the guest re-enters at the trapping instruction with
+//! `GuestRegs.sve` set, so that the entry/exit assembly loads Z/P/FFR
+//! after q0-q31 (`__sve_load`) and stores them after q0-q31
+//! (`__sve_save`) for the rest of the run, and the final exit leaves them
+//! in the save area. A run in which the guest uses no SVE moves only
+//! q0-q31.
+//!
+//! V and Z agree in both directions: while Z/P/FFR are loaded, the exit
+//! stores q0-q31 and then Z (the same low 128 bits); while they are not,
+//! the V registers in `GuestRegs` are the authority for the low 128 bits
+//! and the lazy load merges them into the save area. A V register that
+//! changed since the save (an FP/SIMD write, which architecturally zeroes
+//! the Z register's upper bits) gets its upper bits zeroed; an unchanged
+//! one keeps them. The transfers run with `ZCR_EL2.LEN` at the VM's
+//! vector length, so the area holds exactly that many bytes per register.
+//! EL2 code uses only FP/SIMD (writes to V zero the upper bits of Z:
+//! harmless, the guest's Z were saved before any EL2 Rust code runs).
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -18,6 +32,8 @@ use core::arch::{asm, global_asm};
 
 use pkvm_sysreg::traps::cptr;
 use pkvm_sysreg::SVE_VL_ARCH_MAX;
+
+use super::switch::{Exit, EXIT_SYNC};
 
 use crate::{read_sysreg, write_sysreg};
 
@@ -108,6 +124,21 @@ impl SveRegs {
     pub(super) fn area_addr(&mut self) -> u64 {
         self.area.as_mut_ptr() as u64
     }
+
+    /// Makes the low 128 bits of each saved Z register the guest's current
+    /// V register (`v`: q0-q31 as the exit stored them); a Z register whose
+    /// low bits change gets its upper bits zeroed, as an FP/SIMD write
+    /// does on hardware.
+    fn merge_v(&mut self, v: &[u128; 32]) {
+        let per = usize::from(self.vl) / 16;
+        for (n, &q) in v.iter().enumerate() {
+            let z = &mut self.area[n * per..(n + 1) * per];
+            if z[0] != q {
+                z[0] = q;
+                z[1..].fill(0);
+            }
+        }
+    }
 }
 
 impl core::fmt::Debug for SveRegs {
@@ -125,15 +156,41 @@ const fn zcr_len(vl: u16) -> u64 {
     (vl / 16) as u64 - 1
 }
 
-/// Before a guest entry, with the VM's `CPTR_EL2` (TZ clear) written and
-/// synchronised (ISB): the VM's vector length into `ZCR_EL2` and the
-/// vCPU's `ZCR_EL1` (the entry's ISB makes them take effect).
-pub(super) fn load(s: &SveRegs) {
+/// With `CPTR_EL2.TZ` clear and synchronised (ISB): the VM's vector length
+/// into `ZCR_EL2` and the vCPU's `ZCR_EL1` (an ISB makes them take effect).
+fn load(s: &SveRegs) {
     write_sysreg!("S3_4_C1_C2_0", zcr_len(s.vl));
     write_sysreg!("S3_0_C1_C2_0", s.zcr_el1);
 }
 
-/// After a guest exit: the vCPU's `ZCR_EL1`.
+/// Exception class of a trapped SVE instruction or `ZCR_EL1` access
+/// (`CPTR_EL2.TZ`).
+pub const EC_SVE: u64 = 0x19;
+
+/// Whether `exit` is the trap of a guest's SVE use (`CPTR_EL2.TZ`).
+pub(super) fn is_sve_trap(exit: &Exit) -> bool {
+    exit.kind == EXIT_SYNC && (exit.esr >> 26) & 0x3f == EC_SVE
+}
+
+/// The lazy load, on the world switch's loop after the guest's first SVE
+/// use of a run trapped (the guest's registers are stored in memory, its
+/// EL1 state is loaded): the V registers `v` are merged into the save
+/// area ([`SveRegs::merge_v`]), `CPTR_EL2.TZ` is cleared, `ZCR_EL2.LEN`
+/// set to the VM's length and the vCPU's `ZCR_EL1` loaded. Returns the
+/// area's address for `GuestRegs.sve`: the next entry loads Z/P/FFR from
+/// it, and every exit of the run stores them there. The caller re-enters
+/// at the trapping instruction (its PC is unchanged).
+pub(super) fn lazy_load(s: &mut SveRegs, v: &[u128; 32]) -> u64 {
+    s.merge_v(v);
+    write_sysreg!("cptr_el2", read_sysreg!("cptr_el2") & !cptr::TZ);
+    super::sysreg::isb();
+    load(s);
+    super::sysreg::isb();
+    s.area_addr()
+}
+
+/// After a guest exit of a run whose Z/P/FFR were loaded: the vCPU's
+/// `ZCR_EL1` (Z/P/FFR were stored by the exit).
 pub(super) fn save(s: &mut SveRegs) {
     s.zcr_el1 = read_sysreg!("S3_0_C1_C2_0");
 }

@@ -17,10 +17,12 @@
 //! registers cleared) so no maintenance interrupt stays asserted at EL2.
 //!
 //! The host runs no EL1 code, so EL1 registers need no host copy; EL2 Rust
-//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly,
-//! and so are the SVE registers of a VM with SVE ([`super::sve`]: Z0-Z31,
-//! P0-P15 and FFR inside the entry/exit assembly, after q0-q31, with
-//! `ZCR_EL2.LEN` at the VM's vector length; `ZCR_EL1` around it). The
+//! code may use FP/SIMD registers, so guest q0-q31 are switched eagerly;
+//! the SVE registers of a VM with SVE lazily ([`super::sve`]: each run
+//! enters with `CPTR_EL2.TZ` set; the guest's first SVE use traps, [`run`]'s
+//! loop loads `ZCR_EL2.LEN`, `ZCR_EL1` and, through the entry assembly,
+//! Z0-Z31, P0-P15 and FFR after q0-q31, and from then on every exit of
+//! the run stores them after q0-q31). The
 //! host's own FP state is only EL2's callee-saved d8-d15, kept on the
 //! stack across the guest run.
 //!
@@ -66,8 +68,9 @@ pub struct GuestRegs {
     /// FPCR.
     pub fpcr: u64,
     /// Address of the vCPU's SVE save area while [`run`] runs a vCPU of a
-    /// VM with SVE ([`SveRegs`]), else 0: the entry loads Z/P/FFR from it
-    /// after q0-q31, the exit stores them after q0-q31.
+    /// VM with SVE ([`SveRegs`]) whose Z/P/FFR it has loaded (lazily, at
+    /// the guest's first SVE use of the run), else 0: the entry loads
+    /// Z/P/FFR from it after q0-q31, the exit stores them after q0-q31.
     sve: u64,
     /// The value a trapped `CTR_EL0` read returns on the vectors' own
     /// path (`__guest_ctr_read`, without a world switch); 0: such reads
@@ -588,6 +591,9 @@ pub struct Exit {
     /// The physical count just before the `eret` into the guest and just
     /// after its exit: the guest's run slice (the virtual PMU counts it).
     pub slice: (u64, u64),
+    /// Whether the run loaded the vCPU's SVE registers (its guest used SVE
+    /// and took the lazy load, [`super::sve`]).
+    pub sve_loaded: bool,
 }
 
 /// Vector index of a synchronous exception from a lower AArch64 EL.
@@ -690,11 +696,13 @@ pub fn load_pmuserenr(v: u64) {
 
 /// Runs the vCPU until it exits to EL2 with an exit `fast` does not
 /// complete. `sve`: the vCPU's SVE registers, for a VM with SVE (whose
-/// trap controls leave `CPTR_EL2.TZ` clear).
+/// trap controls leave `CPTR_EL2.TZ` clear): the run enters with TZ set
+/// and loads them at the guest's first SVE use ([`super::sve`]), on this
+/// loop, before `fast` sees anything.
 ///
-/// `fast` sees every exit first, with the guest's EL1 state, timer and
-/// virtual CPU interface still loaded in the hardware (only the general,
-/// FP/SIMD and, with SVE, Z/P/FFR registers are in memory): when it
+/// `fast` sees every other exit first, with the guest's EL1 state, timer
+/// and virtual CPU interface still loaded in the hardware (only the
+/// general, FP/SIMD and, once loaded, Z/P/FFR registers are in memory): when it
 /// completes the exit (it returns `true`, having updated `regs`, e.g. Rt
 /// and PC of a trapped register read), the guest is entered again at
 /// once, without the register saves and loads of a full switch. It must
@@ -711,23 +719,18 @@ pub fn run(
     let pauth = vm.pauth;
     update_sysreg!("vtcr_el2", vm.vtcr);
     update_sysreg!("vttbr_el2", vm.vttbr);
-    load_traps(&vm.traps);
-    // A VM with SVE: its vector length and ZCR_EL1 (CPTR_EL2.TZ, just
-    // written clear, lets EL2 reach them once an ISB has made the write
-    // take effect), and the area the entry loads Z/P/FFR from and the
-    // exit stores them to.
+    // A VM with SVE enters with SVE trapped: its first SVE use loads the
+    // vCPU's SVE registers (the loop below).
     assert!(
         sve.is_none() || vm.traps.cptr & cptr::TZ == 0,
         "SVE state switched for a VM whose CPTR_EL2 traps SVE"
     );
-    vcpu.regs.sve = match sve.as_deref_mut() {
-        Some(s) => {
-            super::sysreg::isb();
-            sve::load(s);
-            s.area_addr()
-        }
-        None => 0,
-    };
+    let mut traps = vm.traps;
+    if sve.is_some() {
+        traps.cptr |= cptr::TZ;
+    }
+    load_traps(&traps);
+    vcpu.regs.sve = 0;
     update_sysreg!("vmpidr_el2", vcpu.vmpidr);
     update_sysreg!("cntvoff_el2", vcpu.timer.voff);
     let s = &vcpu.sys;
@@ -750,12 +753,12 @@ pub fn run(
         // asm saves/restores every callee-saved register and the stack
         // pointer around the guest run, the guest runs under stage-2 with
         // memory the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
-        // `regs.sve` is 0 or the area of the `SveRegs` borrowed mutably for
-        // this call, which has room for Z/P/FFR at the architecture's
-        // largest vector length (so at whatever length ZCR_EL2 gives EL2),
-        // with CPTR_EL2.TZ clear (asserted above) so the SVE transfers do
-        // not trap at EL2. After a fast-path exit the loaded state is as
-        // before (`fast` only changes `regs`).
+        // `regs.sve` is 0 or (set by `sve::lazy_load`, which cleared
+        // CPTR_EL2.TZ so the SVE transfers do not trap at EL2) the area of
+        // the `SveRegs` borrowed mutably for this call, which has room for
+        // Z/P/FFR at the architecture's largest vector length (so at
+        // whatever length ZCR_EL2 gives EL2). After a fast-path exit the
+        // loaded state is as before (`fast` only changes `regs`).
         let kind = unsafe { __guest_enter(&mut vcpu.regs) };
         let exit = Exit {
             kind,
@@ -763,19 +766,27 @@ pub fn run(
             far: read_sysreg!("far_el2"),
             hpfar: read_sysreg!("hpfar_el2"),
             slice: (entered, 0),
+            sve_loaded: false,
         };
+        if let Some(s) = sve.as_deref_mut() {
+            if vcpu.regs.sve == 0 && sve::is_sve_trap(&exit) {
+                vcpu.regs.sve = sve::lazy_load(s, &vcpu.regs.v);
+                continue;
+            }
+        }
         if !fast(&exit, &mut vcpu.regs) {
             break exit;
         }
     };
     let exit = Exit {
         slice: (entered, read_sysreg!("cntpct_el0")),
+        sve_loaded: vcpu.regs.sve != 0,
         ..exit
     };
-    vcpu.regs.sve = 0;
-    if let Some(s) = sve {
+    if let Some(s) = sve.filter(|_| vcpu.regs.sve != 0) {
         sve::save(s);
     }
+    vcpu.regs.sve = 0;
     let s = &mut vcpu.sys;
     el1_list!(sysregs_xfer!(s, save));
     vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");

@@ -49,7 +49,10 @@
 //! on each pass through its loop kicks the sleepers whose deadline has
 //! passed: the same kick as any other wake-up, so the lost-wake-up
 //! argument above holds. A run ends with every vCPU asleep only when none
-//! has a deadline.
+//! has a deadline: checked when a vCPU goes to sleep and when one is
+//! retired (`Done`: a VM that finishes while another VM's vCPUs are all
+//! off or blocked in WFI ends the run; those VMs are then stopped with an
+//! error).
 //!
 //! # pkvm-host vCPUs
 //! [`host::HostRunner`] adapts a claimed `pkvm_host::Vcpu` to
@@ -470,6 +473,11 @@ impl<V: SchedVcpu> Scheduler<V> {
                     drop(retired);
                     self.state[i].store(EMPTY, Ordering::SeqCst);
                     if self.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        self.stop();
+                    } else if self.everyone_asleep() {
+                        // The last vCPU that could wake the others (with
+                        // CPU_ON, an SGI, a device interrupt) has gone.
+                        self.all_asleep.store(true, Ordering::SeqCst);
                         self.stop();
                     }
                 }

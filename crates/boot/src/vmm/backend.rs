@@ -126,6 +126,10 @@ pub struct BackendStats {
     /// Scheduler runs that entered the guest on a CPU whose previous guest
     /// was another VM.
     pub after_other_vm: u64,
+    /// Scheduler runs of a vCPU of a VM with SVE whose guest used SVE, so
+    /// that the world switch loaded its Z/P/FFR (lazily, at the first SVE
+    /// trap of the run; runs without SVE use move only q0-q31).
+    pub sve_lazy_loads: u64,
 }
 
 /// PSTATE.SS (software step). An instruction the hypervisor emulates and
@@ -466,6 +470,7 @@ impl<'a> HwBackend<'a> {
         s.sysreg += ctr;
         s.sysreg_fast += ctr;
         s.exits += 1 + ctr;
+        self.hw.stats.sve_lazy_loads += u64::from(exit.sve_loaded);
         self.pmu_after_exit(exit.slice);
         let (vt, pt) = self.timers();
         let kick = self

@@ -971,6 +971,7 @@ impl GuestVm {
             t.sgis += s.sgis;
             t.guest_irqs += s.guest_irqs;
             t.wfi_blocks += s.wfi_blocks;
+            t.sve_lazy_loads += s.sve_lazy_loads;
         }
         t
     }
@@ -1046,6 +1047,12 @@ impl GuestVm {
             "vm {}: vgic: {} GIC register accesses ({} refused with an abort), {} SGIs sent, {} guest interrupt exits (virtual timer, maintenance), {} WFIs blocked",
             self.name, hw.gic_mmio, hw.gic_aborts, hw.sgis, hw.guest_irqs, hw.wfi_blocks
         );
+        if let Some(vl) = self.sve_max_vl() {
+            println!(
+                "vm {}: SVE: vector length {vl} bytes, {} lazy loads of Z/P/FFR (runs in which the guest used SVE) in {} guest entries",
+                self.name, hw.sve_lazy_loads, hw.entries
+            );
+        }
         self.print_sysreg_stats();
     }
 

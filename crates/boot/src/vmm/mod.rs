@@ -57,6 +57,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use pkvm_arch::Pa;
 use pkvm_hyp::MemRegion;
+use pkvm_sysreg::IdOverrides;
 
 use crate::platform::dt::Platform;
 use crate::platform::handoff::POOL_START;
@@ -467,15 +468,69 @@ fn exits_ok(m: &GuestVm, h: &GuestVm, p: &GuestVm) -> bool {
     )
 }
 
-/// MMIO, HVC/SMC and PSCI/abort-injection guests at once.
+/// guest-psci in a mode (`x0`): `off` (1) turns its vCPU off at once and
+/// never wakes again, `late` (2) yields 300 times, then powers off.
+fn psci_mode_vm(
+    plat: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    name: &'static str,
+    mode: u64,
+) -> Option<Arc<GuestVm>> {
+    let spec = VmSpec {
+        name,
+        mem: 4 * MIB,
+        backing: Backing::Page4K,
+        image: ImageSource::Embedded(GUEST_PSCI),
+        load_offset: 0,
+        vcpus: 1,
+        dtb_bootargs: None,
+        initrd: None,
+        protected: false,
+        touch: None,
+        x0: Some(mode),
+    };
+    guest::create(plat, process, &spec)
+        .map_err(|e| println!("vm {name}: create failed: {e}"))
+        .ok()
+}
+
+/// MMIO, HVC/SMC and PSCI/abort-injection guests at once, with a VM
+/// (`off`) whose only vCPU turns itself off with CPU_OFF at once and one
+/// (`late`) that finishes after 300 yields: once `late` is done,
+/// everything left in the run is asleep for good, and the run must end
+/// (not hang) with `off` stopped as unwakeable.
 fn exits(process: &Arc<BootProcess>) -> bool {
     let plat = BootPlatform::new(None);
     let Some([m, h, p]) = exit_vms(&plat, process, ["mmio", "hvc", "psci"]) else {
         return false;
     };
-    let vms = alloc::vec![m, h, p];
-    let mut ok = run_vms(&vms);
-    ok &= exits_ok(&vms[0], &vms[1], &vms[2]);
+    let (Some(off), Some(late)) = (
+        psci_mode_vm(&plat, process, "off", 1),
+        psci_mode_vm(&plat, process, "late", 2),
+    ) else {
+        return false;
+    };
+    let mut vms = alloc::vec![m, h, p, late, off];
+    let Some(r) = run::run(&vms) else {
+        return false;
+    };
+    if r.all_asleep {
+        println!("run: ended with every vCPU left off or suspended");
+    }
+    let mut ok = exits_ok(&vms[0], &vms[1], &vms[2]);
+    let off = vms.pop().expect("five VMs");
+    let end = off.end();
+    println!(
+        "exits: run ended with every vCPU left asleep: {}; vm off: {end:?}",
+        r.all_asleep
+    );
+    ok &= check("exits: run ended with vm off asleep", r.all_asleep);
+    ok &= check(
+        "exits: vm off stopped as unwakeable",
+        matches!(end, Some(VmEnd::Error(_))),
+    );
+    // `off` never powers off: `finish` tears it down and says so.
+    let _ = finish(off);
     ok & finish_all(vms)
 }
 
@@ -699,6 +754,19 @@ fn guest_initrd(
     }
 }
 
+/// The external guest's feature configuration from the handoff block:
+/// SVE when asked, at the given maximum vector length or the host CPU's
+/// largest (a length the policy refuses stops the VM's creation with an
+/// error naming `sve_max_vl`; one beyond 16 bits is passed on as
+/// `u16::MAX`, which the policy refuses too).
+fn guest_features(h: &crate::platform::handoff::Handoff) -> IdOverrides {
+    match h.sve {
+        None => IdOverrides::new(),
+        Some(0) => IdOverrides::new().with_sve_host_max(&crate::platform::idregs::host_ids()),
+        Some(vl) => IdOverrides::new().with_sve(u16::try_from(vl).unwrap_or(u16::MAX)),
+    }
+}
+
 /// An external guest from the handoff block: returns (ok, exit status);
 /// status 0 iff the guest powered off with PSCI SYSTEM_OFF.
 fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (bool, i32) {
@@ -770,13 +838,20 @@ fn guest(lay: &Layout, p: &'static Platform, process: &Arc<BootProcess>) -> (boo
         touch: None,
         x0: None,
     };
-    let g = match guest::create(&plat, process, &spec) {
+    let features = guest_features(h);
+    let g = match guest::create_with(&plat, process, &spec, &features) {
         Ok(x) => x,
         Err(e) => {
             println!("guest: cannot create the VM: {e}");
             return (false, 2);
         }
     };
+    if let Some(vl) = g.sve_max_vl() {
+        println!(
+            "guest: SVE offered, maximum vector length {vl} bytes ({} bits)",
+            u32::from(vl) * 8
+        );
+    }
     g.claim_input();
     let ran = run_vms(core::slice::from_ref(&g));
     let ok = ran & finish(g);

@@ -9,12 +9,15 @@
 //!   on QEMU's `max` CPU) and `nosve` (SVE not offered). Each round, every VM fills its
 //!   registers (Z/P/FFR, or q0-q31 without SVE) with its own pattern,
 //!   yields the CPU with a trapped WFI so the scheduler runs another VM,
-//!   and checks its registers and vector length afterwards; `nosve` also
-//!   checks that `RDVL` and `ZCR_EL1` UNDEF at its vector.
+//!   and checks its registers and vector length afterwards (after an
+//!   FP/SIMD write to V30: the first SVE instruction after the yield takes
+//!   the world switch's lazy load, which must merge V into Z); `nosve`
+//!   also checks that `RDVL` and `ZCR_EL1` UNDEF at its vector.
 //!
 //! Passes when every VM reports no failure, each VM ran at least once per
 //! round (every run of a round is a world switch from another VM while
-//! the others are runnable) and the VMs power off.
+//! the others are runnable), each SVE VM took a lazy SVE load per round
+//! (none for `nosve`) and the VMs power off.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -157,14 +160,24 @@ pub fn sve_switch(process: &Arc<BootProcess>) -> bool {
         runs_total += runs;
         let st = g.vcpu_stats(0);
         println!(
-            "sve: vm {name}: VL {} bytes, {runs} scheduler runs, {} guest entries, {} WFx exits, {} UNDEFs injected",
+            "sve: vm {name}: VL {} bytes, {runs} scheduler runs, {} guest entries, {} WFx exits, {} UNDEFs injected, {} lazy SVE loads",
             g.sve_max_vl().unwrap_or(0),
             st.entries,
             st.wfx,
-            st.undefs
+            st.undefs,
+            st.sve_lazy_loads
         );
         ok &= check("sve: guest result", g.report(code::DONE) == Some((0, 0)));
         ok &= check("sve: a run per round", runs >= ROUNDS);
+        // Each round's fill after a yield is the first SVE use of a run:
+        // a lazy load per round (none without SVE).
+        ok &= check(
+            "sve: lazy loads",
+            match g.sve_max_vl() {
+                Some(_) => st.sve_lazy_loads >= ROUNDS,
+                None => st.sve_lazy_loads == 0,
+            },
+        );
     }
     let mismatches = vms
         .iter()

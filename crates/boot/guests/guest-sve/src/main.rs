@@ -14,8 +14,10 @@
 //! P0-P15 and FFR with a pattern of its own (tag, round), yields the CPU with a trapped `WFI` (the guest's
 //! distributor is off, so the hypervisor yields instead of blocking; QEMU
 //! 7.2 does not trap WFE) and the scheduler runs the other VMs, then
-//! reads everything back, with `RDVL` and q31 (the low 128 bits of Z31
-//! seen through FP/SIMD), and counts differences.
+//! copies V29 to V30 with FP/SIMD (before any SVE instruction: the
+//! hypervisor's lazy SVE load must merge the new V30 into Z30 and zero
+//! its upper bits), reads everything back, with `RDVL` and q31 (the low
+//! 128 bits of Z31 seen through FP/SIMD), and counts differences.
 //!
 //! Without SVE: `ID_AA64PFR0_EL1.SVE` and `ID_AA64ZFR0_EL1` read 0, and
 //! `RDVL` and a `ZCR_EL1` write each take an UNDEF at `VBAR_EL1` + 0x200
@@ -128,7 +130,8 @@ fn fill(want: &mut [u8], vl: usize, tag: u64, round: u64) {
 }
 
 /// Loads Z/P/FFR from `want`, yields the CPU (WFI traps to the
-/// hypervisor), stores them to `got`; returns (RDVL, q31) after the yield.
+/// hypervisor), copies V29 to V30 with FP/SIMD (see [`fp_write_z30`]),
+/// stores Z/P/FFR to `got`; returns (RDVL, q31) after the yield.
 fn sve_round(want: *const u8, got: *mut u8) -> (u64, u128) {
     let vl: u64;
     let (lo, hi): (u64, u64);
@@ -152,6 +155,10 @@ fn sve_round(want: *const u8, got: *mut u8) -> (u64, u128) {
             "ldr z\\n, [{w}, #\\n, mul vl]",
             ".endr",
             "wfi",
+            // An FP/SIMD write before the run's first SVE instruction
+            // (which takes the hypervisor's lazy load): Z30 becomes the
+            // low 128 bits of Z29, its upper bits zero.
+            "mov v30.16b, v29.16b",
             "rdvl {vl}, #1",
             "mov {lo}, v31.d[0]",
             "mov {hi}, v31.d[1]",
@@ -184,6 +191,14 @@ fn sve_round(want: *const u8, got: *mut u8) -> (u64, u128) {
         )
     };
     (vl, (u128::from(hi) << 64) | u128::from(lo))
+}
+
+/// What `want` expects of Z30 after [`sve_round`]'s FP/SIMD write
+/// `MOV V30.16B, V29.16B` at vector length `vl`: Z29's low 128 bits, zero
+/// above (an FP/SIMD write zeroes the upper bits of the Z register).
+fn fp_write_z30(want: &mut [u8], vl: usize) {
+    want.copy_within(29 * vl..29 * vl + 16, 30 * vl);
+    want[30 * vl + 16..31 * vl].fill(0);
 }
 
 /// Loads q0-q31 from `want`, yields, stores them to `got`.
@@ -329,6 +344,7 @@ fn rounds(vl: usize, tag: u64, n: u64) -> (u64, u64, u64) {
             zcr_write(len_field);
             fill(want, cur, tag, r);
             let (now, q31) = sve_round(want.as_ptr(), got.as_mut_ptr());
+            fp_write_z30(want, cur);
             vl_bad += u64::from(now != cur as u64);
             let z31 = &want[31 * cur..31 * cur + 16];
             q_bad += u64::from(q31.to_le_bytes() != z31);
