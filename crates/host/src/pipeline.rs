@@ -327,7 +327,7 @@ impl Block {
     }
 
     /// The part of this block in `gfn`'s 2M chunk: hypervisor mappings
-    /// never cross one (see [`crate::mmu::ProtectedMaps`]); a 1G block is
+    /// never cross one (see `mmu::ProtectedMaps`); a 1G block is
     /// mapped 2M at a time.
     pub fn within_chunk(&self, gfn: Gfn) -> Self {
         use crate::mmu::CHUNK_PAGES;

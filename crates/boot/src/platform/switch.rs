@@ -716,17 +716,37 @@ pub fn run(
     mut sve: Option<&mut SveRegs>,
     fast: &mut dyn FnMut(&Exit, &mut GuestRegs) -> bool,
 ) -> Exit {
-    let pauth = vm.pauth;
+    load_vcpu(vm, vcpu, sve.is_some());
+    let entered = read_sysreg!("cntpct_el0");
+    let exit = run_loop(vcpu, sve.as_deref_mut(), fast, entered);
+    let exit = Exit {
+        slice: (entered, read_sysreg!("cntpct_el0")),
+        sve_loaded: vcpu.regs.sve != 0,
+        ..exit
+    };
+    if let Some(s) = sve.filter(|_| vcpu.regs.sve != 0) {
+        sve::save(s);
+    }
+    vcpu.regs.sve = 0;
+    save_vcpu(vm, vcpu);
+    exit
+}
+
+/// The first half of [`run`]: the VM's stage-2 and trap controls (SVE
+/// trapped for a VM with SVE, `with_sve`, until its first use), then the
+/// vCPU's EL1, timer, pointer-authentication, optional, GIC and debug
+/// state into the hardware.
+fn load_vcpu(vm: &VmRegs, vcpu: &mut VcpuState, with_sve: bool) {
     update_sysreg!("vtcr_el2", vm.vtcr);
     update_sysreg!("vttbr_el2", vm.vttbr);
     // A VM with SVE enters with SVE trapped: its first SVE use loads the
-    // vCPU's SVE registers (the loop below).
+    // vCPU's SVE registers (`run_loop`).
     assert!(
-        sve.is_none() || vm.traps.cptr & cptr::TZ == 0,
+        !with_sve || vm.traps.cptr & cptr::TZ == 0,
         "SVE state switched for a VM whose CPTR_EL2 traps SVE"
     );
     let mut traps = vm.traps;
-    if sve.is_some() {
+    if with_sve {
         traps.cptr |= cptr::TZ;
     }
     load_traps(&traps);
@@ -737,7 +757,7 @@ pub fn run(
     el1_list!(sysregs_xfer!(s, load));
     update_sysreg!("cntv_cval_el0", vcpu.timer.cval);
     write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
-    if pauth {
+    if vm.pauth {
         let k = &vcpu.pac;
         pac_list!(k, load);
     }
@@ -747,8 +767,17 @@ pub fn run(
         load_debug(d);
     }
     super::sysreg::isb();
-    let entered = read_sysreg!("cntpct_el0");
-    let exit = loop {
+}
+
+/// Enters the guest until an exit neither the lazy SVE load nor `fast`
+/// completes.
+fn run_loop(
+    vcpu: &mut VcpuState,
+    mut sve: Option<&mut SveRegs>,
+    fast: &mut dyn FnMut(&Exit, &mut GuestRegs) -> bool,
+    entered: u64,
+) -> Exit {
+    loop {
         // SAFETY: `regs` is a valid, exclusively borrowed GuestRegs; the
         // asm saves/restores every callee-saved register and the stack
         // pointer around the guest run, the guest runs under stage-2 with
@@ -775,25 +804,21 @@ pub fn run(
             }
         }
         if !fast(&exit, &mut vcpu.regs) {
-            break exit;
+            return exit;
         }
-    };
-    let exit = Exit {
-        slice: (entered, read_sysreg!("cntpct_el0")),
-        sve_loaded: vcpu.regs.sve != 0,
-        ..exit
-    };
-    if let Some(s) = sve.filter(|_| vcpu.regs.sve != 0) {
-        sve::save(s);
     }
-    vcpu.regs.sve = 0;
+}
+
+/// The second half of [`run`]: the vCPU's state back from the hardware,
+/// its timer stopped, the hypervisor's debug state restored.
+fn save_vcpu(vm: &VmRegs, vcpu: &mut VcpuState) {
     let s = &mut vcpu.sys;
     el1_list!(sysregs_xfer!(s, save));
     vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");
     vcpu.timer.cval = read_sysreg!("cntv_cval_el0");
     // Stop the guest's timer while it is not running.
     write_sysreg!("cntv_ctl_el0", 0);
-    if pauth {
+    if vm.pauth {
         let k = &mut vcpu.pac;
         pac_list!(k, save);
     }
@@ -803,7 +828,6 @@ pub fn run(
         disable_debug(d.brps, d.wrps);
     }
     super::sysreg::isb();
-    exit
 }
 
 /// Saves the hardware's EL1 registers of [`El1Sysregs`] (the host

@@ -429,6 +429,35 @@ impl<'a> HwBackend<'a> {
     /// handled the exit itself.
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
         let index = self.hw.who.1;
+        self.before_entry(vm, index);
+        let (exit, deferred, done) = self.switch(vm, index);
+        self.pmu_after_exit(exit.slice);
+        let (vt, pt) = self.timers();
+        let kick = self
+            .irq
+            .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
+        self.kick(kick);
+        match exit.kind {
+            // Completed by the fast path; the vGIC sync above saw the
+            // device's new line.
+            EXIT_SYNC if done => None,
+            EXIT_SYNC => {
+                let pc = self.hw.st.regs.pc;
+                let out = self.sync_exit(&exit, deferred);
+                let r = &mut self.hw.st.regs;
+                if r.pc == pc.wrapping_add(4) {
+                    r.pstate &= !PSTATE_SS;
+                }
+                out
+            }
+            EXIT_IRQ | 10 => self.irq_exit(),
+            _ => Some(GuestExit::Unhandled { esr: exit.esr }),
+        }
+    }
+
+    /// Before an entry: the vGIC's list registers, the timers' lines and
+    /// deadlines, the virtual PMU.
+    fn before_entry(&mut self, vm: &VmRegs, index: usize) {
         let (vt, pt) = self.timers();
         let kick = self
             .irq
@@ -441,6 +470,13 @@ impl<'a> HwBackend<'a> {
             timer::pull_in(d);
         }
         self.pmu_before_entry();
+    }
+
+    /// The world switch with its fast path; returns the exit, the answer
+    /// the fast path computed for a register access it left to the full
+    /// path, and whether it completed an MMIO access whose interrupt line
+    /// changed.
+    fn switch(&mut self, vm: &VmRegs, index: usize) -> (switch::Exit, Option<Action>, bool) {
         let hw = &mut *self.hw;
         hw.st.debug = guest_debug(&hw.sysregs, &self.policy.features);
         hw.stats.debug_entries += u64::from(hw.st.debug.is_some());
@@ -463,53 +499,33 @@ impl<'a> HwBackend<'a> {
             fast.exit(e, regs)
         });
         let (deferred, done) = (fast.deferred, fast.done);
-        let regs = &mut self.hw.st.regs;
-        let ctr = core::mem::take(&mut regs.ctr_reads);
-        let s = &mut self.hw.stats;
+        let ctr = core::mem::take(&mut hw.st.regs.ctr_reads);
+        let s = &mut hw.stats;
         s.ctr_vector += ctr;
         s.sysreg += ctr;
         s.sysreg_fast += ctr;
         s.exits += 1 + ctr;
-        self.hw.stats.sve_lazy_loads += u64::from(exit.sve_loaded);
-        self.pmu_after_exit(exit.slice);
-        let (vt, pt) = self.timers();
-        let kick = self
-            .irq
-            .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
-        self.kick(kick);
-        match exit.kind {
-            // Completed by the fast path; the vGIC sync above saw the
-            // device's new line.
-            EXIT_SYNC if done => None,
-            EXIT_SYNC => {
-                let pc = self.hw.st.regs.pc;
-                let out = self.sync_exit(&exit, deferred);
-                let r = &mut self.hw.st.regs;
-                if r.pc == pc.wrapping_add(4) {
-                    r.pstate &= !PSTATE_SS;
-                }
-                out
+        s.sve_lazy_loads += u64::from(exit.sve_loaded);
+        (exit, deferred, done)
+    }
+
+    /// A physical IRQ took the guest out.
+    fn irq_exit(&mut self) -> Option<GuestExit> {
+        let hw = &mut *self.hw;
+        hw.stats.irq += 1;
+        // Acknowledge and end what is pending: the scheduler's
+        // preemption tick and kick SGI only need the exit itself; the
+        // guest's own (virtual timer, maintenance) only the vGIC sync.
+        if gic::cpu_ready(self.cpu) {
+            let d = gic::drain();
+            hw.stats.timer_irqs += d.timer as u64;
+            hw.stats.kick_irqs += d.kick as u64;
+            if !d.timer && !d.kick {
+                hw.stats.guest_irqs += 1;
+                return None;
             }
-            EXIT_IRQ | 10 => {
-                let hw = &mut *self.hw;
-                hw.stats.irq += 1;
-                // Acknowledge and end what is pending: the scheduler's
-                // preemption tick and kick SGI only need the exit itself;
-                // the guest's own (virtual timer, maintenance) only the
-                // vGIC sync above.
-                if gic::cpu_ready(self.cpu) {
-                    let d = gic::drain();
-                    hw.stats.timer_irqs += d.timer as u64;
-                    hw.stats.kick_irqs += d.kick as u64;
-                    if !d.timer && !d.kick {
-                        hw.stats.guest_irqs += 1;
-                        return None;
-                    }
-                }
-                Some(GuestExit::Interrupt)
-            }
-            _ => Some(GuestExit::Unhandled { esr: exit.esr }),
         }
+        Some(GuestExit::Interrupt)
     }
 
     /// Whether the VM has a virtual PMU.
