@@ -461,7 +461,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         match st {
             S2State::Standard(pt) => {
                 let env = self.platform.s2_env(self.vmid().unwrap_or(0));
-                let r = pt.wrprotect_marking(&env, s, e.0 - s.0, crate::mmu::LOGGED_WP);
+                let r = pt.wrprotect(&env, s, e.0 - s.0);
                 debug_assert!(r.is_ok(), "wrprotect inside a memslot failed: {r:?}");
                 drop(env);
                 self.nested_unmap_all(pt);

@@ -23,14 +23,6 @@ use pkvm_arch::{Gfn, Ipa, PAGE_SIZE};
 use pkvm_pgtable::{PageTable, Stage2};
 use pkvm_sync::{LockClass, RwSpinLock, SpinGuard, SpinLock};
 
-/// Software mark on a standard stage-2 leaf that dirty logging made
-/// read-only: it was writable, so a write fault on it (4K) only needs the
-/// permission back and the page marked dirty (see `Vcpu::logged_write`).
-/// Set by `PageTable::wrprotect_marking`, cleared when write permission
-/// comes back; notifier invalidations unmap instead of protecting, so a
-/// marked leaf always still maps the frame the host allowed writing.
-pub(crate) const LOGGED_WP: pkvm_arch::pte::S2Prot = pkvm_arch::pte::S2Prot::SW3;
-
 use crate::hypcall::{self, HypCallError};
 use crate::platform::HostPlatform;
 

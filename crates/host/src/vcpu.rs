@@ -12,7 +12,7 @@ use pkvm_arch::{Ipa, PAGE_SIZE};
 use crate::fault::{FaultKind, GuestFault};
 use crate::hypcall;
 use crate::memslot::{Memslot, Memslots};
-use crate::mmu::{self, HypMapping, S2State};
+use crate::mmu::{HypMapping, S2State};
 use crate::pipeline::{self, Mapped, MemFaultError, Route};
 use crate::platform::{
     GuestExit, HostPageCache, HostPlatform, ProcessMemory, VcpuBackend, VcpuContext,
@@ -347,50 +347,11 @@ impl<P: HostPlatform, M: ProcessMemory> Vcpu<P, M> {
                 self.handle_access_flag(cpu, fault);
                 None
             }
-            Route::Memory(slot) if self.logged_write(vm, fault, &slot) => None,
             Route::Memory(slot) => match self.memory_fault(vm, cpu, fault, &slot, seq) {
                 Ok(_) => None,
                 Err(e) => Some(VcpuExit::InternalError(RunError::Memory(e))),
             },
         }
-    }
-
-    /// The dirty-logging fast path: a write to a 4K page that dirty
-    /// logging write-protected (marked [`mmu::LOGGED_WP`]) gets its write
-    /// permission back in place under the MMU read lock and is marked
-    /// dirty, without the VMA snapshot and pin of the full pipeline: the
-    /// leaf still maps the frame the host allowed writing (an invalidation
-    /// unmaps it, and then this finds nothing and the full path runs).
-    /// `false`: not such a fault; nothing changed.
-    fn logged_write(&mut self, vm: &Vm<P, M>, fault: &GuestFault, slot: &Memslot) -> bool {
-        if fault.kind != FaultKind::Permission
-            || !fault.write
-            || fault.level != Some(pkvm_arch::Level(3))
-            || !slot.logging()
-            || vm.handle().is_some()
-        {
-            return false;
-        }
-        let state = vm.mmu.state.read();
-        let Some(S2State::Standard(pt)) = state.as_ref() else {
-            return false;
-        };
-        let env = vm.platform.s2_env(vm.vmid().unwrap_or(0));
-        if pt
-            .shared()
-            .relax_marked_write(&env, fault.page(), mmu::LOGGED_WP)
-            != Ok(true)
-        {
-            return false;
-        }
-        drop(env);
-        drop(state);
-        // After the page is writable, as on the full path.
-        vm.mark_page_dirty(slot, fault.page());
-        vm.stats.add(Some(self.index), Stat::PermissionFaults, 1);
-        vm.stats
-            .add(Some(self.index), Stat::FastPermissionFaults, 1);
-        true
     }
 
     fn handle_access_flag(&mut self, cpu: usize, fault: &GuestFault) {

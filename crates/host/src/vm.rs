@@ -148,13 +148,10 @@ pub enum Stat {
     GuestCalls,
     /// Notifier invalidations.
     Invalidations,
-    /// Permission faults on pages dirty logging write-protected, handled
-    /// in place (also counted in `PermissionFaults`).
-    FastPermissionFaults,
 }
 
 /// Number of [`Stat`] counters.
-const NR_STATS: usize = Stat::FastPermissionFaults as usize + 1;
+const NR_STATS: usize = Stat::Invalidations as usize + 1;
 
 /// One vCPU's (or the VM-wide) counters, on cache lines of their own.
 #[repr(align(128))]
@@ -217,9 +214,6 @@ pub struct VmStatsSnapshot {
     pub guest_calls: u64,
     /// Invalidations.
     pub invalidations: u64,
-    /// Permission faults on dirty-logging-protected 4K pages handled in
-    /// place (included in `permission_faults`).
-    pub fast_permission_faults: u64,
 }
 
 impl VmStats {
@@ -237,7 +231,6 @@ impl VmStats {
             injected_aborts: r(Stat::InjectedAborts),
             guest_calls: r(Stat::GuestCalls),
             invalidations: r(Stat::Invalidations),
-            fast_permission_faults: r(Stat::FastPermissionFaults),
         }
     }
 }
@@ -510,7 +503,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
         match state.as_mut() {
             Some(S2State::Standard(pt)) => {
                 let env = self.platform.s2_env(self.vmid().unwrap_or(0));
-                let r = pt.wrprotect_marking(&env, start, end.0 - start.0, mmu::LOGGED_WP);
+                let r = pt.wrprotect(&env, start, end.0 - start.0);
                 debug_assert!(r.is_ok(), "wrprotect of a memslot failed: {r:?}");
                 pkvm_pgtable::TlbOps::tlbi_range(&env, start.0, end.0);
                 drop(env);

@@ -325,35 +325,6 @@ impl PageTable<Stage2> {
         let mut v = AttrVisitor {
             set: 0,
             clear: s2::S2AP_W,
-            mark_if_w: 0,
-            young: false,
-            test_af: false,
-            flush_partial: true,
-        };
-        walk_range(env, self.root, &self.geo, ipa.0, end, false, &mut v)
-    }
-
-    /// [`PageTable::wrprotect`] that also sets the software bits `mark` on
-    /// every leaf it takes write permission from (dirty logging: a marked
-    /// read-only leaf was writable, so a write fault on it only needs the
-    /// permission back; see [`SharedPageTable::relax_marked_write`]).
-    ///
-    /// # Errors
-    /// [`PtError::InvalidProt`] if `mark` is empty or not software bits only;
-    /// range/alignment errors.
-    pub fn wrprotect_marking<E: PtMemory + TlbOps>(
-        &mut self,
-        env: &E,
-        ipa: Ipa,
-        size: u64,
-        mark: S2Prot,
-    ) -> Result<(), PtError> {
-        let mark_if_w = sw_bits(mark)?;
-        let end = self.check_range(ipa.0, size)?;
-        let mut v = AttrVisitor {
-            set: 0,
-            clear: s2::S2AP_W,
-            mark_if_w,
             young: false,
             test_af: false,
             flush_partial: true,
@@ -495,38 +466,6 @@ impl SharedPageTable<'_, Stage2> {
         relax_perms_impl(self.pt, env, ipa, prot, true)
     }
 
-    /// Gives write permission back to the 4K leaf mapping `ipa` if it is
-    /// read-only and carries every software bit in `mark` (set by
-    /// [`PageTable::wrprotect_marking`]), clearing the mark, with a local
-    /// TLB invalidation. `Ok(false)`: the leaf is not such a mapping (a
-    /// block, unmarked, or already writable) and nothing changed.
-    ///
-    /// # Errors
-    /// [`PtError::Again`] if nothing valid is mapped or a concurrent update
-    /// won the race; [`PtError::InvalidProt`] for a bad `mark`; range errors.
-    pub fn relax_marked_write<E: PtMemory + TlbOps>(
-        &self,
-        env: &E,
-        ipa: Ipa,
-        mark: S2Prot,
-    ) -> Result<bool, PtError> {
-        let mark = sw_bits(mark)?;
-        let eligible =
-            |pte: u64, level: Level| level.0 == 3 && pte & s2::S2AP_W == 0 && pte & mark == mark;
-        let (old, new, level) = update_leaf_in_place(self.pt, env, ipa, true, |pte, level| {
-            if eligible(pte, level) {
-                (pte | s2::S2AP_W) & !mark
-            } else {
-                pte
-            }
-        })?;
-        if old == new {
-            return Ok(false);
-        }
-        env.tlbi_leaf_local(ipa.0 & !(PAGE_SIZE - 1), level);
-        Ok(true)
-    }
-
     /// Shared-walk [`PageTable::mkyoung`].
     ///
     /// # Errors
@@ -655,7 +594,7 @@ fn update_leaf_in_place<E: PtMemory + TlbOps>(
     env: &E,
     ipa: Ipa,
     shared: bool,
-    update: impl Fn(u64, Level) -> u64,
+    update: impl Fn(u64) -> u64,
 ) -> Result<(u64, u64, Level), PtError> {
     pt.check_range(ipa.0 & !(PAGE_SIZE - 1), PAGE_SIZE)?;
     let mut level = pt.geo.start_level;
@@ -672,7 +611,7 @@ fn update_leaf_in_place<E: PtMemory + TlbOps>(
         if !is_valid_leaf(pte, level) {
             return Err(PtError::Again);
         }
-        let new = update(pte, level);
+        let new = update(pte);
         if new != pte {
             if shared {
                 entry
@@ -684,15 +623,6 @@ fn update_leaf_in_place<E: PtMemory + TlbOps>(
         }
         return Ok((pte, new, level));
     }
-}
-
-/// The descriptor bits of the software bits `mark` (non-empty, software
-/// bits only).
-fn sw_bits(mark: S2Prot) -> Result<u64, PtError> {
-    if mark.is_empty() || !S2Prot::SW.contains(mark) {
-        return Err(PtError::InvalidProt);
-    }
-    Ok(((u64::from(mark.bits()) >> 8) & 0xf) << bits::SW_SHIFT)
 }
 
 fn relax_perms_impl<E: PtMemory + TlbOps>(
@@ -717,7 +647,7 @@ fn relax_perms_impl<E: PtMemory + TlbOps>(
     } else {
         0
     };
-    let (_, _, level) = update_leaf_in_place(pt, env, ipa, shared, |pte, _| (pte | set) & !clear)?;
+    let (_, _, level) = update_leaf_in_place(pt, env, ipa, shared, |pte| (pte | set) & !clear)?;
     let size = level_size(level);
     env.tlbi_leaf_local(ipa.0 & !(size - 1), level);
     Ok(())
@@ -729,7 +659,7 @@ fn mkyoung_impl<E: PtMemory + TlbOps>(
     ipa: Ipa,
     shared: bool,
 ) -> Result<(), PtError> {
-    update_leaf_in_place(pt, env, ipa, shared, |pte, _| pte | bits::AF).map(|_| ())
+    update_leaf_in_place(pt, env, ipa, shared, |pte| pte | bits::AF).map(|_| ())
 }
 
 fn test_clear_young_impl<E: PtMemory + TlbOps>(
@@ -744,7 +674,6 @@ fn test_clear_young_impl<E: PtMemory + TlbOps>(
     let mut v = AttrVisitor {
         set: 0,
         clear: if clear { bits::AF } else { 0 },
-        mark_if_w: 0,
         young: false,
         test_af: true,
         flush_partial: false,
@@ -983,26 +912,11 @@ impl<E: PtMemory + TlbOps, C: PageCache> Visitor<E> for UnmapVisitor<'_, C> {
 struct AttrVisitor {
     set: u64,
     clear: u64,
-    /// Set on leaves that are writable before the update (see
-    /// [`PageTable::wrprotect_marking`]).
-    mark_if_w: u64,
     young: bool,
     test_af: bool,
     /// Invalidate blocks that straddle the range's edges: they change
     /// beyond the range the caller will flush.
     flush_partial: bool,
-}
-
-impl AttrVisitor {
-    #[inline(always)]
-    fn apply(&self, old: u64) -> u64 {
-        let mark = if old & s2::S2AP_W != 0 {
-            self.mark_if_w
-        } else {
-            0
-        };
-        (old | self.set | mark) & !self.clear
-    }
 }
 
 impl<E: PtMemory + TlbOps> Visitor<E> for AttrVisitor {
@@ -1026,7 +940,7 @@ impl<E: PtMemory + TlbOps> Visitor<E> for AttrVisitor {
             if self.test_af && old & bits::AF != 0 {
                 self.young = true;
             }
-            let new = self.apply(old);
+            let new = (old | self.set) & !self.clear;
             if new == old {
                 continue;
             }
@@ -1049,7 +963,7 @@ impl<E: PtMemory + TlbOps> Visitor<E> for AttrVisitor {
         if self.test_af && old & bits::AF != 0 {
             self.young = true;
         }
-        let new = self.apply(old);
+        let new = (old | self.set) & !self.clear;
         if new != old {
             ctx.set(new)?;
             if self.flush_partial && !ctx.fully_covered() {
