@@ -696,6 +696,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     // Before any VM runs: no scheduler tick or kick is pending on this CPU.
     ok &= own_timer(hyp, &ctx);
     ok &= host_psci(hyp, &ctx);
+    ok &= super::vcpurun::el1_run(&plat, process, &ctx);
     let Some(vms) = victims(&plat, process) else {
         return false;
     };

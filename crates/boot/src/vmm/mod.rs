@@ -22,6 +22,8 @@
 //!   handling of trapped accesses.
 //! - [`sve`]: the `sve-switch` scenario (SVE state and per-VM vector
 //!   lengths across world switches; UNDEF without SVE).
+//! - [`vcpurun`]: `VCPU_RUN`, protected vCPUs run by the host at EL1 with
+//!   their registers kept by the hypervisor.
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
 //!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
@@ -53,6 +55,7 @@ pub mod run;
 pub mod smp;
 pub mod sve;
 pub mod sysregs;
+pub mod vcpurun;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;

@@ -24,7 +24,7 @@ use pkvm_pgtable::env::ENTRIES;
 use pkvm_pgtable::PtMemory;
 use pkvm_sync::{LockClass, SpinLock};
 
-use super::pool;
+use super::{pool, vcpurun};
 use crate::platform::hw::{HwEl2, HwS2};
 use crate::platform::start;
 use crate::platform::{hvc, hypmem};
@@ -95,7 +95,10 @@ impl core::fmt::Display for HypInitError {
 /// alignment, rounded up to 2 MiB (the host stage-2's block size).
 pub fn hyp_heap_bytes(ram: (u64, u64)) -> u64 {
     let pages = (ram.1 - ram.0) / 4096;
-    let bytes = pages * size_of::<PageMeta>() as u64 + size_of::<BootHyp>() as u64 + 2 * 4096;
+    let bytes = pages * size_of::<PageMeta>() as u64
+        + size_of::<BootHyp>() as u64
+        + vcpurun::table_bytes()
+        + 3 * 4096;
     bytes.next_multiple_of(2 << 20)
 }
 
@@ -104,7 +107,8 @@ pub fn hyp_heap_bytes(ram: (u64, u64)) -> u64 {
 /// memory `regions`, the carve-out `pool` (base, bytes) as its page pool.
 /// The `Hyp` and its metadata are placed in the hypervisor's own memory
 /// `heap` (base, bytes; [`hypmem`]), never in the image's global heap
-/// (host memory). Then the host issues `FINALIZE`.
+/// (host memory), with the table of protected vCPUs' registers
+/// ([`vcpurun`]). Then the host issues `FINALIZE`.
 ///
 /// # Errors
 /// See [`HypInitError`].
@@ -138,6 +142,9 @@ pub fn init_hyp(
     };
     let hyp: &'static BootHyp = hypmem::place(Hyp::new(HwHyp, &cfg).map_err(HypInitError::Init)?)
         .ok_or(HypInitError::Init(HypError::NoMemory))?;
+    if !vcpurun::init() {
+        return Err(HypInitError::Init(HypError::NoMemory));
+    }
     *HVC_TARGET.lock() = Some(hyp);
     hvc::set_handler(host_hvc);
     let mut regs = [0u64; 8];
@@ -162,7 +169,12 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
     }
     let target = *HVC_TARGET.lock();
     match target {
-        Some(h) => h.handle_host_hvc(cpu, regs),
+        Some(h) if regs[0] == u64::from(vcpurun::VCPU_RUN) => vcpurun::vcpu_run(h, cpu, regs),
+        Some(h) => {
+            let (func, args) = (regs[0], [regs[1], regs[2]]);
+            h.handle_host_hvc(cpu, regs);
+            vcpurun::after_host_call(func, args, regs[0]);
+        }
         None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
     }
 }
