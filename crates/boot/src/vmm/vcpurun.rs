@@ -469,7 +469,8 @@ const fn adr(rd: u32, off: u32) -> u32 {
 /// The guest: secrets in x10..x13; stores [`STORED`] (x5) to the device
 /// and loads x7 from it; stores x7 to its RAM one page on (a stage-2 fault
 /// pkvm-host answers by donating the page) and loads it back into x1;
-/// then PSCI `SYSTEM_OFF` by `hvc #0` (x1: what it read back).
+/// then PSCI `SYSTEM_OFF` by `hvc #0` (x1: what it read back), and the
+/// `hvc #0` again in a loop ([`run_cost`] times it).
 const PROGRAM: [u32; 15] = [
     movz(10, 0x5ec1, 3),
     movz(11, 0x5ec2, 3),
@@ -485,7 +486,7 @@ const PROGRAM: [u32; 15] = [
     movz(0, 0x0008, 0),
     movk(0, 0x8400, 1),
     0xd400_0002, // hvc #0
-    0x1400_0000, // b .
+    0x17ff_ffff, // b .-4 (the hvc again: the timed loop)
 ];
 
 const fn program_bytes() -> [u8; 60] {
@@ -583,6 +584,12 @@ pub fn el1_run(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &HostC
         .count();
     let pages = g.vm.hyp_mapped_pages();
     let refused = g.vm.handle().is_some_and(|h| refusals(hyp, ctx, h));
+    match g.vm.handle().and_then(|h| run_cost(hyp, ctx, h)) {
+        Some(ns) => println!(
+            "vcpu-run: VCPU_RUN round trip from the host at EL1 (the guest's hvc #0 returned to the host, mean of {COST_RUNS}): {ns} ns"
+        ),
+        None => println!("vcpu-run: VCPU_RUN round trip: not measured (a run failed)"),
+    }
     println!(
         "vcpu-run: a protected vCPU run from the host at EL1 by VCPU_RUN through pkvm-host's run loop: {} runs; device store {:x?}, {} device load(s) answered {ANSWER:#x}, read back from its donated RAM {read_back:#x}; {pages} pages donated on its faults; powered off: {}; secret registers shown to the host: {leaked} of 4{}",
         be.seen.len(),
@@ -620,6 +627,32 @@ fn hvc(func: u32, args: &[u64]) -> Cmd {
         regs,
         ..Cmd::default()
     }
+}
+
+/// `VCPU_RUN`s timed by [`run_cost`].
+const COST_RUNS: u64 = 1000;
+
+/// The mean round trip in nanoseconds of a `VCPU_RUN` from the host at EL1
+/// whose guest exits at once (its `hvc #0` loop, each call returned with
+/// `CALL_RET`): [`COST_RUNS`] calls timed at EL1. `None` if one failed.
+fn run_cost(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> Option<u64> {
+    let mut cmds = [
+        hvc(id::VCPU_LOAD, &[u64::from(handle), 0]),
+        Cmd {
+            op: op::HVC_LOOP,
+            value: COST_RUNS,
+            ..hvc(VCPU_RUN, &[flags::CALL_RET])
+        },
+        hvc(id::VCPU_PUT, &[]),
+    ];
+    ctx.run(hyp, &mut cmds).ok()?;
+    let r = &cmds[1].regs;
+    let ok = r[0] as i64 == ret::SUCCESS && r[1] == EXIT_SYNC && r[2] >> 26 == EC_HVC64;
+    if !ok || cmds[2].regs[0] as i64 != ret::SUCCESS {
+        return None;
+    }
+    let freq = crate::platform::timer::frequency().max(1);
+    Some(cmds[1].result * 1_000_000_000 / freq / COST_RUNS)
 }
 
 /// Bad `VCPU_RUN`s on the powered-off vCPU of VM `handle`, each refused
