@@ -84,7 +84,28 @@ struct HypVcpu {
     last: Last,
 }
 
-type Table = SpinLock<[Option<HypVcpu>; SLOTS]>;
+/// A slot of the table: a vCPU's registers, or taken out by the
+/// `VCPU_RUN` running it on some CPU (`Busy`: the slot stays reserved).
+/// The registers stay inline: boxing them would put them in the global
+/// heap, which is host memory.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    Free,
+    Busy((u16, u8)),
+    Held(HypVcpu),
+}
+
+impl Slot {
+    fn key(&self) -> Option<(u16, u8)> {
+        match self {
+            Slot::Free => None,
+            Slot::Busy(k) => Some(*k),
+            Slot::Held(v) => Some(v.key),
+        }
+    }
+}
+
+type Table = SpinLock<[Slot; SLOTS]>;
 
 /// The table, in the hypervisor's own memory once [`init`] ran.
 static TABLE: SpinLock<Option<&'static Table>> = SpinLock::new(None, LockClass::Leaf);
@@ -95,7 +116,7 @@ pub fn init() -> bool {
     let mut t = TABLE.lock();
     if t.is_none() {
         *t = hypmem::place(SpinLock::new(
-            core::array::from_fn(|_| None),
+            core::array::from_fn(|_| Slot::Free),
             LockClass::Leaf,
         ));
     }
@@ -108,7 +129,12 @@ fn table() -> Option<&'static Table> {
 
 /// Protected vCPUs whose registers the hypervisor holds now.
 pub fn held() -> usize {
-    table().map_or(0, |t| t.lock().iter().filter(|s| s.is_some()).count())
+    table().map_or(0, |t| {
+        t.lock()
+            .iter()
+            .filter(|s| matches!(s, Slot::Held(_)))
+            .count()
+    })
 }
 
 /// Bytes [`init`] takes from the hypervisor's own memory.
@@ -130,8 +156,8 @@ pub fn after_host_call(func: u64, args: [u64; 2], status: u64) {
     };
     if let Some(t) = table() {
         for s in t.lock().iter_mut() {
-            if s.as_ref().is_some_and(|v| drop_if(&v.key)) {
-                *s = None;
+            if matches!(s, Slot::Held(v) if drop_if(&v.key)) {
+                *s = Slot::Free;
             }
         }
     }
@@ -172,28 +198,39 @@ fn run(hyp: &'static BootHyp, cpu: usize, regs: &[u64; 8]) -> Result<[u64; 8], i
 }
 
 /// Takes the vCPU's slot out of the table (a new one if it has none).
+/// Takes the vCPU's registers out of the table (new ones if it has none),
+/// leaving its slot `Busy` until [`put`].
 fn take(t: &Table, key: (u16, u8)) -> Result<HypVcpu, i64> {
+    let mut slots = t.lock();
+    let i = slots
+        .iter()
+        .position(|s| s.key() == Some(key))
+        .or_else(|| slots.iter().position(|s| matches!(s, Slot::Free)))
+        .ok_or(ret::NO_MEMORY)?;
+    match core::mem::replace(&mut slots[i], Slot::Busy(key)) {
+        Slot::Held(v) => Ok(v),
+        Slot::Free => Ok(HypVcpu {
+            key,
+            st: None,
+            last: Last::None,
+        }),
+        // Cannot happen (a vCPU is loaded on one CPU at a time).
+        Slot::Busy(_) => Err(ret::BUSY),
+    }
+}
+
+/// Puts back what [`take`] took (a vCPU never reset frees its slot).
+fn put(t: &Table, v: HypVcpu) {
     let mut slots = t.lock();
     if let Some(s) = slots
         .iter_mut()
-        .find(|s| s.as_ref().is_some_and(|v| v.key == key))
+        .find(|s| matches!(s, Slot::Busy(k) if *k == v.key))
     {
-        return s.take().ok_or(ret::INTERNAL);
-    }
-    if slots.iter().all(Option::is_some) {
-        return Err(ret::NO_MEMORY);
-    }
-    Ok(HypVcpu {
-        key,
-        st: None,
-        last: Last::None,
-    })
-}
-
-fn put(t: &Table, v: HypVcpu) {
-    let mut slots = t.lock();
-    if let Some(s) = slots.iter_mut().find(|s| s.is_none()) {
-        *s = Some(v);
+        *s = if v.st.is_some() {
+            Slot::Held(v)
+        } else {
+            Slot::Free
+        };
     }
 }
 
