@@ -1,6 +1,7 @@
 //! The hypervisor's own memory: a bump allocator over the front of its
 //! carve-out, where pkvm-hyp's state lives (the `Hyp` with its VM table
-//! and per-VM locks, the per-page metadata array), apart from the image's
+//! and per-VM locks, the per-page metadata array, the registers of the
+//! protected vCPUs run by `VCPU_RUN`), apart from the image's
 //! global heap, which is host memory.
 //!
 //! The range is never part of the host's memory regions, so the host
