@@ -4,7 +4,10 @@
 //! pkvm-host needs `alloc` (VMs are `Arc`s, memslot copies and protected
 //! mappings live in `Vec`/`BTreeMap`). The heap is a range of RAM outside
 //! the image, the handoff area, the host page pool and the hypervisor's
-//! carve-out (see `vmm::layout`), identity-mapped read-write at EL2.
+//! carve-out (see `vmm::Layout`), identity-mapped read-write at EL2. It is
+//! the VMM's (host memory in protected mode, reachable by the host at
+//! EL1): the hypervisor's own state is placed in its carve-out by
+//! `platform::hypmem`, never here.
 //!
 //! Invariant: nothing allocates from an exception handler taken at EL2 (the
 //! heap lock is a plain spin lock; an allocation interrupted by another

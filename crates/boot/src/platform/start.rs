@@ -136,6 +136,12 @@ pub fn set_el1_host(on: bool) {
         .store(u64::from(on), Ordering::Relaxed);
 }
 
+/// Whether this CPU runs the host context at EL1 with the fast path (a
+/// `hvc #0` now came from the host at EL1, not from EL2).
+pub fn el1_host() -> bool {
+    this_percpu().el1_host.load(Ordering::Relaxed) != 0
+}
+
 /// The world switch's per-CPU state of the host context's run (saved host
 /// stack pointer, register block, [`PerCpu::el1_host`]), set aside while
 /// the hypervisor runs a guest for the host from inside one of its

@@ -5,9 +5,11 @@
 //! Two protected toucher VMs write their secret pattern (guest-toucher's
 //! `pattern(gpa)`) and power off; they stay alive in the hypervisor (their
 //! pages donated). The host, at EL1, then: prints its exception level;
-//! loads and stores a page of the victim VM and of the other VM, the
-//! hypervisor's pool and image (each an abort the hypervisor injects into
-//! the host, which its EL1 vector reports; never a mapping); passes the
+//! reads a word of the VMM's heap (host memory, allowed); loads and stores
+//! a page of the victim VM and of the other VM, the hypervisor's pool and
+//! image, its `Hyp` and page metadata in its own memory (each an abort the
+//! hypervisor injects into the host, which its EL1 vector reports; never a
+//! mapping); passes the
 //! hypervisor's and the VMs' pages and handles in hypercalls (share with
 //! the hypervisor, donate to another VM, reclaim while alive, top up a
 //! memcache with a guest's page, unshare a protected page, finalize
@@ -159,9 +161,10 @@ fn secrets(v: &GuestVm) -> Option<alloc::vec::Vec<(Pa, u64)>> {
 
 /// Loads and stores at pages the host does not own: each must end in an
 /// abort injected into the host.
-fn mem_attacks(secret_pa: Pa, other_pa: Pa, hyp_pool: u64) -> alloc::vec::Vec<Attack> {
+fn mem_attacks(secret_pa: Pa, other_pa: Pa, hyp: HypAddrs) -> alloc::vec::Vec<Attack> {
     let image = 0x4020_0000u64;
     let (s, o) = (secret_pa.0, other_pa.0);
+    let (hyp_pool, state, meta, heap_end) = (hyp.pool, hyp.state, hyp.heap.0, hyp.heap.1 - 8);
     alloc::vec![
         mem_attack(
             format!("load from the victim VM's donated page {s:#x}"),
@@ -187,12 +190,48 @@ fn mem_attacks(secret_pa: Pa, other_pa: Pa, hyp_pool: u64) -> alloc::vec::Vec<At
             format!("load from the hypervisor's image {image:#x}"),
             load(image)
         ),
+        mem_attack(
+            format!("load from the hypervisor's state (its Hyp) {state:#x}"),
+            load(state)
+        ),
+        mem_attack(
+            format!("store to the hypervisor's state (its Hyp) {state:#x}"),
+            store(state, 0)
+        ),
+        mem_attack(
+            format!("store to the hypervisor's page metadata {meta:#x}"),
+            store(meta, 0)
+        ),
+        mem_attack(
+            format!("load from the end of the hypervisor's own memory {heap_end:#x}"),
+            load(heap_end)
+        ),
     ]
+}
+
+/// Where the hypervisor's memory is: a pool page, its `Hyp`, and its own
+/// memory (`platform::hypmem`, the page metadata at its start).
+#[derive(Clone, Copy)]
+struct HypAddrs {
+    pool: u64,
+    state: u64,
+    heap: (u64, u64),
+}
+
+impl HypAddrs {
+    fn of(hyp: &'static BootHyp, lay: &Layout) -> HypAddrs {
+        HypAddrs {
+            pool: lay.hyp_pool.0,
+            state: core::ptr::from_ref(hyp) as u64,
+            heap: lay.hyp_heap,
+        }
+    }
 }
 
 /// Hypercalls passing the hypervisor's and the VMs' pages and handles:
 /// each must be refused with a status.
-fn hvc_attacks(spfn: u64, hyp_pfn: u64, (vh, oh): (u64, u64)) -> alloc::vec::Vec<Attack> {
+fn hvc_attacks(spfn: u64, hyp: HypAddrs, (vh, oh): (u64, u64)) -> alloc::vec::Vec<Attack> {
+    let (hyp_pfn, state_pfn) = (hyp.pool >> 12, hyp.state >> 12);
     let gfn = TOUCH_GPA >> 12;
     let setup = |what: &str, cmd| Attack {
         what: format!("(setup) {what}"),
@@ -203,6 +242,14 @@ fn hvc_attacks(spfn: u64, hyp_pfn: u64, (vh, oh): (u64, u64)) -> alloc::vec::Vec
         hvc_attack(
             "HOST_SHARE_HYP of a hypervisor pool page",
             hvc(id::HOST_SHARE_HYP, &[hyp_pfn])
+        ),
+        hvc_attack(
+            "HOST_SHARE_HYP of the hypervisor's state page",
+            hvc(id::HOST_SHARE_HYP, &[state_pfn])
+        ),
+        hvc_attack(
+            "TOPUP_MEMCACHE of the victim with the hypervisor's state page",
+            hvc(id::TOPUP_MEMCACHE, &[vh, state_pfn, 1])
         ),
         hvc_attack(
             "HOST_SHARE_HYP of the victim's page",
@@ -256,16 +303,15 @@ fn hvc_attacks(spfn: u64, hyp_pfn: u64, (vh, oh): (u64, u64)) -> alloc::vec::Vec
 }
 
 fn attacks(
-    lay: &Layout,
+    hyp: HypAddrs,
     victim: &GuestVm,
     other: &GuestVm,
     secret_pa: Pa,
 ) -> Option<alloc::vec::Vec<Attack>> {
     let other_pa = other.touch_pa(0)?;
-    let hyp_pool = lay.carveout.0;
     let handles = (victim.kick_id() as u64, other.kick_id() as u64);
-    let mut v = mem_attacks(secret_pa, other_pa, hyp_pool);
-    v.extend(hvc_attacks(secret_pa.0 >> 12, hyp_pool >> 12, handles));
+    let mut v = mem_attacks(secret_pa, other_pa, hyp);
+    v.extend(hvc_attacks(secret_pa.0 >> 12, hyp, handles));
     Some(v)
 }
 
@@ -292,16 +338,23 @@ fn attack_phase(
         "host-attack: the victim's secret is in its pages",
         in_place(&sec),
     );
-    let Some(mut list) = attacks(lay, &vms[0], &vms[1], sec[0].0) else {
+    let addrs = HypAddrs::of(hyp, lay);
+    let Some(mut list) = attacks(addrs, &vms[0], &vms[1], sec[0].0) else {
         return check("host-attack: the other VM's touched page", false);
     };
     if let Some(o) = vms[1].touch_pa(0) {
         ok &= hvc_sweep(hyp, ctx, lay, [sec[0].0 .0, o.0], &sec);
     }
-    let mut cmds: alloc::vec::Vec<Cmd> = alloc::vec![Cmd {
-        op: op::CURRENT_EL,
-        ..Cmd::default()
-    }];
+    // A word of the VMM's heap (host memory): the host reads it at EL1.
+    let word = alloc::boxed::Box::new(0x4845_4150_u64.rotate_left(29));
+    let word_pa = core::ptr::from_ref(&*word) as u64;
+    let mut cmds: alloc::vec::Vec<Cmd> = alloc::vec![
+        Cmd {
+            op: op::CURRENT_EL,
+            ..Cmd::default()
+        },
+        load(word_pa)
+    ];
     cmds.extend(list.iter().map(|a| a.cmd));
     let r = match ctx.run(hyp, &mut cmds) {
         Ok(r) => r,
@@ -316,7 +369,16 @@ fn attack_phase(
     );
     ok &= check("host-attack: host at EL1", el == 1);
     ok &= check("host-attack: host stage-1 on", sctlr & 1 == 1);
-    for (a, c) in list.iter_mut().zip(&cmds[1..]) {
+    let heap = &cmds[1];
+    println!(
+        "host-attack: the host reads the VMM's heap (host memory) at {word_pa:#x}: {:#x} (ESR_EL1 {:#x}); the hypervisor's own memory is {:#x}..{:#x}",
+        heap.result, heap.esr, addrs.heap.0, addrs.heap.1
+    );
+    ok &= check(
+        "host-attack: the VMM's heap is host memory",
+        heap.esr == 0 && heap.result == *word,
+    );
+    for (a, c) in list.iter_mut().zip(&cmds[2..]) {
         a.cmd = *c;
         if a.what.starts_with("(setup)") {
             ok &= check(&a.what, c.regs[0] as i64 == ret::SUCCESS);
@@ -326,10 +388,16 @@ fn attack_phase(
     }
     print_run("attack run", &r);
     ok &= check("host-attack: the victim's data unchanged", in_place(&sec));
-    let mapped = hyp.host_pte(Pa(lay.carveout.0)).0.is_valid();
+    let mapped = |pa: u64| hyp.host_pte(Pa(pa)).0.is_valid();
     ok &= check(
         "host-attack: no host stage-2 mapping of the hypervisor's pool",
-        !mapped,
+        !mapped(addrs.pool),
+    );
+    ok &= check(
+        "host-attack: no host stage-2 mapping of the hypervisor's own memory",
+        (addrs.heap.0..addrs.heap.1)
+            .step_by(4096)
+            .all(|pa| !mapped(pa)),
     );
     let live = hyp.stats().live_vms;
     println!("host-attack: {live} VMs still live in the hypervisor after the attacks");
@@ -442,7 +510,9 @@ fn hvc_sweep(
     sec: &[(Pa, u64)],
 ) -> bool {
     let hostile = [
-        lay.carveout.0 >> 12,
+        lay.hyp_heap.0 >> 12,
+        core::ptr::from_ref(hyp) as u64 >> 12,
+        lay.hyp_pool.0 >> 12,
         (lay.carveout.1 - 4096) >> 12,
         0x4020_0000 >> 12,
         bad[0] >> 12,
@@ -626,6 +696,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     // Before any VM runs: no scheduler tick or kick is pending on this CPU.
     ok &= own_timer(hyp, &ctx);
     ok &= host_psci(hyp, &ctx);
+    ok &= super::vcpurun::el1_run(&plat, process, &ctx);
     let Some(vms) = victims(&plat, process) else {
         return false;
     };

@@ -255,7 +255,7 @@ fn read_mailbox(mailbox: Pa, cmds: &mut [Cmd]) {
 }
 
 /// The registers of the host context: its stage-2 and trap controls.
-fn host_vm_regs(hyp: &BootHyp) -> Option<VmRegs> {
+pub(crate) fn host_vm_regs(hyp: &BootHyp) -> Option<VmRegs> {
     let (root, geo) = hyp.host_stage2();
     Some(VmRegs {
         vttbr: vttbr(root, 0),
@@ -322,6 +322,11 @@ fn serve_sync(
                 let mut regs = [0u64; 8];
                 regs.copy_from_slice(&st.regs.x[..8]);
                 hyp.handle_host_hvc(cpu, &mut regs);
+                super::vcpurun::after_host_call(
+                    st.regs.x[0],
+                    [st.regs.x[1], st.regs.x[2]],
+                    regs[0],
+                );
                 st.regs.x[..8].copy_from_slice(&regs);
                 out.hvcs += 1;
             }
@@ -598,7 +603,7 @@ fn hvc_cmd(func: u32, x1: u64) -> Cmd {
 
 /// The null guest's trap controls: a guest's interrupt routing
 /// (`IMO`/`FMO`/`AMO`), SMCs trapped, no EL1 timer access.
-fn null_guest_traps() -> pkvm_sysreg::traps::TrapControls {
+pub(crate) fn null_guest_traps() -> pkvm_sysreg::traps::TrapControls {
     use pkvm_sysreg::traps::hcr;
     let mut t = el1host::host_traps();
     t.hcr |= hcr::IMO | hcr::FMO | hcr::AMO;

@@ -22,6 +22,8 @@
 //!   handling of trapped accesses.
 //! - [`sve`]: the `sve-switch` scenario (SVE state and per-VM vector
 //!   lengths across world switches; UNDEF without SVE).
+//! - [`vcpurun`]: `VCPU_RUN`, protected vCPUs run by the host at EL1 with
+//!   their registers kept by the hypervisor.
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
 //!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
@@ -30,8 +32,11 @@
 //!
 //! Physical memory (QEMU virt, 1 GiB): image and handoff below
 //! `POOL_START` (0x5000_0000); then the host page pool; then the heap
-//! ([`HEAP_SIZE`]); the hypervisor's carve-out ([`HYP_CARVEOUT`]) at the
-//! end of RAM. The carve-out is kept out of the host pool in both modes.
+//! ([`HEAP_SIZE`]); the hypervisor's carve-out at the end of RAM: its own
+//! memory (`platform::hypmem`: the `Hyp` and its page metadata; sized by
+//! [`platform::hyp_heap_bytes`]) then its page pool ([`HYP_CARVEOUT`]).
+//! The carve-out is kept out of the host pool in both modes; in protected
+//! mode the host's memory is the pool and the heap ([`Layout`]).
 #![forbid(unsafe_code)]
 
 pub mod attack;
@@ -50,6 +55,7 @@ pub mod run;
 pub mod smp;
 pub mod sve;
 pub mod sysregs;
+pub mod vcpurun;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -74,7 +80,7 @@ static GUEST_HVC: &[u8] = include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/gues
 static GUEST_PSCI: &[u8] = include_bytes!(concat!(env!("PKVM_GUESTS_DIR"), "/guest-psci.bin"));
 
 const MIB: u64 = 1 << 20;
-/// The hypervisor's page pool at the end of RAM.
+/// The hypervisor's page pool, the end of its carve-out at the end of RAM.
 pub const HYP_CARVEOUT: u64 = 16 * MIB;
 /// The global allocator's heap, below the carve-out.
 pub const HEAP_SIZE: u64 = 32 * MIB;
@@ -111,17 +117,30 @@ fn run_vms(vms: &[Arc<GuestVm>]) -> bool {
 pub struct Layout {
     ram: (u64, u64),
     pool: (u64, u64),
+    /// The image's global heap (the VMM's; host memory in protected mode).
+    heap: (u64, u64),
+    /// The hypervisor's carve-out: its own memory ([`Layout::hyp_heap`])
+    /// then its page pool ([`Layout::hyp_pool`]).
     carveout: (u64, u64),
+    /// pkvm-hyp's state (`platform::hypmem`), at the carve-out's start.
+    hyp_heap: (u64, u64),
+    /// pkvm-hyp's page pool, the rest of the carve-out.
+    hyp_pool: (u64, u64),
 }
 
 impl Layout {
     fn of(p: &Platform) -> Layout {
-        let carve = p.ram_end - HYP_CARVEOUT;
+        let ram = (p.ram_start, p.ram_end);
+        let hyp_heap = platform::hyp_heap_bytes(ram);
+        let carve = p.ram_end - HYP_CARVEOUT - hyp_heap;
         let heap = carve - HEAP_SIZE;
         Layout {
-            ram: (p.ram_start, p.ram_end),
+            ram,
             pool: (POOL_START, heap),
+            heap: (heap, carve),
             carveout: (carve, p.ram_end),
+            hyp_heap: (carve, carve + hyp_heap),
+            hyp_pool: (carve + hyp_heap, p.ram_end),
         }
     }
 }
@@ -129,7 +148,7 @@ impl Layout {
 /// Entry of the VMM on the boot CPU; returns the exit status.
 pub fn main(p: &'static Platform) -> i32 {
     let lay = Layout::of(p);
-    crate::heap::init(lay.pool.1, HEAP_SIZE);
+    crate::heap::init(lay.heap.0, lay.heap.1 - lay.heap.0);
     pool::init(lay.pool.0, lay.pool.1);
     let online = match run::bring_up(p) {
         Ok(n) => n,
@@ -141,12 +160,14 @@ pub fn main(p: &'static Platform) -> i32 {
     NCPUS.store(online, Ordering::Relaxed);
     let start_free = pool::free_frames();
     println!(
-        "cpus: {online} online (secondaries started with PSCI CPU_ON over SMC), one vCPU scheduler over all of them; pool: {start_free} free frames ({} MiB) at {:#x}; heap {} MiB; hyp carve-out {} MiB at {:#x}",
+        "cpus: {online} online (secondaries started with PSCI CPU_ON over SMC), one vCPU scheduler over all of them; pool: {start_free} free frames ({} MiB) at {:#x}; heap {} MiB; hyp carve-out {} MiB at {:#x} (its own memory {} MiB, its pool {} MiB)",
         start_free as u64 * 4096 / MIB,
         lay.pool.0,
         HEAP_SIZE / MIB,
-        HYP_CARVEOUT / MIB,
-        lay.carveout.0
+        (lay.carveout.1 - lay.carveout.0) / MIB,
+        lay.carveout.0,
+        (lay.hyp_heap.1 - lay.hyp_heap.0) / MIB,
+        (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,
     );
     if !sysreg_check() {
         return 1;
@@ -616,20 +637,29 @@ fn print_hyp(plat: &BootPlatform, when: &str) -> pkvm_hyp::HypStats {
     s
 }
 
-/// Sets pkvm-hyp up over RAM (the host pool as the host's memory, the
-/// carve-out as its pool) and finalises it: the platform of protected
-/// mode.
-fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
+/// The host's memory in protected mode: the page pool and the image's
+/// global heap (the VMM's), one region when they touch. The hypervisor's
+/// carve-out (its own memory and pool) is not in it, nor is the image.
+fn host_regions(lay: &Layout) -> Vec<MemRegion> {
     let (ps, pe) = pool::range();
-    let regions = [MemRegion {
-        base: Pa(ps),
-        size: pe - ps,
-    }];
-    let hyp = match platform::init_hyp(
-        lay.ram,
-        &regions,
-        (Pa(lay.carveout.0), lay.carveout.1 - lay.carveout.0),
-    ) {
+    let region = |(s, e): (u64, u64)| MemRegion {
+        base: Pa(s),
+        size: e - s,
+    };
+    if pe == lay.heap.0 {
+        alloc::vec![region((ps, lay.heap.1))]
+    } else {
+        alloc::vec![region((ps, pe)), region(lay.heap)]
+    }
+}
+
+/// Sets pkvm-hyp up over RAM (the host pool and the VMM's heap as the
+/// host's memory, the carve-out as its own memory and pool) and finalises
+/// it: the platform of protected mode.
+fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
+    let regions = host_regions(lay);
+    let span = |(s, e): (u64, u64)| (Pa(s), e - s);
+    let hyp = match platform::init_hyp(lay.ram, &regions, span(lay.hyp_heap), span(lay.hyp_pool)) {
         Ok(h) => h,
         Err(e) => {
             println!("mode: protected: {e}");
@@ -637,11 +667,13 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
         }
     };
     println!(
-        "mode: protected (pkvm-hyp owns guest stage-2; host memory {:#x}..{:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
-        ps,
-        pe,
-        (lay.carveout.1 - lay.carveout.0) / MIB,
-        lay.carveout.0
+        "mode: protected (pkvm-hyp owns guest stage-2; host memory {:#x}..{:#x} (page pool and VMM heap), hyp state {} KiB in its own memory at {:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
+        regions[0].base.0,
+        regions[regions.len() - 1].end().0,
+        crate::platform::hypmem::used() / 1024,
+        lay.hyp_heap.0,
+        (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,
+        lay.hyp_pool.0
     );
     Some(BootPlatform::new(Some(hyp)))
 }

@@ -13,10 +13,8 @@
 //!   with the carve-out as its pool, and finalises it through the
 //!   `FINALIZE` hypercall.
 
-use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pkvm_arch::{Pa, Pfn};
@@ -26,10 +24,10 @@ use pkvm_pgtable::env::ENTRIES;
 use pkvm_pgtable::PtMemory;
 use pkvm_sync::{LockClass, SpinLock};
 
-use super::pool;
-use crate::platform::hvc;
+use super::{pool, vcpurun};
 use crate::platform::hw::{HwEl2, HwS2};
 use crate::platform::start;
+use crate::platform::{hvc, hypmem};
 
 /// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
 /// VMID (the root address is not needed for TLBI).
@@ -92,26 +90,46 @@ impl core::fmt::Display for HypInitError {
     }
 }
 
+/// Bytes of the hypervisor's own memory ([`hypmem`]) for RAM
+/// `[ram_start, ram_end)`: the page metadata and the `Hyp`, with room for
+/// alignment, rounded up to 2 MiB (the host stage-2's block size).
+pub fn hyp_heap_bytes(ram: (u64, u64)) -> u64 {
+    let pages = (ram.1 - ram.0) / 4096;
+    let bytes = pages * size_of::<PageMeta>() as u64
+        + size_of::<BootHyp>() as u64
+        + vcpurun::table_bytes()
+        + 3 * 4096;
+    bytes.next_multiple_of(2 << 20)
+}
+
 /// Sets the hypervisor up (once per boot; later calls return the same
 /// one): page metadata for all of RAM `[ram_start, ram_end)`, the host's
 /// memory `regions`, the carve-out `pool` (base, bytes) as its page pool.
-/// Then the host issues `FINALIZE`.
+/// The `Hyp` and its metadata are placed in the hypervisor's own memory
+/// `heap` (base, bytes; [`hypmem`]), never in the image's global heap
+/// (host memory), with the table of protected vCPUs' registers
+/// ([`vcpurun`]). Then the host issues `FINALIZE`.
 ///
 /// # Errors
 /// See [`HypInitError`].
 pub fn init_hyp(
     ram: (u64, u64),
     regions: &[MemRegion],
+    heap: (Pa, u64),
     pool: (Pa, u64),
 ) -> Result<&'static BootHyp, HypInitError> {
     let mut slot = HYP.lock();
     if let Some(h) = *slot {
         return Ok(h);
     }
+    let overlaps = |r: &MemRegion| r.base.0 < heap.0 .0 + heap.1 && heap.0 .0 < r.end().0;
+    if regions.iter().any(overlaps) {
+        return Err(HypInitError::Init(HypError::BadAddress { pa: heap.0 }));
+    }
+    hypmem::init(heap.0 .0, heap.1);
     let pages = ((ram.1 - ram.0) / 4096) as usize;
-    let mut meta = Vec::with_capacity(pages);
-    meta.resize_with(pages, PageMeta::new);
-    let meta: &'static [PageMeta] = Box::leak(meta.into_boxed_slice());
+    let meta =
+        hypmem::place_slice(pages, PageMeta::new).ok_or(HypInitError::Init(HypError::NoMemory))?;
     let host_ipa_bits = (64 - (ram.1 - 1).leading_zeros()).max(32);
     let cfg = HypConfig {
         mem: MemMap::new(meta, Pfn(ram.0 >> 12)),
@@ -122,8 +140,11 @@ pub fn init_hyp(
         host_ipa_bits,
         features: Default::default(),
     };
-    let hyp: &'static BootHyp =
-        Box::leak(Box::new(Hyp::new(HwHyp, &cfg).map_err(HypInitError::Init)?));
+    let hyp: &'static BootHyp = hypmem::place(Hyp::new(HwHyp, &cfg).map_err(HypInitError::Init)?)
+        .ok_or(HypInitError::Init(HypError::NoMemory))?;
+    if !vcpurun::init() {
+        return Err(HypInitError::Init(HypError::NoMemory));
+    }
     *HVC_TARGET.lock() = Some(hyp);
     hvc::set_handler(host_hvc);
     let mut regs = [0u64; 8];
@@ -148,7 +169,12 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
     }
     let target = *HVC_TARGET.lock();
     match target {
-        Some(h) => h.handle_host_hvc(cpu, regs),
+        Some(h) if regs[0] == u64::from(vcpurun::VCPU_RUN) => vcpurun::vcpu_run(h, cpu, regs),
+        Some(h) => {
+            let (func, args) = (regs[0], [regs[1], regs[2]]);
+            h.handle_host_hvc(cpu, regs);
+            vcpurun::after_host_call(func, args, regs[0]);
+        }
         None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
     }
 }

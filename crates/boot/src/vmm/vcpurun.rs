@@ -1,0 +1,729 @@
+//! `VCPU_RUN`: the host at EL1 runs a protected vCPU by a hypercall; the
+//! hypervisor keeps the vCPU's registers in its own memory and shows the
+//! host only what emulation needs (pKVM's hyp vCPU).
+//!
+//! Hypervisor side ([`vcpu_run`], at EL2 inside the host's `hvc #0`): the
+//! vCPU is the one `VCPU_LOAD`ed on this CPU, which must be protected; its
+//! [`VcpuState`] lives in a table in the hypervisor's own memory
+//! (`platform::hypmem`), keyed by (handle, vCPU index), created empty at
+//! `INIT_VCPU` and dropped at `START_TEARDOWN` ([`after_host_call`]), so a
+//! new VM never sees an old one's registers. Arguments: x1 = one of
+//! [`flags`]: `RESET` (first entry only: PC = x2, x0 = x3),
+//! `MMIO_DONE` (complete the last exit's MMIO access: a load's register
+//! takes x2, sign-extended and sized as its syndrome says; the PC steps),
+//! `CALL_RET` (the last exit's HVC/SMC returns x2..x5 in the guest's
+//! x0..x3); 0 = just run. Results: x0 = status, x1 = exit vector, x2 =
+//! ESR, x3 = for an abort the fault's IPA (never the guest's VA), x4 =
+//! HPFAR; x5 = for an MMIO store the one register stored; for an HVC/SMC,
+//! x4..x7 = the guest's x0..x3 (the call's arguments). No other guest
+//! register ever reaches the host.
+//!
+//! Host side ([`El1Backend`]): a pkvm-host `VcpuBackend` whose `enter` runs
+//! the host context at EL1 for one `VCPU_RUN` and turns the answer into a
+//! `GuestExit`, so pkvm-host's own run loop, fault pipeline (donating the
+//! faulting pages) and PSCI emulation drive the protected vCPU from EL1.
+//! [`el1_run`] is the `host-attack` phase that shows it.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
+use pkvm_host::fault::GuestFault;
+use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext, VcpuExit};
+use pkvm_hyp::hvc::{id, ret};
+use pkvm_sync::{LockClass, SpinLock};
+
+use super::el1host::{host_vm_regs, null_guest_traps, HostCtx};
+use super::platform::{BootHyp, BootPlatform};
+use super::process::{Backing, BootProcess};
+use super::{builtin, check, MIB};
+use crate::platform::el1host::{op, Cmd};
+use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
+use crate::platform::{gic, hypmem, start};
+use crate::println;
+
+/// The hypercall (vendor-hyp range, above pkvm-hyp's, as `NULL_RUN`).
+pub const VCPU_RUN: u32 = 0xc600_0041;
+
+/// `VCPU_RUN`'s x1.
+pub mod flags {
+    /// First entry: PC = x2, x0 = x3.
+    pub const RESET: u64 = 1;
+    /// Complete the last exit's MMIO access (a load takes x2).
+    pub const MMIO_DONE: u64 = 2;
+    /// The last exit's call returns x2..x5 in x0..x3.
+    pub const CALL_RET: u64 = 4;
+}
+
+/// Protected vCPUs whose registers the hypervisor holds at once.
+const SLOTS: usize = 16;
+
+const EC_WFX: u64 = 0x01;
+const EC_HVC64: u64 = 0x16;
+const EC_SMC64: u64 = 0x17;
+const EC_IABT_LOW: u64 = 0x20;
+const EC_DABT_LOW: u64 = 0x24;
+const ISV: u64 = 1 << 24;
+const WNR: u64 = 1 << 6;
+
+/// What the host must complete before the vCPU goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Last {
+    None,
+    /// An MMIO access (its ESR).
+    Mmio(u64),
+    /// An HVC or SMC.
+    Call,
+}
+
+/// A protected vCPU as the hypervisor holds it.
+struct HypVcpu {
+    key: (u16, u8),
+    /// `None` until the host's `RESET` run.
+    st: Option<VcpuState>,
+    last: Last,
+}
+
+/// A slot of the table: a vCPU's registers, or taken out by the
+/// `VCPU_RUN` running it on some CPU (`Busy`: the slot stays reserved).
+/// The registers stay inline: boxing them would put them in the global
+/// heap, which is host memory.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    Free,
+    Busy((u16, u8)),
+    Held(HypVcpu),
+}
+
+impl Slot {
+    fn key(&self) -> Option<(u16, u8)> {
+        match self {
+            Slot::Free => None,
+            Slot::Busy(k) => Some(*k),
+            Slot::Held(v) => Some(v.key),
+        }
+    }
+}
+
+type Table = SpinLock<[Slot; SLOTS]>;
+
+/// The table, in the hypervisor's own memory once [`init`] ran.
+static TABLE: SpinLock<Option<&'static Table>> = SpinLock::new(None, LockClass::Leaf);
+
+/// Places the table in the hypervisor's own memory (`init_hyp`, before
+/// `FINALIZE`); `false` if there is no room.
+pub fn init() -> bool {
+    let mut t = TABLE.lock();
+    if t.is_none() {
+        *t = hypmem::place(SpinLock::new(
+            core::array::from_fn(|_| Slot::Free),
+            LockClass::Leaf,
+        ));
+    }
+    t.is_some()
+}
+
+fn table() -> Option<&'static Table> {
+    *TABLE.lock()
+}
+
+/// Protected vCPUs whose registers the hypervisor holds now.
+pub fn held() -> usize {
+    table().map_or(0, |t| {
+        t.lock()
+            .iter()
+            .filter(|s| matches!(s, Slot::Held(_)))
+            .count()
+    })
+}
+
+/// Bytes [`init`] takes from the hypervisor's own memory.
+pub const fn table_bytes() -> u64 {
+    size_of::<Table>() as u64
+}
+
+/// Keeps the table in step with pkvm-hyp after a host call `func` with
+/// arguments `args` returned `status`: a vCPU just initialised starts with
+/// no registers, a VM being torn down loses its vCPUs' registers.
+pub fn after_host_call(func: u64, args: [u64; 2], status: u64) {
+    if status as i64 != ret::SUCCESS {
+        return;
+    }
+    let drop_if: &dyn Fn(&(u16, u8)) -> bool = match func as u32 {
+        id::INIT_VCPU => &|k| u64::from(k.0) == args[0] && u64::from(k.1) == args[1],
+        id::START_TEARDOWN => &|k| u64::from(k.0) == args[0],
+        _ => return,
+    };
+    if let Some(t) = table() {
+        for s in t.lock().iter_mut() {
+            if matches!(s, Slot::Held(v) if drop_if(&v.key)) {
+                *s = Slot::Free;
+            }
+        }
+    }
+}
+
+/// [`VCPU_RUN`] at EL2 on CPU `cpu` with the host's x0..x7 in `regs`.
+pub fn vcpu_run(hyp: &'static BootHyp, cpu: usize, regs: &mut [u64; 8]) {
+    *regs = match run(hyp, cpu, regs) {
+        Ok(out) => out,
+        Err(status) => [status as u64, 0, 0, 0, 0, 0, 0, 0],
+    };
+}
+
+fn run(hyp: &'static BootHyp, cpu: usize, regs: &[u64; 8]) -> Result<[u64; 8], i64> {
+    // Only from the host context at EL1: its EL1 registers are put back.
+    if !start::el1_host() {
+        return Err(ret::DENIED);
+    }
+    let c = hyp.loaded_vcpu_context(cpu).ok_or(ret::NOT_FOUND)?;
+    if !c.protected {
+        return Err(ret::DENIED);
+    }
+    let t = table().ok_or(ret::NOT_SUPPORTED)?;
+    let key = (c.handle, c.vcpu);
+    let mut v = take(t, key)?;
+    let r = apply(&mut v, regs, c.vcpu);
+    let out = match (r, v.st.as_mut()) {
+        (Ok(()), Some(st)) => {
+            let vm = guest_regs(hyp, c.s2_root, c.vmid, c.geometry).ok_or(ret::INTERNAL);
+            vm.map(|(vm, host)| world_switch(&vm, &host, st))
+                .map(|e| view(st, &mut v.last, &e))
+        }
+        (Ok(()), None) => Err(ret::INVALID_PARAMETER),
+        (Err(e), _) => Err(e),
+    };
+    put(t, v);
+    out
+}
+
+/// Takes the vCPU's slot out of the table (a new one if it has none).
+/// Takes the vCPU's registers out of the table (new ones if it has none),
+/// leaving its slot `Busy` until [`put`].
+fn take(t: &Table, key: (u16, u8)) -> Result<HypVcpu, i64> {
+    let mut slots = t.lock();
+    let i = slots
+        .iter()
+        .position(|s| s.key() == Some(key))
+        .or_else(|| slots.iter().position(|s| matches!(s, Slot::Free)))
+        .ok_or(ret::NO_MEMORY)?;
+    match core::mem::replace(&mut slots[i], Slot::Busy(key)) {
+        Slot::Held(v) => Ok(v),
+        Slot::Free => Ok(HypVcpu {
+            key,
+            st: None,
+            last: Last::None,
+        }),
+        // Cannot happen (a vCPU is loaded on one CPU at a time).
+        Slot::Busy(_) => Err(ret::BUSY),
+    }
+}
+
+/// Puts back what [`take`] took (a vCPU never reset frees its slot).
+fn put(t: &Table, v: HypVcpu) {
+    let mut slots = t.lock();
+    if let Some(s) = slots
+        .iter_mut()
+        .find(|s| matches!(s, Slot::Busy(k) if *k == v.key))
+    {
+        *s = if v.st.is_some() {
+            Slot::Held(v)
+        } else {
+            Slot::Free
+        };
+    }
+}
+
+/// Applies the host's flags; a refused one changes nothing.
+fn apply(v: &mut HypVcpu, regs: &[u64; 8], vcpu: u8) -> Result<(), i64> {
+    match regs[1] {
+        0 => Ok(()),
+        flags::RESET if v.st.is_none() => {
+            v.st = Some(VcpuState::new(regs[2], [regs[3], 0, 0, 0], u64::from(vcpu)));
+            Ok(())
+        }
+        flags::MMIO_DONE => match (v.last, v.st.as_mut()) {
+            (Last::Mmio(esr), Some(st)) => {
+                complete_mmio(st, esr, regs[2]);
+                v.last = Last::None;
+                Ok(())
+            }
+            _ => Err(ret::INVALID_PARAMETER),
+        },
+        flags::CALL_RET => match (v.last, v.st.as_mut()) {
+            (Last::Call, Some(st)) => {
+                st.regs.x[..4].copy_from_slice(&regs[2..6]);
+                v.last = Last::None;
+                Ok(())
+            }
+            _ => Err(ret::INVALID_PARAMETER),
+        },
+        _ => Err(ret::INVALID_PARAMETER),
+    }
+}
+
+/// Completes an MMIO access with syndrome `esr`: a load's register (SRT)
+/// takes `value` sized by SAS and sign-extended by SSE to 32 or 64 bits
+/// (SF); the PC steps past the instruction.
+fn complete_mmio(st: &mut VcpuState, esr: u64, value: u64) {
+    let rt = ((esr >> 16) & 0x1f) as usize;
+    if esr & WNR == 0 && rt < 31 {
+        let bits = 8u32 << ((esr >> 22) & 3);
+        let mut v = if bits == 64 {
+            value
+        } else {
+            value & ((1u64 << bits) - 1)
+        };
+        if esr & (1 << 21) != 0 && bits < 64 && v >> (bits - 1) & 1 == 1 {
+            v |= !0u64 << bits;
+        }
+        if esr & (1 << 15) == 0 {
+            v &= 0xffff_ffff;
+        }
+        st.regs.x[rt] = v;
+    }
+    st.regs.pc += 4;
+}
+
+/// The guest's controls (its stage-2, a protected guest's traps) and the
+/// host context's, to put back after.
+fn guest_regs(
+    hyp: &BootHyp,
+    root: pkvm_arch::Pa,
+    vmid: u16,
+    geo: pkvm_arch::vtcr::S2Geometry,
+) -> Option<(VmRegs, VmRegs)> {
+    let host = host_vm_regs(hyp)?;
+    let mut vm = host;
+    vm.vttbr = vttbr(root, vmid);
+    vm.vtcr = vtcr(geo.ipa_bits, switch::parange(), VtcrOptions::default()).ok()?;
+    vm.traps = null_guest_traps();
+    Some((vm, host))
+}
+
+/// Runs the guest once from inside the host's hypercall (as `NULL_RUN`):
+/// the host's EL1 registers and the world switch's per-CPU state are set
+/// aside and put back, with the host's stage-2 and trap controls.
+fn world_switch(vm: &VmRegs, host: &VmRegs, st: &mut VcpuState) -> switch::Exit {
+    let mut host_el1 = switch::El1Sysregs::default();
+    switch::save_el1(&mut host_el1);
+    let saved = start::take_switch_state();
+    let exit = switch::run(vm, st, None, &mut |_, _| false);
+    start::restore_switch_state(saved);
+    switch::load_el1(&host_el1);
+    switch::load_vm_controls(host);
+    exit
+}
+
+/// What the host learns of exit `e` (see the module's list); records what
+/// it must complete in `last`. WFx and SMC are stepped over here.
+fn view(st: &mut VcpuState, last: &mut Last, e: &switch::Exit) -> [u64; 8] {
+    let mut out = [ret::SUCCESS as u64, e.kind, e.esr, 0, 0, 0, 0, 0];
+    *last = Last::None;
+    if e.kind != EXIT_SYNC {
+        return out;
+    }
+    match e.esr >> 26 {
+        EC_IABT_LOW | EC_DABT_LOW => {
+            out[3] = ((e.hpfar & 0x0000_0fff_ffff_fff0) << 8) | (e.far & 0xfff);
+            out[4] = e.hpfar;
+            if e.esr >> 26 == EC_DABT_LOW && e.esr & ISV != 0 {
+                let rt = ((e.esr >> 16) & 0x1f) as usize;
+                if e.esr & WNR != 0 {
+                    out[5] = st.regs.x.get(rt).copied().unwrap_or(0);
+                }
+                *last = Last::Mmio(e.esr);
+            }
+        }
+        EC_HVC64 | EC_SMC64 => {
+            if e.esr >> 26 == EC_SMC64 {
+                st.regs.pc += 4;
+            }
+            out[4..8].copy_from_slice(&st.regs.x[..4]);
+            *last = Last::Call;
+        }
+        EC_WFX => st.regs.pc += 4,
+        _ => {}
+    }
+    out
+}
+
+// ---- The host side -------------------------------------------------------
+
+/// What the next `VCPU_RUN` passes.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    None,
+    Reset { pc: u64, x0: u64 },
+    Mmio(u64),
+}
+
+/// pkvm-host's backend for a protected vCPU run from the host at EL1 by
+/// [`VCPU_RUN`]: `ctx` (pkvm-host's copy) holds only what the hypervisor
+/// showed.
+pub struct El1Backend<'a> {
+    host: &'a HostCtx,
+    hyp: &'static BootHyp,
+    cpu: usize,
+    pending: Pending,
+    last_call: bool,
+    /// Every answer the host received (x0..x7).
+    pub seen: Vec<[u64; 8]>,
+    /// A failed run (status or host-context error) or a request the
+    /// hypervisor does not serve (abort injection).
+    pub failed: Option<&'static str>,
+}
+
+impl<'a> El1Backend<'a> {
+    /// A backend over the host context `host` on this CPU.
+    pub fn new(host: &'a HostCtx, hyp: &'static BootHyp) -> Self {
+        El1Backend {
+            host,
+            hyp,
+            cpu: start::cpu_index(),
+            pending: Pending::None,
+            last_call: false,
+            seen: Vec::new(),
+            failed: None,
+        }
+    }
+
+    fn args(&mut self, ctx: &VcpuContext) -> [u64; 8] {
+        let mut r = [0u64; 8];
+        r[0] = u64::from(VCPU_RUN);
+        match core::mem::replace(&mut self.pending, Pending::None) {
+            Pending::Reset { pc, x0 } => r[1..4].copy_from_slice(&[flags::RESET, pc, x0]),
+            Pending::Mmio(v) => r[1..3].copy_from_slice(&[flags::MMIO_DONE, v]),
+            Pending::None if self.last_call => {
+                r[1] = flags::CALL_RET;
+                r[2..6].copy_from_slice(&ctx.gprs.x[..4]);
+            }
+            Pending::None => {}
+        }
+        self.last_call = false;
+        r
+    }
+}
+
+impl VcpuBackend for El1Backend<'_> {
+    fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    fn enter(&mut self, ctx: &mut VcpuContext, _s2: &StageTwo) -> GuestExit {
+        let regs = self.args(ctx);
+        let mut cmd = [Cmd {
+            op: op::HVC,
+            regs,
+            ..Cmd::default()
+        }];
+        if self.host.run(self.hyp, &mut cmd).is_err() {
+            self.failed = Some("host context run");
+            return GuestExit::GuestCheckFailed;
+        }
+        let r = cmd[0].regs;
+        self.seen.push(r);
+        if r[0] as i64 != ret::SUCCESS {
+            self.failed = Some("VCPU_RUN refused");
+            return GuestExit::GuestCheckFailed;
+        }
+        let (kind, esr) = (r[1], r[2]);
+        if kind == EXIT_IRQ || kind == 10 {
+            gic::drain();
+            return GuestExit::Interrupt;
+        }
+        if kind != EXIT_SYNC {
+            return GuestExit::Unhandled { esr };
+        }
+        match esr >> 26 {
+            EC_IABT_LOW | EC_DABT_LOW => {
+                if esr & ISV != 0 && esr & WNR != 0 {
+                    let rt = ((esr >> 16) & 0x1f) as usize;
+                    if let Some(x) = ctx.gprs.x.get_mut(rt) {
+                        *x = r[5];
+                    }
+                }
+                GuestExit::Abort {
+                    esr,
+                    far: r[3],
+                    hpfar: r[4],
+                }
+            }
+            EC_HVC64 | EC_SMC64 => {
+                ctx.gprs.x[..4].copy_from_slice(&r[4..8]);
+                self.last_call = true;
+                GuestExit::Call { esr }
+            }
+            EC_WFX => GuestExit::Wfx,
+            _ => GuestExit::Unhandled { esr },
+        }
+    }
+
+    fn complete_mmio(&mut self, _ctx: &mut VcpuContext, _fault: &GuestFault, value: u64) {
+        self.pending = Pending::Mmio(value);
+    }
+
+    fn inject_abort(&mut self, _ctx: &mut VcpuContext, _fault: &GuestFault) {
+        self.failed = Some("abort injection into a protected vCPU (not served by VCPU_RUN)");
+    }
+
+    fn on_reset(&mut self, ctx: &mut VcpuContext, _start: &pkvm_host::psci::ResetState) {
+        self.pending = Pending::Reset {
+            pc: ctx.gprs.pc,
+            x0: ctx.gprs.x[0],
+        };
+    }
+}
+
+// ---- The host-attack phase -------------------------------------------------
+
+/// Guest-physical address of the test device (no memslot: MMIO).
+const DEV_IPA: u64 = 0x0bf0_0000;
+/// What the guest stores to the device.
+const STORED: u64 = 0x1234;
+/// What the host answers the guest's device load with.
+const ANSWER: u64 = 0xfeed_f00d;
+/// The guest's secret registers x10..x13 (each `0x5ec0 + n` << 48).
+const SECRETS: [u64; 4] = [0x5ec1 << 48, 0x5ec2 << 48, 0x5ec3 << 48, 0x5ec4 << 48];
+
+const fn movz(rd: u32, imm: u32, hw: u32) -> u32 {
+    0xd280_0000 | (hw << 21) | (imm << 5) | rd
+}
+const fn movk(rd: u32, imm: u32, hw: u32) -> u32 {
+    0xf280_0000 | (hw << 21) | (imm << 5) | rd
+}
+const fn str_x(rt: u32, rn: u32, off: u32) -> u32 {
+    0xf900_0000 | ((off / 8) << 10) | (rn << 5) | rt
+}
+const fn ldr_x(rt: u32, rn: u32, off: u32) -> u32 {
+    0xf940_0000 | ((off / 8) << 10) | (rn << 5) | rt
+}
+/// `adr xd, .+off` (off < 1 MiB, a multiple of 4).
+const fn adr(rd: u32, off: u32) -> u32 {
+    0x1000_0000 | ((off >> 2) << 5) | rd
+}
+
+/// The guest: secrets in x10..x13; stores [`STORED`] (x5) to the device
+/// and loads x7 from it; stores x7 to its RAM one page on (a stage-2 fault
+/// pkvm-host answers by donating the page) and loads it back into x1;
+/// then PSCI `SYSTEM_OFF` by `hvc #0` (x1: what it read back), and the
+/// `hvc #0` again in a loop ([`run_cost`] times it).
+const PROGRAM: [u32; 15] = [
+    movz(10, 0x5ec1, 3),
+    movz(11, 0x5ec2, 3),
+    movz(12, 0x5ec3, 3),
+    movz(13, 0x5ec4, 3),
+    movz(6, (DEV_IPA >> 16) as u32, 1),
+    movz(5, STORED as u32, 0),
+    str_x(5, 6, 0),
+    ldr_x(7, 6, 8),
+    adr(8, 0x1000 - 8 * 4),
+    str_x(7, 8, 0),
+    ldr_x(1, 8, 0),
+    movz(0, 0x0008, 0),
+    movk(0, 0x8400, 1),
+    0xd400_0002, // hvc #0
+    0x17ff_ffff, // b .-4 (the hvc again: the timed loop)
+];
+
+const fn program_bytes() -> [u8; 60] {
+    let mut b = [0u8; 60];
+    let mut i = 0;
+    while i < PROGRAM.len() {
+        let w = PROGRAM[i].to_le_bytes();
+        b[4 * i] = w[0];
+        b[4 * i + 1] = w[1];
+        b[4 * i + 2] = w[2];
+        b[4 * i + 3] = w[3];
+        i += 1;
+    }
+    b
+}
+
+static PROGRAM_BYTES: [u8; 60] = program_bytes();
+
+/// What [`el1_run`]'s guest did, as the host saw it.
+#[derive(Debug, Default)]
+struct Outcome {
+    stored: Option<u64>,
+    loads: u32,
+    off: bool,
+    other: Option<&'static str>,
+}
+
+/// Runs the vCPU through pkvm-host's run loop over `be` until it powers
+/// off (or something unexpected).
+fn drive(vcpu: &mut pkvm_host::Vcpu<BootPlatform, BootProcess>, be: &mut El1Backend) -> Outcome {
+    let mut o = Outcome::default();
+    for _ in 0..64 {
+        match vcpu.run(be) {
+            VcpuExit::Mmio {
+                addr, write, data, ..
+            } if addr.0 & !0xfff == DEV_IPA => {
+                if write {
+                    o.stored = Some(data);
+                } else {
+                    o.loads += 1;
+                    vcpu.complete_mmio(ANSWER);
+                }
+            }
+            VcpuExit::Interrupted => {}
+            VcpuExit::SystemEvent(ev) => {
+                o.off = ev.kind == pkvm_host::psci::SystemEventKind::Shutdown;
+                return o;
+            }
+            _ => {
+                o.other = Some("an unexpected exit");
+                return o;
+            }
+        }
+        if be.failed.is_some() {
+            return o;
+        }
+    }
+    o.other = Some("no power-off within 64 exits");
+    o
+}
+
+/// A protected VM created by pkvm-host (`INIT_VM`/`INIT_VCPU` on its first
+/// run) whose vCPU the host at EL1 runs by [`VCPU_RUN`] through pkvm-host's
+/// run loop: its pages donated on its faults, its device store seen as
+/// the one register stored, its device load answered, its PSCI
+/// `SYSTEM_OFF` emulated; its secret registers never reach the host.
+pub fn el1_run(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &HostCtx) -> bool {
+    let Some(hyp) = plat.hyp() else {
+        return check("vcpu-run: protected mode", false);
+    };
+    let Some(g) = builtin(
+        plat,
+        process,
+        "el1-run",
+        &PROGRAM_BYTES,
+        4 * MIB,
+        Backing::Page4K,
+        true,
+        None,
+    ) else {
+        return check("vcpu-run: VM created", false);
+    };
+    let mut be = El1Backend::new(ctx, hyp);
+    let o = match g.vm.vcpu(0) {
+        Ok(mut vcpu) => drive(&mut vcpu, &mut be),
+        Err(_) => Outcome {
+            other: Some("no vCPU 0"),
+            ..Outcome::default()
+        },
+    };
+    let read_back = be.seen.last().map_or(0, |r| r[5]);
+    let leaked = SECRETS
+        .iter()
+        .filter(|s| be.seen.iter().any(|r| r.contains(s)))
+        .count();
+    let pages = g.vm.hyp_mapped_pages();
+    let refused = g.vm.handle().is_some_and(|h| refusals(hyp, ctx, h));
+    match g.vm.handle().and_then(|h| run_cost(hyp, ctx, h)) {
+        Some(ns) => println!(
+            "vcpu-run: VCPU_RUN round trip from the host at EL1 (the guest's hvc #0 returned to the host, mean of {COST_RUNS}): {ns} ns"
+        ),
+        None => println!("vcpu-run: VCPU_RUN round trip: not measured (a run failed)"),
+    }
+    println!(
+        "vcpu-run: a protected vCPU run from the host at EL1 by VCPU_RUN through pkvm-host's run loop: {} runs; device store {:x?}, {} device load(s) answered {ANSWER:#x}, read back from its donated RAM {read_back:#x}; {pages} pages donated on its faults; powered off: {}; secret registers shown to the host: {leaked} of 4{}",
+        be.seen.len(),
+        o.stored,
+        o.loads,
+        o.off,
+        be.failed.or(o.other).map_or(alloc::string::String::new(), |w| alloc::format!("; FAILED: {w}")),
+    );
+    let ok = check(
+        "vcpu-run: run to power-off",
+        o.off && o.other.is_none() && be.failed.is_none(),
+    ) & check(
+        "vcpu-run: the device store seen",
+        o.stored == Some(STORED) && o.loads == 1,
+    ) & check(
+        "vcpu-run: the answer reached the guest",
+        read_back == ANSWER,
+    ) & check("vcpu-run: pages donated on faults", pages >= 2)
+        & check("vcpu-run: no secret register shown", leaked == 0)
+        & check("vcpu-run: every bad VCPU_RUN refused", refused);
+    g.destroy();
+    let held = held();
+    println!(
+        "vcpu-run: after teardown the hypervisor holds the registers of {held} protected vCPUs"
+    );
+    ok & check("vcpu-run: the torn-down VM's registers dropped", held == 0)
+}
+
+fn hvc(func: u32, args: &[u64]) -> Cmd {
+    let mut regs = [0u64; 8];
+    regs[0] = u64::from(func);
+    regs[1..=args.len()].copy_from_slice(args);
+    Cmd {
+        op: op::HVC,
+        regs,
+        ..Cmd::default()
+    }
+}
+
+/// `VCPU_RUN`s timed by [`run_cost`].
+const COST_RUNS: u64 = 1000;
+
+/// The mean round trip in nanoseconds of a `VCPU_RUN` from the host at EL1
+/// whose guest exits at once (its `hvc #0` loop, each call returned with
+/// `CALL_RET`): [`COST_RUNS`] calls timed at EL1. `None` if one failed.
+fn run_cost(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> Option<u64> {
+    let mut cmds = [
+        hvc(id::VCPU_LOAD, &[u64::from(handle), 0]),
+        Cmd {
+            op: op::HVC_LOOP,
+            value: COST_RUNS,
+            ..hvc(VCPU_RUN, &[flags::CALL_RET])
+        },
+        hvc(id::VCPU_PUT, &[]),
+    ];
+    ctx.run(hyp, &mut cmds).ok()?;
+    let r = &cmds[1].regs;
+    let ok = r[0] as i64 == ret::SUCCESS && r[1] == EXIT_SYNC && r[2] >> 26 == EC_HVC64;
+    if !ok || cmds[2].regs[0] as i64 != ret::SUCCESS {
+        return None;
+    }
+    let freq = crate::platform::timer::frequency().max(1);
+    Some(cmds[1].result * 1_000_000_000 / freq / COST_RUNS)
+}
+
+/// Bad `VCPU_RUN`s on the powered-off vCPU of VM `handle`, each refused
+/// with a status (none runs the guest): from EL2; with no vCPU loaded; a
+/// second `RESET` (re-entering the protected vCPU at a PC of the host's
+/// choice); `MMIO_DONE` with no MMIO access pending; unknown flags.
+fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
+    let h = u64::from(handle);
+    let mut from_el2 = [0u64; 8];
+    from_el2[0] = u64::from(VCPU_RUN);
+    super::platform::hyp_call(Some(hyp), start::cpu_index(), &mut from_el2);
+    let mut cmds = [
+        hvc(VCPU_RUN, &[]),
+        hvc(id::VCPU_LOAD, &[h, 0]),
+        hvc(VCPU_RUN, &[flags::RESET, super::guest::GUEST_RAM, 0]),
+        hvc(VCPU_RUN, &[flags::MMIO_DONE, 0]),
+        hvc(VCPU_RUN, &[8]),
+        hvc(id::VCPU_PUT, &[]),
+    ];
+    if ctx.run(hyp, &mut cmds).is_err() {
+        return false;
+    }
+    let st = |c: &Cmd| c.regs[0] as i64;
+    let statuses = [
+        from_el2[0] as i64,
+        st(&cmds[0]),
+        st(&cmds[2]),
+        st(&cmds[3]),
+        st(&cmds[4]),
+    ];
+    println!(
+        "vcpu-run: bad VCPU_RUNs (from EL2, no vCPU loaded, a second RESET, MMIO_DONE with no access pending, unknown flags): statuses {statuses:?}"
+    );
+    st(&cmds[1]) == ret::SUCCESS
+        && st(&cmds[5]) == ret::SUCCESS
+        && statuses.iter().all(|&s| s != ret::SUCCESS)
+}
