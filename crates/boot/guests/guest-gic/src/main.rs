@@ -27,68 +27,26 @@
 #[path = "../../guest-smp/src/smp.rs"]
 mod smp;
 
-use core::arch::{asm, global_asm};
+use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use guest_rt::gic::{wake_redistributor, GICD, SGI_BASE, SPURIOUS};
 use guest_rt::wfi;
 use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, write32 as mmio_wr};
 
-global_asm!(
-    r#"
-.section .bss.abort_log, "aw"
-.balign 8
-.global abort_log
-abort_log:
-    .zero 24
-
-.section .text.gic_vectors, "ax"
-.balign 2048
-gic_vectors:
-.rept 16
-    .balign 128
-    b       gic_exception
-.endr
-
-// Records [ESR_EL1, FAR_EL1, count + 1] and resumes after the faulting
-// instruction. Uses x9-x11 only: the faulting asm block declares them
-// clobbered.
-gic_exception:
-    ldr     x10, =abort_log
-    mrs     x11, esr_el1
-    str     x11, [x10, #0]
-    mrs     x11, far_el1
-    str     x11, [x10, #8]
-    ldr     x11, [x10, #16]
-    add     x11, x11, #1
-    str     x11, [x10, #16]
-    mrs     x11, elr_el1
-    add     x11, x11, #4
-    msr     elr_el1, x11
-    eret
-"#
-);
-
-extern "C" {
-    static abort_log: [u64; 3];
-    static gic_vectors: u8;
-}
-
 /// A 16-bit read of `GICD_CTLR` (only 32-bit accesses are allowed): the
 /// hypervisor must inject a synchronous external data abort (EC 0x25,
 /// FSC 0x10) at that address, and the VM lives on.
 fn bad_access() -> u64 {
-    let v = core::ptr::addr_of!(gic_vectors) as u64;
-    // SAFETY: VBAR_EL1 points at a valid, 2 KiB-aligned vector table.
-    unsafe { asm!("msr vbar_el1, {}", "isb", in(reg) v, options(nostack)) };
+    guest_rt::skip::install();
     // SAFETY: a load from the GIC's Device memory; the abort it takes is
-    // handled by `gic_exception`, which clobbers only x9-x11.
+    // handled by guest-rt's `skip` vectors, which clobber only x9-x11.
     unsafe {
         asm!("ldrh w12, [{a}]", a = in(reg) GICD, out("x9") _, out("x10") _, out("x11") _,
              out("x12") _, options(nostack));
     }
-    // SAFETY: written only by the vector above, on this vCPU.
-    let [esr, far, n] = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(abort_log)) };
+    let t = guest_rt::skip::taken();
+    let (esr, far, n) = (t.esr, t.far, t.count);
     println!("gic: 16-bit GICD_CTLR read: {n} exception(s), ESR_EL1 {esr:#x} FAR_EL1 {far:#x}");
     check(
         "a 16-bit GICD_CTLR read takes a synchronous external data abort",
@@ -145,13 +103,7 @@ fn sgi(intid: u64, target: usize) {
 }
 
 fn check(what: &str, ok: bool) -> u64 {
-    if ok {
-        println!("gic: ok: {what}");
-        0
-    } else {
-        println!("gic: FAIL: {what}");
-        1
-    }
+    guest_rt::check("gic", what, ok)
 }
 
 /// The virtual (`virt`) or emulated physical timer, 10 ms ahead; the

@@ -44,6 +44,7 @@ mod smp;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use guest_rt::gic::{wake_redistributor, GICD, GICR, GICR_STRIDE, SGI_BASE, SPURIOUS};
+use guest_rt::timer::{freq, vct};
 use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, write32 as mmio_wr};
 use guest_rt::{sev, wfe, wfi};
 
@@ -152,21 +153,7 @@ fn sgi(intid: u64, target: usize) {
 }
 
 fn check(what: core::fmt::Arguments, ok: bool) -> u64 {
-    if ok {
-        println!("irq: ok: {what}");
-        0
-    } else {
-        println!("irq: FAIL: {what}");
-        1
-    }
-}
-
-fn freq() -> u64 {
-    rd!("cntfrq_el0").max(1)
-}
-
-fn vct() -> u64 {
-    rd!("cntvct_el0")
+    guest_rt::check("irq", what, ok)
 }
 
 fn ticks_to_ns(t: u64) -> u64 {

@@ -32,6 +32,7 @@ mod smp;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use guest_rt::gic::{wake_redistributor, GICD, SGI_BASE, SPURIOUS};
+use guest_rt::timer::{freq, vct};
 use guest_rt::{hvc, sev, wfe};
 use guest_rt::{println, sysreg_read as rd, sysreg_write as wr, write32 as mmio_wr};
 use pkvm_arch::smccc::psci;
@@ -70,21 +71,7 @@ static BAD: AtomicU32 = AtomicU32::new(0);
 static SWINC: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
 
 fn check(what: core::fmt::Arguments, ok: bool) -> u64 {
-    if ok {
-        println!("pmu: ok: {what}");
-        0
-    } else {
-        println!("pmu: FAIL: {what}");
-        1
-    }
-}
-
-fn freq() -> u64 {
-    rd!("cntfrq_el0").max(1)
-}
-
-fn vct() -> u64 {
-    rd!("cntvct_el0")
+    guest_rt::check("pmu", what, ok)
 }
 
 /// Wall time in the virtual PMU's cycles (a nominal 1 GHz clock).

@@ -28,8 +28,9 @@
 #![no_main]
 
 use core::arch::{asm, global_asm};
-use core::ptr::{addr_of, addr_of_mut, read_volatile};
+use core::ptr::addr_of_mut;
 
+use guest_rt::skip;
 use guest_rt::{println, sysreg_read, sysreg_write};
 
 /// Bytes of one save image for the largest vector length (256 bytes):
@@ -46,34 +47,6 @@ sve_want:
 .global sve_got
 sve_got:
     .zero 8736
-.global sve_exc
-sve_exc:
-    .zero 32
-
-.section .text.sve_vectors, "ax"
-.balign 2048
-sve_vectors:
-.irp idx, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
-    .balign 128
-    mov     x9, #\idx
-    b       sve_exception
-.endr
-
-// Records [vector entry, ESR_EL1, ELR_EL1, count + 1] and resumes after the
-// faulting instruction. Uses x9-x11 only.
-sve_exception:
-    ldr     x10, =sve_exc
-    str     x9, [x10, #0]
-    mrs     x11, esr_el1
-    str     x11, [x10, #8]
-    mrs     x11, elr_el1
-    str     x11, [x10, #16]
-    add     x11, x11, #4
-    msr     elr_el1, x11
-    ldr     x11, [x10, #24]
-    add     x11, x11, #1
-    str     x11, [x10, #24]
-    eret
 "#
 );
 
@@ -82,16 +55,12 @@ const _: () = assert!(AREA_MAX == 8736);
 extern "C" {
     static mut sve_want: [u8; AREA_MAX];
     static mut sve_got: [u8; AREA_MAX];
-    static sve_exc: [u64; 4];
-    static sve_vectors: u8;
 }
 
 /// The last exception the vectors recorded: (entry, ESR_EL1, ELR_EL1, count).
 fn taken() -> [u64; 4] {
-    // SAFETY: `sve_exc` is 32 bytes of .bss written only by the vector
-    // code; volatile reads because asm writes it behind the compiler's back.
-    let r = |i: usize| unsafe { read_volatile(addr_of!(sve_exc[i])) };
-    [r(0), r(1), r(2), r(3)]
+    let t = skip::taken();
+    [t.entry, t.esr, t.elr, t.count]
 }
 
 /// `ESR_EL1` of an UNDEF: EC 0, IL 1.
@@ -373,8 +342,7 @@ pub fn guest_main(cfg: u64, _: u64, _: u64, _: u64) -> u64 {
     let vl = cfg & 0xffff;
     let tag = (cfg >> 16) & 0xff;
     let n = cfg >> 32;
-    let v = addr_of!(sve_vectors) as u64;
-    sysreg_write!("vbar_el1", v);
+    skip::install();
     // CPACR_EL1.ZEN on (FPEN is on from guest-rt): SVE reaches CPTR_EL2.
     sysreg_write!("cpacr_el1", sysreg_read!("cpacr_el1") | (3 << 16));
     let mut failed = identity(vl);

@@ -26,45 +26,9 @@
 #![no_main]
 
 use core::arch::{asm, global_asm};
-use core::ptr::{addr_of, read_volatile};
 
+use guest_rt::skip::{self, taken};
 use guest_rt::{hvc, println};
-
-global_asm!(
-    r#"
-.section .bss.undef_log, "aw"
-.balign 8
-.global undef_log
-undef_log:
-    .zero 32
-
-.section .text.sysreg_vectors, "ax"
-.balign 2048
-sysreg_vectors:
-.irp idx, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
-    .balign 128
-    mov     x9, #\idx
-    b       sysreg_undef
-.endr
-
-// Records [vector entry, ESR_EL1, ELR_EL1, count + 1] and resumes after the
-// faulting instruction. Uses x9-x11 only: every faulting asm block below
-// declares them clobbered.
-sysreg_undef:
-    ldr     x10, =undef_log
-    str     x9, [x10, #0]
-    mrs     x11, esr_el1
-    str     x11, [x10, #8]
-    mrs     x11, elr_el1
-    str     x11, [x10, #16]
-    add     x11, x11, #4
-    msr     elr_el1, x11
-    ldr     x11, [x10, #24]
-    add     x11, x11, #1
-    str     x11, [x10, #24]
-    eret
-"#
-);
 
 // ctr_probe(buf: x0): x1..x30 = their index, x0 = 0x100, then CTR_EL0
 // into x0, x1, x2 (three of the four the vectors keep on their stack: a
@@ -131,30 +95,7 @@ ctr_probe:
 );
 
 extern "C" {
-    static undef_log: [u64; 4];
-    static sysreg_vectors: u8;
     fn ctr_probe(buf: *mut [u64; 31]);
-}
-
-/// What the last exception recorded.
-#[derive(Clone, Copy, Debug)]
-struct Taken {
-    entry: u64,
-    esr: u64,
-    elr: u64,
-    count: u64,
-}
-
-fn taken() -> Taken {
-    // SAFETY: `undef_log` is 32 bytes of .bss written only by the vector
-    // code; volatile reads because asm writes it behind the compiler's back.
-    let r = |i: usize| unsafe { read_volatile(addr_of!(undef_log[i])) };
-    Taken {
-        entry: r(0),
-        esr: r(1),
-        elr: r(2),
-        count: r(3),
-    }
 }
 
 /// Runs one instruction (`$insn`, with x0 as its register) and returns its
@@ -402,9 +343,7 @@ fn ctr_el0(c: &mut Checker) {
 /// Entry called by guest-rt.
 #[no_mangle]
 pub fn guest_main(_: u64, _: u64, _: u64, _: u64) -> u64 {
-    let v = addr_of!(sysreg_vectors) as u64;
-    // SAFETY: VBAR_EL1 points at a valid, 2 KiB-aligned vector table.
-    unsafe { asm!("msr vbar_el1, {}", "isb", in(reg) v, options(nostack)) };
+    skip::install();
     let mut c = Checker {
         passed: 0,
         failed: 0,

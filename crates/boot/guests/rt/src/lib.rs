@@ -171,6 +171,119 @@ macro_rules! sysreg_write {
     }};
 }
 
+/// A check's verdict line, `<prefix>: ok: <what>` or `<prefix>: FAIL:
+/// <what>`; returns 1 for a failure (summed into a guest's result).
+pub fn check(prefix: &str, what: impl core::fmt::Display, ok: bool) -> u64 {
+    if ok {
+        println!("{prefix}: ok: {what}");
+        0
+    } else {
+        println!("{prefix}: FAIL: {what}");
+        1
+    }
+}
+
+/// The generic timer as guests read it.
+pub mod timer {
+    /// `CNTFRQ_EL0` (at least 1).
+    pub fn freq() -> u64 {
+        crate::sysreg_read!("cntfrq_el0").max(1)
+    }
+
+    /// `CNTVCT_EL0`.
+    pub fn vct() -> u64 {
+        crate::sysreg_read!("cntvct_el0")
+    }
+}
+
+/// EL1 vectors that record an exception and resume after the faulting
+/// instruction (for guests that provoke UNDEFs and aborts on purpose).
+/// The entry code uses x9-x11 only: asm that faults on purpose declares
+/// them clobbered.
+pub mod skip {
+    use core::arch::{asm, global_asm};
+    use core::ptr::{addr_of, read_volatile};
+
+    global_asm!(
+        r#"
+.section .bss.guest_rt_skip_log, "aw"
+.balign 8
+.global guest_rt_skip_log
+guest_rt_skip_log:
+    .zero 40
+
+.section .text.guest_rt_skip_vectors, "ax"
+.balign 2048
+.global guest_rt_skip_vectors
+guest_rt_skip_vectors:
+.irp idx, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .balign 128
+    mov     x9, #\idx
+    b       guest_rt_skip
+.endr
+
+// Records [vector entry, ESR_EL1, ELR_EL1, FAR_EL1, count + 1] and
+// resumes after the faulting instruction.
+guest_rt_skip:
+    ldr     x10, =guest_rt_skip_log
+    str     x9, [x10, #0]
+    mrs     x11, esr_el1
+    str     x11, [x10, #8]
+    mrs     x11, far_el1
+    str     x11, [x10, #24]
+    mrs     x11, elr_el1
+    str     x11, [x10, #16]
+    add     x11, x11, #4
+    msr     elr_el1, x11
+    ldr     x11, [x10, #32]
+    add     x11, x11, #1
+    str     x11, [x10, #32]
+    eret
+"#
+    );
+
+    extern "C" {
+        static guest_rt_skip_log: [u64; 5];
+        static guest_rt_skip_vectors: u8;
+    }
+
+    /// What the last exception recorded, and how many were taken.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Taken {
+        /// Vector entry (0-15: 4 is synchronous from the current EL with SP_ELx).
+        pub entry: u64,
+        /// `ESR_EL1`.
+        pub esr: u64,
+        /// `ELR_EL1` (the faulting instruction).
+        pub elr: u64,
+        /// `FAR_EL1`.
+        pub far: u64,
+        /// Exceptions taken since boot.
+        pub count: u64,
+    }
+
+    /// Points `VBAR_EL1` at the recording vectors.
+    pub fn install() {
+        let v = addr_of!(guest_rt_skip_vectors) as u64;
+        // SAFETY: VBAR_EL1 points at a valid, 2 KiB-aligned vector table.
+        unsafe { asm!("msr vbar_el1, {}", "isb", in(reg) v, options(nostack)) };
+    }
+
+    /// The record of the last exception.
+    pub fn taken() -> Taken {
+        // SAFETY: 40 bytes of .bss written only by the vector code;
+        // volatile reads because asm writes it behind the compiler's back.
+        let r = |i: usize| unsafe { read_volatile(addr_of!(guest_rt_skip_log[i])) };
+        Taken {
+            entry: r(0),
+            esr: r(1),
+            elr: r(2),
+            far: r(3),
+            count: r(4),
+        }
+    }
+}
+
 /// The guest's GICv3 on the generated device tree (QEMU virt's layout).
 pub mod gic {
     /// The distributor.
