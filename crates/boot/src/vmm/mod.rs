@@ -55,6 +55,7 @@ pub mod run;
 pub mod smp;
 pub mod sve;
 pub mod sysregs;
+pub mod vcpuexits;
 pub mod vcpurun;
 
 use alloc::sync::Arc;
