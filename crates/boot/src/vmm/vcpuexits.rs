@@ -8,8 +8,9 @@
 //! pipeline asks for a prefetch abort, the hypervisor injects it at the
 //! guest's faulting address, which the host never sees), arms its virtual timer and waits in WFI (the host gets the
 //! timer's deadline, waits for it and runs the vCPU again), and powers
-//! off with what it saw in x1..x3; its secret registers never reach the
-//! host.
+//! off with what it saw in x1..x3; its secret registers, one of them
+//! written to a trapped register (`CNTP_CVAL_EL0`, kept in the vCPU's
+//! register file at EL2) and read back, never reach the host.
 
 use alloc::sync::Arc;
 
@@ -62,6 +63,8 @@ const ID_AA64PFR0_EL1: (u32, u32, u32, u32, u32) = (3, 0, 0, 4, 0);
 const LORC_EL1: (u32, u32, u32, u32, u32) = (3, 0, 10, 4, 3);
 const CNTV_TVAL_EL0: (u32, u32, u32, u32, u32) = (3, 3, 14, 3, 0);
 const CNTV_CTL_EL0: (u32, u32, u32, u32, u32) = (3, 3, 14, 3, 1);
+/// Trapped (`CNTHCTL_EL2.EL1PCEN` clear), kept in the vCPU's register file.
+const CNTP_CVAL_EL0: (u32, u32, u32, u32, u32) = (3, 3, 14, 2, 2);
 const ISB: u32 = 0xd503_3fdf;
 const ERET: u32 = 0xd69f_03e0;
 const WFI: u32 = 0xd503_207f;
@@ -87,8 +90,10 @@ const VECTOR: [u32; 11] = [
 
 /// The guest's main program (at +0x800); powers off by PSCI `SYSTEM_OFF`
 /// (`hvc #0`) with x1 = its ID_AA64PFR0_EL1, x2 = UNDEFs | aborts << 32
-/// taken, x3 = its `CNTV_CTL_EL0` after the WFI loop.
-const MAIN: [u32; 29] = [
+/// taken, x3 = its `CNTV_CTL_EL0` after the WFI loop, with bit 8 set if
+/// its secret x13, written to `CNTP_CVAL_EL0` first thing (a trap the
+/// hypervisor answers into the vCPU's register file), read back intact.
+const MAIN: [u32; 34] = [
     0x1000_0000 | (0x7_fe00 << 5), // adr x0, .-0x800 (the vectors)
     msr(0, VBAR_EL1),
     ISB,
@@ -96,6 +101,8 @@ const MAIN: [u32; 29] = [
     movz(11, 0x5ec2, 3),
     movz(12, 0x5ec3, 3),
     movz(13, 0x5ec4, 3),
+    msr(13, CNTP_CVAL_EL0),
+    mrs(14, CNTP_CVAL_EL0),
     movz(20, 0, 0),
     movz(21, 0, 0),
     mrs(1, ID_AA64PFR0_EL1),
@@ -112,6 +119,9 @@ const MAIN: [u32; 29] = [
     0x3617_ffc3, // tbz x3, #2, .-8 (the WFI again until ISTATUS)
     movz(6, 0, 0),
     msr(6, CNTV_CTL_EL0),
+    0xeb0d_01df, // cmp x14, x13
+    0x9a9f_17ef, // cset x15, eq
+    0xaa0f_2063, // orr x3, x3, x15, lsl #8 (the secret kept by EL2)
     0x8b15_8282, // add x2, x20, x21, lsl #32
     movz(0, 0x0008, 0),
     movk(0, 0x8400, 1),
@@ -267,5 +277,8 @@ pub fn el1_exits(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &Hos
     ) & check(
         "vcpu-exits: WFI returned to the host with the timer's deadline, the guest woken",
         s.wfis >= 1 && s.woken >= 1 && ctl & 0b101 == 0b101,
+    ) & check(
+        "vcpu-exits: a trapped register kept by the hypervisor (written, read back)",
+        ctl & 0x100 != 0,
     ) & check("vcpu-exits: no secret register shown", leaked == 0)
 }

@@ -927,7 +927,8 @@ fn run_cost(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> Option<u64> {
 /// Bad `VCPU_RUN`s on the powered-off vCPU of VM `handle`, each refused
 /// with a status (none runs the guest): from EL2; with no vCPU loaded; a
 /// second `RESET` (re-entering the protected vCPU at a PC of the host's
-/// choice); `MMIO_DONE` with no MMIO access pending; unknown flags.
+/// choice); `MMIO_DONE` with no MMIO access pending; `INJECT_ABORT` with
+/// no abort pending (its last exit was the power-off call); unknown flags.
 fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
     let h = u64::from(handle);
     let mut from_el2 = [0u64; 8];
@@ -938,6 +939,7 @@ fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
         hvc(id::VCPU_LOAD, &[h, 0]),
         hvc(VCPU_RUN, &[flags::RESET, super::guest::GUEST_RAM, 0]),
         hvc(VCPU_RUN, &[flags::MMIO_DONE, 0]),
+        hvc(VCPU_RUN, &[flags::INJECT_ABORT]),
         hvc(VCPU_RUN, &[16]),
         hvc(id::VCPU_PUT, &[]),
     ];
@@ -951,11 +953,12 @@ fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
         st(&cmds[2]),
         st(&cmds[3]),
         st(&cmds[4]),
+        st(&cmds[5]),
     ];
     println!(
-        "vcpu-run: bad VCPU_RUNs (from EL2, no vCPU loaded, a second RESET, MMIO_DONE with no access pending, unknown flags): statuses {statuses:?}"
+        "vcpu-run: bad VCPU_RUNs (from EL2, no vCPU loaded, a second RESET, MMIO_DONE with no access pending, INJECT_ABORT with no abort pending, unknown flags): statuses {statuses:?}"
     );
     st(&cmds[1]) == ret::SUCCESS
-        && st(&cmds[5]) == ret::SUCCESS
+        && st(&cmds[6]) == ret::SUCCESS
         && statuses.iter().all(|&s| s != ret::SUCCESS)
 }
