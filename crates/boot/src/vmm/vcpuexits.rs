@@ -4,7 +4,8 @@
 //! ([`super::vcpurun::El1Backend`]), reads an ID register (pkvm-sysreg's
 //! sanitised value, answered at EL2), writes a register it is not offered
 //! (`LORC_EL1`: an UNDEF injected by the hypervisor, which its vectors
-//! step over), branches to an address outside its memslots (pkvm-host's fault
+//! step over), cleans a cache line by set/way (trapped: the hypervisor
+//! flushes the VM's memory, no UNDEF), branches to an address outside its memslots (pkvm-host's fault
 //! pipeline asks for a prefetch abort, the hypervisor injects it at the
 //! guest's faulting address, which the host never sees), arms its virtual timer and waits in WFI (the host gets the
 //! timer's deadline, waits for it and runs the vCPU again), and powers
@@ -93,7 +94,7 @@ const VECTOR: [u32; 11] = [
 /// taken, x3 = its `CNTV_CTL_EL0` after the WFI loop, with bit 8 set if
 /// its secret x13, written to `CNTP_CVAL_EL0` first thing (a trap the
 /// hypervisor answers into the vCPU's register file), read back intact.
-const MAIN: [u32; 34] = [
+const MAIN: [u32; 35] = [
     0x1000_0000 | (0x7_fe00 << 5), // adr x0, .-0x800 (the vectors)
     msr(0, VBAR_EL1),
     ISB,
@@ -107,6 +108,7 @@ const MAIN: [u32; 34] = [
     movz(21, 0, 0),
     mrs(1, ID_AA64PFR0_EL1),
     msr(5, LORC_EL1),
+    0xd508_7e40, // dc cisw, x0 (set/way: trapped, the VM's memory flushed)
     movz(6, (HOLE_IPA >> 16) as u32, 1),
     0xd63f_00c0, // blr x6
     movz(6, TIMER_TICKS, 0),

@@ -44,7 +44,7 @@ use pkvm_hyp::hvc::{id, ret};
 use pkvm_sync::{LockClass, SpinLock};
 
 use pkvm_arch::esr::Esr;
-use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State, VcpuSysregs};
+use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State, HostFeature, VcpuSysregs};
 
 use super::el1host::{host_vm_regs, HostCtx};
 use super::platform::{BootHyp, BootPlatform};
@@ -236,13 +236,28 @@ fn run(hyp: &'static BootHyp, cpu: usize, regs: &[u64; 8]) -> Result<[u64; 8], i
             (Some(st), Some(policy)) => {
                 let (vm, host) = guest_regs(hyp, (c.s2_root, c.vmid, c.geometry), policy)
                     .ok_or(ret::INTERNAL)?;
-                Ok(run_guest(&vm, &host, st, policy, slot, last))
+                let g = Guest {
+                    policy,
+                    slot,
+                    s2: (c.s2_root, c.geometry),
+                };
+                Ok(run_guest(&vm, &host, st, &g, last))
             }
             _ => Err(ret::INVALID_PARAMETER),
         }
     });
     put(t, v);
     out
+}
+
+/// What the hypervisor answers a running vCPU's traps with.
+struct Guest<'a> {
+    /// Its system-register policy.
+    policy: &'a VmPolicy,
+    /// Its slot (its entry of [`SYSREGS`]).
+    slot: usize,
+    /// Its stage-2 table (root, geometry), for set/way maintenance.
+    s2: (pkvm_arch::Pa, pkvm_arch::vtcr::S2Geometry),
 }
 
 /// Runs the guest until an exit the host must see: system-register traps
@@ -252,8 +267,7 @@ fn run_guest(
     vm: &VmRegs,
     host: &VmRegs,
     st: &mut VcpuState,
-    policy: &VmPolicy,
-    slot: usize,
+    g: &Guest,
     last: &mut Last,
 ) -> [u64; 8] {
     let cpu = start::cpu_index();
@@ -263,7 +277,7 @@ fn run_guest(
         // masked until the line drops (as the EL2 VMM's backend does).
         gic::set_vtimer_masked(cpu, vtimer_level(st, timer::now()));
         let e = world_switch(vm, host, st);
-        if !answer_here(st, policy, slot, &e) {
+        if !answer_here(st, g, &e) {
             return view(st, last, &e);
         }
     }
@@ -297,18 +311,18 @@ fn vtimer_level(st: &VcpuState, now: u64) -> bool {
 /// register file (an UNDEF injected where the table refuses), any
 /// synchronous exception of a class the host does not emulate by an
 /// UNDEF. `false`: the host sees the exit.
-fn answer_here(st: &mut VcpuState, policy: &VmPolicy, slot: usize, e: &switch::Exit) -> bool {
+fn answer_here(st: &mut VcpuState, g: &Guest, e: &switch::Exit) -> bool {
     if e.kind != EXIT_SYNC {
         return false;
     }
     match e.esr >> 26 {
         EC_IABT_LOW | EC_DABT_LOW | EC_HVC64 | EC_SMC64 | EC_WFX => false,
         EC_SYS64 => {
-            sysreg(st, policy, slot, e.esr);
+            sysreg(st, g, e.esr);
             true
         }
         _ => {
-            let _ = sysregs::other_trap(policy, Esr(e.esr));
+            let _ = sysregs::other_trap(g.policy, Esr(e.esr));
             inject_undef_into(st);
             true
         }
@@ -317,14 +331,15 @@ fn answer_here(st: &mut VcpuState, policy: &VmPolicy, slot: usize, e: &switch::E
 
 /// A trapped `MRS`/`MSR`/`SYS` (EC 0x18): completed from the table (the
 /// sanitised ID registers, the register file, the emulated physical timer
-/// and counter), or an UNDEF. Not served yet at EL2: the emulated physical
-/// timer's interrupt, SGIs (no vGIC: the write is dropped) and set/way
-/// maintenance (stepped over); PMU registers UNDEF (no PMU offered).
-fn sysreg(st: &mut VcpuState, policy: &VmPolicy, slot: usize, esr: u64) {
-    let action = match sysregs(slot) {
+/// and counter; a set/way instruction cleans and invalidates the VM's
+/// mapped memory, as the EL2 VMM's backend), or an UNDEF. Not served yet
+/// at EL2: the emulated physical timer's interrupt and SGIs (no vGIC: the
+/// write is dropped); PMU registers UNDEF (no PMU offered).
+fn sysreg(st: &mut VcpuState, g: &Guest, esr: u64) {
+    let action = match sysregs(g.slot) {
         Some(file) => {
             let mut file = file.lock();
-            sysregs::sysreg_trap(&mut file, policy, Esr(esr), &st.regs.x, timer::now())
+            sysregs::sysreg_trap(&mut file, g.policy, Esr(esr), &st.regs.x, timer::now())
         }
         None => Action::Undef(sysregs::UndefCause::Class(EC_SYS64 as u8)),
     };
@@ -333,7 +348,11 @@ fn sysreg(st: &mut VcpuState, policy: &VmPolicy, slot: usize, esr: u64) {
             out.complete(&mut st.regs.x, &mut st.regs.pc)
         }
         Action::Undef(_) | Action::Pmu(_) => inject_undef_into(st),
-        Action::SetWayFlush | Action::Sgi { .. } => st.regs.pc += 4,
+        Action::SetWayFlush => {
+            st.regs.pc += 4;
+            super::backend::flush_stage2(g.s2.0, g.s2.1);
+        }
+        Action::Sgi { .. } => st.regs.pc += 4,
     }
 }
 
@@ -503,6 +522,8 @@ fn guest_regs(
     vm.vtcr = vtcr(geo.ipa_bits, switch::parange(), VtcrOptions::default()).ok()?;
     vm.traps = policy.traps;
     vm.pauth = policy.pauth();
+    vm.sme = policy.features.host().has(HostFeature::Sme);
+    vm.ras = policy.features.host().has(HostFeature::Ras);
     Some((vm, host))
 }
 
