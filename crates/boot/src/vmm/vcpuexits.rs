@@ -7,7 +7,8 @@
 //! step over), cleans a cache line by set/way (trapped: the hypervisor
 //! flushes the VM's memory, no UNDEF), branches to an address outside its memslots (pkvm-host's fault
 //! pipeline asks for a prefetch abort, the hypervisor injects it at the
-//! guest's faulting address, which the host never sees), arms its virtual timer and waits in WFI (the host gets the
+//! guest's faulting address, which the host never sees), loads from
+//! beyond its IPA size (a data abort, injected the same way), arms its virtual timer and waits in WFI (the host gets the
 //! timer's deadline, waits for it and runs the vCPU again), and powers
 //! off with what it saw in x1..x3; its secret registers, one of them
 //! written to a trapped register (`CNTP_CVAL_EL0`, kept in the vCPU's
@@ -19,6 +20,7 @@ use pkvm_host::VcpuExit;
 use pkvm_sysreg::IdReg;
 
 use super::el1host::HostCtx;
+use super::guest::IPA_BITS;
 use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
 use super::sysregs::VmPolicy;
@@ -72,14 +74,16 @@ const WFI: u32 = 0xd503_207f;
 const HVC0: u32 = 0xd400_0002;
 
 /// The guest's vectors at its first byte (`b main` there); the current-EL
-/// synchronous entry (+0x200) counts an UNDEF (EC 0) in x20 and resumes
-/// after the instruction, anything else (the injected prefetch abort) in
-/// x21 and returns to x30 (the caller of the branch outside memory).
-const VECTOR: [u32; 11] = [
+/// synchronous entry (+0x200) counts an UNDEF (EC 0) in x20, an injected
+/// abort in x21; it resumes after the instruction, or for a prefetch abort
+/// (EC 0x21) at x30 (the caller of the branch outside memory).
+const VECTOR: [u32; 13] = [
     mrs(9, ESR_EL1),
     0xd35a_fd29, // lsr x9, x9, #26
-    0xb400_0089, // cbz x9, .+16
+    0xb400_00c9, // cbz x9, .+24 (the UNDEF count)
     add_imm(21, 21, 1),
+    0xf100_853f, // cmp x9, #0x21
+    0x5400_0081, // b.ne .+16 (a data abort: the step over)
     msr(30, ELR_EL1),
     ERET,
     add_imm(20, 20, 1),
@@ -94,7 +98,7 @@ const VECTOR: [u32; 11] = [
 /// taken, x3 = its `CNTV_CTL_EL0` after the WFI loop, with bit 8 set if
 /// its secret x13, written to `CNTP_CVAL_EL0` first thing (a trap the
 /// hypervisor answers into the vCPU's register file), read back intact.
-const MAIN: [u32; 35] = [
+const MAIN: [u32; 37] = [
     0x1000_0000 | (0x7_fe00 << 5), // adr x0, .-0x800 (the vectors)
     msr(0, VBAR_EL1),
     ISB,
@@ -111,6 +115,8 @@ const MAIN: [u32; 35] = [
     0xd508_7e40, // dc cisw, x0 (set/way: trapped, the VM's memory flushed)
     movz(6, (HOLE_IPA >> 16) as u32, 1),
     0xd63f_00c0, // blr x6
+    movz(6, 1 << (IPA_BITS - 32), 2),
+    0xf940_00c7, // ldr x7, [x6] (beyond the VM's IPA size)
     movz(6, TIMER_TICKS, 0),
     msr(6, CNTV_TVAL_EL0),
     movz(6, 1, 0),
@@ -274,8 +280,8 @@ pub fn el1_exits(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &Hos
         "vcpu-exits: an UNDEF injected for the refused register",
         undefs == 1,
     ) & check(
-        "vcpu-exits: an abort injected for the access outside memslots",
-        aborts == 1,
+        "vcpu-exits: aborts injected for the fetch outside memslots and the load beyond the IPA size",
+        aborts == 2,
     ) & check(
         "vcpu-exits: WFI returned to the host with the timer's deadline, the guest woken",
         s.wfis >= 1 && s.woken >= 1 && ctl & 0b101 == 0b101,
