@@ -730,17 +730,9 @@ impl<'a> HwBackend<'a> {
     /// now (a read-only walk; a page unmapped meanwhile is still RAM, and
     /// cleaning it is harmless).
     fn flush_vm(&self) {
-        let Some((root, geo)) = self.s2 else {
-            return;
-        };
-        let pt = PageTable::<Stage2>::new(root, geo, S2Features::default());
-        let env = super::platform::s2_env(0);
-        let _ = pt.for_each_leaf(&env, Ipa(0), geo.ipa_size(), |_, level, pte| {
-            let pte = S2Pte(pte);
-            if pte.is_valid() {
-                hw::dcache_clean_inval_range(pte.oa().0, geo.granule.level_size(level));
-            }
-        });
+        if let Some((root, geo)) = self.s2 {
+            flush_stage2(root, geo);
+        }
     }
 
     /// Injects an UNDEF into the guest (its PC on the refused instruction)
@@ -957,4 +949,19 @@ impl VcpuBackend for HwBackend<'_> {
         ctx.gprs.pstate = pstate::RESET;
         ctx.gprs.pc = s.vbar_el1 + off;
     }
+}
+
+/// Cleans and invalidates to the point of coherency, by VA through the EL2
+/// identity map, every page the stage-2 table at `root` maps now (a
+/// read-only walk; a page unmapped meanwhile is still RAM, and cleaning it
+/// is harmless): a set/way instruction's answer for its VM.
+pub(crate) fn flush_stage2(root: Pa, geo: S2Geometry) {
+    let pt = PageTable::<Stage2>::new(root, geo, S2Features::default());
+    let env = super::platform::s2_env(0);
+    let _ = pt.for_each_leaf(&env, Ipa(0), geo.ipa_size(), |_, level, pte| {
+        let pte = S2Pte(pte);
+        if pte.is_valid() {
+            hw::dcache_clean_inval_range(pte.oa().0, geo.granule.level_size(level));
+        }
+    });
 }

@@ -24,6 +24,9 @@
 //!   lengths across world switches; UNDEF without SVE).
 //! - [`vcpurun`]: `VCPU_RUN`, protected vCPUs run by the host at EL1 with
 //!   their registers kept by the hypervisor.
+//! - [`vcpuexits`]: `host-attack`'s phase for the exits `VCPU_RUN`'s
+//!   hypervisor answers (system registers, UNDEF and abort injection) or
+//!   hands the host (WFI with the virtual timer's deadline).
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
 //!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
@@ -55,6 +58,7 @@ pub mod run;
 pub mod smp;
 pub mod sve;
 pub mod sysregs;
+pub mod vcpuexits;
 pub mod vcpurun;
 
 use alloc::sync::Arc;

@@ -12,11 +12,21 @@
 //! `MMIO_DONE` (complete the last exit's MMIO access: a load's register
 //! takes x2, sign-extended and sized as its syndrome says; the PC steps),
 //! `CALL_RET` (the last exit's HVC/SMC returns x2..x5 in the guest's
-//! x0..x3); 0 = just run. Results: x0 = status, x1 = exit vector, x2 =
-//! ESR, x3 = for an abort the fault's IPA (never the guest's VA), x4 =
-//! HPFAR; x5 = for an MMIO store the one register stored; for an HVC/SMC,
-//! x4..x7 = the guest's x0..x3 (the call's arguments). No other guest
-//! register ever reaches the host.
+//! x0..x3), `INJECT_ABORT` (the last exit's stage-2 abort becomes a
+//! synchronous external abort in the guest, at the address the hypervisor
+//! kept); 0 = just run. Results: x0 = status, x1 = exit vector, x2 =
+//! ESR, x3 = for an abort the fault's IPA (never the guest's VA), for a
+//! WFI/WFE the virtual timer's deadline (physical counter ticks,
+//! `u64::MAX`: none), x4 = HPFAR; x5 = for an MMIO store the one register
+//! stored; for an HVC/SMC, x4..x7 = the guest's x0..x3 (the call's
+//! arguments). No other guest register ever reaches the host.
+//!
+//! The guest runs under its own trap policy (pkvm-sysreg's default
+//! `VmPolicy`), and the hypervisor answers what needs no host
+//! ([`answer_here`]): trapped system registers from pkvm-sysreg's table
+//! over the vCPU's register file (in the hypervisor's own memory, beside
+//! the table), UNDEFs; the virtual timer is saved and restored with the
+//! vCPU's [`VcpuState`].
 //!
 //! Host side ([`El1Backend`]): a pkvm-host `VcpuBackend` whose `enter` runs
 //! the host context at EL1 for one `VCPU_RUN` and turns the answer into a
@@ -33,13 +43,17 @@ use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext, VcpuExit};
 use pkvm_hyp::hvc::{id, ret};
 use pkvm_sync::{LockClass, SpinLock};
 
-use super::el1host::{host_vm_regs, null_guest_traps, HostCtx};
+use pkvm_arch::esr::Esr;
+use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State, HostFeature, VcpuSysregs};
+
+use super::el1host::{host_vm_regs, HostCtx};
 use super::platform::{BootHyp, BootPlatform};
 use super::process::{Backing, BootProcess};
+use super::sysregs::{self, Action, VmPolicy};
 use super::{builtin, check, MIB};
 use crate::platform::el1host::{op, Cmd};
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
-use crate::platform::{gic, hypmem, start};
+use crate::platform::{gic, hypmem, idregs, start, timer};
 use crate::println;
 
 /// The hypercall (vendor-hyp range, above pkvm-hyp's, as `NULL_RUN`).
@@ -53,12 +67,20 @@ pub mod flags {
     pub const MMIO_DONE: u64 = 2;
     /// The last exit's call returns x2..x5 in x0..x3.
     pub const CALL_RET: u64 = 4;
+    /// Inject a synchronous external abort for the last exit's stage-2
+    /// fault into the guest (at the faulting address the hypervisor kept).
+    pub const INJECT_ABORT: u64 = 8;
 }
+
+/// Exits the hypervisor answers itself (system registers, UNDEFs) in one
+/// `VCPU_RUN` before it returns to the host anyway, as an interrupt exit.
+const HANDLED_MAX: usize = 64;
 
 /// Protected vCPUs whose registers the hypervisor holds at once.
 const SLOTS: usize = 16;
 
 const EC_WFX: u64 = 0x01;
+const EC_SYS64: u64 = 0x18;
 const EC_HVC64: u64 = 0x16;
 const EC_SMC64: u64 = 0x17;
 const EC_IABT_LOW: u64 = 0x20;
@@ -70,8 +92,13 @@ const WNR: u64 = 1 << 6;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Last {
     None,
-    /// An MMIO access (its ESR).
-    Mmio(u64),
+    /// A stage-2 abort (its ESR and the guest's faulting address, which
+    /// the host never sees): an MMIO access to complete when the ESR has a
+    /// syndrome, or one the host may have injected.
+    Abort {
+        esr: u64,
+        far: u64,
+    },
     /// An HVC or SMC.
     Call,
 }
@@ -81,6 +108,10 @@ struct HypVcpu {
     key: (u16, u8),
     /// `None` until the host's `RESET` run.
     st: Option<VcpuState>,
+    /// The vCPU's system-register policy (the default VM configuration
+    /// on this CPU), fixed at `RESET`; its register file is the slot's
+    /// entry of [`SYSREGS`].
+    policy: Option<VmPolicy>,
     last: Last,
 }
 
@@ -110,8 +141,14 @@ type Table = SpinLock<[Slot; SLOTS]>;
 /// The table, in the hypervisor's own memory once [`init`] ran.
 static TABLE: SpinLock<Option<&'static Table>> = SpinLock::new(None, LockClass::Leaf);
 
-/// Places the table in the hypervisor's own memory (`init_hyp`, before
-/// `FINALIZE`); `false` if there is no room.
+/// Per slot of the table, its vCPU's trapped system registers
+/// (pkvm-sysreg's register file), in the hypervisor's own memory: only the
+/// `VCPU_RUN` holding the slot `Busy` uses its entry.
+static SYSREGS: SpinLock<Option<&'static [SpinLock<VcpuSysregs>]>> =
+    SpinLock::new(None, LockClass::Leaf);
+
+/// Places the table and the register files in the hypervisor's own memory
+/// (`init_hyp`, before `FINALIZE`); `false` if there is no room.
 pub fn init() -> bool {
     let mut t = TABLE.lock();
     if t.is_none() {
@@ -120,11 +157,19 @@ pub fn init() -> bool {
             LockClass::Leaf,
         ));
     }
-    t.is_some()
+    let mut s = SYSREGS.lock();
+    if s.is_none() {
+        *s = hypmem::place_slice(SLOTS, || SpinLock::new(VcpuSysregs::new(), LockClass::Leaf));
+    }
+    t.is_some() && s.is_some()
 }
 
 fn table() -> Option<&'static Table> {
     *TABLE.lock()
+}
+
+fn sysregs(slot: usize) -> Option<&'static SpinLock<VcpuSysregs>> {
+    SYSREGS.lock().and_then(|s| s.get(slot))
 }
 
 /// Protected vCPUs whose registers the hypervisor holds now.
@@ -139,7 +184,7 @@ pub fn held() -> usize {
 
 /// Bytes [`init`] takes from the hypervisor's own memory.
 pub const fn table_bytes() -> u64 {
-    size_of::<Table>() as u64
+    (size_of::<Table>() + SLOTS * size_of::<SpinLock<VcpuSysregs>>()) as u64
 }
 
 /// Keeps the table in step with pkvm-hyp after a host call `func` with
@@ -182,25 +227,182 @@ fn run(hyp: &'static BootHyp, cpu: usize, regs: &[u64; 8]) -> Result<[u64; 8], i
     }
     let t = table().ok_or(ret::NOT_SUPPORTED)?;
     let key = (c.handle, c.vcpu);
-    let mut v = take(t, key)?;
-    let r = apply(&mut v, regs, c.vcpu);
-    let out = match (r, v.st.as_mut()) {
-        (Ok(()), Some(st)) => {
-            let vm = guest_regs(hyp, c.s2_root, c.vmid, c.geometry).ok_or(ret::INTERNAL);
-            vm.map(|(vm, host)| world_switch(&vm, &host, st))
-                .map(|e| view(st, &mut v.last, &e))
+    let (slot, mut v) = take(t, key)?;
+    let out = apply(&mut v, regs, c.vcpu, slot).and_then(|()| {
+        let HypVcpu {
+            st, policy, last, ..
+        } = &mut v;
+        match (st.as_mut(), policy.as_ref()) {
+            (Some(st), Some(policy)) => {
+                let (vm, host) = guest_regs(hyp, (c.s2_root, c.vmid, c.geometry), policy)
+                    .ok_or(ret::INTERNAL)?;
+                let g = Guest {
+                    policy,
+                    slot,
+                    s2: (c.s2_root, c.geometry),
+                };
+                Ok(run_guest(&vm, &host, st, &g, last))
+            }
+            _ => Err(ret::INVALID_PARAMETER),
         }
-        (Ok(()), None) => Err(ret::INVALID_PARAMETER),
-        (Err(e), _) => Err(e),
-    };
+    });
     put(t, v);
     out
 }
 
-/// Takes the vCPU's slot out of the table (a new one if it has none).
+/// What the hypervisor answers a running vCPU's traps with.
+struct Guest<'a> {
+    /// Its system-register policy.
+    policy: &'a VmPolicy,
+    /// Its slot (its entry of [`SYSREGS`]).
+    slot: usize,
+    /// Its stage-2 table (root, geometry), for set/way maintenance.
+    s2: (pkvm_arch::Pa, pkvm_arch::vtcr::S2Geometry),
+}
+
+/// Runs the guest until an exit the host must see: system-register traps
+/// and other exceptions the hypervisor answers itself ([`answer_here`])
+/// re-enter it at once, up to [`HANDLED_MAX`] of them.
+fn run_guest(
+    vm: &VmRegs,
+    host: &VmRegs,
+    st: &mut VcpuState,
+    g: &Guest,
+    last: &mut Last,
+) -> [u64; 8] {
+    let cpu = start::cpu_index();
+    for _ in 0..HANDLED_MAX {
+        // The virtual timer's line high (the guest has not yet seen it)
+        // would take the guest out at once, again and again: its PPI is
+        // masked until the line drops (as the EL2 VMM's backend does).
+        gic::set_vtimer_masked(cpu, vtimer_level(st, timer::now()));
+        let e = world_switch(vm, host, st);
+        if !answer_here(st, g, &e) {
+            return view(st, last, &e);
+        }
+    }
+    *last = Last::None;
+    [ret::SUCCESS as u64, EXIT_IRQ, 0, 0, 0, 0, 0, 0]
+}
+
+/// `CNTV_CTL_EL0`: ENABLE, IMASK.
+const CNTV_ENABLE: u64 = 1;
+const CNTV_IMASK: u64 = 2;
+
+/// When the guest's virtual timer fires, in physical counter ticks;
+/// `u64::MAX` when it is off or masked.
+fn vtimer_deadline(st: &VcpuState) -> u64 {
+    let t = &st.timer;
+    if t.ctl & (CNTV_ENABLE | CNTV_IMASK) == CNTV_ENABLE {
+        t.cval.saturating_add(t.voff)
+    } else {
+        u64::MAX
+    }
+}
+
+/// Whether the guest's virtual timer line is high at physical count `now`.
+fn vtimer_level(st: &VcpuState, now: u64) -> bool {
+    let d = vtimer_deadline(st);
+    d != u64::MAX && now >= d
+}
+
+/// Answers exit `e` in the hypervisor when the host has no part in it:
+/// a trapped system register by pkvm-sysreg's table over the vCPU's
+/// register file (an UNDEF injected where the table refuses), any
+/// synchronous exception of a class the host does not emulate by an
+/// UNDEF. `false`: the host sees the exit.
+fn answer_here(st: &mut VcpuState, g: &Guest, e: &switch::Exit) -> bool {
+    if e.kind != EXIT_SYNC {
+        return false;
+    }
+    match e.esr >> 26 {
+        EC_IABT_LOW | EC_DABT_LOW | EC_HVC64 | EC_SMC64 | EC_WFX => false,
+        EC_SYS64 => {
+            sysreg(st, g, e.esr);
+            true
+        }
+        _ => {
+            let _ = sysregs::other_trap(g.policy, Esr(e.esr));
+            inject_undef_into(st);
+            true
+        }
+    }
+}
+
+/// A trapped `MRS`/`MSR`/`SYS` (EC 0x18): completed from the table (the
+/// sanitised ID registers, the register file, the emulated physical timer
+/// and counter; a set/way instruction cleans and invalidates the VM's
+/// mapped memory, as the EL2 VMM's backend), or an UNDEF. Not served yet
+/// at EL2: the emulated physical timer's interrupt and SGIs (no vGIC: the
+/// write is dropped); PMU registers UNDEF (no PMU offered).
+fn sysreg(st: &mut VcpuState, g: &Guest, esr: u64) {
+    let action = match sysregs(g.slot) {
+        Some(file) => {
+            let mut file = file.lock();
+            sysregs::sysreg_trap(&mut file, g.policy, Esr(esr), &st.regs.x, timer::now())
+        }
+        None => Action::Undef(sysregs::UndefCause::Class(EC_SYS64 as u8)),
+    };
+    match action {
+        Action::Complete(out) | Action::TimerWrite(out) => {
+            out.complete(&mut st.regs.x, &mut st.regs.pc)
+        }
+        Action::Undef(_) | Action::Pmu(_) => inject_undef_into(st),
+        Action::SetWayFlush => {
+            st.regs.pc += 4;
+            super::backend::flush_stage2(g.s2.0, g.s2.1);
+        }
+        Action::Sgi { .. } => st.regs.pc += 4,
+    }
+}
+
+/// The guest's EL1 exception state, as pkvm-sysreg's injections take it.
+fn el1_state(st: &VcpuState) -> El1State {
+    El1State {
+        pc: st.regs.pc,
+        pstate: st.regs.pstate,
+        spsr_el1: st.sys.spsr,
+        elr_el1: st.sys.elr,
+        esr_el1: st.sys.esr,
+        vbar_el1: st.sys.vbar,
+        sctlr_el1: st.sys.sctlr,
+    }
+}
+
+fn set_el1_state(st: &mut VcpuState, s: &El1State) {
+    st.regs.pc = s.pc;
+    st.regs.pstate = s.pstate;
+    st.sys.spsr = s.spsr_el1;
+    st.sys.elr = s.elr_el1;
+    st.sys.esr = s.esr_el1;
+}
+
+/// The guest takes an UNDEF at its PC (pkvm-sysreg's [`inject_undef`]).
+fn inject_undef_into(st: &mut VcpuState) {
+    let mut s = el1_state(st);
+    inject_undef(&mut s);
+    set_el1_state(st, &s);
+}
+
+/// The guest takes a synchronous external abort for its stage-2 fault
+/// `esr` at `far` (its virtual address): pkvm-sysreg's
+/// [`host_abort_esr`] syndrome (the lower-EL class kept for a guest at
+/// EL0), `FAR_EL1` = `far`.
+fn inject_abort_into(st: &mut VcpuState, esr: u64, far: u64) {
+    let from_el0 = st.regs.pstate & 0xf == 0;
+    let mut syn = host_abort_esr(esr);
+    if from_el0 {
+        syn &= !(1 << 26);
+    }
+    let mut s = el1_state(st);
+    inject_sync(&mut s, syn);
+    set_el1_state(st, &s);
+    st.sys.far = far;
+}
+
 /// Takes the vCPU's registers out of the table (new ones if it has none),
-/// leaving its slot `Busy` until [`put`].
-fn take(t: &Table, key: (u16, u8)) -> Result<HypVcpu, i64> {
+/// leaving its slot `Busy` until [`put`]; with the slot's index.
+fn take(t: &Table, key: (u16, u8)) -> Result<(usize, HypVcpu), i64> {
     let mut slots = t.lock();
     let i = slots
         .iter()
@@ -208,12 +410,16 @@ fn take(t: &Table, key: (u16, u8)) -> Result<HypVcpu, i64> {
         .or_else(|| slots.iter().position(|s| matches!(s, Slot::Free)))
         .ok_or(ret::NO_MEMORY)?;
     match core::mem::replace(&mut slots[i], Slot::Busy(key)) {
-        Slot::Held(v) => Ok(v),
-        Slot::Free => Ok(HypVcpu {
-            key,
-            st: None,
-            last: Last::None,
-        }),
+        Slot::Held(v) => Ok((i, v)),
+        Slot::Free => Ok((
+            i,
+            HypVcpu {
+                key,
+                st: None,
+                policy: None,
+                last: Last::None,
+            },
+        )),
         // Cannot happen (a vCPU is loaded on one CPU at a time).
         Slot::Busy(_) => Err(ret::BUSY),
     }
@@ -234,17 +440,29 @@ fn put(t: &Table, v: HypVcpu) {
     }
 }
 
-/// Applies the host's flags; a refused one changes nothing.
-fn apply(v: &mut HypVcpu, regs: &[u64; 8], vcpu: u8) -> Result<(), i64> {
+/// Applies the host's flags; a refused one changes nothing. `slot`: the
+/// vCPU's entry of [`SYSREGS`] (reset with the vCPU).
+fn apply(v: &mut HypVcpu, regs: &[u64; 8], vcpu: u8, slot: usize) -> Result<(), i64> {
     match regs[1] {
         0 => Ok(()),
         flags::RESET if v.st.is_none() => {
+            let policy = VmPolicy::default_for(&idregs::host_ids()).map_err(|_| ret::INTERNAL)?;
+            sysregs(slot).ok_or(ret::INTERNAL)?.lock().reset();
             v.st = Some(VcpuState::new(regs[2], [regs[3], 0, 0, 0], u64::from(vcpu)));
+            v.policy = Some(policy);
             Ok(())
         }
         flags::MMIO_DONE => match (v.last, v.st.as_mut()) {
-            (Last::Mmio(esr), Some(st)) => {
+            (Last::Abort { esr, .. }, Some(st)) if is_mmio(esr) => {
                 complete_mmio(st, esr, regs[2]);
+                v.last = Last::None;
+                Ok(())
+            }
+            _ => Err(ret::INVALID_PARAMETER),
+        },
+        flags::INJECT_ABORT => match (v.last, v.st.as_mut()) {
+            (Last::Abort { esr, far }, Some(st)) => {
+                inject_abort_into(st, esr, far);
                 v.last = Last::None;
                 Ok(())
             }
@@ -260,6 +478,12 @@ fn apply(v: &mut HypVcpu, regs: &[u64; 8], vcpu: u8) -> Result<(), i64> {
         },
         _ => Err(ret::INVALID_PARAMETER),
     }
+}
+
+/// Whether a stage-2 abort's `esr` is an MMIO access the host can
+/// complete: a data abort with a syndrome.
+fn is_mmio(esr: u64) -> bool {
+    esr >> 26 == EC_DABT_LOW && esr & ISV != 0
 }
 
 /// Completes an MMIO access with syndrome `esr`: a load's register (SRT)
@@ -289,15 +513,17 @@ fn complete_mmio(st: &mut VcpuState, esr: u64, value: u64) {
 /// host context's, to put back after.
 fn guest_regs(
     hyp: &BootHyp,
-    root: pkvm_arch::Pa,
-    vmid: u16,
-    geo: pkvm_arch::vtcr::S2Geometry,
+    (root, vmid, geo): (pkvm_arch::Pa, u16, pkvm_arch::vtcr::S2Geometry),
+    policy: &VmPolicy,
 ) -> Option<(VmRegs, VmRegs)> {
     let host = host_vm_regs(hyp)?;
     let mut vm = host;
     vm.vttbr = vttbr(root, vmid);
     vm.vtcr = vtcr(geo.ipa_bits, switch::parange(), VtcrOptions::default()).ok()?;
-    vm.traps = null_guest_traps();
+    vm.traps = policy.traps;
+    vm.pauth = policy.pauth();
+    vm.sme = policy.features.host().has(HostFeature::Sme);
+    vm.ras = policy.features.host().has(HostFeature::Ras);
     Some((vm, host))
 }
 
@@ -316,7 +542,9 @@ fn world_switch(vm: &VmRegs, host: &VmRegs, st: &mut VcpuState) -> switch::Exit 
 }
 
 /// What the host learns of exit `e` (see the module's list); records what
-/// it must complete in `last`. WFx and SMC are stepped over here.
+/// it must complete in `last`. WFx and SMC are stepped over here; a WFx
+/// exit's x3 is the virtual timer's deadline in physical counter ticks
+/// (`u64::MAX`: none), for the host to arm its own timer.
 fn view(st: &mut VcpuState, last: &mut Last, e: &switch::Exit) -> [u64; 8] {
     let mut out = [ret::SUCCESS as u64, e.kind, e.esr, 0, 0, 0, 0, 0];
     *last = Last::None;
@@ -332,8 +560,11 @@ fn view(st: &mut VcpuState, last: &mut Last, e: &switch::Exit) -> [u64; 8] {
                 if e.esr & WNR != 0 {
                     out[5] = st.regs.x.get(rt).copied().unwrap_or(0);
                 }
-                *last = Last::Mmio(e.esr);
             }
+            *last = Last::Abort {
+                esr: e.esr,
+                far: e.far,
+            };
         }
         EC_HVC64 | EC_SMC64 => {
             if e.esr >> 26 == EC_SMC64 {
@@ -342,7 +573,10 @@ fn view(st: &mut VcpuState, last: &mut Last, e: &switch::Exit) -> [u64; 8] {
             out[4..8].copy_from_slice(&st.regs.x[..4]);
             *last = Last::Call;
         }
-        EC_WFX => st.regs.pc += 4,
+        EC_WFX => {
+            st.regs.pc += 4;
+            out[3] = vtimer_deadline(st);
+        }
         _ => {}
     }
     out
@@ -356,7 +590,11 @@ enum Pending {
     None,
     Reset { pc: u64, x0: u64 },
     Mmio(u64),
+    Abort,
 }
+
+/// `VCPU_RUN`s one [`El1Backend`] makes at most.
+pub const MAX_RUNS: usize = 4096;
 
 /// pkvm-host's backend for a protected vCPU run from the host at EL1 by
 /// [`VCPU_RUN`]: `ctx` (pkvm-host's copy) holds only what the hypervisor
@@ -369,9 +607,12 @@ pub struct El1Backend<'a> {
     last_call: bool,
     /// Every answer the host received (x0..x7).
     pub seen: Vec<[u64; 8]>,
-    /// A failed run (status or host-context error) or a request the
-    /// hypervisor does not serve (abort injection).
+    /// A failed run (status or host-context error).
     pub failed: Option<&'static str>,
+    /// The guest's virtual-timer deadline of its last WFI/WFE exit, in
+    /// physical counter ticks (`None`: no timer armed): when the host's
+    /// own timer would wake the vCPU.
+    pub wake_at: Option<u64>,
 }
 
 impl<'a> El1Backend<'a> {
@@ -385,6 +626,7 @@ impl<'a> El1Backend<'a> {
             last_call: false,
             seen: Vec::new(),
             failed: None,
+            wake_at: None,
         }
     }
 
@@ -394,6 +636,7 @@ impl<'a> El1Backend<'a> {
         match core::mem::replace(&mut self.pending, Pending::None) {
             Pending::Reset { pc, x0 } => r[1..4].copy_from_slice(&[flags::RESET, pc, x0]),
             Pending::Mmio(v) => r[1..3].copy_from_slice(&[flags::MMIO_DONE, v]),
+            Pending::Abort => r[1] = flags::INJECT_ABORT,
             Pending::None if self.last_call => {
                 r[1] = flags::CALL_RET;
                 r[2..6].copy_from_slice(&ctx.gprs.x[..4]);
@@ -411,6 +654,13 @@ impl VcpuBackend for El1Backend<'_> {
     }
 
     fn enter(&mut self, ctx: &mut VcpuContext, _s2: &StageTwo) -> GuestExit {
+        // pkvm-host re-enters by itself after the exits it handles (a
+        // fault resolved, an abort injected): a guest that never stops
+        // faulting ends here, not in an ever-growing record.
+        if self.seen.len() >= MAX_RUNS {
+            self.failed = Some("more than MAX_RUNS VCPU_RUNs");
+            return GuestExit::GuestCheckFailed;
+        }
         let regs = self.args(ctx);
         let mut cmd = [Cmd {
             op: op::HVC,
@@ -454,7 +704,10 @@ impl VcpuBackend for El1Backend<'_> {
                 self.last_call = true;
                 GuestExit::Call { esr }
             }
-            EC_WFX => GuestExit::Wfx,
+            EC_WFX => {
+                self.wake_at = (r[3] != u64::MAX).then_some(r[3]);
+                GuestExit::Wfx
+            }
             _ => GuestExit::Unhandled { esr },
         }
     }
@@ -464,7 +717,7 @@ impl VcpuBackend for El1Backend<'_> {
     }
 
     fn inject_abort(&mut self, _ctx: &mut VcpuContext, _fault: &GuestFault) {
-        self.failed = Some("abort injection into a protected vCPU (not served by VCPU_RUN)");
+        self.pending = Pending::Abort;
     }
 
     fn on_reset(&mut self, ctx: &mut VcpuContext, _start: &pkvm_host::psci::ResetState) {
@@ -695,7 +948,8 @@ fn run_cost(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> Option<u64> {
 /// Bad `VCPU_RUN`s on the powered-off vCPU of VM `handle`, each refused
 /// with a status (none runs the guest): from EL2; with no vCPU loaded; a
 /// second `RESET` (re-entering the protected vCPU at a PC of the host's
-/// choice); `MMIO_DONE` with no MMIO access pending; unknown flags.
+/// choice); `MMIO_DONE` with no MMIO access pending; `INJECT_ABORT` with
+/// no abort pending (its last exit was the power-off call); unknown flags.
 fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
     let h = u64::from(handle);
     let mut from_el2 = [0u64; 8];
@@ -706,7 +960,8 @@ fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
         hvc(id::VCPU_LOAD, &[h, 0]),
         hvc(VCPU_RUN, &[flags::RESET, super::guest::GUEST_RAM, 0]),
         hvc(VCPU_RUN, &[flags::MMIO_DONE, 0]),
-        hvc(VCPU_RUN, &[8]),
+        hvc(VCPU_RUN, &[flags::INJECT_ABORT]),
+        hvc(VCPU_RUN, &[16]),
         hvc(id::VCPU_PUT, &[]),
     ];
     if ctx.run(hyp, &mut cmds).is_err() {
@@ -719,11 +974,12 @@ fn refusals(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> bool {
         st(&cmds[2]),
         st(&cmds[3]),
         st(&cmds[4]),
+        st(&cmds[5]),
     ];
     println!(
-        "vcpu-run: bad VCPU_RUNs (from EL2, no vCPU loaded, a second RESET, MMIO_DONE with no access pending, unknown flags): statuses {statuses:?}"
+        "vcpu-run: bad VCPU_RUNs (from EL2, no vCPU loaded, a second RESET, MMIO_DONE with no access pending, INJECT_ABORT with no abort pending, unknown flags): statuses {statuses:?}"
     );
     st(&cmds[1]) == ret::SUCCESS
-        && st(&cmds[5]) == ret::SUCCESS
+        && st(&cmds[6]) == ret::SUCCESS
         && statuses.iter().all(|&s| s != ret::SUCCESS)
 }
