@@ -294,6 +294,8 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: null guest run round trip (enter, hvc #0, exit; mean of 2000):",
                 "guest registers shown: only the stored one, 0 of its 4 secret registers",
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
+                "the guest took INTID Ok(5); the list register back after its EOI 0x10a0000000000005",
+                "statuses Some([-3, -3, -3]), the list register after them 0x10a0000000000005",
                 "(ALREADY_ON), SYSTEM_OFF = -1: refused",
                 "host-attack: the host runs at EL1 (CurrentEL = 0x4) with its own stage-1 in host memory",
                 "host-attack: load from the victim VM's donated page",

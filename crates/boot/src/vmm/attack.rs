@@ -698,6 +698,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     ok &= host_psci(hyp, &ctx);
     ok &= super::vcpurun::el1_run(&plat, process, &ctx);
     ok &= super::vcpuexits::el1_exits(&plat, process, &ctx);
+    ok &= super::vcpuirq::el1_irq(&plat, process, &ctx);
     let Some(vms) = victims(&plat, process) else {
         return false;
     };

@@ -27,6 +27,8 @@
 //! - [`vcpuexits`]: `host-attack`'s phase for the exits `VCPU_RUN`'s
 //!   hypervisor answers (system registers, UNDEF and abort injection) or
 //!   hands the host (WFI with the virtual timer's deadline).
+//! - [`vcpuirq`]: `host-attack`'s phase for virtual interrupts a
+//!   `VCPU_RUN` loads from the host's list registers (validated: no HW).
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
 //!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
@@ -59,6 +61,7 @@ pub mod smp;
 pub mod sve;
 pub mod sysregs;
 pub mod vcpuexits;
+pub mod vcpuirq;
 pub mod vcpurun;
 
 use alloc::sync::Arc;

@@ -170,6 +170,7 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
     let target = *HVC_TARGET.lock();
     match target {
         Some(h) if regs[0] == u64::from(vcpurun::VCPU_RUN) => vcpurun::vcpu_run(h, cpu, regs),
+        Some(h) if regs[0] == u64::from(vcpurun::VCPU_LRS) => vcpurun::vcpu_lrs(h, cpu, regs),
         Some(h) => {
             let (func, args) = (regs[0], [regs[1], regs[2]]);
             h.handle_host_hvc(cpu, regs);

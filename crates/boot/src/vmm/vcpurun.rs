@@ -14,7 +14,9 @@
 //! `CALL_RET` (the last exit's HVC/SMC returns x2..x5 in the guest's
 //! x0..x3), `INJECT_ABORT` (the last exit's stage-2 abort becomes a
 //! synchronous external abort in the guest, at the address the hypervisor
-//! kept); 0 = just run. Results: x0 = status, x1 = exit vector, x2 =
+//! kept); 0 = just run; with any of them `LRS`: x6, x7 = the guest's list
+//! registers for the run, validated ([`valid_lrs`]), handed back by
+//! [`VCPU_LRS`]. Results: x0 = status, x1 = exit vector, x2 =
 //! ESR, x3 = for an abort the fault's IPA (never the guest's VA), for a
 //! WFI/WFE the virtual timer's deadline (physical counter ticks,
 //! `u64::MAX`: none), x4 = HPFAR; x5 = for an MMIO store the one register
@@ -70,6 +72,54 @@ pub mod flags {
     /// Inject a synchronous external abort for the last exit's stage-2
     /// fault into the guest (at the faulting address the hypervisor kept).
     pub const INJECT_ABORT: u64 = 8;
+    /// Combined with any of the above: x6, x7 are the guest's list
+    /// registers `ICH_LR0/1_EL2` for this run (the others cleared),
+    /// validated first ([`super::valid_lrs`]); a refused list refuses the
+    /// call and changes nothing.
+    pub const LRS: u64 = 1 << 8;
+}
+
+/// The hypercall that hands the host the loaded protected vCPU's list
+/// registers as the last run left them (x1..x7 = `ICH_LR0..6_EL2`, zero
+/// past this CPU's count): the host's vGIC sees its guest's acks and EOIs.
+pub const VCPU_LRS: u32 = 0xc600_0042;
+
+/// `ICH_LR<n>_EL2.State` (bits 63:62; 0 = invalid).
+const LR_STATE: u64 = 3 << 62;
+/// `ICH_LR<n>_EL2.HW`: the virtual interrupt is tied to a physical one.
+const LR_HW: u64 = 1 << 61;
+/// `ICH_LR<n>_EL2` RES0 bits (59:56, 47:45).
+const LR_RES0: u64 = (0xf << 56) | (0x7 << 45);
+/// `ICH_LR<n>_EL2` bits 44:32: pINTID with HW set; with HW clear bit 41 is
+/// EOI (a maintenance interrupt on EOI) and the rest RES0.
+const LR_PINTID: u64 = 0x1fff << 32;
+const LR_EOI: u64 = 1 << 41;
+/// `ICH_LR<n>_EL2.vINTID`.
+const LR_VINTID: u64 = 0xffff_ffff;
+/// The first special INTID (SGIs, PPIs and SPIs lie below; no LPIs).
+const INTID_SPECIAL: u64 = 1020;
+
+/// Whether the host's list registers `lrs` may be loaded for a protected
+/// guest on a CPU with `n` list registers: each invalid one all zero, each
+/// live one a virtual interrupt only (HW clear: the host cannot make the
+/// guest deactivate a physical interrupt), reserved bits clear, an INTID
+/// below 1020, in a list register the CPU has, no INTID twice.
+pub fn valid_lrs(lrs: &[u64], n: usize) -> bool {
+    lrs.iter().enumerate().all(|(i, &lr)| {
+        if lr & LR_STATE == 0 {
+            return lr == 0;
+        }
+        if lr & LR_HW != 0 {
+            return false;
+        }
+        let vintid = lr & LR_VINTID;
+        i < n
+            && lr & (LR_RES0 | (LR_PINTID & !LR_EOI)) == 0
+            && vintid < INTID_SPECIAL
+            && !lrs[..i]
+                .iter()
+                .any(|&o| o & LR_STATE != 0 && o & LR_VINTID == vintid)
+    })
 }
 
 /// Exits the hypervisor answers itself (system registers, UNDEFs) in one
@@ -216,6 +266,39 @@ pub fn vcpu_run(hyp: &'static BootHyp, cpu: usize, regs: &mut [u64; 8]) {
     };
 }
 
+/// [`VCPU_LRS`] at EL2 on CPU `cpu`.
+pub fn vcpu_lrs(hyp: &'static BootHyp, cpu: usize, regs: &mut [u64; 8]) {
+    *regs = match lrs_of(hyp, cpu) {
+        Ok(l) => {
+            let mut out = [ret::SUCCESS as u64, 0, 0, 0, 0, 0, 0, 0];
+            let n = switch::gic_lrs().min(7);
+            out[1..=n].copy_from_slice(&l[..n]);
+            out
+        }
+        Err(status) => [status as u64, 0, 0, 0, 0, 0, 0, 0],
+    };
+}
+
+fn lrs_of(hyp: &'static BootHyp, cpu: usize) -> Result<[u64; 16], i64> {
+    if !start::el1_host() {
+        return Err(ret::DENIED);
+    }
+    let c = hyp.loaded_vcpu_context(cpu).ok_or(ret::NOT_FOUND)?;
+    if !c.protected {
+        return Err(ret::DENIED);
+    }
+    let key = (c.handle, c.vcpu);
+    let t = table().ok_or(ret::NOT_SUPPORTED)?;
+    let slots = t.lock();
+    slots
+        .iter()
+        .find_map(|s| match s {
+            Slot::Held(v) if v.key == key => v.st.as_ref().map(|st| st.gic.lrs),
+            _ => None,
+        })
+        .ok_or(ret::NOT_FOUND)
+}
+
 fn run(hyp: &'static BootHyp, cpu: usize, regs: &[u64; 8]) -> Result<[u64; 8], i64> {
     // Only from the host context at EL1: its EL1 registers are put back.
     if !start::el1_host() {
@@ -333,7 +416,7 @@ fn answer_here(st: &mut VcpuState, g: &Guest, e: &switch::Exit) -> bool {
 /// sanitised ID registers, the register file, the emulated physical timer
 /// and counter; a set/way instruction cleans and invalidates the VM's
 /// mapped memory, as the EL2 VMM's backend), or an UNDEF. Not served yet
-/// at EL2: the emulated physical timer's interrupt and SGIs (no vGIC: the
+/// at EL2: the emulated physical timer's interrupt and SGIs the guest sends (the
 /// write is dropped); PMU registers UNDEF (no PMU offered).
 fn sysreg(st: &mut VcpuState, g: &Guest, esr: u64) {
     let action = match sysregs(g.slot) {
@@ -443,12 +526,32 @@ fn put(t: &Table, v: HypVcpu) {
 /// Applies the host's flags; a refused one changes nothing. `slot`: the
 /// vCPU's entry of [`SYSREGS`] (reset with the vCPU).
 fn apply(v: &mut HypVcpu, regs: &[u64; 8], vcpu: u8, slot: usize) -> Result<(), i64> {
-    match regs[1] {
+    let lrs = regs[1] & flags::LRS != 0;
+    if lrs && !valid_lrs(&regs[6..8], switch::gic_lrs()) {
+        return Err(ret::INVALID_PARAMETER);
+    }
+    // Only a run with no other flag can fail after changing something:
+    // then the vCPU has no registers and nothing changed.
+    apply_flags(v, regs[1] & !flags::LRS, regs, vcpu, slot)?;
+    if lrs {
+        let st = v.st.as_mut().ok_or(ret::INVALID_PARAMETER)?;
+        st.gic.lrs = [0; 16];
+        st.gic.lrs[..2].copy_from_slice(&regs[6..8]);
+    }
+    Ok(())
+}
+
+fn apply_flags(v: &mut HypVcpu, f: u64, regs: &[u64; 8], vcpu: u8, slot: usize) -> Result<(), i64> {
+    match f {
         0 => Ok(()),
         flags::RESET if v.st.is_none() => {
             let policy = VmPolicy::default_for(&idregs::host_ids()).map_err(|_| ret::INTERNAL)?;
             sysregs(slot).ok_or(ret::INTERNAL)?.lock().reset();
-            v.st = Some(VcpuState::new(regs[2], [regs[3], 0, 0, 0], u64::from(vcpu)));
+            let mut st = VcpuState::new(regs[2], [regs[3], 0, 0, 0], u64::from(vcpu));
+            // Its virtual CPU interface is on from the start (the host
+            // fills the list registers).
+            st.gic.hcr = switch::ICH_HCR_EN;
+            v.st = Some(st);
             v.policy = Some(policy);
             Ok(())
         }
@@ -613,6 +716,12 @@ pub struct El1Backend<'a> {
     /// physical counter ticks (`None`: no timer armed): when the host's
     /// own timer would wake the vCPU.
     pub wake_at: Option<u64>,
+    /// List registers the next run loads (`LRS`).
+    pub lrs: Option<[u64; 2]>,
+    /// Whether each run is followed by a [`VCPU_LRS`] (into `lrs_back`).
+    pub track_lrs: bool,
+    /// The guest's list registers after the last run (`track_lrs`).
+    pub lrs_back: Option<[u64; 7]>,
 }
 
 impl<'a> El1Backend<'a> {
@@ -627,6 +736,9 @@ impl<'a> El1Backend<'a> {
             seen: Vec::new(),
             failed: None,
             wake_at: None,
+            lrs: None,
+            track_lrs: false,
+            lrs_back: None,
         }
     }
 
@@ -661,15 +773,28 @@ impl VcpuBackend for El1Backend<'_> {
             self.failed = Some("more than MAX_RUNS VCPU_RUNs");
             return GuestExit::GuestCheckFailed;
         }
-        let regs = self.args(ctx);
-        let mut cmd = [Cmd {
-            op: op::HVC,
-            regs,
-            ..Cmd::default()
-        }];
-        if self.host.run(self.hyp, &mut cmd).is_err() {
+        let mut regs = self.args(ctx);
+        if let Some(l) = self.lrs.take() {
+            regs[1] |= flags::LRS;
+            regs[6..8].copy_from_slice(&l);
+        }
+        let mut cmd = [
+            Cmd {
+                op: op::HVC,
+                regs,
+                ..Cmd::default()
+            },
+            hvc(VCPU_LRS, &[]),
+        ];
+        let n = if self.track_lrs { 2 } else { 1 };
+        if self.host.run(self.hyp, &mut cmd[..n]).is_err() {
             self.failed = Some("host context run");
             return GuestExit::GuestCheckFailed;
+        }
+        if self.track_lrs && cmd[1].regs[0] as i64 == ret::SUCCESS {
+            let mut l = [0; 7];
+            l.copy_from_slice(&cmd[1].regs[1..]);
+            self.lrs_back = Some(l);
         }
         let r = cmd[0].regs;
         self.seen.push(r);
@@ -908,7 +1033,7 @@ pub fn el1_run(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &HostC
     ok & check("vcpu-run: the torn-down VM's registers dropped", held == 0)
 }
 
-fn hvc(func: u32, args: &[u64]) -> Cmd {
+pub(super) fn hvc(func: u32, args: &[u64]) -> Cmd {
     let mut regs = [0u64; 8];
     regs[0] = u64::from(func);
     regs[1..=args.len()].copy_from_slice(args);
