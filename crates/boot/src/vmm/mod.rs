@@ -29,6 +29,7 @@
 //!   hands the host (WFI with the virtual timer's deadline).
 //! - [`vcpuirq`]: `host-attack`'s phase for virtual interrupts a
 //!   `VCPU_RUN` loads from the host's list registers (validated: no HW).
+//! - [`a64`]: the A64 encoders and image layout of those phases' hand-assembled guests.
 //! - [`irq`]: a VM's vGICv3 (pkvm-vgic) and its glue to the world switch
 //!   (list registers, timer PPIs, SGIs, WFI).
 //! - [`fdtgen`]: the VM device tree.
@@ -44,6 +45,7 @@
 //! mode the host's memory is the pool and the heap ([`Layout`]).
 #![forbid(unsafe_code)]
 
+pub mod a64;
 pub mod attack;
 pub mod backend;
 pub mod debug;

@@ -19,6 +19,7 @@ use alloc::sync::Arc;
 use pkvm_host::VcpuExit;
 use pkvm_sysreg::IdReg;
 
+use super::a64::{add_imm, guest_image, movk, movz, mrs, msr, ERET, HVC0, ISB, VBAR_EL1, WFI};
 use super::el1host::HostCtx;
 use super::guest::IPA_BITS;
 use super::platform::BootPlatform;
@@ -37,28 +38,8 @@ const HOLE_IPA: u64 = 0x0be0_0000;
 /// The guest's virtual timer, in counter ticks after it arms it.
 const TIMER_TICKS: u32 = 0x4000;
 
-const fn movz(rd: u32, imm: u32, hw: u32) -> u32 {
-    0xd280_0000 | (hw << 21) | (imm << 5) | rd
-}
-const fn movk(rd: u32, imm: u32, hw: u32) -> u32 {
-    0xf280_0000 | (hw << 21) | (imm << 5) | rd
-}
-/// `mrs xt, S<op0>_<op1>_C<crn>_C<crm>_<op2>`.
-const fn mrs(rt: u32, (op0, op1, crn, crm, op2): (u32, u32, u32, u32, u32)) -> u32 {
-    0xd530_0000 | ((op0 - 2) << 19) | (op1 << 16) | (crn << 12) | (crm << 8) | (op2 << 5) | rt
-}
-/// `msr S<op0>_<op1>_C<crn>_C<crm>_<op2>, xt`.
-const fn msr(rt: u32, enc: (u32, u32, u32, u32, u32)) -> u32 {
-    mrs(rt, enc) & !(1 << 21)
-}
-/// `add xd, xn, #imm`.
-const fn add_imm(rd: u32, rn: u32, imm: u32) -> u32 {
-    0x9100_0000 | (imm << 10) | (rn << 5) | rd
-}
-
 const ESR_EL1: (u32, u32, u32, u32, u32) = (3, 0, 5, 2, 0);
 const ELR_EL1: (u32, u32, u32, u32, u32) = (3, 0, 4, 0, 1);
-const VBAR_EL1: (u32, u32, u32, u32, u32) = (3, 0, 12, 0, 0);
 const ID_AA64PFR0_EL1: (u32, u32, u32, u32, u32) = (3, 0, 0, 4, 0);
 /// `LORC_EL1`: trapped (`HCR_EL2.TLOR`), refused by the table (LOR
 /// hidden). (An IMPLEMENTATION DEFINED register would do on hardware with
@@ -68,10 +49,6 @@ const CNTV_TVAL_EL0: (u32, u32, u32, u32, u32) = (3, 3, 14, 3, 0);
 const CNTV_CTL_EL0: (u32, u32, u32, u32, u32) = (3, 3, 14, 3, 1);
 /// Trapped (`CNTHCTL_EL2.EL1PCEN` clear), kept in the vCPU's register file.
 const CNTP_CVAL_EL0: (u32, u32, u32, u32, u32) = (3, 3, 14, 2, 2);
-const ISB: u32 = 0xd503_3fdf;
-const ERET: u32 = 0xd69f_03e0;
-const WFI: u32 = 0xd503_207f;
-const HVC0: u32 = 0xd400_0002;
 
 /// The guest's vectors at its first byte (`b main` there); the current-EL
 /// synchronous entry (+0x200) counts an UNDEF (EC 0) in x20, an injected
@@ -141,33 +118,7 @@ const MAIN: [u32; 37] = [
 const MAIN_AT: usize = 0x800;
 const IMAGE_BYTES: usize = MAIN_AT + MAIN.len() * 4;
 
-const fn image() -> [u8; IMAGE_BYTES] {
-    let mut b = [0u8; IMAGE_BYTES];
-    // b main
-    let head = 0x1400_0000u32 | (MAIN_AT as u32 / 4);
-    put(&mut b, 0, head);
-    let mut i = 0;
-    while i < VECTOR.len() {
-        put(&mut b, 0x200 + 4 * i, VECTOR[i]);
-        i += 1;
-    }
-    let mut i = 0;
-    while i < MAIN.len() {
-        put(&mut b, MAIN_AT + 4 * i, MAIN[i]);
-        i += 1;
-    }
-    b
-}
-
-const fn put(b: &mut [u8; IMAGE_BYTES], at: usize, w: u32) {
-    let w = w.to_le_bytes();
-    b[at] = w[0];
-    b[at + 1] = w[1];
-    b[at + 2] = w[2];
-    b[at + 3] = w[3];
-}
-
-static IMAGE: [u8; IMAGE_BYTES] = image();
+static IMAGE: [u8; IMAGE_BYTES] = guest_image(0x200, &VECTOR, MAIN_AT, &MAIN);
 
 /// The guest's secret registers x10..x13.
 const SECRETS: [u64; 4] = [0x5ec1 << 48, 0x5ec2 << 48, 0x5ec3 << 48, 0x5ec4 << 48];

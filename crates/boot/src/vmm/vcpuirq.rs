@@ -14,6 +14,7 @@ use alloc::sync::Arc;
 use pkvm_host::VcpuExit;
 use pkvm_hyp::hvc::{id, ret};
 
+use super::a64::{guest_image, movk, movz, mrs, msr, HVC0, ISB, VBAR_EL1, WFI};
 use super::el1host::HostCtx;
 use super::platform::{BootHyp, BootPlatform};
 use super::process::{Backing, BootProcess};
@@ -33,29 +34,10 @@ const LR_HW_SGI: u64 = (1 << 62) | (1 << 61) | (1 << 60) | (0xa0 << 48) | 7;
 /// A malformed list register: the special INTID 1023.
 const LR_SPECIAL: u64 = (1 << 62) | (1 << 60) | (0xa0 << 48) | 1023;
 
-const fn movz(rd: u32, imm: u32, hw: u32) -> u32 {
-    0xd280_0000 | (hw << 21) | (imm << 5) | rd
-}
-const fn movk(rd: u32, imm: u32, hw: u32) -> u32 {
-    0xf280_0000 | (hw << 21) | (imm << 5) | rd
-}
-/// `mrs xt, S<op0>_<op1>_C<crn>_C<crm>_<op2>`.
-const fn mrs(rt: u32, (op0, op1, crn, crm, op2): (u32, u32, u32, u32, u32)) -> u32 {
-    0xd530_0000 | ((op0 - 2) << 19) | (op1 << 16) | (crn << 12) | (crm << 8) | (op2 << 5) | rt
-}
-/// `msr S<op0>_<op1>_C<crn>_C<crm>_<op2>, xt`.
-const fn msr(rt: u32, enc: (u32, u32, u32, u32, u32)) -> u32 {
-    mrs(rt, enc) & !(1 << 21)
-}
-
-const VBAR_EL1: (u32, u32, u32, u32, u32) = (3, 0, 12, 0, 0);
 const ICC_PMR_EL1: (u32, u32, u32, u32, u32) = (3, 0, 4, 6, 0);
 const ICC_IAR1_EL1: (u32, u32, u32, u32, u32) = (3, 0, 12, 12, 0);
 const ICC_EOIR1_EL1: (u32, u32, u32, u32, u32) = (3, 0, 12, 12, 1);
 const ICC_IGRPEN1_EL1: (u32, u32, u32, u32, u32) = (3, 0, 12, 12, 7);
-const ISB: u32 = 0xd503_3fdf;
-const WFI: u32 = 0xd503_207f;
-const HVC0: u32 = 0xd400_0002;
 const DAIFCLR_I: u32 = 0xd503_42ff;
 
 /// The guest's IRQ entry (current EL, SPx: +0x280): acknowledges (x1 =
@@ -90,31 +72,7 @@ const IRQ_AT: usize = 0x280;
 const MAIN_AT: usize = 0x800;
 const IMAGE_BYTES: usize = MAIN_AT + MAIN.len() * 4;
 
-const fn image() -> [u8; IMAGE_BYTES] {
-    let mut b = [0u8; IMAGE_BYTES];
-    put(&mut b, 0, 0x1400_0000u32 | (MAIN_AT as u32 / 4)); // b main
-    let mut i = 0;
-    while i < IRQ.len() {
-        put(&mut b, IRQ_AT + 4 * i, IRQ[i]);
-        i += 1;
-    }
-    let mut i = 0;
-    while i < MAIN.len() {
-        put(&mut b, MAIN_AT + 4 * i, MAIN[i]);
-        i += 1;
-    }
-    b
-}
-
-const fn put(b: &mut [u8; IMAGE_BYTES], at: usize, w: u32) {
-    let w = w.to_le_bytes();
-    b[at] = w[0];
-    b[at + 1] = w[1];
-    b[at + 2] = w[2];
-    b[at + 3] = w[3];
-}
-
-static IMAGE: [u8; IMAGE_BYTES] = image();
+static IMAGE: [u8; IMAGE_BYTES] = guest_image(IRQ_AT, &IRQ, MAIN_AT, &MAIN);
 
 /// Runs the vCPU until it powers off; its first WFI exit gets the SGI's
 /// list register on the next run. The INTID the guest took, or why not.

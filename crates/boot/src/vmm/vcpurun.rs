@@ -48,6 +48,7 @@ use pkvm_sync::{LockClass, SpinLock};
 use pkvm_arch::esr::Esr;
 use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State, HostFeature, VcpuSysregs};
 
+use super::a64::{adr, ldr_x, movk, movz, str_x, HVC0};
 use super::el1host::{host_vm_regs, HostCtx};
 use super::platform::{BootHyp, BootPlatform};
 use super::process::{Backing, BootProcess};
@@ -864,23 +865,6 @@ const ANSWER: u64 = 0xfeed_f00d;
 /// The guest's secret registers x10..x13 (each `0x5ec0 + n` << 48).
 const SECRETS: [u64; 4] = [0x5ec1 << 48, 0x5ec2 << 48, 0x5ec3 << 48, 0x5ec4 << 48];
 
-const fn movz(rd: u32, imm: u32, hw: u32) -> u32 {
-    0xd280_0000 | (hw << 21) | (imm << 5) | rd
-}
-const fn movk(rd: u32, imm: u32, hw: u32) -> u32 {
-    0xf280_0000 | (hw << 21) | (imm << 5) | rd
-}
-const fn str_x(rt: u32, rn: u32, off: u32) -> u32 {
-    0xf900_0000 | ((off / 8) << 10) | (rn << 5) | rt
-}
-const fn ldr_x(rt: u32, rn: u32, off: u32) -> u32 {
-    0xf940_0000 | ((off / 8) << 10) | (rn << 5) | rt
-}
-/// `adr xd, .+off` (off < 1 MiB, a multiple of 4).
-const fn adr(rd: u32, off: u32) -> u32 {
-    0x1000_0000 | ((off >> 2) << 5) | rd
-}
-
 /// The guest: secrets in x10..x13; stores [`STORED`] (x5) to the device
 /// and loads x7 from it; stores x7 to its RAM one page on (a stage-2 fault
 /// pkvm-host answers by donating the page) and loads it back into x1;
@@ -900,7 +884,7 @@ const PROGRAM: [u32; 15] = [
     ldr_x(1, 8, 0),
     movz(0, 0x0008, 0),
     movk(0, 0x8400, 1),
-    0xd400_0002, // hvc #0
+    HVC0,
     0x17ff_ffff, // b .-4 (the hvc again: the timed loop)
 ];
 
