@@ -43,6 +43,7 @@ fn hyp() -> Hyp<FakePlatform> {
     let cfg = HypConfig {
         mem: plat.memmap(),
         regions: &regions,
+        host_rx: &[],
         pool_base: FAKE_BASE + (PAGES - 256) * PAGE_SIZE,
         pool_pages: 256,
         pool_reserved: 0,

@@ -47,6 +47,13 @@ pub struct HypConfig<'a> {
     pub mem: MemMap,
     /// The host's normal memory regions (inside `mem`, page aligned).
     pub regions: &'a [MemRegion],
+    /// The hypervisor's read-only ranges the host runs (the image's code
+    /// and read-only data when the host shares the hypervisor's image):
+    /// hyp-owned (host SHARED_BORROWED, hyp SHARED_OWNED), mapped in the
+    /// host stage-2 read-only and executable on the host's fault, never
+    /// writable, never accepted by a hypercall. Inside `mem`, page
+    /// aligned, apart from `regions` and the pool; may be empty.
+    pub host_rx: &'a [MemRegion],
     /// The hypervisor's page pool: `pool_pages` pages at `pool_base`.
     pub pool_base: Pa,
     /// Size of the pool in pages.
@@ -80,6 +87,9 @@ pub struct Hyp<P: HypPlatform> {
     pub(crate) mem: MemMap,
     pub(crate) regions: [MemRegion; MAX_REGIONS],
     pub(crate) nr_regions: usize,
+    /// [`HypConfig::host_rx`].
+    pub(crate) rx: [MemRegion; MAX_REGIONS],
+    pub(crate) nr_rx: usize,
     pub(crate) pool: HypPool,
     pub(crate) host: SpinLock<HostMmu>,
     /// The hypervisor's own EL2 stage-1: every page the hyp owns or
@@ -206,25 +216,15 @@ impl<P: HypPlatform> Hyp<P> {
                 value: cfg.regions.len() as u64,
             });
         }
-        let mut regions = [MemRegion {
-            base: Pa(0),
-            size: 0,
-        }; MAX_REGIONS];
-        for (i, r) in cfg.regions.iter().enumerate() {
-            let ok = r.base.is_aligned(PAGE_SIZE)
-                && r.size % PAGE_SIZE == 0
-                && mem.contains(r.base, r.size / PAGE_SIZE)
-                && r.end().0 <= 1u64 << cfg.host_ipa_bits.min(48);
-            if !ok {
-                return Err(HypError::BadAddress { pa: r.base });
-            }
-            if cfg.regions[..i]
-                .iter()
-                .any(|o| r.base < o.end() && o.base < r.end())
-            {
-                return Err(HypError::BadAddress { pa: r.base });
-            }
-            regions[i] = *r;
+        let regions = check_regions(&mem, cfg.regions, &[], cfg.host_ipa_bits)?;
+        let rx = check_regions(&mem, cfg.host_rx, cfg.regions, cfg.host_ipa_bits)?;
+        let pool_end = cfg.pool_base.0.saturating_add(cfg.pool_pages * PAGE_SIZE);
+        if let Some(r) = cfg
+            .host_rx
+            .iter()
+            .find(|r| r.base.0 < pool_end && cfg.pool_base < r.end())
+        {
+            return Err(HypError::BadAddress { pa: r.base });
         }
         let geo = S2Geometry::new(Granule::Size4K, cfg.host_ipa_bits).map_err(|_| {
             HypError::BadArgument {
@@ -238,6 +238,13 @@ impl<P: HypPlatform> Hyp<P> {
             let pa = cfg.pool_base + i * PAGE_SIZE;
             mem.set_host_state(pa, PageState::NoPage);
             mem.set_hyp_state(pa, PageState::Owned);
+        }
+        for r in cfg.host_rx {
+            for i in 0..r.size / PAGE_SIZE {
+                let pa = r.base + i * PAGE_SIZE;
+                mem.set_host_state(pa, PageState::SharedBorrowed);
+                mem.set_hyp_state(pa, PageState::SharedOwned);
+            }
         }
         let order = geo.root_pages.trailing_zeros() as u8;
         let root = pool.alloc(order).map_err(|_| HypError::NoMemory)?;
@@ -286,6 +293,8 @@ impl<P: HypPlatform> Hyp<P> {
             mem,
             regions,
             nr_regions: cfg.regions.len(),
+            rx,
+            nr_rx: cfg.host_rx.len(),
             pool,
             host: SpinLock::new(HostMmu::new(pgt, mem), LockClass::HypHostMmu),
             pgd: SpinLock::new(pgd, LockClass::HypPgtable),
@@ -316,6 +325,12 @@ impl<P: HypPlatform> Hyp<P> {
     /// The host memory regions.
     pub fn regions(&self) -> &[MemRegion] {
         &self.regions[..self.nr_regions]
+    }
+
+    /// The hypervisor's ranges the host may read and execute
+    /// ([`HypConfig::host_rx`]).
+    pub fn host_rx(&self) -> &[MemRegion] {
+        &self.rx[..self.nr_rx]
     }
 
     /// Whether the host has finalised protection (the `FINALIZE` hypercall).
@@ -392,4 +407,43 @@ impl<P: HypPlatform> Hyp<P> {
     pub(crate) fn region_of(&self, pa: Pa, len: u64) -> Option<&MemRegion> {
         self.regions().iter().find(|r| r.contains(pa, len))
     }
+
+    /// The read-only, executable range ([`HypConfig::host_rx`]) holding
+    /// `[pa, pa + len)`, if one does.
+    pub(crate) fn rx_region_of(&self, pa: Pa, len: u64) -> Option<&MemRegion> {
+        self.host_rx().iter().find(|r| r.contains(pa, len))
+    }
+}
+
+/// Validates `list` (at most [`MAX_REGIONS`] page-aligned ranges inside
+/// `mem` and the host's IPA space, apart from each other and from
+/// `others`) and copies it into a fixed array.
+fn check_regions(
+    mem: &MemMap,
+    list: &[MemRegion],
+    others: &[MemRegion],
+    ipa_bits: u32,
+) -> Result<[MemRegion; MAX_REGIONS], HypError> {
+    if list.len() > MAX_REGIONS {
+        return Err(HypError::BadArgument {
+            what: "region count",
+            value: list.len() as u64,
+        });
+    }
+    let mut out = [MemRegion {
+        base: Pa(0),
+        size: 0,
+    }; MAX_REGIONS];
+    let overlap = |a: &MemRegion, b: &MemRegion| a.base < b.end() && b.base < a.end();
+    for (i, r) in list.iter().enumerate() {
+        let ok = r.base.is_aligned(PAGE_SIZE)
+            && r.size % PAGE_SIZE == 0
+            && mem.contains(r.base, r.size / PAGE_SIZE)
+            && r.end().0 <= 1u64 << ipa_bits.min(48);
+        if !ok || list[..i].iter().chain(others).any(|o| overlap(r, o)) {
+            return Err(HypError::BadAddress { pa: r.base });
+        }
+        out[i] = *r;
+    }
+    Ok(out)
 }

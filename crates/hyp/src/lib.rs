@@ -64,6 +64,7 @@ pub use hyp::{
     Hyp, HypConfig, HypStats, HANDLE_BASE, HOST_DEV_TABLES, MAX_CPUS, MAX_REGIONS, MAX_TOPUP_PAGES,
     MAX_VCPUS, MAX_VMS, OWNER_HYP, VCPU_PAGES, VM_PAGES,
 };
+pub use mem_protect::HostAccess;
 pub use meta::{MemMap, PageMeta, PageState};
 pub use platform::{HypPlatform, MemRegion};
 pub use pool::{HypPool, PoolError, MAX_ORDER};

@@ -12,11 +12,14 @@
 //! | SHARED_OWNED  | NOPAGE          | `guest_shares` x SHARED_BORROWED (non-protected guests) |
 //! | NOPAGE        | OWNED           | - (pool, VM state, memcaches, guest tables) |
 //! | NOPAGE        | NOPAGE          | one guest OWNED (donated)      |
+//! | SHARED_BORROWED | SHARED_OWNED  | - (the hypervisor's code the host runs: [`crate::HypConfig::host_rx`]) |
 //!
 //! The host's stage-2 agrees: pages the host may access have either no
 //! entry (mapped lazily by [`Hyp::host_mem_abort`]) or a valid identity
-//! entry; hyp pages carry an owner annotation, donated pages a (handle, gfn)
-//! donation annotation, always at page granularity outside the pool.
+//! entry (read-only and executable for the hypervisor's code the host
+//! runs, never writable); hyp pages carry an owner annotation, donated
+//! pages a (handle, gfn) donation annotation, always at page granularity
+//! outside the pool.
 //!
 //! Every transition checks all its preconditions first and reserves the
 //! table pages its commit may need; the commit then cannot fail. A refused
@@ -32,6 +35,16 @@ use crate::hyp::{Hyp, Reserve, HOST_DEV_TABLES, OWNER_HYP};
 use crate::meta::{MemMap, PageState};
 use crate::platform::HypPlatform;
 use crate::vm::{guest_state, HypVm, McCache};
+
+/// What the host's access that faulted at stage-2 did (`ESR_EL2.WnR` of
+/// a data abort; an instruction fetch is a read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostAccess {
+    /// A load or an instruction fetch.
+    Read,
+    /// A store (or an atomic read-modify-write).
+    Write,
+}
 
 /// The host's stage-2 and the host/hyp page states: only reachable through
 /// the host MMU lock, so `&mut HostMmu` is the proof the lock is held.
@@ -371,23 +384,33 @@ impl<P: HypPlatform> Hyp<P> {
 
     // ---- the host's stage-2 ----------------------------------------------
 
-    /// Handles a host stage-2 fault at `pa`: maps the largest block around
-    /// it that is unmapped, unannotated and inside one memory region (MMIO
-    /// outside the managed range is mapped as a device page).
+    /// Handles a host stage-2 fault at `pa` by an `access`: maps the
+    /// largest block around it that is unmapped, unannotated and inside one
+    /// memory region (MMIO outside the managed range is mapped as a device
+    /// page; the hypervisor's code the host runs,
+    /// [`crate::HypConfig::host_rx`], read-only and executable, on a read
+    /// or an instruction fetch only).
     ///
     /// # Errors
-    /// [`HypError::HostAccessDenied`] if the host does not own the page (the
-    /// caller injects an abort into the host); [`HypError::NoMemory`] if the
+    /// [`HypError::HostAccessDenied`] if the host does not own the page, or
+    /// writes a page it may only read (the caller injects an abort into the
+    /// host); [`HypError::NoMemory`] if the
     /// pool cannot give a table page; [`HypError::Again`] if the entry is
     /// being changed.
-    pub fn host_mem_abort(&self, pa: Pa) -> Result<(), HypError> {
+    pub fn host_mem_abort(&self, pa: Pa, access: HostAccess) -> Result<(), HypError> {
         let page = pa.align_down(PAGE_SIZE);
         let mut host = self.host.lock();
         let env = self.host_env();
         let leaf = host.pgt.get_leaf(&env, Ipa(page.0));
         let pte = S2Pte(leaf.pte);
         if pte.is_valid() {
-            return Ok(()); // Another CPU mapped it first.
+            // A write to a read-only mapping (the hypervisor's code) is a
+            // permission fault the host cannot resolve; anything else:
+            // another CPU mapped it first.
+            if access == HostAccess::Write && !pte.prot(self.feat).contains(S2Prot::W) {
+                return Err(HypError::HostAccessDenied { pa });
+            }
+            return Ok(());
         }
         if pte.is_locked() {
             return Err(HypError::Again);
@@ -395,7 +418,14 @@ impl<P: HypPlatform> Hyp<P> {
         if pte.0 != 0 {
             return Err(HypError::HostAccessDenied { pa });
         }
-        let Some(region) = self.region_of(page, PAGE_SIZE).copied() else {
+        let (region, prot) = if let Some(r) = self.region_of(page, PAGE_SIZE) {
+            (*r, S2Prot::RWX)
+        } else if let Some(r) = self.rx_region_of(page, PAGE_SIZE) {
+            if access == HostAccess::Write {
+                return Err(HypError::HostAccessDenied { pa });
+            }
+            (*r, S2Prot::R | S2Prot::X)
+        } else {
             if self.mem.index(page).is_some() {
                 return Err(HypError::HostAccessDenied { pa });
             }
@@ -413,7 +443,7 @@ impl<P: HypPlatform> Hyp<P> {
                     Ipa(base.0),
                     size,
                     base,
-                    S2Prot::RWX,
+                    prot,
                     MapFlags::NONE,
                     &mut res,
                 ) {

@@ -26,17 +26,22 @@ const POOL_PAGES: u64 = 256;
 type H = Hyp<FakePlatform>;
 
 fn setup_with(regions: &[MemRegion]) -> Box<H> {
+    setup_rx(regions, &[]).unwrap()
+}
+
+fn setup_rx(regions: &[MemRegion], host_rx: &[MemRegion]) -> Result<Box<H>, HypError> {
     let plat = FakePlatform::new(MEM_PAGES as usize);
     let cfg = HypConfig {
         mem: plat.memmap(),
         regions,
+        host_rx,
         pool_base: pa(POOL_FIRST),
         pool_pages: POOL_PAGES,
         pool_reserved: 0,
         host_ipa_bits: 40,
         features: S2Features::default(),
     };
-    Box::new(Hyp::new(plat, &cfg).unwrap())
+    Hyp::new(plat, &cfg).map(Box::new)
 }
 
 fn setup() -> Box<H> {
@@ -163,6 +168,16 @@ fn check_invariants(h: &H) {
                     pte.annotation(),
                     Some(Annotation::Owner(OWNER_HYP)),
                     "{p:?}"
+                );
+            }
+            (PageState::SharedBorrowed, PageState::SharedOwned) => {
+                // The hypervisor's code the host runs: never writable.
+                assert!(h.rx_region_of(p, PAGE_SIZE).is_some(), "{p:?}");
+                assert!(g.is_empty(), "{p:?} hyp code mapped in a guest: {g:?}");
+                let prot = pte.prot(S2Features::default());
+                assert!(
+                    pte.0 == 0 || (host_can_map() && !prot.contains(S2Prot::W)),
+                    "{p:?} hyp code has host pte {pte:?}"
                 );
             }
             (PageState::NoPage, PageState::NoPage) => {
@@ -348,7 +363,7 @@ fn host_unshare_hyp_is_refused_while_pinned_or_not_shared() {
 #[test]
 fn host_donate_hyp_annotates_the_host_stage2_and_denies_host_access() {
     let h = setup();
-    h.host_mem_abort(pa(9)).unwrap();
+    h.host_mem_abort(pa(9), HostAccess::Read).unwrap();
     assert!(h.host_pte(pa(9)).0.is_valid());
     h.host_donate_hyp(pa(8), 2).unwrap();
     for p in [pa(8), pa(9)] {
@@ -357,12 +372,12 @@ fn host_donate_hyp_annotates_the_host_stage2_and_denies_host_access() {
             (S2Pte::owner_annotation(OWNER_HYP), Level(3))
         );
         assert_eq!(
-            h.host_mem_abort(p),
+            h.host_mem_abort(p, HostAccess::Read),
             Err(HypError::HostAccessDenied { pa: p })
         );
     }
     // The rest of the old block is still the host's.
-    assert_eq!(h.host_mem_abort(pa(10)), Ok(()));
+    assert_eq!(h.host_mem_abort(pa(10), HostAccess::Read), Ok(()));
     assert!(matches!(
         h.host_donate_hyp(pa(9), 1),
         Err(HypError::WrongState { .. })
@@ -375,20 +390,20 @@ fn host_donate_hyp_annotates_the_host_stage2_and_denies_host_access() {
 #[test]
 fn host_abort_maps_the_largest_block_inside_the_region() {
     let h = setup();
-    h.host_mem_abort(pa(5) + 0x123).unwrap();
+    h.host_mem_abort(pa(5) + 0x123, HostAccess::Read).unwrap();
     let (pte, level) = h.host_pte(pa(5));
     assert_eq!(level, Level(2), "2 MiB block expected");
     assert_eq!(pte.oa(), FAKE_BASE);
     // The second 2 MiB holds the pool: its host entries are annotations.
     assert_eq!(
-        h.host_mem_abort(pa(POOL_FIRST)),
+        h.host_mem_abort(pa(POOL_FIRST), HostAccess::Read),
         Err(HypError::HostAccessDenied { pa: pa(POOL_FIRST) })
     );
     // The pool's 2 MiB already has a level-3 table: pages there.
-    h.host_mem_abort(pa(600)).unwrap();
+    h.host_mem_abort(pa(600), HostAccess::Read).unwrap();
     assert_eq!(h.host_pte(pa(600)).1, Level(3));
     // MMIO outside the managed range: a device page.
-    h.host_mem_abort(Pa(0x0900_0000)).unwrap();
+    h.host_mem_abort(Pa(0x0900_0000), HostAccess::Read).unwrap();
     let (dev, lvl) = h.host_pte(Pa(0x0900_0000));
     assert!(dev.is_valid() && lvl == Level(3));
     assert!(dev.prot(S2Features::default()).contains(S2Prot::DEVICE));
@@ -410,7 +425,11 @@ fn host_device_faults_cannot_starve_later_vm_operations() {
     for round in 0..6u64 {
         // Far more faults than the pool has pages: each one maps.
         for _ in 0..150 {
-            assert_eq!(h.host_mem_abort(device_pa(n)), Ok(()), "device fault {n}");
+            assert_eq!(
+                h.host_mem_abort(device_pa(n), HostAccess::Read),
+                Ok(()),
+                "device fault {n}"
+            );
             n += 1;
             // The device budget, plus a few tables for RAM annotations
             // and the hyp's own mappings of VM pages.
@@ -424,7 +443,11 @@ fn host_device_faults_cannot_starve_later_vm_operations() {
         h.host_donate_guest(0, pfn(200 + round), Gfn(round))
             .unwrap();
         for _ in 0..150 {
-            assert_eq!(h.host_mem_abort(device_pa(n)), Ok(()), "device fault {n}");
+            assert_eq!(
+                h.host_mem_abort(device_pa(n), HostAccess::Read),
+                Ok(()),
+                "device fault {n}"
+            );
             n += 1;
         }
         h.vcpu_put(0).unwrap();
@@ -436,7 +459,7 @@ fn host_device_faults_cannot_starve_later_vm_operations() {
     // a reset and faults back in.
     assert!(h.host_pte(device_pa(n - 1)).0.is_valid());
     assert_eq!(h.host_pte(device_pa(0)).0, S2Pte(0));
-    assert_eq!(h.host_mem_abort(device_pa(0)), Ok(()));
+    assert_eq!(h.host_mem_abort(device_pa(0), HostAccess::Read), Ok(()));
     assert!(h.host_pte(device_pa(0)).0.is_valid());
     check_invariants(&h);
 }
@@ -454,7 +477,7 @@ fn host_abort_never_maps_a_block_across_a_region_edge() {
             size: (MEM_PAGES - 100) * PAGE_SIZE,
         },
     ]);
-    h.host_mem_abort(pa(50)).unwrap();
+    h.host_mem_abort(pa(50), HostAccess::Read).unwrap();
     assert_eq!(h.host_pte(pa(50)).1, Level(3));
     assert_eq!(h.host_pte(pa(100)).0, S2Pte(0));
     check_invariants(&h);
@@ -529,6 +552,118 @@ fn host_ranges_must_lie_inside_one_memory_region() {
         assert_eq!(hvc(&h, 0, *f, args).0, ret::SUCCESS, "{f:#x} {args:x?}");
     }
     check_invariants(&h);
+}
+
+/// Host memory `[0, 100)` and `[140, MEM_PAGES)` (with the pool), the
+/// hypervisor's code the host runs `[100, 140)` between them.
+fn rx_setup() -> Box<H> {
+    let r = |a: u64, b: u64| MemRegion {
+        base: pa(a),
+        size: (b - a) * PAGE_SIZE,
+    };
+    setup_rx(&[r(0, 100), r(140, MEM_PAGES)], &[r(100, 140)]).unwrap()
+}
+
+#[test]
+fn host_reads_and_runs_the_hypervisors_code_but_never_writes_it() {
+    let h = rx_setup();
+    check_invariants(&h);
+    assert_eq!(h.memmap().host_state(pa(110)), PageState::SharedBorrowed);
+    assert_eq!(h.memmap().hyp_state(pa(110)), PageState::SharedOwned);
+    // A write fault on an unmapped code page: refused, nothing mapped.
+    assert_eq!(
+        h.host_mem_abort(pa(120) + 8, HostAccess::Write),
+        Err(HypError::HostAccessDenied { pa: pa(120) + 8 })
+    );
+    assert_eq!(h.host_pte(pa(120)).0, S2Pte(0));
+    // A read (or fetch) fault: mapped read-only and executable, inside
+    // the code range only.
+    h.host_mem_abort(pa(110), HostAccess::Read).unwrap();
+    let (pte, level) = h.host_pte(pa(110));
+    assert!(pte.is_valid(), "code page not mapped on a read");
+    assert_eq!(level, Level(3), "a block would cross the code range's edge");
+    assert_eq!(pte.prot(S2Features::default()), S2Prot::R | S2Prot::X);
+    // A write to the now-mapped page (a permission fault): refused, the
+    // mapping stays read-only.
+    assert_eq!(
+        h.host_mem_abort(pa(110), HostAccess::Write),
+        Err(HypError::HostAccessDenied { pa: pa(110) })
+    );
+    assert_eq!(h.host_pte(pa(110)).0, pte);
+    // A read of a page another CPU mapped first: nothing to do.
+    assert_eq!(h.host_mem_abort(pa(110), HostAccess::Read), Ok(()));
+    // Host memory on both sides: read-write, pages up to the edge.
+    for p in [99, 140] {
+        h.host_mem_abort(pa(p), HostAccess::Write).unwrap();
+        let (pte, _) = h.host_pte(pa(p));
+        assert!(pte.prot(S2Features::default()).contains(S2Prot::RW), "{p}");
+        assert_eq!(h.host_mem_abort(pa(p), HostAccess::Write), Ok(()), "{p}");
+    }
+    assert_eq!(h.host_pte(pa(100)).0, S2Pte(0));
+    assert_eq!(h.host_pte(pa(139)).0, S2Pte(0));
+    check_invariants(&h);
+}
+
+#[test]
+fn no_hypercall_accepts_the_hypervisors_code() {
+    let h = rx_setup();
+    h.finalize();
+    let np = make_vm(&h, np40(), 10, 0, Some(0));
+    let _pv = make_vm(&h, prot36(), 20, 0, Some(1));
+    h.host_mem_abort(pa(110), HostAccess::Read).unwrap();
+    check_invariants(&h);
+    let refused: &[(usize, u32, [u64; 3])] = &[
+        (0, id::HOST_SHARE_HYP, [pfn(110).0, 0, 0]),
+        (0, id::HOST_SHARE_HYP, [pfn(120).0, 0, 0]),
+        (0, id::HOST_UNSHARE_HYP, [pfn(110).0, 0, 0]),
+        (0, id::HOST_SHARE_GUEST, [pfn(110).0, 1, 3]),
+        (1, id::HOST_DONATE_GUEST, [pfn(120).0, 2, 0]),
+        (0, id::TOPUP_MEMCACHE, [np, pfn(100).0, 1]),
+        // Ranges from host memory into the code.
+        (0, id::TOPUP_MEMCACHE, [np, pfn(96).0, 8]),
+        (0, id::TOPUP_MEMCACHE, [np, pfn(136).0, 8]),
+        (0, id::INIT_VCPU, [np, 1, pfn(130).0]),
+    ];
+    for (cpu, f, args) in refused {
+        let before = snapshot(&h);
+        let rc = hvc(&h, *cpu, *f, args).0;
+        assert_ne!(rc, ret::SUCCESS, "{f:#x} {args:x?} accepted");
+        assert_eq!(snapshot(&h), before, "{f:#x} {args:x?}");
+    }
+    assert_eq!(
+        h.host_donate_hyp(pa(100), 1),
+        Err(HypError::BadAddress { pa: pa(100) })
+    );
+    let (pte, _) = h.host_pte(pa(110));
+    assert_eq!(pte.prot(S2Features::default()), S2Prot::R | S2Prot::X);
+    check_invariants(&h);
+}
+
+#[test]
+fn the_hypervisors_code_must_lie_apart_from_host_memory_and_the_pool() {
+    let r = |a: u64, b: u64| MemRegion {
+        base: pa(a),
+        size: (b - a) * PAGE_SIZE,
+    };
+    let host = [r(0, 100)];
+    let bad = [
+        ("overlaps host memory", r(90, 140)),
+        ("overlaps the pool", r(700, 800)),
+        ("outside the managed memory", r(1000, MEM_PAGES + 8)),
+    ];
+    for (what, rx) in bad {
+        assert!(
+            matches!(setup_rx(&host, &[rx]), Err(HypError::BadAddress { .. })),
+            "code range accepted although it {what}"
+        );
+    }
+    let misaligned = MemRegion {
+        base: pa(100) + 0x800,
+        size: PAGE_SIZE,
+    };
+    assert!(setup_rx(&host, &[misaligned]).is_err());
+    assert!(setup_rx(&host, &[r(100, 140), r(130, 150)]).is_err());
+    assert!(setup_rx(&host, &[r(100, 140)]).is_ok());
 }
 
 // ---- host <-> guest ---------------------------------------------------------
@@ -626,7 +761,7 @@ fn sharing_and_donating_respect_the_vm_kind() {
 fn host_donate_guest_moves_ownership_and_records_handle_and_gfn() {
     let h = setup();
     let handle = make_vm(&h, prot36(), 0, 2, Some(0));
-    h.host_mem_abort(pa(100)).unwrap();
+    h.host_mem_abort(pa(100), HostAccess::Read).unwrap();
     h.host_donate_guest(0, pfn(100), Gfn(7)).unwrap();
     assert_eq!(h.memmap().host_state(pa(100)), PageState::NoPage);
     assert_eq!(h.memmap().hyp_state(pa(100)), PageState::NoPage);
@@ -635,7 +770,7 @@ fn host_donate_guest_moves_ownership_and_records_handle_and_gfn() {
         S2Pte::donation_annotation(handle as u16, 7).unwrap()
     );
     assert_eq!(
-        h.host_mem_abort(pa(100)),
+        h.host_mem_abort(pa(100), HostAccess::Read),
         Err(HypError::HostAccessDenied { pa: pa(100) })
     );
     check_invariants(&h);
@@ -680,7 +815,7 @@ fn reclaim_zeroes_donated_pages_and_drops_shares_only_while_dying() {
     h.reclaim_guest_page(p, Gfn(7)).unwrap();
     assert!(h.platform().page_is_zero(pa(100)));
     assert_eq!(h.memmap().host_state(pa(100)), PageState::Owned);
-    h.host_mem_abort(pa(100)).unwrap();
+    h.host_mem_abort(pa(100), HostAccess::Read).unwrap();
     check_invariants(&h);
 
     let np = make_vm(&h, np40(), 20, 2, Some(0));
@@ -1247,7 +1382,7 @@ fn inject_every_allocation(h: &H, mut op: impl FnMut(&H) -> Result<(), HypError>
 fn every_allocation_failure_in_init_vm_init_vcpu_and_teardown_leaves_no_trace() {
     let h = setup();
     // Host stage-2 blocks over the donated pages force table allocations.
-    h.host_mem_abort(pa(0)).unwrap();
+    h.host_mem_abort(pa(0), HostAccess::Read).unwrap();
     let r = h.reserve_vm().unwrap() as u64;
     let n = inject_every_allocation(&h, |h| h.init_vm(r, pfn(2), pfn(0), np40()));
     assert!(n >= 1, "init_vm has allocation points");
@@ -1470,7 +1605,7 @@ mod malicious_host {
                 call(h, m, cpu, func, args);
             }
             Op::Abort(i) => {
-                let _ = h.host_mem_abort(pa(i));
+                let _ = h.host_mem_abort(pa(i), HostAccess::Read);
             }
             Op::Give {
                 cpu,

@@ -177,6 +177,7 @@ impl SimPlatform {
                 let hcfg = HypConfig {
                     mem: MemMap::new(meta, cfg.mem_base.pfn()),
                     regions: &regions,
+                    host_rx: &[],
                     pool_base,
                     pool_pages: pool_size / 4096,
                     pool_reserved: 0,

@@ -14,6 +14,7 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 pub type Handler = fn(cpu: usize, regs: &mut [u64; 8]);
 
 /// The handler, stored as a pointer to a [`Handler`]; null: none yet.
+#[link_section = ".bss.hyp.hvc_handler"]
 static HANDLER: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Sets the function every later `hvc #0` runs.

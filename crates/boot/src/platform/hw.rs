@@ -20,6 +20,9 @@ const META_PAGES: usize = (MAX_RAM >> 12) as usize;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicU32 = AtomicU32::new(0);
+/// Table-page reference counts: the hypervisor's (its page tables'
+/// bookkeeping), in its own data.
+#[link_section = ".bss.hyp.pt_refcounts"]
 static REFCOUNTS: [AtomicU32; META_PAGES] = [ZERO; META_PAGES];
 
 /// Above this many pages a range invalidation becomes a whole-context one.

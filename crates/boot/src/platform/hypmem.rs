@@ -15,9 +15,12 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use pkvm_arch::Pa;
 
 /// Next free byte (0 until [`init`]).
+#[link_section = ".bss.hyp.hypmem_next"]
 static NEXT: AtomicU64 = AtomicU64::new(0);
 /// Start and end of the range (both 0 until [`init`]).
+#[link_section = ".bss.hyp.hypmem_start"]
 static START: AtomicU64 = AtomicU64::new(0);
+#[link_section = ".bss.hyp.hypmem_end"]
 static END: AtomicU64 = AtomicU64::new(0);
 
 /// Hands `[base, base + size)` to the hypervisor's allocator, zeroed.
@@ -103,4 +106,45 @@ pub fn place_slice<T: Sync + 'static>(
     // SAFETY: all `n` elements were just initialised; the memory is never
     // reused or freed (see `place`), and `T: Sync`.
     Some(unsafe { core::slice::from_raw_parts(ptr, n) })
+}
+
+/// The image's parts (`link.ld`), as `(start, end)` physical addresses
+/// (the EL2 identity map: virtual = physical).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageParts {
+    /// Text and read-only data: the hypervisor's, which the host may read
+    /// and run but never write (pkvm-hyp's `HypConfig::host_rx`).
+    pub code: (u64, u64),
+    /// The hypervisor's statics (`.data.hyp*`, `.bss.hyp*`) and the EL2
+    /// stacks: never host memory.
+    pub hyp: (u64, u64),
+    /// The host's (the VMM's) statics, `.data` and `.bss`: host memory.
+    pub host: (u64, u64),
+}
+
+/// Where the image's parts are (all page aligned).
+pub fn image_parts() -> ImageParts {
+    extern "C" {
+        static __image_start: u8;
+        static __rodata_end: u8;
+        static __hyp_data_start: u8;
+        static __hyp_data_end: u8;
+        static __host_data_start: u8;
+        static __host_data_end: u8;
+    }
+    let a = |p: *const u8| p as u64;
+    ImageParts {
+        code: (
+            a(core::ptr::addr_of!(__image_start)),
+            a(core::ptr::addr_of!(__rodata_end)),
+        ),
+        hyp: (
+            a(core::ptr::addr_of!(__hyp_data_start)),
+            a(core::ptr::addr_of!(__hyp_data_end)),
+        ),
+        host: (
+            a(core::ptr::addr_of!(__host_data_start)),
+            a(core::ptr::addr_of!(__host_data_end)),
+        ),
+    }
 }

@@ -9,6 +9,9 @@ use pkvm_sysreg::{HostFeature, HostIds, IdReg};
 
 use crate::read_sysreg;
 
+/// The CPU's ID registers as read at EL2 (the hypervisor's: every VM's
+/// sanitised view is computed from them).
+#[link_section = ".data.hyp.idregs"]
 static HOST: SpinLock<Option<HostIds>> = SpinLock::new(None, LockClass::Leaf);
 
 /// Reads this CPU's ID registers (the whole `op0=3, op1=0, CRn=0` ID space

@@ -53,14 +53,18 @@ const EL2_PAGES: usize = 32;
 const ZERO_PAGE: Page = Page([0; 512]);
 
 /// The bootstrap level-1 table.
+#[link_section = ".bss.hyp.mmu_boot_l1"]
 static mut BOOT_L1: Page = ZERO_PAGE;
 /// Pages for the real EL2 table (root + intermediate tables).
+#[link_section = ".bss.hyp.mmu_el2_pool"]
 static mut EL2_POOL: [Page; EL2_PAGES] = [ZERO_PAGE; EL2_PAGES];
 
 /// The hypervisor's own address space (for later EL2 mappings).
+#[link_section = ".data.hyp.mmu_el2_pt"]
 pub static EL2_PT: SpinLock<Option<PageTable<El2>>> = SpinLock::new(None, LockClass::HypPgtable);
 
 /// Values secondaries load to turn their MMU on.
+#[link_section = ".bss.hyp.mmu_regs"]
 static MMU_REGS: [AtomicU64; 4] = [
     AtomicU64::new(0),
     AtomicU64::new(0),

@@ -10,6 +10,7 @@
 //! | [`dt`] | device tree parsing (`fdt` crate) into [`dt::Platform`] |
 //! | [`mmu`] | EL2 stage-1: bootstrap blocks, then `PageTable<El2>` |
 //! | [`hvc`] | the host's `hvc #0` and the hypervisor's handler of it |
+//! | [`hypdata`] | the hypervisor's statics whose code is in `vmm/` (in `.data.hyp`) |
 //! | [`hypmem`] | the hypervisor's own memory (pkvm-hyp's state, in its carve-out) |
 //! | [`hw`] | `PtMemory` and `TlbOps` for real hardware |
 //! | [`idregs`] | the CPU's ID registers (pkvm-sysreg's `HostIds`) |
@@ -29,6 +30,7 @@ pub mod gic;
 pub mod handoff;
 pub mod hvc;
 pub mod hw;
+pub mod hypdata;
 pub mod hypmem;
 pub mod idregs;
 pub mod mmu;

@@ -4,7 +4,8 @@
 //! CPUs start powered off, waiting for PSCI CPU_ON). Every CPU runs
 //! `pkvm_cpu_entry` with x0 = its index: it picks its 256 KiB stack from
 //! `.stacks`, stops FP/SIMD traps (CPTR_EL2), installs the EL2 vectors and
-//! enters Rust. CPU 0 also zeroes `.bss` first. `TPIDR_EL2` points at the
+//! enters Rust. CPU 0 also zeroes the hypervisor's `.hyp.bss` and the
+//! host's `.bss` first (`link.ld`). `TPIDR_EL2` points at the
 //! CPU's [`PerCpu`] once Rust runs.
 
 use core::arch::global_asm;
@@ -39,12 +40,19 @@ pkvm_cpu_entry:
     msr     vbar_el2, x1
     isb
     cbnz    x0, 2f
-    ldr     x1, =__bss_start
-    ldr     x2, =__bss_end
+    // The hypervisor's zeroed statics, then the host's.
+    ldr     x1, =__hyp_bss_start
+    ldr     x2, =__hyp_bss_end
 1:  cmp     x1, x2
-    b.hs    2f
+    b.hs    3f
     str     xzr, [x1], #8
     b       1b
+3:  ldr     x1, =__bss_start
+    ldr     x2, =__bss_end
+4:  cmp     x1, x2
+    b.hs    2f
+    str     xzr, [x1], #8
+    b       4b
 2:  bl      pkvm_rust_entry
 9:  wfe
     b       9b
@@ -88,6 +96,7 @@ const PERCPU_INIT: PerCpu = PerCpu {
     online: AtomicBool::new(false),
 };
 
+#[link_section = ".bss.hyp.percpu"]
 static PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 
 /// This CPU's index (0 = boot CPU).
@@ -99,6 +108,21 @@ pub fn cpu_index() -> usize {
     // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
     // an element of the static PERCPU array.
     unsafe { (*p).index.load(Ordering::Relaxed) }
+}
+
+/// Where the per-CPU data is (the hypervisor's, in `.bss.hyp`): for the
+/// checks that the host can reach none of it.
+pub fn percpu_addr() -> u64 {
+    PERCPU.as_ptr() as u64
+}
+
+/// CPU `cpu`'s EL2 stack, `(lowest, one past the highest)` address.
+pub fn stack_range(cpu: usize) -> (u64, u64) {
+    extern "C" {
+        static __stacks_start: u8;
+    }
+    let base = core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE;
+    (base, base + STACK_SIZE)
 }
 
 /// The most stack CPU `cpu` has used so far, in bytes: the stacks are

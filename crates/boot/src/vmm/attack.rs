@@ -47,7 +47,7 @@ fn secret(gpa: u64) -> u64 {
     gpa.rotate_left(17) ^ 0x5a5a_1234_9876_a5a5
 }
 
-fn load(addr: u64) -> Cmd {
+pub(super) fn load(addr: u64) -> Cmd {
     Cmd {
         op: op::LOAD,
         addr,
@@ -55,7 +55,7 @@ fn load(addr: u64) -> Cmd {
     }
 }
 
-fn store(addr: u64, value: u64) -> Cmd {
+pub(super) fn store(addr: u64, value: u64) -> Cmd {
     Cmd {
         op: op::STORE,
         addr,
@@ -187,8 +187,8 @@ fn mem_attacks(secret_pa: Pa, other_pa: Pa, hyp: HypAddrs) -> alloc::vec::Vec<At
             store(hyp_pool, 0)
         ),
         mem_attack(
-            format!("load from the hypervisor's image {image:#x}"),
-            load(image)
+            format!("store to the hypervisor's image (its code) {image:#x}"),
+            store(image, 0)
         ),
         mem_attack(
             format!("load from the hypervisor's state (its Hyp) {state:#x}"),
@@ -704,6 +704,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     };
     let sec = secrets(&vms[0]);
     ok &= attack_phase(hyp, &ctx, lay, &vms);
+    ok &= super::imagemem::image_phase(hyp, &ctx);
     ok &= device_storm(hyp, &ctx);
     let [victim, other] = vms;
     ok &= finish(victim);

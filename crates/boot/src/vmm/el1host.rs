@@ -28,7 +28,7 @@ use alloc::vec::Vec;
 use pkvm_arch::pte::{El2Prot, S2Features};
 use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 use pkvm_arch::{Pa, Va};
-use pkvm_hyp::HypError;
+use pkvm_hyp::{HostAccess, HypError};
 use pkvm_pgtable::{El2, MapFlags, PageCache, PageTable};
 use pkvm_sync::{LockClass, SpinLock};
 use pkvm_sysreg::{host_abort_esr, inject_sync, El1State};
@@ -340,7 +340,14 @@ fn serve_sync(
         }
         EC_IABT_LOW | EC_DABT_LOW => {
             let ipa = ((exit.hpfar & 0x0000_0fff_ffff_fff0) << 8) | (exit.far & 0xfff);
-            match hyp.host_mem_abort(Pa(ipa)) {
+            // ESR_EL2.WnR (bit 6) of a data abort; a fetch is a read.
+            let write = exit.esr >> 26 == EC_DABT_LOW && exit.esr & (1 << 6) != 0;
+            let access = if write {
+                HostAccess::Write
+            } else {
+                HostAccess::Read
+            };
+            match hyp.host_mem_abort(Pa(ipa), access) {
                 Ok(()) => out.mapped += 1,
                 Err(HypError::Again) => {}
                 Err(HypError::HostAccessDenied { .. }) => {
@@ -498,7 +505,7 @@ impl NullPage {
     fn new(hyp: &'static BootHyp) -> Option<NullPage> {
         let code = pool::alloc(0)?;
         el1host::install_null_guest(code);
-        if hyp.host_mem_abort(code).is_err() {
+        if hyp.host_mem_abort(code, HostAccess::Read).is_err() {
             pool::free(code, 0);
             return None;
         }

@@ -52,6 +52,7 @@ pub mod debug;
 pub mod el1host;
 pub mod fdtgen;
 pub mod guest;
+pub mod imagemem;
 pub mod irq;
 pub mod platform;
 pub mod pmu;
@@ -646,19 +647,22 @@ fn print_hyp(plat: &BootPlatform, when: &str) -> pkvm_hyp::HypStats {
     s
 }
 
-/// The host's memory in protected mode: the page pool and the image's
-/// global heap (the VMM's), one region when they touch. The hypervisor's
-/// carve-out (its own memory and pool) is not in it, nor is the image.
+/// The host's memory in protected mode: the image's host data (the VMM's
+/// `.data` and `.bss`), the page pool and the image's global heap (the
+/// VMM's), one region when the last two touch. The hypervisor's carve-out
+/// (its own memory and pool) is not in it, nor are the image's code (the
+/// host may only read and run it) and the hypervisor's data and stacks.
 fn host_regions(lay: &Layout) -> Vec<MemRegion> {
     let (ps, pe) = pool::range();
     let region = |(s, e): (u64, u64)| MemRegion {
         base: Pa(s),
         size: e - s,
     };
+    let statics = region(crate::platform::hypmem::image_parts().host);
     if pe == lay.heap.0 {
-        alloc::vec![region((ps, lay.heap.1))]
+        alloc::vec![statics, region((ps, lay.heap.1))]
     } else {
-        alloc::vec![region((ps, pe)), region(lay.heap)]
+        alloc::vec![statics, region((ps, pe)), region(lay.heap)]
     }
 }
 
@@ -675,10 +679,17 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
             return None;
         }
     };
+    let img = crate::platform::hypmem::image_parts();
     println!(
-        "mode: protected (pkvm-hyp owns guest stage-2; host memory {:#x}..{:#x} (page pool and VMM heap), hyp state {} KiB in its own memory at {:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
-        regions[0].base.0,
+        "mode: protected (pkvm-hyp owns guest stage-2; host memory: the VMM's statics {:#x}..{:#x}, page pool and VMM heap {:#x}..{:#x}; the image's code {:#x}..{:#x} read-only for the host, its hypervisor data and EL2 stacks {:#x}..{:#x} never mapped; hyp state {} KiB in its own memory at {:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
+        img.host.0,
+        img.host.1,
+        regions[1].base.0,
         regions[regions.len() - 1].end().0,
+        img.code.0,
+        img.code.1,
+        img.hyp.0,
+        img.hyp.1,
         crate::platform::hypmem::used() / 1024,
         lay.hyp_heap.0,
         (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,

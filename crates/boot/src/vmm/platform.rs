@@ -26,6 +26,9 @@ use pkvm_sync::{LockClass, SpinLock};
 
 use super::{pool, vcpurun};
 use crate::platform::hw::{HwEl2, HwS2};
+// The hypervisor of this boot and the one its HVCs reach: statics in the
+// hypervisor's own data (`platform::hypdata`), never host memory.
+use crate::platform::hypdata::{HVC_TARGET, HYP};
 use crate::platform::start;
 use crate::platform::{hvc, hypmem};
 
@@ -70,8 +73,6 @@ impl HypPlatform for HwHyp {
 /// The hypervisor of this boot, once [`init_hyp`] ran.
 pub type BootHyp = Hyp<HwHyp>;
 
-static HYP: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, LockClass::Leaf);
-
 /// Why the hypervisor could not be set up.
 #[derive(Clone, Copy, Debug)]
 pub enum HypInitError {
@@ -104,7 +105,10 @@ pub fn hyp_heap_bytes(ram: (u64, u64)) -> u64 {
 
 /// Sets the hypervisor up (once per boot; later calls return the same
 /// one): page metadata for all of RAM `[ram_start, ram_end)`, the host's
-/// memory `regions`, the carve-out `pool` (base, bytes) as its page pool.
+/// memory `regions`, the image's text and read-only data as code the host
+/// may read and run but not write, the carve-out `pool` (base, bytes) as
+/// its page pool. A region over its own memory or the image's hypervisor
+/// data ([`hypmem::image_parts`]) is refused.
 /// The `Hyp` and its metadata are placed in the hypervisor's own memory
 /// `heap` (base, bytes; [`hypmem`]), never in the image's global heap
 /// (host memory), with the table of protected vCPUs' registers
@@ -122,10 +126,21 @@ pub fn init_hyp(
     if let Some(h) = *slot {
         return Ok(h);
     }
-    let overlaps = |r: &MemRegion| r.base.0 < heap.0 .0 + heap.1 && heap.0 .0 < r.end().0;
-    if regions.iter().any(overlaps) {
-        return Err(HypInitError::Init(HypError::BadAddress { pa: heap.0 }));
+    let img = hypmem::image_parts();
+    let within = |r: &MemRegion, (s, e): (u64, u64)| r.base.0 < e && s < r.end().0;
+    let heap_span = (heap.0 .0, heap.0 .0 + heap.1);
+    if let Some(r) = regions
+        .iter()
+        .find(|r| within(r, heap_span) || within(r, img.hyp))
+    {
+        return Err(HypInitError::Init(HypError::BadAddress { pa: r.base }));
     }
+    // The image's text and read-only data: the host runs that code (and
+    // reads its constants), the hypervisor owns it.
+    let code = [MemRegion {
+        base: Pa(img.code.0),
+        size: img.code.1 - img.code.0,
+    }];
     hypmem::init(heap.0 .0, heap.1);
     let pages = ((ram.1 - ram.0) / 4096) as usize;
     let meta =
@@ -134,6 +149,7 @@ pub fn init_hyp(
     let cfg = HypConfig {
         mem: MemMap::new(meta, Pfn(ram.0 >> 12)),
         regions,
+        host_rx: &code,
         pool_base: pool.0,
         pool_pages: pool.1 / 4096,
         pool_reserved: 0,
@@ -156,10 +172,6 @@ pub fn init_hyp(
     *slot = Some(hyp);
     Ok(hyp)
 }
-
-/// The hypervisor [`hyp_call`]'s HVCs reach (set by [`init_hyp`] before
-/// `FINALIZE`).
-static HVC_TARGET: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, LockClass::Leaf);
 
 /// The hypervisor's HVC handler ([`hvc::set_handler`]): runs at EL2 on
 /// the calling CPU, `cpu` from the hypervisor's own per-CPU data.

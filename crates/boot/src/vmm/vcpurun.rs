@@ -55,6 +55,11 @@ use super::process::{Backing, BootProcess};
 use super::sysregs::{self, Action, VmPolicy};
 use super::{builtin, check, MIB};
 use crate::platform::el1host::{op, Cmd};
+// The table and, per slot, its vCPU's trapped system registers
+// (pkvm-sysreg's register file; only the `VCPU_RUN` holding the slot
+// `Busy` uses its entry): both in the hypervisor's own memory once
+// [`init`] ran, the pointers in its own data.
+use crate::platform::hypdata::{VCPU_SYSREGS as SYSREGS, VCPU_TABLE as TABLE};
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{gic, hypmem, idregs, start, timer};
 use crate::println;
@@ -141,7 +146,7 @@ const WNR: u64 = 1 << 6;
 
 /// What the host must complete before the vCPU goes on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Last {
+pub(crate) enum Last {
     None,
     /// A stage-2 abort (its ESR and the guest's faulting address, which
     /// the host never sees): an MMIO access to complete when the ESR has a
@@ -155,7 +160,7 @@ enum Last {
 }
 
 /// A protected vCPU as the hypervisor holds it.
-struct HypVcpu {
+pub(crate) struct HypVcpu {
     key: (u16, u8),
     /// `None` until the host's `RESET` run.
     st: Option<VcpuState>,
@@ -171,7 +176,7 @@ struct HypVcpu {
 /// The registers stay inline: boxing them would put them in the global
 /// heap, which is host memory.
 #[allow(clippy::large_enum_variant)]
-enum Slot {
+pub(crate) enum Slot {
     Free,
     Busy((u16, u8)),
     Held(HypVcpu),
@@ -187,16 +192,8 @@ impl Slot {
     }
 }
 
-type Table = SpinLock<[Slot; SLOTS]>;
-
-/// The table, in the hypervisor's own memory once [`init`] ran.
-static TABLE: SpinLock<Option<&'static Table>> = SpinLock::new(None, LockClass::Leaf);
-
-/// Per slot of the table, its vCPU's trapped system registers
-/// (pkvm-sysreg's register file), in the hypervisor's own memory: only the
-/// `VCPU_RUN` holding the slot `Busy` uses its entry.
-static SYSREGS: SpinLock<Option<&'static [SpinLock<VcpuSysregs>]>> =
-    SpinLock::new(None, LockClass::Leaf);
+/// The table of protected vCPUs.
+pub(crate) type Table = SpinLock<[Slot; SLOTS]>;
 
 /// Places the table and the register files in the hypervisor's own memory
 /// (`init_hyp`, before `FINALIZE`); `false` if there is no room.

@@ -386,7 +386,7 @@ fn check_pfn_refusal(h: &H, func: u32, args: &[u64; 4], rc: i64) {
 /// `host_mem_abort` may refuse (not the host's page) or ask for a retry,
 /// never fail for lack of memory or with an internal error.
 fn host_abort(h: &H, at: Pa) {
-    match h.host_mem_abort(at) {
+    match h.host_mem_abort(at, HostAccess::Read) {
         Ok(()) | Err(HypError::HostAccessDenied { .. }) | Err(HypError::Again) => {}
         Err(e) => panic!("host abort at {at:?}: {e:?}"),
     }
