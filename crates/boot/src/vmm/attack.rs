@@ -233,6 +233,8 @@ impl HypAddrs {
 fn hvc_attacks(spfn: u64, hyp: HypAddrs, (vh, oh): (u64, u64)) -> alloc::vec::Vec<Attack> {
     let (hyp_pfn, state_pfn) = (hyp.pool >> 12, hyp.state >> 12);
     let gfn = TOUCH_GPA >> 12;
+    let code_pfn = crate::platform::hypmem::image_parts().code.0 >> 12;
+    let percpu_pfn = crate::platform::start::percpu_addr() >> 12;
     let setup = |what: &str, cmd| Attack {
         what: format!("(setup) {what}"),
         cmd,
@@ -250,6 +252,18 @@ fn hvc_attacks(spfn: u64, hyp: HypAddrs, (vh, oh): (u64, u64)) -> alloc::vec::Ve
         hvc_attack(
             "TOPUP_MEMCACHE of the victim with the hypervisor's state page",
             hvc(id::TOPUP_MEMCACHE, &[vh, state_pfn, 1])
+        ),
+        hvc_attack(
+            "HOST_SHARE_HYP of the image's code page (hyp-owned, host read-only)",
+            hvc(id::HOST_SHARE_HYP, &[code_pfn])
+        ),
+        hvc_attack(
+            "TOPUP_MEMCACHE of the victim with the image's code page",
+            hvc(id::TOPUP_MEMCACHE, &[vh, code_pfn, 1])
+        ),
+        hvc_attack(
+            "HOST_SHARE_HYP of the hypervisor's per-CPU data page (.bss.hyp)",
+            hvc(id::HOST_SHARE_HYP, &[percpu_pfn])
         ),
         hvc_attack(
             "HOST_SHARE_HYP of the victim's page",
@@ -498,7 +512,7 @@ const SWEEP_IDS: [u32; 20] = [
 
 /// Random hypercalls from the host at EL1 (a fixed-seed generator), each
 /// argument drawn from values the host may not use: the hypervisor's pool
-/// and image frames, the VMs' donated frames, frames past the ABI's
+/// and image frames (its code, its per-CPU data, an EL2 stack), the VMs' donated frames, frames past the ABI's
 /// limit, handles never issued, all ones. Every call must be refused and
 /// change nothing: the hypervisor's counters and the victim's secret are
 /// compared before and after.
@@ -515,6 +529,8 @@ fn hvc_sweep(
         lay.hyp_pool.0 >> 12,
         (lay.carveout.1 - 4096) >> 12,
         0x4020_0000 >> 12,
+        crate::platform::start::percpu_addr() >> 12,
+        crate::platform::start::stack_range(0).0 >> 12,
         bad[0] >> 12,
         bad[1] >> 12,
         1 << 36,
