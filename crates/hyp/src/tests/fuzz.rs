@@ -5,7 +5,8 @@
 //! The host is hostile: arguments are biased toward values that look valid
 //! (real pfns, live handles, vCPU indices, small gfns) and toward hostile
 //! ones (boundary pfns, other VMs' handles, hyp and pool pages, pages in
-//! holes between memory regions), mixed with well-formed VM setups, page
+//! holes between memory regions, the hypervisor's code the host may only
+//! read and run, in the first hole of the holey layout), mixed with well-formed VM setups, page
 //! gifts, teardowns, and storms of host faults on non-RAM addresses (each
 //! device mapping needs table pages from the hyp pool) interleaved with VM
 //! creation and teardown. After every call the cheap invariants are checked
@@ -230,9 +231,14 @@ impl Fuzz<'_> {
         };
         check_syndrome(esr, hpfar, far);
         self.calls += 1;
-        if esr.abort().is_some() {
+        if let Some(d) = esr.abort() {
             let ipa = esr::fault_ipa(hpfar, far);
-            host_abort(self.h, Pa(ipa.0));
+            let access = if d.write {
+                HostAccess::Write
+            } else {
+                HostAccess::Read
+            };
+            host_abort(self.h, Pa(ipa.0), access);
         }
     }
 
@@ -240,7 +246,7 @@ impl Fuzz<'_> {
     fn device_storm(&mut self) {
         for _ in 0..self.rng.random_range(16..128) {
             self.dev += 1;
-            host_abort(self.h, device_pa(self.dev));
+            host_abort(self.h, device_pa(self.dev), HostAccess::Read);
             self.calls += 1;
         }
     }
@@ -384,11 +390,20 @@ fn check_pfn_refusal(h: &H, func: u32, args: &[u64; 4], rc: i64) {
 }
 
 /// `host_mem_abort` may refuse (not the host's page) or ask for a retry,
-/// never fail for lack of memory or with an internal error.
-fn host_abort(h: &H, at: Pa) {
-    match h.host_mem_abort(at, HostAccess::Read) {
+/// never fail for lack of memory or with an internal error; a write to
+/// the hypervisor's code the host runs is always refused.
+fn host_abort(h: &H, at: Pa, access: HostAccess) {
+    let r = h.host_mem_abort(at, access);
+    match r {
         Ok(()) | Err(HypError::HostAccessDenied { .. }) | Err(HypError::Again) => {}
         Err(e) => panic!("host abort at {at:?}: {e:?}"),
+    }
+    if access == HostAccess::Write && h.rx_region_of(at, 1).is_some() {
+        assert_eq!(
+            r,
+            Err(HypError::HostAccessDenied { pa: at }),
+            "a host write to the hypervisor's code at {at:?} not refused"
+        );
     }
 }
 
@@ -438,7 +453,12 @@ fn run_fuzz(seed: u64, calls: u64) {
     let _report = SeedReport { seed, calls };
     let holey = seed & 1 == 1;
     let h = if holey {
-        setup_with(&holey_regions())
+        // The hypervisor's code the host runs in the first hole.
+        let code = MemRegion {
+            base: pa(100),
+            size: 60 * PAGE_SIZE,
+        };
+        setup_rx(&holey_regions(), &[code]).unwrap()
     } else {
         setup()
     };
