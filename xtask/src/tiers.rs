@@ -310,6 +310,7 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: image: store to the hypervisor's per-CPU data (.bss.hyp)",
                 "host-attack: image: store to CPU 1's EL2 stack",
                 "host-attack: image: host stage-2 after the run: 0 pages of the hypervisor's data and stacks mapped, 0 code pages writable",
+                "the hypervisor masked and unmasked the virtual timer: at its own record, nothing written to the host's block",
                 "host-attack: 2000 hostile hypercalls from the host at EL1: 2000 refused; the hypervisor's counters and the victim's data unchanged",
                 "refused to drain",
                 "at EL1: all zero",

@@ -223,24 +223,35 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     super::sysreg::isb();
     AFF[cpu].store(aff, Ordering::Relaxed);
     RD[cpu].store(rd, Ordering::Release);
+    // The hypervisor's own copy: recorded once, at EL2, by the CPU itself.
+    let _ = HYP_RD[cpu].compare_exchange(0, rd, Ordering::AcqRel, Ordering::Acquire);
     Ok(())
 }
 
+/// Per CPU: the redistributor the hypervisor masks the virtual timer at
+/// ([`set_vtimer_masked`], which `VCPU_RUN` calls at EL2), its own copy
+/// in its own data, never the GIC driver's [`RD`] (host memory, which a
+/// host could point anywhere to make the hypervisor write there).
+#[link_section = ".bss.hyp.gic_rd"]
+static HYP_RD: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
 /// Per CPU: whether [`PPI_VTIMER`] is masked (disabled at the
-/// redistributor) right now.
+/// redistributor) right now (the hypervisor's).
+#[link_section = ".bss.hyp.gic_vtimer_masked"]
 static VTIMER_MASKED: [core::sync::atomic::AtomicBool; MAX_CPUS] =
     [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
 
 /// Masks (disables) or unmasks this CPU's virtual-timer PPI at its
-/// redistributor; a no-op when it is already so.
+/// redistributor (the hypervisor's record of it); a no-op when it is
+/// already so or the CPU has none.
 pub fn set_vtimer_masked(cpu: usize, masked: bool) {
-    let Some(flag) = VTIMER_MASKED.get(cpu) else {
+    let (Some(flag), Some(rd)) = (VTIMER_MASKED.get(cpu), HYP_RD.get(cpu)) else {
         return;
     };
-    if !cpu_ready(cpu) || flag.load(Ordering::Relaxed) == masked {
+    let rd = rd.load(Ordering::Acquire);
+    if rd == 0 || flag.load(Ordering::Relaxed) == masked {
         return;
     }
-    let rd = RD[cpu].load(Ordering::Acquire);
     if masked {
         wr32(rd + GICR_ICENABLER0, 1 << PPI_VTIMER);
         let _ = wait("GICR_CTLR.RWP", || {
@@ -259,6 +270,12 @@ pub const PPI_EL1_PHYS: u32 = 30;
 /// above), for a host GIC driver that enables its own PPIs.
 pub fn isenabler0(cpu: usize) -> Option<u64> {
     cpu_ready(cpu).then(|| RD[cpu].load(Ordering::Acquire) + GICR_ISENABLER0)
+}
+
+/// The address of the GIC driver's record of `cpu`'s redistributor (a
+/// static in host memory), for `host-attack`, whose host overwrites it.
+pub fn rd_record_addr(cpu: usize) -> Option<u64> {
+    RD.get(cpu).map(|r| r.as_ptr() as u64)
 }
 
 /// Whether [`init_cpu`] succeeded on `cpu`.

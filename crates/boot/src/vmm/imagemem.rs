@@ -11,7 +11,10 @@
 //!   injected abort.
 //!
 //! Afterwards no page of the hypervisor's part of the image is mapped in
-//! the host stage-2 and no page of its code is mapped writable.
+//! the host stage-2 and no page of its code is mapped writable. Last, the
+//! host rewrites a VMM static the hypervisor once read to decide where to
+//! write (the GIC driver's redistributor record): the hypervisor keeps its
+//! own ([`gic_record`]).
 
 use alloc::format;
 use alloc::vec::Vec;
@@ -26,7 +29,7 @@ use super::el1host::HostCtx;
 use super::platform::BootHyp;
 use crate::platform::el1host::Cmd;
 use crate::platform::hypdata::HVC_TARGET;
-use crate::platform::{hypmem, phys, start};
+use crate::platform::{gic, hypmem, phys, start};
 use crate::println;
 
 /// A VMM static (in the host's `.bss`) the host reads and writes at EL1.
@@ -165,7 +168,52 @@ pub fn image_phase(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
         "host-attack: image: the host read and wrote the VMM's static",
         cmds[4].result == !HOST_VALUE && HOST_WORD.load(Ordering::Relaxed) == HOST_VALUE,
     );
+    ok &= gic_record(hyp, ctx);
     ok & mappings(hyp, img)
+}
+
+/// The host points the GIC driver's record of this CPU's redistributor
+/// (host `.bss`) at a block of its own memory; the hypervisor's masking
+/// of the virtual-timer PPI (what `VCPU_RUN` does at EL2) must still go
+/// to the real redistributor (its own record, `.bss.hyp`), writing
+/// nothing in that block. The host puts the record back after.
+fn gic_record(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let cpu = start::cpu_index();
+    let (Some(rec), Some(fake)) = (gic::rd_record_addr(cpu), super::pool::alloc(5)) else {
+        return check(
+            "host-attack: image: the GIC record and a 128 KiB host block",
+            false,
+        );
+    };
+    phys::zero(fake, 128 * 1024);
+    gic::set_vtimer_masked(cpu, false);
+    let mut cmds = [load(rec), store(rec, fake.0)];
+    let run = ctx.run(hyp, &mut cmds);
+    gic::set_vtimer_masked(cpu, true);
+    gic::set_vtimer_masked(cpu, false);
+    let mut back = [store(rec, cmds[0].result)];
+    let run2 = ctx.run(hyp, &mut back);
+    // GICR_ISENABLER0 and GICR_ICENABLER0 (SGI frame + 0x100 / + 0x180)
+    // relative to the fake redistributor.
+    let written: Vec<u64> = [0x1_0100u64, 0x1_0180]
+        .iter()
+        .map(|o| phys::read_u64(Pa(fake.0 + o)))
+        .collect();
+    let clean = written.iter().all(|w| *w == 0);
+    super::pool::free(fake, 5);
+    println!(
+        "host-attack: image: the host pointed the GIC driver's redistributor record {rec:#x} of CPU {cpu} at its own memory {:#x} (was {:#x}); the hypervisor masked and unmasked the virtual timer: {}",
+        fake.0,
+        cmds[0].result,
+        if clean { "at its own record, nothing written to the host's block" } else { "WROTE to the host's block" }
+    );
+    check(
+        "host-attack: image: host runs for the GIC record",
+        run.is_ok() && run2.is_ok() && cmds.iter().chain(&back).all(|c| c.esr == 0),
+    ) & check(
+        "host-attack: image: the hypervisor ignores the host's redistributor record",
+        clean,
+    )
 }
 
 /// After the run: the host stage-2 maps no page of the hypervisor's part
