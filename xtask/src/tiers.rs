@@ -311,6 +311,7 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: image: store to CPU 1's EL2 stack",
                 "host-attack: image: host stage-2 after the run: 0 pages of the hypervisor's data and stacks mapped, 0 code pages writable",
                 "the hypervisor masked and unmasked the virtual timer: at its own record, nothing written to the host's block",
+                "host-attack: image: the hypervisor's console: at its own UART address, nothing written to the host's page",
                 "host-attack: 2000 hostile hypercalls from the host at EL1: 2000 refused; the hypervisor's counters and the victim's data unchanged",
                 "refused to drain",
                 "at EL1: all zero",

@@ -3,6 +3,12 @@
 //! One `SpinLock` (class `Leaf`) serializes whole `println!` calls so lines
 //! from different CPUs never interleave. The lock needs atomics, which need
 //! the MMU on: nothing prints before [`super::mmu`] enabled it.
+//!
+//! Two consoles drive the one PL011: code at EL2 (the hypervisor, and the
+//! VMM while it still runs there) prints through the hypervisor's, whose
+//! lock and UART address are in its own data (`.data.hyp`); code at EL1
+//! through the host's, in host memory. A host that rewrites its console's
+//! address cannot make the hypervisor write elsewhere.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -53,7 +59,7 @@ impl Pl011 {
 /// A byte typed on the console (QEMU's serial input), if one is waiting;
 /// never blocks.
 pub fn getc() -> Option<u8> {
-    CONSOLE.lock().getc()
+    console().0.lock().getc()
 }
 
 impl Write for Pl011 {
@@ -68,24 +74,55 @@ impl Write for Pl011 {
     }
 }
 
+/// The host's console (host memory).
 static CONSOLE: SpinLock<Pl011> = SpinLock::new(Pl011 { base: 0x0900_0000 }, LockClass::Leaf);
+/// The host's UART address for its panic handler (the lock may be held).
 static BASE: AtomicUsize = AtomicUsize::new(0x0900_0000);
+/// The hypervisor's console (its own data).
+#[link_section = ".data.hyp.console"]
+static HYP_CONSOLE: SpinLock<Pl011> = SpinLock::new(Pl011 { base: 0x0900_0000 }, LockClass::Leaf);
+/// The hypervisor's UART address for its panic handler.
+#[link_section = ".data.hyp.console_base"]
+static HYP_BASE: AtomicUsize = AtomicUsize::new(0x0900_0000);
 
-/// Points the console at the PL011 found in the device tree.
+/// Whether this code runs at EL2 (`CurrentEL`, readable at EL1 and EL2).
+fn at_el2() -> bool {
+    (crate::read_sysreg!("currentel") >> 2) & 3 == 2
+}
+
+/// The console of this exception level and its UART address record.
+fn console() -> (&'static SpinLock<Pl011>, &'static AtomicUsize) {
+    if at_el2() {
+        (&HYP_CONSOLE, &HYP_BASE)
+    } else {
+        (&CONSOLE, &BASE)
+    }
+}
+
+/// Points both consoles at the PL011 found in the device tree (at EL2,
+/// at boot).
 pub fn set_base(base: usize) {
-    BASE.store(base, Ordering::Relaxed);
-    CONSOLE.lock().base = base;
+    for (c, b) in [(&HYP_CONSOLE, &HYP_BASE), (&CONSOLE, &BASE)] {
+        b.store(base, Ordering::Relaxed);
+        c.lock().base = base;
+    }
+}
+
+/// The address of the host console's record of the UART address (in host
+/// memory), for `host-attack`, whose host overwrites it.
+pub fn host_base_record_addr() -> u64 {
+    core::ptr::from_ref(&CONSOLE.lock().base) as u64
 }
 
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments<'_>) {
-    let mut c = CONSOLE.lock();
+    let mut c = console().0.lock();
     let _ = c.write_fmt(args);
 }
 
 #[doc(hidden)]
 pub fn _println(args: fmt::Arguments<'_>) {
-    let mut c = CONSOLE.lock();
+    let mut c = console().0.lock();
     let _ = c.write_fmt(args);
     let _ = c.write_str("\n");
 }
@@ -107,9 +144,10 @@ macro_rules! println {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     // Take the lock if we can; if another CPU (or this one, mid-print)
     // holds it, print anyway rather than hang.
+    let (console, base) = console();
     let mut tries = 0u32;
     let guard = loop {
-        if let Some(g) = CONSOLE.try_lock() {
+        if let Some(g) = console.try_lock() {
             break Some(g);
         }
         tries += 1;
@@ -119,7 +157,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         core::hint::spin_loop();
     };
     let mut raw = Pl011 {
-        base: BASE.load(Ordering::Relaxed),
+        base: base.load(Ordering::Relaxed),
     };
     let cpu = super::start::cpu_index();
     match guard {

@@ -13,8 +13,9 @@
 //! Afterwards no page of the hypervisor's part of the image is mapped in
 //! the host stage-2 and no page of its code is mapped writable. Last, the
 //! host rewrites a VMM static the hypervisor once read to decide where to
-//! write (the GIC driver's redistributor record): the hypervisor keeps its
-//! own ([`gic_record`]).
+//! write (the GIC driver's redistributor record, the console's UART
+//! address): the hypervisor keeps its own ([`gic_record`],
+//! [`console_record`]).
 
 use alloc::format;
 use alloc::vec::Vec;
@@ -29,7 +30,7 @@ use super::el1host::HostCtx;
 use super::platform::BootHyp;
 use crate::platform::el1host::Cmd;
 use crate::platform::hypdata::HVC_TARGET;
-use crate::platform::{gic, hypmem, phys, start};
+use crate::platform::{console, gic, hypmem, phys, start};
 use crate::println;
 
 /// A VMM static (in the host's `.bss`) the host reads and writes at EL1.
@@ -169,7 +170,46 @@ pub fn image_phase(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
         cmds[4].result == !HOST_VALUE && HOST_WORD.load(Ordering::Relaxed) == HOST_VALUE,
     );
     ok &= gic_record(hyp, ctx);
+    ok &= console_record(hyp, ctx);
     ok & mappings(hyp, img)
+}
+
+/// The host points its console's UART address (host `.bss`) at a page of
+/// its own memory; a line printed at EL2 (the hypervisor's console, its
+/// own lock and address in `.data.hyp`) still reaches the UART, nothing
+/// is written to that page. The host puts the address back after.
+fn console_record(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let rec = console::host_base_record_addr();
+    let Some(fake) = super::pool::alloc(0) else {
+        return check("host-attack: image: a host page", false);
+    };
+    phys::zero(fake, 4096);
+    let mut cmds = [load(rec), store(rec, fake.0)];
+    let run = ctx.run(hyp, &mut cmds);
+    println!(
+        "host-attack: image: the host pointed its console's UART address {rec:#x} at its own memory {:#x} (was {:#x}); this line is printed at EL2 after it",
+        fake.0,
+        cmds[0].result
+    );
+    let mut back = [store(rec, cmds[0].result)];
+    let run2 = ctx.run(hyp, &mut back);
+    let clean = (0..512u64).all(|i| phys::read_u64(Pa(fake.0 + 8 * i)) == 0);
+    super::pool::free(fake, 0);
+    println!(
+        "host-attack: image: the hypervisor's console: {}",
+        if clean {
+            "at its own UART address, nothing written to the host's page"
+        } else {
+            "WROTE to the host's page"
+        }
+    );
+    check(
+        "host-attack: image: host runs for the console record",
+        run.is_ok() && run2.is_ok() && cmds.iter().chain(&back).all(|c| c.esr == 0),
+    ) & check(
+        "host-attack: image: the hypervisor ignores the host's console address",
+        clean,
+    )
 }
 
 /// The host points the GIC driver's record of this CPU's redistributor
