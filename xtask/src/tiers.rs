@@ -309,6 +309,7 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: image: store to a VMM static (.bss)",
                 "host-attack: image: store to the hypervisor's per-CPU data (.bss.hyp)",
                 "host-attack: image: store to CPU 1's EL2 stack",
+                "host-attack: image: store to the hypervisor's NULL_RUN guest (.data.hyp)",
                 "host-attack: image: host stage-2 after the run: 0 pages of the hypervisor's data and stacks mapped, 0 code pages writable",
                 "the hypervisor masked and unmasked the virtual timer: at its own record, nothing written to the host's block",
                 "host-attack: image: the hypervisor's console: at its own UART address, nothing written to the host's page",

@@ -6,6 +6,7 @@
 use pkvm_sync::{LockClass, SpinLock};
 use pkvm_sysreg::VcpuSysregs;
 
+use crate::vmm::el1host::NullGuest;
 use crate::vmm::platform::BootHyp;
 use crate::vmm::vcpurun::Table;
 
@@ -29,3 +30,8 @@ pub(crate) static VCPU_TABLE: SpinLock<Option<&'static Table>> =
 #[link_section = ".data.hyp.vcpu_sysregs"]
 pub(crate) static VCPU_SYSREGS: SpinLock<Option<&'static [SpinLock<VcpuSysregs>]>> =
     SpinLock::new(None, LockClass::Leaf);
+
+/// The guest `NULL_RUN` runs (`vmm::el1host`): its registers (stage-2,
+/// trap controls) decide how the hypervisor runs it.
+#[link_section = ".data.hyp.null_guest"]
+pub(crate) static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, LockClass::Leaf);

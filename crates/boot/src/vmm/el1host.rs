@@ -30,13 +30,13 @@ use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 use pkvm_arch::{Pa, Va};
 use pkvm_hyp::{HostAccess, HypError};
 use pkvm_pgtable::{El2, MapFlags, PageCache, PageTable};
-use pkvm_sync::{LockClass, SpinLock};
 use pkvm_sysreg::{host_abort_esr, inject_sync, El1State};
 
 use super::platform::{BootHyp, NULL_HVC_CALLS};
 use super::pool;
 use crate::platform::el1host::{self, Cmd, CMDS_OFFSET, CMD_WORDS, HVC_DONE};
 use crate::platform::hw::HwEl2;
+use crate::platform::hypdata::NULL_GUEST;
 use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{gic, phys, start};
 
@@ -427,8 +427,10 @@ pub fn inject_abort(st: &mut VcpuState, esr: u64, far: u64) {
 pub const NULL_RUN: u32 = 0xc600_0040;
 
 /// The guest [`NULL_RUN`] runs: one page of code under the host stage-2,
-/// and the host context's controls to put back.
-struct NullGuest {
+/// and the host context's controls to put back. The hypervisor keeps it
+/// in its own data (`platform::hypdata::NULL_GUEST`): its registers decide
+/// how the guest runs (its stage-2, its traps).
+pub(crate) struct NullGuest {
     vm: VmRegs,
     st: VcpuState,
     host: VmRegs,
@@ -437,8 +439,6 @@ struct NullGuest {
     /// The register an MMIO load the host is to answer goes to.
     pending_read: Option<usize>,
 }
-
-static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, LockClass::Leaf);
 
 /// [`NULL_RUN`], at EL2 inside the host's hypercall: the hypervisor saves
 /// the host's EL1 registers and the world switch's per-CPU state, runs the

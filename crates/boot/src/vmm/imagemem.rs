@@ -29,7 +29,7 @@ use super::check;
 use super::el1host::HostCtx;
 use super::platform::BootHyp;
 use crate::platform::el1host::Cmd;
-use crate::platform::hypdata::HVC_TARGET;
+use crate::platform::hypdata::{HVC_TARGET, NULL_GUEST};
 use crate::platform::{console, gic, hypmem, phys, start};
 use crate::println;
 
@@ -46,7 +46,8 @@ struct Access {
     allowed: bool,
 }
 
-/// The accesses: (what, command, allowed).
+/// The accesses, in order (the first two are the code and read-only
+/// data loads [`image_phase`] compares, the fifth the VMM static's load).
 fn accesses(word: u64) -> Vec<Access> {
     let img = hypmem::image_parts();
     let code = img.code.0;
@@ -57,6 +58,7 @@ fn accesses(word: u64) -> Vec<Access> {
         .unwrap_or(img.code.0);
     let percpu = start::percpu_addr();
     let target = core::ptr::from_ref(&HVC_TARGET) as u64;
+    let null_guest = core::ptr::from_ref(&NULL_GUEST) as u64;
     let live_stack = start::stack_range(0).1 - 64;
     let other_stack = start::stack_range(1).0;
     let a = |what, cmd, allowed| Access { what, cmd, allowed };
@@ -93,6 +95,11 @@ fn accesses(word: u64) -> Vec<Access> {
         a(
             "store to the hypervisor's HVC target (.data.hyp)",
             store(target, 0),
+            false
+        ),
+        a(
+            "store to the hypervisor's NULL_RUN guest (.data.hyp)",
+            store(null_guest, 0),
             false
         ),
         a(
