@@ -129,7 +129,7 @@ pub fn stack_range(cpu: usize) -> (u64, u64) {
 /// never written before use (RAM starts zeroed, and so does `.stacks`,
 /// which the loader does not fill), so the lowest non-zero word marks the
 /// deepest use. A value near [`STACK_SIZE`] means the CPU ran (or nearly
-/// ran) off its stack into the one below it or into `.bss` (no guard
+/// ran) off its stack into the one below it or into `.hyp.bss` (no guard
 /// page).
 pub fn stack_used(cpu: usize) -> u64 {
     extern "C" {
