@@ -85,6 +85,17 @@ static HYP_CONSOLE: SpinLock<Pl011> = SpinLock::new(Pl011 { base: 0x0900_0000 },
 #[link_section = ".data.hyp.console_base"]
 static HYP_BASE: AtomicUsize = AtomicUsize::new(0x0900_0000);
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
+    [
+        (
+            "console::HYP_CONSOLE",
+            core::ptr::from_ref(&HYP_CONSOLE) as u64,
+        ),
+        ("console::HYP_BASE", HYP_BASE.as_ptr() as u64),
+    ]
+}
+
 /// Whether this code runs at EL2 (`CurrentEL`, readable at EL1 and EL2).
 fn at_el2() -> bool {
     (crate::read_sysreg!("currentel") >> 2) & 3 == 2

@@ -241,6 +241,14 @@ static HYP_RD: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static VTIMER_MASKED: [core::sync::atomic::AtomicBool; MAX_CPUS] =
     [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
+    [
+        ("gic::HYP_RD", HYP_RD.as_ptr() as u64),
+        ("gic::VTIMER_MASKED", VTIMER_MASKED.as_ptr() as u64),
+    ]
+}
+
 /// Masks (disables) or unmasks this CPU's virtual-timer PPI at its
 /// redistributor (the hypervisor's record of it); a no-op when it is
 /// already so or the CPU has none.

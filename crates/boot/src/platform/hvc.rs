@@ -17,6 +17,11 @@ pub type Handler = fn(cpu: usize, regs: &mut [u64; 8]);
 #[link_section = ".bss.hyp.hvc_handler"]
 static HANDLER: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 1] {
+    [("hvc::HANDLER", core::ptr::from_ref(&HANDLER) as u64)]
+}
+
 /// Sets the function every later `hvc #0` runs.
 pub fn set_handler(h: Handler) {
     HANDLER.store(h as *mut (), Ordering::Release);

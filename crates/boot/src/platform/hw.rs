@@ -25,6 +25,11 @@ const ZERO: AtomicU32 = AtomicU32::new(0);
 #[link_section = ".bss.hyp.pt_refcounts"]
 static REFCOUNTS: [AtomicU32; META_PAGES] = [ZERO; META_PAGES];
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 1] {
+    [("hw::REFCOUNTS", REFCOUNTS.as_ptr() as u64)]
+}
+
 /// Above this many pages a range invalidation becomes a whole-context one.
 const TLBI_RANGE_MAX_PAGES: u64 = 64;
 

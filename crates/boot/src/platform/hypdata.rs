@@ -2,6 +2,11 @@
 //! `unsafe`, and so `#[link_section]`): kept here in the hypervisor's own
 //! data (`.data.hyp.*`, `link.ld`), never in the host's `.data`/`.bss`,
 //! so the host stage-2 never maps them.
+//!
+//! [`audit`] checks, before the hypervisor is set up, that every static
+//! the hypervisor decides by (these and those of the other `platform`
+//! modules) lies in its own data: a static that lost its
+//! `#[link_section]` would be host memory.
 
 use pkvm_sync::{LockClass, SpinLock};
 use pkvm_sysreg::VcpuSysregs;
@@ -35,3 +40,53 @@ pub(crate) static VCPU_SYSREGS: SpinLock<Option<&'static [SpinLock<VcpuSysregs>]
 /// trap controls) decide how the hypervisor runs it.
 #[link_section = ".data.hyp.null_guest"]
 pub(crate) static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, LockClass::Leaf);
+
+/// Every static of the hypervisor with its address.
+fn statics() -> impl Iterator<Item = (&'static str, u64)> {
+    let here = [
+        ("hypdata::HYP", core::ptr::from_ref(&HYP) as u64),
+        (
+            "hypdata::HVC_TARGET",
+            core::ptr::from_ref(&HVC_TARGET) as u64,
+        ),
+        (
+            "hypdata::VCPU_TABLE",
+            core::ptr::from_ref(&VCPU_TABLE) as u64,
+        ),
+        (
+            "hypdata::VCPU_SYSREGS",
+            core::ptr::from_ref(&VCPU_SYSREGS) as u64,
+        ),
+        (
+            "hypdata::NULL_GUEST",
+            core::ptr::from_ref(&NULL_GUEST) as u64,
+        ),
+    ];
+    here.into_iter()
+        .chain(super::mmu::hyp_statics())
+        .chain(super::start::hyp_statics())
+        .chain(super::hypmem::hyp_statics())
+        .chain(super::idregs::hyp_statics())
+        .chain(super::hvc::hyp_statics())
+        .chain(super::hw::hyp_statics())
+        .chain(super::gic::hyp_statics())
+        .chain(super::console::hyp_statics())
+}
+
+/// Checks that every static of the hypervisor lies in its own data
+/// (`[__hyp_data_start, __hyp_data_end)`): the number checked, or the
+/// first one outside (name, address).
+///
+/// # Errors
+/// The first static outside the hypervisor's data.
+pub fn audit() -> Result<usize, (&'static str, u64)> {
+    let (start, end) = super::hypmem::image_parts().hyp;
+    let mut n = 0;
+    for (name, addr) in statics() {
+        if !(start..end).contains(&addr) {
+            return Err((name, addr));
+        }
+        n += 1;
+    }
+    Ok(n)
+}

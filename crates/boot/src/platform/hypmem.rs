@@ -108,6 +108,15 @@ pub fn place_slice<T: Sync + 'static>(
     Some(unsafe { core::slice::from_raw_parts(ptr, n) })
 }
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 3] {
+    [
+        ("hypmem::NEXT", NEXT.as_ptr() as u64),
+        ("hypmem::START", START.as_ptr() as u64),
+        ("hypmem::END", END.as_ptr() as u64),
+    ]
+}
+
 /// The image's parts (`link.ld`), as `(start, end)` physical addresses
 /// (the EL2 identity map: virtual = physical).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

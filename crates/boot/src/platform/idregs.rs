@@ -79,3 +79,8 @@ pub fn host_ids() -> HostIds {
 pub fn has_hcx() -> bool {
     (read_sysreg!("S3_0_C0_C7_1") >> 40) & 0xf != 0
 }
+
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 1] {
+    [("idregs::HOST", core::ptr::from_ref(&HOST) as u64)]
+}

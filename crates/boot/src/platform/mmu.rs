@@ -178,6 +178,16 @@ pub fn build_el2_table(ram_start: u64, ram_end: u64) {
     );
 }
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 4] {
+    [
+        ("mmu::BOOT_L1", core::ptr::addr_of!(BOOT_L1) as u64),
+        ("mmu::EL2_POOL", core::ptr::addr_of!(EL2_POOL) as u64),
+        ("mmu::EL2_PT", core::ptr::from_ref(&EL2_PT) as u64),
+        ("mmu::MMU_REGS", MMU_REGS.as_ptr() as u64),
+    ]
+}
+
 /// Makes the MMU registers visible to CPUs that start with caches off.
 pub fn publish_for_secondaries() {
     super::hw::dcache_clean_range(

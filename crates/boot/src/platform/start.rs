@@ -110,6 +110,11 @@ pub fn cpu_index() -> usize {
     unsafe { (*p).index.load(Ordering::Relaxed) }
 }
 
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 1] {
+    [("start::PERCPU", percpu_addr())]
+}
+
 /// Where the per-CPU data is (the hypervisor's, in `.bss.hyp`): for the
 /// checks that the host can reach none of it.
 pub fn percpu_addr() -> u64 {

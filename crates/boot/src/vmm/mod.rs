@@ -681,7 +681,7 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
     };
     let img = crate::platform::hypmem::image_parts();
     println!(
-        "mode: protected (pkvm-hyp owns guest stage-2; host memory: the VMM's statics {:#x}..{:#x}, page pool and VMM heap {:#x}..{:#x}; the image's code {:#x}..{:#x} read-only for the host, its hypervisor data and EL2 stacks {:#x}..{:#x} never mapped; hyp state {} KiB in its own memory at {:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
+        "mode: protected (pkvm-hyp owns guest stage-2; host memory: the VMM's statics {:#x}..{:#x}, page pool and VMM heap {:#x}..{:#x}; the image's code {:#x}..{:#x} read-only for the host, its hypervisor data and EL2 stacks {:#x}..{:#x} never mapped ({} statics of the hypervisor checked there); hyp state {} KiB in its own memory at {:#x}, hyp pool {} MiB at {:#x}; FINALIZE done)",
         img.host.0,
         img.host.1,
         regions[1].base.0,
@@ -690,6 +690,7 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
         img.code.1,
         img.hyp.0,
         img.hyp.1,
+        crate::platform::hypdata::audit().unwrap_or(0),
         crate::platform::hypmem::used() / 1024,
         lay.hyp_heap.0,
         (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,

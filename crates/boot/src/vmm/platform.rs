@@ -30,7 +30,7 @@ use crate::platform::hw::{HwEl2, HwS2};
 // hypervisor's own data (`platform::hypdata`), never host memory.
 use crate::platform::hypdata::{HVC_TARGET, HYP};
 use crate::platform::start;
-use crate::platform::{hvc, hypmem};
+use crate::platform::{hvc, hypdata, hypmem};
 
 /// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
 /// VMID (the root address is not needed for TLBI).
@@ -80,6 +80,9 @@ pub enum HypInitError {
     Init(HypError),
     /// The `FINALIZE` hypercall failed (status).
     Finalize(i64),
+    /// A static of the hypervisor lies outside its own data (name,
+    /// address): a build bug (a lost `#[link_section]`).
+    Static(&'static str, u64),
 }
 
 impl core::fmt::Display for HypInitError {
@@ -87,6 +90,10 @@ impl core::fmt::Display for HypInitError {
         match self {
             HypInitError::Init(e) => write!(f, "pkvm-hyp init refused: {e}"),
             HypInitError::Finalize(s) => write!(f, "FINALIZE hypercall failed: {s}"),
+            HypInitError::Static(name, a) => write!(
+                f,
+                "the hypervisor's static {name} at {a:#x} is outside its own data (host memory)"
+            ),
         }
     }
 }
@@ -126,6 +133,7 @@ pub fn init_hyp(
     if let Some(h) = *slot {
         return Ok(h);
     }
+    hypdata::audit().map_err(|(name, a)| HypInitError::Static(name, a))?;
     let img = hypmem::image_parts();
     let within = |r: &MemRegion, (s, e): (u64, u64)| r.base.0 < e && s < r.end().0;
     let heap_span = (heap.0 .0, heap.0 .0 + heap.1);
