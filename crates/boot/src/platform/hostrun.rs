@@ -117,7 +117,7 @@ pub struct RunSve {
 
 /// Why the guest stopped (out), as [`Exit`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunExit {
     /// Vector index ([`switch::EXIT_SYNC`], [`switch::EXIT_IRQ`], ...).
     pub kind: u64,
@@ -213,6 +213,42 @@ impl RunBlock {
             st,
         }
     }
+}
+
+/// Copies `b` into the page at `page` (host memory the caller owns, e.g. a
+/// pool frame: `host-attack` hands such pages to the hypervisor).
+///
+/// # Panics
+/// If the page is not RAM.
+pub fn write_block(page: pkvm_arch::Pa, b: &RunBlock) {
+    phys::zero(page, 4096);
+    assert!(host_ram(page.0, 4096) && page.0.is_multiple_of(4096));
+    // SAFETY: the page is RAM identity-mapped read-write, not the
+    // hypervisor's memory and owned by the caller (checked and documented
+    // above), so no Rust object lives there; an untyped copy of `USED`
+    // bytes of a live `RunBlock`.
+    unsafe {
+        core::ptr::copy_nonoverlapping(core::ptr::from_ref(b).cast::<u8>(), page.0 as *mut u8, USED)
+    };
+}
+
+/// The block in the page at `page` (see [`write_block`]).
+///
+/// # Panics
+/// If the page is not RAM.
+pub fn read_block(page: pkvm_arch::Pa) -> RunBlock {
+    assert!(host_ram(page.0, 4096) && page.0.is_multiple_of(4096));
+    let mut b = RunBlock::new(VcpuState::new(0, [0; 4], 0));
+    // SAFETY: as for `write_block`; every bit pattern is a valid
+    // `RunBlock` (plain integers), and `b` is a distinct local.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            page.0 as *const u8,
+            core::ptr::from_mut(&mut b).cast::<u8>(),
+            USED,
+        )
+    };
+    b
 }
 
 /// Why a run block was refused (x1 of the answer).
