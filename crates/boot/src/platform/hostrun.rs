@@ -7,7 +7,8 @@
 //! ([`call`]). The hypervisor ([`serve`]):
 //!
 //! 1. checks the address: page-aligned, RAM, not its own memory (the
-//!    [`super::hypmem`] range, the EL2 stacks, its per-CPU buffers);
+//!    [`super::hypmem`] range, the EL2 stacks, its per-CPU buffers), in
+//!    protected mode pages the host owns;
 //! 2. copies the block into this CPU's buffer in its own memory, so that
 //!    the host cannot change what was checked while the guest runs;
 //! 3. validates the copy ([`check`]): the guest's PSTATE is AArch64
@@ -281,22 +282,31 @@ pub enum Refused {
     Debug = 11,
 }
 
-/// The hypervisor's lookup of the stage-2 of the vCPU loaded on a CPU
-/// (`VTTBR`, `VTCR`), in protected mode.
-pub type LoadedStage2 = fn(cpu: usize) -> Option<(u64, u64)>;
+/// What the hypervisor answers `HOST_RUN` with in protected mode
+/// ([`set_protected`]).
+#[derive(Debug)]
+pub struct Protected {
+    /// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on a
+    /// CPU.
+    pub loaded: fn(cpu: usize) -> Option<(u64, u64)>,
+    /// Whether the host owns every page of `[pa, pa + len)` now (its page
+    /// state in pkvm-hyp: owned, or owned and shared).
+    pub host_owns: fn(pa: u64, len: u64) -> bool,
+}
 
-/// The [`LoadedStage2`] lookup (null: standard mode).
-static LOADED: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+/// The [`Protected`] answers (null: standard mode).
+static PROTECTED: AtomicPtr<Protected> = AtomicPtr::new(core::ptr::null_mut());
 /// Whether the host is trusted with its own stage-2s (until protected mode
 /// finalises).
 static TRUSTED: AtomicBool = AtomicBool::new(true);
 
 /// Protected mode has finalised (the hypervisor's own `FINALIZE`): the
 /// host is no longer trusted with stage-2s of its own (no more
-/// [`stage::HOST`] runs or TLB hypercalls), and [`stage::HYP`] runs take
-/// their stage-2 from `loaded`. EL2 only.
-pub fn set_protected(loaded: LoadedStage2) {
-    LOADED.store(loaded as *mut (), Ordering::Release);
+/// [`stage::HOST`] runs or TLB hypercalls), [`stage::HYP`] runs take their
+/// stage-2 from `p.loaded`, and a run block or SVE area must be in pages
+/// the host owns (`p.host_owns`). EL2 only.
+pub fn set_protected(p: &'static Protected) {
+    PROTECTED.store(core::ptr::from_ref(p).cast_mut(), Ordering::Release);
     TRUSTED.store(false, Ordering::Release);
 }
 
@@ -305,15 +315,15 @@ pub fn host_trusted() -> bool {
     TRUSTED.load(Ordering::Acquire)
 }
 
+fn protected() -> Option<&'static Protected> {
+    let p = PROTECTED.load(Ordering::Acquire);
+    // SAFETY: PROTECTED only ever holds null or a pointer made from a
+    // `&'static Protected` by `set_protected`, never written through.
+    unsafe { p.cast_const().as_ref() }
+}
+
 fn loaded_stage2(cpu: usize) -> Option<(u64, u64)> {
-    let p = LOADED.load(Ordering::Acquire);
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: LOADED only ever holds null (checked) or a `LoadedStage2`
-    // stored by `set_protected`, a function pointer of exactly this type.
-    let f: LoadedStage2 = unsafe { core::mem::transmute::<*mut (), LoadedStage2>(p) };
-    f(cpu)
+    (protected()?.loaded)(cpu)
 }
 
 /// What this CPU has, for [`check`] (read once per CPU at EL2).
@@ -376,7 +386,12 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Whether `[pa, pa + len)` is RAM the host may hand in: not the
-/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers).
+/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers), and
+/// in protected mode pages the host owns (not a guest's donated page, not
+/// the hypervisor's pool). Known gap: the pages are not pinned (pKVM shares
+/// the vCPU's memory with the hypervisor and pins it), so a host that
+/// donates one to a guest on another CPU while the guest runs could have
+/// the exit's write-back land there; the check is repeated before it.
 fn host_ram(pa: u64, len: u64) -> bool {
     extern "C" {
         static __stacks_start: u8;
@@ -393,6 +408,7 @@ fn host_ram(pa: u64, len: u64) -> bool {
         && !overlaps(r, hypmem::range())
         && !overlaps(r, stacks)
         && !overlaps(r, bufs)
+        && protected().is_none_or(|p| (p.host_owns)(pa, len))
 }
 
 /// The hypervisor's side of the image-level calls of this module, from
@@ -444,6 +460,9 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     };
     if let Some(s) = sve {
         b.sve.zcr_el1 = s.zcr_el1;
+    }
+    if !host_ram(pa, 4096) {
+        return Err(Refused::Address);
     }
     // SAFETY: as above, the other way.
     unsafe {

@@ -3,7 +3,8 @@
 //! be refused with `INVALID_PARAMETER` and the expected reason, the block
 //! left as it was; then the valid block they were made from runs (the
 //! victim's vCPU, loaded on this CPU, at an IPA its stage-2 does not map:
-//! a stage-2 instruction abort comes back as the exit).
+//! a stage-2 instruction abort comes back as the exit, or an interrupt
+//! exit when the scheduler's tick was pending at EL2).
 //!
 //! Every block lies in its own host page from the pool; the host issues
 //! `HOST_RUN` from EL1 with the page's physical address, with the
@@ -26,7 +27,7 @@ use super::sysregs::VmPolicy;
 use super::vcpurun::hvc;
 use crate::platform::el1host::{op, Cmd};
 use crate::platform::hostrun::{self, read_block, stage, write_block, Refused, RunBlock, HOST_RUN};
-use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_SYNC};
+use crate::platform::switch::{self, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
 use crate::platform::{idregs, start, timer};
 use crate::println;
 
@@ -52,9 +53,20 @@ fn hostile(what: &'static str, change: fn(&mut RunBlock), why: Refused) -> Hosti
     }
 }
 
-/// The hostile blocks (`at: Some(0)`: the block's page + 8; `hyp_mem`:
-/// an address in the hypervisor's own memory).
-fn hostiles(hyp_mem: u64) -> Vec<Hostile> {
+/// Addresses the host does not own: in the hypervisor's own memory, a
+/// page of its pool, a page the victim VM was donated.
+#[derive(Clone, Copy, Debug)]
+pub struct NotHost {
+    /// In the hypervisor's own memory.
+    pub hyp_mem: u64,
+    /// A page of the hypervisor's pool.
+    pub hyp_pool: u64,
+    /// A page donated to the victim.
+    pub victim: u64,
+}
+
+/// The hostile blocks (`at: Some(0)`: the block's page + 8).
+fn hostiles(not: NotHost) -> Vec<Hostile> {
     let at = |what, pa, why| Hostile {
         what,
         change: |_| {},
@@ -70,7 +82,17 @@ fn hostiles(hyp_mem: u64) -> Vec<Hostile> {
         ),
         at(
             "block in the hypervisor's own memory",
-            hyp_mem,
+            not.hyp_mem,
+            Refused::Address
+        ),
+        at(
+            "block in a page of the hypervisor's pool",
+            not.hyp_pool,
+            Refused::Address
+        ),
+        at(
+            "block in the victim's donated page",
+            not.victim,
             Refused::Address
         ),
         hostile("PSTATE EL2h", |b| b.st.regs.pstate = 0x3c9, Refused::Pstate),
@@ -171,14 +193,15 @@ fn unchanged(page: Pa, b: &RunBlock) -> bool {
 
 /// The phase: `true` when every hostile block was refused with its reason
 /// and left unchanged, and the valid one ran.
-pub fn host_run_phase(hyp: &'static BootHyp, ctx: &HostCtx, hyp_mem: u64, victim: u64) -> bool {
+pub fn host_run_phase(hyp: &'static BootHyp, ctx: &HostCtx, not: NotHost, victim: u64) -> bool {
     let Some(valid) = valid_block() else {
         return check("host-attack: HOST_RUN: the default policy", false);
     };
-    let list = hostiles(hyp_mem);
+    let list = hostiles(not);
     let pages: Vec<Pa> = (0..=list.len()).filter_map(|_| pool::alloc(0)).collect();
     let mut ok =
         pages.len() == list.len() + 1 && run_phase(hyp, ctx, &list, &pages, (valid, victim));
+    ok &= tlb_refused(hyp, ctx);
     if ok {
         let costs = run_costs(hyp, ctx, (valid, victim), pages[list.len()]);
         if let Some((direct, el2, el1)) = costs {
@@ -252,7 +275,16 @@ fn report(h: &Hostile, c: &Cmd, unchanged: bool) -> bool {
     refused && unchanged
 }
 
-/// The valid block ran: a stage-2 instruction abort at [`UNMAPPED_PC`].
+/// Whether `e` is how the valid block's run ends: its stage-2
+/// instruction abort at [`UNMAPPED_PC`], or a physical interrupt that was
+/// pending at EL2 when it entered (the scheduler's tick, which nothing
+/// acknowledges while the host context runs).
+fn valid_exit(e: &switch::Exit) -> bool {
+    (e.kind == EXIT_SYNC && e.esr >> 26 == 0x20) || e.kind == EXIT_IRQ
+}
+
+/// The valid block ran (see [`valid_exit`]), and the vCPU is still at
+/// [`UNMAPPED_PC`].
 fn valid_ran(c: &Cmd, page: Pa) -> bool {
     let b = read_block(page);
     let ec = b.exit.esr >> 26;
@@ -261,8 +293,8 @@ fn valid_ran(c: &Cmd, page: Pa) -> bool {
         c.regs[0] as i64, b.exit.kind, b.exit.esr, b.st.regs.pc
     );
     check(
-        "host-attack: HOST_RUN: the valid block runs (stage-2 instruction abort)",
-        c.regs[0] == 0 && b.exit.kind == EXIT_SYNC && ec == 0x20 && b.st.regs.pc == UNMAPPED_PC,
+        "host-attack: HOST_RUN: the valid block runs (stage-2 instruction abort, or an interrupt)",
+        c.regs[0] == 0 && valid_exit(&b.exit.exit()) && b.st.regs.pc == UNMAPPED_PC,
     )
 }
 
@@ -278,7 +310,8 @@ fn call(hyp: &'static BootHyp, func: u32, args: [u64; 2]) -> i64 {
 
 /// The mean round trip in nanoseconds of running the valid block's vCPU
 /// (the victim's vCPU 0, loaded on this CPU) to its stage-2 abort
-/// [`COST_RUNS`] times: by the world switch called directly at EL2, by
+/// [`COST_RUNS`] times (an interrupt exit counts too, see
+/// [`valid_exit`]): by the world switch called directly at EL2, by
 /// `HOST_RUN` from the VMM at EL2, by `HOST_RUN` from the host at EL1 (the
 /// block in `page`). `None` if a run failed.
 fn run_costs(
@@ -289,7 +322,6 @@ fn run_costs(
 ) -> Option<(u64, u64, u64)> {
     let freq = timer::frequency().max(1);
     let ns = |ticks: u64| ticks * 1_000_000_000 / freq / COST_RUNS;
-    let aborted = |e: &switch::Exit| e.kind == EXIT_SYNC && e.esr >> 26 == 0x20;
     if call(hyp, id::VCPU_LOAD, [victim, 0]) != ret::SUCCESS {
         return None;
     }
@@ -313,10 +345,10 @@ fn run_costs(
     let mut st = valid.st;
     let t0 = timer::now();
     let direct =
-        (0..COST_RUNS).all(|_| aborted(&switch::run(&vm, &mut st, None, &mut |_, _| false)));
+        (0..COST_RUNS).all(|_| valid_exit(&switch::run(&vm, &mut st, None, &mut |_, _| false)));
     let t1 = timer::now();
     let mut b = Box::new(valid);
-    let el2 = (0..COST_RUNS).all(|_| hostrun::call(&mut b).is_ok() && aborted(&b.exit.exit()));
+    let el2 = (0..COST_RUNS).all(|_| hostrun::call(&mut b).is_ok() && valid_exit(&b.exit.exit()));
     let t2 = timer::now();
     let put = call(hyp, id::VCPU_PUT, [0, 0]) == ret::SUCCESS;
     write_block(page, &valid);
@@ -330,6 +362,30 @@ fn run_costs(
         hvc(id::VCPU_PUT, &[]),
     ];
     ctx.run(hyp, &mut cmds).ok()?;
-    let el1 = cmds.iter().all(|c| c.regs[0] == 0) && aborted(&read_block(page).exit.exit());
+    let el1 = cmds.iter().all(|c| c.regs[0] == 0) && valid_exit(&read_block(page).exit.exit());
     (direct && el2 && put && el1).then(|| (ns(t1 - t0), ns(t2 - t1), ns(cmds[1].result)))
+}
+
+/// The TLB hypercalls of a host-built stage-2 from the host at EL1 in
+/// protected mode (the host is no longer trusted with stage-2s of its
+/// own): both refused.
+fn tlb_refused(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let vttbr = (7 << 48) | 0x5000_0000;
+    let mut cmds = [
+        hvc(hostrun::TLB_FLUSH_VMID_IPA, &[vttbr, 0x4000_0000, 0]),
+        hvc(hostrun::TLB_FLUSH_VMID, &[vttbr]),
+    ];
+    if ctx.run(hyp, &mut cmds).is_err() {
+        return check("host-attack: TLB hypercalls: host run", false);
+    }
+    let st = cmds.map(|c| c.regs[0] as i64);
+    let refused = st.iter().all(|&s| s == ret::INVALID_PARAMETER);
+    println!(
+        "host-attack: TLB_FLUSH_VMID_IPA / TLB_FLUSH_VMID of a host-built stage-2 in protected mode: {} (statuses {st:?})",
+        if refused { "refused" } else { "NOT refused" }
+    );
+    check(
+        "host-attack: TLB hypercalls refused in protected mode",
+        refused,
+    )
 }
