@@ -30,8 +30,9 @@
 //!    counts, SME and RAS come from the CPU, never from the block;
 //! 4. runs the guest with the world switch ([`switch::run`], from inside
 //!    the hypercall as `VCPU_RUN` does: the world switch's per-CPU state
-//!    set aside, and, when the host runs at EL1, its EL1 registers and
-//!    controls saved and put back) until its first exit;
+//!    set aside, and, when the host runs at EL1, its EL1 registers,
+//!    controls, `VMPIDR_EL2` and `CNTVOFF_EL2` saved and put back) until
+//!    its first exit;
 //! 5. copies the vCPU's state and the [`RunExit`] back into the host's
 //!    block.
 //!
@@ -61,7 +62,7 @@ use super::hw::HwS2;
 use super::sve::SveRun;
 use super::switch::{self, El1Sysregs, Exit, VcpuState, VmRegs};
 use super::{hvc, hypmem, phys, start, MAX_CPUS, STACK_SIZE};
-use crate::read_sysreg;
+use crate::{read_sysreg, write_sysreg};
 
 /// Runs the vCPU of the run block at x1 (physical address) until its
 /// first exit the world switch does not answer itself.
@@ -576,10 +577,15 @@ fn stage2(vm: &RunVm, loaded: Option<(u64, u64)>) -> Result<(u64, u64), Refused>
 }
 
 /// The registers of the host context the hypervisor puts back after a
-/// guest run when the host runs at EL1.
+/// guest run when the host runs at EL1: its EL1 registers, the EL2
+/// controls, and what its EL1 reads through EL2 registers (`MPIDR_EL1`
+/// is `VMPIDR_EL2` below EL2, the virtual counter is offset by
+/// `CNTVOFF_EL2`).
 struct HostSide {
     el1: El1Sysregs,
     controls: VmRegs,
+    vmpidr: u64,
+    cntvoff: u64,
 }
 
 fn save_host() -> HostSide {
@@ -601,7 +607,12 @@ fn save_host() -> HostSide {
         lrs: 0,
         aprs: 0,
     };
-    HostSide { el1, controls }
+    HostSide {
+        el1,
+        controls,
+        vmpidr: read_sysreg!("vmpidr_el2"),
+        cntvoff: read_sysreg!("cntvoff_el2"),
+    }
 }
 
 /// Runs the checked block's vCPU from inside the hypercall.
@@ -612,6 +623,8 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     let exit = switch::run(vm, &mut b.st, sve, &mut |_, _| false);
     start::restore_switch_state(saved);
     if let Some(h) = host {
+        write_sysreg!("vmpidr_el2", h.vmpidr);
+        write_sysreg!("cntvoff_el2", h.cntvoff);
         switch::load_el1(&h.el1);
         switch::load_vm_controls(&h.controls);
     }

@@ -243,6 +243,10 @@ fn run_phase(
     let good = pages[list.len()];
     write_block(good, &valid);
     cmds.push(hvc(HOST_RUN, &[good.0]));
+    cmds.push(Cmd {
+        op: op::CURRENT_EL,
+        ..Cmd::default()
+    });
     cmds.push(hvc(id::VCPU_PUT, &[]));
     if let Err(e) = ctx.run(hyp, &mut cmds) {
         return check(
@@ -257,7 +261,14 @@ fn run_phase(
     for ((h, b), (c, &page)) in list.iter().zip(&blocks).zip(cmds[1..].iter().zip(pages)) {
         ok &= report(h, c, unchanged(page, b));
     }
-    ok & valid_ran(&cmds[list.len() + 1], good)
+    ok &= valid_ran(&cmds[list.len() + 1], good);
+    // The host's EL1 context is back after the guest's run (the guest ran
+    // with its MMU off): still at EL1 with its own stage-1.
+    let el = &cmds[list.len() + 2];
+    ok & check(
+        "host-attack: HOST_RUN: the host at EL1 with its stage-1 on after the guest's run",
+        (el.result >> 2) & 3 == 1 && el.value & 1 == 1,
+    )
 }
 
 /// One hostile block's outcome; `true` when refused as it must be.
