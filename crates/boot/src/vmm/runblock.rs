@@ -73,7 +73,7 @@ fn hostiles(not: NotHost) -> Vec<Hostile> {
         at: Some(pa),
         why,
     };
-    alloc::vec![
+    let mut v = alloc::vec![
         at("block at an unaligned address", 0, Refused::Address),
         at(
             "block at a device address (PL011)",
@@ -95,11 +95,20 @@ fn hostiles(not: NotHost) -> Vec<Hostile> {
             not.victim,
             Refused::Address
         ),
+    ];
+    v.extend(bad_vcpus());
+    v.extend(bad_vms());
+    v
+}
+
+/// Hostile vCPU state: PSTATE, the GIC CPU interface, debug.
+fn bad_vcpus() -> [Hostile; 5] {
+    [
         hostile("PSTATE EL2h", |b| b.st.regs.pstate = 0x3c9, Refused::Pstate),
         hostile(
             "PSTATE AArch32",
             |b| b.st.regs.pstate = 0x1d3,
-            Refused::Pstate
+            Refused::Pstate,
         ),
         hostile(
             "a list register with the HW bit (physical INTID 27)",
@@ -111,6 +120,20 @@ fn hostiles(not: NotHost) -> Vec<Hostile> {
             |b| b.st.gic.hcr = 1 | (1 << 12),
             Refused::GicHcr,
         ),
+        hostile(
+            "16 breakpoints",
+            |b| {
+                b.st.debug.on = 1;
+                b.st.debug.regs.brps = 16;
+            },
+            Refused::Debug,
+        ),
+    ]
+}
+
+/// Hostile VM registers: stage-2, trap controls, flags, SVE.
+fn bad_vms() -> [Hostile; 8] {
+    [
         hostile(
             "a host VTTBR for a hyp-managed VM",
             |b| b.vm.vttbr = (7 << 48) | 0x5000_0000,
@@ -127,7 +150,7 @@ fn hostiles(not: NotHost) -> Vec<Hostile> {
         hostile(
             "HCR_EL2 with TGE",
             |b| b.vm.traps.hcr |= 1 << 27,
-            Refused::Hcr
+            Refused::Hcr,
         ),
         hostile("HCR_EL2 without VM", |b| b.vm.traps.hcr &= !1, Refused::Hcr),
         hostile(
@@ -138,20 +161,12 @@ fn hostiles(not: NotHost) -> Vec<Hostile> {
         hostile(
             "MDCR_EL2.TDE",
             |b| b.vm.traps.mdcr |= 1 << 8,
-            Refused::Traps
-        ),
-        hostile(
-            "16 breakpoints",
-            |b| {
-                b.st.debug.on = 1;
-                b.st.debug.regs.brps = 16;
-            },
-            Refused::Debug,
+            Refused::Traps,
         ),
         hostile(
             "an unknown flag",
             |b| b.vm.flags |= 1 << 5,
-            Refused::Feature
+            Refused::Feature,
         ),
         hostile(
             "an SVE area at a device address",
