@@ -430,10 +430,15 @@ pub const ICH_HCR_NPIE: u64 = 1 << 3;
 /// its vGIC's list-register view with.
 static GIC_COUNTS: AtomicU64 = AtomicU64::new(0);
 
-/// Records [`gic_lrs`] and [`gic_aprs`] for [`gic_counts`] (EL2, with the
-/// CPU interface's system registers enabled; the first call wins: the
-/// CPUs of a machine have the same counts).
+/// Records [`gic_lrs`] and [`gic_aprs`] for [`gic_counts`] (at EL2 with
+/// the CPU interface's system registers enabled, right after
+/// `ICC_SRE_EL2` is written; nothing below EL2, where `ICH_VTR_EL2` does
+/// not exist; the first call wins: the CPUs of a machine have the same
+/// counts).
 pub fn cache_gic_counts() {
+    if !super::hw::at_el2() {
+        return;
+    }
     let counts = gic_lrs() as u64 | (gic_aprs() as u64) << 8;
     let _ = GIC_COUNTS.compare_exchange(0, counts, Ordering::Relaxed, Ordering::Relaxed);
 }
