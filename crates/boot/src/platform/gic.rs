@@ -215,6 +215,7 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     // register interface too).
     write_sysreg!("icc_sre_el2", 0xf);
     super::sysreg::isb();
+    super::switch::cache_gic_counts();
     write_sysreg!("icc_pmr_el1", 0xff);
     write_sysreg!("icc_bpr1_el1", 0);
     // EOImode 0: a write to ICC_EOIR1_EL1 also deactivates.

@@ -71,6 +71,7 @@ fn statics() -> impl Iterator<Item = (&'static str, u64)> {
         .chain(super::hw::hyp_statics())
         .chain(super::gic::hyp_statics())
         .chain(super::console::hyp_statics())
+        .chain(super::hostrun::hyp_statics())
 }
 
 /// Checks that every static of the hypervisor lies in its own data

@@ -122,7 +122,7 @@ pub fn bring_up(p: &Platform) -> Result<usize, BringUpError> {
         timer::PPI_EL2_PHYS,
         gic::PPI_VTIMER,
         gic::PPI_MAINTENANCE,
-        crate::platform::switch::gic_lrs(),
+        crate::platform::switch::gic_counts().0,
         timer::frequency()
     );
     Ok(1 + ready.count_ones() as usize)
