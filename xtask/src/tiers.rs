@@ -498,6 +498,7 @@ fn reset_tests() -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 2,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 1,
             markers: s(&[
@@ -571,6 +572,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 0,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -594,6 +596,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 1,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -631,6 +634,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 2,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 1,
             markers: s(&[
@@ -652,6 +656,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 2,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -682,6 +687,7 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
             append: String::new(),
             host_cpus: cpus,
             sve: None,
+            host_el1: false,
         },
         exit_code: 0,
         markers: s(&[
@@ -728,6 +734,7 @@ fn pmu_test(name: &'static str, phase: &str, vcpus: u32, cpus: u32, markers: &[&
             append: phase.into(),
             host_cpus: cpus,
             sve: None,
+            host_el1: false,
         },
         exit_code: 0,
         markers: m,
@@ -832,6 +839,7 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
             sve: None,
             initrd: None,
             protected: false,
+            host_el1: false,
         },
         exit_code: 0,
         markers,
@@ -959,6 +967,7 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, sve: bool, verbose: bool)
         append: "console=ttyAMA0 earlycon".into(),
         host_cpus: smp,
         sve: sve.then_some(0),
+        host_el1: false,
     };
     let o = qemu::boot_until(
         image,

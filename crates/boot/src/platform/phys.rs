@@ -13,6 +13,14 @@ pub fn set_ram_end(end: u64) {
     RAM_END.store(end, core::sync::atomic::Ordering::Relaxed);
 }
 
+/// RAM as the device tree gave it: (start, end).
+pub fn ram() -> (u64, u64) {
+    (
+        RAM_BASE,
+        RAM_END.load(core::sync::atomic::Ordering::Relaxed),
+    )
+}
+
 fn check(pa: Pa, len: u64) {
     let end = RAM_END.load(core::sync::atomic::Ordering::Relaxed);
     assert!(

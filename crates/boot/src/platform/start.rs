@@ -90,14 +90,25 @@ const PERCPU_INIT: PerCpu = PerCpu {
 
 static PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 
+/// This CPU's `PerCpu` pointer: `TPIDR_EL2` at EL2, `TPIDR_EL1` in the
+/// host at EL1 (set to the same by [`super::el1boot::enter_host`]).
+fn percpu_ptr() -> *const PerCpu {
+    if super::el1boot::current_el() == 2 {
+        crate::read_sysreg!("tpidr_el2") as *const PerCpu
+    } else {
+        crate::read_sysreg!("tpidr_el1") as *const PerCpu
+    }
+}
+
 /// This CPU's index (0 = boot CPU).
 pub fn cpu_index() -> usize {
-    let p = crate::read_sysreg!("tpidr_el2") as *const PerCpu;
+    let p = percpu_ptr();
     if p.is_null() {
         return 0;
     }
-    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
-    // an element of the static PERCPU array.
+    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`), and the
+    // host's TPIDR_EL1 (in `el1boot::enter_host`), to point at an element
+    // of the static PERCPU array.
     unsafe { (*p).index.load(Ordering::Relaxed) }
 }
 
@@ -134,6 +145,12 @@ pub fn set_el1_host(on: bool) {
     this_percpu()
         .el1_host
         .store(u64::from(on), Ordering::Relaxed);
+}
+
+/// Sets this CPU's `PerCpu::el1_host` to `mode` (`el1boot::EL1_VMM`: the
+/// VMM runs at EL1 here).
+pub fn set_el1_host_mode(mode: u64) {
+    this_percpu().el1_host.store(mode, Ordering::Relaxed);
 }
 
 /// Whether this CPU runs the host context at EL1 with the fast path (a
@@ -202,7 +219,15 @@ extern "C" fn pkvm_rust_entry(cpu: usize) -> ! {
     pc.online.store(true, Ordering::Release);
     if cpu == 0 {
         let info = super::dt::init();
+        super::el1boot::init_flag();
+        if super::el1boot::host_el1() {
+            crate::hyp_init_el2();
+            super::el1boot::start_secondaries(info);
+            super::el1boot::enter_host(0, pc as *const PerCpu as u64)
+        }
         crate::boot_main(info)
+    } else if super::el1boot::host_el1() {
+        super::el1boot::enter_host(cpu, pc as *const PerCpu as u64)
     } else {
         crate::secondary_main(cpu)
     }
@@ -227,6 +252,15 @@ pub enum CpuStartError {
 pub fn start_secondary(idx: usize, mpidr: u64) -> Result<(), CpuStartError> {
     if idx == 0 || idx >= MAX_CPUS {
         return Err(CpuStartError::BadIndex(idx));
+    }
+    if super::el1boot::current_el() != 2 {
+        // The VMM at EL1: every CPU was started at EL2 at boot and waits
+        // in the host for the VMM to let it go on.
+        if !is_online(idx) {
+            return Err(CpuStartError::Psci(-3));
+        }
+        super::el1boot::release(idx);
+        return Ok(());
     }
     super::mmu::publish_for_secondaries();
     let r = super::exit::psci_call(

@@ -423,15 +423,18 @@ pub const ICH_HCR_UIE: u64 = 1 << 1;
 /// pending interrupt.
 pub const ICH_HCR_NPIE: u64 = 1 << 3;
 
+/// `ICH_VTR_EL2`, read at EL2 by [`init_cpu`] (the VMM at EL1 cannot).
+static ICH_VTR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// The number of list registers of this CPU (`ICH_VTR_EL2.ListRegs` + 1).
 pub fn gic_lrs() -> usize {
-    (read_sysreg!("S3_4_C12_C11_1") & 0x1f) as usize + 1
+    (ICH_VTR.load(core::sync::atomic::Ordering::Relaxed) & 0x1f) as usize + 1
 }
 
 /// The number of `ICH_AP0R/AP1R<n>_EL2` of this CPU (from
 /// `ICH_VTR_EL2.PREbits`: 5 bits -> 1, 6 -> 2, 7 -> 4).
 pub fn gic_aprs() -> usize {
-    let pre = ((read_sysreg!("S3_4_C12_C11_1") >> 26) & 7) as usize + 1;
+    let pre = ((ICH_VTR.load(core::sync::atomic::Ordering::Relaxed) >> 26) & 7) as usize + 1;
     1 << pre.saturating_sub(5).min(2)
 }
 
@@ -621,6 +624,10 @@ pub fn init_cpu() {
     // VPIDR_EL2: guests see the real MIDR.
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("hcr_el2", 1 << 31);
+    ICH_VTR.store(
+        read_sysreg!("S3_4_C12_C11_1"),
+        core::sync::atomic::Ordering::Relaxed,
+    );
     // FP/SIMD untrapped (EL2 Rust code uses it); SVE, SME and trace
     // trapped (bits 8 and 12 are TZ and TSM on CPUs with SVE/SME, RES1
     // without).

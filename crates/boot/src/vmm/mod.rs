@@ -181,6 +181,16 @@ pub fn main(p: &'static Platform) -> i32 {
     if !sysreg_check() {
         return 1;
     }
+    println!(
+        "el: the VMM runs at EL{} (CurrentEL {:#x}){}",
+        crate::platform::el1boot::current_el(),
+        crate::platform::el1boot::current_el() << 2,
+        if crate::platform::el1boot::host_el1() {
+            ", reaching EL2 by hvc #0 only (--host-el1)"
+        } else {
+            ""
+        }
+    );
     let scenario = p.handoff.as_ref().map(|h| h.scenario()).unwrap_or("demo");
     println!("scenario {scenario}: start");
     let process = Arc::new(BootProcess::new());
@@ -684,6 +694,23 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
         (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,
         lay.hyp_pool.0
     );
+    let again = platform::pkvm_init_refused_again(
+        lay.ram,
+        &regions,
+        span(lay.hyp_heap),
+        span(lay.hyp_pool),
+    );
+    println!(
+        "hyp: a second PKVM_INIT {}",
+        if again {
+            "refused (NOT_SUPPORTED), the hypervisor's memory unchanged"
+        } else {
+            "NOT refused"
+        }
+    );
+    if !again {
+        return None;
+    }
     Some(BootPlatform::new(Some(hyp)))
 }
 

@@ -114,12 +114,13 @@ pub fn bring_up(p: &Platform) -> Result<usize, BringUpError> {
     }
     let ready = READY.load(Ordering::Acquire);
     println!(
-        "gic: GICv3 dist {:#x} redist {:#x}: {} CPU interfaces up (group 1, SGI {} = kick, PPI INTID {} = EL2 physical timer, {} = guest virtual timer, {} = maintenance; {} list registers); counter {} Hz",
+        "gic: GICv3 dist {:#x} redist {:#x}: {} CPU interfaces up (group 1, SGI {} = kick, PPI INTID {} = the tick (EL{} physical timer), {} = guest virtual timer, {} = maintenance; {} list registers); counter {} Hz",
         p.gicd,
         p.gicr,
         1 + ready.count_ones(),
         gic::SGI_KICK,
-        timer::PPI_EL2_PHYS,
+        timer::ppi(),
+        crate::platform::el1boot::current_el(),
         gic::PPI_VTIMER,
         gic::PPI_MAINTENANCE,
         crate::platform::switch::gic_lrs(),
