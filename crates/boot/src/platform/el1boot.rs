@@ -101,10 +101,28 @@ extern "C" {
     static pkvm_host_vectors: u8;
 }
 
+/// Whether the handoff block asked for the VMM at EL1 for a scenario
+/// that keeps it at EL2 ([`KEEPS_EL2`]).
+static KEPT_AT_EL2: AtomicBool = AtomicBool::new(false);
+
+/// Scenarios that keep the VMM at EL2 under the flag: `host-attack`'s
+/// EL1 mini-host is entered from the VMM by the world switch.
+pub const KEEPS_EL2: &[&str] = &["host-attack"];
+
 /// Reads the handoff flag on CPU 0 (EL2, MMU on, before the secondaries).
 pub fn init_flag() {
-    let on = super::handoff::read().is_some_and(|h| h.host_el1);
-    HOST_EL1.store(on, Ordering::Relaxed);
+    let h = super::handoff::read();
+    let asked = h.as_ref().is_some_and(|h| h.host_el1);
+    let keep = h
+        .as_ref()
+        .is_some_and(|h| KEEPS_EL2.contains(&h.scenario()));
+    HOST_EL1.store(asked && !keep, Ordering::Relaxed);
+    KEPT_AT_EL2.store(asked && keep, Ordering::Relaxed);
+}
+
+/// Whether EL1 was asked for but this scenario keeps the VMM at EL2.
+pub fn kept_at_el2() -> bool {
+    KEPT_AT_EL2.load(Ordering::Relaxed)
 }
 
 /// CPU 0 at EL2 (MMU, device tree ready): starts every secondary at EL2
