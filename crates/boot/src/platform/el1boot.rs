@@ -181,6 +181,7 @@ pub fn enter_host(cpu: usize, percpu: u64) -> ! {
     write_sysreg!("icc_sre_el2", 0xf);
     write_sysreg!("hcr_el2", HOST_HCR_EL2);
     super::sysreg::isb();
+    super::switch::cache_gic_counts();
     // SAFETY: drops every EL1&0 TLB entry of VMID 0 before the host's
     // stage-1 comes on; no EL1 code ran with these tables yet.
     unsafe { core::arch::asm!("tlbi vmalle1", "dsb ish", "isb", options(nostack)) };

@@ -211,10 +211,12 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     // CPU interface: SRE | DFB | DIB | Enable (EL1 may use the system
     // register interface too).
     if super::el1boot::current_el() == 2 {
-        // At EL1 the hypervisor set it before the drop.
+        // At EL1 the hypervisor set it, and cached the counts, before the
+        // drop (`el1boot::enter_host`).
         write_sysreg!("icc_sre_el2", 0xf);
+        super::sysreg::isb();
+        super::switch::cache_gic_counts();
     }
-    super::sysreg::isb();
     write_sysreg!("icc_pmr_el1", 0xff);
     write_sysreg!("icc_bpr1_el1", 0);
     // EOImode 0: a write to ICC_EOIR1_EL1 also deactivates.

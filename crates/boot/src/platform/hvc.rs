@@ -5,7 +5,9 @@
 //! for an HVC ([`super::vectors`]), which calls the handler set with
 //! [`set_handler`] on x0..x7 with this CPU's index (read by EL2 from
 //! `TPIDR_EL2`, never taken from the caller). Until a handler is set,
-//! every call answers SMCCC `NOT_SUPPORTED`.
+//! every call answers SMCCC `NOT_SUPPORTED`, except the image-level calls
+//! of [`super::hostrun`] (`HOST_RUN`, the TLB calls), served first in
+//! either mode.
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -48,6 +50,9 @@ pub fn call(regs: &mut [u64; 8]) {
 #[no_mangle]
 extern "C" fn pkvm_el2_hvc(regs: &mut [u64; 8]) {
     let imm = crate::read_sysreg!("esr_el2") & 0xffff;
+    if imm == 0 && super::hostrun::serve(super::start::cpu_index(), regs) {
+        return;
+    }
     let p = HANDLER.load(Ordering::Acquire);
     if imm != 0 || p.is_null() {
         regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;

@@ -6,6 +6,9 @@
 //! - [`TlbOps`]: the TLBI / DSB / ISB sequences of the facts file. Stage-2
 //!   invalidation by IPA needs the target VMID in `VTTBR_EL2`, so
 //!   [`HwS2`] loads its VTTBR around the TLBI when another is current.
+//!   These are EL2-only: below EL2 (the host at EL1) [`HwS2`] asks the
+//!   hypervisor instead ([`super::hostrun::TLB_FLUSH_VMID_IPA`],
+//!   [`super::hostrun::TLB_FLUSH_VMID`]), deciding by `CurrentEL`.
 
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
@@ -127,8 +130,8 @@ impl PtMemory for HwS2 {
     }
 }
 
-impl TlbOps for HwS2 {
-    fn tlbi_leaf(&self, addr: u64, _level: Level) {
+impl HwS2 {
+    fn el2_tlbi_leaf(&self, addr: u64, _level: Level) {
         self.with_vmid(|| {
             // SAFETY: TLB maintenance for the current VMID only drops
             // cached translations.
@@ -140,7 +143,7 @@ impl TlbOps for HwS2 {
             }
         });
     }
-    fn tlbi_leaf_local(&self, addr: u64, _level: Level) {
+    fn el2_tlbi_leaf_local(&self, addr: u64, _level: Level) {
         self.with_vmid(|| {
             // SAFETY: as above, this CPU only.
             unsafe {
@@ -151,9 +154,9 @@ impl TlbOps for HwS2 {
             }
         });
     }
-    fn tlbi_range(&self, start: u64, end: u64) {
+    fn el2_tlbi_range(&self, start: u64, end: u64) {
         if (end - start) >> 12 > TLBI_RANGE_MAX_PAGES {
-            return self.tlbi_all();
+            return self.el2_tlbi_all();
         }
         self.with_vmid(|| {
             // SAFETY: as above.
@@ -168,7 +171,7 @@ impl TlbOps for HwS2 {
             unsafe { core::arch::asm!("dsb ish", "tlbi vmalle1is", "dsb ish", "isb", options(nostack, preserves_flags)) };
         });
     }
-    fn tlbi_all(&self) {
+    fn el2_tlbi_all(&self) {
         self.with_vmid(|| {
             // SAFETY: as above, whole VMID (stage 1 and 2).
             unsafe {
@@ -181,6 +184,47 @@ impl TlbOps for HwS2 {
                 )
             }
         });
+    }
+}
+
+/// Whether this code runs at EL2 (`CurrentEL`), where the TLB maintenance
+/// instructions of a stage-2 are available.
+pub fn at_el2() -> bool {
+    (read_sysreg!("CurrentEL") >> 2) & 3 == 2
+}
+
+impl TlbOps for HwS2 {
+    fn tlbi_leaf(&self, addr: u64, level: Level) {
+        if at_el2() {
+            return self.el2_tlbi_leaf(addr, level);
+        }
+        let f = super::hostrun::TLB_FLUSH_VMID_IPA;
+        super::hostrun::call_tlb_flush(f, self.vttbr, addr, false);
+    }
+    fn tlbi_leaf_local(&self, addr: u64, level: Level) {
+        if at_el2() {
+            return self.el2_tlbi_leaf_local(addr, level);
+        }
+        let f = super::hostrun::TLB_FLUSH_VMID_IPA;
+        super::hostrun::call_tlb_flush(f, self.vttbr, addr, true);
+    }
+    fn tlbi_range(&self, start: u64, end: u64) {
+        if at_el2() {
+            return self.el2_tlbi_range(start, end);
+        }
+        if (end - start) >> 12 > TLBI_RANGE_MAX_PAGES {
+            return self.tlbi_all();
+        }
+        for a in (start..end).step_by(4096) {
+            self.tlbi_leaf(a, Level(3));
+        }
+    }
+    fn tlbi_all(&self) {
+        if at_el2() {
+            return self.el2_tlbi_all();
+        }
+        let f = super::hostrun::TLB_FLUSH_VMID;
+        super::hostrun::call_tlb_flush(f, self.vttbr, 0, false);
     }
     fn dcache_clean_poc(&self, pa: Pa, size: u64) {
         dcache_clean_range(pa.0, size);

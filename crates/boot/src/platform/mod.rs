@@ -11,6 +11,7 @@
 //! | [`dt`] | device tree parsing (`fdt` crate) into [`dt::Platform`] |
 //! | [`mmu`] | EL2 stage-1: bootstrap blocks, then `PageTable<El2>` |
 //! | [`hvc`] | the host's `hvc #0` and the hypervisor's handler of it |
+//! | [`hostrun`] | `HOST_RUN` (every guest run of the VMM is a hypercall) and the TLB hypercalls: host call, hypervisor side |
 //! | [`hypmem`] | the hypervisor's own memory (pkvm-hyp's state, in its carve-out) |
 //! | [`hw`] | `PtMemory` and `TlbOps` for real hardware |
 //! | [`idregs`] | the CPU's ID registers (pkvm-sysreg's `HostIds`) |
@@ -29,6 +30,7 @@ pub mod el1host;
 pub mod exit;
 pub mod gic;
 pub mod handoff;
+pub mod hostrun;
 pub mod hvc;
 pub mod hw;
 pub mod hypmem;

@@ -13,12 +13,11 @@ pub fn set_ram_end(end: u64) {
     RAM_END.store(end, core::sync::atomic::Ordering::Relaxed);
 }
 
-/// RAM as the device tree gave it: (start, end).
-pub fn ram() -> (u64, u64) {
-    (
-        RAM_BASE,
-        RAM_END.load(core::sync::atomic::Ordering::Relaxed),
-    )
+/// Whether `[pa, pa + len)` lies inside RAM (for addresses a caller hands
+/// in: no panic).
+pub fn in_ram(pa: u64, len: u64) -> bool {
+    let end = RAM_END.load(core::sync::atomic::Ordering::Relaxed);
+    pa >= RAM_BASE && pa.checked_add(len).is_some_and(|e| e <= end)
 }
 
 fn check(pa: Pa, len: u64) {

@@ -120,19 +120,84 @@ impl SveRegs {
         self.zcr_el1 = zcr_len(self.vl);
     }
 
-    /// The save area's address, for the world switch's assembly.
-    pub(super) fn area_addr(&mut self) -> u64 {
-        self.area.as_mut_ptr() as u64
+    /// The world switch's view of these registers for one run (the save
+    /// area by physical address: the identity map, VA == PA, at EL2 and
+    /// for the host at EL1). [`SveRegs::after_run`] takes `ZCR_EL1` back.
+    pub fn run_view(&mut self) -> SveRun {
+        SveRun {
+            vl: self.vl,
+            zcr_el1: self.zcr_el1,
+            area: self.area.as_mut_ptr() as u64,
+        }
+    }
+
+    /// `ZCR_EL1` as the run left it (`run` from [`SveRegs::run_view`]).
+    pub fn after_run(&mut self, zcr_el1: u64) {
+        self.zcr_el1 = zcr_el1;
+    }
+}
+
+/// Bytes of every save area ([`SveRegs`]): room for the architecture's
+/// largest vector length, whatever length a run uses.
+pub const AREA_BYTES: u64 = area_bytes(SVE_VL_ARCH_MAX) as u64;
+
+/// A vCPU's SVE registers as one world switch uses them: the VM's vector
+/// length, `ZCR_EL1`, and the address of a save area of [`AREA_BYTES`]
+/// (16-byte aligned, RAM, identity-mapped, not the hypervisor's memory:
+/// checked by [`SveRun::checked`] when it comes from a host's run block).
+#[derive(Clone, Copy, Debug)]
+pub struct SveRun {
+    vl: u16,
+    /// `ZCR_EL1`.
+    pub zcr_el1: u64,
+    area: u64,
+}
+
+impl SveRun {
+    /// The view for vector length `vl` bytes over the area at `area`, when
+    /// `vl` is a power of two in 16..=256 and `area_ok` accepts the
+    /// 16-byte aligned range `[area, area + AREA_BYTES)`.
+    pub fn checked(
+        vl: u64,
+        zcr_el1: u64,
+        area: u64,
+        area_ok: impl FnOnce(u64, u64) -> bool,
+    ) -> Option<SveRun> {
+        let ok_vl = vl.is_power_of_two() && (16..=u64::from(SVE_VL_ARCH_MAX)).contains(&vl);
+        (ok_vl && area.is_multiple_of(16) && area_ok(area, AREA_BYTES)).then_some(SveRun {
+            vl: vl as u16,
+            zcr_el1,
+            area,
+        })
     }
 
     /// Makes the low 128 bits of each saved Z register the guest's current
     /// V register (`v`: q0-q31 as the exit stored them); a Z register whose
     /// low bits change gets its upper bits zeroed, as an FP/SIMD write
     /// does on hardware.
+    /// The save area's physical address.
+    pub fn area(&self) -> u64 {
+        self.area
+    }
+
+    /// The vector length in bytes.
+    pub fn vl(&self) -> u16 {
+        self.vl
+    }
+
     fn merge_v(&mut self, v: &[u128; 32]) {
         let per = usize::from(self.vl) / 16;
+        let words = AREA_BYTES as usize / 16;
+        // SAFETY: `area` is 16-byte aligned and `[area, area + AREA_BYTES)`
+        // is RAM identity-mapped read-write at EL2 (a `SveRegs` area, or
+        // checked by `SveRun::checked`); u128 has no invalid bit patterns.
+        // Another CPU writing it meanwhile (a hostile host) changes only
+        // the guest's register values.
+        let area = unsafe { core::slice::from_raw_parts_mut(self.area as *mut u128, words) };
         for (n, &q) in v.iter().enumerate() {
-            let z = &mut self.area[n * per..(n + 1) * per];
+            let Some(z) = area.get_mut(n * per..(n + 1) * per) else {
+                return;
+            };
             if z[0] != q {
                 z[0] = q;
                 z[1..].fill(0);
@@ -158,7 +223,7 @@ const fn zcr_len(vl: u16) -> u64 {
 
 /// With `CPTR_EL2.TZ` clear and synchronised (ISB): the VM's vector length
 /// into `ZCR_EL2` and the vCPU's `ZCR_EL1` (an ISB makes them take effect).
-fn load(s: &SveRegs) {
+fn load(s: &SveRun) {
     write_sysreg!("S3_4_C1_C2_0", zcr_len(s.vl));
     write_sysreg!("S3_0_C1_C2_0", s.zcr_el1);
 }
@@ -175,23 +240,23 @@ pub(super) fn is_sve_trap(exit: &Exit) -> bool {
 /// The lazy load, on the world switch's loop after the guest's first SVE
 /// use of a run trapped (the guest's registers are stored in memory, its
 /// EL1 state is loaded): the V registers `v` are merged into the save
-/// area ([`SveRegs::merge_v`]), `CPTR_EL2.TZ` is cleared, `ZCR_EL2.LEN`
+/// area ([`SveRun::merge_v`]), `CPTR_EL2.TZ` is cleared, `ZCR_EL2.LEN`
 /// set to the VM's length and the vCPU's `ZCR_EL1` loaded. Returns the
 /// area's address for `GuestRegs.sve`: the next entry loads Z/P/FFR from
 /// it, and every exit of the run stores them there. The caller re-enters
 /// at the trapping instruction (its PC is unchanged).
-pub(super) fn lazy_load(s: &mut SveRegs, v: &[u128; 32]) -> u64 {
+pub(super) fn lazy_load(s: &mut SveRun, v: &[u128; 32]) -> u64 {
     s.merge_v(v);
     write_sysreg!("cptr_el2", read_sysreg!("cptr_el2") & !cptr::TZ);
     super::sysreg::isb();
     load(s);
     super::sysreg::isb();
-    s.area_addr()
+    s.area
 }
 
 /// After a guest exit of a run whose Z/P/FFR were loaded: the vCPU's
 /// `ZCR_EL1` (Z/P/FFR were stored by the exit).
-pub(super) fn save(s: &mut SveRegs) {
+pub(super) fn save(s: &mut SveRun) {
     s.zcr_el1 = read_sysreg!("S3_0_C1_C2_0");
 }
 

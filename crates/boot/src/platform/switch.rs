@@ -43,11 +43,12 @@
 
 use core::arch::global_asm;
 use core::mem::offset_of;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use pkvm_sysreg::traps::{cptr, TrapControls};
 use pkvm_sysreg::{GuestDebug, MAX_POINTS};
 
-use super::sve::{self, SveRegs};
+use super::sve::{self, SveRun};
 use crate::{read_sysreg, update_sysreg, write_sysreg};
 
 /// Guest general-purpose, PC, PSTATE and FP/SIMD registers (used by asm).
@@ -68,7 +69,7 @@ pub struct GuestRegs {
     /// FPCR.
     pub fpcr: u64,
     /// Address of the vCPU's SVE save area while [`run`] runs a vCPU of a
-    /// VM with SVE ([`SveRegs`]) whose Z/P/FFR it has loaded (lazily, at
+    /// VM with SVE ([`SveRun`]) whose Z/P/FFR it has loaded (lazily, at
     /// the guest's first SVE use of the run), else 0: the entry loads
     /// Z/P/FFR from it after q0-q31, the exit stores them after q0-q31.
     sve: u64,
@@ -423,18 +424,37 @@ pub const ICH_HCR_UIE: u64 = 1 << 1;
 /// pending interrupt.
 pub const ICH_HCR_NPIE: u64 = 1 << 3;
 
-/// `ICH_VTR_EL2`, read at EL2 by [`init_cpu`] (the VMM at EL1 cannot).
-static ICH_VTR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// [`gic_lrs`] and [`gic_aprs`] as [`cache_gic_counts`] found them on the
+/// first CPU whose GIC CPU interface was set up (`lrs | aprs << 8`; 0: not
+/// yet): what the host, which cannot read `ICH_VTR_EL2` from EL1, sizes
+/// its vGIC's list-register view with.
+static GIC_COUNTS: AtomicU64 = AtomicU64::new(0);
+
+/// Records [`gic_lrs`] and [`gic_aprs`] for [`gic_counts`] (EL2, with the
+/// CPU interface's system registers enabled; the first call wins: the
+/// CPUs of a machine have the same counts).
+pub fn cache_gic_counts() {
+    let counts = gic_lrs() as u64 | (gic_aprs() as u64) << 8;
+    let _ = GIC_COUNTS.compare_exchange(0, counts, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// The number of list registers and of active-priority registers per
+/// group, cached at boot ([`GIC_COUNTS`]); readable at EL1.
+pub fn gic_counts() -> (usize, usize) {
+    let v = GIC_COUNTS.load(Ordering::Relaxed);
+    ((v & 0xff) as usize, (v >> 8) as usize)
+}
 
 /// The number of list registers of this CPU (`ICH_VTR_EL2.ListRegs` + 1).
+/// EL2 only (the host reads [`gic_counts`]).
 pub fn gic_lrs() -> usize {
-    (ICH_VTR.load(core::sync::atomic::Ordering::Relaxed) & 0x1f) as usize + 1
+    (read_sysreg!("S3_4_C12_C11_1") & 0x1f) as usize + 1
 }
 
 /// The number of `ICH_AP0R/AP1R<n>_EL2` of this CPU (from
-/// `ICH_VTR_EL2.PREbits`: 5 bits -> 1, 6 -> 2, 7 -> 4).
+/// `ICH_VTR_EL2.PREbits`: 5 bits -> 1, 6 -> 2, 7 -> 4). EL2 only.
 pub fn gic_aprs() -> usize {
-    let pre = ((ICH_VTR.load(core::sync::atomic::Ordering::Relaxed) >> 26) & 7) as usize + 1;
+    let pre = ((read_sysreg!("S3_4_C12_C11_1") >> 26) & 7) as usize + 1;
     1 << pre.saturating_sub(5).min(2)
 }
 
@@ -532,9 +552,11 @@ pub struct VcpuState {
     /// The virtual GIC CPU interface.
     pub gic: GicCpu,
     /// The guest's debug registers for the next entry, while its debug is
-    /// active (pkvm-sysreg's [`guest_debug`]); `None`: the hardware keeps
-    /// the hypervisor's disabled state.
-    pub debug: Option<GuestDebug>,
+    /// active (pkvm-sysreg's [`guest_debug`]); off: the hardware keeps
+    /// the hypervisor's disabled state. Plain integers (no `Option`), so
+    /// that every bit pattern is a valid `VcpuState` and the hypervisor
+    /// may copy one out of host memory ([`super::hostrun`]).
+    pub debug: DebugSlot,
 }
 
 impl VcpuState {
@@ -554,8 +576,49 @@ impl VcpuState {
             vmpidr: (1 << 31) | mpidr_aff,
             opt: OptRegs::default(),
             gic: GicCpu::default(),
-            debug: None,
+            debug: DebugSlot::OFF,
         }
+    }
+}
+
+/// A vCPU's debug registers for the next entry, or off: an `Option` in
+/// plain integers (`on` is 0 or 1; the hypervisor refuses any other value
+/// in a run block).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DebugSlot {
+    /// 1: `regs` are loaded for the run; 0: off.
+    pub on: u64,
+    /// The registers (meaningful while `on`).
+    pub regs: GuestDebug,
+}
+
+impl DebugSlot {
+    /// Off: the hardware keeps the hypervisor's disabled debug state.
+    pub const OFF: DebugSlot = DebugSlot {
+        on: 0,
+        regs: GuestDebug {
+            mdscr: 0,
+            brps: 0,
+            wrps: 0,
+            bvr: [0; MAX_POINTS],
+            bcr: [0; MAX_POINTS],
+            wvr: [0; MAX_POINTS],
+            wcr: [0; MAX_POINTS],
+        },
+    };
+
+    /// The slot for `d` (pkvm-sysreg's `guest_debug`).
+    pub fn new(d: Option<GuestDebug>) -> DebugSlot {
+        match d {
+            Some(regs) => DebugSlot { on: 1, regs },
+            None => DebugSlot::OFF,
+        }
+    }
+
+    /// The registers, when on.
+    pub fn get(&self) -> Option<&GuestDebug> {
+        (self.on != 0).then_some(&self.regs)
     }
 }
 
@@ -624,10 +687,6 @@ pub fn init_cpu() {
     // VPIDR_EL2: guests see the real MIDR.
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("hcr_el2", 1 << 31);
-    ICH_VTR.store(
-        read_sysreg!("S3_4_C12_C11_1"),
-        core::sync::atomic::Ordering::Relaxed,
-    );
     // FP/SIMD untrapped (EL2 Rust code uses it); SVE, SME and trace
     // trapped (bits 8 and 12 are TZ and TSM on CPUs with SVE/SME, RES1
     // without).
@@ -720,7 +779,7 @@ pub fn load_pmuserenr(v: u64) {
 pub fn run(
     vm: &VmRegs,
     vcpu: &mut VcpuState,
-    mut sve: Option<&mut SveRegs>,
+    mut sve: Option<&mut SveRun>,
     fast: &mut dyn FnMut(&Exit, &mut GuestRegs) -> bool,
 ) -> Exit {
     load_vcpu(vm, vcpu, sve.is_some());
@@ -770,7 +829,7 @@ fn load_vcpu(vm: &VmRegs, vcpu: &mut VcpuState, with_sve: bool) {
     }
     load_opt(vm, &vcpu.opt);
     load_gic(&vcpu.gic, vm.lrs, vm.aprs);
-    if let Some(d) = &vcpu.debug {
+    if let Some(d) = vcpu.debug.get() {
         load_debug(d);
     }
     super::sysreg::isb();
@@ -780,7 +839,7 @@ fn load_vcpu(vm: &VmRegs, vcpu: &mut VcpuState, with_sve: bool) {
 /// completes.
 fn run_loop(
     vcpu: &mut VcpuState,
-    mut sve: Option<&mut SveRegs>,
+    mut sve: Option<&mut SveRun>,
     fast: &mut dyn FnMut(&Exit, &mut GuestRegs) -> bool,
     entered: u64,
 ) -> Exit {
@@ -791,7 +850,7 @@ fn run_loop(
         // memory the VM owns, and TPIDR_EL2 points at this CPU's PerCpu.
         // `regs.sve` is 0 or (set by `sve::lazy_load`, which cleared
         // CPTR_EL2.TZ so the SVE transfers do not trap at EL2) the area of
-        // the `SveRegs` borrowed mutably for this call, which has room for
+        // the `SveRun` borrowed mutably for this call, whose area has room for
         // Z/P/FFR at the architecture's largest vector length (so at
         // whatever length ZCR_EL2 gives EL2). After a fast-path exit the
         // loaded state is as before (`fast` only changes `regs`).
@@ -831,7 +890,7 @@ fn save_vcpu(vm: &VmRegs, vcpu: &mut VcpuState) {
     }
     save_opt(vm, &mut vcpu.opt);
     save_gic(&mut vcpu.gic, vm.lrs, vm.aprs);
-    if let Some(d) = &vcpu.debug {
+    if let Some(d) = vcpu.debug.get() {
         disable_debug(d.brps, d.wrps);
     }
     super::sysreg::isb();

@@ -51,9 +51,7 @@ use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 use pkvm_pgtable::{PageTable, Stage2};
 use pkvm_sync::SpinGuard;
 use pkvm_sysreg::pmu::GuestEl;
-use pkvm_sysreg::{
-    guest_debug, handle_pmu_trap, inject_undef, El1State, HostFeature, Offer, Outcome,
-};
+use pkvm_sysreg::{guest_debug, handle_pmu_trap, inject_undef, El1State, Offer, Outcome};
 use pkvm_sysreg::{VcpuSysregs, VirtPmu, PMU_PPI};
 
 use pkvm_host::psci::PsciVm;
@@ -63,11 +61,15 @@ use super::guest::BootVm;
 use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
+use crate::platform::hostrun::{self, RunBlock, RunSve, RunVm};
 use crate::platform::sve::SveRegs;
-use crate::platform::switch::{self, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC};
+use crate::platform::switch::{
+    self, DebugSlot, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC,
+};
 use crate::platform::MAX_CPUS;
 use crate::platform::{gic, hw, timer};
 use crate::println;
+use alloc::boxed::Box;
 
 /// Exit counts seen by the backend (including those it handles itself),
 /// accumulated over the vCPU's life.
@@ -139,15 +141,30 @@ pub struct BackendStats {
 /// later.
 const PSTATE_SS: u64 = 1 << 21;
 
+/// What the backend makes of a run block the hypervisor refused (a VMM
+/// bug, logged): an exit of no known kind, which pkvm-host sees as
+/// `Unhandled`.
+const REFUSED_EXIT: switch::Exit = switch::Exit {
+    kind: u64::MAX,
+    esr: 0,
+    far: 0,
+    hpfar: 0,
+    slice: (0, 0),
+    sve_loaded: false,
+};
+
 /// The VMID of the last guest entered on each CPU (0: none yet).
 static LAST_VMID_ON: [AtomicU16; MAX_CPUS] = [const { AtomicU16::new(0) }; MAX_CPUS];
 
 /// The hardware-only state of one vCPU, lent to its backend while it runs.
 #[derive(Debug)]
 pub struct VcpuHw {
-    /// The world switch's view (FP/SIMD, PAC keys, timer offset live only
-    /// here; the rest is loaded from `VcpuContext` at each entry).
-    pub st: VcpuState,
+    /// The `HOST_RUN` block ([`hostrun`]): the world switch's view of the
+    /// vCPU in `st` (FP/SIMD, PAC keys, timer offset live only there; the
+    /// rest is loaded from `VcpuContext` at each entry), the VM's registers
+    /// and the exit. In the VMM's memory, handed to the hypervisor by
+    /// physical address for each run.
+    pub run: Box<RunBlock>,
     /// Counters.
     pub stats: BackendStats,
     /// x1..x3 whenever the vCPU is reset to start at the given PC (the
@@ -178,7 +195,7 @@ impl VcpuHw {
     /// offset 0.
     pub fn new() -> Self {
         VcpuHw {
-            st: VcpuState::new(0, [0; 4], 0),
+            run: Box::new(RunBlock::new(VcpuState::new(0, [0; 4], 0))),
             stats: BackendStats::default(),
             boot_args: None,
             last_vmid: 0,
@@ -201,7 +218,7 @@ impl VcpuHw {
     /// Sets the VM's `CNTVOFF_EL2` (one per VM: all its vCPUs read the
     /// same virtual time, which starts near 0 when the VM is created).
     pub fn with_voff(mut self, voff: u64) -> Self {
-        self.st.timer.voff = voff;
+        self.run.st.timer.voff = voff;
         self
     }
 
@@ -224,9 +241,9 @@ impl VcpuHw {
     pub fn on_reset(&mut self, ctx: &mut VcpuContext) {
         self.stats.resets += 1;
         self.sysregs.reset();
-        self.st.opt = OptRegs::default();
-        self.st.gic = GicCpu::default();
-        let r = &mut self.st.regs;
+        self.run.st.opt = OptRegs::default();
+        self.run.st.gic = GicCpu::default();
+        let r = &mut self.run.st.regs;
         r.v = [0; 32];
         r.fpsr = 0;
         r.fpcr = 0;
@@ -319,30 +336,46 @@ impl<'a> HwBackend<'a> {
         &mut self.hw
     }
 
+    /// The VM's registers for this scheduler run, also written to the run
+    /// block ([`RunVm`]): a hyp-managed stage-2 passes no `VTTBR`/`VTCR`
+    /// (the hypervisor takes them from the vCPU loaded on this CPU). The
+    /// returned `VmRegs` is the host's view (VMID for the statistics, the
+    /// list-register counts cached at boot for the vGIC).
     fn vm_regs(&mut self, s2: &StageTwo) -> Option<VmRegs> {
-        let (root, vmid, geo) = match *s2 {
-            StageTwo::Host { vmid, root, geo } => (root, vmid, geo),
+        let (root, vmid, geo, stage) = match *s2 {
+            StageTwo::Host { vmid, root, geo } => (root, vmid, geo, hostrun::stage::HOST),
             StageTwo::Hyp { .. } => {
                 let c = self.hyp?.loaded_vcpu_context(self.cpu)?;
-                (c.s2_root, c.vmid, c.geometry)
+                (c.s2_root, c.vmid, c.geometry, hostrun::stage::HYP)
             }
         };
         self.s2 = Some((root, geo));
-        Some(VmRegs {
+        let (lrs, aprs) = switch::gic_counts();
+        let vm = VmRegs {
             vttbr: vttbr(root, vmid),
             vtcr: vtcr(geo.ipa_bits, self.parange, VtcrOptions::default()).ok()?,
             traps: self.policy.traps,
             pauth: self.policy.pauth(),
-            sme: self.policy.features.host().has(HostFeature::Sme),
-            ras: self.policy.features.host().has(HostFeature::Ras),
-            lrs: switch::gic_lrs(),
-            aprs: switch::gic_aprs(),
-        })
+            sme: false,
+            ras: false,
+            lrs,
+            aprs,
+        };
+        let host_built = stage == hostrun::stage::HOST;
+        self.hw.run.vm = RunVm {
+            stage,
+            vttbr: if host_built { vm.vttbr } else { 0 },
+            vtcr: if host_built { vm.vtcr } else { 0 },
+            traps: vm.traps,
+            flags: if vm.pauth { hostrun::FLAG_PAUTH } else { 0 },
+            pmuserenr: self.hw.run.vm.pmuserenr,
+        };
+        Some(vm)
     }
 
     fn load(&mut self, ctx: &VcpuContext) {
         let (g, s) = (&ctx.gprs, &ctx.sys);
-        let st = &mut self.hw.st;
+        let st = &mut self.hw.run.st;
         st.regs.x = g.x;
         st.regs.pc = g.pc;
         st.regs.pstate = g.pstate;
@@ -374,7 +407,7 @@ impl<'a> HwBackend<'a> {
     }
 
     fn save(&self, ctx: &mut VcpuContext) {
-        let st = &self.hw.st;
+        let st = &self.hw.run.st;
         let (g, s) = (&mut ctx.gprs, &mut ctx.sys);
         g.x = st.regs.x;
         g.pc = st.regs.pc;
@@ -411,7 +444,7 @@ impl<'a> HwBackend<'a> {
         let (ctl, cval) = sysregs::ptimer_regs(&self.hw.sysregs);
         let now = timer::now();
         (
-            TimerLine::virt(&self.hw.st.timer, now),
+            TimerLine::virt(&self.hw.run.st.timer, now),
             TimerLine::phys(ctl, cval, now),
         )
     }
@@ -430,21 +463,21 @@ impl<'a> HwBackend<'a> {
     fn run_once(&mut self, vm: &VmRegs) -> Option<GuestExit> {
         let index = self.hw.who.1;
         self.before_entry(vm, index);
-        let (exit, deferred, done) = self.switch(vm, index);
+        let (exit, deferred, done) = self.switch(index);
         self.pmu_after_exit(exit.slice);
         let (vt, pt) = self.timers();
         let kick = self
             .irq
-            .sync(index, &self.hw.st.gic, vm.lrs, vt.level, pt.level);
+            .sync(index, &self.hw.run.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         match exit.kind {
             // Completed by the fast path; the vGIC sync above saw the
             // device's new line.
             EXIT_SYNC if done => None,
             EXIT_SYNC => {
-                let pc = self.hw.st.regs.pc;
+                let pc = self.hw.run.st.regs.pc;
                 let out = self.sync_exit(&exit, deferred);
-                let r = &mut self.hw.st.regs;
+                let r = &mut self.hw.run.st.regs;
                 if r.pc == pc.wrapping_add(4) {
                     r.pstate &= !PSTATE_SS;
                 }
@@ -461,7 +494,7 @@ impl<'a> HwBackend<'a> {
         let (vt, pt) = self.timers();
         let kick = self
             .irq
-            .flush(index, &mut self.hw.st.gic, vm.lrs, vt.level, pt.level);
+            .flush(index, &mut self.hw.run.st.gic, vm.lrs, vt.level, pt.level);
         self.kick(kick);
         // An unhandled virtual-timer level would take the guest out again
         // at once: mask the physical PPI until the virtual line drops.
@@ -476,30 +509,54 @@ impl<'a> HwBackend<'a> {
     /// the fast path computed for a register access it left to the full
     /// path, and whether it completed an MMIO access whose interrupt line
     /// changed.
-    fn switch(&mut self, vm: &VmRegs, index: usize) -> (switch::Exit, Option<Action>, bool) {
+    fn switch(&mut self, index: usize) -> (switch::Exit, Option<Action>, bool) {
         let hw = &mut *self.hw;
-        hw.st.debug = guest_debug(&hw.sysregs, &self.policy.features);
-        hw.stats.debug_entries += u64::from(hw.st.debug.is_some());
+        let debug = guest_debug(&hw.sysregs, &self.policy.features);
+        hw.stats.debug_entries += u64::from(debug.is_some());
         // A guest using self-hosted debug takes every exit on the full
         // path: the fast paths neither reload its breakpoints after an
         // emulated write nor clear PSTATE.SS after an emulated instruction.
-        let debug = hw.st.debug.is_some();
-        hw.st.regs.ctr_el0 = if debug { 0 } else { self.policy.ctr_fast() };
+        let on = debug.is_some();
+        hw.run.st.debug = DebugSlot::new(debug);
+        hw.run.st.regs.ctr_el0 = if on { 0 } else { self.policy.ctr_fast() };
+        hw.run.sve = RunSve::of(hw.sve.as_mut());
         let mut fast = Fast {
             sysregs: &mut hw.sysregs,
             stats: &mut hw.stats,
             policy: self.policy,
             dev: self.dev,
             index,
-            enabled: !debug,
+            enabled: !on,
             deferred: None,
             done: false,
         };
-        let exit = switch::run(vm, &mut hw.st, hw.sve.as_mut(), &mut |e, regs| {
-            fast.exit(e, regs)
-        });
+        let (mut entered, mut sve_loaded) = (None, false);
+        // The fast paths' loop: an exit they complete issues `HOST_RUN`
+        // again at once.
+        let exit = loop {
+            if let Err((status, why)) = hostrun::call(&mut hw.run) {
+                println!(
+                    "vm {}: vCPU {index}: HOST_RUN refused: {status} (reason {why})",
+                    hw.who.0
+                );
+                break REFUSED_EXIT;
+            }
+            let e = hw.run.exit.exit();
+            let first = *entered.get_or_insert(e.slice.0);
+            sve_loaded |= e.sve_loaded;
+            if !fast.exit(&e, &mut hw.run.st.regs) {
+                break switch::Exit {
+                    slice: (first, e.slice.1),
+                    sve_loaded,
+                    ..e
+                };
+            }
+        };
         let (deferred, done) = (fast.deferred, fast.done);
-        let ctr = core::mem::take(&mut hw.st.regs.ctr_reads);
+        if let Some(s) = hw.sve.as_mut() {
+            s.after_run(hw.run.sve.zcr_el1);
+        }
+        let ctr = core::mem::take(&mut hw.run.st.regs.ctr_reads);
         let s = &mut hw.stats;
         s.ctr_vector += ctr;
         s.sysreg += ctr;
@@ -538,13 +595,14 @@ impl<'a> HwBackend<'a> {
     /// UNDEF, whatever another VM left there), and, with a PMU, an early
     /// exit at the first predicted overflow of a counter whose interrupt
     /// is enabled, so the PPI is not late.
-    fn pmu_before_entry(&self) {
+    fn pmu_before_entry(&mut self) {
         if !self.has_pmu() {
-            switch::load_pmuserenr(1);
+            self.hw.run.vm.pmuserenr = 1;
             return;
         }
-        let pmu = &self.hw.pmu;
-        switch::load_pmuserenr(pmu.userenr());
+        let hw = &mut *self.hw;
+        hw.run.vm.pmuserenr = hw.pmu.userenr();
+        let pmu = &hw.pmu;
         if let Some(cycles) = pmu.cycles_to_overflow() {
             let ticks = cycles.div_ceil(cycles_per_tick());
             timer::pull_in(timer::now().saturating_add(ticks));
@@ -566,7 +624,7 @@ impl<'a> HwBackend<'a> {
             .wrapping_sub(slice.0)
             .saturating_mul(cycles_per_tick());
         hw.pmu
-            .advance(cycles, GuestEl::of_pstate(hw.st.regs.pstate));
+            .advance(cycles, GuestEl::of_pstate(hw.run.st.regs.pstate));
         let kick = self.irq.set_ppi(index, PMU_PPI, hw.pmu.irq_level());
         self.kick(kick);
     }
@@ -575,7 +633,7 @@ impl<'a> HwBackend<'a> {
     fn pmu_access(&mut self, call: &pkvm_sysreg::HookCall) {
         let hw = &mut *self.hw;
         let out = handle_pmu_trap(&mut hw.pmu, call);
-        let r = &mut hw.st.regs;
+        let r = &mut hw.run.st.regs;
         match out {
             Outcome::Handled(_) => out.complete(&mut r.x, &mut r.pc),
             _ => return self.undef(UndefCause::Pmu(call.row)),
@@ -611,7 +669,7 @@ impl<'a> HwBackend<'a> {
             ec::WFX => self.wfx(esr),
             ec::SYS64 => {
                 let hw = &mut *self.hw;
-                let r = &mut hw.st.regs;
+                let r = &mut hw.run.st.regs;
                 let action = deferred.unwrap_or_else(|| {
                     hw.stats.sysreg += 1;
                     sysregs::sysreg_trap(&mut hw.sysregs, self.policy, esr, &r.x, timer::now())
@@ -650,7 +708,7 @@ impl<'a> HwBackend<'a> {
     /// deadline ([`VcpuHw::wait`] tells the scheduler).
     fn wfx(&mut self, esr: Esr) -> Option<GuestExit> {
         self.hw.stats.wfx += 1;
-        self.hw.st.regs.pc += 4;
+        self.hw.run.st.regs.pc += 4;
         let wfe = esr.iss() & 1 != 0;
         let action = if wfe {
             WfiAction::Yield
@@ -681,7 +739,7 @@ impl<'a> HwBackend<'a> {
         let Some((write, s)) = syn else {
             return self.inject_dabt(far);
         };
-        let r = &mut self.hw.st.regs;
+        let r = &mut self.hw.run.st.regs;
         let rt = |x: &[u64; 31]| if s.srt < 31 { x[s.srt as usize] } else { 0 };
         let size = s.size() as usize;
         let res = self.irq.mmio(ipa, size, write.then(|| rt(&r.x)));
@@ -702,9 +760,9 @@ impl<'a> HwBackend<'a> {
     /// with the abort's syndrome).
     fn inject_dabt(&mut self, far: u64) {
         self.hw.stats.gic_aborts += 1;
-        let from_el0 = self.hw.st.regs.pstate & pstate::MODE_MASK == pstate::MODE_EL0T;
+        let from_el0 = self.hw.run.st.regs.pstate & pstate::MODE_MASK == pstate::MODE_EL0T;
         let hw = &mut *self.hw;
-        let (r, s) = (&mut hw.st.regs, &mut hw.st.sys);
+        let (r, s) = (&mut hw.run.st.regs, &mut hw.run.st.sys);
         let mut el1 = El1State {
             pc: r.pc,
             pstate: r.pstate,
@@ -739,7 +797,7 @@ impl<'a> HwBackend<'a> {
     /// and logs it, rate-limited ([`sysregs::undef_logged`]).
     fn undef(&mut self, why: UndefCause) {
         let hw = &mut *self.hw;
-        let (r, s) = (&mut hw.st.regs, &mut hw.st.sys);
+        let (r, s) = (&mut hw.run.st.regs, &mut hw.run.st.sys);
         hw.stats.undefs += 1;
         let n = hw.stats.undefs;
         if sysregs::undef_logged(n) {

@@ -27,7 +27,8 @@ use pkvm_sync::{LockClass, SpinLock};
 use super::{pool, vcpurun};
 use crate::platform::hw::{HwEl2, HwS2};
 use crate::platform::start;
-use crate::platform::{hvc, hypmem};
+use crate::platform::{hostrun, hvc, hypmem, switch};
+use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 
 /// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
 /// VMID (the root address is not needed for TLBI).
@@ -249,7 +250,6 @@ pub fn pkvm_init_refused_again(
 fn pkvm_init(regs: &mut [u64; 8]) {
     use pkvm_hyp::hvc::ret;
     let at = regs[1];
-    let (ram_start, ram_end) = crate::platform::phys::ram();
     let bytes = 8 * PKVM_INIT_WORDS as u64;
     let set = |regs: &mut [u64; 8], r: i64| {
         *regs = [r as u64, 0, 0, 0, 0, 0, 0, 0];
@@ -257,7 +257,7 @@ fn pkvm_init(regs: &mut [u64; 8]) {
     if HVC_TARGET.lock().is_some() {
         return set(regs, pkvm_arch::smccc::ret::NOT_SUPPORTED);
     }
-    if !at.is_multiple_of(8) || at < ram_start || at.saturating_add(bytes) > ram_end {
+    if !at.is_multiple_of(8) || !crate::platform::phys::in_ram(at, bytes) {
         return set(regs, ret::INVALID_PARAMETER);
     }
     let w = |i: usize| crate::platform::phys::read_u64(Pa(at + 8 * i as u64));
@@ -314,9 +314,24 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
             let (func, args) = (regs[0], [regs[1], regs[2]]);
             h.handle_host_hvc(cpu, regs);
             vcpurun::after_host_call(func, args, regs[0]);
+            let done = regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS;
+            if func == pkvm_hyp::hvc::id::FINALIZE as u64 && done {
+                hostrun::set_protected(loaded_stage2);
+            }
         }
         None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
     }
+}
+
+/// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on CPU
+/// `cpu`, for `HOST_RUN` of a hyp-managed VM ([`hostrun::set_protected`],
+/// at EL2).
+fn loaded_stage2(cpu: usize) -> Option<(u64, u64)> {
+    let h = (*HVC_TARGET.lock())?;
+    let c = h.loaded_vcpu_context(cpu)?;
+    let opts = VtcrOptions::default();
+    let vtcr = vtcr(c.geometry.ipa_bits, switch::parange(), opts).ok()?;
+    Some((vttbr(c.s2_root, c.vmid), vtcr))
 }
 
 /// The host -> hypervisor call: the only place the host enters pkvm-hyp,

@@ -133,7 +133,7 @@ pub fn bring_up(p: &Platform) -> Result<usize, BringUpError> {
         crate::platform::el1boot::current_el(),
         gic::PPI_VTIMER,
         gic::PPI_MAINTENANCE,
-        crate::platform::switch::gic_lrs(),
+        crate::platform::switch::gic_counts().0,
         timer::frequency()
     );
     if crate::platform::el1boot::current_el() == 1 && !el1_interrupts() {

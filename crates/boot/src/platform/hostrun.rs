@@ -1,0 +1,604 @@
+//! `HOST_RUN`: every guest run of the VMM is a hypercall, and the
+//! hypervisor's side of it (EL2; nothing here is the VMM's).
+//!
+//! The host (the VMM, at EL2 today and at EL1 once it is deprivileged)
+//! fills a page-aligned [`RunBlock`] in its own memory and issues
+//! `hvc #0` with x0 = [`HOST_RUN`], x1 = the block's physical address
+//! ([`call`]). The hypervisor ([`serve`]):
+//!
+//! 1. checks the address: page-aligned, RAM, not its own memory (the
+//!    [`super::hypmem`] range, the EL2 stacks, its per-CPU buffers);
+//! 2. copies the block into this CPU's buffer in its own memory, so that
+//!    the host cannot change what was checked while the guest runs;
+//! 3. validates the copy ([`check`]): the guest's PSTATE is AArch64
+//!    EL0t/EL1t/EL1h; live list registers are virtual only (no HW bit,
+//!    RES0 and pINTID clear, INTID < 1020); `ICH_HCR_EL2` only the
+//!    enable/maintenance bits; `HCR_EL2` keeps VM, RW, IMO, FMO, AMO and
+//!    never has E2H, TGE or NV/NV1/NV2; `CPTR_EL2.TFP` clear (the
+//!    hypervisor's own FP/SIMD code) and `TZ` clear for a VM with SVE;
+//!    `MDCR_EL2.TDE` clear; pointer authentication and MPAM only on a CPU
+//!    with them; the debug registers within the CPU's counts, HMC clear;
+//!    the SVE area RAM of the host's, 16-byte aligned, at a vector length
+//!    that is a power of two in 16..=256. The stage-2: for a VM whose
+//!    stage-2 is pkvm-hyp's ([`stage::HYP`], protected mode) the host
+//!    passes no `VTTBR`/`VTCR` and the hypervisor takes them from the vCPU
+//!    loaded on this CPU ([`set_protected`]'s lookup); a stage-2 the host
+//!    built ([`stage::HOST`], standard mode) is accepted only while the
+//!    host is trusted (no host stage-2 yet: nVHE-style, as KVM without
+//!    pKVM), and never with VMID 0 (the host's own). The list-register
+//!    counts, SME and RAS come from the CPU, never from the block;
+//! 4. runs the guest with the world switch ([`switch::run`], from inside
+//!    the hypercall as `VCPU_RUN` does: the world switch's per-CPU state
+//!    set aside, and, when the host runs at EL1, its EL1 registers and
+//!    controls saved and put back) until its first exit;
+//! 5. copies the vCPU's state and the [`RunExit`] back into the host's
+//!    block.
+//!
+//! A refused block gets `INVALID_PARAMETER` in x0 and the [`Refused`]
+//! reason in x1, and nothing changes: neither the block nor any register.
+//!
+//! The host's fast paths (pkvm-sysreg's table, the PL011) complete an exit
+//! on the host side and issue `HOST_RUN` again at once; the `CTR_EL0`
+//! answer of the EL2 vectors stays inside the run.
+//!
+//! [`TLB_FLUSH_VMID_IPA`] and [`TLB_FLUSH_VMID`] are the stage-2 TLB
+//! maintenance of a host-built stage-2 from a host at EL1 (the
+//! instructions are EL2-only), honoured only while the host is trusted,
+//! as nVHE KVM's `__kvm_tlb_flush_vmid_ipa` / `__kvm_tlb_flush_vmid`;
+//! [`super::hw::HwS2`] issues them when it finds itself below EL2.
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+
+use pkvm_arch::smccc::ret;
+use pkvm_arch::Level;
+use pkvm_pgtable::TlbOps;
+use pkvm_sync::{LockClass, SpinLock};
+use pkvm_sysreg::traps::{cptr, TrapControls};
+use pkvm_sysreg::{HostFeature, MAX_POINTS};
+
+use super::hw::HwS2;
+use super::sve::SveRun;
+use super::switch::{self, El1Sysregs, Exit, VcpuState, VmRegs};
+use super::{hvc, hypmem, phys, start, MAX_CPUS, STACK_SIZE};
+use crate::read_sysreg;
+
+/// Runs the vCPU of the run block at x1 (physical address) until its
+/// first exit the world switch does not answer itself.
+pub const HOST_RUN: u32 = 0xc600_0043;
+/// Invalidates the stage-2 TLB entries of IPA x2 for the VM of VTTBR x1
+/// (x3 = 1: this CPU only). Host-built stage-2s, trusted host only.
+pub const TLB_FLUSH_VMID_IPA: u32 = 0xc600_0048;
+/// Invalidates every TLB entry of the VM of VTTBR x1. Host-built
+/// stage-2s, trusted host only.
+pub const TLB_FLUSH_VMID: u32 = 0xc600_0049;
+
+/// Whose stage-2 the VM runs under ([`RunVm::stage`]).
+pub mod stage {
+    /// Built by the host (standard mode): `VTTBR`/`VTCR` from the block.
+    pub const HOST: u64 = 0;
+    /// pkvm-hyp's (protected mode): taken from the vCPU loaded on this CPU.
+    pub const HYP: u64 = 1;
+}
+
+/// [`RunVm::flags`]: the VM has pointer authentication (its keys are
+/// switched). No other bit is defined.
+pub const FLAG_PAUTH: u64 = 1;
+
+/// The VM's side of a run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RunVm {
+    /// [`stage::HOST`] or [`stage::HYP`].
+    pub stage: u64,
+    /// `VTTBR_EL2` of a host-built stage-2 (0 for [`stage::HYP`]).
+    pub vttbr: u64,
+    /// `VTCR_EL2` of a host-built stage-2 (0 for [`stage::HYP`]).
+    pub vtcr: u64,
+    /// The VM's trap controls (pkvm-sysreg's policy for its features).
+    pub traps: TrapControls,
+    /// [`FLAG_PAUTH`].
+    pub flags: u64,
+    /// The guest's `PMUSERENR_EL0` for the run.
+    pub pmuserenr: u64,
+}
+
+/// The vCPU's SVE registers for a VM with SVE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RunSve {
+    /// Physical address of the save area ([`super::sve::AREA_BYTES`]);
+    /// 0: the VM has no SVE.
+    pub area: u64,
+    /// The VM's vector length in bytes.
+    pub vl: u64,
+    /// `ZCR_EL1` (in and out).
+    pub zcr_el1: u64,
+}
+
+/// Why the guest stopped (out), as [`Exit`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunExit {
+    /// Vector index ([`switch::EXIT_SYNC`], [`switch::EXIT_IRQ`], ...).
+    pub kind: u64,
+    /// `ESR_EL2`.
+    pub esr: u64,
+    /// `FAR_EL2`.
+    pub far: u64,
+    /// `HPFAR_EL2`.
+    pub hpfar: u64,
+    /// The physical count at entry and at exit.
+    pub slice: [u64; 2],
+    /// 1: the run loaded the vCPU's SVE registers.
+    pub sve_loaded: u64,
+}
+
+impl RunSve {
+    /// The fields for `sve`, a vCPU's SVE registers ([`super::sve::SveRegs`]),
+    /// or none.
+    pub fn of(sve: Option<&mut super::sve::SveRegs>) -> RunSve {
+        match sve.map(|s| s.run_view()) {
+            Some(v) => RunSve {
+                area: v.area(),
+                vl: u64::from(v.vl()),
+                zcr_el1: v.zcr_el1,
+            },
+            None => RunSve {
+                area: 0,
+                vl: 0,
+                zcr_el1: 0,
+            },
+        }
+    }
+}
+
+impl RunExit {
+    /// As the world switch's [`Exit`].
+    pub fn exit(&self) -> Exit {
+        Exit {
+            kind: self.kind,
+            esr: self.esr,
+            far: self.far,
+            hpfar: self.hpfar,
+            slice: (self.slice[0], self.slice[1]),
+            sve_loaded: self.sve_loaded != 0,
+        }
+    }
+}
+
+/// One guest run, in the host's memory: plain integers only (every bit
+/// pattern is a valid `RunBlock`, so the hypervisor may copy whatever the
+/// host wrote), one page.
+#[repr(C, align(4096))]
+#[derive(Clone, Copy, Debug)]
+pub struct RunBlock {
+    /// The VM (in).
+    pub vm: RunVm,
+    /// SVE (in; `zcr_el1` in and out).
+    pub sve: RunSve,
+    /// The exit (out).
+    pub exit: RunExit,
+    /// The vCPU (in and out).
+    pub st: VcpuState,
+}
+
+/// The bytes of a [`RunBlock`] that carry something.
+const USED: usize = core::mem::offset_of!(RunBlock, st) + size_of::<VcpuState>();
+const _: () = assert!(size_of::<RunBlock>() == 4096 && USED <= 4096);
+
+impl RunBlock {
+    /// A block for a vCPU in state `st`, no VM yet.
+    pub fn new(st: VcpuState) -> RunBlock {
+        RunBlock {
+            vm: RunVm {
+                stage: stage::HOST,
+                vttbr: 0,
+                vtcr: 0,
+                traps: TrapControls {
+                    hcr: 0,
+                    cptr: 0,
+                    mdcr: 0,
+                    cnthctl: 0,
+                    mpam2: 0,
+                },
+                flags: 0,
+                pmuserenr: 0,
+            },
+            sve: RunSve {
+                area: 0,
+                vl: 0,
+                zcr_el1: 0,
+            },
+            exit: RunExit::default(),
+            st,
+        }
+    }
+}
+
+/// Why a run block was refused (x1 of the answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Refused {
+    /// The block's address: unaligned, not RAM, or the hypervisor's.
+    Address = 1,
+    /// PSTATE not AArch64 EL0t/EL1t/EL1h.
+    Pstate = 2,
+    /// A live list register with the HW bit, RES0/pINTID bits or a
+    /// special INTID.
+    ListRegister = 3,
+    /// `ICH_HCR_EL2` beyond the enable and maintenance bits.
+    GicHcr = 4,
+    /// `HCR_EL2` without VM/RW/IMO/FMO/AMO, or with E2H/TGE/NV.
+    Hcr = 5,
+    /// `CPTR_EL2`/`MDCR_EL2`/`MPAM2_EL2` the hypervisor cannot run with.
+    Traps = 6,
+    /// Stage-2: a `VTTBR`/`VTCR` for a hyp-managed VM, no vCPU loaded, an
+    /// unknown stage, or VMID 0.
+    Stage2 = 7,
+    /// A host-built stage-2 while the host is not trusted.
+    Untrusted = 8,
+    /// Pointer authentication on a CPU without it, or an unknown flag.
+    Feature = 9,
+    /// The SVE area or vector length.
+    Sve = 10,
+    /// The debug registers (counts, HMC, `on` not 0/1).
+    Debug = 11,
+}
+
+/// The hypervisor's lookup of the stage-2 of the vCPU loaded on a CPU
+/// (`VTTBR`, `VTCR`), in protected mode.
+pub type LoadedStage2 = fn(cpu: usize) -> Option<(u64, u64)>;
+
+/// The [`LoadedStage2`] lookup (null: standard mode).
+static LOADED: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+/// Whether the host is trusted with its own stage-2s (until protected mode
+/// finalises).
+static TRUSTED: AtomicBool = AtomicBool::new(true);
+
+/// Protected mode has finalised (the hypervisor's own `FINALIZE`): the
+/// host is no longer trusted with stage-2s of its own (no more
+/// [`stage::HOST`] runs or TLB hypercalls), and [`stage::HYP`] runs take
+/// their stage-2 from `loaded`. EL2 only.
+pub fn set_protected(loaded: LoadedStage2) {
+    LOADED.store(loaded as *mut (), Ordering::Release);
+    TRUSTED.store(false, Ordering::Release);
+}
+
+/// Whether the host is still trusted with its own stage-2s.
+pub fn host_trusted() -> bool {
+    TRUSTED.load(Ordering::Acquire)
+}
+
+fn loaded_stage2(cpu: usize) -> Option<(u64, u64)> {
+    let p = LOADED.load(Ordering::Acquire);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: LOADED only ever holds null (checked) or a `LoadedStage2`
+    // stored by `set_protected`, a function pointer of exactly this type.
+    let f: LoadedStage2 = unsafe { core::mem::transmute::<*mut (), LoadedStage2>(p) };
+    f(cpu)
+}
+
+/// What this CPU has, for [`check`] (read once per CPU at EL2).
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    lrs: usize,
+    aprs: usize,
+    brps: usize,
+    wrps: usize,
+    pauth: bool,
+    sme: bool,
+    ras: bool,
+    mpam: bool,
+}
+
+const CAPS_VALID: u64 = 1 << 63;
+static CAPS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn caps(cpu: usize) -> Caps {
+    let mut v = CAPS[cpu].load(Ordering::Relaxed);
+    if v & CAPS_VALID == 0 {
+        let ids = super::idregs::host_ids();
+        let dfr0 = read_sysreg!("id_aa64dfr0_el1");
+        v = CAPS_VALID
+            | switch::gic_lrs() as u64
+            | (switch::gic_aprs() as u64) << 8
+            | (((dfr0 >> 12) & 0xf) + 1) << 16
+            | (((dfr0 >> 20) & 0xf) + 1) << 24
+            | u64::from(ids.has(HostFeature::PAuth)) << 32
+            | u64::from(ids.has(HostFeature::Sme)) << 33
+            | u64::from(ids.has(HostFeature::Ras)) << 34
+            | u64::from(ids.has(HostFeature::Mpam)) << 35;
+        CAPS[cpu].store(v, Ordering::Relaxed);
+    }
+    let byte = |s: u32| ((v >> s) & 0xff) as usize;
+    Caps {
+        lrs: byte(0),
+        aprs: byte(8),
+        brps: byte(16),
+        wrps: byte(24),
+        pauth: v & (1 << 32) != 0,
+        sme: v & (1 << 33) != 0,
+        ras: v & (1 << 34) != 0,
+        mpam: v & (1 << 35) != 0,
+    }
+}
+
+/// This CPU's copy of the block being run, in the hypervisor's memory.
+#[allow(clippy::declare_interior_mutable_const)]
+const BUF_INIT: SpinLock<RunBlock> = SpinLock::new(
+    // SAFETY: a `RunBlock` is plain integers (and arrays and structs of
+    // them) throughout, for which all-zero is a valid value.
+    unsafe { core::mem::zeroed() },
+    LockClass::Leaf,
+);
+static BUFS: [SpinLock<RunBlock>; MAX_CPUS] = [BUF_INIT; MAX_CPUS];
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Whether `[pa, pa + len)` is RAM the host may hand in: not the
+/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers).
+fn host_ram(pa: u64, len: u64) -> bool {
+    extern "C" {
+        static __stacks_start: u8;
+    }
+    let Some(end) = pa.checked_add(len) else {
+        return false;
+    };
+    let r = (pa, end);
+    let stacks = core::ptr::addr_of!(__stacks_start) as u64;
+    let stacks = (stacks, stacks + STACK_SIZE * MAX_CPUS as u64);
+    let bufs = BUFS.as_ptr() as u64;
+    let bufs = (bufs, bufs + size_of_val(&BUFS) as u64);
+    phys::in_ram(pa, len)
+        && !overlaps(r, hypmem::range())
+        && !overlaps(r, stacks)
+        && !overlaps(r, bufs)
+}
+
+/// The hypervisor's side of the image-level calls of this module, from
+/// the HVC handler ([`super::hvc`]) before anything else sees them;
+/// `false`: not one of them.
+pub fn serve(cpu: usize, regs: &mut [u64; 8]) -> bool {
+    match regs[0] {
+        x if x == u64::from(HOST_RUN) => {
+            let r = host_run(cpu, regs[1]);
+            regs[0] = match r {
+                Ok(()) => ret::SUCCESS as u64,
+                Err(_) => ret::INVALID_PARAMETER as u64,
+            };
+            regs[1] = r.err().map_or(0, |w| w as u64);
+        }
+        x if x == u64::from(TLB_FLUSH_VMID_IPA) || x == u64::from(TLB_FLUSH_VMID) => {
+            regs[0] = tlb_flush(regs) as u64;
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// `HOST_RUN` of the block at `pa` on CPU `cpu`.
+fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
+    if !pa.is_multiple_of(4096) || !host_ram(pa, 4096) || cpu >= MAX_CPUS {
+        return Err(Refused::Address);
+    }
+    let loaded = loaded_stage2(cpu);
+    let caps = caps(cpu);
+    let mut b = BUFS[cpu].lock();
+    // SAFETY: `[pa, pa + 4096)` is RAM identity-mapped at EL2 and not the
+    // hypervisor's memory (checked above), so it cannot overlap `b`; a
+    // `RunBlock` is plain integers, so whatever bytes are there make a
+    // valid one (the host may change them meanwhile: only this copy is
+    // checked and used).
+    unsafe {
+        core::ptr::copy_nonoverlapping(pa as *const u8, &mut *b as *mut RunBlock as *mut u8, USED)
+    };
+    let (vm, mut sve) = check(&b, &caps, loaded)?;
+    let exit = run_checked(&mut b, &vm, sve.as_mut());
+    b.exit = RunExit {
+        kind: exit.kind,
+        esr: exit.esr,
+        far: exit.far,
+        hpfar: exit.hpfar,
+        slice: [exit.slice.0, exit.slice.1],
+        sve_loaded: u64::from(exit.sve_loaded),
+    };
+    if let Some(s) = sve {
+        b.sve.zcr_el1 = s.zcr_el1;
+    }
+    // SAFETY: as above, the other way.
+    unsafe {
+        core::ptr::copy_nonoverlapping(&*b as *const RunBlock as *const u8, pa as *mut u8, USED)
+    };
+    Ok(())
+}
+
+/// The validation of a copied block: the VM registers to run it with and
+/// its SVE view, or why it is refused.
+fn check(
+    b: &RunBlock,
+    caps: &Caps,
+    loaded: Option<(u64, u64)>,
+) -> Result<(VmRegs, Option<SveRun>), Refused> {
+    check_vcpu(&b.st, caps)?;
+    let with_sve = b.sve.area != 0;
+    check_traps(&b.vm.traps, caps, with_sve)?;
+    let (vttbr, vtcr) = stage2(&b.vm, loaded)?;
+    let pauth = b.vm.flags & FLAG_PAUTH != 0;
+    if b.vm.flags & !FLAG_PAUTH != 0 || (pauth && !caps.pauth) {
+        return Err(Refused::Feature);
+    }
+    let sve = match with_sve {
+        false => None,
+        true => Some(
+            SveRun::checked(b.sve.vl, b.sve.zcr_el1, b.sve.area, host_ram).ok_or(Refused::Sve)?,
+        ),
+    };
+    let vm = VmRegs {
+        vttbr,
+        vtcr,
+        traps: b.vm.traps,
+        pauth,
+        sme: caps.sme,
+        ras: caps.ras,
+        lrs: caps.lrs,
+        aprs: caps.aprs,
+    };
+    Ok((vm, sve))
+}
+
+/// PSTATE.M: AArch64 EL0t, EL1t, EL1h (bit 4, nRW, clear).
+const MODE_MASK: u64 = 0x1f;
+const MODES: [u64; 3] = [0b00000, 0b00100, 0b00101];
+/// `ICH_LR<n>_EL2`: State (63:62), HW (61), the RES0 bits (59:56, 47:45),
+/// pINTID (44:32; with HW clear only bit 41, EOI, may be set), vINTID.
+const LR_STATE: u64 = 3 << 62;
+const LR_HW: u64 = 1 << 61;
+const LR_RES0: u64 = (0xf << 56) | (0x7 << 45);
+const LR_PINTID_NOT_EOI: u64 = (0x1fff << 32) & !(1 << 41);
+const LR_VINTID: u64 = 0xffff_ffff;
+/// `ICH_HCR_EL2`: En, UIE, LRENPIE, NPIE, VGrp0EIE/DIE, VGrp1EIE/DIE.
+const ICH_HCR_ALLOWED: u64 = 0xff;
+/// `DBGBCR/DBGWCR<n>_EL1.HMC`.
+const DBG_HMC: u64 = 1 << 13;
+
+fn check_vcpu(st: &VcpuState, caps: &Caps) -> Result<(), Refused> {
+    if !MODES.contains(&(st.regs.pstate & MODE_MASK)) {
+        return Err(Refused::Pstate);
+    }
+    let live_ok =
+        |lr: u64| lr & (LR_HW | LR_RES0 | LR_PINTID_NOT_EOI) == 0 && lr & LR_VINTID < 1020;
+    let lrs = &st.gic.lrs[..caps.lrs.min(16)];
+    if !lrs.iter().all(|&lr| lr & LR_STATE == 0 || live_ok(lr)) {
+        return Err(Refused::ListRegister);
+    }
+    if st.gic.hcr & !ICH_HCR_ALLOWED != 0 {
+        return Err(Refused::GicHcr);
+    }
+    let d = &st.debug;
+    let points_ok = |n: usize, max: usize, ctl: &[u64; MAX_POINTS]| {
+        n <= max.min(MAX_POINTS) && ctl[..n].iter().all(|c| c & DBG_HMC == 0)
+    };
+    let debug_ok = d.on == 0
+        || (d.on == 1
+            && points_ok(d.regs.brps, caps.brps, &d.regs.bcr)
+            && points_ok(d.regs.wrps, caps.wrps, &d.regs.wcr));
+    if !debug_ok {
+        return Err(Refused::Debug);
+    }
+    Ok(())
+}
+
+/// `HCR_EL2` bits every guest run keeps (VM, FMO, IMO, AMO, RW) and never
+/// has (TGE, E2H, NV, NV1, NV2).
+const HCR_REQUIRED: u64 = 1 | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 31);
+const HCR_FORBIDDEN: u64 = (1 << 27) | (1 << 34) | (1 << 42) | (1 << 43) | (1 << 45);
+/// `MDCR_EL2.TDE` (debug exceptions to EL2).
+const MDCR_TDE: u64 = 1 << 8;
+
+fn check_traps(t: &TrapControls, caps: &Caps, with_sve: bool) -> Result<(), Refused> {
+    if t.hcr & HCR_REQUIRED != HCR_REQUIRED || t.hcr & HCR_FORBIDDEN != 0 {
+        return Err(Refused::Hcr);
+    }
+    let cptr_ok = t.cptr & cptr::TFP == 0 && !(with_sve && t.cptr & cptr::TZ != 0);
+    if !cptr_ok || t.mdcr & MDCR_TDE != 0 || (t.mpam2 != 0 && !caps.mpam) {
+        return Err(Refused::Traps);
+    }
+    Ok(())
+}
+
+/// `VTTBR_EL2`/`VTCR_EL2` for the run.
+fn stage2(vm: &RunVm, loaded: Option<(u64, u64)>) -> Result<(u64, u64), Refused> {
+    match vm.stage {
+        stage::HYP if vm.vttbr == 0 && vm.vtcr == 0 => loaded.ok_or(Refused::Stage2),
+        stage::HOST if !host_trusted() => Err(Refused::Untrusted),
+        stage::HOST if vm.vttbr >> 48 != 0 => Ok((vm.vttbr, vm.vtcr)),
+        _ => Err(Refused::Stage2),
+    }
+}
+
+/// The registers of the host context the hypervisor puts back after a
+/// guest run when the host runs at EL1.
+struct HostSide {
+    el1: El1Sysregs,
+    controls: VmRegs,
+}
+
+fn save_host() -> HostSide {
+    let mut el1 = El1Sysregs::default();
+    switch::save_el1(&mut el1);
+    let controls = VmRegs {
+        vttbr: read_sysreg!("vttbr_el2"),
+        vtcr: read_sysreg!("vtcr_el2"),
+        traps: TrapControls {
+            hcr: read_sysreg!("hcr_el2"),
+            cptr: read_sysreg!("cptr_el2"),
+            mdcr: read_sysreg!("mdcr_el2"),
+            cnthctl: read_sysreg!("cnthctl_el2"),
+            mpam2: 0,
+        },
+        pauth: false,
+        sme: false,
+        ras: false,
+        lrs: 0,
+        aprs: 0,
+    };
+    HostSide { el1, controls }
+}
+
+/// Runs the checked block's vCPU from inside the hypercall.
+fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit {
+    let host = start::el1_host().then(save_host);
+    switch::load_pmuserenr(b.vm.pmuserenr);
+    let saved = start::take_switch_state();
+    let exit = switch::run(vm, &mut b.st, sve, &mut |_, _| false);
+    start::restore_switch_state(saved);
+    if let Some(h) = host {
+        switch::load_el1(&h.el1);
+        switch::load_vm_controls(&h.controls);
+    }
+    exit
+}
+
+/// `TLB_FLUSH_VMID_IPA` / `TLB_FLUSH_VMID`: SMCCC status.
+fn tlb_flush(regs: &[u64; 8]) -> i64 {
+    let vttbr = regs[1];
+    if !host_trusted() || vttbr >> 48 == 0 {
+        return ret::INVALID_PARAMETER;
+    }
+    let s2 = HwS2 { vttbr };
+    match (regs[0] == u64::from(TLB_FLUSH_VMID), regs[3]) {
+        (true, _) => s2.tlbi_all(),
+        (false, 1) => s2.tlbi_leaf_local(regs[2], Level(3)),
+        (false, _) => s2.tlbi_leaf(regs[2], Level(3)),
+    }
+    ret::SUCCESS
+}
+
+/// The host's side of [`HOST_RUN`]: runs `block` (in the host's memory,
+/// identity-mapped: its address is its physical address at EL2 and for
+/// the host at EL1). `Err`: the SMCCC status and the [`Refused`] reason
+/// (x1).
+pub fn call(block: &mut RunBlock) -> Result<(), (i64, u64)> {
+    let mut regs = [0u64; 8];
+    regs[0] = u64::from(HOST_RUN);
+    regs[1] = block as *mut RunBlock as u64;
+    hvc::call(&mut regs);
+    match regs[0] as i64 {
+        ret::SUCCESS => Ok(()),
+        s => Err((s, regs[1])),
+    }
+}
+
+/// The host's side of the TLB hypercalls (from [`HwS2`] below EL2).
+pub fn call_tlb_flush(func: u32, vttbr: u64, ipa: u64, local: bool) {
+    let mut regs = [0u64; 8];
+    regs[0] = u64::from(func);
+    regs[1] = vttbr;
+    regs[2] = ipa;
+    regs[3] = u64::from(local);
+    hvc::call(&mut regs);
+}
