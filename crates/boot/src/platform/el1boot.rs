@@ -35,8 +35,9 @@ use crate::{read_sysreg, write_sysreg};
 /// is served in place, its trapped SMCs by [`pkvm_el2_host_trap`].
 pub const EL1_VMM: u64 = 2;
 
-/// Bytes of each CPU's host stack (see `link.ld`, `.host_stacks`).
-pub const HOST_STACK_SIZE: u64 = 0x4_0000;
+/// Bytes of each CPU's host stack (see `link.ld`, `.host_stacks`): as the
+/// EL2 stacks (`start::deepest_use` measures both).
+pub const HOST_STACK_SIZE: u64 = STACK_SIZE;
 
 /// Whether this boot runs the VMM at EL1 (set on CPU 0 from the handoff
 /// block before any secondary starts).
@@ -138,6 +139,19 @@ pub fn start_secondaries(p: &super::dt::Platform) {
             break;
         }
     }
+}
+
+/// The most of CPU `cpu`'s host stack (`.host_stacks`) used so far, in
+/// bytes (as `start::stack_used` for the EL2 stacks).
+pub fn host_stack_used(cpu: usize) -> u64 {
+    extern "C" {
+        static __host_stacks_start: u8;
+    }
+    if cpu >= MAX_CPUS {
+        return 0;
+    }
+    let base = core::ptr::addr_of!(__host_stacks_start) as u64 + cpu as u64 * HOST_STACK_SIZE;
+    super::start::deepest_use(base)
 }
 
 /// Lets secondary `cpu`, waiting at EL1, go on into the VMM.

@@ -525,6 +525,8 @@ fn stage2(vm: &RunVm, loaded: Option<(u64, u64)>) -> Result<(u64, u64), Refused>
 struct HostSide {
     el1: El1Sysregs,
     controls: VmRegs,
+    /// `VMPIDR_EL2`: what the host's `MPIDR_EL1` reads return.
+    vmpidr: u64,
 }
 
 fn save_host() -> HostSide {
@@ -546,7 +548,11 @@ fn save_host() -> HostSide {
         lrs: 0,
         aprs: 0,
     };
-    HostSide { el1, controls }
+    HostSide {
+        el1,
+        controls,
+        vmpidr: read_sysreg!("vmpidr_el2"),
+    }
 }
 
 /// Runs the checked block's vCPU from inside the hypercall.
@@ -559,6 +565,7 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     if let Some(h) = host {
         switch::load_el1(&h.el1);
         switch::load_vm_controls(&h.controls);
+        crate::write_sysreg!("vmpidr_el2", h.vmpidr);
     }
     exit
 }

@@ -125,12 +125,18 @@ pub fn stack_used(cpu: usize) -> u64 {
     if cpu >= MAX_CPUS {
         return 0;
     }
-    let base = core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE;
+    deepest_use(core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE)
+}
+
+/// The bytes used of the [`STACK_SIZE`] stack at `base` (see
+/// [`stack_used`]; also the host stacks of `el1boot`, in `.host_stacks`).
+pub(super) fn deepest_use(base: u64) -> u64 {
     let mut a = base;
     while a < base + STACK_SIZE {
-        // SAFETY: `a` is 8-byte aligned inside `.stacks`, which the EL2
-        // identity map maps RW; a racing write by the owning CPU only
-        // changes which (still valid) value is read.
+        // SAFETY: `a` is 8-byte aligned inside `.stacks` or
+        // `.host_stacks` (the callers' bases), which the EL2 identity map
+        // maps RW; a racing write by the owning CPU only changes which
+        // (still valid) value is read.
         if unsafe { core::ptr::read_volatile(a as *const u64) } != 0 {
             break;
         }

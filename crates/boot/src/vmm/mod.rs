@@ -773,11 +773,24 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     }
     ok &= finish_all(vms);
     let after = print_hyp(&plat, "after teardown");
-    let used = crate::platform::start::stack_used(0);
+    let el2 = crate::platform::start::stack_used(0);
+    let used = if crate::platform::el1boot::host_el1() {
+        crate::platform::el1boot::host_stack_used(0)
+    } else {
+        el2
+    };
     println!(
-        "boot CPU stack: {} KiB of {} KiB used",
+        "boot CPU stack: {} KiB of {} KiB used{}",
         used / 1024,
-        crate::platform::STACK_SIZE / 1024
+        crate::platform::STACK_SIZE / 1024,
+        if crate::platform::el1boot::host_el1() {
+            alloc::format!(
+                " (its host stack at EL1; its EL2 stack: {} KiB)",
+                el2 / 1024
+            )
+        } else {
+            alloc::string::String::new()
+        }
     );
     ok &= check(
         "boot CPU stack: 16 KiB left",
