@@ -5,7 +5,9 @@
 //! `pkvm_cpu_entry` with x0 = its index: it picks its 256 KiB stack from
 //! `.stacks`, stops FP/SIMD traps (CPTR_EL2), installs the EL2 vectors and
 //! enters Rust. CPU 0 also zeroes `.bss` first. `TPIDR_EL2` points at the
-//! CPU's [`PerCpu`] once Rust runs.
+//! CPU's [`PerCpu`] once Rust runs. With the VMM at EL1 (handoff flags bit
+//! 2) CPU 0 starts the secondaries here, at EL2, and every CPU then drops
+//! into the host ([`super::el1boot`]).
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -67,7 +69,9 @@ pub struct PerCpu {
     pub vcpu: AtomicU64,
     /// Non-zero while the host context runs at EL1 on this CPU
     /// ([`set_el1_host`]): the lower-EL vector then serves its `hvc #0`
-    /// in place instead of leaving the world switch.
+    /// in place instead of leaving the world switch; `el1boot::EL1_VMM`
+    /// (2) when the host is the VMM at EL1 (its other traps are served in
+    /// place as well).
     pub el1_host: AtomicU64,
     /// This CPU's index.
     pub index: AtomicUsize,

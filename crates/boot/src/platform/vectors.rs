@@ -3,6 +3,9 @@
 //! - An `hvc #0` from a lower EL while the host context runs at EL1
 //!   (`PerCpu::el1_host`) is the host's hypercall, served in place like one
 //!   from EL2 (the handler touches no EL1 state, so none is switched).
+//!   Any other synchronous exception from the VMM at EL1 (`el1_host` =
+//!   [`super::el1boot::EL1_VMM`]: a trapped SMC) is served in place too,
+//!   by `el1boot`'s trap handler with x0..x30 in and out.
 //! - Other exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
 //!   AArch32) push the guest's x0/x1, load the vector index into x0 and
 //!   branch to `__guest_exit` (see [`super::switch`]), which returns from
