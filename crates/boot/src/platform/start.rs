@@ -230,8 +230,8 @@ extern "C" fn pkvm_rust_entry(cpu: usize) -> ! {
     if cpu == 0 {
         let info = super::dt::init();
         super::el1boot::init_flag();
+        crate::hyp_init_el2();
         if super::el1boot::host_el1() {
-            crate::hyp_init_el2();
             super::el1boot::start_secondaries(info);
             super::el1boot::enter_host(0, pc as *const PerCpu as u64)
         }

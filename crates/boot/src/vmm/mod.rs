@@ -680,6 +680,25 @@ fn host_regions(lay: &Layout) -> Vec<MemRegion> {
 fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
     let regions = host_regions(lay);
     let span = |(s, e): (u64, u64)| (Pa(s), e - s);
+    if !platform::hyp_set_up() {
+        let refused = platform::pkvm_init_bad_blocks_refused(
+            lay.ram,
+            &regions,
+            span(lay.hyp_heap),
+            span(lay.hyp_pool),
+        );
+        println!(
+            "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) {}",
+            if refused {
+                "refused (INVALID_PARAMETER), nothing set up"
+            } else {
+                "NOT all refused"
+            }
+        );
+        if !refused {
+            return None;
+        }
+    }
     let hyp = match platform::init_hyp(lay.ram, &regions, span(lay.hyp_heap), span(lay.hyp_pool)) {
         Ok(h) => h,
         Err(e) => {

@@ -278,16 +278,70 @@ fn pkvm_init(regs: &mut [u64; 8]) {
     let r = setup_hyp((w(0), w(1)), &rs[..n], (Pa(w(2)), w(3)), (Pa(w(4)), w(5)));
     set(
         regs,
-        if r.is_ok() {
-            ret::SUCCESS
-        } else {
-            ret::NO_MEMORY
+        match r {
+            Ok(_) => ret::SUCCESS,
+            Err(HypInitError::Init(e)) => pkvm_hyp::hvc::ret_code(&e),
+            Err(_) => ret::NO_MEMORY,
         },
     );
 }
 
+/// Whether `PKVM_INIT`s with bad blocks (outside RAM, misaligned, no
+/// region, more regions than a block holds, the hypervisor's memory
+/// overlapping a host region) are each refused with `INVALID_PARAMETER`
+/// and leave the hypervisor unset (before [`init_hyp`]; the handler is
+/// installed at boot, [`install_hvc_handler`]). `ram`, `regions`, `heap`
+/// and `pool` are those of a well-formed block.
+pub fn pkvm_init_bad_blocks_refused(
+    ram: (u64, u64),
+    regions: &[MemRegion],
+    heap: (Pa, u64),
+    pool: (Pa, u64),
+) -> bool {
+    let call = |at: u64| {
+        let mut regs = [u64::from(PKVM_INIT), at, 0, 0, 0, 0, 0, 0];
+        hvc::call(&mut regs);
+        regs[0] as i64
+    };
+    let fill = |b: &mut [u64], n: u64, first: MemRegion| {
+        b[..7].copy_from_slice(&[ram.0, ram.1, heap.0 .0, heap.1, pool.0 .0, pool.1, n]);
+        b[7] = first.base.0;
+        b[8] = first.size;
+        for (i, r) in regions.iter().enumerate().skip(1) {
+            b[7 + 2 * i] = r.base.0;
+            b[8 + 2 * i] = r.size;
+        }
+    };
+    let Some(&first) = regions.first() else {
+        return false;
+    };
+    let mut block = alloc::vec![0u64; PKVM_INIT_WORDS + 1];
+    let at = block.as_ptr() as u64;
+    let n = regions.len() as u64;
+    let bad = pkvm_hyp::hvc::ret::INVALID_PARAMETER;
+    let mut ok = call(0) == bad && call(ram.1 - 8) == bad;
+    fill(&mut block, n, first);
+    ok &= call(at + 4) == bad;
+    fill(&mut block, 0, first);
+    ok &= call(at) == bad;
+    fill(&mut block, PKVM_INIT_REGIONS as u64 + 1, first);
+    ok &= call(at) == bad;
+    let over = MemRegion {
+        base: heap.0,
+        size: 4096,
+    };
+    fill(&mut block, n, over);
+    ok &= call(at) == bad;
+    ok && HVC_TARGET.lock().is_none()
+}
+
+/// Whether [`init_hyp`] has set the hypervisor up.
+pub fn hyp_set_up() -> bool {
+    HYP.lock().is_some()
+}
+
 /// Installs the hypervisor's hypercall handler before the hypervisor is
-/// set up (EL2, boot CPU, the VMM at EL1): until [`PKVM_INIT`] every other
+/// set up (EL2, boot CPU, at boot): until [`PKVM_INIT`] every other
 /// call answers `NOT_SUPPORTED`.
 pub fn install_hvc_handler() {
     hvc::set_handler(host_hvc);
