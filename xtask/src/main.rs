@@ -76,6 +76,9 @@ enum Cmd {
         /// host's largest vector length, as in `qemu:linux-initramfs`).
         #[arg(long)]
         no_sve: bool,
+        /// Run the VMM at EL1 (handoff flags bit 2; being brought up).
+        #[arg(long)]
+        host_el1: bool,
     },
     /// Write the test initramfs (newc cpio: a static arm64 busybox and an
     /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
@@ -175,7 +178,12 @@ fn main() -> ExitCode {
         }
         Cmd::Run(args) => run(&args),
         Cmd::IrqLatency => latency::run(),
-        Cmd::BootRatio { repeat, no_sve } => prereq::ensure(true)
+        Cmd::BootRatio {
+            repeat,
+            no_sve,
+            host_el1,
+        } => prereq::ensure(true)
+            .inspect(|()| qemu::set_host_el1(host_el1))
             .and_then(|()| image::build_all())
             .and_then(|img| linux::ratio(&img.image, repeat, !no_sve)),
         Cmd::Build => prereq::ensure(true)

@@ -229,7 +229,35 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     v.extend(external_guest_tests(&gfile, &offfile));
     v.extend(pmu_tests());
     v.extend(debug_tests());
+    v.extend(host_el1_tests());
     Ok(v)
+}
+
+/// The VMM at EL1 (handoff flags bit 2, being brought up; the other tiers
+/// run it at EL2 unless `cargo xtask test --host-el1`): protected mode
+/// (the hypervisor set up by `PKVM_INIT`, bad blocks and a second call
+/// refused) and 8 vCPUs on 2 CPUs (secondaries, the EL1 physical timer as
+/// the tick, kicks), each saying it ran at EL1.
+fn host_el1_tests() -> Vec<QemuTest> {
+    let el1 = [
+        "el1: the tick (INTID 30) taken and a kick SGI taken at EL1 on CPU 0",
+        "el: the VMM runs at EL1 (CurrentEL 0x4), reaching EL2 by hvc #0 only",
+    ];
+    let mut prot = scenario_tests()
+        .into_iter()
+        .find(|t| t.name == "qemu:protected")
+        .expect("qemu:protected tier");
+    prot.name = "qemu:host-el1-protected";
+    prot.spec.host_el1 = true;
+    prot.markers.extend(strings(&el1));
+    prot.markers.extend(strings(&[
+        "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) refused (INVALID_PARAMETER), nothing set up",
+        "hyp: a second PKVM_INIT refused (NOT_SUPPORTED), the hypervisor's memory unchanged",
+    ]));
+    let mut smp = sched_smp_test("qemu:host-el1-sched-smp-8on2", "sched-smp", "smp", 8, 2);
+    smp.spec.host_el1 = true;
+    smp.markers.extend(strings(&el1));
+    vec![prot, smp]
 }
 
 /// Self-hosted debug (guest-debug): breakpoints, watchpoints and
