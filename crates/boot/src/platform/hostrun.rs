@@ -7,7 +7,8 @@
 //! ([`call`]). The hypervisor ([`serve`]):
 //!
 //! 1. checks the address: page-aligned, RAM, not its own memory (the
-//!    [`super::hypmem`] range, the EL2 stacks, its per-CPU buffers);
+//!    [`super::hypmem`] range, the EL2 stacks, its per-CPU buffers), in
+//!    protected mode pages the host owns;
 //! 2. copies the block into this CPU's buffer in its own memory, so that
 //!    the host cannot change what was checked while the guest runs;
 //! 3. validates the copy ([`check`]): the guest's PSTATE is AArch64
@@ -29,8 +30,9 @@
 //!    counts, SME and RAS come from the CPU, never from the block;
 //! 4. runs the guest with the world switch ([`switch::run`], from inside
 //!    the hypercall as `VCPU_RUN` does: the world switch's per-CPU state
-//!    set aside, and, when the host runs at EL1, its EL1 registers and
-//!    controls saved and put back) until its first exit;
+//!    set aside, and, when the host runs at EL1, its EL1 registers,
+//!    controls, `VMPIDR_EL2` and `CNTVOFF_EL2` saved and put back) until
+//!    its first exit;
 //! 5. copies the vCPU's state and the [`RunExit`] back into the host's
 //!    block.
 //!
@@ -60,7 +62,7 @@ use super::hw::HwS2;
 use super::sve::SveRun;
 use super::switch::{self, El1Sysregs, Exit, VcpuState, VmRegs};
 use super::{hvc, hypmem, phys, start, MAX_CPUS, STACK_SIZE};
-use crate::read_sysreg;
+use crate::{read_sysreg, write_sysreg};
 
 /// Runs the vCPU of the run block at x1 (physical address) until its
 /// first exit the world switch does not answer itself.
@@ -117,7 +119,7 @@ pub struct RunSve {
 
 /// Why the guest stopped (out), as [`Exit`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunExit {
     /// Vector index ([`switch::EXIT_SYNC`], [`switch::EXIT_IRQ`], ...).
     pub kind: u64,
@@ -215,6 +217,42 @@ impl RunBlock {
     }
 }
 
+/// Copies `b` into the page at `page` (host memory the caller owns, e.g. a
+/// pool frame: `host-attack` hands such pages to the hypervisor).
+///
+/// # Panics
+/// If the page is not RAM.
+pub fn write_block(page: pkvm_arch::Pa, b: &RunBlock) {
+    phys::zero(page, 4096);
+    assert!(host_ram(page.0, 4096) && page.0.is_multiple_of(4096));
+    // SAFETY: the page is RAM identity-mapped read-write, not the
+    // hypervisor's memory and owned by the caller (checked and documented
+    // above), so no Rust object lives there; an untyped copy of `USED`
+    // bytes of a live `RunBlock`.
+    unsafe {
+        core::ptr::copy_nonoverlapping(core::ptr::from_ref(b).cast::<u8>(), page.0 as *mut u8, USED)
+    };
+}
+
+/// The block in the page at `page` (see [`write_block`]).
+///
+/// # Panics
+/// If the page is not RAM.
+pub fn read_block(page: pkvm_arch::Pa) -> RunBlock {
+    assert!(host_ram(page.0, 4096) && page.0.is_multiple_of(4096));
+    let mut b = RunBlock::new(VcpuState::new(0, [0; 4], 0));
+    // SAFETY: as for `write_block`; every bit pattern is a valid
+    // `RunBlock` (plain integers), and `b` is a distinct local.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            page.0 as *const u8,
+            core::ptr::from_mut(&mut b).cast::<u8>(),
+            USED,
+        )
+    };
+    b
+}
+
 /// Why a run block was refused (x1 of the answer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
@@ -245,22 +283,31 @@ pub enum Refused {
     Debug = 11,
 }
 
-/// The hypervisor's lookup of the stage-2 of the vCPU loaded on a CPU
-/// (`VTTBR`, `VTCR`), in protected mode.
-pub type LoadedStage2 = fn(cpu: usize) -> Option<(u64, u64)>;
+/// What the hypervisor answers `HOST_RUN` with in protected mode
+/// ([`set_protected`]).
+#[derive(Debug)]
+pub struct Protected {
+    /// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on a
+    /// CPU.
+    pub loaded: fn(cpu: usize) -> Option<(u64, u64)>,
+    /// Whether the host owns every page of `[pa, pa + len)` now (its page
+    /// state in pkvm-hyp: owned, or owned and shared).
+    pub host_owns: fn(pa: u64, len: u64) -> bool,
+}
 
-/// The [`LoadedStage2`] lookup (null: standard mode).
-static LOADED: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+/// The [`Protected`] answers (null: standard mode).
+static PROTECTED: AtomicPtr<Protected> = AtomicPtr::new(core::ptr::null_mut());
 /// Whether the host is trusted with its own stage-2s (until protected mode
 /// finalises).
 static TRUSTED: AtomicBool = AtomicBool::new(true);
 
 /// Protected mode has finalised (the hypervisor's own `FINALIZE`): the
 /// host is no longer trusted with stage-2s of its own (no more
-/// [`stage::HOST`] runs or TLB hypercalls), and [`stage::HYP`] runs take
-/// their stage-2 from `loaded`. EL2 only.
-pub fn set_protected(loaded: LoadedStage2) {
-    LOADED.store(loaded as *mut (), Ordering::Release);
+/// [`stage::HOST`] runs or TLB hypercalls), [`stage::HYP`] runs take their
+/// stage-2 from `p.loaded`, and a run block or SVE area must be in pages
+/// the host owns (`p.host_owns`). EL2 only.
+pub fn set_protected(p: &'static Protected) {
+    PROTECTED.store(core::ptr::from_ref(p).cast_mut(), Ordering::Release);
     TRUSTED.store(false, Ordering::Release);
 }
 
@@ -269,15 +316,15 @@ pub fn host_trusted() -> bool {
     TRUSTED.load(Ordering::Acquire)
 }
 
+fn protected() -> Option<&'static Protected> {
+    let p = PROTECTED.load(Ordering::Acquire);
+    // SAFETY: PROTECTED only ever holds null or a pointer made from a
+    // `&'static Protected` by `set_protected`, never written through.
+    unsafe { p.cast_const().as_ref() }
+}
+
 fn loaded_stage2(cpu: usize) -> Option<(u64, u64)> {
-    let p = LOADED.load(Ordering::Acquire);
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: LOADED only ever holds null (checked) or a `LoadedStage2`
-    // stored by `set_protected`, a function pointer of exactly this type.
-    let f: LoadedStage2 = unsafe { core::mem::transmute::<*mut (), LoadedStage2>(p) };
-    f(cpu)
+    (protected()?.loaded)(cpu)
 }
 
 /// What this CPU has, for [`check`] (read once per CPU at EL2).
@@ -340,7 +387,12 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Whether `[pa, pa + len)` is RAM the host may hand in: not the
-/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers).
+/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers), and
+/// in protected mode pages the host owns (not a guest's donated page, not
+/// the hypervisor's pool). Known gap: the pages are not pinned (pKVM shares
+/// the vCPU's memory with the hypervisor and pins it), so a host that
+/// donates one to a guest on another CPU while the guest runs could have
+/// the exit's write-back land there; the check is repeated before it.
 fn host_ram(pa: u64, len: u64) -> bool {
     extern "C" {
         static __stacks_start: u8;
@@ -357,6 +409,7 @@ fn host_ram(pa: u64, len: u64) -> bool {
         && !overlaps(r, hypmem::range())
         && !overlaps(r, stacks)
         && !overlaps(r, bufs)
+        && protected().is_none_or(|p| (p.host_owns)(pa, len))
 }
 
 /// The hypervisor's side of the image-level calls of this module, from
@@ -408,6 +461,9 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     };
     if let Some(s) = sve {
         b.sve.zcr_el1 = s.zcr_el1;
+    }
+    if !host_ram(pa, 4096) {
+        return Err(Refused::Address);
     }
     // SAFETY: as above, the other way.
     unsafe {
@@ -521,12 +577,15 @@ fn stage2(vm: &RunVm, loaded: Option<(u64, u64)>) -> Result<(u64, u64), Refused>
 }
 
 /// The registers of the host context the hypervisor puts back after a
-/// guest run when the host runs at EL1.
+/// guest run when the host runs at EL1: its EL1 registers, the EL2
+/// controls, and what its EL1 reads through EL2 registers (`MPIDR_EL1`
+/// is `VMPIDR_EL2` below EL2, the virtual counter is offset by
+/// `CNTVOFF_EL2`).
 struct HostSide {
     el1: El1Sysregs,
     controls: VmRegs,
-    /// `VMPIDR_EL2`: what the host's `MPIDR_EL1` reads return.
     vmpidr: u64,
+    cntvoff: u64,
 }
 
 fn save_host() -> HostSide {
@@ -552,6 +611,7 @@ fn save_host() -> HostSide {
         el1,
         controls,
         vmpidr: read_sysreg!("vmpidr_el2"),
+        cntvoff: read_sysreg!("cntvoff_el2"),
     }
 }
 
@@ -563,9 +623,10 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     let exit = switch::run(vm, &mut b.st, sve, &mut |_, _| false);
     start::restore_switch_state(saved);
     if let Some(h) = host {
+        write_sysreg!("vmpidr_el2", h.vmpidr);
+        write_sysreg!("cntvoff_el2", h.cntvoff);
         switch::load_el1(&h.el1);
         switch::load_vm_controls(&h.controls);
-        crate::write_sysreg!("vmpidr_el2", h.vmpidr);
     }
     exit
 }

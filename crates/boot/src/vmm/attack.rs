@@ -705,6 +705,13 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     let sec = secrets(&vms[0]);
     ok &= attack_phase(hyp, &ctx, lay, &vms);
     ok &= device_storm(hyp, &ctx);
+    let addrs = HypAddrs::of(hyp, lay);
+    let not = super::runblock::NotHost {
+        hyp_mem: addrs.heap.0,
+        hyp_pool: addrs.pool,
+        victim: vms[0].touch_pa(0).map_or(0, |p| p.0),
+    };
+    ok &= super::runblock::host_run_phase(hyp, &ctx, not, u64::from(vms[0].kick_id()));
     let [victim, other] = vms;
     ok &= finish(victim);
     if let Some(sec) = sec {

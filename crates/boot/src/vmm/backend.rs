@@ -1,6 +1,9 @@
 //! pkvm-host's [`VcpuBackend`] over the hardware world switch
 //! ([`crate::platform::switch`]): the real counterpart of the simulator's
-//! `SimBackend`.
+//! `SimBackend`. Every guest run is a `HOST_RUN` hypercall
+//! ([`hostrun`]): the backend keeps the vCPU's [`RunBlock`] in the VMM's
+//! memory and the hypervisor validates, runs and copies it back; nothing
+//! here calls the world switch or touches an EL2 register.
 //!
 //! The vCPU's architectural state the host owns ([`VcpuContext`]: GPRs, PC,
 //! PSTATE, EL1 system registers, virtual timer) is copied into the world
@@ -280,7 +283,7 @@ pub struct HwBackend<'a> {
 }
 
 /// A device the VMM emulates whose registers the backend may access on
-/// the world switch's fast path, like KVM's in-kernel MMIO devices: the
+/// the fast path (no full backend exit), like KVM's in-kernel MMIO devices: the
 /// access needs nothing of the vCPU but the loaded or stored value, so it
 /// is completed without a full exit and without pkvm-host's fault path.
 /// Only for addresses outside every memslot (the VMM's layout puts its
@@ -505,7 +508,7 @@ impl<'a> HwBackend<'a> {
         self.pmu_before_entry();
     }
 
-    /// The world switch with its fast path; returns the exit, the answer
+    /// `HOST_RUN` with the fast path's loop; returns the exit, the answer
     /// the fast path computed for a register access it left to the full
     /// path, and whether it completed an MMIO access whose interrupt line
     /// changed.
@@ -832,8 +835,10 @@ fn cycles_per_tick() -> u64 {
     (1_000_000_000 / timer::frequency().max(1)).max(1)
 }
 
-/// The world switch's fast path ([`switch::run`]), for the exits that need
-/// nothing of the vCPU's EL1 state, its timers or the vGIC:
+/// The host-side fast path: an exit it completes issues `HOST_RUN` again at
+/// once, without the rest of the backend path ([`HwBackend::switch`]),
+/// for the exits that need nothing of the vCPU's EL1 state, its timers or
+/// the vGIC:
 ///
 /// - a trapped system-register access whose answer only touches the
 ///   guest's general registers and the vCPU's emulated register file (the

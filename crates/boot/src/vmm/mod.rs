@@ -27,6 +27,8 @@
 //! - [`vcpuexits`]: `host-attack`'s phase for the exits `VCPU_RUN`'s
 //!   hypervisor answers (system registers, UNDEF and abort injection) or
 //!   hands the host (WFI with the virtual timer's deadline).
+//! - [`runblock`]: `host-attack`'s phase for hostile `HOST_RUN` blocks
+//!   (each refused with its reason, unchanged; the valid one runs).
 //! - [`vcpuirq`]: `host-attack`'s phase for virtual interrupts a
 //!   `VCPU_RUN` loads from the host's list registers (validated: no HW).
 //! - [`a64`]: the A64 encoders and image layout of those phases' hand-assembled guests.
@@ -59,6 +61,7 @@ pub mod pool;
 pub mod process;
 pub mod resets;
 pub mod run;
+pub mod runblock;
 pub mod smp;
 pub mod sve;
 pub mod sysregs;

@@ -19,7 +19,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pkvm_arch::{Pa, Pfn};
 use pkvm_host::HostPlatform;
-use pkvm_hyp::{Hyp, HypConfig, HypError, HypPlatform, MemMap, MemRegion, PageMeta};
+use pkvm_hyp::{Hyp, HypConfig, HypError, HypPlatform, MemMap, MemRegion, PageMeta, PageState};
 use pkvm_pgtable::env::ENTRIES;
 use pkvm_pgtable::PtMemory;
 use pkvm_sync::{LockClass, SpinLock};
@@ -370,16 +370,40 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
             vcpurun::after_host_call(func, args, regs[0]);
             let done = regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS;
             if func == pkvm_hyp::hvc::id::FINALIZE as u64 && done {
-                hostrun::set_protected(loaded_stage2);
+                hostrun::set_protected(&PROTECTED);
             }
         }
         None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
     }
 }
 
+/// pkvm-hyp's answers to `HOST_RUN` ([`hostrun::set_protected`], at EL2).
+static PROTECTED: hostrun::Protected = hostrun::Protected {
+    loaded: loaded_stage2,
+    host_owns,
+};
+
+/// Whether the host owns every page of `[pa, pa + len)` now (owned, or
+/// owned and shared), in pkvm-hyp's page metadata.
+fn host_owns(pa: u64, len: u64) -> bool {
+    let Some(h) = *HVC_TARGET.lock() else {
+        return false;
+    };
+    let (first, end) = (pa & !0xfff, pa.saturating_add(len));
+    let mem = h.memmap();
+    let owned = |p: u64| {
+        matches!(
+            mem.host_state(Pa(p)),
+            PageState::Owned | PageState::SharedOwned
+        )
+    };
+    end > first
+        && mem.contains(Pa(first), (end - first).div_ceil(4096))
+        && (first..end).step_by(4096).all(owned)
+}
+
 /// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on CPU
-/// `cpu`, for `HOST_RUN` of a hyp-managed VM ([`hostrun::set_protected`],
-/// at EL2).
+/// `cpu`, for `HOST_RUN` of a hyp-managed VM.
 fn loaded_stage2(cpu: usize) -> Option<(u64, u64)> {
     let h = (*HVC_TARGET.lock())?;
     let c = h.loaded_vcpu_context(cpu)?;
