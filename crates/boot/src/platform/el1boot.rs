@@ -10,10 +10,11 @@
 //! below (any exception the host takes is a bug of the host: it prints
 //! `ESR_EL1`/`FAR_EL1`/`ELR_EL1` and panics), `TPIDR_EL1` = its `PerCpu`
 //! (what [`super::start::cpu_index`] reads at EL1), the host stage-1 =
-//! the EL2 identity map's own tables read as EL1 ones (step 1: their
-//! `AP[1]` makes every page EL0-accessible, so writable pages are
-//! privileged-execute-never and the read-only text is executable; see
-//! [`super::el1host`]), `HCR_EL2` = `RW | TSC` only (no stage-2: a trusted
+//! the host's own copy of the identity map in host memory (`.bss`, not
+//! the hypervisor's EL2 tables; same `PageTable<El2>` descriptors read as
+//! EL1 ones: their `AP[1]` makes every page EL0-accessible, so writable
+//! pages are privileged-execute-never and the read-only text is
+//! executable; see [`super::el1host`]), `HCR_EL2` = `RW | TSC` only (no stage-2: a trusted
 //! host, nVHE-style; interrupts go to EL1), `VTTBR_EL2` VMID 0,
 //! `CNTHCTL_EL2.EL1PCTEN|EL1PCEN` (the host's tick is the EL1 physical
 //! timer, PPI 30), `ICC_SRE_EL2.Enable` (the host owns `ICC_*_EL1`),
@@ -130,6 +131,7 @@ pub fn kept_at_el2() -> bool {
 /// (firmware PSCI `CPU_ON`), each of which enters the host at EL1 and waits
 /// there for [`release`].
 pub fn start_secondaries(p: &super::dt::Platform) {
+    build_host_stage1(p);
     for i in 1..p.ncpus.min(MAX_CPUS) {
         if let Err(e) = super::start::start_secondary(i, p.cpus[i]) {
             crate::println!(
@@ -152,6 +154,59 @@ pub fn host_stack_used(cpu: usize) -> u64 {
     }
     let base = core::ptr::addr_of!(__host_stacks_start) as u64 + cpu as u64 * HOST_STACK_SIZE;
     super::start::deepest_use(base)
+}
+
+#[repr(C, align(4096))]
+struct TablePage([u64; 512]);
+
+/// Table pages of the host's stage-1 (in `.bss`: the VMM's memory, not
+/// the hypervisor's EL2 tables).
+const HOST_PT_PAGES: usize = 32;
+static mut HOST_PT: [TablePage; HOST_PT_PAGES] = [const { TablePage([0; 512]) }; HOST_PT_PAGES];
+/// Root of the host's stage-1 (`TTBR0_EL1`), built by [`start_secondaries`].
+static HOST_TTBR: AtomicU64 = AtomicU64::new(0);
+
+/// A page cache over [`HOST_PT`] (zeroed with `.bss`).
+struct HostPtCache {
+    next: usize,
+}
+
+impl pkvm_pgtable::PageCache for HostPtCache {
+    fn alloc_table(&mut self) -> Option<pkvm_arch::Pa> {
+        if self.next >= HOST_PT_PAGES {
+            return None;
+        }
+        let base = core::ptr::addr_of!(HOST_PT) as u64;
+        let pa = pkvm_arch::Pa(base + self.next as u64 * 4096);
+        self.next += 1;
+        Some(pa)
+    }
+    fn free_table(&mut self, _pa: pkvm_arch::Pa) {
+        // As the EL2 map's cache: the few pages freed by collapses are zero
+        // and not reused.
+    }
+}
+
+/// Builds the host's stage-1, its own copy of the identity map in host
+/// memory ([`HOST_PT`], `PageTable<El2>` descriptors read as EL1 ones:
+/// `AP[1]` makes every page EL0-accessible, so RW pages are
+/// privileged-execute-never and the read-only text is executable; EL2's
+/// XN reads as UXN). CPU 0 at EL2, once.
+fn build_host_stage1(p: &super::dt::Platform) -> u64 {
+    let mut cache = HostPtCache { next: 0 };
+    let (root, _pt) = super::mmu::identity_map(&mut cache, p.ram_start, p.ram_end);
+    super::hw::dcache_clean_range(
+        core::ptr::addr_of!(HOST_PT) as u64,
+        (cache.next * 4096) as u64,
+    );
+    super::sysreg::dsb_ish();
+    crate::println!(
+        "el1boot: the host's stage-1: its own identity map in host memory at {:#x} ({} table pages)",
+        root.0,
+        cache.next
+    );
+    HOST_TTBR.store(root.0, Ordering::Release);
+    root.0
 }
 
 /// Lets secondary `cpu`, waiting at EL1, go on into the VMM.
@@ -179,8 +234,9 @@ pub fn enter_host(cpu: usize, percpu: u64) -> ! {
     let host_sp =
         core::ptr::addr_of!(__host_stacks_start) as u64 + (cpu as u64 + 1) * HOST_STACK_SIZE;
     let el2_sp = core::ptr::addr_of!(__stacks_start) as u64 + (cpu as u64 + 1) * STACK_SIZE;
-    // The host's EL1 stage-1: the EL2 identity map's tables.
-    let ttbr = read_sysreg!("ttbr0_el2");
+    // The host's EL1 stage-1: its own copy of the identity map.
+    let ttbr = HOST_TTBR.load(Ordering::Acquire);
+    assert!(ttbr != 0, "the host's stage-1 is not built");
     write_sysreg!("mair_el1", super::el1host::HOST_MAIR_EL1);
     write_sysreg!("tcr_el1", super::el1host::host_tcr_el1());
     write_sysreg!("ttbr0_el1", ttbr);
