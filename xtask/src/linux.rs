@@ -124,6 +124,7 @@ fn boot(
         append: append.into(),
         host_cpus: HOST_CPUS,
         sve: sve.then_some(0),
+        host_el1: false,
     };
     let w = Watch {
         mark: Some(START),

@@ -5,7 +5,7 @@
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
 //! - `cargo xtask run [--guest FILE [--initrd FILE] [--protected]] [--append ARGS] [--smp N] [--mem MIB]
-//!   [--cpus N] [--scenario NAME] [--timeout SECS]`
+//!   [--cpus N] [--scenario NAME] [--timeout SECS] [--host-el1]`
 //!   checks its arguments and the guest file, checks and installs
 //!   prerequisites, builds the guest payloads and the EL2 image, boots it
 //!   under QEMU, streams the console, prints a one-line verdict
@@ -52,6 +52,10 @@ enum Cmd {
         /// Print the full QEMU console of passing tests too.
         #[arg(long)]
         verbose: bool,
+        /// Run the VMM at EL1 in every QEMU tier (handoff flags bit 2;
+        /// being brought up).
+        #[arg(long)]
+        host_el1: bool,
     },
     /// Build the guests and the EL2 image and boot it under QEMU.
     Run(RunArgs),
@@ -72,6 +76,9 @@ enum Cmd {
         /// host's largest vector length, as in `qemu:linux-initramfs`).
         #[arg(long)]
         no_sve: bool,
+        /// Run the VMM at EL1 (handoff flags bit 2; being brought up).
+        #[arg(long)]
+        host_el1: bool,
     },
     /// Write the test initramfs (newc cpio: a static arm64 busybox and an
     /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
@@ -130,6 +137,11 @@ pub struct RunArgs {
     /// for scenarios, none for `--guest` (interactive).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Run the VMM (the host role: VMM, scheduler, console, GIC driver) at
+    /// EL1, reaching the hypervisor only by `hvc #0` (handoff flags bit 2;
+    /// being brought up, the default is EL2).
+    #[arg(long)]
+    pub host_el1: bool,
 }
 
 /// The repository root (the parent of this crate).
@@ -156,10 +168,22 @@ pub fn target_dir() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Test { only, verbose } => tiers::run_all(only.as_deref(), verbose),
+        Cmd::Test {
+            only,
+            verbose,
+            host_el1,
+        } => {
+            qemu::set_host_el1(host_el1);
+            tiers::run_all(only.as_deref(), verbose)
+        }
         Cmd::Run(args) => run(&args),
         Cmd::IrqLatency => latency::run(),
-        Cmd::BootRatio { repeat, no_sve } => prereq::ensure(true)
+        Cmd::BootRatio {
+            repeat,
+            no_sve,
+            host_el1,
+        } => prereq::ensure(true)
+            .inspect(|()| qemu::set_host_el1(host_el1))
             .and_then(|()| image::build_all())
             .and_then(|img| linux::ratio(&img.image, repeat, !no_sve)),
         Cmd::Build => prereq::ensure(true)

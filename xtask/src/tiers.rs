@@ -229,7 +229,35 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     v.extend(external_guest_tests(&gfile, &offfile));
     v.extend(pmu_tests());
     v.extend(debug_tests());
+    v.extend(host_el1_tests());
     Ok(v)
+}
+
+/// The VMM at EL1 (handoff flags bit 2, being brought up; the other tiers
+/// run it at EL2 unless `cargo xtask test --host-el1`): protected mode
+/// (the hypervisor set up by `PKVM_INIT`, bad blocks and a second call
+/// refused) and 8 vCPUs on 2 CPUs (secondaries, the EL1 physical timer as
+/// the tick, kicks), each saying it ran at EL1.
+fn host_el1_tests() -> Vec<QemuTest> {
+    let el1 = [
+        "el1: the tick (INTID 30) taken and a kick SGI taken at EL1 on CPU 0",
+        "el: the VMM runs at EL1 (CurrentEL 0x4), reaching EL2 by hvc #0 only",
+    ];
+    let mut prot = scenario_tests()
+        .into_iter()
+        .find(|t| t.name == "qemu:protected")
+        .expect("qemu:protected tier");
+    prot.name = "qemu:host-el1-protected";
+    prot.spec.host_el1 = true;
+    prot.markers.extend(strings(&el1));
+    prot.markers.extend(strings(&[
+        "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) refused (INVALID_PARAMETER), nothing set up",
+        "hyp: a second PKVM_INIT refused (NOT_SUPPORTED), the hypervisor's memory unchanged",
+    ]));
+    let mut smp = sched_smp_test("qemu:host-el1-sched-smp-8on2", "sched-smp", "smp", 8, 2);
+    smp.spec.host_el1 = true;
+    smp.markers.extend(strings(&el1));
+    vec![prot, smp]
 }
 
 /// Self-hosted debug (guest-debug): breakpoints, watchpoints and
@@ -519,6 +547,7 @@ fn reset_tests() -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 2,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 1,
             markers: s(&[
@@ -592,6 +621,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 0,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -615,6 +645,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 1,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -652,6 +683,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 2,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 1,
             markers: s(&[
@@ -673,6 +705,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 2,
                 sve: None,
+                host_el1: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -703,6 +736,7 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
             append: String::new(),
             host_cpus: cpus,
             sve: None,
+            host_el1: false,
         },
         exit_code: 0,
         markers: s(&[
@@ -749,6 +783,7 @@ fn pmu_test(name: &'static str, phase: &str, vcpus: u32, cpus: u32, markers: &[&
             append: phase.into(),
             host_cpus: cpus,
             sve: None,
+            host_el1: false,
         },
         exit_code: 0,
         markers: m,
@@ -853,6 +888,7 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
             sve: None,
             initrd: None,
             protected: false,
+            host_el1: false,
         },
         exit_code: 0,
         markers,
@@ -980,6 +1016,7 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, sve: bool, verbose: bool)
         append: "console=ttyAMA0 earlycon".into(),
         host_cpus: smp,
         sve: sve.then_some(0),
+        host_el1: false,
     };
     let o = qemu::boot_until(
         image,

@@ -39,6 +39,14 @@ pub fn boot_main(info: &'static platform::dt::Platform) -> ! {
     platform::exit::exit(code)
 }
 
+/// Called at EL2 on the boot CPU before the VMM starts (and, with the VMM
+/// at EL1, `platform::el1boot`, before it drops): the hypervisor's
+/// hypercall handler, which serves `PKVM_INIT` (the hypervisor's set-up)
+/// from then on.
+pub fn hyp_init_el2() {
+    vmm::platform::install_hvc_handler();
+}
+
 /// Called on each secondary CPU once its MMU is on.
 pub fn secondary_main(cpu: usize) -> ! {
     vmm::secondary(cpu)

@@ -206,16 +206,17 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicError> {
     }
     wr32(
         rd + GICR_ISENABLER0,
-        (1 << SGI_KICK)
-            | (1 << super::timer::PPI_EL2_PHYS)
-            | (1 << PPI_VTIMER)
-            | (1 << PPI_MAINTENANCE),
+        (1 << SGI_KICK) | (1 << super::timer::ppi()) | (1 << PPI_VTIMER) | (1 << PPI_MAINTENANCE),
     );
     // CPU interface: SRE | DFB | DIB | Enable (EL1 may use the system
     // register interface too).
-    write_sysreg!("icc_sre_el2", 0xf);
-    super::sysreg::isb();
-    super::switch::cache_gic_counts();
+    if super::el1boot::current_el() == 2 {
+        // At EL1 the hypervisor set it, and cached the counts, before the
+        // drop (`el1boot::enter_host`).
+        write_sysreg!("icc_sre_el2", 0xf);
+        super::sysreg::isb();
+        super::switch::cache_gic_counts();
+    }
     write_sysreg!("icc_pmr_el1", 0xff);
     write_sysreg!("icc_bpr1_el1", 0);
     // EOImode 0: a write to ICC_EOIR1_EL1 also deactivates.
@@ -332,7 +333,7 @@ pub fn drain() -> Drained {
     for _ in 0..64 {
         let Some(intid) = ack() else { break };
         match intid {
-            i if i == super::timer::PPI_EL2_PHYS => {
+            i if i == super::timer::ppi() => {
                 super::timer::disable();
                 d.timer = true;
             }
@@ -390,8 +391,11 @@ const HCR_IDLE: u64 = (1 << 31) | (1 << 4) | (1 << 3);
 /// acknowledges everything pending and says what it was. Interrupts stay
 /// masked at EL2 throughout.
 pub fn wait_for_interrupt() -> Drained {
-    write_sysreg!("hcr_el2", HCR_IDLE);
-    super::sysreg::isb();
+    // At EL1 (the VMM there, `IMO` clear) interrupts target EL1 already.
+    if super::el1boot::current_el() == 2 {
+        write_sysreg!("hcr_el2", HCR_IDLE);
+        super::sysreg::isb();
+    }
     // SAFETY: `wfi` only waits; PSTATE.I is set at EL2, so the wake-up
     // interrupt is not taken and no handler runs.
     unsafe { core::arch::asm!("dsb sy", "wfi", options(nostack, preserves_flags)) };

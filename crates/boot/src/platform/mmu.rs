@@ -128,14 +128,54 @@ impl PageCache for BootCache {
 /// # Panics
 /// If the map cannot be built (too few static table pages: a build bug).
 pub fn build_el2_table(ram_start: u64, ram_end: u64) {
+    let mut cache = BootCache { next: 0 };
+    let (root, pt) = identity_map(&mut cache, ram_start, ram_end);
+    let (text_start, text_end) = text_range();
+    dsb_ish();
+    write_sysreg!("ttbr0_el2", root.0);
+    isb();
+    // SAFETY: drops every EL2 TLB entry of the bootstrap table; the new
+    // table maps the same addresses to the same physical memory.
+    unsafe { core::arch::asm!("tlbi alle2", "dsb ish", "isb", options(nostack)) };
+    crate::println!(
+        "mmu: EL2 identity map via PageTable<El2>: {} table pages, text {text_start:#x}..{text_end:#x} RX, RAM RW, devices nGnRE",
+        cache.next
+    );
+    *EL2_PT.lock() = Some(pt);
+    MMU_REGS[0].store(root.0, Ordering::Relaxed);
+    MMU_REGS[1].store(
+        tcr_el2(read_sysreg!("id_aa64mmfr0_el1") & 0xf),
+        Ordering::Relaxed,
+    );
+}
+
+/// The image's text: `[__image_start, __text_end)`.
+fn text_range() -> (u64, u64) {
     extern "C" {
         static __image_start: u8;
         static __text_end: u8;
     }
-    let text_start = core::ptr::addr_of!(__image_start) as u64;
-    let text_end = core::ptr::addr_of!(__text_end) as u64;
-    let mut cache = BootCache { next: 0 };
-    let root = cache.alloc_table().expect("EL2 root page");
+    (
+        core::ptr::addr_of!(__image_start) as u64,
+        core::ptr::addr_of!(__text_end) as u64,
+    )
+}
+
+/// Builds an identity map in the table pages of `cache` with
+/// `PageTable<El2>`: devices below RAM Device-nGnRE (XN), RAM normal
+/// write-back RW (XN), the image text RX. Returns its root and the table.
+/// The EL2 map's pages are the hypervisor's; the VMM at EL1 gets its own
+/// copy in host memory (`el1boot`).
+///
+/// # Panics
+/// If the map cannot be built (too few table pages: a build bug).
+pub fn identity_map(
+    cache: &mut impl PageCache,
+    ram_start: u64,
+    ram_end: u64,
+) -> (Pa, PageTable<El2>) {
+    let (text_start, text_end) = text_range();
+    let root = cache.alloc_table().expect("identity map root page");
     let geo = pkvm_pgtable::table::el2_geometry(VA_BITS as u32).expect("EL2 geometry");
     let mut pt: PageTable<El2> = PageTable::new(root, geo, pkvm_arch::pte::S2Features::default());
     let env = HwEl2;
@@ -155,27 +195,12 @@ pub fn build_el2_table(ram_start: u64, ram_end: u64) {
                 Pa(start),
                 prot,
                 MapFlags::NONE,
-                &mut cache,
+                cache,
             )
-            .unwrap_or_else(|e| panic!("EL2 map {start:#x}..{end:#x}: {e}"));
+            .unwrap_or_else(|e| panic!("identity map {start:#x}..{end:#x}: {e}"));
         }
     }
-    dsb_ish();
-    write_sysreg!("ttbr0_el2", root.0);
-    isb();
-    // SAFETY: drops every EL2 TLB entry of the bootstrap table; the new
-    // table maps the same addresses to the same physical memory.
-    unsafe { core::arch::asm!("tlbi alle2", "dsb ish", "isb", options(nostack)) };
-    crate::println!(
-        "mmu: EL2 identity map via PageTable<El2>: {} table pages, text {text_start:#x}..{text_end:#x} RX, RAM RW, devices nGnRE",
-        cache.next
-    );
-    *EL2_PT.lock() = Some(pt);
-    MMU_REGS[0].store(root.0, Ordering::Relaxed);
-    MMU_REGS[1].store(
-        tcr_el2(read_sysreg!("id_aa64mmfr0_el1") & 0xf),
-        Ordering::Relaxed,
-    );
+    (root, pt)
 }
 
 /// The hypervisor's statics here, for [`super::hypdata::audit`].

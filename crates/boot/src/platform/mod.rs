@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`start`] | entry asm, per-CPU stacks and data, secondary CPU start |
 //! | [`console`] | PL011 driver, `println!`, panic handler |
+//! | [`el1boot`] | the VMM at EL1: each CPU's drop from EL2 into the host, its vectors, its trapped SMCs |
 //! | [`el1host`] | a host context at EL1 under the host stage-2 (the `host-attack` program) |
 //! | [`exit`] | semihosting exit (status to QEMU), PSCI calls over SMC |
 //! | [`dt`] | device tree parsing (`fdt` crate) into [`dt::Platform`] |
@@ -25,6 +26,7 @@
 
 pub mod console;
 pub mod dt;
+pub mod el1boot;
 pub mod el1host;
 pub mod exit;
 pub mod gic;

@@ -7,6 +7,9 @@
 //! enters Rust. CPU 0 also zeroes the hypervisor's `.hyp.bss` and the
 //! host's `.bss` first (`link.ld`). `TPIDR_EL2` points at the
 //! CPU's [`PerCpu`] once Rust runs.
+//! With the VMM at EL1 (handoff flags bit 2) CPU 0 starts the secondaries
+//! here, at EL2, and every CPU then drops into the host
+//! ([`super::el1boot`]).
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -75,7 +78,9 @@ pub struct PerCpu {
     pub vcpu: AtomicU64,
     /// Non-zero while the host context runs at EL1 on this CPU
     /// ([`set_el1_host`]): the lower-EL vector then serves its `hvc #0`
-    /// in place instead of leaving the world switch.
+    /// in place instead of leaving the world switch; `el1boot::EL1_VMM`
+    /// (2) when the host is the VMM at EL1 (its other traps are served in
+    /// place as well).
     pub el1_host: AtomicU64,
     /// This CPU's index.
     pub index: AtomicUsize,
@@ -99,14 +104,25 @@ const PERCPU_INIT: PerCpu = PerCpu {
 #[link_section = ".bss.hyp.percpu"]
 static PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 
+/// This CPU's `PerCpu` pointer: `TPIDR_EL2` at EL2, `TPIDR_EL1` in the
+/// host at EL1 (set to the same by [`super::el1boot::enter_host`]).
+fn percpu_ptr() -> *const PerCpu {
+    if super::el1boot::current_el() == 2 {
+        crate::read_sysreg!("tpidr_el2") as *const PerCpu
+    } else {
+        crate::read_sysreg!("tpidr_el1") as *const PerCpu
+    }
+}
+
 /// This CPU's index (0 = boot CPU).
 pub fn cpu_index() -> usize {
-    let p = crate::read_sysreg!("tpidr_el2") as *const PerCpu;
+    let p = percpu_ptr();
     if p.is_null() {
         return 0;
     }
-    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`) to point at
-    // an element of the static PERCPU array.
+    // SAFETY: TPIDR_EL2 is only ever set (in `pkvm_rust_entry`), and the
+    // host's TPIDR_EL1 (in `el1boot::enter_host`), to point at an element
+    // of the static PERCPU array.
     unsafe { (*p).index.load(Ordering::Relaxed) }
 }
 
@@ -143,12 +159,18 @@ pub fn stack_used(cpu: usize) -> u64 {
     if cpu >= MAX_CPUS {
         return 0;
     }
-    let base = core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE;
+    deepest_use(core::ptr::addr_of!(__stacks_start) as u64 + cpu as u64 * STACK_SIZE)
+}
+
+/// The bytes used of the [`STACK_SIZE`] stack at `base` (see
+/// [`stack_used`]; also the host stacks of `el1boot`, in `.host_stacks`).
+pub(super) fn deepest_use(base: u64) -> u64 {
     let mut a = base;
     while a < base + STACK_SIZE {
-        // SAFETY: `a` is 8-byte aligned inside `.stacks`, which the EL2
-        // identity map maps RW; a racing write by the owning CPU only
-        // changes which (still valid) value is read.
+        // SAFETY: `a` is 8-byte aligned inside `.stacks` or
+        // `.host_stacks` (the callers' bases), which the EL2 identity map
+        // maps RW; a racing write by the owning CPU only changes which
+        // (still valid) value is read.
         if unsafe { core::ptr::read_volatile(a as *const u64) } != 0 {
             break;
         }
@@ -163,6 +185,12 @@ pub fn set_el1_host(on: bool) {
     this_percpu()
         .el1_host
         .store(u64::from(on), Ordering::Relaxed);
+}
+
+/// Sets this CPU's `PerCpu::el1_host` to `mode` (`el1boot::EL1_VMM`: the
+/// VMM runs at EL1 here).
+pub fn set_el1_host_mode(mode: u64) {
+    this_percpu().el1_host.store(mode, Ordering::Relaxed);
 }
 
 /// Whether this CPU runs the host context at EL1 with the fast path (a
@@ -231,7 +259,15 @@ extern "C" fn pkvm_rust_entry(cpu: usize) -> ! {
     pc.online.store(true, Ordering::Release);
     if cpu == 0 {
         let info = super::dt::init();
+        super::el1boot::init_flag();
+        crate::hyp_init_el2();
+        if super::el1boot::host_el1() {
+            super::el1boot::start_secondaries(info);
+            super::el1boot::enter_host(0, pc as *const PerCpu as u64)
+        }
         crate::boot_main(info)
+    } else if super::el1boot::host_el1() {
+        super::el1boot::enter_host(cpu, pc as *const PerCpu as u64)
     } else {
         crate::secondary_main(cpu)
     }
@@ -256,6 +292,15 @@ pub enum CpuStartError {
 pub fn start_secondary(idx: usize, mpidr: u64) -> Result<(), CpuStartError> {
     if idx == 0 || idx >= MAX_CPUS {
         return Err(CpuStartError::BadIndex(idx));
+    }
+    if super::el1boot::current_el() != 2 {
+        // The VMM at EL1: every CPU was started at EL2 at boot and waits
+        // in the host for the VMM to let it go on.
+        if !is_online(idx) {
+            return Err(CpuStartError::Psci(-3));
+        }
+        super::el1boot::release(idx);
+        return Ok(());
     }
     super::mmu::publish_for_secondaries();
     let r = super::exit::psci_call(

@@ -3,6 +3,9 @@
 //! - An `hvc #0` from a lower EL while the host context runs at EL1
 //!   (`PerCpu::el1_host`) is the host's hypercall, served in place like one
 //!   from EL2 (the handler touches no EL1 state, so none is switched).
+//!   Any other synchronous exception from the VMM at EL1 (`el1_host` =
+//!   [`super::el1boot::EL1_VMM`]: a trapped SMC) is served in place too,
+//!   by `el1boot`'s trap handler with x0..x30 in and out.
 //! - Other exceptions from a lower EL (the guest; AArch64 sync/IRQ/FIQ/SError and
 //!   AArch32) push the guest's x0/x1, load the vector index into x0 and
 //!   branch to `__guest_exit` (see [`super::switch`]), which returns from
@@ -76,9 +79,9 @@ pkvm_el2_vectors:
     mrs     x0, esr_el2
     lsr     x1, x0, #26
     cmp     x1, #0x16
-    b.ne    2f
+    b.ne    3f
     tst     x0, #0xffff
-    b.ne    2f
+    b.ne    3f
     ldp     x0, x1, [sp], #16
     sub     sp, sp, #{frame}
     stp     x0, x1, [sp, #0]
@@ -91,6 +94,7 @@ pkvm_el2_vectors:
     b.eq    __guest_ctr_read
 2:  mov     x0, #8
     b       __guest_exit
+3:  b       pkvm_el2_lower_not_hvc
     GUEST_ENTRY 9
     GUEST_ENTRY 10
     GUEST_ENTRY 11
@@ -139,6 +143,62 @@ __guest_ctr_read:
 8:  ldp     x2, x3, [sp], #16
     mov     x0, #8
     b       __guest_exit
+
+// A lower-EL synchronous exception other than `hvc #0` while a host
+// context runs at EL1 (x0, x1 at [sp]): the VMM's (`el1_host` = 2) is
+// served in place by `pkvm_el2_host_trap` with x0..x30 in and out; the
+// host-attack context's leaves the world switch.
+pkvm_el2_lower_not_hvc:
+    mrs     x0, tpidr_el2
+    ldr     x0, [x0, #16]
+    cmp     x0, #{el1_vmm}
+    b.eq    1f
+    mov     x0, #8
+    b       __guest_exit
+1:  ldp     x0, x1, [sp], #16
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    str     x30, [sp, #240]
+    mrs     x0, elr_el2
+    mrs     x1, spsr_el2
+    stp     x0, x1, [sp, #248]
+    mov     x0, sp
+    bl      pkvm_el2_host_trap
+    ldp     x0, x1, [sp, #248]
+    msr     elr_el2, x0
+    msr     spsr_el2, x1
+    ldr     x30, [sp, #240]
+    ldp     x28, x29, [sp, #224]
+    ldp     x26, x27, [sp, #208]
+    ldp     x24, x25, [sp, #192]
+    ldp     x22, x23, [sp, #176]
+    ldp     x20, x21, [sp, #160]
+    ldp     x18, x19, [sp, #144]
+    ldp     x16, x17, [sp, #128]
+    ldp     x14, x15, [sp, #112]
+    ldp     x12, x13, [sp, #96]
+    ldp     x10, x11, [sp, #80]
+    ldp     x8, x9, [sp, #64]
+    ldp     x6, x7, [sp, #48]
+    ldp     x4, x5, [sp, #32]
+    ldp     x2, x3, [sp, #16]
+    ldp     x0, x1, [sp, #0]
+    add     sp, sp, #{frame}
+    eret
 
 // The host's hypercall: x0..x7 in and out (SMCCC), x8..x18, x29, x30,
 // ELR_EL2 and SPSR_EL2 preserved; the frame's first 64 bytes are the
@@ -202,6 +262,7 @@ pkvm_el2_self_exception:
     ctr_off = const core::mem::offset_of!(GuestRegs, ctr_el0),
     reads_off = const core::mem::offset_of!(GuestRegs, ctr_reads),
     frame = const FRAME,
+    el1_vmm = const super::el1boot::EL1_VMM,
 );
 
 /// `ESR_EL2` of a trapped `MRS Xt, CTR_EL0` with Rt = 0: EC 0x18, IL,

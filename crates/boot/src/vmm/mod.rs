@@ -185,6 +185,18 @@ pub fn main(p: &'static Platform) -> i32 {
     if !sysreg_check() {
         return 1;
     }
+    println!(
+        "el: the VMM runs at EL{} (CurrentEL {:#x}){}",
+        crate::platform::el1boot::current_el(),
+        crate::platform::el1boot::current_el() << 2,
+        if crate::platform::el1boot::host_el1() {
+            ", reaching EL2 by hvc #0 only (--host-el1)"
+        } else if crate::platform::el1boot::kept_at_el2() {
+            " (--host-el1 asked, but this scenario's EL1 mini-host is entered from the VMM by the world switch: it keeps the VMM at EL2)"
+        } else {
+            ""
+        }
+    );
     let scenario = p.handoff.as_ref().map(|h| h.scenario()).unwrap_or("demo");
     println!("scenario {scenario}: start");
     let process = Arc::new(BootProcess::new());
@@ -675,6 +687,25 @@ fn host_regions(lay: &Layout) -> Vec<MemRegion> {
 fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
     let regions = host_regions(lay);
     let span = |(s, e): (u64, u64)| (Pa(s), e - s);
+    if !platform::hyp_set_up() {
+        let refused = platform::pkvm_init_bad_blocks_refused(
+            lay.ram,
+            &regions,
+            span(lay.hyp_heap),
+            span(lay.hyp_pool),
+        );
+        println!(
+            "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) {}",
+            if refused {
+                "refused (INVALID_PARAMETER), nothing set up"
+            } else {
+                "NOT all refused"
+            }
+        );
+        if !refused {
+            return None;
+        }
+    }
     let hyp = match platform::init_hyp(lay.ram, &regions, span(lay.hyp_heap), span(lay.hyp_pool)) {
         Ok(h) => h,
         Err(e) => {
@@ -699,6 +730,23 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
         (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,
         lay.hyp_pool.0
     );
+    let again = platform::pkvm_init_refused_again(
+        lay.ram,
+        &regions,
+        span(lay.hyp_heap),
+        span(lay.hyp_pool),
+    );
+    println!(
+        "hyp: a second PKVM_INIT {}",
+        if again {
+            "refused (NOT_SUPPORTED), the hypervisor's memory unchanged"
+        } else {
+            "NOT refused"
+        }
+    );
+    if !again {
+        return None;
+    }
     Some(BootPlatform::new(Some(hyp)))
 }
 
@@ -759,11 +807,24 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     }
     ok &= finish_all(vms);
     let after = print_hyp(&plat, "after teardown");
-    let used = crate::platform::start::stack_used(0);
+    let el2 = crate::platform::start::stack_used(0);
+    let used = if crate::platform::el1boot::host_el1() {
+        crate::platform::el1boot::host_stack_used(0)
+    } else {
+        el2
+    };
     println!(
-        "boot CPU stack: {} KiB of {} KiB used",
+        "boot CPU stack: {} KiB of {} KiB used{}",
         used / 1024,
-        crate::platform::STACK_SIZE / 1024
+        crate::platform::STACK_SIZE / 1024,
+        if crate::platform::el1boot::host_el1() {
+            alloc::format!(
+                " (its host stack at EL1; its EL2 stack: {} KiB)",
+                el2 / 1024
+            )
+        } else {
+            alloc::string::String::new()
+        }
     );
     ok &= check(
         "boot CPU stack: 16 KiB left",

@@ -84,6 +84,8 @@ pub enum HypInitError {
     /// A static of the hypervisor lies outside its own data (name,
     /// address): a build bug (a lost `#[link_section]`).
     Static(&'static str, u64),
+    /// The `PKVM_INIT` hypercall failed (status).
+    Call(i64),
 }
 
 impl core::fmt::Display for HypInitError {
@@ -95,6 +97,7 @@ impl core::fmt::Display for HypInitError {
                 f,
                 "the hypervisor's static {name} at {a:#x} is outside its own data (host memory)"
             ),
+            HypInitError::Call(s) => write!(f, "PKVM_INIT hypercall failed: {s}"),
         }
     }
 }
@@ -120,7 +123,9 @@ pub fn hyp_heap_bytes(ram: (u64, u64)) -> u64 {
 /// The `Hyp` and its metadata are placed in the hypervisor's own memory
 /// `heap` (base, bytes; [`hypmem`]), never in the image's global heap
 /// (host memory), with the table of protected vCPUs' registers
-/// ([`vcpurun`]). Then the host issues `FINALIZE`.
+/// ([`vcpurun`]). At EL2 directly; from the VMM at EL1 by the one-shot
+/// [`PKVM_INIT`] hypercall (served at EL2 by [`pkvm_init`]). Then the host
+/// issues `FINALIZE`.
 ///
 /// # Errors
 /// See [`HypInitError`].
@@ -134,6 +139,29 @@ pub fn init_hyp(
     if let Some(h) = *slot {
         return Ok(h);
     }
+    let hyp = if crate::platform::el1boot::current_el() == 2 {
+        setup_hyp(ram, regions, heap, pool)?
+    } else {
+        pkvm_init_call(ram, regions, heap, pool)?
+    };
+    let mut regs = [0u64; 8];
+    regs[0] = pkvm_hyp::hvc::id::FINALIZE as u64;
+    hyp_call(Some(hyp), start::cpu_index(), &mut regs);
+    if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
+        return Err(HypInitError::Finalize(regs[0] as i64));
+    }
+    *slot = Some(hyp);
+    Ok(hyp)
+}
+
+/// The hypervisor's set-up at EL2 (see [`init_hyp`]): its hypercall
+/// handler serves the host from then on.
+fn setup_hyp(
+    ram: (u64, u64),
+    regions: &[MemRegion],
+    heap: (Pa, u64),
+    pool: (Pa, u64),
+) -> Result<&'static BootHyp, HypInitError> {
     hypdata::audit().map_err(|(name, a)| HypInitError::Static(name, a))?;
     let img = hypmem::image_parts();
     let within = |r: &MemRegion, (s, e): (u64, u64)| r.base.0 < e && s < r.end().0;
@@ -172,19 +200,183 @@ pub fn init_hyp(
     }
     *HVC_TARGET.lock() = Some(hyp);
     hvc::set_handler(host_hvc);
-    let mut regs = [0u64; 8];
-    regs[0] = pkvm_hyp::hvc::id::FINALIZE as u64;
-    hyp_call(Some(hyp), start::cpu_index(), &mut regs);
-    if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
-        return Err(HypInitError::Finalize(regs[0] as i64));
-    }
-    *slot = Some(hyp);
     Ok(hyp)
+}
+
+/// `PKVM_INIT` (image-level hypercall, as Linux's `__pkvm_init`): x1 = the
+/// address of a block in host memory of [`PKVM_INIT_WORDS`] words: RAM
+/// start and end, the hypervisor's own memory (base, bytes), its pool
+/// (base, bytes), the number of host regions (1..=[`PKVM_INIT_REGIONS`])
+/// and the regions (base, bytes). Served once; refused
+/// (`NOT_SUPPORTED`) once the hypervisor is set up.
+pub const PKVM_INIT: u32 = 0xc600_0050;
+/// Host memory regions a `PKVM_INIT` block carries at most.
+pub const PKVM_INIT_REGIONS: usize = 4;
+/// Words of a `PKVM_INIT` block.
+pub const PKVM_INIT_WORDS: usize = 7 + 2 * PKVM_INIT_REGIONS;
+
+/// The VMM at EL1: [`PKVM_INIT`] over a block in its heap; the hypervisor
+/// it set up (step 1: a trusted host still reads the hypervisor's
+/// statics).
+fn pkvm_init_call(
+    ram: (u64, u64),
+    regions: &[MemRegion],
+    heap: (Pa, u64),
+    pool: (Pa, u64),
+) -> Result<&'static BootHyp, HypInitError> {
+    if regions.is_empty() || regions.len() > PKVM_INIT_REGIONS {
+        return Err(HypInitError::Init(HypError::NoMemory));
+    }
+    let mut block = alloc::vec![0u64; PKVM_INIT_WORDS];
+    block[..7].copy_from_slice(&[
+        ram.0,
+        ram.1,
+        heap.0 .0,
+        heap.1,
+        pool.0 .0,
+        pool.1,
+        regions.len() as u64,
+    ]);
+    for (i, r) in regions.iter().enumerate() {
+        block[7 + 2 * i] = r.base.0;
+        block[8 + 2 * i] = r.size;
+    }
+    let mut regs = [0u64; 8];
+    regs[0] = u64::from(PKVM_INIT);
+    regs[1] = block.as_ptr() as u64;
+    hvc::call(&mut regs);
+    let done = *HVC_TARGET.lock();
+    match done {
+        Some(h) if regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS => Ok(h),
+        _ => Err(HypInitError::Call(regs[0] as i64)),
+    }
+}
+
+/// Whether a second [`PKVM_INIT`] with a well-formed block (the same
+/// `ram`, `regions`, `heap` and `pool` as the first) is refused with
+/// `NOT_SUPPORTED` once the hypervisor is set up, leaving it as it was.
+pub fn pkvm_init_refused_again(
+    ram: (u64, u64),
+    regions: &[MemRegion],
+    heap: (Pa, u64),
+    pool: (Pa, u64),
+) -> bool {
+    let before = hypmem::used();
+    let r = pkvm_init_call(ram, regions, heap, pool);
+    matches!(r, Err(HypInitError::Call(s)) if s == pkvm_arch::smccc::ret::NOT_SUPPORTED)
+        && hypmem::used() == before
+}
+
+/// [`PKVM_INIT`] at EL2: reads the host's block (in RAM, word aligned, at
+/// most [`PKVM_INIT_REGIONS`] regions) and sets the hypervisor up; x0 =
+/// `SUCCESS`, or `NOT_SUPPORTED` once set up, `INVALID_PARAMETER` for a
+/// bad block, `NO_MEMORY` when the set-up failed.
+fn pkvm_init(regs: &mut [u64; 8]) {
+    use pkvm_hyp::hvc::ret;
+    let at = regs[1];
+    let bytes = 8 * PKVM_INIT_WORDS as u64;
+    let set = |regs: &mut [u64; 8], r: i64| {
+        *regs = [r as u64, 0, 0, 0, 0, 0, 0, 0];
+    };
+    if HVC_TARGET.lock().is_some() {
+        return set(regs, pkvm_arch::smccc::ret::NOT_SUPPORTED);
+    }
+    if !at.is_multiple_of(8) || !crate::platform::phys::in_ram(at, bytes) {
+        return set(regs, ret::INVALID_PARAMETER);
+    }
+    let w = |i: usize| crate::platform::phys::read_u64(Pa(at + 8 * i as u64));
+    let n = w(6) as usize;
+    if n == 0 || n > PKVM_INIT_REGIONS {
+        return set(regs, ret::INVALID_PARAMETER);
+    }
+    let mut rs = [MemRegion {
+        base: Pa(0),
+        size: 0,
+    }; PKVM_INIT_REGIONS];
+    for (i, r) in rs.iter_mut().enumerate().take(n) {
+        *r = MemRegion {
+            base: Pa(w(7 + 2 * i)),
+            size: w(8 + 2 * i),
+        };
+    }
+    let r = setup_hyp((w(0), w(1)), &rs[..n], (Pa(w(2)), w(3)), (Pa(w(4)), w(5)));
+    set(
+        regs,
+        match r {
+            Ok(_) => ret::SUCCESS,
+            Err(HypInitError::Init(e)) => pkvm_hyp::hvc::ret_code(&e),
+            Err(_) => ret::NO_MEMORY,
+        },
+    );
+}
+
+/// Whether `PKVM_INIT`s with bad blocks (outside RAM, misaligned, no
+/// region, more regions than a block holds, the hypervisor's memory
+/// overlapping a host region) are each refused with `INVALID_PARAMETER`
+/// and leave the hypervisor unset (before [`init_hyp`]; the handler is
+/// installed at boot, [`install_hvc_handler`]). `ram`, `regions`, `heap`
+/// and `pool` are those of a well-formed block.
+pub fn pkvm_init_bad_blocks_refused(
+    ram: (u64, u64),
+    regions: &[MemRegion],
+    heap: (Pa, u64),
+    pool: (Pa, u64),
+) -> bool {
+    let call = |at: u64| {
+        let mut regs = [u64::from(PKVM_INIT), at, 0, 0, 0, 0, 0, 0];
+        hvc::call(&mut regs);
+        regs[0] as i64
+    };
+    let fill = |b: &mut [u64], n: u64, first: MemRegion| {
+        b[..7].copy_from_slice(&[ram.0, ram.1, heap.0 .0, heap.1, pool.0 .0, pool.1, n]);
+        b[7] = first.base.0;
+        b[8] = first.size;
+        for (i, r) in regions.iter().enumerate().skip(1) {
+            b[7 + 2 * i] = r.base.0;
+            b[8 + 2 * i] = r.size;
+        }
+    };
+    let Some(&first) = regions.first() else {
+        return false;
+    };
+    let mut block = alloc::vec![0u64; PKVM_INIT_WORDS + 1];
+    let at = block.as_ptr() as u64;
+    let n = regions.len() as u64;
+    let bad = pkvm_hyp::hvc::ret::INVALID_PARAMETER;
+    let mut ok = call(0) == bad && call(ram.1 - 8) == bad;
+    fill(&mut block, n, first);
+    ok &= call(at + 4) == bad;
+    fill(&mut block, 0, first);
+    ok &= call(at) == bad;
+    fill(&mut block, PKVM_INIT_REGIONS as u64 + 1, first);
+    ok &= call(at) == bad;
+    let over = MemRegion {
+        base: heap.0,
+        size: 4096,
+    };
+    fill(&mut block, n, over);
+    ok &= call(at) == bad;
+    ok && HVC_TARGET.lock().is_none()
+}
+
+/// Whether [`init_hyp`] has set the hypervisor up.
+pub fn hyp_set_up() -> bool {
+    HYP.lock().is_some()
+}
+
+/// Installs the hypervisor's hypercall handler before the hypervisor is
+/// set up (EL2, boot CPU, at boot): until [`PKVM_INIT`] every other
+/// call answers `NOT_SUPPORTED`.
+pub fn install_hvc_handler() {
+    hvc::set_handler(host_hvc);
 }
 
 /// The hypervisor's HVC handler ([`hvc::set_handler`]): runs at EL2 on
 /// the calling CPU, `cpu` from the hypervisor's own per-CPU data.
 fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
+    if regs[0] == u64::from(PKVM_INIT) {
+        return pkvm_init(regs);
+    }
     if regs[0] == u64::from(super::el1host::NULL_RUN) {
         return super::el1host::null_run(regs);
     }

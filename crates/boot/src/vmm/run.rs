@@ -77,11 +77,21 @@ pub fn reset_max_running() {
 
 /// Why the CPUs could not be brought up.
 #[derive(Clone, Copy, Debug)]
-pub struct BringUpError(pub gic::GicError);
+pub enum BringUpError {
+    /// The boot CPU's GICv3 could not be set up.
+    Gic(gic::GicError),
+    /// The VMM at EL1 did not take its tick or a kick at EL1.
+    El1Interrupts,
+}
 
 impl core::fmt::Display for BringUpError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "GICv3 on the boot CPU: {}", self.0)
+        match self {
+            BringUpError::Gic(e) => write!(f, "GICv3 on the boot CPU: {e}"),
+            BringUpError::El1Interrupts => {
+                write!(f, "the VMM at EL1 did not take its tick or a kick SGI")
+            }
+        }
     }
 }
 
@@ -95,7 +105,7 @@ impl core::fmt::Display for BringUpError {
 pub fn bring_up(p: &Platform) -> Result<usize, BringUpError> {
     gic::init_global(p.gicd, p.gicr)
         .and_then(|()| gic::init_cpu(0))
-        .map_err(BringUpError)?;
+        .map_err(BringUpError::Gic)?;
     let mut started = 0u64;
     for i in 1..p.ncpus.min(MAX_CPUS) {
         match start::start_secondary(i, p.cpus[i]) {
@@ -114,18 +124,49 @@ pub fn bring_up(p: &Platform) -> Result<usize, BringUpError> {
     }
     let ready = READY.load(Ordering::Acquire);
     println!(
-        "gic: GICv3 dist {:#x} redist {:#x}: {} CPU interfaces up (group 1, SGI {} = kick, PPI INTID {} = EL2 physical timer, {} = guest virtual timer, {} = maintenance; {} list registers); counter {} Hz",
+        "gic: GICv3 dist {:#x} redist {:#x}: {} CPU interfaces up (group 1, SGI {} = kick, PPI INTID {} = the tick (EL{} physical timer), {} = guest virtual timer, {} = maintenance; {} list registers); counter {} Hz",
         p.gicd,
         p.gicr,
         1 + ready.count_ones(),
         gic::SGI_KICK,
-        timer::PPI_EL2_PHYS,
+        timer::ppi(),
+        crate::platform::el1boot::current_el(),
         gic::PPI_VTIMER,
         gic::PPI_MAINTENANCE,
         crate::platform::switch::gic_counts().0,
         timer::frequency()
     );
+    if crate::platform::el1boot::current_el() == 1 && !el1_interrupts() {
+        return Err(BringUpError::El1Interrupts);
+    }
     Ok(1 + ready.count_ones() as usize)
+}
+
+/// The VMM at EL1, on the boot CPU: its tick (the EL1 physical timer) and
+/// a kick SGI to itself are taken at EL1 (the `wfi` wakes for them with
+/// `HCR_EL2.IMO` clear, `gic::drain` acknowledges them with
+/// `ICC_IAR1_EL1`). Whether both came.
+fn el1_interrupts() -> bool {
+    let slice = timer::ticks_for_us(500);
+    let wait = |want: fn(&gic::Drained) -> bool| {
+        (0..64).any(|_| {
+            timer::arm_after(slice);
+            let d = gic::wait_for_interrupt();
+            timer::disable();
+            want(&d)
+        })
+    };
+    let tick = wait(|d| d.timer);
+    gic::send_sgi(gic::SGI_KICK, start::cpu_index());
+    let kick = wait(|d| d.kick);
+    println!(
+        "el1: the tick (INTID {}) {} and a kick SGI {} at EL1 on CPU {}",
+        timer::ppi(),
+        if tick { "taken" } else { "NOT taken" },
+        if kick { "taken" } else { "NOT taken" },
+        start::cpu_index()
+    );
+    tick && kick
 }
 
 /// A secondary CPU: GIC interface up, then one scheduling loop per run.
