@@ -78,9 +78,48 @@ pkvm_host_vectors:
 pkvm_host_vector_common:
     stp     x2, x3, [sp, #16]
     stp     x29, x30, [sp, #32]
-    mov     x1, sp
+    // A synchronous exception at EL1h on one of the probes' accesses
+    // (an abort the hypervisor injected): resume at the probe's fault
+    // return with x1 = ESR_EL1, x2 = FAR_EL1.
+    cmp     x0, #4
+    b.ne    2f
+    mrs     x2, elr_el1
+    adr     x3, pkvm_host_probe_load_insn
+    cmp     x2, x3
+    b.eq    3f
+    adr     x3, pkvm_host_probe_store_insn
+    cmp     x2, x3
+    b.ne    2f
+3:  adr     x3, pkvm_host_probe_fault
+    msr     elr_el1, x3
+    mrs     x1, esr_el1
+    mrs     x2, far_el1
+    ldr     x3, [sp, #24]
+    ldp     x29, x30, [sp, #32]
+    add     sp, sp, #256
+    eret
+2:  mov     x1, sp
     bl      pkvm_host_exception
 1:  b       1b
+
+// The host's probes: x0 = address (x1 = value to store). x0 = 0 and
+// x1 = the value loaded; or, after an injected abort, x0 = 1, x1 =
+// ESR_EL1, x2 = FAR_EL1.
+.global pkvm_host_probe_load
+pkvm_host_probe_load:
+pkvm_host_probe_load_insn:
+    ldr     x1, [x0]
+    mov     x0, #0
+    ret
+.global pkvm_host_probe_store
+pkvm_host_probe_store:
+pkvm_host_probe_store_insn:
+    str     x1, [x0]
+    mov     x0, #0
+    ret
+pkvm_host_probe_fault:
+    mov     x0, #1
+    ret
 
 // x0 = CPU index, x1 = this CPU's EL2 stack top, ELR/SPSR_EL2 and the
 // host's EL1 registers already written: drop to the host.
@@ -101,6 +140,70 @@ extern "C" {
     fn pkvm_eret_to_host(cpu: usize, el2_sp: u64) -> !;
     fn pkvm_host_entry();
     static pkvm_host_vectors: u8;
+}
+
+/// An access a host probe made that the hypervisor refused: the abort it
+/// injected (`ESR_EL1`, `FAR_EL1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// `ESR_EL1` of the injected abort.
+    pub esr: u64,
+    /// `FAR_EL1`: the address.
+    pub far: u64,
+}
+
+/// Loads the word at `addr` from the VMM at EL1, taking an abort the
+/// hypervisor injects (a host stage-2 fault it refused) as an error
+/// instead of a panic.
+///
+/// # Errors
+/// The injected abort.
+pub fn probe_load(addr: u64) -> Result<u64, Refused> {
+    assert_eq!(current_el(), 1, "probes are for the VMM at EL1");
+    let (status, a, b): (u64, u64, u64);
+    // SAFETY: the probe's only memory access is the load from `addr`
+    // (8-byte aligned by the callers' contract: a misaligned one is an
+    // alignment fault, a host bug, panicking in the vector); an abort
+    // on it is taken by the host vectors, which resume at the probe's
+    // fault return (x0 = 1, x1 = ESR, x2 = FAR). Only x0..x3 and the
+    // flags change (x3 in the vector, restored).
+    unsafe {
+        core::arch::asm!(
+            "bl pkvm_host_probe_load",
+            inout("x0") addr => status, out("x1") a, out("x2") b,
+            out("x30") _, options(nostack),
+        );
+    }
+    if status == 0 {
+        Ok(a)
+    } else {
+        Err(Refused { esr: a, far: b })
+    }
+}
+
+/// Stores `value` to `addr` from the VMM at EL1, as [`probe_load`].
+///
+/// # Errors
+/// The injected abort.
+pub fn probe_store(addr: u64, value: u64) -> Result<(), Refused> {
+    assert_eq!(current_el(), 1, "probes are for the VMM at EL1");
+    let (status, a, b): (u64, u64, u64);
+    // SAFETY: as `probe_load`: the store to `addr` is the probe's only
+    // memory access, an abort on it resumes at the fault return; the
+    // callers store only to memory no Rust object of theirs lives in
+    // (another role's memory, or a word they own).
+    unsafe {
+        core::arch::asm!(
+            "bl pkvm_host_probe_store",
+            inout("x0") addr => status, inout("x1") value => a, out("x2") b,
+            out("x30") _, options(nostack),
+        );
+    }
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(Refused { esr: a, far: b })
+    }
 }
 
 /// Whether the handoff block asked for the VMM at EL1 for a scenario
@@ -133,7 +236,11 @@ pub fn kept_at_el2() -> bool {
 pub fn start_secondaries(p: &super::dt::Platform) {
     build_host_stage1(p);
     for i in 1..p.ncpus.min(MAX_CPUS) {
-        if let Err(e) = super::start::start_secondary(i, p.cpus[i]) {
+        let r = super::start::start_secondary(i, p.cpus[i]);
+        if r.is_ok() {
+            STARTED.fetch_or(1 << i, Ordering::AcqRel);
+        }
+        if let Err(e) = r {
             crate::println!(
                 "cpus: CPU {i} (MPIDR {:#x}) did not start at EL2: {e:?}",
                 p.cpus[i]
@@ -241,7 +348,9 @@ pub fn enter_host(cpu: usize, percpu: u64) -> ! {
     write_sysreg!("tcr_el1", super::el1host::host_tcr_el1());
     write_sysreg!("ttbr0_el1", ttbr);
     write_sysreg!("vbar_el1", core::ptr::addr_of!(pkvm_host_vectors) as u64);
-    write_sysreg!("tpidr_el1", percpu);
+    let _ = percpu;
+    write_sysreg!("tpidr_el1", core::ptr::from_ref(&HOST_CPUS[cpu]) as u64);
+    HYP_HOST_EL1.store(true, Ordering::Release);
     // FP/SIMD untrapped at EL1 (`CPACR_EL1.FPEN`): the host's Rust uses it.
     write_sysreg!("cpacr_el1", 3 << 20);
     write_sysreg!("sp_el1", host_sp);
@@ -285,18 +394,201 @@ pub struct HostFrame {
     x: [u64; 6],
 }
 
-/// Any exception the host takes at EL1: a host bug.
+/// Any exception the host takes at EL1 outside a probe: a host bug. An
+/// abort the hypervisor injected (a host stage-2 fault it refused: EC
+/// 0x25/0x21, FSC 0x10) says so.
 #[no_mangle]
 extern "C" fn pkvm_host_exception(kind: u64, frame: &HostFrame) -> ! {
     let esr = read_sysreg!("esr_el1");
+    let injected = matches!(esr >> 26, 0x21 | 0x25) && esr & 0x3f == 0x10;
     crate::println!(
-        "EL1 host exception (vector {kind}) ESR_EL1={esr:#x} (EC {:#x}) ELR_EL1={:#x} FAR_EL1={:#x} lr={:#x}",
+        "EL1 host exception (vector {kind}) ESR_EL1={esr:#x} (EC {:#x}) ELR_EL1={:#x} FAR_EL1={:#x} lr={:#x}{}",
         esr >> 26,
         read_sysreg!("elr_el1"),
         read_sysreg!("far_el1"),
-        frame.x[5]
+        frame.x[5],
+        if injected {
+            ": an abort the hypervisor injected (the host stage-2 refused the access)"
+        } else {
+            ""
+        }
     );
     panic!("unexpected exception in the host at EL1");
+}
+
+/// The host's own per-CPU data at EL1 (`TPIDR_EL1`; host memory, not the
+/// hypervisor's `PerCpu`).
+#[repr(C)]
+pub struct HostCpu {
+    /// This CPU's index.
+    pub index: u64,
+}
+
+/// One [`HostCpu`] per CPU, in host `.bss`.
+static HOST_CPUS: [HostCpu; MAX_CPUS] = {
+    let mut a = [const { HostCpu { index: 0 } }; MAX_CPUS];
+    let mut i = 0;
+    while i < MAX_CPUS {
+        a[i].index = i as u64;
+        i += 1;
+    }
+    a
+};
+
+/// CPUs started at EL2 for the host (bit per CPU; host memory, what the
+/// VMM at EL1 reads instead of the hypervisor's `PerCpu::online`).
+static STARTED: AtomicU64 = AtomicU64::new(1);
+
+/// Whether CPU `idx` was started for the host (the VMM at EL1).
+pub fn host_cpu_started(idx: usize) -> bool {
+    idx < MAX_CPUS && STARTED.load(Ordering::Acquire) & (1 << idx) != 0
+}
+
+/// The VMM at EL1: this CPU's index from its own per-CPU data.
+pub fn host_cpu_index() -> usize {
+    let p = read_sysreg!("tpidr_el1") as *const HostCpu;
+    if p.is_null() {
+        return 0;
+    }
+    // SAFETY: the host's TPIDR_EL1 is only ever set (in `enter_host`) to
+    // an element of the static HOST_CPUS array.
+    unsafe { (*p).index as usize }
+}
+
+/// `HCR_EL2.VM`.
+const HCR_VM: u64 = 1;
+
+/// CPUs whose host runs under the host stage-2 (bit per CPU; the
+/// hypervisor's data).
+#[link_section = ".bss.hyp.el1boot_protected"]
+static PROTECTED_CPUS: AtomicU64 = AtomicU64::new(0);
+/// Set at EL2 when the host runs at EL1 on every CPU (the hypervisor's
+/// copy of [`HOST_EL1`]).
+#[link_section = ".bss.hyp.el1boot_host_el1"]
+static HYP_HOST_EL1: AtomicBool = AtomicBool::new(false);
+
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
+    [
+        (
+            "el1boot::PROTECTED_CPUS",
+            core::ptr::from_ref(&PROTECTED_CPUS) as u64,
+        ),
+        (
+            "el1boot::HYP_HOST_EL1",
+            core::ptr::from_ref(&HYP_HOST_EL1) as u64,
+        ),
+    ]
+}
+
+/// At EL2 from the VMM's hypercall on this CPU: puts the host at EL1 under
+/// the host stage-2 (`VTTBR_EL2` = `vttbr`, VMID 0, `VTCR_EL2` = `vtcr`,
+/// `HCR_EL2.VM`), kept on every return to the host (`HOST_RUN` and
+/// `VCPU_RUN` put back the live controls). `false` (nothing changed)
+/// when the caller is not the VMM at EL1.
+pub fn protect_this_cpu(vttbr: u64, vtcr: u64) -> bool {
+    if current_el() != 2 || !super::start::el1_vmm_here() || vttbr >> 48 != 0 {
+        return false;
+    }
+    write_sysreg!("vtcr_el2", vtcr);
+    write_sysreg!("vttbr_el2", vttbr);
+    write_sysreg!("hcr_el2", read_sysreg!("hcr_el2") | HCR_VM);
+    // SAFETY: drops the EL1&0 entries of VMID 0 (the host's, cached
+    // without a stage-2) so that every later host access is translated
+    // through the host stage-2; TLB maintenance only.
+    unsafe { core::arch::asm!("isb", "tlbi vmalls12e1", "dsb nsh", "isb", options(nostack)) };
+    PROTECTED_CPUS.fetch_or(1 << super::start::cpu_index(), Ordering::AcqRel);
+    true
+}
+
+/// Whether the host may use protected VMs: when it runs at EL1, every
+/// online CPU has its host under the host stage-2 (a CPU left out would
+/// be a host with all of memory); at EL2 (the VMM in the hypervisor's
+/// image, trusted) always.
+pub fn all_cpus_protected() -> bool {
+    if !HYP_HOST_EL1.load(Ordering::Acquire) {
+        return true;
+    }
+    let done = PROTECTED_CPUS.load(Ordering::Acquire);
+    (0..MAX_CPUS).all(|i| !super::start::is_online(i) || done & (1 << i) != 0)
+}
+
+/// Whether the host stage-2 is on for the host at EL1 on CPU `cpu`.
+pub fn cpu_protected(cpu: usize) -> bool {
+    cpu < MAX_CPUS && PROTECTED_CPUS.load(Ordering::Acquire) & (1 << cpu) != 0
+}
+
+/// What the hypervisor does with a host stage-2 fault of the VMM at EL1
+/// (IPA, write): `Ok` retries the access (mapped, or another CPU
+/// did), `Err` injects a synchronous external abort.
+pub type AbortHandler = fn(ipa: u64, write: bool) -> Result<(), ()>;
+
+/// The hypervisor's [`AbortHandler`], stored as a pointer; null: none.
+#[link_section = ".bss.hyp.el1boot_abort"]
+static ABORT: core::sync::atomic::AtomicPtr<()> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Sets the hypervisor's handler of the VMM's host stage-2 faults (EL2,
+/// at its set-up).
+pub fn set_abort_handler(h: AbortHandler) {
+    ABORT.store(h as *mut (), Ordering::Release);
+}
+
+/// Host stage-2 faults of the VMM at EL1 served at EL2, and aborts
+/// injected (counts, the hypervisor's).
+#[link_section = ".bss.hyp.el1boot_faults"]
+static FAULTS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// (host stage-2 faults served, aborts injected) so far.
+pub fn fault_counts() -> (u64, u64) {
+    (
+        FAULTS[0].load(Ordering::Relaxed),
+        FAULTS[1].load(Ordering::Relaxed),
+    )
+}
+
+/// A host stage-2 fault of the VMM at EL1 (EC 0x20/0x24, at EL2): the
+/// hypervisor's handler maps the page or refuses; a refusal injects a
+/// synchronous external abort into the host's EL1 vector (as pKVM's
+/// `host_inject_abort`).
+fn host_abort(f: &mut TrapFrame, esr: u64) {
+    let far = read_sysreg!("far_el2");
+    let hpfar = read_sysreg!("hpfar_el2");
+    let ipa = ((hpfar & 0x0000_0fff_ffff_fff0) << 8) | (far & 0xfff);
+    let write = esr >> 26 == 0x24 && esr & (1 << 6) != 0;
+    let p = ABORT.load(Ordering::Acquire);
+    assert!(!p.is_null(), "host stage-2 fault with no hypervisor set up");
+    // SAFETY: ABORT only ever holds null (checked above) or a value stored
+    // by `set_abort_handler` from an `AbortHandler`.
+    let h: AbortHandler = unsafe { core::mem::transmute::<*mut (), AbortHandler>(p) };
+    FAULTS[0].fetch_add(1, Ordering::Relaxed);
+    if h(ipa, write).is_err() {
+        FAULTS[1].fetch_add(1, Ordering::Relaxed);
+        inject_abort(f, esr, far);
+    }
+}
+
+/// Injects a synchronous external abort for the fault `esr` at `far` into
+/// the host at EL1 (pkvm-sysreg's `host_abort_esr` and `inject_sync`):
+/// `ESR_EL1`, `FAR_EL1`, `ELR_EL1`, `SPSR_EL1` written, the host resumed
+/// at its vector.
+fn inject_abort(f: &mut TrapFrame, esr: u64, far: u64) {
+    let mut s = pkvm_sysreg::El1State {
+        pc: f.elr,
+        pstate: f.spsr,
+        spsr_el1: read_sysreg!("spsr_el1"),
+        elr_el1: read_sysreg!("elr_el1"),
+        esr_el1: read_sysreg!("esr_el1"),
+        vbar_el1: read_sysreg!("vbar_el1"),
+        sctlr_el1: read_sysreg!("sctlr_el1"),
+    };
+    pkvm_sysreg::inject_sync(&mut s, pkvm_sysreg::host_abort_esr(esr));
+    write_sysreg!("spsr_el1", s.spsr_el1);
+    write_sysreg!("elr_el1", s.elr_el1);
+    write_sysreg!("esr_el1", s.esr_el1);
+    write_sysreg!("far_el1", far);
+    f.elr = s.pc;
+    f.spsr = s.pstate;
 }
 
 /// x0..x30 of the host at EL1, saved by the lower-EL vector's host-trap
@@ -321,6 +613,9 @@ extern "C" fn pkvm_el2_host_trap(f: &mut TrapFrame) {
         f.x[0] = host_smc(f.x[0] as u32, f.x[1], f.x[2], f.x[3]) as u64;
         f.elr += 4;
         return;
+    }
+    if matches!(esr >> 26, 0x20 | 0x24) && cpu_protected(super::start::cpu_index()) {
+        return host_abort(f, esr);
     }
     crate::println!(
         "trap from the VMM at EL1: ESR_EL2={esr:#x} (EC {:#x}) ELR_EL2={:#x} FAR_EL2={:#x}",

@@ -243,6 +243,11 @@ static HYP_RD: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static VTIMER_MASKED: [core::sync::atomic::AtomicBool; MAX_CPUS] =
     [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
 
+/// Per CPU: [`VTIMER_MASKED`]'s counterpart of the VMM at EL1 (host
+/// memory).
+static HOST_VTIMER_MASKED: [core::sync::atomic::AtomicBool; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
+
 /// The hypervisor's statics here, for [`super::hypdata::audit`].
 pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
     [
@@ -255,7 +260,14 @@ pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
 /// redistributor (the hypervisor's record of it); a no-op when it is
 /// already so or the CPU has none.
 pub fn set_vtimer_masked(cpu: usize, masked: bool) {
-    let (Some(flag), Some(rd)) = (VTIMER_MASKED.get(cpu), HYP_RD.get(cpu)) else {
+    // The VMM at EL1 masks it through its own records (host memory: it
+    // owns the GIC, and may not read the hypervisor's).
+    let (flags, rds) = if super::el1boot::current_el() == 2 {
+        (&VTIMER_MASKED, &HYP_RD)
+    } else {
+        (&HOST_VTIMER_MASKED, &RD)
+    };
+    let (Some(flag), Some(rd)) = (flags.get(cpu), rds.get(cpu)) else {
         return;
     };
     let rd = rd.load(Ordering::Acquire);

@@ -15,10 +15,6 @@ use crate::vmm::el1host::NullGuest;
 use crate::vmm::platform::BootHyp;
 use crate::vmm::vcpurun::Table;
 
-/// The hypervisor of this boot, once `vmm::platform::init_hyp` ran.
-#[link_section = ".data.hyp.vmm_hyp"]
-pub static HYP: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, LockClass::Leaf);
-
 /// The hypervisor the host's HVCs reach (set by `init_hyp` before
 /// `FINALIZE`).
 #[link_section = ".data.hyp.hvc_target"]
@@ -44,7 +40,6 @@ pub(crate) static NULL_GUEST: SpinLock<Option<NullGuest>> = SpinLock::new(None, 
 /// Every static of the hypervisor with its address.
 fn statics() -> impl Iterator<Item = (&'static str, u64)> {
     let here = [
-        ("hypdata::HYP", core::ptr::from_ref(&HYP) as u64),
         (
             "hypdata::HVC_TARGET",
             core::ptr::from_ref(&HVC_TARGET) as u64,
@@ -72,6 +67,7 @@ fn statics() -> impl Iterator<Item = (&'static str, u64)> {
         .chain(super::gic::hyp_statics())
         .chain(super::console::hyp_statics())
         .chain(super::hostrun::hyp_statics())
+        .chain(super::el1boot::hyp_statics())
 }
 
 /// Checks that every static of the hypervisor lies in its own data

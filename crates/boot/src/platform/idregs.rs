@@ -14,6 +14,11 @@ use crate::read_sysreg;
 #[link_section = ".data.hyp.idregs"]
 static HOST: SpinLock<Option<HostIds>> = SpinLock::new(None, LockClass::Leaf);
 
+/// The host's copy of [`HOST`] (host `.data`, written at boot at EL2
+/// before the host runs): what the VMM at EL1 reads, as it may not read
+/// the hypervisor's data.
+static HOST_COPY: SpinLock<Option<HostIds>> = SpinLock::new(None, LockClass::Leaf);
+
 /// Reads this CPU's ID registers (the whole `op0=3, op1=0, CRn=0` ID space
 /// is readable at EL2: unallocated encodings there read as zero).
 fn read() -> HostIds {
@@ -66,11 +71,17 @@ fn read_one(r: IdReg) -> u64 {
 pub fn init() -> HostIds {
     let h = read();
     *HOST.lock() = Some(h);
+    *HOST_COPY.lock() = Some(h);
     h
 }
 
-/// The host CPU's identification ([`init`] must have run; read now otherwise).
+/// The host CPU's identification ([`init`] must have run; read now
+/// otherwise). At EL1 (the VMM) the host's copy.
 pub fn host_ids() -> HostIds {
+    if super::el1boot::current_el() != 2 {
+        let g = HOST_COPY.lock();
+        return g.expect("the ID registers are read at boot, at EL2");
+    }
     let mut g = HOST.lock();
     *g.get_or_insert_with(read)
 }

@@ -107,15 +107,15 @@ static PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 /// This CPU's `PerCpu` pointer: `TPIDR_EL2` at EL2, `TPIDR_EL1` in the
 /// host at EL1 (set to the same by [`super::el1boot::enter_host`]).
 fn percpu_ptr() -> *const PerCpu {
-    if super::el1boot::current_el() == 2 {
-        crate::read_sysreg!("tpidr_el2") as *const PerCpu
-    } else {
-        crate::read_sysreg!("tpidr_el1") as *const PerCpu
-    }
+    crate::read_sysreg!("tpidr_el2") as *const PerCpu
 }
 
-/// This CPU's index (0 = boot CPU).
+/// This CPU's index (0 = boot CPU): the hypervisor's `PerCpu` at EL2, the
+/// host's own per-CPU data at EL1 ([`super::el1boot::host_cpu_index`]).
 pub fn cpu_index() -> usize {
+    if super::el1boot::current_el() != 2 {
+        return super::el1boot::host_cpu_index();
+    }
     let p = percpu_ptr();
     if p.is_null() {
         return 0;
@@ -191,6 +191,12 @@ pub fn set_el1_host(on: bool) {
 /// VMM runs at EL1 here).
 pub fn set_el1_host_mode(mode: u64) {
     this_percpu().el1_host.store(mode, Ordering::Relaxed);
+}
+
+/// Whether the caller of the hypercall being served is the VMM at EL1
+/// on this CPU.
+pub fn el1_vmm_here() -> bool {
+    this_percpu().el1_host.load(Ordering::Relaxed) == super::el1boot::EL1_VMM
 }
 
 /// Whether this CPU runs the host context at EL1 with the fast path (a
@@ -296,7 +302,7 @@ pub fn start_secondary(idx: usize, mpidr: u64) -> Result<(), CpuStartError> {
     if super::el1boot::current_el() != 2 {
         // The VMM at EL1: every CPU was started at EL2 at boot and waits
         // in the host for the VMM to let it go on.
-        if !is_online(idx) {
+        if !super::el1boot::host_cpu_started(idx) {
             return Err(CpuStartError::Psci(-3));
         }
         super::el1boot::release(idx);

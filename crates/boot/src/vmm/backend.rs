@@ -191,6 +191,9 @@ pub struct VcpuHw {
     pub sve: Option<SveRegs>,
     /// The physical CPU of the previous scheduler run.
     last_cpu: Option<usize>,
+    /// A hyp-managed VM's (handle, VMID, stage-2 geometry), as the
+    /// hypervisor answered [`super::platform::VCPU_LOADED`] once.
+    hyp_vm: Option<(u16, u16, S2Geometry)>,
 }
 
 impl VcpuHw {
@@ -202,6 +205,7 @@ impl VcpuHw {
             stats: BackendStats::default(),
             boot_args: None,
             last_vmid: 0,
+            hyp_vm: None,
             sysregs: VcpuSysregs::new(),
             who: ("?", 0),
             wait: WfiAction::Yield,
@@ -347,12 +351,22 @@ impl<'a> HwBackend<'a> {
     fn vm_regs(&mut self, s2: &StageTwo) -> Option<VmRegs> {
         let (root, vmid, geo, stage) = match *s2 {
             StageTwo::Host { vmid, root, geo } => (root, vmid, geo, hostrun::stage::HOST),
-            StageTwo::Hyp { .. } => {
-                let c = self.hyp?.loaded_vcpu_context(self.cpu)?;
-                (c.s2_root, c.vmid, c.geometry, hostrun::stage::HYP)
+            StageTwo::Hyp { handle } => {
+                self.hyp?;
+                let (vmid, geo) = match self.hw.hyp_vm {
+                    Some((h, v, g)) if h == handle => (v, g),
+                    _ => {
+                        let (v, g) = super::platform::loaded_vcpu()?;
+                        self.hw.hyp_vm = Some((handle, v, g));
+                        (v, g)
+                    }
+                };
+                (Pa(0), vmid, geo, hostrun::stage::HYP)
             }
         };
-        self.s2 = Some((root, geo));
+        // A hyp-managed stage-2 is flushed by the hypervisor (its tables
+        // are in its memory).
+        self.s2 = (stage == hostrun::stage::HOST).then_some((root, geo));
         let (lrs, aprs) = switch::gic_counts();
         let vm = VmRegs {
             vttbr: vttbr(root, vmid),
@@ -791,8 +805,10 @@ impl<'a> HwBackend<'a> {
     /// now (a read-only walk; a page unmapped meanwhile is still RAM, and
     /// cleaning it is harmless).
     fn flush_vm(&self) {
-        if let Some((root, geo)) = self.s2 {
-            flush_stage2(root, geo);
+        match self.s2 {
+            Some((root, geo)) => flush_stage2(root, geo),
+            None if self.hyp.is_some() => super::platform::flush_loaded_s2(),
+            None => {}
         }
     }
 

@@ -650,7 +650,11 @@ fn demo_standard(process: &Arc<BootProcess>) -> bool {
 }
 
 fn print_hyp(plat: &BootPlatform, when: &str) -> pkvm_hyp::HypStats {
-    let s = plat.hyp().map(|h| h.stats()).unwrap_or_default();
+    let s = plat
+        .hyp()
+        .and_then(|_| platform::hyp_info())
+        .map(|i| i.stats)
+        .unwrap_or_default();
     println!(
         "hyp ({when}): pool {} of {} pages free, {} pages held for VMs, {} live VMs, {} hypercalls from the host",
         s.pool_free,
@@ -725,7 +729,7 @@ fn protected_platform(lay: &Layout) -> Option<Arc<BootPlatform>> {
         img.hyp.0,
         img.hyp.1,
         crate::platform::hypdata::audit().unwrap_or(0),
-        crate::platform::hypmem::used() / 1024,
+        platform::hyp_info().map_or(0, |i| i.mem_used) / 1024,
         lay.hyp_heap.0,
         (lay.hyp_pool.1 - lay.hyp_pool.0) / MIB,
         lay.hyp_pool.0
@@ -807,23 +811,21 @@ fn protected(lay: &Layout, process: &Arc<BootProcess>, full: bool) -> bool {
     }
     ok &= finish_all(vms);
     let after = print_hyp(&plat, "after teardown");
-    let el2 = crate::platform::start::stack_used(0);
+    // At EL1 the VMM's own stack (the EL2 stacks are the hypervisor's
+    // memory, out of its reach).
     let used = if crate::platform::el1boot::host_el1() {
         crate::platform::el1boot::host_stack_used(0)
     } else {
-        el2
+        crate::platform::start::stack_used(0)
     };
     println!(
         "boot CPU stack: {} KiB of {} KiB used{}",
         used / 1024,
         crate::platform::STACK_SIZE / 1024,
         if crate::platform::el1boot::host_el1() {
-            alloc::format!(
-                " (its host stack at EL1; its EL2 stack: {} KiB)",
-                el2 / 1024
-            )
+            " (its host stack at EL1)"
         } else {
-            alloc::string::String::new()
+            ""
         }
     );
     ok &= check(

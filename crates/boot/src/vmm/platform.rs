@@ -28,10 +28,10 @@ use super::{pool, vcpurun};
 use crate::platform::hw::{HwEl2, HwS2};
 // The hypervisor of this boot and the one its HVCs reach: statics in the
 // hypervisor's own data (`platform::hypdata`), never host memory.
-use crate::platform::hypdata::{HVC_TARGET, HYP};
+use crate::platform::hypdata::HVC_TARGET;
 use crate::platform::start;
 use crate::platform::{hostrun, hvc, hypdata, hypmem, switch};
-use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
+use pkvm_arch::vtcr::{vtcr, vttbr, S2Geometry, VtcrOptions};
 
 /// The hardware stage-2 environment of `vmid`: TLB maintenance acts on the
 /// VMID (the root address is not needed for TLBI).
@@ -73,6 +73,10 @@ impl HypPlatform for HwHyp {
 
 /// The hypervisor of this boot, once [`init_hyp`] ran.
 pub type BootHyp = Hyp<HwHyp>;
+
+/// The VMM's record of the hypervisor it set up (host memory: a handle
+/// it passes around, dereferenced only at EL2 or by the VMM at EL2).
+static HYP: SpinLock<Option<&'static BootHyp>> = SpinLock::new(None, LockClass::Leaf);
 
 /// Why the hypervisor could not be set up.
 #[derive(Clone, Copy, Debug)]
@@ -150,8 +154,150 @@ pub fn init_hyp(
     if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
         return Err(HypInitError::Finalize(regs[0] as i64));
     }
+    if crate::platform::el1boot::current_el() == 1 {
+        super::run::finalize_secondaries().map_err(HypInitError::Finalize)?;
+    }
     *slot = Some(hyp);
     Ok(hyp)
+}
+
+/// `PROT_FINALIZE_CPU` (image-level, as pKVM's `__pkvm_prot_finalize` on
+/// each CPU): after `FINALIZE`, the VMM at EL1 on every other CPU puts
+/// itself under the host stage-2 (`FINALIZE` does it for the CPU that
+/// issues it). Until every online CPU has, the hypervisor refuses the
+/// calls that create protected VMs or give them memory
+/// ([`NEEDS_ALL_CPUS`]) with `DENIED`. Refused (`NOT_SUPPORTED`) before
+/// `FINALIZE` or from the VMM at EL2.
+pub const PROT_FINALIZE_CPU: u32 = 0xc600_0051;
+/// `HYP_INFO` (image-level): the hypervisor's counters for the host, in
+/// place of reading its memory: x1 pool pages, x2 free pool pages, x3
+/// pages held for VMs, x4 live VMs, x5 bytes of its own memory used, x6
+/// host stage-2 faults served for the VMM at EL1, x7 aborts injected.
+pub const HYP_INFO: u32 = 0xc600_0052;
+
+/// The hypervisor's counters ([`HYP_INFO`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HypInfo {
+    /// pkvm-hyp's pool and VM counters.
+    pub stats: pkvm_hyp::HypStats,
+    /// Bytes of its own memory used ([`hypmem::used`]).
+    pub mem_used: u64,
+    /// Host stage-2 faults of the VMM at EL1 served at EL2.
+    pub host_faults: u64,
+    /// Aborts injected into the VMM at EL1.
+    pub injected: u64,
+}
+
+/// The host's side of [`HYP_INFO`]; `None` before the hypervisor is set
+/// up.
+pub fn hyp_info() -> Option<HypInfo> {
+    let mut regs = [u64::from(HYP_INFO), 0, 0, 0, 0, 0, 0, 0];
+    hvc::call(&mut regs);
+    (regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS).then(|| HypInfo {
+        stats: pkvm_hyp::HypStats {
+            pool_pages: regs[1],
+            pool_free: regs[2],
+            vm_pages: regs[3],
+            live_vms: regs[4],
+        },
+        mem_used: regs[5],
+        host_faults: regs[6],
+        injected: regs[7],
+    })
+}
+
+/// `VCPU_LOADED` (image-level): of the vCPU pkvm-hyp has loaded on this
+/// CPU, x1 = its VM's VMID, x2 = the IPA bits of its stage-2 (the VMM's
+/// statistics and vGIC need them; its tables stay the hypervisor's).
+pub const VCPU_LOADED: u32 = 0xc600_0053;
+/// `VCPU_S2_FLUSH` (image-level): cleans and invalidates by VA every page
+/// the stage-2 of the vCPU loaded on this CPU maps (a set/way
+/// instruction's answer; the host cannot walk the hypervisor's tables).
+pub const VCPU_S2_FLUSH: u32 = 0xc600_0054;
+
+/// The host's side of [`VCPU_LOADED`]: (VMID, stage-2 geometry).
+pub fn loaded_vcpu() -> Option<(u16, S2Geometry)> {
+    let mut regs = [u64::from(VCPU_LOADED), 0, 0, 0, 0, 0, 0, 0];
+    hvc::call(&mut regs);
+    if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
+        return None;
+    }
+    let geo = S2Geometry::new(pkvm_arch::Granule::Size4K, regs[2] as u32).ok()?;
+    Some((regs[1] as u16, geo))
+}
+
+/// The host's side of [`VCPU_S2_FLUSH`].
+pub fn flush_loaded_s2() {
+    let mut regs = [u64::from(VCPU_S2_FLUSH), 0, 0, 0, 0, 0, 0, 0];
+    hvc::call(&mut regs);
+}
+
+/// [`VCPU_LOADED`] and [`VCPU_S2_FLUSH`] at EL2.
+fn loaded_answer(h: &BootHyp, cpu: usize, regs: &mut [u64; 8]) {
+    let func = regs[0];
+    *regs = [0; 8];
+    let Some(c) = h.loaded_vcpu_context(cpu) else {
+        regs[0] = pkvm_hyp::hvc::ret::NOT_FOUND as u64;
+        return;
+    };
+    if func == u64::from(VCPU_S2_FLUSH) {
+        super::backend::flush_stage2(c.s2_root, c.geometry);
+    } else {
+        regs[1] = u64::from(c.vmid);
+        regs[2] = u64::from(c.geometry.ipa_bits);
+    }
+    regs[0] = pkvm_hyp::hvc::ret::SUCCESS as u64;
+}
+
+/// The host's side of [`PROT_FINALIZE_CPU`] on this CPU: the status.
+pub fn prot_finalize_cpu() -> i64 {
+    let mut regs = [u64::from(PROT_FINALIZE_CPU), 0, 0, 0, 0, 0, 0, 0];
+    hvc::call(&mut regs);
+    regs[0] as i64
+}
+
+/// Calls the hypervisor refuses until every online CPU's host is under
+/// the host stage-2 ([`PROT_FINALIZE_CPU`]).
+pub const NEEDS_ALL_CPUS: [u32; 8] = {
+    use pkvm_hyp::hvc::id;
+    [
+        id::RESERVE_VM,
+        id::INIT_VM,
+        id::INIT_VCPU,
+        id::TOPUP_MEMCACHE,
+        id::VCPU_LOAD,
+        id::HOST_SHARE_GUEST,
+        id::HOST_DONATE_GUEST,
+        id::HOST_SHARE_HYP,
+    ]
+};
+
+/// Puts the VMM at EL1 on this CPU under the host stage-2 (at EL2, after
+/// `FINALIZE`): whether it did.
+fn protect_host(h: &BootHyp) -> bool {
+    let (root, geo) = h.host_stage2();
+    let Ok(vtcr) = vtcr(geo.ipa_bits, switch::parange(), VtcrOptions::default()) else {
+        return false;
+    };
+    crate::platform::el1boot::protect_this_cpu(vttbr(root, 0), vtcr)
+}
+
+/// The VMM at EL1's host stage-2 faults, at EL2: pkvm-hyp maps what the
+/// host owns (or a device) and refuses the rest (an abort is injected).
+fn host_abort(ipa: u64, write: bool) -> Result<(), ()> {
+    use pkvm_hyp::HostAccess;
+    let Some(h) = *HVC_TARGET.lock() else {
+        return Err(());
+    };
+    let access = if write {
+        HostAccess::Write
+    } else {
+        HostAccess::Read
+    };
+    match h.host_mem_abort(Pa(ipa), access) {
+        Ok(()) | Err(HypError::Again) => Ok(()),
+        Err(_) => Err(()),
+    }
 }
 
 /// The hypervisor's set-up at EL2 (see [`init_hyp`]): its hypercall
@@ -200,6 +346,7 @@ fn setup_hyp(
     }
     *HVC_TARGET.lock() = Some(hyp);
     hvc::set_handler(host_hvc);
+    crate::platform::el1boot::set_abort_handler(host_abort);
     Ok(hyp)
 }
 
@@ -245,11 +392,13 @@ fn pkvm_init_call(
     regs[0] = u64::from(PKVM_INIT);
     regs[1] = block.as_ptr() as u64;
     hvc::call(&mut regs);
-    let done = *HVC_TARGET.lock();
-    match done {
-        Some(h) if regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS => Ok(h),
-        _ => Err(HypInitError::Call(regs[0] as i64)),
+    if regs[0] as i64 != pkvm_hyp::hvc::ret::SUCCESS {
+        return Err(HypInitError::Call(regs[0] as i64));
     }
+    // Before `FINALIZE` (no host stage-2 yet): the handle the host keeps
+    // for the calls that take one, dereferenced only at EL2.
+    let done = *HVC_TARGET.lock();
+    done.ok_or(HypInitError::Call(regs[0] as i64))
 }
 
 /// Whether a second [`PKVM_INIT`] with a well-formed block (the same
@@ -261,10 +410,12 @@ pub fn pkvm_init_refused_again(
     heap: (Pa, u64),
     pool: (Pa, u64),
 ) -> bool {
-    let before = hypmem::used();
+    let used = || hyp_info().map(|i| i.mem_used);
+    let before = used();
     let r = pkvm_init_call(ram, regions, heap, pool);
     matches!(r, Err(HypInitError::Call(s)) if s == pkvm_arch::smccc::ret::NOT_SUPPORTED)
-        && hypmem::used() == before
+        && before.is_some()
+        && used() == before
 }
 
 /// [`PKVM_INIT`] at EL2: reads the host's block (in RAM, word aligned, at
@@ -300,14 +451,11 @@ fn pkvm_init(regs: &mut [u64; 8]) {
         };
     }
     let r = setup_hyp((w(0), w(1)), &rs[..n], (Pa(w(2)), w(3)), (Pa(w(4)), w(5)));
-    set(
-        regs,
-        match r {
-            Ok(_) => ret::SUCCESS,
-            Err(HypInitError::Init(e)) => pkvm_hyp::hvc::ret_code(&e),
-            Err(_) => ret::NO_MEMORY,
-        },
-    );
+    match r {
+        Ok(_) => set(regs, ret::SUCCESS),
+        Err(HypInitError::Init(e)) => set(regs, pkvm_hyp::hvc::ret_code(&e)),
+        Err(_) => set(regs, ret::NO_MEMORY),
+    }
 }
 
 /// Whether `PKVM_INIT`s with bad blocks (outside RAM, misaligned, no
@@ -381,20 +529,61 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
         return super::el1host::null_run(regs);
     }
     let target = *HVC_TARGET.lock();
-    match target {
-        Some(h) if regs[0] == u64::from(vcpurun::VCPU_RUN) => vcpurun::vcpu_run(h, cpu, regs),
-        Some(h) if regs[0] == u64::from(vcpurun::VCPU_LRS) => vcpurun::vcpu_lrs(h, cpu, regs),
-        Some(h) => {
-            let (func, args) = (regs[0], [regs[1], regs[2]]);
+    let Some(h) = target else {
+        regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
+        return;
+    };
+    let func = regs[0];
+    let el1boot = &crate::platform::el1boot::all_cpus_protected;
+    let needs_all = NEEDS_ALL_CPUS.iter().any(|&f| u64::from(f) == func)
+        || func == u64::from(vcpurun::VCPU_RUN);
+    if needs_all && !el1boot() {
+        *regs = [pkvm_hyp::hvc::ret::DENIED as u64, 0, 0, 0, 0, 0, 0, 0];
+        return;
+    }
+    match func {
+        f if f == u64::from(vcpurun::VCPU_RUN) => vcpurun::vcpu_run(h, cpu, regs),
+        f if f == u64::from(vcpurun::VCPU_LRS) => vcpurun::vcpu_lrs(h, cpu, regs),
+        f if f == u64::from(HYP_INFO) => hyp_info_answer(h, regs),
+        f if f == u64::from(VCPU_LOADED) || f == u64::from(VCPU_S2_FLUSH) => {
+            loaded_answer(h, cpu, regs)
+        }
+        f if f == u64::from(PROT_FINALIZE_CPU) => {
+            let ok = !hostrun::host_trusted() && protect_host(h);
+            *regs = [0; 8];
+            regs[0] = if ok {
+                pkvm_hyp::hvc::ret::SUCCESS as u64
+            } else {
+                pkvm_arch::smccc::ret::NOT_SUPPORTED as u64
+            };
+        }
+        _ => {
+            let args = [regs[1], regs[2]];
             h.handle_host_hvc(cpu, regs);
             vcpurun::after_host_call(func, args, regs[0]);
             let done = regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS;
             if func == pkvm_hyp::hvc::id::FINALIZE as u64 && done {
                 hostrun::set_protected(&PROTECTED);
+                protect_host(h);
             }
         }
-        None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
     }
+}
+
+/// [`HYP_INFO`] at EL2.
+fn hyp_info_answer(h: &BootHyp, regs: &mut [u64; 8]) {
+    let s = h.stats();
+    let (faults, injected) = crate::platform::el1boot::fault_counts();
+    *regs = [
+        pkvm_hyp::hvc::ret::SUCCESS as u64,
+        s.pool_pages,
+        s.pool_free,
+        s.vm_pages,
+        s.live_vms,
+        hypmem::used(),
+        faults,
+        injected,
+    ];
 }
 
 /// pkvm-hyp's answers to `HOST_RUN` ([`hostrun::set_protected`], at EL2).

@@ -19,7 +19,7 @@
 //!   lost).
 
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use pkvm_host::psci::{PowerState, PsciVm};
 
@@ -169,6 +169,54 @@ fn el1_interrupts() -> bool {
     tick && kick
 }
 
+/// Set by the boot CPU after `FINALIZE` with the VMM at EL1: every
+/// secondary then issues `PROT_FINALIZE_CPU` ([`finalize_secondaries`]).
+static FINALIZE_ASKED: AtomicBool = AtomicBool::new(false);
+/// Secondaries whose `PROT_FINALIZE_CPU` was answered (bit per CPU), and
+/// those it failed on.
+static FINALIZED: AtomicU64 = AtomicU64::new(0);
+static FINALIZE_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// The boot CPU, the VMM at EL1, after `FINALIZE` (which put its own host
+/// under the host stage-2): asks every other CPU taking part to issue
+/// `PROT_FINALIZE_CPU` (a kick SGI wakes them) and waits for them.
+///
+/// # Errors
+/// The status of a secondary's failed `PROT_FINALIZE_CPU`.
+pub fn finalize_secondaries() -> Result<(), i64> {
+    FINALIZE_ASKED.store(true, Ordering::Release);
+    gic::send_sgi_others(gic::SGI_KICK);
+    let want = READY.load(Ordering::Acquire);
+    while (FINALIZED.load(Ordering::Acquire) | FINALIZE_FAILED.load(Ordering::Acquire)) & want
+        != want
+    {
+        core::hint::spin_loop();
+    }
+    if FINALIZE_FAILED.load(Ordering::Acquire) != 0 {
+        return Err(pkvm_hyp::hvc::ret::DENIED);
+    }
+    println!(
+        "el1: the VMM is under the host stage-2 on {} CPUs (FINALIZE, then PROT_FINALIZE_CPU on each secondary)",
+        1 + want.count_ones()
+    );
+    Ok(())
+}
+
+/// A secondary's part of [`finalize_secondaries`], once asked.
+fn finalize_here(cpu: usize) {
+    if !FINALIZE_ASKED.load(Ordering::Acquire) || FINALIZED.load(Ordering::Acquire) & (1 << cpu) != 0
+    {
+        return;
+    }
+    let s = super::platform::prot_finalize_cpu();
+    if s == pkvm_hyp::hvc::ret::SUCCESS {
+        FINALIZED.fetch_or(1 << cpu, Ordering::AcqRel);
+    } else {
+        println!("el1: CPU {cpu}: PROT_FINALIZE_CPU failed: {s}");
+        FINALIZE_FAILED.fetch_or(1 << cpu, Ordering::AcqRel);
+    }
+}
+
 /// A secondary CPU: GIC interface up, then one scheduling loop per run.
 pub fn secondary(cpu: usize) -> ! {
     if let Err(e) = gic::init_cpu(cpu) {
@@ -181,6 +229,7 @@ pub fn secondary(cpu: usize) -> ! {
     READY.fetch_or(1 << cpu, Ordering::AcqRel);
     let mut seen = 0;
     loop {
+        finalize_here(cpu);
         let g = GEN.load(Ordering::Acquire);
         if g != seen {
             seen = g;
