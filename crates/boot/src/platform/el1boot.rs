@@ -52,6 +52,11 @@ pub fn host_el1() -> bool {
     HOST_EL1.load(Ordering::Relaxed)
 }
 
+/// `SCTLR_EL1` (the host's stage-1 controls, for its checks at EL1).
+pub fn sctlr_el1() -> u64 {
+    read_sysreg!("sctlr_el1")
+}
+
 /// `CurrentEL` (2 for EL2, 1 for EL1).
 pub fn current_el() -> u64 {
     (read_sysreg!("CurrentEL") >> 2) & 3
@@ -212,7 +217,18 @@ static KEPT_AT_EL2: AtomicBool = AtomicBool::new(false);
 
 /// Scenarios that keep the VMM at EL2 under the flag: `host-attack`'s
 /// EL1 mini-host is entered from the VMM by the world switch.
-pub const KEEPS_EL2: &[&str] = &["host-attack"];
+pub const KEEPS_EL2: &[&str] = &[];
+
+/// Whether the hypervisor answers the test hooks (`HYP_PROBE`): set at
+/// boot, at EL2, for the `host-attack` scenario only (its checks of the
+/// hypervisor's state; a debug facility, as pKVM's EL2 debug builds).
+#[link_section = ".bss.hyp.el1boot_test_hooks"]
+static TEST_HOOKS: AtomicBool = AtomicBool::new(false);
+
+/// Whether this boot's hypervisor answers the test hooks.
+pub fn test_hooks() -> bool {
+    TEST_HOOKS.load(Ordering::Acquire)
+}
 
 /// Reads the handoff flag on CPU 0 (EL2, MMU on, before the secondaries).
 pub fn init_flag() {
@@ -222,6 +238,8 @@ pub fn init_flag() {
         .as_ref()
         .is_some_and(|h| KEEPS_EL2.contains(&h.scenario()));
     HOST_EL1.store(asked && !keep, Ordering::Relaxed);
+    let hooks = h.as_ref().is_some_and(|h| h.scenario() == "host-attack");
+    TEST_HOOKS.store(hooks, Ordering::Release);
     KEPT_AT_EL2.store(asked && keep, Ordering::Relaxed);
 }
 
@@ -314,6 +332,44 @@ fn build_host_stage1(p: &super::dt::Platform) -> u64 {
     );
     HOST_TTBR.store(root.0, Ordering::Release);
     root.0
+}
+
+/// Where the host's writable alias of RAM starts in its stage-1 (VA):
+/// one 1 GiB block at root index 2 over RAM's first GiB.
+const RAM_ALIAS_VA: u64 = 0x8000_0000;
+
+/// The VMM at EL1: the address of a writable alias of `pa` (RAM) in its
+/// own stage-1, as a hostile host would make one for the image's code
+/// (its identity map keeps the code read-only, so a store there stops at
+/// its own stage-1; through the alias it reaches the host stage-2, which
+/// must refuse it). Installed once (a block descriptor in the host's root
+/// table, host memory, privileged-execute-never). At EL2, `pa` itself.
+pub fn writable_alias(pa: u64) -> u64 {
+    let base = super::RAM_BASE;
+    if current_el() == 2 || !(base..base + (1 << 30)).contains(&pa) {
+        return pa;
+    }
+    let root = HOST_TTBR.load(Ordering::Acquire);
+    let slot = (root + 8 * (RAM_ALIAS_VA >> 30)) as *mut u64;
+    let desc = base
+        | (1 << 54)
+        | (1 << 53)
+        | (1 << 10)
+        | (3 << 8)
+        | (pkvm_arch::pte::el2::MAIR_IDX_NORMAL << 2)
+        | 0b01;
+    // SAFETY: `root` is the host's stage-1 root (`HOST_PT`, host `.bss`,
+    // identity-mapped read-write at EL1); index 2 (VAs 0x8000_0000..) is
+    // above RAM and the devices, unused by the identity map, so the
+    // descriptor changes no translation in use; break-before-make does
+    // not apply to an invalid entry.
+    unsafe {
+        if core::ptr::read_volatile(slot) == 0 {
+            core::ptr::write_volatile(slot, desc);
+            core::arch::asm!("dsb ishst", "isb", options(nostack));
+        }
+    }
+    pa - base + RAM_ALIAS_VA
 }
 
 /// Lets secondary `cpu`, waiting at EL1, go on into the VMM.
@@ -468,8 +524,12 @@ static PROTECTED_CPUS: AtomicU64 = AtomicU64::new(0);
 static HYP_HOST_EL1: AtomicBool = AtomicBool::new(false);
 
 /// The hypervisor's statics here, for [`super::hypdata::audit`].
-pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
+pub(super) fn hyp_statics() -> [(&'static str, u64); 3] {
     [
+        (
+            "el1boot::TEST_HOOKS",
+            core::ptr::from_ref(&TEST_HOOKS) as u64,
+        ),
         (
             "el1boot::PROTECTED_CPUS",
             core::ptr::from_ref(&PROTECTED_CPUS) as u64,
@@ -636,7 +696,10 @@ fn host_smc(func: u32, a1: u64, a2: u64, a3: u64) -> i64 {
     use pkvm_arch::smccc::psci;
     const FEATURES: u32 = 0x8400_000a;
     match func {
-        psci::VERSION | FEATURES | psci::SYSTEM_OFF | psci::SYSTEM_RESET => {
+        psci::VERSION | FEATURES => psci_call(func, a1, a2, a3),
+        // A host under the host stage-2 cannot stop the machine under the
+        // hypervisor (it ends a run by semihosting).
+        psci::SYSTEM_OFF | psci::SYSTEM_RESET if !cpu_protected(super::start::cpu_index()) => {
             psci_call(func, a1, a2, a3)
         }
         psci::AFFINITY_INFO_32 | psci::AFFINITY_INFO_64 => psci_call(func, a1, a2, 0),

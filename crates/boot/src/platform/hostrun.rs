@@ -224,7 +224,7 @@ impl RunBlock {
 /// If the page is not RAM.
 pub fn write_block(page: pkvm_arch::Pa, b: &RunBlock) {
     phys::zero(page, 4096);
-    assert!(host_ram(page.0, 4096) && page.0.is_multiple_of(4096));
+    assert!(caller_ram(page.0) && page.0.is_multiple_of(4096));
     // SAFETY: the page is RAM identity-mapped read-write, not the
     // hypervisor's memory and owned by the caller (checked and documented
     // above), so no Rust object lives there; an untyped copy of `USED`
@@ -234,12 +234,23 @@ pub fn write_block(page: pkvm_arch::Pa, b: &RunBlock) {
     };
 }
 
+/// Whether the page at `pa` is RAM the caller may copy a block to or from
+/// (at EL2 not the hypervisor's own; the VMM at EL1 cannot reach that
+/// memory at all, and may not read the hypervisor's bounds).
+fn caller_ram(pa: u64) -> bool {
+    if super::el1boot::current_el() == 2 {
+        host_ram(pa, 4096)
+    } else {
+        phys::in_ram(pa, 4096)
+    }
+}
+
 /// The block in the page at `page` (see [`write_block`]).
 ///
 /// # Panics
 /// If the page is not RAM.
 pub fn read_block(page: pkvm_arch::Pa) -> RunBlock {
-    assert!(host_ram(page.0, 4096) && page.0.is_multiple_of(4096));
+    assert!(caller_ram(page.0) && page.0.is_multiple_of(4096));
     let mut b = RunBlock::new(VcpuState::new(0, [0; 4], 0));
     // SAFETY: as for `write_block`; every bit pattern is a valid
     // `RunBlock` (plain integers), and `b` is a distinct local.

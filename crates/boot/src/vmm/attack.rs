@@ -99,6 +99,27 @@ fn hvc_attack(what: &str, cmd: Cmd) -> Attack {
     }
 }
 
+/// pkvm-hyp's counters ([`super::platform::HYP_INFO`]: the VMM at EL1
+/// may not read the hypervisor's memory).
+pub(super) fn hyp_stats() -> pkvm_hyp::HypStats {
+    super::platform::hyp_info().unwrap_or_default().stats
+}
+
+/// Whether the host stage-2 maps `pa` (the hypervisor's test hook).
+pub(super) fn host_mapped(pa: u64) -> bool {
+    super::platform::hyp_probe(super::platform::probe::HOST_PTE, pa).is_some_and(|(v, _)| v == 1)
+}
+
+/// The word at `pa` of memory the host does not own (a guest's), for the
+/// checks: read at EL2 by the VMM there, by the hypervisor's test hook for
+/// the VMM at EL1 (whose own load would be refused).
+fn hyp_read(pa: Pa) -> u64 {
+    if crate::platform::el1boot::current_el() == 2 {
+        return phys::read_u64(pa);
+    }
+    super::platform::hyp_probe(super::platform::probe::READ, pa.0).map_or(!0, |(v, _)| v)
+}
+
 /// Prints the attack's outcome; `true` if it was refused.
 fn report(a: &Attack) -> bool {
     let c = &a.cmd;
@@ -112,7 +133,7 @@ fn report(a: &Attack) -> bool {
             return false;
         }
         (
-            ec == 0x25 && c.far == c.addr,
+            ec == 0x25 && c.esr & 0x3f == 0x10 && c.far == c.addr,
             format!(
                 "abort injected into the host at EL1: ESR_EL1 {:#x} (EC {ec:#x}, FSC {:#x}), FAR_EL1 {:#x}",
                 c.esr,
@@ -188,7 +209,7 @@ fn mem_attacks(secret_pa: Pa, other_pa: Pa, hyp: HypAddrs) -> alloc::vec::Vec<At
         ),
         mem_attack(
             format!("store to the hypervisor's image (its code) {image:#x}"),
-            store(image, 0)
+            store(crate::platform::el1boot::writable_alias(image), 0)
         ),
         mem_attack(
             format!("load from the hypervisor's state (its Hyp) {state:#x}"),
@@ -347,7 +368,7 @@ fn attack_phase(
     let Some(sec) = secrets(&vms[0]) else {
         return check("host-attack: the victim's touched pages", false);
     };
-    let in_place = |s: &[(Pa, u64)]| s.iter().all(|&(pa, v)| phys::read_u64(pa) == v);
+    let in_place = |s: &[(Pa, u64)]| s.iter().all(|&(pa, v)| hyp_read(pa) == v);
     let mut ok = check(
         "host-attack: the victim's secret is in its pages",
         in_place(&sec),
@@ -402,7 +423,7 @@ fn attack_phase(
     }
     print_run("attack run", &r);
     ok &= check("host-attack: the victim's data unchanged", in_place(&sec));
-    let mapped = |pa: u64| hyp.host_pte(Pa(pa)).0.is_valid();
+    let mapped = host_mapped;
     ok &= check(
         "host-attack: no host stage-2 mapping of the hypervisor's pool",
         !mapped(addrs.pool),
@@ -413,7 +434,7 @@ fn attack_phase(
             .step_by(4096)
             .all(|pa| !mapped(pa)),
     );
-    let live = hyp.stats().live_vms;
+    let live = hyp_stats().live_vms;
     println!("host-attack: {live} VMs still live in the hypervisor after the attacks");
     ok &= check("host-attack: both VMs live", live == 2);
     ok
@@ -553,11 +574,11 @@ fn hvc_sweep(
             hvc(f, &args)
         })
         .collect();
-    let before = hyp.stats();
+    let before = hyp_stats();
     if let Err(e) = ctx.run(hyp, &mut cmds) {
         return check(&format!("host-attack: host run: {e:?}"), false);
     }
-    let after = hyp.stats();
+    let after = hyp_stats();
     let accepted: alloc::vec::Vec<&Cmd> = cmds
         .iter()
         .filter(|c| c.regs[0] as i64 == ret::SUCCESS)
@@ -565,7 +586,7 @@ fn hvc_sweep(
     for c in accepted.iter().take(4) {
         println!("host-attack: hypercall sweep: NOT refused: {:x?}", c.regs);
     }
-    let unchanged = before == after && sec.iter().all(|&(pa, v)| phys::read_u64(pa) == v);
+    let unchanged = before == after && sec.iter().all(|&(pa, v)| hyp_read(pa) == v);
     println!(
         "host-attack: {} hostile hypercalls from the host at EL1: {} refused; the hypervisor's counters and the victim's data {}",
         cmds.len(),
@@ -636,7 +657,7 @@ const STORM_FAULTS: u64 = 384;
 /// must keep the pool's use bounded (the hypervisor unmaps every host
 /// device mapping and starts over when it runs out).
 fn device_storm(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
-    let before = hyp.stats().pool_free;
+    let before = hyp_stats().pool_free;
     let mut cmds: alloc::vec::Vec<Cmd> = (0..STORM_FAULTS)
         .map(|k| load(0x1000_0000 + k * 2 * MIB))
         .collect();
@@ -644,7 +665,7 @@ fn device_storm(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
         Ok(r) => r,
         Err(e) => return check(&format!("host-attack: host run: {e:?}"), false),
     };
-    let after = hyp.stats().pool_free;
+    let after = hyp_stats().pool_free;
     let used = before.saturating_sub(after);
     let bound = pkvm_hyp::HOST_DEV_TABLES + 4;
     println!(
@@ -683,6 +704,51 @@ fn zeroed_phase(hyp: &'static BootHyp, ctx: &HostCtx, sec: &[(Pa, u64)]) -> bool
     check("host-attack: the victim's pages come back zeroed", zero)
 }
 
+/// The host is the VMM itself at EL1 under the host stage-2: every
+/// attack below runs in place ([`HostCtx::run`]). Its null hypercall is
+/// timed; `NULL_RUN`'s null guest (set up by the VMM at EL2 from the
+/// hypervisor's state) is not run: `VCPU_RUN` and `HOST_RUN` are.
+fn vmm_at_el1(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let Some(ns) = ctx.null_hvc_ns(hyp, true) else {
+        return check("host-attack: null hypercalls from EL1 succeed", false);
+    };
+    let el = crate::platform::el1boot::current_el() << 2;
+    let hcr_vm = super::platform::hyp_info().is_some_and(|_| {
+        // The VMM's own accesses are translated by the host stage-2: a
+        // load of the hypervisor's pool is refused.
+        crate::platform::el1boot::probe_load(super::platform::hyp_pool_base()).is_err()
+    });
+    println!(
+        "host-attack: the host is the VMM itself at EL{} (CurrentEL {el:#x}) under the host stage-2 (a probe of the hypervisor's pool {}); null hypercall (GET_SIZES) from the VMM at EL1: {ns} ns (mean of {})",
+        (el >> 2) & 3,
+        if hcr_vm { "refused" } else { "NOT refused" },
+        super::platform::NULL_HVC_CALLS
+    );
+    check("host-attack: the VMM at EL1", (el >> 2) & 3 == 1)
+        & check("host-attack: the VMM under the host stage-2", hcr_vm)
+}
+
+/// The host context entered by the world switch from the VMM at EL2: the
+/// costs of its hypercalls and null guest runs, and a protected guest's
+/// MMIO as it sees it.
+fn mini_host(hyp: &'static BootHyp, ctx: &HostCtx) -> bool {
+    let (Some(fast), Some(slow)) = (ctx.null_hvc_ns(hyp, true), ctx.null_hvc_ns(hyp, false)) else {
+        return check("host-attack: null hypercalls from EL1 succeed", false);
+    };
+    println!(
+        "host-attack: null hypercall (GET_SIZES) from the host at EL1: {fast} ns in place at EL2, {slow} ns through a full world-switch exit (mean of {})",
+        super::platform::NULL_HVC_CALLS
+    );
+    let Some((el2, el1)) = super::el1host::null_run_cost(hyp, ctx) else {
+        return check("host-attack: null guest runs", false);
+    };
+    println!(
+        "host-attack: null guest run round trip (enter, hvc #0, exit; mean of {}): {el2} ns by the world switch from EL2 (as the VMM runs vCPUs today), {el1} ns from the host at EL1 by a hypercall that saves and restores the host's EL1 context around it",
+        super::el1host::NULL_RUNS
+    );
+    protected_view(hyp, ctx)
+}
+
 /// The scenario.
 pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     let Some(plat) = protected_platform(lay) else {
@@ -694,21 +760,11 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     let Some(ctx) = HostCtx::new() else {
         return check("host-attack: two host pages", false);
     };
-    let (Some(fast), Some(slow)) = (ctx.null_hvc_ns(hyp, true), ctx.null_hvc_ns(hyp, false)) else {
-        return check("host-attack: null hypercalls from EL1 succeed", false);
+    let mut ok = if crate::platform::el1boot::current_el() == 1 {
+        vmm_at_el1(hyp, &ctx)
+    } else {
+        mini_host(hyp, &ctx)
     };
-    println!(
-        "host-attack: null hypercall (GET_SIZES) from the host at EL1: {fast} ns in place at EL2, {slow} ns through a full world-switch exit (mean of {})",
-        super::platform::NULL_HVC_CALLS
-    );
-    let Some((el2, el1)) = super::el1host::null_run_cost(hyp, &ctx) else {
-        return check("host-attack: null guest runs", false);
-    };
-    println!(
-        "host-attack: null guest run round trip (enter, hvc #0, exit; mean of {}): {el2} ns by the world switch from EL2 (as the VMM runs vCPUs today), {el1} ns from the host at EL1 by a hypercall that saves and restores the host's EL1 context around it",
-        super::el1host::NULL_RUNS
-    );
-    let mut ok = protected_view(hyp, &ctx);
     // Before any VM runs: no scheduler tick or kick is pending on this CPU.
     ok &= own_timer(hyp, &ctx);
     ok &= host_psci(hyp, &ctx);
@@ -735,7 +791,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
         ok &= zeroed_phase(hyp, &ctx, &sec);
     }
     ok &= finish(other);
-    let s = hyp.stats();
+    let s = hyp_stats();
     println!(
         "host-attack: after teardown: {} live VMs, {} pages held for VMs, pool {} of {} pages free",
         s.live_vms, s.vm_pages, s.pool_free, s.pool_pages

@@ -143,6 +143,7 @@ pub fn init_hyp(
     if let Some(h) = *slot {
         return Ok(h);
     }
+    HYP_POOL.store(pool.0 .0, Ordering::Relaxed);
     let hyp = if crate::platform::el1boot::current_el() == 2 {
         setup_hyp(ram, regions, heap, pool)?
     } else {
@@ -187,6 +188,14 @@ pub struct HypInfo {
     /// Aborts injected into the VMM at EL1.
     pub injected: u64,
 }
+
+/// The first page of the hypervisor's pool (host-attack's probe).
+pub fn hyp_pool_base() -> u64 {
+    HYP_POOL.load(Ordering::Relaxed)
+}
+
+/// Where the VMM put the hypervisor's pool (host memory: a number).
+static HYP_POOL: AtomicU64 = AtomicU64::new(0);
 
 /// The host's side of [`HYP_INFO`]; `None` before the hypervisor is set
 /// up.
@@ -247,6 +256,71 @@ fn loaded_answer(h: &BootHyp, cpu: usize, regs: &mut [u64; 8]) {
         regs[2] = u64::from(c.geometry.ipa_bits);
     }
     regs[0] = pkvm_hyp::hvc::ret::SUCCESS as u64;
+}
+
+/// `HYP_PROBE` (image-level): the hypervisor's test hooks, answered only
+/// when the boot enabled them (`el1boot::test_hooks`: the `host-attack`
+/// scenario; `NOT_SUPPORTED` otherwise): what that scenario checks of the
+/// hypervisor's state, which the VMM at EL1 may not read. x1 = the query
+/// ([`probe`]), x2 its argument.
+pub const HYP_PROBE: u32 = 0xc600_0055;
+
+/// [`HYP_PROBE`]'s queries.
+pub mod probe {
+    /// The host stage-2 at PA x2: x1 = valid, x2 = writable.
+    pub const HOST_PTE: u64 = 0;
+    /// x1 = protected vCPUs whose registers the hypervisor holds.
+    pub const HELD: u64 = 1;
+    /// x1 = the word at PA x2 (any RAM: the victim's secret checks).
+    pub const READ: u64 = 2;
+    /// The hypervisor prints a line at EL2 (its own console).
+    pub const PRINT: u64 = 3;
+    /// The hypervisor masks (x2 = 1) or unmasks the virtual-timer PPI of
+    /// this CPU at EL2, through its own redistributor record.
+    pub const VTIMER_MASK: u64 = 4;
+}
+
+/// The host's side of [`HYP_PROBE`]: x1, x2 of the answer, `None` when
+/// refused.
+pub fn hyp_probe(query: u64, arg: u64) -> Option<(u64, u64)> {
+    let mut regs = [u64::from(HYP_PROBE), query, arg, 0, 0, 0, 0, 0];
+    hvc::call(&mut regs);
+    (regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS).then_some((regs[1], regs[2]))
+}
+
+/// [`HYP_PROBE`] at EL2.
+fn probe_answer(h: &BootHyp, regs: &mut [u64; 8]) {
+    use pkvm_arch::pte::{S2Features, S2Prot};
+    let (query, arg) = (regs[1], regs[2]);
+    *regs = [0; 8];
+    let ok = crate::platform::el1boot::test_hooks();
+    let out = match query {
+        _ if !ok => None,
+        probe::HOST_PTE => {
+            let p = h.host_pte(Pa(arg)).0;
+            let w = p.is_valid() && p.prot(S2Features::default()).contains(S2Prot::W);
+            Some((u64::from(p.is_valid()), u64::from(w)))
+        }
+        probe::HELD => Some((vcpurun::held() as u64, 0)),
+        probe::READ if crate::platform::phys::in_ram(arg & !7, 8) => {
+            Some((crate::platform::phys::read_u64(Pa(arg & !7)), 0))
+        }
+        probe::PRINT => {
+            crate::println!(
+                "host-attack: image: this line is printed at EL2 (the hypervisor's console)"
+            );
+            Some((0, 0))
+        }
+        probe::VTIMER_MASK => {
+            crate::platform::gic::set_vtimer_masked(start::cpu_index(), arg == 1);
+            Some((0, 0))
+        }
+        _ => None,
+    };
+    match out {
+        Some((a, b)) => regs[..3].copy_from_slice(&[pkvm_hyp::hvc::ret::SUCCESS as u64, a, b]),
+        None => regs[0] = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64,
+    }
 }
 
 /// The host's side of [`PROT_FINALIZE_CPU`] on this CPU: the status.
@@ -545,6 +619,7 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
         f if f == u64::from(vcpurun::VCPU_RUN) => vcpurun::vcpu_run(h, cpu, regs),
         f if f == u64::from(vcpurun::VCPU_LRS) => vcpurun::vcpu_lrs(h, cpu, regs),
         f if f == u64::from(HYP_INFO) => hyp_info_answer(h, regs),
+        f if f == u64::from(HYP_PROBE) => probe_answer(h, regs),
         f if f == u64::from(VCPU_LOADED) || f == u64::from(VCPU_S2_FLUSH) => {
             loaded_answer(h, cpu, regs)
         }

@@ -218,8 +218,17 @@ pub fn host_run_phase(hyp: &'static BootHyp, ctx: &HostCtx, not: NotHost, victim
         pages.len() == list.len() + 1 && run_phase(hyp, ctx, &list, &pages, (valid, victim));
     ok &= tlb_refused(hyp, ctx);
     if ok {
-        let costs = run_costs(hyp, ctx, (valid, victim), pages[list.len()]);
-        if let Some((direct, el2, el1)) = costs {
+        let el1_vmm = crate::platform::el1boot::current_el() == 1;
+        let costs = if el1_vmm {
+            el1_cost(hyp, ctx, (valid, victim), pages[list.len()]).map(|ns| (0, 0, ns))
+        } else {
+            run_costs(hyp, ctx, (valid, victim), pages[list.len()])
+        };
+        if let (true, Some((_, _, el1))) = (el1_vmm, costs) {
+            println!(
+                "host-attack: guest run round trip (enter, stage-2 instruction abort, exit; mean of {COST_RUNS}): {el1} ns by HOST_RUN from the VMM at EL1 under the host stage-2"
+            );
+        } else if let Some((direct, el2, el1)) = costs {
             println!(
                 "host-attack: guest run round trip (enter, stage-2 instruction abort, exit; mean of {COST_RUNS}): {direct} ns by the world switch called directly at EL2 (the VMM's path before HOST_RUN), {el2} ns by HOST_RUN from the VMM at EL2, {el1} ns by HOST_RUN from the host at EL1"
             );
@@ -377,6 +386,21 @@ fn run_costs(
     let el2 = (0..COST_RUNS).all(|_| hostrun::call(&mut b).is_ok() && valid_exit(&b.exit.exit()));
     let t2 = timer::now();
     let put = call(hyp, id::VCPU_PUT, [0, 0]) == ret::SUCCESS;
+    let el1 = el1_cost(hyp, ctx, (valid, victim), page);
+    (direct && el2 && put).then_some(())?;
+    el1.map(|el1| (ns(t1 - t0), ns(t2 - t1), el1))
+}
+
+/// The mean round trip in nanoseconds of [`COST_RUNS`] `HOST_RUN`s of the
+/// valid block (in `page`) from the host at EL1 (the host context, or the
+/// VMM itself there). `None` if a run failed.
+fn el1_cost(
+    hyp: &'static BootHyp,
+    ctx: &HostCtx,
+    (valid, victim): (RunBlock, u64),
+    page: Pa,
+) -> Option<u64> {
+    let freq = timer::frequency().max(1);
     write_block(page, &valid);
     let mut cmds = [
         hvc(id::VCPU_LOAD, &[victim, 0]),
@@ -389,7 +413,7 @@ fn run_costs(
     ];
     ctx.run(hyp, &mut cmds).ok()?;
     let el1 = cmds.iter().all(|c| c.regs[0] == 0) && valid_exit(&read_block(page).exit.exit());
-    (direct && el2 && put && el1).then(|| (ns(t1 - t0), ns(t2 - t1), ns(cmds[1].result)))
+    el1.then(|| cmds[1].result * 1_000_000_000 / freq / COST_RUNS)
 }
 
 /// The TLB hypercalls of a host-built stage-2 from the host at EL1 in
