@@ -254,10 +254,31 @@ fn host_el1_tests() -> Vec<QemuTest> {
         "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) refused (INVALID_PARAMETER), nothing set up",
         "hyp: a second PKVM_INIT refused (NOT_SUPPORTED), the hypervisor's memory unchanged",
     ]));
+    let stage2 = [
+        "el1: the VMM is under the host stage-2 on 4 CPUs (FINALIZE, then PROT_FINALIZE_CPU on each secondary)",
+        "hyp: RESERVE_VM before every CPU's host is under the host stage-2: refused (status -4)",
+    ];
+    prot.markers.extend(strings(&stage2));
     let mut smp = sched_smp_test("qemu:host-el1-sched-smp-8on2", "sched-smp", "smp", 8, 2);
     smp.spec.host_el1 = true;
     smp.markers.extend(strings(&el1));
-    vec![prot, smp]
+    // host-attack with the VMM itself as the host at EL1 under the host
+    // stage-2 (its attacks run in place, refusals are injected aborts).
+    let mut attack = debug_tests()
+        .into_iter()
+        .find(|t| t.name == "qemu:host-attack")
+        .expect("qemu:host-attack tier");
+    attack.name = "qemu:host-el1-host-attack";
+    attack.spec.host_el1 = true;
+    attack.markers.extend(strings(&el1[1..]));
+    attack.markers.extend(strings(&stage2));
+    attack.markers.extend(strings(&[
+        "host-attack: the host is the VMM itself at EL1 (CurrentEL 0x4) under the host stage-2 (a probe of the hypervisor's pool refused)",
+        "host-attack: store to the hypervisor's image (its code) 0x40200000: refused (abort injected into the host at EL1",
+        "host-attack: image: store to the image's code (through a writable alias in the host's stage-1 at EL1) 0x80200000: refused",
+        "ns by HOST_RUN from the VMM at EL1 under the host stage-2",
+    ]));
+    vec![prot, smp, attack]
 }
 
 /// Self-hosted debug (guest-debug): breakpoints, watchpoints and
@@ -319,8 +340,7 @@ fn debug_tests() -> Vec<QemuTest> {
             exit_code: 0,
             markers: s(&[
                 "host-attack: null hypercall (GET_SIZES) from the host at EL1:",
-                "host-attack: null guest run round trip (enter, hvc #0, exit; mean of 2000):",
-                "guest registers shown: only the stored one, 0 of its 4 secret registers",
+                "secret registers shown to the host: 0 of 4",
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
                 "the guest took INTID Ok(5); the list register back after its EOI 0x10a0000000000005",
                 "statuses Some([-3, -3, -3]), the list register after them 0x10a0000000000005",

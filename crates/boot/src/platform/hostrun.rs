@@ -616,7 +616,20 @@ struct HostSide {
 fn save_host() -> HostSide {
     let mut el1 = El1Sysregs::default();
     switch::save_el1(&mut el1);
-    let controls = VmRegs {
+    HostSide {
+        el1,
+        controls: host_controls(),
+        vmpidr: read_sysreg!("vmpidr_el2"),
+        cntvoff: read_sysreg!("cntvoff_el2"),
+    }
+}
+
+/// The host's EL2 controls as they are now (at EL2, inside one of its
+/// hypercalls): its stage-2 (`VTTBR_EL2`, `VTCR_EL2`) and trap controls,
+/// what a guest run from inside the hypercall must put back (the host
+/// stage-2 of a host at EL1 under it included).
+pub fn host_controls() -> VmRegs {
+    VmRegs {
         vttbr: read_sysreg!("vttbr_el2"),
         vtcr: read_sysreg!("vtcr_el2"),
         traps: TrapControls {
@@ -631,12 +644,6 @@ fn save_host() -> HostSide {
         ras: false,
         lrs: 0,
         aprs: 0,
-    };
-    HostSide {
-        el1,
-        controls,
-        vmpidr: read_sysreg!("vmpidr_el2"),
-        cntvoff: read_sysreg!("cntvoff_el2"),
     }
 }
 

@@ -667,7 +667,8 @@ fn print_hyp(plat: &BootPlatform, when: &str) -> pkvm_hyp::HypStats {
 }
 
 /// The host's memory in protected mode: the image's host data (the VMM's
-/// `.data` and `.bss`), the page pool and the image's global heap (the
+/// `.data` and `.bss`, its stacks) with what lies above it up to the pool
+/// (the handoff block, an external guest's kernel and initrd), the page pool and the image's global heap (the
 /// VMM's), one region when the last two touch. The hypervisor's carve-out
 /// (its own memory and pool) is not in it, nor are the image's code (the
 /// host may only read and run it) and the hypervisor's data and stacks.
@@ -677,7 +678,11 @@ fn host_regions(lay: &Layout) -> Vec<MemRegion> {
         base: Pa(s),
         size: e - s,
     };
-    let statics = region(crate::platform::hypmem::image_parts().host);
+    // The image's host data and, up to the pool, the handoff block and
+    // what the loader put there (an external guest's kernel and initrd):
+    // the VMM reads them at EL1.
+    let host = crate::platform::hypmem::image_parts().host;
+    let statics = region((host.0, host.1.max(POOL_START.min(ps))));
     if pe == lay.heap.0 {
         alloc::vec![statics, region((ps, lay.heap.1))]
     } else {

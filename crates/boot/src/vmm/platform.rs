@@ -156,10 +156,34 @@ pub fn init_hyp(
         return Err(HypInitError::Finalize(regs[0] as i64));
     }
     if crate::platform::el1boot::current_el() == 1 {
+        if !reserve_denied_until_all() {
+            return Err(HypInitError::Finalize(pkvm_hyp::hvc::ret::INTERNAL));
+        }
         super::run::finalize_secondaries().map_err(HypInitError::Finalize)?;
     }
     *slot = Some(hyp);
     Ok(hyp)
+}
+
+/// The VMM at EL1 after `FINALIZE` on the boot CPU, before the other CPUs
+/// put themselves under the host stage-2: `RESERVE_VM` (the first step to
+/// a protected VM) must be refused with `DENIED` (a host keeping a CPU
+/// out of the host stage-2 would have all of memory there). Whether it
+/// was; a reservation that went through is given back.
+fn reserve_denied_until_all() -> bool {
+    let mut regs = [u64::from(pkvm_hyp::hvc::id::RESERVE_VM), 0, 0, 0, 0, 0, 0, 0];
+    hvc::call(&mut regs);
+    let status = regs[0] as i64;
+    if status == pkvm_hyp::hvc::ret::SUCCESS {
+        let mut undo = [u64::from(pkvm_hyp::hvc::id::UNRESERVE_VM), regs[1], 0, 0, 0, 0, 0, 0];
+        hvc::call(&mut undo);
+    }
+    let denied = status == pkvm_hyp::hvc::ret::DENIED;
+    crate::println!(
+        "hyp: RESERVE_VM before every CPU's host is under the host stage-2: {} (status {status})",
+        if denied { "refused" } else { "NOT refused" }
+    );
+    denied
 }
 
 /// `PROT_FINALIZE_CPU` (image-level, as pKVM's `__pkvm_prot_finalize` on

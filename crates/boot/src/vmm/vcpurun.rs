@@ -632,13 +632,20 @@ fn guest_regs(
 /// the host's EL1 registers and the world switch's per-CPU state are set
 /// aside and put back, with the host's stage-2 and trap controls.
 fn world_switch(vm: &VmRegs, host: &VmRegs, st: &mut VcpuState) -> switch::Exit {
+    // The caller's controls as they are (the host context's, or the VMM
+    // at EL1's with its host stage-2), with the list-register counts.
+    let live = VmRegs {
+        lrs: host.lrs,
+        aprs: host.aprs,
+        ..crate::platform::hostrun::host_controls()
+    };
     let mut host_el1 = switch::El1Sysregs::default();
     switch::save_el1(&mut host_el1);
     let saved = start::take_switch_state();
     let exit = switch::run(vm, st, None, &mut |_, _| false);
     start::restore_switch_state(saved);
     switch::load_el1(&host_el1);
-    switch::load_vm_controls(host);
+    switch::load_vm_controls(&live);
     exit
 }
 
