@@ -211,14 +211,6 @@ pub fn probe_store(addr: u64, value: u64) -> Result<(), Refused> {
     }
 }
 
-/// Whether the handoff block asked for the VMM at EL1 for a scenario
-/// that keeps it at EL2 ([`KEEPS_EL2`]).
-static KEPT_AT_EL2: AtomicBool = AtomicBool::new(false);
-
-/// Scenarios that keep the VMM at EL2 under the flag: `host-attack`'s
-/// EL1 mini-host is entered from the VMM by the world switch.
-pub const KEEPS_EL2: &[&str] = &[];
-
 /// Whether the hypervisor answers the test hooks (`HYP_PROBE`): set at
 /// boot, at EL2, for the `host-attack` scenario only (its checks of the
 /// hypervisor's state; a debug facility, as pKVM's EL2 debug builds).
@@ -234,18 +226,9 @@ pub fn test_hooks() -> bool {
 pub fn init_flag() {
     let h = super::handoff::read();
     let asked = h.as_ref().is_some_and(|h| h.host_el1);
-    let keep = h
-        .as_ref()
-        .is_some_and(|h| KEEPS_EL2.contains(&h.scenario()));
-    HOST_EL1.store(asked && !keep, Ordering::Relaxed);
+    HOST_EL1.store(asked, Ordering::Relaxed);
     let hooks = h.as_ref().is_some_and(|h| h.scenario() == "host-attack");
     TEST_HOOKS.store(hooks, Ordering::Release);
-    KEPT_AT_EL2.store(asked && keep, Ordering::Relaxed);
-}
-
-/// Whether EL1 was asked for but this scenario keeps the VMM at EL2.
-pub fn kept_at_el2() -> bool {
-    KEPT_AT_EL2.load(Ordering::Relaxed)
 }
 
 /// CPU 0 at EL2 (MMU, device tree ready): starts every secondary at EL2

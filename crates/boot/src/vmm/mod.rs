@@ -191,8 +191,6 @@ pub fn main(p: &'static Platform) -> i32 {
         crate::platform::el1boot::current_el() << 2,
         if crate::platform::el1boot::host_el1() {
             ", reaching EL2 by hvc #0 only (--host-el1)"
-        } else if crate::platform::el1boot::kept_at_el2() {
-            " (--host-el1 asked, but this scenario's EL1 mini-host is entered from the VMM by the world switch: it keeps the VMM at EL2)"
         } else {
             ""
         }
