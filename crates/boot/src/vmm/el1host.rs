@@ -275,12 +275,9 @@ fn run_one(c: &mut Cmd) {
         }
         el1host::op::HVC => hvc::call(&mut c.regs),
         el1host::op::SMC => {
-            c.regs[0] = crate::platform::exit::psci_call(
-                c.regs[0] as u32,
-                c.regs[1],
-                c.regs[2],
-                c.regs[3],
-            ) as u64;
+            c.regs[0] =
+                crate::platform::exit::psci_call(c.regs[0] as u32, c.regs[1], c.regs[2], c.regs[3])
+                    as u64;
         }
         el1host::op::CURRENT_EL => {
             c.result = crate::platform::el1boot::current_el() << 2;

@@ -171,11 +171,29 @@ pub fn init_hyp(
 /// out of the host stage-2 would have all of memory there). Whether it
 /// was; a reservation that went through is given back.
 fn reserve_denied_until_all() -> bool {
-    let mut regs = [u64::from(pkvm_hyp::hvc::id::RESERVE_VM), 0, 0, 0, 0, 0, 0, 0];
+    let mut regs = [
+        u64::from(pkvm_hyp::hvc::id::RESERVE_VM),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
     hvc::call(&mut regs);
     let status = regs[0] as i64;
     if status == pkvm_hyp::hvc::ret::SUCCESS {
-        let mut undo = [u64::from(pkvm_hyp::hvc::id::UNRESERVE_VM), regs[1], 0, 0, 0, 0, 0, 0];
+        let mut undo = [
+            u64::from(pkvm_hyp::hvc::id::UNRESERVE_VM),
+            regs[1],
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         hvc::call(&mut undo);
     }
     let denied = status == pkvm_hyp::hvc::ret::DENIED;

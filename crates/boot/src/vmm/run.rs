@@ -204,7 +204,8 @@ pub fn finalize_secondaries() -> Result<(), i64> {
 
 /// A secondary's part of [`finalize_secondaries`], once asked.
 fn finalize_here(cpu: usize) {
-    if !FINALIZE_ASKED.load(Ordering::Acquire) || FINALIZED.load(Ordering::Acquire) & (1 << cpu) != 0
+    if !FINALIZE_ASKED.load(Ordering::Acquire)
+        || FINALIZED.load(Ordering::Acquire) & (1 << cpu) != 0
     {
         return;
     }

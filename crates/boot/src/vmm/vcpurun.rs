@@ -1027,7 +1027,8 @@ pub(super) fn held_by_hyp() -> usize {
     if crate::platform::el1boot::current_el() == 2 {
         return held();
     }
-    super::platform::hyp_probe(super::platform::probe::HELD, 0).map_or(usize::MAX, |(n, _)| n as usize)
+    super::platform::hyp_probe(super::platform::probe::HELD, 0)
+        .map_or(usize::MAX, |(n, _)| n as usize)
 }
 
 pub(super) fn hvc(func: u32, args: &[u64]) -> Cmd {
