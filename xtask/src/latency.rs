@@ -53,7 +53,7 @@ fn under_pkvm() -> Result<String> {
         sve: None,
         initrd: None,
         protected: false,
-        host_el1: false,
+        host_el2: false,
     };
     let out = qemu::boot(&img.image, &spec, Console::Capture, Some(TIMEOUT))?;
     if out.timed_out {

@@ -124,7 +124,7 @@ fn boot(
         append: append.into(),
         host_cpus: HOST_CPUS,
         sve: sve.then_some(0),
-        host_el1: false,
+        host_el2: false,
     };
     let w = Watch {
         mark: Some(START),

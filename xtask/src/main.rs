@@ -5,7 +5,7 @@
 //!   line `xtask: N passed, M failed` (N, M count tiers); the exit status is
 //!   non-zero if any tier failed.
 //! - `cargo xtask run [--guest FILE [--initrd FILE] [--protected]] [--append ARGS] [--smp N] [--mem MIB]
-//!   [--cpus N] [--scenario NAME] [--timeout SECS] [--host-el1]`
+//!   [--cpus N] [--scenario NAME] [--timeout SECS] [--host-el2]`
 //!   checks its arguments and the guest file, checks and installs
 //!   prerequisites, builds the guest payloads and the EL2 image, boots it
 //!   under QEMU, streams the console, prints a one-line verdict
@@ -52,10 +52,11 @@ enum Cmd {
         /// Print the full QEMU console of passing tests too.
         #[arg(long)]
         verbose: bool,
-        /// Run the VMM at EL1 in every QEMU tier (handoff flags bit 2;
-        /// being brought up).
+        /// Keep the VMM at EL2 next to the hypervisor in every QEMU tier
+        /// (handoff flags bit 2; the legacy layout, for comparisons; by
+        /// default the VMM runs at EL1).
         #[arg(long)]
-        host_el1: bool,
+        host_el2: bool,
     },
     /// Build the guests and the EL2 image and boot it under QEMU.
     Run(RunArgs),
@@ -76,9 +77,9 @@ enum Cmd {
         /// host's largest vector length, as in `qemu:linux-initramfs`).
         #[arg(long)]
         no_sve: bool,
-        /// Run the VMM at EL1 (handoff flags bit 2; being brought up).
+        /// Keep the VMM at EL2 (handoff flags bit 2; the legacy layout).
         #[arg(long)]
-        host_el1: bool,
+        host_el2: bool,
     },
     /// Write the test initramfs (newc cpio: a static arm64 busybox and an
     /// `/init` that checks nproc, timer interrupts and `sleep 1`, then
@@ -137,11 +138,12 @@ pub struct RunArgs {
     /// for scenarios, none for `--guest` (interactive).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
-    /// Run the VMM (the host role: VMM, scheduler, console, GIC driver) at
-    /// EL1, reaching the hypervisor only by `hvc #0` (handoff flags bit 2;
-    /// being brought up, the default is EL2).
+    /// Keep the VMM (the host role: VMM, scheduler, console, GIC driver)
+    /// at EL2 next to the hypervisor (handoff flags bit 2; the legacy
+    /// layout, for comparisons). By default it runs at EL1, reaching the
+    /// hypervisor only by `hvc #0`.
     #[arg(long)]
-    pub host_el1: bool,
+    pub host_el2: bool,
 }
 
 /// The repository root (the parent of this crate).
@@ -171,9 +173,9 @@ fn main() -> ExitCode {
         Cmd::Test {
             only,
             verbose,
-            host_el1,
+            host_el2,
         } => {
-            qemu::set_host_el1(host_el1);
+            qemu::set_host_el2(host_el2);
             tiers::run_all(only.as_deref(), verbose)
         }
         Cmd::Run(args) => run(&args),
@@ -181,9 +183,9 @@ fn main() -> ExitCode {
         Cmd::BootRatio {
             repeat,
             no_sve,
-            host_el1,
+            host_el2,
         } => prereq::ensure(true)
-            .inspect(|()| qemu::set_host_el1(host_el1))
+            .inspect(|()| qemu::set_host_el2(host_el2))
             .and_then(|()| image::build_all())
             .and_then(|img| linux::ratio(&img.image, repeat, !no_sve)),
         Cmd::Build => prereq::ensure(true)

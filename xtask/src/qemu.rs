@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `PKVMHOF1` |
 //! | 8 | 4 | version (1) |
-//! | 12 | 4 | flags: bit 0 = run the external guest as a protected VM; bit 1 = offer it SVE; bit 2 = run the VMM at EL1 (`--host-el1`) |
+//! | 12 | 4 | flags: bit 0 = run the external guest as a protected VM; bit 1 = offer it SVE; bit 2 = keep the VMM at EL2, the legacy layout (`--host-el2`; by default it runs at EL1) |
 //! | 16 | 32 | scenario name, NUL-padded |
 //! | 48 | 8 | guest load address (0 if none) |
 //! | 56 | 8 | guest size in bytes |
@@ -68,18 +68,24 @@ pub struct RunSpec {
     /// Offer the external guest SVE with this maximum vector length in
     /// bytes (0: the host CPU's largest); `None`: no SVE.
     pub sve: Option<u32>,
-    /// Run the VMM (the host role) at EL1 (handoff flags bit 2), for this
-    /// run only; [`set_host_el1`] turns it on for every run.
-    pub host_el1: bool,
+    /// Keep the VMM (the host role) at EL2 (handoff flags bit 2), for this
+    /// run only; [`set_host_el2`] turns it on for every run.
+    pub host_el2: bool,
 }
 
-/// `cargo xtask test --host-el1`: every run of this process asks for the
-/// VMM at EL1.
-static HOST_EL1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `cargo xtask test --host-el2`: every run of this process asks for the
+/// VMM at EL2.
+static HOST_EL2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Makes every later run of this process ask for the VMM at EL1.
-pub fn set_host_el1(on: bool) {
-    HOST_EL1.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Makes every later run of this process ask for the VMM at EL2.
+pub fn set_host_el2(on: bool) {
+    HOST_EL2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether every run of this process keeps the VMM at EL2
+/// (`cargo xtask test --host-el2`).
+pub fn host_el2_everywhere() -> bool {
+    HOST_EL2.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Checks `--sve BYTES`: a vector length the architecture allows (a power
@@ -333,7 +339,7 @@ impl RunSpec {
             append,
             host_cpus: a.cpus,
             sve: sve.filter(|_| a.guest.is_some()),
-            host_el1: a.host_el1,
+            host_el2: a.host_el2,
         })
     }
 
@@ -365,10 +371,10 @@ pub fn handoff_block(spec: &RunSpec, guest_size: u64, initrd_size: u64) -> Vec<u
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
     let ext = spec.guest.is_some();
-    let host_el1 = spec.host_el1 || HOST_EL1.load(std::sync::atomic::Ordering::Relaxed);
+    let host_el2 = spec.host_el2 || HOST_EL2.load(std::sync::atomic::Ordering::Relaxed);
     let flags = u32::from(spec.protected && ext)
         | (u32::from(spec.sve.is_some() && ext) << 1)
-        | (u32::from(host_el1) << 2);
+        | (u32::from(host_el2) << 2);
     b[12..16].copy_from_slice(&flags.to_le_bytes());
     let name = spec.scenario.as_bytes();
     let n = name.len().min(31);
@@ -649,6 +655,7 @@ fn pump(r: impl Read, tx: mpsc::Sender<String>, console: Console) {
 
 /// A QEMU integration test: a scenario, and what the console and exit
 /// status must show.
+#[derive(Clone)]
 pub struct QemuTest {
     /// Test name.
     pub name: &'static str,
@@ -782,7 +789,7 @@ mod tests {
             append: "console=ttyAMA0".into(),
             host_cpus: 0,
             sve: None,
-            host_el1: false,
+            host_el2: false,
         };
         let b = handoff_block(&spec, 1234, 77);
         assert_eq!(b.len(), 4096);
@@ -800,20 +807,20 @@ mod tests {
         assert_eq!(at(1112), 77);
     }
 
-    /// `--host-el1` is flags bit 2, on its own or with the guest's flags.
+    /// `--host-el2` is flags bit 2, on its own or with the guest's flags.
     #[test]
-    fn host_el1_is_handoff_flags_bit_2() {
+    fn host_el2_is_handoff_flags_bit_2() {
         let flags = |s: &RunSpec| {
             let b = handoff_block(s, 0, 0);
             u32::from_le_bytes(b[12..16].try_into().unwrap())
         };
         let mut s = RunSpec::scenario("demo");
         assert_eq!(flags(&s), 0);
-        s.host_el1 = true;
+        s.host_el2 = true;
         assert_eq!(flags(&s), 4);
         let run =
-            RunSpec::from_args(&parse(&["--host-el1", "--scenario", "touch"]).unwrap()).unwrap();
-        assert!(run.host_el1);
+            RunSpec::from_args(&parse(&["--host-el2", "--scenario", "touch"]).unwrap()).unwrap();
+        assert!(run.host_el2);
         assert_eq!(flags(&run), 4);
     }
 

@@ -229,56 +229,83 @@ pub fn qemu_tests() -> Result<Vec<QemuTest>> {
     v.extend(external_guest_tests(&gfile, &offfile));
     v.extend(pmu_tests());
     v.extend(debug_tests());
-    v.extend(host_el1_tests());
+    let legacy = host_el_tests(&mut v);
+    v.extend(legacy);
     Ok(v)
 }
 
-/// The VMM at EL1 (handoff flags bit 2, being brought up; the other tiers
-/// run it at EL2 unless `cargo xtask test --host-el1`): protected mode
-/// (the hypervisor set up by `PKVM_INIT`, bad blocks and a second call
-/// refused) and 8 vCPUs on 2 CPUs (secondaries, the EL1 physical timer as
-/// the tick, kicks), each saying it ran at EL1.
-fn host_el1_tests() -> Vec<QemuTest> {
+/// The VMM's exception level. By default it runs at EL1 (the host role
+/// deprivileged, reaching the hypervisor only by `hvc #0`; in protected
+/// mode under the host stage-2): `qemu:protected`, `qemu:sched-smp-8on2`
+/// and `qemu:host-attack` also check what only the EL1 layout prints (the
+/// tick and a kick taken at EL1, `PKVM_INIT`'s refusals, the host stage-2
+/// on every CPU, the attacks run by the VMM itself), unless the whole run
+/// keeps the VMM at EL2 (`cargo xtask test --host-el2`). The legacy layout
+/// (the VMM at EL2 next to the hypervisor, handoff flags bit 2) keeps three
+/// tiers of its own, `qemu:host-el2-*`, so both stay tested.
+fn host_el_tests(v: &mut [QemuTest]) -> Vec<QemuTest> {
+    let find = |v: &[QemuTest], name: &str| {
+        v.iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} tier"))
+            .clone()
+    };
+    let legacy = |mut t: QemuTest, name: &'static str| {
+        t.name = name;
+        t.spec.host_el2 = true;
+        t.markers.push(
+            "el: the VMM runs at EL2 (CurrentEL 0x8) next to the hypervisor (--host-el2: the legacy layout)"
+                .to_string(),
+        );
+        t
+    };
+    let out = vec![
+        legacy(find(v, "qemu:protected"), "qemu:host-el2-protected"),
+        legacy(
+            find(v, "qemu:sched-smp-8on2"),
+            "qemu:host-el2-sched-smp-8on2",
+        ),
+        legacy(find(v, "qemu:host-attack"), "qemu:host-el2-host-attack"),
+    ];
+    if qemu::host_el2_everywhere() {
+        return out;
+    }
     let el1 = [
         "el1: the tick (INTID 30) taken and a kick SGI taken at EL1 on CPU 0",
         "el: the VMM runs at EL1 (CurrentEL 0x4), reaching EL2 by hvc #0 only",
     ];
-    let mut prot = scenario_tests()
-        .into_iter()
-        .find(|t| t.name == "qemu:protected")
-        .expect("qemu:protected tier");
-    prot.name = "qemu:host-el1-protected";
-    prot.spec.host_el1 = true;
-    prot.markers.extend(strings(&el1));
-    prot.markers.extend(strings(&[
-        "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) refused (INVALID_PARAMETER), nothing set up",
-        "hyp: a second PKVM_INIT refused (NOT_SUPPORTED), the hypervisor's memory unchanged",
-    ]));
     let stage2 = [
         "el1: the VMM is under the host stage-2 on 4 CPUs (FINALIZE, then PROT_FINALIZE_CPU on each secondary)",
         "hyp: RESERVE_VM before every CPU's host is under the host stage-2: refused (status -4)",
     ];
-    prot.markers.extend(strings(&stage2));
-    let mut smp = sched_smp_test("qemu:host-el1-sched-smp-8on2", "sched-smp", "smp", 8, 2);
-    smp.spec.host_el1 = true;
-    smp.markers.extend(strings(&el1));
-    // host-attack with the VMM itself as the host at EL1 under the host
-    // stage-2 (its attacks run in place, refusals are injected aborts).
-    let mut attack = debug_tests()
-        .into_iter()
-        .find(|t| t.name == "qemu:host-attack")
-        .expect("qemu:host-attack tier");
-    attack.name = "qemu:host-el1-host-attack";
-    attack.spec.host_el1 = true;
-    attack.markers.extend(strings(&el1[1..]));
-    attack.markers.extend(strings(&stage2));
-    attack.markers.extend(strings(&[
-        "host-attack: the host is the VMM itself at EL1 (CurrentEL 0x4) under the host stage-2 (a probe of the hypervisor's pool refused)",
-        "host-attack: store to the hypervisor's image (its code) 0x40200000: refused (abort injected into the host at EL1",
-        "host-attack: image: store to the image's code (through a writable alias in the host's stage-1 at EL1) 0x80200000: refused",
-        "ns by HOST_RUN from the VMM at EL1 under the host stage-2",
-    ]));
-    vec![prot, smp, attack]
+    for t in v.iter_mut() {
+        match t.name {
+            "qemu:protected" => {
+                t.markers.extend(strings(&el1));
+                t.markers.extend(strings(&stage2));
+                t.markers.extend(strings(&[
+                    "hyp: PKVM_INIT with bad blocks (outside RAM, misaligned, 0 or 5 regions, a host region over the hypervisor's memory) refused (INVALID_PARAMETER), nothing set up",
+                    "hyp: a second PKVM_INIT refused (NOT_SUPPORTED), the hypervisor's memory unchanged",
+                ]));
+            }
+            "qemu:sched-smp-8on2" => t.markers.extend(strings(&el1)),
+            // host-attack with the VMM itself as the host at EL1 under the
+            // host stage-2 (its attacks run in place, refusals are
+            // injected aborts).
+            "qemu:host-attack" => {
+                t.markers.extend(strings(&el1[1..]));
+                t.markers.extend(strings(&stage2));
+                t.markers.extend(strings(&[
+                    "host-attack: the host is the VMM itself at EL1 (CurrentEL 0x4) under the host stage-2 (a probe of the hypervisor's pool refused)",
+                    "host-attack: store to the hypervisor's image (its code) 0x40200000: refused (abort injected into the host at EL1",
+                    "host-attack: image: store to the image's code (through a writable alias in the host's stage-1 at EL1) 0x80200000: refused",
+                    "ns by HOST_RUN from the VMM at EL1 under the host stage-2",
+                ]));
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Self-hosted debug (guest-debug): breakpoints, watchpoints and
@@ -567,7 +594,7 @@ fn reset_tests() -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 2,
                 sve: None,
-                host_el1: false,
+                host_el2: false,
             },
             exit_code: 1,
             markers: s(&[
@@ -641,7 +668,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 0,
                 sve: None,
-                host_el1: false,
+                host_el2: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -665,7 +692,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 1,
                 sve: None,
-                host_el1: false,
+                host_el2: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -703,7 +730,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: String::new(),
                 host_cpus: 2,
                 sve: None,
-                host_el1: false,
+                host_el2: false,
             },
             exit_code: 1,
             markers: s(&[
@@ -725,7 +752,7 @@ fn external_guest_tests(gfile: &Path, offfile: &Path) -> Vec<QemuTest> {
                 append: "console=ttyAMA0 xtask-test".into(),
                 host_cpus: 2,
                 sve: None,
-                host_el1: false,
+                host_el2: false,
             },
             exit_code: 0,
             markers: s(&[
@@ -756,7 +783,7 @@ fn gic_test(name: &'static str, cpus: u32) -> QemuTest {
             append: String::new(),
             host_cpus: cpus,
             sve: None,
-            host_el1: false,
+            host_el2: false,
         },
         exit_code: 0,
         markers: s(&[
@@ -803,7 +830,7 @@ fn pmu_test(name: &'static str, phase: &str, vcpus: u32, cpus: u32, markers: &[&
             append: phase.into(),
             host_cpus: cpus,
             sve: None,
-            host_el1: false,
+            host_el2: false,
         },
         exit_code: 0,
         markers: m,
@@ -908,7 +935,7 @@ fn irq_test(name: &'static str, vcpus: usize, cpus: u32, rounds: usize) -> QemuT
             sve: None,
             initrd: None,
             protected: false,
-            host_el1: false,
+            host_el2: false,
         },
         exit_code: 0,
         markers,
@@ -1036,7 +1063,7 @@ fn debian_kernel_run(image: &Path, k: &Path, smp: u32, sve: bool, verbose: bool)
         append: "console=ttyAMA0 earlycon".into(),
         host_cpus: smp,
         sve: sve.then_some(0),
-        host_el1: false,
+        host_el2: false,
     };
     let o = qemu::boot_until(
         image,

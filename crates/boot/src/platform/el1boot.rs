@@ -1,5 +1,6 @@
-//! The VMM at EL1 (handoff flags bit 2, `cargo xtask run --host-el1`;
-//! being brought up, the default keeps it at EL2).
+//! The VMM at EL1: the default layout (handoff flags bit 2, `cargo xtask
+//! run --host-el2`, keeps it at EL2 next to the hypervisor instead: the
+//! legacy layout, for comparisons).
 //!
 //! Every CPU boots at EL2 as always ([`super::start`]: EL2 MMU, `PerCpu`,
 //! the world switch's per-CPU set-up); CPU 0 starts the secondaries at EL2
@@ -225,7 +226,9 @@ pub fn test_hooks() -> bool {
 /// Reads the handoff flag on CPU 0 (EL2, MMU on, before the secondaries).
 pub fn init_flag() {
     let h = super::handoff::read();
-    let asked = h.as_ref().is_some_and(|h| h.host_el1);
+    // The VMM runs at EL1 unless the handoff block asks for the legacy
+    // layout (flags bit 2, `--host-el2`).
+    let asked = !h.as_ref().is_some_and(|h| h.host_el2);
     HOST_EL1.store(asked, Ordering::Relaxed);
     let hooks = h.as_ref().is_some_and(|h| h.scenario() == "host-attack");
     TEST_HOOKS.store(hooks, Ordering::Release);

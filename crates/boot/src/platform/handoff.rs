@@ -40,8 +40,10 @@ pub struct Handoff {
     /// length in bytes (0: the host CPU's largest). Not checked here: the
     /// VM's feature policy refuses a bad length by name.
     pub sve: Option<u32>,
-    /// Run the VMM at EL1 (flags bit 2; `platform::el1boot`).
-    pub host_el1: bool,
+    /// Keep the VMM at EL2 next to the hypervisor (flags bit 2; the
+    /// legacy layout, for comparisons: by default the VMM runs at EL1,
+    /// `platform::el1boot`).
+    pub host_el2: bool,
 }
 
 impl Handoff {
@@ -79,7 +81,7 @@ pub fn read() -> Option<Handoff> {
     });
     Some(Handoff {
         protected: (w(8) >> 32) & 1 != 0,
-        host_el1: (w(8) >> 34) & 1 != 0,
+        host_el2: (w(8) >> 34) & 1 != 0,
         sve: ((w(8) >> 33) & 1 != 0).then_some((w(1120) & 0xffff_ffff) as u32),
         initrd,
         scenario,

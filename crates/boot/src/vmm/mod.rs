@@ -190,9 +190,9 @@ pub fn main(p: &'static Platform) -> i32 {
         crate::platform::el1boot::current_el(),
         crate::platform::el1boot::current_el() << 2,
         if crate::platform::el1boot::host_el1() {
-            ", reaching EL2 by hvc #0 only (--host-el1)"
+            ", reaching EL2 by hvc #0 only"
         } else {
-            ""
+            " next to the hypervisor (--host-el2: the legacy layout)"
         }
     );
     let scenario = p.handoff.as_ref().map(|h| h.scenario()).unwrap_or("demo");
