@@ -51,6 +51,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
+use pkvm_arch::esr::{fault_ipa, Esr, FaultStatus};
 use pkvm_arch::smccc::ret;
 use pkvm_arch::Level;
 use pkvm_pgtable::TlbOps;
@@ -168,6 +169,49 @@ impl RunExit {
     }
 }
 
+/// The coalesced-MMIO zone of a run (in) and how many writes to it the
+/// run buffered in [`RunBlock::ring`] (out).
+///
+/// As KVM's `KVM_CAP_COALESCED_MMIO`: a guest store to `[base, base +
+/// len)` that stage-2 does not map (a data abort the host would get as an
+/// MMIO exit, with a valid syndrome) is appended to the ring and stepped
+/// over at EL2, without leaving the guest; the run returns at the next
+/// exit of any other kind (or when the ring is full, then with that store
+/// as an ordinary exit), and the host applies the buffered stores, in
+/// order, before it looks at the exit. Loads always exit. The host learns
+/// exactly what the MMIO exits would have told it (the address, size and
+/// stored value), later; the hypervisor emulates nothing: which device
+/// registers tolerate a late store is the host's choice (the PL011's data
+/// register: the console's transmitted bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunCoalesced {
+    /// First IPA of the zone.
+    pub base: u64,
+    /// Its length in bytes (0: no zone), at most [`COALESCE_MAX_LEN`].
+    pub len: u64,
+    /// Entries of [`RunBlock::ring`] written by the run (out; ignored in).
+    pub count: u64,
+}
+
+/// One buffered store: IPA, size in bytes (1, 2, 4 or 8) and the value,
+/// cut to the size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoalescedWrite {
+    /// The IPA stored to.
+    pub ipa: u64,
+    /// Access size in bytes.
+    pub size: u64,
+    /// The value stored.
+    pub value: u64,
+}
+
+/// Entries of [`RunBlock::ring`].
+pub const COALESCE_RING: usize = 40;
+/// The largest zone a run block may name (one page).
+pub const COALESCE_MAX_LEN: u64 = 4096;
+
 /// One guest run, in the host's memory: plain integers only (every bit
 /// pattern is a valid `RunBlock`, so the hypervisor may copy whatever the
 /// host wrote), one page.
@@ -180,13 +224,21 @@ pub struct RunBlock {
     pub sve: RunSve,
     /// The exit (out).
     pub exit: RunExit,
+    /// The coalesced-MMIO zone (in) and the count of `ring` (out).
+    pub coal: RunCoalesced,
     /// The vCPU (in and out).
     pub st: VcpuState,
+    /// The stores buffered by the run (out: the first `coal.count`; only
+    /// those are copied back).
+    pub ring: [CoalescedWrite; COALESCE_RING],
 }
 
-/// The bytes of a [`RunBlock`] that carry something.
+/// The bytes of a [`RunBlock`] the hypervisor copies in (the ring is out
+/// only).
 const USED: usize = core::mem::offset_of!(RunBlock, st) + size_of::<VcpuState>();
-const _: () = assert!(size_of::<RunBlock>() == 4096 && USED <= 4096);
+const RING_AT: usize = core::mem::offset_of!(RunBlock, ring);
+const _: () = assert!(size_of::<RunBlock>() == 4096 && RING_AT >= USED);
+const _: () = assert!(RING_AT + COALESCE_RING * size_of::<CoalescedWrite>() <= 4096);
 
 impl RunBlock {
     /// A block for a vCPU in state `st`, no VM yet.
@@ -212,7 +264,9 @@ impl RunBlock {
                 zcr_el1: 0,
             },
             exit: RunExit::default(),
+            coal: RunCoalesced::default(),
             st,
+            ring: [CoalescedWrite::default(); COALESCE_RING],
         }
     }
 }
@@ -281,6 +335,9 @@ pub enum Refused {
     Sve = 10,
     /// The debug registers (counts, HMC, `on` not 0/1).
     Debug = 11,
+    /// The coalesced-MMIO zone: longer than [`COALESCE_MAX_LEN`] or
+    /// wrapping around.
+    Coalesce = 12,
 }
 
 /// What the hypervisor answers `HOST_RUN` with in protected mode
@@ -464,6 +521,7 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
         core::ptr::copy_nonoverlapping(pa as *const u8, &mut *b as *mut RunBlock as *mut u8, USED)
     };
     let (vm, mut sve) = check(&b, &caps, loaded)?;
+    b.coal.count = 0;
     let exit = run_checked(&mut b, &vm, sve.as_mut());
     b.exit = RunExit {
         kind: exit.kind,
@@ -479,9 +537,13 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     if !host_ram(pa, 4096) {
         return Err(Refused::Address);
     }
-    // SAFETY: as above, the other way.
+    // Only the ring's entries the run wrote (`count <= COALESCE_RING`,
+    // `coalesce` stops there).
+    let out = RING_AT + b.coal.count as usize * size_of::<CoalescedWrite>();
+    // SAFETY: as above, the other way; `out <= 4096` (the ring's end is
+    // within the block, asserted at compile time).
     unsafe {
-        core::ptr::copy_nonoverlapping(&*b as *const RunBlock as *const u8, pa as *mut u8, USED)
+        core::ptr::copy_nonoverlapping(&*b as *const RunBlock as *const u8, pa as *mut u8, out)
     };
     Ok(())
 }
@@ -500,6 +562,10 @@ fn check(
     let pauth = b.vm.flags & FLAG_PAUTH != 0;
     if b.vm.flags & !FLAG_PAUTH != 0 || (pauth && !caps.pauth) {
         return Err(Refused::Feature);
+    }
+    let z = &b.coal;
+    if z.len > COALESCE_MAX_LEN || z.base.checked_add(z.len).is_none() {
+        return Err(Refused::Coalesce);
     }
     let sve = match with_sve {
         false => None,
@@ -634,7 +700,11 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     let host = start::el1_host().then(save_host);
     switch::load_pmuserenr(b.vm.pmuserenr);
     let saved = start::take_switch_state();
-    let exit = switch::run(vm, &mut b.st, sve, &mut |_, _| false);
+    let zone = b.coal;
+    let (ring, count) = (&mut b.ring, &mut b.coal.count);
+    let exit = switch::run(vm, &mut b.st, sve, &mut |e, regs| {
+        coalesce(&zone, ring, count, e, regs)
+    });
     start::restore_switch_state(saved);
     if let Some(h) = host {
         write_sysreg!("vmpidr_el2", h.vmpidr);
@@ -643,6 +713,62 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
         switch::load_vm_controls(&h.controls);
     }
     exit
+}
+
+/// `PSTATE.SS`: cleared when the hypervisor steps over a buffered store,
+/// as for any instruction emulated on the guest's behalf (the guest's
+/// software step then completes on the next instruction).
+const PSTATE_SS: u64 = 1 << 21;
+
+/// The world switch's fast path inside `HOST_RUN` (EL2, the guest's state
+/// still loaded): a store to the run's coalesced-MMIO zone that stage-2
+/// left unmapped, with a valid syndrome, is appended to `ring` and stepped
+/// over; `false` (the exit goes to the host) for anything else and when
+/// the ring is full.
+fn coalesce(
+    zone: &RunCoalesced,
+    ring: &mut [CoalescedWrite; COALESCE_RING],
+    count: &mut u64,
+    e: &Exit,
+    regs: &mut switch::GuestRegs,
+) -> bool {
+    let n = *count as usize;
+    if zone.len == 0 || e.kind != switch::EXIT_SYNC || n >= COALESCE_RING {
+        return false;
+    }
+    let Some(a) = Esr(e.esr).abort().filter(|a| !a.instruction) else {
+        return false;
+    };
+    let Some(s) = a.syndrome else {
+        return false;
+    };
+    if !a.write || a.cm || a.s1ptw || a.fnv || !matches!(a.status, FaultStatus::Translation(_)) {
+        return false;
+    }
+    let ipa = fault_ipa(e.hpfar, e.far).0;
+    let size = u64::from(s.size());
+    let inside = ipa >= zone.base
+        && ipa
+            .checked_add(size)
+            .is_some_and(|end| end <= zone.base + zone.len);
+    if !inside {
+        return false;
+    }
+    let value = if s.srt < 31 {
+        regs.x[usize::from(s.srt)]
+    } else {
+        0
+    };
+    let value = if size == 8 {
+        value
+    } else {
+        value & ((1 << (8 * size)) - 1)
+    };
+    ring[n] = CoalescedWrite { ipa, size, value };
+    *count += 1;
+    regs.pc = regs.pc.wrapping_add(4);
+    regs.pstate &= !PSTATE_SS;
+    true
 }
 
 /// `TLB_FLUSH_VMID_IPA` / `TLB_FLUSH_VMID`: SMCCC status.

@@ -64,7 +64,7 @@ use super::guest::BootVm;
 use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
-use crate::platform::hostrun::{self, RunBlock, RunSve, RunVm};
+use crate::platform::hostrun::{self, RunBlock, RunCoalesced, RunSve, RunVm};
 use crate::platform::sve::SveRegs;
 use crate::platform::switch::{
     self, DebugSlot, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC,
@@ -101,6 +101,9 @@ pub struct BackendStats {
     /// Accesses to a [`FastMmio`] device (the PL011) completed on the
     /// world switch's fast path.
     pub mmio_fast: u64,
+    /// Of those, stores the hypervisor buffered without an exit
+    /// (`HOST_RUN`'s coalesced MMIO), applied at the next exit.
+    pub mmio_coalesced: u64,
     /// `CTR_EL0` reads answered by the EL2 vectors themselves (counted in
     /// `sysreg` and `sysreg_fast` too).
     pub ctr_vector: u64,
@@ -302,6 +305,15 @@ pub trait FastMmio: Sync {
         size: usize,
         write: Option<u64>,
     ) -> Option<(u64, bool)>;
+
+    /// The IPA range (base, length; length 0: none) whose stores the
+    /// hypervisor may buffer instead of exiting (`HOST_RUN`'s coalesced
+    /// MMIO, [`hostrun::RunCoalesced`]): registers for which a store that
+    /// reaches the device at the vCPU's next exit, in order with the
+    /// others, is as good as one emulated at once. At most one page.
+    fn coalesced_zone(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 impl<'a> HwBackend<'a> {
@@ -523,6 +535,18 @@ impl<'a> HwBackend<'a> {
         hw.run.st.debug = DebugSlot::new(debug);
         hw.run.st.regs.ctr_el0 = if on { 0 } else { self.policy.ctr_fast() };
         hw.run.sve = RunSve::of(hw.sve.as_mut());
+        // No buffered stores while the guest debugs itself: every exit on
+        // the full path.
+        let (base, len) = if on {
+            (0, 0)
+        } else {
+            self.dev.coalesced_zone()
+        };
+        hw.run.coal = RunCoalesced {
+            base,
+            len,
+            count: 0,
+        };
         let mut fast = Fast {
             sysregs: &mut hw.sysregs,
             stats: &mut hw.stats,
@@ -547,7 +571,13 @@ impl<'a> HwBackend<'a> {
             let e = hw.run.exit.exit();
             let first = *entered.get_or_insert(e.slice.0);
             sve_loaded |= e.sve_loaded;
-            if !fast.exit(&e, &mut hw.run.st.regs) {
+            // The stores the run buffered happened before the exit.
+            let line_changed = fast.drain(&hw.run);
+            let completed = fast.exit(&e, &mut hw.run.st.regs);
+            // A device line the stores changed needs the vGIC sync of the
+            // full path; an exit the fast path completed is done there.
+            fast.done |= completed && line_changed;
+            if !completed || line_changed {
                 break switch::Exit {
                     slice: (first, e.slice.1),
                     sve_loaded,
@@ -866,6 +896,22 @@ struct Fast<'b> {
 }
 
 impl Fast<'_> {
+    /// Applies the stores `run` buffered in its coalesced-MMIO ring, in
+    /// order; whether one changed the device's interrupt line.
+    fn drain(&mut self, run: &RunBlock) -> bool {
+        let n = (run.coal.count as usize).min(run.ring.len());
+        let mut changed = false;
+        for w in &run.ring[..n] {
+            let size = w.size as usize;
+            if let Some((_, c)) = self.dev.fast_mmio(self.index, w.ipa, size, Some(w.value)) {
+                changed |= c;
+            }
+        }
+        self.stats.mmio_fast += n as u64;
+        self.stats.mmio_coalesced += n as u64;
+        changed
+    }
+
     /// `true`: completed, enter the guest again.
     fn exit(&mut self, e: &switch::Exit, regs: &mut switch::GuestRegs) -> bool {
         let esr = Esr(e.esr);
