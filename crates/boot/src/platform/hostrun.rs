@@ -63,7 +63,7 @@ use super::hw::HwS2;
 use super::sve::SveRun;
 use super::switch::{self, El1Sysregs, Exit, VcpuState, VmRegs};
 use super::{hvc, hypmem, phys, start, MAX_CPUS, STACK_SIZE};
-use crate::{read_sysreg, write_sysreg};
+use crate::{read_sysreg, update_sysreg};
 
 /// Runs the vCPU of the run block at x1 (physical address) until its
 /// first exit the world switch does not answer itself.
@@ -707,8 +707,8 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     });
     start::restore_switch_state(saved);
     if let Some(h) = host {
-        write_sysreg!("vmpidr_el2", h.vmpidr);
-        write_sysreg!("cntvoff_el2", h.cntvoff);
+        update_sysreg!("vmpidr_el2", h.vmpidr);
+        update_sysreg!("cntvoff_el2", h.cntvoff);
         switch::load_el1(&h.el1);
         switch::load_vm_controls(&h.controls);
     }
