@@ -51,7 +51,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
-use pkvm_arch::esr::{fault_ipa, Esr, FaultStatus};
+use pkvm_arch::esr::{fault_ipa, AccessSyndrome, Esr, FaultStatus};
 use pkvm_arch::smccc::ret;
 use pkvm_arch::Level;
 use pkvm_pgtable::TlbOps;
@@ -184,7 +184,7 @@ impl RunExit {
 /// registers tolerate a late store is the host's choice (the PL011's data
 /// register: the console's transmitted bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct RunCoalesced {
     /// First IPA of the zone.
     pub base: u64,
@@ -192,7 +192,36 @@ pub struct RunCoalesced {
     pub len: u64,
     /// Entries of [`RunBlock::ring`] written by the run (out; ignored in).
     pub count: u64,
+    /// Entries of `shadow` in use (in), at most [`SHADOW_MAX`].
+    pub shadows: u64,
+    /// Loads the run answered from `shadow` (out; ignored in).
+    pub loads: u64,
+    /// Load answers for the run (in): a guest load at a `shadow` entry's
+    /// IPA, at most its size, that stage-2 leaves unmapped is answered with its value
+    /// at EL2, without an exit. The host names only side-effect-free
+    /// registers whose value nothing but an event that takes the guest out
+    /// (an interrupt, a kick) changes during the run, and none the buffered
+    /// stores change (the PL011's `UARTFR`: the RX FIFO's state; its TX is
+    /// immediate), refreshing them before each run: the load then reads
+    /// the register as it is, as far as the guest can tell.
+    pub shadow: [RunShadow; SHADOW_MAX],
 }
+
+/// One load answer of [`RunCoalesced::shadow`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunShadow {
+    /// The register's IPA (a load at exactly this address).
+    pub ipa: u64,
+    /// The register's size (1, 2, 4 or 8 bytes): loads of this size or
+    /// narrower get its low bytes.
+    pub size: u64,
+    /// The register's value (cut to `size` on use).
+    pub value: u64,
+}
+
+/// Entries of [`RunCoalesced::shadow`].
+pub const SHADOW_MAX: usize = 2;
 
 /// One buffered store: IPA, size in bytes (1, 2, 4 or 8) and the value,
 /// cut to the size.
@@ -264,7 +293,14 @@ impl RunBlock {
                 zcr_el1: 0,
             },
             exit: RunExit::default(),
-            coal: RunCoalesced::default(),
+            coal: RunCoalesced {
+                base: 0,
+                len: 0,
+                count: 0,
+                shadows: 0,
+                loads: 0,
+                shadow: [RunShadow::default(); SHADOW_MAX],
+            },
             st,
             ring: [CoalescedWrite::default(); COALESCE_RING],
         }
@@ -336,7 +372,7 @@ pub enum Refused {
     /// The debug registers (counts, HMC, `on` not 0/1).
     Debug = 11,
     /// The coalesced-MMIO zone: longer than [`COALESCE_MAX_LEN`] or
-    /// wrapping around.
+    /// wrapping around; more than [`SHADOW_MAX`] load answers.
     Coalesce = 12,
 }
 
@@ -522,6 +558,7 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     };
     let (vm, mut sve) = check(&b, &caps, loaded)?;
     b.coal.count = 0;
+    b.coal.loads = 0;
     let exit = run_checked(&mut b, &vm, sve.as_mut());
     b.exit = RunExit {
         kind: exit.kind,
@@ -564,7 +601,8 @@ fn check(
         return Err(Refused::Feature);
     }
     let z = &b.coal;
-    if z.len > COALESCE_MAX_LEN || z.base.checked_add(z.len).is_none() {
+    let bad_zone = z.len > COALESCE_MAX_LEN || z.base.checked_add(z.len).is_none();
+    if bad_zone || z.shadows > SHADOW_MAX as u64 {
         return Err(Refused::Coalesce);
     }
     let sve = match with_sve {
@@ -701,9 +739,9 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     switch::load_pmuserenr(b.vm.pmuserenr);
     let saved = start::take_switch_state();
     let zone = b.coal;
-    let (ring, count) = (&mut b.ring, &mut b.coal.count);
+    let (ring, count, loads) = (&mut b.ring, &mut b.coal.count, &mut b.coal.loads);
     let exit = switch::run(vm, &mut b.st, sve, &mut |e, regs| {
-        coalesce(&zone, ring, count, e, regs)
+        coalesce(&zone, (ring, count, loads), e, regs)
     });
     start::restore_switch_state(saved);
     if let Some(h) = host {
@@ -721,54 +759,85 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
 const PSTATE_SS: u64 = 1 << 21;
 
 /// The world switch's fast path inside `HOST_RUN` (EL2, the guest's state
-/// still loaded): a store to the run's coalesced-MMIO zone that stage-2
-/// left unmapped, with a valid syndrome, is appended to `ring` and stepped
-/// over; `false` (the exit goes to the host) for anything else and when
-/// the ring is full.
+/// still loaded), for a data abort with a valid syndrome on an IPA stage-2
+/// leaves unmapped (what the host would get as an MMIO exit): a store to
+/// the run's coalesced-MMIO zone is appended to `ring`, a load of one of
+/// its [`RunCoalesced::shadow`] registers answered with the host's value;
+/// either is stepped over. `false` (the exit goes to the host) for
+/// anything else, and for a store when the ring is full.
 fn coalesce(
     zone: &RunCoalesced,
-    ring: &mut [CoalescedWrite; COALESCE_RING],
-    count: &mut u64,
+    (ring, count, loads): (&mut [CoalescedWrite; COALESCE_RING], &mut u64, &mut u64),
     e: &Exit,
     regs: &mut switch::GuestRegs,
 ) -> bool {
-    let n = *count as usize;
-    if zone.len == 0 || e.kind != switch::EXIT_SYNC || n >= COALESCE_RING {
-        return false;
-    }
-    let Some(a) = Esr(e.esr).abort().filter(|a| !a.instruction) else {
+    let Some((ipa, s, write)) = mmio_abort(e) else {
         return false;
     };
-    let Some(s) = a.syndrome else {
-        return false;
-    };
-    if !a.write || a.cm || a.s1ptw || a.fnv || !matches!(a.status, FaultStatus::Translation(_)) {
-        return false;
-    }
-    let ipa = fault_ipa(e.hpfar, e.far).0;
     let size = u64::from(s.size());
-    let inside = ipa >= zone.base
-        && ipa
-            .checked_add(size)
-            .is_some_and(|end| end <= zone.base + zone.len);
-    if !inside {
-        return false;
+    let rt = usize::from(s.srt);
+    if !write {
+        let n = (zone.shadows as usize).min(SHADOW_MAX);
+        let Some(r) = zone.shadow[..n]
+            .iter()
+            .find(|r| r.ipa == ipa && size <= r.size)
+        else {
+            return false;
+        };
+        if rt < 31 {
+            regs.x[rt] = loaded(r.value, size, s.sse, s.sf);
+        }
+        *loads += 1;
+    } else {
+        let n = *count as usize;
+        let end = zone.base + zone.len;
+        let inside = ipa >= zone.base && ipa.checked_add(size).is_some_and(|e| e <= end);
+        if !inside || n >= COALESCE_RING {
+            return false;
+        }
+        let value = if rt < 31 { regs.x[rt] } else { 0 };
+        let value = loaded(value, size, false, true);
+        ring[n] = CoalescedWrite { ipa, size, value };
+        *count += 1;
     }
-    let value = if s.srt < 31 {
-        regs.x[usize::from(s.srt)]
-    } else {
-        0
-    };
-    let value = if size == 8 {
-        value
-    } else {
-        value & ((1 << (8 * size)) - 1)
-    };
-    ring[n] = CoalescedWrite { ipa, size, value };
-    *count += 1;
     regs.pc = regs.pc.wrapping_add(4);
     regs.pstate &= !PSTATE_SS;
     true
+}
+
+/// A synchronous exit that would be an MMIO exit for the host: a data
+/// abort on a stage-2 translation fault with a valid syndrome, no cache
+/// maintenance, no stage-1 walk, FAR valid. Its IPA, syndrome and
+/// whether it is a store.
+fn mmio_abort(e: &Exit) -> Option<(u64, AccessSyndrome, bool)> {
+    if e.kind != switch::EXIT_SYNC {
+        return None;
+    }
+    let a = Esr(e.esr).abort().filter(|a| !a.instruction)?;
+    let s = a.syndrome?;
+    let translation = matches!(a.status, FaultStatus::Translation(_));
+    if a.cm || a.s1ptw || a.fnv || !translation {
+        return None;
+    }
+    Some((fault_ipa(e.hpfar, e.far).0, s, a.write))
+}
+
+/// `value` as a load of `size` bytes leaves it in its register:
+/// cut to the size, sign-extended (`sse`), cut to 32 bits (`!sf`).
+fn loaded(value: u64, size: u64, sse: bool, sf: bool) -> u64 {
+    let bits = 8 * size as u32;
+    let v = if bits >= 64 {
+        value
+    } else if sse {
+        (((value << (64 - bits)) as i64) >> (64 - bits)) as u64
+    } else {
+        value & ((1 << bits) - 1)
+    };
+    if sf {
+        v
+    } else {
+        v & 0xffff_ffff
+    }
 }
 
 /// `TLB_FLUSH_VMID_IPA` / `TLB_FLUSH_VMID`: SMCCC status.

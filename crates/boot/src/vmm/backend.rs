@@ -64,7 +64,7 @@ use super::guest::BootVm;
 use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
-use crate::platform::hostrun::{self, RunBlock, RunCoalesced, RunSve, RunVm};
+use crate::platform::hostrun::{self, RunBlock, RunShadow, RunSve, RunVm};
 use crate::platform::sve::SveRegs;
 use crate::platform::switch::{
     self, DebugSlot, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC,
@@ -104,6 +104,9 @@ pub struct BackendStats {
     /// Of those, stores the hypervisor buffered without an exit
     /// (`HOST_RUN`'s coalesced MMIO), applied at the next exit.
     pub mmio_coalesced: u64,
+    /// Of those, loads the hypervisor answered from the host's load
+    /// answers (`HOST_RUN`'s shadow registers) without an exit.
+    pub mmio_shadow: u64,
     /// `CTR_EL0` reads answered by the EL2 vectors themselves (counted in
     /// `sysreg` and `sysreg_fast` too).
     pub ctr_vector: u64,
@@ -313,6 +316,15 @@ pub trait FastMmio: Sync {
     /// others, is as good as one emulated at once. At most one page.
     fn coalesced_zone(&self) -> (u64, u64) {
         (0, 0)
+    }
+
+    /// Fills `out` with load answers for the next run of vCPU `index`
+    /// ([`hostrun::RunCoalesced::shadow`]: registers whose loads have no
+    /// side effect and whose value only changes by an event that takes the
+    /// guest out, or by the device's emulation of an exit, after which
+    /// this is asked again); how many it filled.
+    fn load_shadow(&self, _index: usize, _out: &mut [RunShadow]) -> usize {
+        0
     }
 }
 
@@ -542,11 +554,8 @@ impl<'a> HwBackend<'a> {
         } else {
             self.dev.coalesced_zone()
         };
-        hw.run.coal = RunCoalesced {
-            base,
-            len,
-            count: 0,
-        };
+        hw.run.coal.base = base;
+        hw.run.coal.len = len;
         let mut fast = Fast {
             sysregs: &mut hw.sysregs,
             stats: &mut hw.stats,
@@ -561,6 +570,14 @@ impl<'a> HwBackend<'a> {
         // The fast paths' loop: an exit they complete issues `HOST_RUN`
         // again at once.
         let exit = loop {
+            // The load answers as the device is now (after the last exit's
+            // emulation and the stores drained with it).
+            let c = &mut hw.run.coal;
+            c.shadows = if on {
+                0
+            } else {
+                self.dev.load_shadow(index, &mut c.shadow) as u64
+            };
             if let Err((status, why)) = hostrun::call(&mut hw.run) {
                 println!(
                     "vm {}: vCPU {index}: HOST_RUN refused: {status} (reason {why})",
@@ -907,8 +924,10 @@ impl Fast<'_> {
                 changed |= c;
             }
         }
-        self.stats.mmio_fast += n as u64;
+        let loads = run.coal.loads;
+        self.stats.mmio_fast += n as u64 + loads;
         self.stats.mmio_coalesced += n as u64;
+        self.stats.mmio_shadow += loads;
         changed
     }
 

@@ -132,7 +132,7 @@ fn bad_vcpus() -> [Hostile; 5] {
 }
 
 /// Hostile VM registers: stage-2, trap controls, flags, SVE.
-fn bad_vms() -> [Hostile; 10] {
+fn bad_vms() -> [Hostile; 11] {
     [
         hostile(
             "a host VTTBR for a hyp-managed VM",
@@ -183,6 +183,11 @@ fn bad_vms() -> [Hostile; 10] {
                 b.coal.base = u64::MAX - 3;
                 b.coal.len = 8;
             },
+            Refused::Coalesce,
+        ),
+        hostile(
+            "more load answers than the block holds",
+            |b| b.coal.shadows = hostrun::SHADOW_MAX as u64 + 1,
             Refused::Coalesce,
         ),
         hostile(
