@@ -12,7 +12,7 @@
 //! 2. copies the block into this CPU's buffer in its own memory, so that
 //!    the host cannot change what was checked while the guest runs;
 //! 3. validates the copy ([`check`]): the guest's PSTATE is AArch64
-//!    EL0t/EL1t/EL1h; live list registers are virtual only (no HW bit,
+//!    EL0t/EL1t/EL1h or AArch32 User (EL0); live list registers are virtual only (no HW bit,
 //!    RES0 and pINTID clear, INTID < 1020); `ICH_HCR_EL2` only the
 //!    enable/maintenance bits; `HCR_EL2` keeps VM, RW, IMO, FMO, AMO and
 //!    never has E2H, TGE or NV/NV1/NV2; `CPTR_EL2.TFP` clear (the
@@ -41,7 +41,11 @@
 //!
 //! The host's fast paths (pkvm-sysreg's table, the PL011) complete an exit
 //! on the host side and issue `HOST_RUN` again at once; the `CTR_EL0`
-//! answer of the EL2 vectors stays inside the run.
+//! answer of the EL2 vectors stays inside the run, and so do the stores
+//! to the block's coalesced-MMIO zone and the loads of its load answers
+//! ([`RunCoalesced`]: the world switch's fast path buffers the former
+//! and answers the latter with the host's values, so the PL011's console
+//! bytes and status polls need no round trip to the host).
 //!
 //! [`TLB_FLUSH_VMID_IPA`] and [`TLB_FLUSH_VMID`] are the stage-2 TLB
 //! maintenance of a host-built stage-2 from a host at EL1 (the
@@ -349,7 +353,7 @@ pub fn read_block(page: pkvm_arch::Pa) -> RunBlock {
 pub enum Refused {
     /// The block's address: unaligned, not RAM, or the hypervisor's.
     Address = 1,
-    /// PSTATE not AArch64 EL0t/EL1t/EL1h.
+    /// PSTATE not AArch64 EL0t/EL1t/EL1h or AArch32 User.
     Pstate = 2,
     /// A live list register with the HW bit, RES0/pINTID bits or a
     /// special INTID.
@@ -624,9 +628,11 @@ fn check(
     Ok((vm, sve))
 }
 
-/// PSTATE.M: AArch64 EL0t, EL1t, EL1h (bit 4, nRW, clear).
+/// PSTATE.M: AArch64 EL0t, EL1t, EL1h (bit 4, nRW, clear), and AArch32
+/// User (0b10000: EL0; a guest's 32-bit process that an interrupt or a
+/// trap took out is entered again there).
 const MODE_MASK: u64 = 0x1f;
-const MODES: [u64; 3] = [0b00000, 0b00100, 0b00101];
+const MODES: [u64; 4] = [0b00000, 0b00100, 0b00101, 0b10000];
 /// `ICH_LR<n>_EL2`: State (63:62), HW (61), the RES0 bits (59:56, 47:45),
 /// pINTID (44:32; with HW clear only bit 41, EOI, may be set), vINTID.
 const LR_STATE: u64 = 3 << 62;
