@@ -547,15 +547,6 @@ impl<'a> HwBackend<'a> {
         hw.run.st.debug = DebugSlot::new(debug);
         hw.run.st.regs.ctr_el0 = if on { 0 } else { self.policy.ctr_fast() };
         hw.run.sve = RunSve::of(hw.sve.as_mut());
-        // No buffered stores while the guest debugs itself: every exit on
-        // the full path.
-        let (base, len) = if on {
-            (0, 0)
-        } else {
-            self.dev.coalesced_zone()
-        };
-        hw.run.coal.base = base;
-        hw.run.coal.len = len;
         let mut fast = Fast {
             sysregs: &mut hw.sysregs,
             stats: &mut hw.stats,
@@ -570,14 +561,7 @@ impl<'a> HwBackend<'a> {
         // The fast paths' loop: an exit they complete issues `HOST_RUN`
         // again at once.
         let exit = loop {
-            // The load answers as the device is now (after the last exit's
-            // emulation and the stores drained with it).
-            let c = &mut hw.run.coal;
-            c.shadows = if on {
-                0
-            } else {
-                self.dev.load_shadow(index, &mut c.shadow) as u64
-            };
+            publish_coalesced(self.dev, &mut hw.run, index, !on);
             if let Err((status, why)) = hostrun::call(&mut hw.run) {
                 println!(
                     "vm {}: vCPU {index}: HOST_RUN refused: {status} (reason {why})",
@@ -880,6 +864,24 @@ impl<'a> HwBackend<'a> {
 /// `CNTVCT_EL0` ticks to cycles with `CNTFRQ_EL0` alone.
 fn cycles_per_tick() -> u64 {
     (1_000_000_000 / timer::frequency().max(1)).max(1)
+}
+
+/// Before each `HOST_RUN` of vCPU `index`: the device's coalesced-MMIO
+/// zone and its load answers as the device is now (after the last exit's
+/// emulation and the stores drained with it); neither while the guest
+/// debugs itself (`enabled` false: every exit on the full path).
+fn publish_coalesced(dev: &dyn FastMmio, run: &mut RunBlock, index: usize, enabled: bool) {
+    let c = &mut run.coal;
+    (c.base, c.len) = if enabled {
+        dev.coalesced_zone()
+    } else {
+        (0, 0)
+    };
+    c.shadows = if enabled {
+        dev.load_shadow(index, &mut c.shadow) as u64
+    } else {
+        0
+    };
 }
 
 /// The host-side fast path: an exit it completes issues `HOST_RUN` again at
