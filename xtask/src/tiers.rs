@@ -400,6 +400,8 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: HOST_RUN with a list register with the HW bit (physical INTID 27): refused",
                 "host-attack: HOST_RUN with a host VTTBR for a hyp-managed VM: refused",
                 "host-attack: HOST_RUN with a host-built stage-2 in protected mode: refused",
+                "host-attack: HOST_RUN with a coalesced-MMIO zone wrapping around the address space: refused",
+                "host-attack: HOST_RUN with more load answers than the block holds: refused",
                 "host-attack: HOST_RUN with the valid block (the victim's vCPU 0 at IPA 0x1000): status 0, exit kind ",
                 "host-attack: guest run round trip (enter, stage-2 instruction abort, exit; mean of 2000):",
                 "at EL1: all zero",

@@ -12,7 +12,7 @@
 //! 2. copies the block into this CPU's buffer in its own memory, so that
 //!    the host cannot change what was checked while the guest runs;
 //! 3. validates the copy ([`check`]): the guest's PSTATE is AArch64
-//!    EL0t/EL1t/EL1h; live list registers are virtual only (no HW bit,
+//!    EL0t/EL1t/EL1h or AArch32 User (EL0); live list registers are virtual only (no HW bit,
 //!    RES0 and pINTID clear, INTID < 1020); `ICH_HCR_EL2` only the
 //!    enable/maintenance bits; `HCR_EL2` keeps VM, RW, IMO, FMO, AMO and
 //!    never has E2H, TGE or NV/NV1/NV2; `CPTR_EL2.TFP` clear (the
@@ -41,7 +41,11 @@
 //!
 //! The host's fast paths (pkvm-sysreg's table, the PL011) complete an exit
 //! on the host side and issue `HOST_RUN` again at once; the `CTR_EL0`
-//! answer of the EL2 vectors stays inside the run.
+//! answer of the EL2 vectors stays inside the run, and so do the stores
+//! to the block's coalesced-MMIO zone and the loads of its load answers
+//! ([`RunCoalesced`]: the world switch's fast path buffers the former
+//! and answers the latter with the host's values, so the PL011's console
+//! bytes and status polls need no round trip to the host).
 //!
 //! [`TLB_FLUSH_VMID_IPA`] and [`TLB_FLUSH_VMID`] are the stage-2 TLB
 //! maintenance of a host-built stage-2 from a host at EL1 (the
@@ -51,6 +55,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
+use pkvm_arch::esr::{fault_ipa, AccessSyndrome, Esr, FaultStatus};
 use pkvm_arch::smccc::ret;
 use pkvm_arch::Level;
 use pkvm_pgtable::TlbOps;
@@ -62,7 +67,7 @@ use super::hw::HwS2;
 use super::sve::SveRun;
 use super::switch::{self, El1Sysregs, Exit, VcpuState, VmRegs};
 use super::{hvc, hypmem, phys, start, MAX_CPUS, STACK_SIZE};
-use crate::{read_sysreg, write_sysreg};
+use crate::{read_sysreg, update_sysreg};
 
 /// Runs the vCPU of the run block at x1 (physical address) until its
 /// first exit the world switch does not answer itself.
@@ -168,6 +173,78 @@ impl RunExit {
     }
 }
 
+/// The coalesced-MMIO zone of a run (in) and how many writes to it the
+/// run buffered in [`RunBlock::ring`] (out).
+///
+/// As KVM's `KVM_CAP_COALESCED_MMIO`: a guest store to `[base, base +
+/// len)` that stage-2 does not map (a data abort the host would get as an
+/// MMIO exit, with a valid syndrome) is appended to the ring and stepped
+/// over at EL2, without leaving the guest; the run returns at the next
+/// exit of any other kind (or when the ring is full, then with that store
+/// as an ordinary exit), and the host applies the buffered stores, in
+/// order, before it looks at the exit. Loads always exit. The host learns
+/// exactly what the MMIO exits would have told it (the address, size and
+/// stored value), later; the hypervisor emulates nothing: which device
+/// registers tolerate a late store is the host's choice (the PL011's data
+/// register: the console's transmitted bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RunCoalesced {
+    /// First IPA of the zone.
+    pub base: u64,
+    /// Its length in bytes (0: no zone), at most [`COALESCE_MAX_LEN`].
+    pub len: u64,
+    /// Entries of [`RunBlock::ring`] written by the run (out; ignored in).
+    pub count: u64,
+    /// Entries of `shadow` in use (in), at most [`SHADOW_MAX`].
+    pub shadows: u64,
+    /// Loads the run answered from `shadow` (out; ignored in).
+    pub loads: u64,
+    /// Load answers for the run (in): a guest load at a `shadow` entry's
+    /// IPA, at most its size, that stage-2 leaves unmapped is answered with its value
+    /// at EL2, without an exit. The host names only side-effect-free
+    /// registers whose value nothing but an event that takes the guest out
+    /// (an interrupt, a kick) changes during the run, and none the buffered
+    /// stores change (the PL011's `UARTFR`: the RX FIFO's state; its TX is
+    /// immediate), refreshing them before each run: the load then reads
+    /// the register as it is, as far as the guest can tell.
+    pub shadow: [RunShadow; SHADOW_MAX],
+}
+
+/// One load answer of [`RunCoalesced::shadow`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunShadow {
+    /// The register's IPA (a load at exactly this address).
+    pub ipa: u64,
+    /// The register's size (1, 2, 4 or 8 bytes): loads of this size or
+    /// narrower get its low bytes.
+    pub size: u64,
+    /// The register's value (cut to `size` on use).
+    pub value: u64,
+}
+
+/// Entries of [`RunCoalesced::shadow`].
+pub const SHADOW_MAX: usize = 2;
+
+/// One buffered store: IPA, size in bytes (1, 2, 4 or 8) and the value,
+/// cut to the size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoalescedWrite {
+    /// The IPA stored to.
+    pub ipa: u64,
+    /// Access size in bytes.
+    pub size: u64,
+    /// The value stored.
+    pub value: u64,
+}
+
+/// Entries of [`RunBlock::ring`].
+pub const COALESCE_RING: usize = 40;
+/// The largest zone a run block may name (one page).
+pub const COALESCE_MAX_LEN: u64 = 4096;
+
 /// One guest run, in the host's memory: plain integers only (every bit
 /// pattern is a valid `RunBlock`, so the hypervisor may copy whatever the
 /// host wrote), one page.
@@ -180,13 +257,21 @@ pub struct RunBlock {
     pub sve: RunSve,
     /// The exit (out).
     pub exit: RunExit,
+    /// The coalesced-MMIO zone (in) and the count of `ring` (out).
+    pub coal: RunCoalesced,
     /// The vCPU (in and out).
     pub st: VcpuState,
+    /// The stores buffered by the run (out: the first `coal.count`; only
+    /// those are copied back).
+    pub ring: [CoalescedWrite; COALESCE_RING],
 }
 
-/// The bytes of a [`RunBlock`] that carry something.
+/// The bytes of a [`RunBlock`] the hypervisor copies in (the ring is out
+/// only).
 const USED: usize = core::mem::offset_of!(RunBlock, st) + size_of::<VcpuState>();
-const _: () = assert!(size_of::<RunBlock>() == 4096 && USED <= 4096);
+const RING_AT: usize = core::mem::offset_of!(RunBlock, ring);
+const _: () = assert!(size_of::<RunBlock>() == 4096 && RING_AT >= USED);
+const _: () = assert!(RING_AT + COALESCE_RING * size_of::<CoalescedWrite>() <= 4096);
 
 impl RunBlock {
     /// A block for a vCPU in state `st`, no VM yet.
@@ -212,7 +297,16 @@ impl RunBlock {
                 zcr_el1: 0,
             },
             exit: RunExit::default(),
+            coal: RunCoalesced {
+                base: 0,
+                len: 0,
+                count: 0,
+                shadows: 0,
+                loads: 0,
+                shadow: [RunShadow::default(); SHADOW_MAX],
+            },
             st,
+            ring: [CoalescedWrite::default(); COALESCE_RING],
         }
     }
 }
@@ -270,7 +364,7 @@ pub fn read_block(page: pkvm_arch::Pa) -> RunBlock {
 pub enum Refused {
     /// The block's address: unaligned, not RAM, or the hypervisor's.
     Address = 1,
-    /// PSTATE not AArch64 EL0t/EL1t/EL1h.
+    /// PSTATE not AArch64 EL0t/EL1t/EL1h or AArch32 User.
     Pstate = 2,
     /// A live list register with the HW bit, RES0/pINTID bits or a
     /// special INTID.
@@ -292,6 +386,9 @@ pub enum Refused {
     Sve = 10,
     /// The debug registers (counts, HMC, `on` not 0/1).
     Debug = 11,
+    /// The coalesced-MMIO zone: longer than [`COALESCE_MAX_LEN`] or
+    /// wrapping around; more than [`SHADOW_MAX`] load answers.
+    Coalesce = 12,
 }
 
 /// What the hypervisor answers `HOST_RUN` with in protected mode
@@ -475,6 +572,8 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
         core::ptr::copy_nonoverlapping(pa as *const u8, &mut *b as *mut RunBlock as *mut u8, USED)
     };
     let (vm, mut sve) = check(&b, &caps, loaded)?;
+    b.coal.count = 0;
+    b.coal.loads = 0;
     let exit = run_checked(&mut b, &vm, sve.as_mut());
     b.exit = RunExit {
         kind: exit.kind,
@@ -490,9 +589,13 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     if !host_ram(pa, 4096) {
         return Err(Refused::Address);
     }
-    // SAFETY: as above, the other way.
+    // Only the ring's entries the run wrote (`count <= COALESCE_RING`,
+    // `coalesce` stops there).
+    let out = RING_AT + b.coal.count as usize * size_of::<CoalescedWrite>();
+    // SAFETY: as above, the other way; `out <= 4096` (the ring's end is
+    // within the block, asserted at compile time).
     unsafe {
-        core::ptr::copy_nonoverlapping(&*b as *const RunBlock as *const u8, pa as *mut u8, USED)
+        core::ptr::copy_nonoverlapping(&*b as *const RunBlock as *const u8, pa as *mut u8, out)
     };
     Ok(())
 }
@@ -511,6 +614,11 @@ fn check(
     let pauth = b.vm.flags & FLAG_PAUTH != 0;
     if b.vm.flags & !FLAG_PAUTH != 0 || (pauth && !caps.pauth) {
         return Err(Refused::Feature);
+    }
+    let z = &b.coal;
+    let bad_zone = z.len > COALESCE_MAX_LEN || z.base.checked_add(z.len).is_none();
+    if bad_zone || z.shadows > SHADOW_MAX as u64 {
+        return Err(Refused::Coalesce);
     }
     let sve = match with_sve {
         false => None,
@@ -531,9 +639,11 @@ fn check(
     Ok((vm, sve))
 }
 
-/// PSTATE.M: AArch64 EL0t, EL1t, EL1h (bit 4, nRW, clear).
+/// PSTATE.M: AArch64 EL0t, EL1t, EL1h (bit 4, nRW, clear), and AArch32
+/// User (0b10000: EL0; a guest's 32-bit process that an interrupt or a
+/// trap took out is entered again there).
 const MODE_MASK: u64 = 0x1f;
-const MODES: [u64; 3] = [0b00000, 0b00100, 0b00101];
+const MODES: [u64; 4] = [0b00000, 0b00100, 0b00101, 0b10000];
 /// `ICH_LR<n>_EL2`: State (63:62), HW (61), the RES0 bits (59:56, 47:45),
 /// pINTID (44:32; with HW clear only bit 41, EOI, may be set), vINTID.
 const LR_STATE: u64 = 3 << 62;
@@ -652,15 +762,106 @@ fn run_checked(b: &mut RunBlock, vm: &VmRegs, sve: Option<&mut SveRun>) -> Exit 
     let host = start::el1_host().then(save_host);
     switch::load_pmuserenr(b.vm.pmuserenr);
     let saved = start::take_switch_state();
-    let exit = switch::run(vm, &mut b.st, sve, &mut |_, _| false);
+    let zone = b.coal;
+    let (ring, count, loads) = (&mut b.ring, &mut b.coal.count, &mut b.coal.loads);
+    let exit = switch::run(vm, &mut b.st, sve, &mut |e, regs| {
+        coalesce(&zone, (ring, count, loads), e, regs)
+    });
     start::restore_switch_state(saved);
     if let Some(h) = host {
-        write_sysreg!("vmpidr_el2", h.vmpidr);
-        write_sysreg!("cntvoff_el2", h.cntvoff);
+        update_sysreg!("vmpidr_el2", h.vmpidr);
+        update_sysreg!("cntvoff_el2", h.cntvoff);
         switch::load_el1(&h.el1);
         switch::load_vm_controls(&h.controls);
     }
     exit
+}
+
+/// `PSTATE.SS`: cleared when the hypervisor steps over a buffered store,
+/// as for any instruction emulated on the guest's behalf (the guest's
+/// software step then completes on the next instruction).
+const PSTATE_SS: u64 = 1 << 21;
+
+/// The world switch's fast path inside `HOST_RUN` (EL2, the guest's state
+/// still loaded), for a data abort with a valid syndrome on an IPA stage-2
+/// leaves unmapped (what the host would get as an MMIO exit): a store to
+/// the run's coalesced-MMIO zone is appended to `ring`, a load of one of
+/// its [`RunCoalesced::shadow`] registers answered with the host's value;
+/// either is stepped over. `false` (the exit goes to the host) for
+/// anything else, and for a store when the ring is full.
+fn coalesce(
+    zone: &RunCoalesced,
+    (ring, count, loads): (&mut [CoalescedWrite; COALESCE_RING], &mut u64, &mut u64),
+    e: &Exit,
+    regs: &mut switch::GuestRegs,
+) -> bool {
+    let Some((ipa, s, write)) = mmio_abort(e) else {
+        return false;
+    };
+    let size = u64::from(s.size());
+    let rt = usize::from(s.srt);
+    if !write {
+        let n = (zone.shadows as usize).min(SHADOW_MAX);
+        let Some(r) = zone.shadow[..n]
+            .iter()
+            .find(|r| r.ipa == ipa && size <= r.size)
+        else {
+            return false;
+        };
+        if rt < 31 {
+            regs.x[rt] = loaded(r.value, size, s.sse, s.sf);
+        }
+        *loads += 1;
+    } else {
+        let n = *count as usize;
+        let end = zone.base + zone.len;
+        let inside = ipa >= zone.base && ipa.checked_add(size).is_some_and(|e| e <= end);
+        if !inside || n >= COALESCE_RING {
+            return false;
+        }
+        let value = if rt < 31 { regs.x[rt] } else { 0 };
+        let value = loaded(value, size, false, true);
+        ring[n] = CoalescedWrite { ipa, size, value };
+        *count += 1;
+    }
+    regs.pc = regs.pc.wrapping_add(4);
+    regs.pstate &= !PSTATE_SS;
+    true
+}
+
+/// A synchronous exit that would be an MMIO exit for the host: a data
+/// abort on a stage-2 translation fault with a valid syndrome, no cache
+/// maintenance, no stage-1 walk, FAR valid. Its IPA, syndrome and
+/// whether it is a store.
+fn mmio_abort(e: &Exit) -> Option<(u64, AccessSyndrome, bool)> {
+    if e.kind != switch::EXIT_SYNC {
+        return None;
+    }
+    let a = Esr(e.esr).abort().filter(|a| !a.instruction)?;
+    let s = a.syndrome?;
+    let translation = matches!(a.status, FaultStatus::Translation(_));
+    if a.cm || a.s1ptw || a.fnv || !translation {
+        return None;
+    }
+    Some((fault_ipa(e.hpfar, e.far).0, s, a.write))
+}
+
+/// `value` as a load of `size` bytes leaves it in its register:
+/// cut to the size, sign-extended (`sse`), cut to 32 bits (`!sf`).
+fn loaded(value: u64, size: u64, sse: bool, sf: bool) -> u64 {
+    let bits = 8 * size as u32;
+    let v = if bits >= 64 {
+        value
+    } else if sse {
+        (((value << (64 - bits)) as i64) >> (64 - bits)) as u64
+    } else {
+        value & ((1 << bits) - 1)
+    };
+    if sf {
+        v
+    } else {
+        v & 0xffff_ffff
+    }
 }
 
 /// `TLB_FLUSH_VMID_IPA` / `TLB_FLUSH_VMID`: SMCCC status.

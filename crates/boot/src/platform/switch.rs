@@ -467,8 +467,9 @@ macro_rules! lr_xfer {
     ($dir:ident, $g:expr, $n:expr; $($i:literal = $r:literal),*) => {
         $( if $i < $n { lr_xfer!(@one $dir, $g.lrs[$i], $r); } )*
     };
-    (@one load, $v:expr, $r:literal) => { write_sysreg!($r, $v) };
+    (@one load, $v:expr, $r:literal) => { update_sysreg!($r, $v) };
     (@one save, $v:expr, $r:literal) => { $v = read_sysreg!($r) };
+    (@one clear, $v:expr, $r:literal) => { if $v != 0 { write_sysreg!($r, 0) } };
 }
 
 macro_rules! all_lrs {
@@ -498,17 +499,23 @@ macro_rules! apr_xfer {
             apr_xfer!(@one $dir, $g.ap1r[3], "S3_4_C12_C9_3");
         }
     };
-    (@one load, $v:expr, $r:literal) => { write_sysreg!($r, $v) };
+    (@one load, $v:expr, $r:literal) => { update_sysreg!($r, $v) };
     (@one save, $v:expr, $r:literal) => { $v = read_sysreg!($r) };
 }
 
 /// Loads the guest's virtual CPU interface (list registers, VMCR, APRs,
 /// then `ICH_HCR_EL2`).
+///
+/// Each register is written only when it holds another value (as the EL1
+/// registers, [`update_sysreg!`]): every write of an `ICH_*_EL2` register
+/// makes QEMU's TCG re-evaluate the virtual interrupt lines and leave its
+/// translated block, and between two runs the list registers are mostly
+/// empty on both sides.
 fn load_gic(g: &GicCpu, lrs: usize, aprs: usize) {
     all_lrs!(load, g, lrs);
     apr_xfer!(load, g, aprs);
-    write_sysreg!("S3_4_C12_C11_7", g.vmcr);
-    write_sysreg!("S3_4_C12_C11_0", g.hcr);
+    update_sysreg!("S3_4_C12_C11_7", g.vmcr);
+    update_sysreg!("S3_4_C12_C11_0", g.hcr);
 }
 
 /// Saves the guest's virtual CPU interface and turns it off
@@ -518,9 +525,9 @@ fn save_gic(g: &mut GicCpu, lrs: usize, aprs: usize) {
     all_lrs!(save, g, lrs);
     apr_xfer!(save, g, aprs);
     g.vmcr = read_sysreg!("S3_4_C12_C11_7");
-    write_sysreg!("S3_4_C12_C11_0", 0);
-    let zero = GicCpu::default();
-    all_lrs!(load, zero, lrs);
+    update_sysreg!("S3_4_C12_C11_0", 0);
+    // Only the list registers that hold something (just read into `g`).
+    all_lrs!(clear, g, lrs);
 }
 
 /// Pointer-authentication keys (APIA, APIB, APDA, APDB, APGA; lo/hi).
@@ -762,7 +769,7 @@ fn save_opt(vm: &VmRegs, o: &mut OptRegs) {
 /// EL1 or goes on to EL2 (`MDCR_EL2.TPM`), where the virtual PMU answers.
 /// No EL0/EL1 code but guests' runs, so it needs no host value.
 pub fn load_pmuserenr(v: u64) {
-    write_sysreg!("pmuserenr_el0", v);
+    update_sysreg!("pmuserenr_el0", v);
 }
 
 /// Runs the vCPU until it exits to EL2 with an exit `fast` does not
@@ -827,7 +834,7 @@ fn load_vcpu(vm: &VmRegs, vcpu: &mut VcpuState, with_sve: bool) {
     let s = &vcpu.sys;
     el1_list!(sysregs_xfer!(s, load));
     update_sysreg!("cntv_cval_el0", vcpu.timer.cval);
-    write_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
+    update_sysreg!("cntv_ctl_el0", vcpu.timer.ctl);
     if vm.pauth {
         let k = &vcpu.pac;
         pac_list!(k, load);
@@ -887,8 +894,11 @@ fn save_vcpu(vm: &VmRegs, vcpu: &mut VcpuState) {
     el1_list!(sysregs_xfer!(s, save));
     vcpu.timer.ctl = read_sysreg!("cntv_ctl_el0");
     vcpu.timer.cval = read_sysreg!("cntv_cval_el0");
-    // Stop the guest's timer while it is not running.
-    write_sysreg!("cntv_ctl_el0", 0);
+    // Stop the guest's timer while it is not running (a write re-arms
+    // QEMU's timer: only when it was on).
+    if vcpu.timer.ctl != 0 {
+        write_sysreg!("cntv_ctl_el0", 0);
+    }
     if vm.pauth {
         let k = &mut vcpu.pac;
         pac_list!(k, save);

@@ -64,7 +64,7 @@ use super::guest::BootVm;
 use super::irq::{TimerLine, VmIrq, WfiAction};
 use super::platform::BootHyp;
 use super::sysregs::{self, Action, UndefCause, VmPolicy};
-use crate::platform::hostrun::{self, RunBlock, RunSve, RunVm};
+use crate::platform::hostrun::{self, RunBlock, RunShadow, RunSve, RunVm};
 use crate::platform::sve::SveRegs;
 use crate::platform::switch::{
     self, DebugSlot, GicCpu, OptRegs, VcpuState, VmRegs, EXIT_IRQ, EXIT_SYNC,
@@ -101,6 +101,12 @@ pub struct BackendStats {
     /// Accesses to a [`FastMmio`] device (the PL011) completed on the
     /// world switch's fast path.
     pub mmio_fast: u64,
+    /// Of those, stores the hypervisor buffered without an exit
+    /// (`HOST_RUN`'s coalesced MMIO), applied at the next exit.
+    pub mmio_coalesced: u64,
+    /// Of those, loads the hypervisor answered from the host's load
+    /// answers (`HOST_RUN`'s shadow registers) without an exit.
+    pub mmio_shadow: u64,
     /// `CTR_EL0` reads answered by the EL2 vectors themselves (counted in
     /// `sysreg` and `sysreg_fast` too).
     pub ctr_vector: u64,
@@ -306,6 +312,24 @@ pub trait FastMmio: Sync {
         size: usize,
         write: Option<u64>,
     ) -> Option<(u64, bool)>;
+
+    /// The IPA range (base, length; length 0: none) whose stores the
+    /// hypervisor may buffer instead of exiting (`HOST_RUN`'s coalesced
+    /// MMIO, [`hostrun::RunCoalesced`]): registers for which a store that
+    /// reaches the device at the vCPU's next exit, in order with the
+    /// others, is as good as one emulated at once. At most one page.
+    fn coalesced_zone(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
+    /// Fills `out` with load answers for the next run of vCPU `index`
+    /// ([`hostrun::RunCoalesced::shadow`]: registers whose loads have no
+    /// side effect and whose value only changes by an event that takes the
+    /// guest out, or by the device's emulation of an exit, after which
+    /// this is asked again); how many it filled.
+    fn load_shadow(&self, _index: usize, _out: &mut [RunShadow]) -> usize {
+        0
+    }
 }
 
 impl<'a> HwBackend<'a> {
@@ -551,6 +575,7 @@ impl<'a> HwBackend<'a> {
         // The fast paths' loop: an exit they complete issues `HOST_RUN`
         // again at once.
         let exit = loop {
+            publish_coalesced(self.dev, &mut hw.run, index, !on);
             if let Err((status, why)) = hostrun::call(&mut hw.run) {
                 println!(
                     "vm {}: vCPU {index}: HOST_RUN refused: {status} (reason {why})",
@@ -561,7 +586,13 @@ impl<'a> HwBackend<'a> {
             let e = hw.run.exit.exit();
             let first = *entered.get_or_insert(e.slice.0);
             sve_loaded |= e.sve_loaded;
-            if !fast.exit(&e, &mut hw.run.st.regs) {
+            // The stores the run buffered happened before the exit.
+            let line_changed = fast.drain(&hw.run);
+            let completed = fast.exit(&e, &mut hw.run.st.regs);
+            // A device line the stores changed needs the vGIC sync of the
+            // full path; an exit the fast path completed is done there.
+            fast.done |= completed && line_changed;
+            if !completed || line_changed {
                 break switch::Exit {
                     slice: (first, e.slice.1),
                     sve_loaded,
@@ -851,6 +882,24 @@ fn cycles_per_tick() -> u64 {
     (1_000_000_000 / timer::frequency().max(1)).max(1)
 }
 
+/// Before each `HOST_RUN` of vCPU `index`: the device's coalesced-MMIO
+/// zone and its load answers as the device is now (after the last exit's
+/// emulation and the stores drained with it); neither while the guest
+/// debugs itself (`enabled` false: every exit on the full path).
+fn publish_coalesced(dev: &dyn FastMmio, run: &mut RunBlock, index: usize, enabled: bool) {
+    let c = &mut run.coal;
+    (c.base, c.len) = if enabled {
+        dev.coalesced_zone()
+    } else {
+        (0, 0)
+    };
+    c.shadows = if enabled {
+        dev.load_shadow(index, &mut c.shadow) as u64
+    } else {
+        0
+    };
+}
+
 /// The host-side fast path: an exit it completes issues `HOST_RUN` again at
 /// once, without the rest of the backend path ([`HwBackend::switch`]),
 /// for the exits that need nothing of the vCPU's EL1 state, its timers or
@@ -882,6 +931,24 @@ struct Fast<'b> {
 }
 
 impl Fast<'_> {
+    /// Applies the stores `run` buffered in its coalesced-MMIO ring, in
+    /// order; whether one changed the device's interrupt line.
+    fn drain(&mut self, run: &RunBlock) -> bool {
+        let n = (run.coal.count as usize).min(run.ring.len());
+        let mut changed = false;
+        for w in &run.ring[..n] {
+            let size = w.size as usize;
+            if let Some((_, c)) = self.dev.fast_mmio(self.index, w.ipa, size, Some(w.value)) {
+                changed |= c;
+            }
+        }
+        let loads = run.coal.loads;
+        self.stats.mmio_fast += n as u64 + loads;
+        self.stats.mmio_coalesced += n as u64;
+        self.stats.mmio_shadow += loads;
+        changed
+    }
+
     /// `true`: completed, enter the guest again.
     fn exit(&mut self, e: &switch::Exit, regs: &mut switch::GuestRegs) -> bool {
         let esr = Esr(e.esr);

@@ -30,6 +30,8 @@ use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsiz
 
 use pkvm_arch::esr::{ec, Esr, FaultStatus};
 use pkvm_arch::{Hva, Ipa, Pa};
+
+use crate::platform::hostrun::RunShadow;
 use pkvm_host::memslot::UserMemoryRegion;
 use pkvm_host::psci::{PsciVm, SystemEvent, SystemEventKind};
 use pkvm_host::reset::BootParams;
@@ -960,6 +962,8 @@ impl GuestVm {
             t.sysreg += s.sysreg;
             t.sysreg_fast += s.sysreg_fast;
             t.mmio_fast += s.mmio_fast;
+            t.mmio_coalesced += s.mmio_coalesced;
+            t.mmio_shadow += s.mmio_shadow;
             t.ctr_vector += s.ctr_vector;
             t.undefs += s.undefs;
             t.resets += s.resets;
@@ -1011,7 +1015,7 @@ impl GuestVm {
             s.injected_aborts,
         );
         println!(
-            "vm {}: run loop: {} guest entries ({} after a vCPU reset), {} VM resets, {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} PL011 accesses on the world switch's fast path, {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
+            "vm {}: run loop: {} guest entries ({} after a vCPU reset), {} VM resets, {} exits to the VMM (mmio {} of which outside memslots {}, wfi {}, interrupted {} [timer {}, kick {}], sleeps {}), {} PL011 accesses on the world switch's fast path ({} stores coalesced, {} loads answered by the hypervisor), {} reports, {} unknown hypercalls, {} sysreg traps; {} {}, hw vmid {}, vCPU cpus {:?}, {} MiB {}{}",
             self.name,
             hw.entries,
             hw.resets,
@@ -1025,6 +1029,8 @@ impl GuestVm {
             hw.kick_irqs,
             l(&c.sleeps),
             hw.mmio_fast,
+            hw.mmio_coalesced,
+            hw.mmio_shadow,
             l(&c.reports),
             l(&c.unknown_calls),
             hw.sysreg,
@@ -1128,6 +1134,31 @@ impl backend::FastMmio for GuestVm {
     ) -> Option<(u64, bool)> {
         let off = uart_offset(ipa)?;
         Some(self.uart_access(index, off, write))
+    }
+
+    /// The data register (`UARTDR`, offset 0): a transmitted byte reaches
+    /// the console at the vCPU's next exit (Linux's console polls
+    /// `UARTFR`, a load, after each byte, so at once in practice); its
+    /// interrupt line then as the other stores'.
+    fn coalesced_zone(&self) -> (u64, u64) {
+        (fdtgen::GUEST_UART, 4)
+    }
+
+    /// `UARTFR` (loads of up to 32 bits; Linux's are 16-bit): the RX FIFO's state (TX is immediate:
+    /// TXFE set, TXFF and BUSY never), which only the host's input (which
+    /// raises the RX line and kicks the vCPU when RX interrupts are on) or an exit's emulation (a
+    /// `UARTDR` load) change; Linux's console polls it before each byte.
+    fn load_shadow(&self, _index: usize, out: &mut [RunShadow]) -> usize {
+        let Some(slot) = out.first_mut() else {
+            return 0;
+        };
+        let fr = self.pl011.lock().read(pkvm_pl011::reg::FR);
+        *slot = RunShadow {
+            ipa: fdtgen::GUEST_UART + pkvm_pl011::reg::FR,
+            size: 4,
+            value: u64::from(fr),
+        };
+        1
     }
 }
 

@@ -132,7 +132,7 @@ fn bad_vcpus() -> [Hostile; 5] {
 }
 
 /// Hostile VM registers: stage-2, trap controls, flags, SVE.
-fn bad_vms() -> [Hostile; 8] {
+fn bad_vms() -> [Hostile; 11] {
     [
         hostile(
             "a host VTTBR for a hyp-managed VM",
@@ -176,6 +176,27 @@ fn bad_vms() -> [Hostile; 8] {
                 b.sve.vl = 16;
             },
             Refused::Sve,
+        ),
+        hostile(
+            "a coalesced-MMIO zone wrapping around the address space",
+            |b| {
+                b.coal.base = u64::MAX - 3;
+                b.coal.len = 8;
+            },
+            Refused::Coalesce,
+        ),
+        hostile(
+            "more load answers than the block holds",
+            |b| b.coal.shadows = hostrun::SHADOW_MAX as u64 + 1,
+            Refused::Coalesce,
+        ),
+        hostile(
+            "a coalesced-MMIO zone longer than a page",
+            |b| {
+                b.coal.base = 0x0900_0000;
+                b.coal.len = 0x2000;
+            },
+            Refused::Coalesce,
         ),
     ]
 }
