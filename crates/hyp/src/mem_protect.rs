@@ -194,24 +194,22 @@ impl<P: HypPlatform> Hyp<P> {
     }
 
     /// Pins `nr` pages the host shared with the hyp, so the host cannot
-    /// unshare them while the hyp uses them.
+    /// unshare them while the hyp uses them (pKVM's `hyp_pin_shared_mem`):
+    /// a shared page can be neither donated nor shared with a guest, so a
+    /// pinned page stays the host's and the hyp's until every pin is
+    /// dropped ([`Hyp::hyp_unpin_shared`]). All or nothing.
     ///
     /// # Errors
     /// [`HypError::BadAddress`], [`HypError::WrongState`] if a page is not
     /// shared with the hyp, [`HypError::TooManyShares`] on pin overflow.
     pub fn hyp_pin_shared(&self, pa: Pa, nr: u64) -> Result<(), HypError> {
         self.check_memory(pa, nr)?;
-        let _host = self.host.lock();
+        let host = self.host.lock();
+        // Only pages the host shared with the hyp: a host-owned page could
+        // be donated meanwhile, a hyp or guest page is not the host's.
+        host.expect(pa, nr, PageState::SharedOwned, PageState::SharedBorrowed)?;
         for i in 0..nr {
             let p = pa + i * PAGE_SIZE;
-            let (h, y) = (self.mem.host_state(p), self.mem.hyp_state(p));
-            if y != PageState::SharedBorrowed {
-                return Err(HypError::WrongState {
-                    pa: p,
-                    host: h,
-                    hyp: y,
-                });
-            }
             if self.mem.hyp_pins(p) == u16::MAX {
                 return Err(HypError::TooManyShares { pa: p });
             }

@@ -361,6 +361,88 @@ fn host_unshare_hyp_is_refused_while_pinned_or_not_shared() {
 }
 
 #[test]
+fn hyp_pin_is_refused_unless_every_page_is_shared_with_the_hyp() {
+    let h = setup();
+    let _p = make_vm(&h, prot36(), 0, 2, Some(0));
+    h.host_donate_guest(0, pfn(100), Gfn(3)).unwrap();
+    h.host_share_hyp(pfn(20)).unwrap();
+    let before = snapshot(&h);
+    // Host-owned, a hyp pool page, a guest's donated page, the VM's own
+    // state page: none is shared with the hyp.
+    for p in [pa(21), pa(POOL_FIRST + 1), pa(100), pa(2)] {
+        assert!(
+            matches!(h.hyp_pin_shared(p, 1), Err(HypError::WrongState { .. })),
+            "{p:?} pinned"
+        );
+    }
+    // A range whose second page is not shared: nothing pinned.
+    assert!(matches!(
+        h.hyp_pin_shared(pa(20), 2),
+        Err(HypError::WrongState { .. })
+    ));
+    assert!(matches!(
+        h.hyp_pin_shared(pa(20) + 8, 1),
+        Err(HypError::BadAddress { .. })
+    ));
+    assert_eq!(snapshot(&h), before, "a refused pin changed the state");
+    check_invariants(&h);
+}
+
+#[test]
+fn a_pinned_page_is_neither_unshared_donated_nor_shared_with_a_guest() {
+    let h = setup();
+    let _p = make_vm(&h, prot36(), 0, 2, Some(0));
+    let _np = make_vm(&h, np40(), 10, 2, Some(1));
+    h.host_share_hyp(pfn(30)).unwrap();
+    h.host_share_hyp(pfn(31)).unwrap();
+    h.hyp_pin_shared(pa(30), 2).unwrap();
+    h.hyp_pin_shared(pa(30), 1).unwrap();
+    assert_eq!(h.memmap().hyp_pins(pa(30)), 2);
+    assert_eq!(h.memmap().hyp_pins(pa(31)), 1);
+    check_invariants(&h);
+    let before = snapshot(&h);
+    for p in [30, 31] {
+        assert_eq!(
+            h.host_unshare_hyp(pfn(p)),
+            Err(HypError::Pinned { pa: pa(p) })
+        );
+        assert!(matches!(
+            h.host_donate_guest(0, pfn(p), Gfn(p)),
+            Err(HypError::WrongState { .. })
+        ));
+        assert!(matches!(
+            h.host_share_guest(1, pfn(p), Gfn(p), S2Prot::R),
+            Err(HypError::WrongState { .. })
+        ));
+        assert!(matches!(
+            h.host_donate_hyp(pa(p), 1),
+            Err(HypError::WrongState { .. })
+        ));
+    }
+    // Through the hypercall ABI: BUSY.
+    h.finalize();
+    let (st, _) = hvc(&h, 0, id::HOST_UNSHARE_HYP, &[pfn(30).0]);
+    assert_eq!(st, ret::BUSY);
+    assert_eq!(
+        snapshot(&h),
+        before,
+        "a refused transition changed the state"
+    );
+    // One pin dropped: page 30 still pinned, page 31 free to go.
+    h.hyp_unpin_shared(pa(30), 2).unwrap();
+    assert_eq!(
+        h.host_unshare_hyp(pfn(30)),
+        Err(HypError::Pinned { pa: pa(30) })
+    );
+    h.host_unshare_hyp(pfn(31)).unwrap();
+    h.hyp_unpin_shared(pa(30), 1).unwrap();
+    h.host_unshare_hyp(pfn(30)).unwrap();
+    // Unshared: donation works again.
+    h.host_donate_guest(0, pfn(30), Gfn(30)).unwrap();
+    check_invariants(&h);
+}
+
+#[test]
 fn host_donate_hyp_annotates_the_host_stage2_and_denies_host_access() {
     let h = setup();
     h.host_mem_abort(pa(9), HostAccess::Read).unwrap();
