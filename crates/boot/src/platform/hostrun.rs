@@ -64,7 +64,7 @@ use pkvm_sysreg::traps::{cptr, TrapControls};
 use pkvm_sysreg::{HostFeature, MAX_POINTS};
 
 use super::hw::HwS2;
-use super::sve::SveRun;
+use super::sve::{SveRun, AREA_BYTES};
 use super::switch::{self, El1Sysregs, Exit, VcpuState, VmRegs};
 use super::{hvc, hypmem, phys, start, MAX_CPUS, STACK_SIZE};
 use crate::{read_sysreg, update_sysreg};
@@ -398,9 +398,36 @@ pub struct Protected {
     /// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on a
     /// CPU.
     pub loaded: fn(cpu: usize) -> Option<(u64, u64)>,
-    /// Whether the host owns every page of `[pa, pa + len)` now (its page
-    /// state in pkvm-hyp: owned, or owned and shared).
-    pub host_owns: fn(pa: u64, len: u64) -> bool,
+    /// Pins every page of `[pa, pa + len)` for the hypervisor's use
+    /// (pkvm-hyp's `hyp_pin_shared`): whether they are all pages the host
+    /// shared with the hypervisor (`HOST_SHARE_HYP`), which the host then
+    /// cannot unshare (and so never donate) until [`Protected::unpin`].
+    pub pin: fn(pa: u64, len: u64) -> bool,
+    /// Drops a pin [`Protected::pin`] took.
+    pub unpin: fn(pa: u64, len: u64),
+}
+
+/// Pages pinned for one run ([`Protected::pin`]), unpinned at drop;
+/// standard mode: nothing pinned.
+struct Pinned(Option<(&'static Protected, u64, u64)>);
+
+impl Pinned {
+    /// Pins `[pa, pa + len)` in protected mode; `None`: not pages the
+    /// host shared with the hypervisor.
+    fn new(pa: u64, len: u64) -> Option<Pinned> {
+        match protected() {
+            Some(p) => (p.pin)(pa, len).then_some(Pinned(Some((p, pa, len)))),
+            None => Some(Pinned(None)),
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some((p, pa, len)) = self.0 {
+            (p.unpin)(pa, len);
+        }
+    }
 }
 
 /// The [`Protected`] answers (null: standard mode).
@@ -415,7 +442,8 @@ static TRUSTED: AtomicBool = AtomicBool::new(true);
 /// host is no longer trusted with stage-2s of its own (no more
 /// [`stage::HOST`] runs or TLB hypercalls), [`stage::HYP`] runs take their
 /// stage-2 from `p.loaded`, and a run block or SVE area must be in pages
-/// the host owns (`p.host_owns`). EL2 only.
+/// the host shared with the hypervisor, pinned for the run (`p.pin`). EL2
+/// only.
 pub fn set_protected(p: &'static Protected) {
     PROTECTED.store(core::ptr::from_ref(p).cast_mut(), Ordering::Release);
     TRUSTED.store(false, Ordering::Release);
@@ -509,12 +537,12 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Whether `[pa, pa + len)` is RAM the host may hand in: not the
-/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers), and
-/// in protected mode pages the host owns (not a guest's donated page, not
-/// the hypervisor's pool). Known gap: the pages are not pinned (pKVM shares
-/// the vCPU's memory with the hypervisor and pins it), so a host that
-/// donates one to a guest on another CPU while the guest runs could have
-/// the exit's write-back land there; the check is repeated before it.
+/// hypervisor's memory ([`hypmem`], the EL2 stacks, the run buffers). In
+/// protected mode the pages must moreover be shared with the hypervisor by
+/// the host, and are pinned from before the copy in until after the
+/// write-back ([`Pinned`], as pKVM's `hyp_pin_shared_mem`): the host can
+/// neither unshare them meanwhile nor donate them to a guest, so the
+/// write-back lands in the host's page.
 fn host_ram(pa: u64, len: u64) -> bool {
     extern "C" {
         static __stacks_start: u8;
@@ -531,7 +559,6 @@ fn host_ram(pa: u64, len: u64) -> bool {
         && !overlaps(r, hypmem::range())
         && !overlaps(r, stacks)
         && !overlaps(r, bufs)
-        && protected().is_none_or(|p| (p.host_owns)(pa, len))
 }
 
 /// The hypervisor's side of the image-level calls of this module, from
@@ -560,6 +587,15 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     if !pa.is_multiple_of(4096) || !host_ram(pa, 4096) || cpu >= MAX_CPUS {
         return Err(Refused::Address);
     }
+    let _block = Pinned::new(pa, 4096).ok_or(Refused::Address)?;
+    // The SVE area, pinned before this CPU's buffer is locked (pkvm-hyp's
+    // lock is never taken under it): the address read here must be the
+    // one the copy names.
+    let area = sve_area(pa);
+    let _area = match area {
+        0 => None,
+        a => Some(Pinned::new(a, AREA_BYTES).ok_or(Refused::Sve)?),
+    };
     let loaded = loaded_stage2(cpu);
     let caps = caps(cpu);
     let mut b = BUFS[cpu].lock();
@@ -572,6 +608,9 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
         core::ptr::copy_nonoverlapping(pa as *const u8, &mut *b as *mut RunBlock as *mut u8, USED)
     };
     let (vm, mut sve) = check(&b, &caps, loaded)?;
+    if b.sve.area != area {
+        return Err(Refused::Sve);
+    }
     b.coal.count = 0;
     b.coal.loads = 0;
     let exit = run_checked(&mut b, &vm, sve.as_mut());
@@ -586,9 +625,6 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     if let Some(s) = sve {
         b.sve.zcr_el1 = s.zcr_el1;
     }
-    if !host_ram(pa, 4096) {
-        return Err(Refused::Address);
-    }
     // Only the ring's entries the run wrote (`count <= COALESCE_RING`,
     // `coalesce` stops there).
     let out = RING_AT + b.coal.count as usize * size_of::<CoalescedWrite>();
@@ -597,7 +633,18 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     unsafe {
         core::ptr::copy_nonoverlapping(&*b as *const RunBlock as *const u8, pa as *mut u8, out)
     };
+    // The pins go after the write-back (`_area`, `_block` dropped here).
     Ok(())
+}
+
+/// The SVE area's address the host's block at `pa` names now (the host
+/// may change it: [`host_run`] compares it with its copy's).
+fn sve_area(pa: u64) -> u64 {
+    const AT: usize = core::mem::offset_of!(RunBlock, sve) + core::mem::offset_of!(RunSve, area);
+    // SAFETY: `[pa, pa + 4096)` is RAM identity-mapped at EL2, not the
+    // hypervisor's memory (checked by the caller); an aligned u64 of it
+    // (`RunBlock` is 4096-aligned, `AT` a multiple of 8), any value valid.
+    unsafe { core::ptr::read_volatile((pa + AT as u64) as *const u64) }
 }
 
 /// The validation of a copied block: the VM registers to run it with and

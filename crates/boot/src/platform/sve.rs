@@ -85,11 +85,21 @@ pub struct SveRegs {
     /// `ZCR_EL1` (the guest's own limit, at most the VM's length).
     pub zcr_el1: u64,
     /// Z0-Z31, P0-P15, FFR in the layout of `STR Z/P [.., #i, MUL VL]`.
-    /// Invariant: [`area_bytes`]`(SVE_VL_ARCH_MAX)` bytes, 16-byte
-    /// aligned: room for any vector length, so that memory safety does not
-    /// rest on `ZCR_EL2` holding exactly `vl` (8.5 KiB per vCPU with SVE).
-    area: Vec<u128>,
+    /// Invariant: at least [`area_bytes`]`(SVE_VL_ARCH_MAX)` bytes: room
+    /// for any vector length, so that memory safety does not rest on
+    /// `ZCR_EL2` holding exactly `vl` (8.5 KiB per vCPU with SVE). Whole
+    /// pages of their own ([`AREA_PAGES`]), so that the host can share
+    /// exactly them with the hypervisor ([`SveRegs::pages`]).
+    area: Vec<AreaPage>,
 }
+
+/// One page of a save area.
+#[derive(Clone)]
+#[repr(C, align(4096))]
+struct AreaPage([u128; 256]);
+
+/// Pages of a save area ([`AREA_BYTES`] rounded up).
+pub const AREA_PAGES: usize = (AREA_BYTES as usize).div_ceil(4096);
 
 impl SveRegs {
     /// Zeroed registers for vector length `vl` bytes (a power of two in
@@ -103,7 +113,7 @@ impl SveRegs {
         SveRegs {
             vl,
             zcr_el1: zcr_len(vl),
-            area: vec![0; area_bytes(SVE_VL_ARCH_MAX).div_ceil(16)],
+            area: vec![AreaPage([0; 256]); AREA_PAGES],
         }
     }
 
@@ -116,7 +126,7 @@ impl SveRegs {
     /// at the VM's length (architecturally UNKNOWN; the largest, so a guest
     /// that never writes it gets its VM's full length).
     pub fn reset(&mut self) {
-        self.area.fill(0);
+        self.area.iter_mut().for_each(|p| p.0.fill(0));
         self.zcr_el1 = zcr_len(self.vl);
     }
 
@@ -129,6 +139,12 @@ impl SveRegs {
             zcr_el1: self.zcr_el1,
             area: self.area.as_mut_ptr() as u64,
         }
+    }
+
+    /// The save area's pages: the first one's physical address (the
+    /// identity map) and their count, [`AREA_PAGES`].
+    pub fn pages(&self) -> (u64, usize) {
+        (self.area.as_ptr() as u64, AREA_PAGES)
     }
 
     /// `ZCR_EL1` as the run left it (`run` from [`SveRegs::run_view`]).

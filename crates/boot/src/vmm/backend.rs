@@ -200,6 +200,18 @@ pub struct VcpuHw {
     /// A hyp-managed VM's (handle, VMID, stage-2 geometry), as the
     /// hypervisor answered [`super::platform::VCPU_LOADED`] once.
     hyp_vm: Option<(u16, u16, S2Geometry)>,
+    /// The hypervisor the run block's and the SVE area's pages are shared
+    /// with ([`VcpuHw::share_with_hyp`]; unshared at drop).
+    shared: Option<SharedWith>,
+}
+
+/// The hypervisor a vCPU's run pages are shared with.
+struct SharedWith(&'static BootHyp);
+
+impl core::fmt::Debug for SharedWith {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("SharedWith(hyp)")
+    }
 }
 
 impl VcpuHw {
@@ -218,7 +230,47 @@ impl VcpuHw {
             pmu: VirtPmu::new(0),
             sve: None,
             last_cpu: None,
+            shared: None,
         }
+    }
+
+    /// The pages the hypervisor copies from and to on each `HOST_RUN`:
+    /// the run block's (a whole page: `RunBlock` is one aligned page) and
+    /// the SVE save area's (whole pages of their own), as page frame
+    /// numbers.
+    fn hyp_pages(&self) -> impl Iterator<Item = u64> {
+        let run = &*self.run as *const RunBlock as u64 >> 12;
+        let (area, n) = self.sve.as_ref().map_or((0, 0), |s| s.pages());
+        core::iter::once(run).chain((0..n as u64).map(move |i| (area >> 12) + i))
+    }
+
+    /// In protected mode (`hyp`), shares the vCPU's run pages
+    /// ([`VcpuHw::hyp_pages`]) with the hypervisor (`HOST_SHARE_HYP`):
+    /// `HOST_RUN` refuses pages not shared and pins them for each run, so
+    /// that they stay the host's while the hypervisor writes them. Once,
+    /// after [`VcpuHw::with_sve`]; they are unshared when the `VcpuHw` is
+    /// dropped. Standard mode: nothing to do.
+    ///
+    /// # Errors
+    /// The hypercall's status when a page cannot be shared (none stays
+    /// shared then).
+    pub fn share_with_hyp(mut self, hyp: Option<&'static BootHyp>) -> Result<Self, i64> {
+        let Some(h) = hyp else {
+            return Ok(self);
+        };
+        debug_assert!(self.shared.is_none(), "run pages shared twice");
+        let pages: alloc::vec::Vec<u64> = self.hyp_pages().collect();
+        for (i, &pfn) in pages.iter().enumerate() {
+            let st = share_call(h, pkvm_hyp::hvc::id::HOST_SHARE_HYP, pfn);
+            if st != pkvm_hyp::hvc::ret::SUCCESS {
+                for &done in &pages[..i] {
+                    share_call(h, pkvm_hyp::hvc::id::HOST_UNSHARE_HYP, done);
+                }
+                return Err(st);
+            }
+        }
+        self.shared = Some(SharedWith(h));
+        Ok(self)
     }
 
     /// Gives the vCPU SVE registers for a vector length of `vl` bytes (its
@@ -275,6 +327,35 @@ impl Default for VcpuHw {
     fn default() -> Self {
         Self::new()
     }
+}
+
+impl Drop for VcpuHw {
+    /// The vCPU's teardown: its run pages go back to the host alone
+    /// (`HOST_UNSHARE_HYP`) before their memory is freed, so that every
+    /// page is accounted for (none left shared with the hypervisor).
+    fn drop(&mut self) {
+        let Some(SharedWith(h)) = self.shared.take() else {
+            return;
+        };
+        for pfn in self.hyp_pages() {
+            let st = share_call(h, pkvm_hyp::hvc::id::HOST_UNSHARE_HYP, pfn);
+            if st != pkvm_hyp::hvc::ret::SUCCESS {
+                println!(
+                    "vmm: {} vCPU {}: HOST_UNSHARE_HYP of run page {:#x} failed: {st}",
+                    self.who.0,
+                    self.who.1,
+                    pfn << 12
+                );
+            }
+        }
+    }
+}
+
+/// `func` (`HOST_SHARE_HYP`/`HOST_UNSHARE_HYP`) of page `pfn`: the status.
+fn share_call(h: &'static BootHyp, func: u32, pfn: u64) -> i64 {
+    let mut regs = [u64::from(func), pfn, 0, 0, 0, 0, 0, 0];
+    super::platform::hyp_call(Some(h), crate::platform::start::cpu_index(), &mut regs);
+    regs[0] as i64
 }
 
 /// A vCPU's hardware side on one physical CPU, for one scheduler run.

@@ -466,10 +466,12 @@ pub fn create_with(
                 let hw = VcpuHw::new()
                     .named(spec.name, i)
                     .with_sve(sve_vl)
-                    .with_voff(voff);
-                SpinLock::new(hw, LockClass::HostVm)
+                    .with_voff(voff)
+                    .share_with_hyp(platform.hyp())
+                    .map_err(|_| VmmError::NoMemory)?;
+                Ok(SpinLock::new(hw, LockClass::HostVm))
             })
-            .collect(),
+            .collect::<Result<_, VmmError>>()?,
         policy,
         irq: VmIrq::new(spec.vcpus).map_err(|_| VmmError::BadConfig("vCPU count (vGIC)"))?,
         end: SpinLock::new(None, LockClass::Leaf),

@@ -19,7 +19,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pkvm_arch::{Pa, Pfn};
 use pkvm_host::HostPlatform;
-use pkvm_hyp::{Hyp, HypConfig, HypError, HypPlatform, MemMap, MemRegion, PageMeta, PageState};
+use pkvm_hyp::{Hyp, HypConfig, HypError, HypPlatform, MemMap, MemRegion, PageMeta};
 use pkvm_pgtable::env::ENTRIES;
 use pkvm_pgtable::PtMemory;
 use pkvm_sync::{LockClass, SpinLock};
@@ -662,6 +662,7 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
         f if f == u64::from(vcpurun::VCPU_LRS) => vcpurun::vcpu_lrs(h, cpu, regs),
         f if f == u64::from(HYP_INFO) => hyp_info_answer(h, regs),
         f if f == u64::from(HYP_PROBE) => probe_answer(h, regs),
+        f if f == u64::from(PIN_PROBE) => pin_probe(h, cpu, regs),
         f if f == u64::from(VCPU_LOADED) || f == u64::from(VCPU_S2_FLUSH) => {
             loaded_answer(h, cpu, regs)
         }
@@ -706,26 +707,55 @@ fn hyp_info_answer(h: &BootHyp, regs: &mut [u64; 8]) {
 /// pkvm-hyp's answers to `HOST_RUN` ([`hostrun::set_protected`], at EL2).
 static PROTECTED: hostrun::Protected = hostrun::Protected {
     loaded: loaded_stage2,
-    host_owns,
+    pin: pin_shared,
+    unpin: unpin_shared,
 };
 
-/// Whether the host owns every page of `[pa, pa + len)` now (owned, or
-/// owned and shared), in pkvm-hyp's page metadata.
-fn host_owns(pa: u64, len: u64) -> bool {
-    let Some(h) = *HVC_TARGET.lock() else {
+/// The pages `[pa, pa + len)` touches: first page and count.
+fn page_span(pa: u64, len: u64) -> Option<(Pa, u64)> {
+    let (first, end) = (pa & !0xfff, pa.checked_add(len)?);
+    (end > first).then(|| (Pa(first), (end - first).div_ceil(4096)))
+}
+
+/// Pins the pages of `[pa, pa + len)` in pkvm-hyp ([`Hyp::hyp_pin_shared`]):
+/// whether they are all shared with the hypervisor by the host.
+fn pin_shared(pa: u64, len: u64) -> bool {
+    let (Some(h), Some((first, nr))) = (*HVC_TARGET.lock(), page_span(pa, len)) else {
         return false;
     };
-    let (first, end) = (pa & !0xfff, pa.saturating_add(len));
-    let mem = h.memmap();
-    let owned = |p: u64| {
-        matches!(
-            mem.host_state(Pa(p)),
-            PageState::Owned | PageState::SharedOwned
-        )
+    h.hyp_pin_shared(first, nr).is_ok()
+}
+
+/// Drops the pins [`pin_shared`] took.
+fn unpin_shared(pa: u64, len: u64) {
+    let (Some(h), Some((first, nr))) = (*HVC_TARGET.lock(), page_span(pa, len)) else {
+        return;
     };
-    end > first
-        && mem.contains(Pa(first), (end - first).div_ceil(4096))
-        && (first..end).step_by(4096).all(owned)
+    let r = h.hyp_unpin_shared(first, nr);
+    debug_assert!(r.is_ok(), "hyp bug: unpin of {pa:#x}+{len:#x}: {r:?}");
+}
+
+/// host-attack's test path of the pin `HOST_RUN` takes (EL2): x1 = a
+/// page's physical address. Pins it as `HOST_RUN` pins a run block
+/// ([`pin_shared`]), serves the host's `HOST_UNSHARE_HYP` of it while
+/// pinned, and unpins. Answers x1 = 1 if the pin was taken, x2 = the
+/// unshare's status (`NOT_SUPPORTED` when not pinned). Leaves nothing
+/// behind: the pin is dropped before the answer.
+pub const PIN_PROBE: u32 = 0xc600_0056;
+
+fn pin_probe(h: &BootHyp, cpu: usize, regs: &mut [u64; 8]) {
+    let pa = regs[1] & !0xfff;
+    let pinned = pin_shared(pa, 4096);
+    let mut status = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
+    if pinned {
+        let mut call = [0u64; 8];
+        call[0] = u64::from(pkvm_hyp::hvc::id::HOST_UNSHARE_HYP);
+        call[1] = pa >> 12;
+        h.handle_host_hvc(cpu, &mut call);
+        status = call[0];
+        unpin_shared(pa, 4096);
+    }
+    *regs = [0, u64::from(pinned), status, 0, 0, 0, 0, 0];
 }
 
 /// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on CPU

@@ -6,10 +6,14 @@
 //! a stage-2 instruction abort comes back as the exit, or an interrupt
 //! exit when the scheduler's tick was pending at EL2).
 //!
-//! Every block lies in its own host page from the pool; the host issues
-//! `HOST_RUN` from EL1 with the page's physical address, with the
-//! victim's vCPU 0 loaded (`VCPU_LOAD`) so that a block for a hyp-managed
-//! stage-2 would run if it were valid.
+//! Every block lies in its own host page from the pool, shared with the
+//! hypervisor (`HOST_SHARE_HYP`, as the VMM shares its vCPUs' run pages);
+//! the host issues `HOST_RUN` from EL1 with the page's physical address,
+//! with the victim's vCPU 0 loaded (`VCPU_LOAD`) so that a block for a
+//! hyp-managed stage-2 would run if it were valid. A block in a page not
+//! shared is refused; the pin `HOST_RUN` holds on a block's page keeps the
+//! host from unsharing it ([`pin_phase`]), and a shared page cannot be
+//! donated to a guest.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -65,8 +69,9 @@ pub struct NotHost {
     pub victim: u64,
 }
 
-/// The hostile blocks (`at: Some(0)`: the block's page + 8).
-fn hostiles(not: NotHost) -> Vec<Hostile> {
+/// The hostile blocks (`at: Some(0)`: the block's page + 8; `unshared`: a
+/// host page not shared with the hypervisor).
+fn hostiles(not: NotHost, unshared: u64) -> Vec<Hostile> {
     let at = |what, pa, why| Hostile {
         what,
         change: |_| {},
@@ -93,6 +98,11 @@ fn hostiles(not: NotHost) -> Vec<Hostile> {
         at(
             "block in the victim's donated page",
             not.victim,
+            Refused::Address
+        ),
+        at(
+            "block in a host page not shared with the hypervisor",
+            unshared,
             Refused::Address
         ),
     ];
@@ -233,10 +243,21 @@ pub fn host_run_phase(hyp: &'static BootHyp, ctx: &HostCtx, not: NotHost, victim
     let Some(valid) = valid_block() else {
         return check("host-attack: HOST_RUN: the default policy", false);
     };
-    let list = hostiles(not);
+    let Some(unshared) = pool::alloc(0) else {
+        return check("host-attack: HOST_RUN: a page", false);
+    };
+    let list = hostiles(not, unshared.0);
     let pages: Vec<Pa> = (0..=list.len()).filter_map(|_| pool::alloc(0)).collect();
-    let mut ok =
-        pages.len() == list.len() + 1 && run_phase(hyp, ctx, &list, &pages, (valid, victim));
+    let shared = pages
+        .iter()
+        .take_while(|p| call(hyp, id::HOST_SHARE_HYP, [p.0 >> 12, 0]) == ret::SUCCESS)
+        .count();
+    let mut ok = check(
+        "host-attack: HOST_RUN: block pages shared with the hypervisor",
+        pages.len() == list.len() + 1 && shared == pages.len(),
+    );
+    ok = ok && run_phase(hyp, ctx, &list, &pages, (valid, victim));
+    ok = ok && pin_phase(hyp, ctx, (pages[0], unshared), victim);
     ok &= tlb_refused(hyp, ctx);
     if ok {
         let el1_vmm = crate::platform::el1boot::current_el() == 1;
@@ -256,10 +277,65 @@ pub fn host_run_phase(hyp: &'static BootHyp, ctx: &HostCtx, not: NotHost, victim
         }
         ok &= check("host-attack: HOST_RUN: run costs measured", costs.is_some());
     }
-    for &p in &pages {
+    let unshare = |p: &Pa| call(hyp, id::HOST_UNSHARE_HYP, [p.0 >> 12, 0]) == ret::SUCCESS;
+    ok &= check(
+        "host-attack: HOST_RUN: block pages unshared after the runs (no pin left)",
+        pages[..shared].iter().all(unshare),
+    );
+    for &p in pages.iter().chain([&unshared]) {
         pool::free(p, 0);
     }
     ok
+}
+
+/// The pin `HOST_RUN` takes on a block's page: with the host's `page`
+/// (shared with the hypervisor) pinned as a run pins it
+/// ([`super::platform::PIN_PROBE`]), the host's `HOST_UNSHARE_HYP` of it is
+/// refused (`BUSY`); a page not shared (`unshared`) cannot be pinned; and
+/// `HOST_DONATE_GUEST` of the shared block page to the victim is refused.
+fn pin_phase(
+    hyp: &'static BootHyp,
+    ctx: &HostCtx,
+    (page, unshared): (Pa, Pa),
+    victim: u64,
+) -> bool {
+    use super::platform::PIN_PROBE;
+    let mut cmds = [
+        hvc(PIN_PROBE, &[page.0]),
+        hvc(PIN_PROBE, &[unshared.0]),
+        hvc(id::VCPU_LOAD, &[victim, 0]),
+        hvc(id::HOST_DONATE_GUEST, &[page.0 >> 12, UNMAPPED_PC >> 12]),
+        hvc(id::VCPU_PUT, &[]),
+    ];
+    if let Err(e) = ctx.run(hyp, &mut cmds) {
+        return check(
+            &alloc::format!("host-attack: HOST_RUN pins: host run: {e:?}"),
+            false,
+        );
+    }
+    let [pinned, not_shared, load, donate, _] = cmds.map(|c| c.regs);
+    let busy = pinned[1] == 1 && pinned[2] as i64 == ret::BUSY;
+    println!(
+        "host-attack: HOST_UNSHARE_HYP of a run block's page while HOST_RUN has it pinned: {} (pinned {}, status {})",
+        if busy { "refused" } else { "NOT refused as expected" },
+        pinned[1],
+        pinned[2] as i64
+    );
+    let denied = load[0] == 0 && donate[0] as i64 == ret::DENIED;
+    println!(
+        "host-attack: HOST_DONATE_GUEST of a run block's page (shared with the hypervisor) to the victim: {} (status {})",
+        if denied { "refused" } else { "NOT refused as expected" },
+        donate[0] as i64
+    );
+    check("host-attack: HOST_RUN: unshare refused while pinned", busy)
+        & check(
+            "host-attack: HOST_RUN: a page not shared with the hypervisor is not pinned",
+            not_shared[0] == 0 && not_shared[1] == 0,
+        )
+        & check(
+            "host-attack: HOST_RUN: a shared block page is not donated",
+            denied,
+        )
 }
 
 fn run_phase(
@@ -404,8 +480,12 @@ fn run_costs(
         (0..COST_RUNS).all(|_| valid_exit(&switch::run(&vm, &mut st, None, &mut |_, _| false)));
     let t1 = timer::now();
     let mut b = Box::new(valid);
+    let pfn = &*b as *const RunBlock as u64 >> 12;
+    let shared = call(hyp, id::HOST_SHARE_HYP, [pfn, 0]) == ret::SUCCESS;
     let el2 = (0..COST_RUNS).all(|_| hostrun::call(&mut b).is_ok() && valid_exit(&b.exit.exit()));
     let t2 = timer::now();
+    let unshared = call(hyp, id::HOST_UNSHARE_HYP, [pfn, 0]) == ret::SUCCESS;
+    (shared && unshared).then_some(())?;
     let put = call(hyp, id::VCPU_PUT, [0, 0]) == ret::SUCCESS;
     let el1 = el1_cost(hyp, ctx, (valid, victim), page);
     (direct && el2 && put).then_some(())?;
