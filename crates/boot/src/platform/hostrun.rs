@@ -8,7 +8,9 @@
 //!
 //! 1. checks the address: page-aligned, RAM, not its own memory (the
 //!    [`super::hypmem`] range, the EL2 stacks, its per-CPU buffers), in
-//!    protected mode pages the host owns;
+//!    protected mode pages the host shared with the hypervisor
+//!    (`HOST_SHARE_HYP`), pinned until after the write-back (5.), as is
+//!    the SVE area;
 //! 2. copies the block into this CPU's buffer in its own memory, so that
 //!    the host cannot change what was checked while the guest runs;
 //! 3. validates the copy ([`check`]): the guest's PSTATE is AArch64

@@ -92,6 +92,8 @@ struct Fuzz<'h> {
     el2_tables0: u64,
     /// Most handles live at once.
     max_handles: usize,
+    /// Pins the hyp holds ([`Fuzz::pin_step`]): first page, count.
+    pins: Vec<(Pa, u64)>,
 }
 
 impl Fuzz<'_> {
@@ -280,7 +282,8 @@ impl Fuzz<'_> {
             0..=49 => self.hvc_call(),
             50..=74 => self.abort_call(),
             75 => self.device_storm(),
-            76..=89 => self.composite(),
+            76..=86 => self.composite(),
+            87..=89 => self.pin_step(),
             _ => {
                 check_syndrome(Esr(self.rng.random()), self.rng.random(), self.rng.random());
                 self.calls += 1;
@@ -288,6 +291,86 @@ impl Fuzz<'_> {
         }
         assert_eq!(pkvm_sync::held_classes(), 0, "a lock is held between calls");
         assert!(!self.h.any_lock_held(), "a lock is held between calls");
+        self.check_pins();
+    }
+
+    /// The hyp pins pages as `HOST_RUN` does (the direct API) or drops a
+    /// pin. A pin is taken only on pages all shared with the hyp (always
+    /// on one such page); right after, the host's `HOST_UNSHARE_HYP` of
+    /// the page is refused with `BUSY` and its `HOST_DONATE_GUEST` /
+    /// `HOST_SHARE_GUEST` are refused.
+    fn pin_step(&mut self) {
+        if !self.pins.is_empty() && self.one_in(2) {
+            let (p, nr) = self
+                .pins
+                .swap_remove(self.rng.random_range(0..self.pins.len()));
+            assert_eq!(self.h.hyp_unpin_shared(p, nr), Ok(()), "unpin {p:?} x {nr}");
+            self.calls += 1;
+            return;
+        }
+        let m = self.h.memmap();
+        let shared: Vec<u64> = (0..MEM_PAGES)
+            .filter(|&i| m.hyp_state(pa(i)) == PageState::SharedBorrowed)
+            .collect();
+        let page = match shared.is_empty() || self.one_in(3) {
+            true => self.pfn_arg(),
+            false => pfn(self.pick(&shared)).0,
+        };
+        let (at, nr) = (Pa(page << 12), self.rng.random_range(1..=2u64));
+        let all_shared = (0..nr).all(|i| {
+            let p = Pa(at.0.wrapping_add(i * PAGE_SIZE));
+            m.index(p).is_some() && m.hyp_state(p) == PageState::SharedBorrowed
+        });
+        let r = self.h.hyp_pin_shared(at, nr);
+        assert!(
+            r.is_err() || all_shared,
+            "pinned {at:?} x {nr}: not all shared"
+        );
+        assert!(
+            r.is_ok() || !all_shared || nr > 1,
+            "{at:?} shared, pin refused: {r:?}"
+        );
+        self.calls += 1;
+        if r.is_err() {
+            return;
+        }
+        self.pins.push((at, nr));
+        let cpu = self.rng.random_range(0..2);
+        let rc = call(
+            self.h,
+            &mut self.m,
+            cpu,
+            id::HOST_UNSHARE_HYP,
+            [page, 0, 0, 0],
+        )
+        .0;
+        assert_eq!(rc, ret::BUSY, "unshare of pinned {at:?}");
+        for func in [id::HOST_DONATE_GUEST, id::HOST_SHARE_GUEST] {
+            let args = [page, self.gfn_arg() % 64, 1, 0];
+            let rc = call(self.h, &mut self.m, cpu, func, args).0;
+            assert_ne!(rc, ret::SUCCESS, "{func:#x} of pinned {at:?}");
+        }
+        self.calls += 3;
+    }
+
+    /// Every pinned page is still shared with the hyp and carries exactly
+    /// the pins taken on it.
+    fn check_pins(&self) {
+        let m = self.h.memmap();
+        let mut want: BTreeMap<Pa, u16> = BTreeMap::new();
+        for &(p, nr) in &self.pins {
+            for i in 0..nr {
+                *want.entry(p + i * PAGE_SIZE).or_default() += 1;
+            }
+        }
+        for (&p, &n) in &want {
+            assert_eq!(
+                m.hyp_state(p),
+                PageState::SharedBorrowed,
+                "pinned {p:?} not shared"
+            );
+            assert_eq!(m.hyp_pins(p), n, "pin count of {p:?}");
+        }
     }
 
     /// Puts every vCPU, tears every VM down (no step may run out of
@@ -295,6 +378,9 @@ impl Fuzz<'_> {
     /// holds what it held at the start, less the host stage-2's new table
     /// pages, and the hyp's own stage-1 is back to its starting size.
     fn teardown_all(&mut self) {
+        for (p, nr) in core::mem::take(&mut self.pins) {
+            assert_eq!(self.h.hyp_unpin_shared(p, nr), Ok(()), "unpin {p:?} x {nr}");
+        }
         let cpus: Vec<usize> = self.m.loaded.keys().copied().collect();
         for cpu in cpus {
             assert_eq!(
@@ -475,6 +561,7 @@ fn run_fuzz(seed: u64, calls: u64) {
         host_tables0,
         el2_tables0,
         max_handles: 0,
+        pins: Vec::new(),
     };
     let (mut next_full, mut next_teardown) = (FULL_CHECK_EVERY, TEARDOWN_EVERY);
     while f.calls < calls {
