@@ -45,6 +45,8 @@ struct Hostile {
     what: &'static str,
     change: fn(&mut RunBlock),
     at: Option<u64>,
+    /// An SVE area at this address (vector length 16).
+    sve_at: Option<u64>,
     why: Refused,
 }
 
@@ -53,6 +55,7 @@ fn hostile(what: &'static str, change: fn(&mut RunBlock), why: Refused) -> Hosti
         what,
         change,
         at: None,
+        sve_at: None,
         why,
     }
 }
@@ -76,6 +79,7 @@ fn hostiles(not: NotHost, unshared: u64) -> Vec<Hostile> {
         what,
         change: |_| {},
         at: Some(pa),
+        sve_at: None,
         why,
     };
     let mut v = alloc::vec![
@@ -105,6 +109,13 @@ fn hostiles(not: NotHost, unshared: u64) -> Vec<Hostile> {
             unshared,
             Refused::Address
         ),
+        Hostile {
+            what: "an SVE area in host pages not shared with the hypervisor",
+            change: |_| {},
+            at: None,
+            sve_at: Some(unshared),
+            why: Refused::Sve,
+        },
     ];
     v.extend(bad_vcpus());
     v.extend(bad_vms());
@@ -352,6 +363,11 @@ fn run_phase(
         b.exit.kind = SENTINEL;
         b.st.regs.x[7] = SENTINEL;
         (h.change)(&mut b);
+        if let Some(area) = h.sve_at {
+            b.vm.traps.cptr &= !cptr::TZ;
+            b.sve.area = area;
+            b.sve.vl = 16;
+        }
         write_block(page, &b);
         let pa = match h.at {
             Some(0) => page.0 + 8,
