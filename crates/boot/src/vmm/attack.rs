@@ -795,12 +795,16 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     }
     ok &= finish(other);
     let s = hyp_stats();
+    let shared = super::platform::hyp_probe(super::platform::probe::SHARED, 0);
     println!(
-        "host-attack: after teardown: {} live VMs, {} pages held for VMs, pool {} of {} pages free",
+        "host-attack: after teardown: {} live VMs, {} pages held for VMs, pool {} of {} pages free; (pages shared with the hypervisor, pins): {shared:?}",
         s.live_vms, s.vm_pages, s.pool_free, s.pool_pages
     );
     ok & check(
         "host-attack: every VM torn down after the storm",
         s.live_vms == 0 && s.vm_pages == 0,
+    ) & check(
+        "host-attack: every vCPU's run pages unshared at teardown, no pin left",
+        shared == Some((0, 0)),
     )
 }

@@ -320,6 +320,15 @@ pub mod probe {
     /// The hypervisor masks (x2 = 1) or unmasks the virtual-timer PPI of
     /// this CPU at EL2, through its own redistributor record.
     pub const VTIMER_MASK: u64 = 4;
+    /// The pin `HOST_RUN` takes on a run block's page: the page at PA x2
+    /// is pinned exactly as `HOST_RUN` pins one, the host's
+    /// `HOST_UNSHARE_HYP` of it is served meanwhile, and the pin dropped
+    /// (nothing left behind): x1 = 1 if the pin was taken, x2 = the
+    /// unshare's status (`NOT_SUPPORTED` when not pinned).
+    pub const PIN_UNSHARE: u64 = 5;
+    /// x1 = pages the host shares with the hypervisor now, x2 = the pins
+    /// the hypervisor holds on them.
+    pub const SHARED: u64 = 6;
 }
 
 /// The host's side of [`HYP_PROBE`]: x1, x2 of the answer, `None` when
@@ -357,6 +366,8 @@ fn probe_answer(h: &BootHyp, regs: &mut [u64; 8]) {
             crate::platform::gic::set_vtimer_masked(start::cpu_index(), arg == 1);
             Some((0, 0))
         }
+        probe::PIN_UNSHARE => Some(pin_unshare(h, start::cpu_index(), arg)),
+        probe::SHARED => Some(shared_pages(h)),
         _ => None,
     };
     match out {
@@ -662,7 +673,6 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
         f if f == u64::from(vcpurun::VCPU_LRS) => vcpurun::vcpu_lrs(h, cpu, regs),
         f if f == u64::from(HYP_INFO) => hyp_info_answer(h, regs),
         f if f == u64::from(HYP_PROBE) => probe_answer(h, regs),
-        f if f == u64::from(PIN_PROBE) => pin_probe(h, cpu, regs),
         f if f == u64::from(VCPU_LOADED) || f == u64::from(VCPU_S2_FLUSH) => {
             loaded_answer(h, cpu, regs)
         }
@@ -735,27 +745,29 @@ fn unpin_shared(pa: u64, len: u64) {
     debug_assert!(r.is_ok(), "hyp bug: unpin of {pa:#x}+{len:#x}: {r:?}");
 }
 
-/// host-attack's test path of the pin `HOST_RUN` takes (EL2): x1 = a
-/// page's physical address. Pins it as `HOST_RUN` pins a run block
-/// ([`pin_shared`]), serves the host's `HOST_UNSHARE_HYP` of it while
-/// pinned, and unpins. Answers x1 = 1 if the pin was taken, x2 = the
-/// unshare's status (`NOT_SUPPORTED` when not pinned). Leaves nothing
-/// behind: the pin is dropped before the answer.
-pub const PIN_PROBE: u32 = 0xc600_0056;
-
-fn pin_probe(h: &BootHyp, cpu: usize, regs: &mut [u64; 8]) {
-    let pa = regs[1] & !0xfff;
-    let pinned = pin_shared(pa, 4096);
-    let mut status = pkvm_arch::smccc::ret::NOT_SUPPORTED as u64;
-    if pinned {
-        let mut call = [0u64; 8];
-        call[0] = u64::from(pkvm_hyp::hvc::id::HOST_UNSHARE_HYP);
-        call[1] = pa >> 12;
-        h.handle_host_hvc(cpu, &mut call);
-        status = call[0];
-        unpin_shared(pa, 4096);
+/// [`probe::PIN_UNSHARE`] of the page at `pa` on CPU `cpu` (EL2).
+fn pin_unshare(h: &BootHyp, cpu: usize, pa: u64) -> (u64, u64) {
+    let pa = pa & !0xfff;
+    if !pin_shared(pa, 4096) {
+        return (0, pkvm_arch::smccc::ret::NOT_SUPPORTED as u64);
     }
-    *regs = [0, u64::from(pinned), status, 0, 0, 0, 0, 0];
+    let mut call = [0u64; 8];
+    call[0] = u64::from(pkvm_hyp::hvc::id::HOST_UNSHARE_HYP);
+    call[1] = pa >> 12;
+    h.handle_host_hvc(cpu, &mut call);
+    unpin_shared(pa, 4096);
+    (1, call[0])
+}
+
+/// [`probe::SHARED`] (EL2): pages shared with the hypervisor, pins held.
+fn shared_pages(h: &BootHyp) -> (u64, u64) {
+    let m = h.memmap();
+    (0..m.pages())
+        .map(|i| m.pa_of(i))
+        .fold((0, 0), |(n, pins), p| {
+            let shared = m.hyp_state(p) == pkvm_hyp::PageState::SharedBorrowed;
+            (n + u64::from(shared), pins + u64::from(m.hyp_pins(p)))
+        })
 }
 
 /// The stage-2 (`VTTBR`, `VTCR`) of the vCPU pkvm-hyp has loaded on CPU

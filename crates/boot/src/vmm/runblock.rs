@@ -301,8 +301,9 @@ pub fn host_run_phase(hyp: &'static BootHyp, ctx: &HostCtx, not: NotHost, victim
 
 /// The pin `HOST_RUN` takes on a block's page: with the host's `page`
 /// (shared with the hypervisor) pinned as a run pins it
-/// ([`super::platform::PIN_PROBE`]), the host's `HOST_UNSHARE_HYP` of it is
-/// refused (`BUSY`); a page not shared (`unshared`) cannot be pinned; and
+/// ([`super::platform::probe::PIN_UNSHARE`]), the host's
+/// `HOST_UNSHARE_HYP` of it is refused (`BUSY`); a page not shared
+/// (`unshared`) cannot be pinned; no pin is left after; and
 /// `HOST_DONATE_GUEST` of the shared block page to the victim is refused.
 fn pin_phase(
     hyp: &'static BootHyp,
@@ -310,10 +311,10 @@ fn pin_phase(
     (page, unshared): (Pa, Pa),
     victim: u64,
 ) -> bool {
-    use super::platform::PIN_PROBE;
+    use super::platform::{hyp_probe, probe, HYP_PROBE};
     let mut cmds = [
-        hvc(PIN_PROBE, &[page.0]),
-        hvc(PIN_PROBE, &[unshared.0]),
+        hvc(HYP_PROBE, &[probe::PIN_UNSHARE, page.0]),
+        hvc(HYP_PROBE, &[probe::PIN_UNSHARE, unshared.0]),
         hvc(id::VCPU_LOAD, &[victim, 0]),
         hvc(id::HOST_DONATE_GUEST, &[page.0 >> 12, UNMAPPED_PC >> 12]),
         hvc(id::VCPU_PUT, &[]),
@@ -325,7 +326,8 @@ fn pin_phase(
         );
     }
     let [pinned, not_shared, load, donate, _] = cmds.map(|c| c.regs);
-    let busy = pinned[1] == 1 && pinned[2] as i64 == ret::BUSY;
+    let busy = pinned[0] == 0 && pinned[1] == 1 && pinned[2] as i64 == ret::BUSY;
+    let no_pin = hyp_probe(probe::SHARED, 0).is_some_and(|(_, pins)| pins == 0);
     println!(
         "host-attack: HOST_UNSHARE_HYP of a run block's page while HOST_RUN has it pinned: {} (pinned {}, status {})",
         if busy { "refused" } else { "NOT refused as expected" },
@@ -342,6 +344,10 @@ fn pin_phase(
         & check(
             "host-attack: HOST_RUN: a page not shared with the hypervisor is not pinned",
             not_shared[0] == 0 && not_shared[1] == 0,
+        )
+        & check(
+            "host-attack: HOST_RUN: no pin left after the probes",
+            no_pin,
         )
         & check(
             "host-attack: HOST_RUN: a shared block page is not donated",
