@@ -14,6 +14,12 @@
 //! | NOPAGE        | NOPAGE          | one guest OWNED (donated)      |
 //! | SHARED_BORROWED | SHARED_OWNED  | - (the hypervisor's code the host runs: [`crate::HypConfig::host_rx`]) |
 //!
+//! A page the host shared with the hyp may be pinned by the hyp while it
+//! uses it ([`Hyp::hyp_pin_shared`], as pKVM's `hyp_pin_shared_mem`): a
+//! pin count in its metadata, non-zero only in that state; the host's
+//! unshare is refused while it is, and a shared page is never donated or
+//! shared with a guest, so a pinned page stays the host's and the hyp's.
+//!
 //! The host's stage-2 agrees: pages the host may access have either no
 //! entry (mapped lazily by [`Hyp::host_mem_abort`]) or a valid identity
 //! entry (read-only and executable for the hypervisor's code the host
