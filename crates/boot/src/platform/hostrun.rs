@@ -83,8 +83,12 @@ pub mod stage {
 }
 
 /// [`RunVm::flags`]: the VM has pointer authentication (its keys are
-/// switched). No other bit is defined.
+/// switched).
 pub const FLAG_PAUTH: u64 = 1;
+/// [`RunVm::flags`]: the vCPU was reset (PSCI `CPU_ON`, VM reset): for a
+/// protected vCPU the hypervisor takes the block's whole state once
+/// ([`super::pview`]); meaningless otherwise. No other bit is defined.
+pub const FLAG_RESET: u64 = 2;
 
 /// The VM's side of a run.
 #[repr(C)]
@@ -292,6 +296,9 @@ pub enum Refused {
     Sve = 10,
     /// The debug registers (counts, HMC, `on` not 0/1).
     Debug = 11,
+    /// A protected vCPU and no free slot for its registers
+    /// ([`super::pview`]).
+    Slots = 12,
 }
 
 /// What the hypervisor answers `HOST_RUN` with in protected mode
@@ -304,6 +311,10 @@ pub struct Protected {
     /// Whether the host owns every page of `[pa, pa + len)` now (its page
     /// state in pkvm-hyp: owned, or owned and shared).
     pub host_owns: fn(pa: u64, len: u64) -> bool,
+    /// The (VM handle, vCPU index) of the vCPU pkvm-hyp has loaded on a
+    /// CPU when its VM is protected: its registers stay in the
+    /// hypervisor ([`super::pview`]).
+    pub protected_vcpu: fn(cpu: usize) -> Option<super::pview::Key>,
 }
 
 /// The [`Protected`] answers (null: standard mode).
@@ -475,6 +486,10 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
         core::ptr::copy_nonoverlapping(pa as *const u8, &mut *b as *mut RunBlock as *mut u8, USED)
     };
     let (vm, mut sve) = check(&b, &caps, loaded)?;
+    let held = match protected().and_then(|p| (p.protected_vcpu)(cpu)) {
+        Some(key) => Some(super::pview::enter(key, &mut b)?),
+        None => None,
+    };
     let exit = run_checked(&mut b, &vm, sve.as_mut());
     b.exit = RunExit {
         kind: exit.kind,
@@ -486,6 +501,9 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     };
     if let Some(s) = sve {
         b.sve.zcr_el1 = s.zcr_el1;
+    }
+    if let Some(h) = held {
+        super::pview::leave(h, &mut b);
     }
     if !host_ram(pa, 4096) {
         return Err(Refused::Address);
@@ -509,7 +527,7 @@ fn check(
     check_traps(&b.vm.traps, caps, with_sve)?;
     let (vttbr, vtcr) = stage2(&b.vm, loaded)?;
     let pauth = b.vm.flags & FLAG_PAUTH != 0;
-    if b.vm.flags & !FLAG_PAUTH != 0 || (pauth && !caps.pauth) {
+    if b.vm.flags & !(FLAG_PAUTH | FLAG_RESET) != 0 || (pauth && !caps.pauth) {
         return Err(Refused::Feature);
     }
     let sve = match with_sve {

@@ -194,6 +194,10 @@ pub struct VcpuHw {
     /// A hyp-managed VM's (handle, VMID, stage-2 geometry), as the
     /// hypervisor answered [`super::platform::VCPU_LOADED`] once.
     hyp_vm: Option<(u16, u16, S2Geometry)>,
+    /// The vCPU was reset since its last run: the next `HOST_RUN` says so
+    /// ([`hostrun::FLAG_RESET`]; a protected vCPU's state is then taken
+    /// from the block whole, otherwise only the exit's results are).
+    reset_pending: bool,
 }
 
 impl VcpuHw {
@@ -212,6 +216,7 @@ impl VcpuHw {
             pmu: VirtPmu::new(0),
             sve: None,
             last_cpu: None,
+            reset_pending: false,
         }
     }
 
@@ -247,6 +252,7 @@ impl VcpuHw {
     /// registers), and a start at the boot PC gets the boot arguments x1..x3.
     pub fn on_reset(&mut self, ctx: &mut VcpuContext) {
         self.stats.resets += 1;
+        self.reset_pending = true;
         self.sysregs.reset();
         self.run.st.opt = OptRegs::default();
         self.run.st.gic = GicCpu::default();
@@ -551,13 +557,19 @@ impl<'a> HwBackend<'a> {
         // The fast paths' loop: an exit they complete issues `HOST_RUN`
         // again at once.
         let exit = loop {
-            if let Err((status, why)) = hostrun::call(&mut hw.run) {
+            if hw.reset_pending {
+                hw.run.vm.flags |= hostrun::FLAG_RESET;
+            }
+            let r = hostrun::call(&mut hw.run);
+            hw.run.vm.flags &= !hostrun::FLAG_RESET;
+            if let Err((status, why)) = r {
                 println!(
                     "vm {}: vCPU {index}: HOST_RUN refused: {status} (reason {why})",
                     hw.who.0
                 );
                 break REFUSED_EXIT;
             }
+            hw.reset_pending = false;
             let e = hw.run.exit.exit();
             let first = *entered.get_or_insert(e.slice.0);
             sve_loaded |= e.sve_loaded;
