@@ -36,6 +36,13 @@
 //! 5. copies the vCPU's state and the [`RunExit`] back into the host's
 //!    block.
 //!
+//! For a vCPU of a protected VM (pkvm-hyp's loaded vCPU, its VM created
+//! protected: [`Protected::protected_vcpu`]) the registers stay in the
+//! hypervisor ([`super::pview`]): before step 4 the block's state is
+//! replaced by the one the hypervisor kept, with only the host's
+//! emulation results merged in (a whole state only at a reset,
+//! [`FLAG_RESET`]); after it the block shows only what the exit needs.
+//!
 //! A refused block gets `INVALID_PARAMETER` in x0 and the [`Refused`]
 //! reason in x1, and nothing changes: neither the block nor any register.
 //!
