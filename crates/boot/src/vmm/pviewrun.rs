@@ -36,10 +36,12 @@ const MARK: u32 = 0xc600_0000;
 const SECRETS: [u64; 4] = [0x5ec1 << 48, 0x5ec2 << 48, 0x5ec3 << 48, 0x5ec4 << 48];
 const SECRET_X5: u64 = 0x5ec5 << 48;
 /// What the host writes between runs: x5, the PC (the guest's power-off
-/// call, skipping its stores) and `SCTLR_EL1.M` (its MMU on).
+/// call, skipping its stores) and `SCTLR_EL1` with UCI (EL0 cache
+/// maintenance allowed: harmless to the guest, visible in its stored
+/// value).
 const EVIL_X5: u64 = 0xbad0_0005;
 const EVIL_PC: u64 = GUEST_RAM + 4 * 14;
-const SCTLR_M: u64 = 1;
+const SCTLR_UCI: u64 = 1 << 26;
 /// Where `adr x9, .` is: the PC the guest stores.
 const PC_STORED: u64 = GUEST_RAM + 4 * 12;
 
@@ -106,8 +108,8 @@ struct PviewBackend {
     cpu: usize,
     reset: bool,
     last_call: bool,
-    /// Write [`EVIL_X5`], [`EVIL_PC`] and `SCTLR_EL1.M` into the next
-    /// block.
+    /// Write [`EVIL_X5`], [`EVIL_PC`] and `SCTLR_EL1` (its reset value
+    /// with [`SCTLR_UCI`]) into the next block.
     tamper: bool,
     reset_sctlr: u64,
     seen: Vec<Seen>,
@@ -149,7 +151,7 @@ impl PviewBackend {
         if core::mem::take(&mut self.tamper) {
             st.regs.x[5] = EVIL_X5;
             st.regs.pc = EVIL_PC;
-            st.sys.sctlr |= SCTLR_M;
+            st.sys.sctlr = self.reset_sctlr | SCTLR_UCI;
         }
     }
 
@@ -312,8 +314,9 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     let pcs_shown = be.seen.iter().filter(|s| s.pc != 0).count();
     let want = [SECRET_X5, be.reset_sctlr, PC_STORED];
     println!(
-        "pview: a protected vCPU run by HOST_RUN through pkvm-host's run loop: {} runs; blocks holding a secret of x10..x13/TPIDR_EL1: {secret_runs}; holding x5 outside its own store: {x5_elsewhere}; showing a PC: {pcs_shown}; after the host wrote x5 = {EVIL_X5:#x}, PC = {EVIL_PC:#x}, SCTLR_EL1.M: the guest stored x5, SCTLR_EL1, PC = {:x?} (want {want:x?}){}",
+        "pview: a protected vCPU run by HOST_RUN through pkvm-host's run loop: {} runs; blocks holding a secret of x10..x13/TPIDR_EL1: {secret_runs}; holding x5 outside its own store: {x5_elsewhere}; showing a PC: {pcs_shown}; after the host wrote x5 = {EVIL_X5:#x}, PC = {EVIL_PC:#x}, SCTLR_EL1 = {:#x}: the guest stored x5, SCTLR_EL1, PC = {:x?} (want {want:x?}){}",
         be.seen.len(),
+        be.reset_sctlr | SCTLR_UCI,
         o.stores,
         be.failed
             .as_deref()
