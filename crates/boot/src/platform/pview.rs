@@ -8,7 +8,7 @@
 //! the vCPU again or tears its VM down ([`after_host_call`]), so no VM
 //! inherits another's registers.
 //!
-//! What the host gets back in the run block ([`view`]): the exit's ESR,
+//! What the host gets back in the run block ([`hide`]): the exit's ESR,
 //! the fault's IPA in place of `FAR_EL2` (never the guest's VA) and
 //! `HPFAR_EL2`; for an MMIO store (data abort with a syndrome, WnR) the
 //! one register stored; for a trapped system-register write (EC 0x18) its
@@ -179,7 +179,7 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
         v.last = None;
     } else {
         let last = v.last.take();
-        let host = b.st;
+        let host = Input::of(&b.st);
         b.st = v.st;
         merge(&mut b.st, &host, last);
     }
@@ -187,7 +187,7 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
 }
 
 /// After the run: keeps the vCPU's state and the exit in its slot and
-/// leaves in `b` only the host's view of it ([`view`]).
+/// leaves in `b` only the host's view of it ([`hide`]).
 pub fn leave(h: Held, b: &mut RunBlock) {
     let exit = b.exit.exit();
     if let Some(slots) = slots() {
@@ -202,7 +202,7 @@ pub fn leave(h: Held, b: &mut RunBlock) {
             });
         }
     }
-    b.st = view(&b.st, &exit);
+    hide(&mut b.st, &exit);
     if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_IABT_LOW | EC_DABT_LOW) {
         b.exit.far = fault_ipa(exit.hpfar, exit.far).0;
     } else {
@@ -210,67 +210,100 @@ pub fn leave(h: Held, b: &mut RunBlock) {
     }
 }
 
-/// What the host sees of the vCPU `st` after `exit`.
-pub fn view(st: &VcpuState, exit: &Exit) -> VcpuState {
-    let mut v = VcpuState::new(0, [0; 4], 0);
-    v.sys = El1Sysregs::default();
-    v.vmpidr = 0;
-    v.gic = st.gic;
-    v.timer = st.timer;
-    v.debug = st.debug;
-    v.regs.ctr_el0 = st.regs.ctr_el0;
-    v.regs.ctr_reads = st.regs.ctr_reads;
+/// Turns the vCPU's state `st` after `exit` into what the host sees of
+/// it (in place: the hypervisor's buffer, copied to the host's block
+/// next): the GIC CPU interface, the timer, the debug slot and the
+/// `CTR_EL0` fast value and count stay; of the general registers only
+/// those the exit needs; everything else zero.
+pub fn hide(st: &mut VcpuState, exit: &Exit) {
+    let x = st.regs.x;
+    let r = &mut st.regs;
+    r.x = [0; 31];
+    r.pc = 0;
+    r.pstate = 0;
+    r.v = [0; 32];
+    r.fpsr = 0;
+    r.fpcr = 0;
+    st.sys = El1Sysregs::default();
+    st.pac = Default::default();
+    st.vmpidr = 0;
+    st.opt = Default::default();
     if exit.kind != EXIT_SYNC {
-        return v;
+        return;
     }
     let rt = ((exit.esr >> 16) & 0x1f) as usize;
     let sys_rt = ((exit.esr >> 5) & 0x1f) as usize;
+    let r = &mut st.regs;
     match exit.esr >> 26 {
-        EC_DABT_LOW if exit.esr & (ISV | WNR) == ISV | WNR && rt < 31 => {
-            v.regs.x[rt] = st.regs.x[rt]
-        }
+        EC_DABT_LOW if exit.esr & (ISV | WNR) == ISV | WNR && rt < 31 => r.x[rt] = x[rt],
         // ISS bit 0 (Direction) clear: a write, the host needs Rt's value.
-        EC_SYS64 if exit.esr & 1 == 0 && sys_rt < 31 => v.regs.x[sys_rt] = st.regs.x[sys_rt],
-        EC_HVC64 | EC_SMC64 => v.regs.x[..4].copy_from_slice(&st.regs.x[..4]),
+        EC_SYS64 if exit.esr & 1 == 0 && sys_rt < 31 => r.x[sys_rt] = x[sys_rt],
+        EC_HVC64 | EC_SMC64 => r.x[..4].copy_from_slice(&x[..4]),
         _ => {}
     }
-    v
+}
+
+/// What the next run may take from the host's edited view.
+struct Input {
+    gic: super::switch::GicCpu,
+    voff: u64,
+    debug: super::switch::DebugSlot,
+    ctr_el0: u64,
+    ctr_reads: u64,
+    x: [u64; 31],
+    pc: u64,
+    esr_el1: u64,
+}
+
+impl Input {
+    fn of(st: &VcpuState) -> Input {
+        Input {
+            gic: st.gic,
+            voff: st.timer.voff,
+            debug: st.debug,
+            ctr_el0: st.regs.ctr_el0,
+            ctr_reads: st.regs.ctr_reads,
+            x: st.regs.x,
+            pc: st.regs.pc,
+            esr_el1: st.sys.esr,
+        }
+    }
 }
 
 /// Merges into the vCPU's real state `st` what the host may set in its
 /// edited view `host` after the exit `last` it was shown.
-fn merge(st: &mut VcpuState, host: &VcpuState, last: Option<Last>) {
+fn merge(st: &mut VcpuState, host: &Input, last: Option<Last>) {
     st.gic = host.gic;
-    st.timer.voff = host.timer.voff;
+    st.timer.voff = host.voff;
     st.debug = host.debug;
-    st.regs.ctr_el0 = host.regs.ctr_el0;
-    st.regs.ctr_reads = host.regs.ctr_reads;
+    st.regs.ctr_el0 = host.ctr_el0;
+    st.regs.ctr_reads = host.ctr_reads;
     let Some(last) = last.filter(|l| l.kind == EXIT_SYNC) else {
         return;
     };
-    if host.sys.esr != 0 {
-        inject(st, host.sys.esr, &last);
+    if host.esr_el1 != 0 {
+        inject(st, host.esr_el1, &last);
         return;
     }
     let ec = last.esr >> 26;
     if matches!(ec, EC_HVC64 | EC_SMC64) {
-        st.regs.x[..4].copy_from_slice(&host.regs.x[..4]);
+        st.regs.x[..4].copy_from_slice(&host.x[..4]);
     }
     let steppable = match ec {
         EC_DABT_LOW => last.esr & ISV != 0,
         EC_SYS64 | EC_SMC64 | EC_WFX => true,
         _ => false,
     };
-    if !steppable || host.regs.pc != 4 {
+    if !steppable || host.pc != 4 {
         return;
     }
     let rt = ((last.esr >> 16) & 0x1f) as usize;
     let sys_rt = ((last.esr >> 5) & 0x1f) as usize;
     match ec {
         EC_DABT_LOW if last.esr & WNR == 0 && rt < 31 => {
-            st.regs.x[rt] = loaded(last.esr, host.regs.x[rt]);
+            st.regs.x[rt] = loaded(last.esr, host.x[rt]);
         }
-        EC_SYS64 if last.esr & 1 == 1 && sys_rt < 31 => st.regs.x[sys_rt] = host.regs.x[sys_rt],
+        EC_SYS64 if last.esr & 1 == 1 && sys_rt < 31 => st.regs.x[sys_rt] = host.x[sys_rt],
         _ => {}
     }
     st.regs.pc = st.regs.pc.wrapping_add(4);
