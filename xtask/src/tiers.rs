@@ -371,6 +371,8 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: the host took its own timer interrupt at EL1: INTID 30",
                 "the guest took INTID Ok(5); the list register back after its EOI 0x10a0000000000005",
                 "statuses Some([-3, -3, -3]), the list register after them 0x10a0000000000005",
+                "blocks holding a secret of x10..x13/TPIDR_EL1: 0; holding x5 outside its own store: 0; showing a PC: 0;",
+                "pview: after teardown HOST_RUN holds the registers of 0 protected vCPUs",
                 "(ALREADY_ON), SYSTEM_OFF = -1: refused",
                 "host-attack: the host runs at EL1 (CurrentEL = 0x4) with its own stage-1 in host memory",
                 "host-attack: load from the victim VM's donated page",

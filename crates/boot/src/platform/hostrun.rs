@@ -38,6 +38,13 @@
 //! 5. copies the vCPU's state and the [`RunExit`] back into the host's
 //!    block.
 //!
+//! For a vCPU of a protected VM (pkvm-hyp's loaded vCPU, its VM created
+//! protected: [`Protected::protected_vcpu`]) the registers stay in the
+//! hypervisor ([`super::pview`]): before step 4 the block's state is
+//! replaced by the one the hypervisor kept, with only the host's
+//! emulation results merged in (a whole state only at a reset,
+//! [`FLAG_RESET`]); after it the block shows only what the exit needs.
+//!
 //! A refused block gets `INVALID_PARAMETER` in x0 and the [`Refused`]
 //! reason in x1, and nothing changes: neither the block nor any register.
 //!
@@ -90,8 +97,12 @@ pub mod stage {
 }
 
 /// [`RunVm::flags`]: the VM has pointer authentication (its keys are
-/// switched). No other bit is defined.
+/// switched).
 pub const FLAG_PAUTH: u64 = 1;
+/// [`RunVm::flags`]: the vCPU was reset (PSCI `CPU_ON`, VM reset): for a
+/// protected vCPU the hypervisor takes the block's whole state once
+/// ([`super::pview`]); meaningless otherwise. No other bit is defined.
+pub const FLAG_RESET: u64 = 2;
 
 /// The VM's side of a run.
 #[repr(C)]
@@ -391,6 +402,9 @@ pub enum Refused {
     /// The coalesced-MMIO zone: longer than [`COALESCE_MAX_LEN`] or
     /// wrapping around; more than [`SHADOW_MAX`] load answers.
     Coalesce = 12,
+    /// A protected vCPU and no free slot for its registers
+    /// ([`super::pview`]).
+    Slots = 13,
 }
 
 /// What the hypervisor answers `HOST_RUN` with in protected mode
@@ -407,6 +421,10 @@ pub struct Protected {
     pub pin: fn(pa: u64, len: u64) -> bool,
     /// Drops a pin [`Protected::pin`] took.
     pub unpin: fn(pa: u64, len: u64),
+    /// The (VM handle, vCPU index) of the vCPU pkvm-hyp has loaded on a
+    /// CPU when its VM is protected: its registers stay in the
+    /// hypervisor ([`super::pview`]).
+    pub protected_vcpu: fn(cpu: usize) -> Option<super::pview::Key>,
 }
 
 /// Pages pinned for one run ([`Protected::pin`]), unpinned at drop;
@@ -615,6 +633,10 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     }
     b.coal.count = 0;
     b.coal.loads = 0;
+    let held = match protected().and_then(|p| (p.protected_vcpu)(cpu)) {
+        Some(key) => Some(super::pview::enter(key, &mut b)?),
+        None => None,
+    };
     let exit = run_checked(&mut b, &vm, sve.as_mut());
     b.exit = RunExit {
         kind: exit.kind,
@@ -626,6 +648,9 @@ fn host_run(cpu: usize, pa: u64) -> Result<(), Refused> {
     };
     if let Some(s) = sve {
         b.sve.zcr_el1 = s.zcr_el1;
+    }
+    if let Some(h) = held {
+        super::pview::leave(h, &mut b);
     }
     // Only the ring's entries the run wrote (`count <= COALESCE_RING`,
     // `coalesce` stops there).
@@ -661,7 +686,7 @@ fn check(
     check_traps(&b.vm.traps, caps, with_sve)?;
     let (vttbr, vtcr) = stage2(&b.vm, loaded)?;
     let pauth = b.vm.flags & FLAG_PAUTH != 0;
-    if b.vm.flags & !FLAG_PAUTH != 0 || (pauth && !caps.pauth) {
+    if b.vm.flags & !(FLAG_PAUTH | FLAG_RESET) != 0 || (pauth && !caps.pauth) {
         return Err(Refused::Feature);
     }
     let z = &b.coal;

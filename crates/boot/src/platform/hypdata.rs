@@ -67,6 +67,7 @@ fn statics() -> impl Iterator<Item = (&'static str, u64)> {
         .chain(super::gic::hyp_statics())
         .chain(super::console::hyp_statics())
         .chain(super::hostrun::hyp_statics())
+        .chain(super::pview::hyp_statics())
         .chain(super::el1boot::hyp_statics())
 }
 

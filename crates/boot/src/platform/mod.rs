@@ -39,6 +39,7 @@ pub mod hypmem;
 pub mod idregs;
 pub mod mmu;
 pub mod phys;
+pub mod pview;
 pub mod start;
 pub mod sve;
 pub mod switch;

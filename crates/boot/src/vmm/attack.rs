@@ -774,6 +774,7 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
     ok &= super::vcpurun::el1_run(&plat, process, &ctx);
     ok &= super::vcpuexits::el1_exits(&plat, process, &ctx);
     ok &= super::vcpuirq::el1_irq(&plat, process, &ctx);
+    ok &= super::pviewrun::pview_phase(&plat, process);
     let Some(vms) = victims(&plat, process) else {
         return false;
     };

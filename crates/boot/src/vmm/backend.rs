@@ -203,6 +203,10 @@ pub struct VcpuHw {
     /// The hypervisor the run block's and the SVE area's pages are shared
     /// with ([`VcpuHw::share_with_hyp`]; unshared at drop).
     shared: Option<SharedWith>,
+    /// The vCPU was reset since its last run: the next `HOST_RUN` says so
+    /// ([`hostrun::FLAG_RESET`]; a protected vCPU's state is then taken
+    /// from the block whole, otherwise only the exit's results are).
+    reset_pending: bool,
 }
 
 /// The hypervisor a vCPU's run pages are shared with.
@@ -231,6 +235,7 @@ impl VcpuHw {
             sve: None,
             last_cpu: None,
             shared: None,
+            reset_pending: false,
         }
     }
 
@@ -305,6 +310,7 @@ impl VcpuHw {
     /// registers), and a start at the boot PC gets the boot arguments x1..x3.
     pub fn on_reset(&mut self, ctx: &mut VcpuContext) {
         self.stats.resets += 1;
+        self.reset_pending = true;
         self.sysregs.reset();
         self.run.st.opt = OptRegs::default();
         self.run.st.gic = GicCpu::default();
@@ -352,7 +358,7 @@ impl Drop for VcpuHw {
 }
 
 /// `func` (`HOST_SHARE_HYP`/`HOST_UNSHARE_HYP`) of page `pfn`: the status.
-fn share_call(h: &'static BootHyp, func: u32, pfn: u64) -> i64 {
+pub(crate) fn share_call(h: &'static BootHyp, func: u32, pfn: u64) -> i64 {
     let mut regs = [u64::from(func), pfn, 0, 0, 0, 0, 0, 0];
     super::platform::hyp_call(Some(h), crate::platform::start::cpu_index(), &mut regs);
     regs[0] as i64
@@ -657,13 +663,19 @@ impl<'a> HwBackend<'a> {
         // again at once.
         let exit = loop {
             publish_coalesced(self.dev, &mut hw.run, index, !on);
-            if let Err((status, why)) = hostrun::call(&mut hw.run) {
+            if hw.reset_pending {
+                hw.run.vm.flags |= hostrun::FLAG_RESET;
+            }
+            let r = hostrun::call(&mut hw.run);
+            hw.run.vm.flags &= !hostrun::FLAG_RESET;
+            if let Err((status, why)) = r {
                 println!(
                     "vm {}: vCPU {index}: HOST_RUN refused: {status} (reason {why})",
                     hw.who.0
                 );
                 break REFUSED_EXIT;
             }
+            hw.reset_pending = false;
             let e = hw.run.exit.exit();
             let first = *entered.get_or_insert(e.slice.0);
             sve_loaded |= e.sve_loaded;

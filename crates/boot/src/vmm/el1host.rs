@@ -425,6 +425,11 @@ fn serve_sync(
                     [st.regs.x[1], st.regs.x[2]],
                     regs[0],
                 );
+                crate::platform::pview::after_host_call(
+                    st.regs.x[0],
+                    [st.regs.x[1], st.regs.x[2]],
+                    regs[0],
+                );
                 st.regs.x[..8].copy_from_slice(&regs);
                 out.hvcs += 1;
             }

@@ -60,6 +60,7 @@ pub mod platform;
 pub mod pmu;
 pub mod pool;
 pub mod process;
+pub mod pviewrun;
 pub mod resets;
 pub mod run;
 pub mod runblock;

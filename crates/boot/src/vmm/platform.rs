@@ -114,6 +114,7 @@ pub fn hyp_heap_bytes(ram: (u64, u64)) -> u64 {
     let bytes = pages * size_of::<PageMeta>() as u64
         + size_of::<BootHyp>() as u64
         + vcpurun::table_bytes()
+        + crate::platform::pview::bytes()
         + 3 * 4096;
     bytes.next_multiple_of(2 << 20)
 }
@@ -352,7 +353,10 @@ fn probe_answer(h: &BootHyp, regs: &mut [u64; 8]) {
             let w = p.is_valid() && p.prot(S2Features::default()).contains(S2Prot::W);
             Some((u64::from(p.is_valid()), u64::from(w)))
         }
-        probe::HELD => Some((vcpurun::held() as u64, 0)),
+        probe::HELD => Some((
+            vcpurun::held() as u64,
+            crate::platform::pview::held() as u64,
+        )),
         probe::READ if crate::platform::phys::in_ram(arg & !7, 8) => {
             Some((crate::platform::phys::read_u64(Pa(arg & !7)), 0))
         }
@@ -468,7 +472,7 @@ fn setup_hyp(
     };
     let hyp: &'static BootHyp = hypmem::place(Hyp::new(HwHyp, &cfg).map_err(HypInitError::Init)?)
         .ok_or(HypInitError::Init(HypError::NoMemory))?;
-    if !vcpurun::init() {
+    if !vcpurun::init() || !crate::platform::pview::init() {
         return Err(HypInitError::Init(HypError::NoMemory));
     }
     *HVC_TARGET.lock() = Some(hyp);
@@ -689,6 +693,7 @@ fn host_hvc(cpu: usize, regs: &mut [u64; 8]) {
             let args = [regs[1], regs[2]];
             h.handle_host_hvc(cpu, regs);
             vcpurun::after_host_call(func, args, regs[0]);
+            crate::platform::pview::after_host_call(func, args, regs[0]);
             let done = regs[0] as i64 == pkvm_hyp::hvc::ret::SUCCESS;
             if func == pkvm_hyp::hvc::id::FINALIZE as u64 && done {
                 hostrun::set_protected(&PROTECTED);
@@ -719,7 +724,16 @@ static PROTECTED: hostrun::Protected = hostrun::Protected {
     loaded: loaded_stage2,
     pin: pin_shared,
     unpin: unpin_shared,
+    protected_vcpu,
 };
+
+/// The vCPU pkvm-hyp has loaded on CPU `cpu`, if its VM is protected:
+/// `HOST_RUN` keeps its registers ([`crate::platform::pview`]).
+fn protected_vcpu(cpu: usize) -> Option<crate::platform::pview::Key> {
+    let h = (*HVC_TARGET.lock())?;
+    let c = h.loaded_vcpu_context(cpu)?;
+    c.protected.then_some((c.handle, c.vcpu))
+}
 
 /// The pages `[pa, pa + len)` touches: first page and count.
 fn page_span(pa: u64, len: u64) -> Option<(Pa, u64)> {

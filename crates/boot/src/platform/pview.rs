@@ -1,0 +1,362 @@
+//! `HOST_RUN` for a vCPU of a protected VM: the hypervisor keeps its
+//! registers and shows the host only what the exit needs (pKVM's hyp
+//! vCPU; [`super::hostrun`] calls [`enter`] and [`leave`] around the run).
+//!
+//! The state of each protected vCPU the host runs lives in a slot in the
+//! hypervisor's own memory ([`super::hypmem`]), keyed by (VM handle, vCPU
+//! index), created at its first run and dropped when pkvm-hyp initialises
+//! the vCPU again or tears its VM down ([`after_host_call`]), so no VM
+//! inherits another's registers.
+//!
+//! What the host gets back in the run block ([`hide`]): the exit's ESR,
+//! the fault's IPA in place of `FAR_EL2` (never the guest's VA) and
+//! `HPFAR_EL2`; for an MMIO store (data abort with a syndrome, WnR) the
+//! one register stored; for a trapped system-register write (EC 0x18) its
+//! Rt; for an HVC/SMC x0..x3 (PSCI and report arguments); the virtual
+//! timer and the GIC CPU interface (the host's vGIC and timer emulation
+//! own those, as pKVM shares them); its own inputs (`CTR_EL0`'s fast
+//! value, the debug slot it computed); zeros everywhere else, the PC
+//! included.
+//!
+//! What the next run takes from the host ([`merge`]): the GIC CPU
+//! interface (validated by `hostrun::check`), `CNTVOFF`, the debug slot,
+//! `CTR_EL0`'s fast value; and, for the exit it was shown, the emulation's
+//! results: a PC of 4 (the shown 0 stepped once, as the host's emulation
+//! does) steps the guest's PC past an MMIO access, system-register access,
+//! SMC or WFI/WFE, and then an MMIO load's or system-register read's Rt
+//! takes the host's value; an HVC/SMC's x0..x3 take the host's x0..x3; an
+//! `ESR_EL1` the host set (its exception injection on the shown state) is
+//! a request: an UNDEF (EC 0) or, after a stage-2 abort, a synchronous
+//! external abort at the faulting address the hypervisor kept, both
+//! injected by the hypervisor into the real state. Everything else the
+//! host writes is ignored. A whole state is taken from the host only at a
+//! reset: a vCPU's first run, or a run with [`super::hostrun::FLAG_RESET`]
+//! (the host's PSCI `CPU_ON` or VM reset; pKVM too takes a protected
+//! vCPU's initial state from the host), which replaces everything.
+
+use pkvm_arch::esr::fault_ipa;
+use pkvm_sync::{LockClass, SpinLock};
+use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State};
+
+use super::hostrun::{Refused, RunBlock, FLAG_RESET};
+use super::hypmem;
+use super::switch::{El1Sysregs, Exit, VcpuState, EXIT_SYNC};
+
+/// Protected vCPUs whose registers `HOST_RUN` holds at once.
+pub const SLOTS: usize = 32;
+
+/// (VM handle, vCPU index).
+pub type Key = (u16, u8);
+
+const EC_WFX: u64 = 0x01;
+const EC_HVC64: u64 = 0x16;
+const EC_SMC64: u64 = 0x17;
+const EC_SYS64: u64 = 0x18;
+const EC_IABT_LOW: u64 = 0x20;
+const EC_DABT_LOW: u64 = 0x24;
+/// `ESR_EL2.ISS` of a data abort: a valid syndrome, write.
+const ISV: u64 = 1 << 24;
+const WNR: u64 = 1 << 6;
+/// `PSTATE.SS` (software step), cleared with a PC step.
+const PSTATE_SS: u64 = 1 << 21;
+
+/// The exit the host was last shown and may complete.
+#[derive(Clone, Copy, Debug)]
+struct Last {
+    kind: u64,
+    esr: u64,
+    far: u64,
+}
+
+/// A protected vCPU as `HOST_RUN` holds it.
+#[derive(Debug)]
+pub struct PVcpu {
+    st: VcpuState,
+    last: Option<Last>,
+}
+
+/// The slots' owners (index = slot).
+#[link_section = ".data.hyp.pview_keys"]
+static KEYS: SpinLock<[Option<Key>; SLOTS]> = SpinLock::new([None; SLOTS], LockClass::Leaf);
+/// The slots, in the hypervisor's own memory once [`init`] placed them.
+#[link_section = ".data.hyp.pview_slots"]
+static VCPUS: SpinLock<Option<&'static [SpinLock<PVcpu>]>> = SpinLock::new(None, LockClass::Leaf);
+
+/// The hypervisor's statics here, for [`super::hypdata::audit`].
+pub(super) fn hyp_statics() -> [(&'static str, u64); 2] {
+    [
+        ("pview::KEYS", core::ptr::from_ref(&KEYS) as u64),
+        ("pview::VCPUS", core::ptr::from_ref(&VCPUS) as u64),
+    ]
+}
+
+/// Places the slots in the hypervisor's own memory (`init_hyp`, before
+/// `FINALIZE`); `false` if there is no room.
+pub fn init() -> bool {
+    let mut v = VCPUS.lock();
+    if v.is_none() {
+        *v = hypmem::place_slice(SLOTS, || {
+            SpinLock::new(
+                PVcpu {
+                    st: VcpuState::new(0, [0; 4], 0),
+                    last: None,
+                },
+                LockClass::Leaf,
+            )
+        });
+    }
+    v.is_some()
+}
+
+/// Bytes [`init`] takes from the hypervisor's own memory.
+pub const fn bytes() -> u64 {
+    (SLOTS * size_of::<SpinLock<PVcpu>>()) as u64
+}
+
+fn slots() -> Option<&'static [SpinLock<PVcpu>]> {
+    *VCPUS.lock()
+}
+
+/// Protected vCPUs whose registers `HOST_RUN` holds now.
+pub fn held() -> usize {
+    KEYS.lock().iter().filter(|k| k.is_some()).count()
+}
+
+/// After pkvm-hyp answered host call `func` (arguments `args`) with
+/// `status`: a vCPU initialised again, or the vCPUs of a VM being torn
+/// down, lose their slot (its registers are wiped when it is next taken).
+pub fn after_host_call(func: u64, args: [u64; 2], status: u64) {
+    use pkvm_hyp::hvc::{id, ret};
+    if status as i64 != ret::SUCCESS {
+        return;
+    }
+    let gone: &dyn Fn(&Key) -> bool = match func as u32 {
+        id::INIT_VCPU => &|k| u64::from(k.0) == args[0] && u64::from(k.1) == args[1],
+        id::START_TEARDOWN => &|k| u64::from(k.0) == args[0],
+        _ => return,
+    };
+    for k in KEYS.lock().iter_mut() {
+        if k.as_ref().is_some_and(gone) {
+            *k = None;
+        }
+    }
+}
+
+/// A slot taken for one run.
+#[derive(Debug)]
+pub struct Held {
+    key: Key,
+    slot: usize,
+}
+
+/// Before the run of the protected vCPU `key` (the one pkvm-hyp has
+/// loaded on this CPU) with the host's checked block `b` (in the
+/// hypervisor's buffer): replaces `b.st` with the vCPU's real state, the
+/// host's allowed inputs merged in ([`merge`]), or at a reset takes the
+/// host's state whole. Refused (nothing changed) when no slot is free.
+///
+/// # Errors
+/// [`Refused::Slots`]: every slot is held by another vCPU.
+pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
+    let slots = slots().ok_or(Refused::Slots)?;
+    let (slot, fresh) = {
+        let mut keys = KEYS.lock();
+        match keys.iter().position(|k| *k == Some(key)) {
+            Some(i) => (i, false),
+            None => {
+                let i = keys
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(Refused::Slots)?;
+                keys[i] = Some(key);
+                (i, true)
+            }
+        }
+    };
+    let mut v = slots[slot].lock();
+    if fresh || b.vm.flags & FLAG_RESET != 0 {
+        // The host's state, whole: a first run or a reset.
+        v.last = None;
+    } else {
+        let last = v.last.take();
+        let host = Input::of(&b.st);
+        b.st = v.st;
+        merge(&mut b.st, &host, last);
+    }
+    Ok(Held { key, slot })
+}
+
+/// After the run: keeps the vCPU's state and the exit in its slot and
+/// leaves in `b` only the host's view of it ([`hide`]).
+pub fn leave(h: Held, b: &mut RunBlock) {
+    let exit = b.exit.exit();
+    if let Some(slots) = slots() {
+        // Dropped meanwhile (a teardown on another CPU): nothing to keep.
+        if KEYS.lock()[h.slot] == Some(h.key) {
+            let mut v = slots[h.slot].lock();
+            v.st = b.st;
+            v.last = Some(Last {
+                kind: exit.kind,
+                esr: exit.esr,
+                far: exit.far,
+            });
+        }
+    }
+    hide(&mut b.st, &exit);
+    if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_IABT_LOW | EC_DABT_LOW) {
+        b.exit.far = fault_ipa(exit.hpfar, exit.far).0;
+    } else {
+        b.exit.far = 0;
+    }
+}
+
+/// Turns the vCPU's state `st` after `exit` into what the host sees of
+/// it (in place: the hypervisor's buffer, copied to the host's block
+/// next): the GIC CPU interface, the timer, the debug slot and the
+/// `CTR_EL0` fast value and count stay; of the general registers only
+/// those the exit needs; everything else zero.
+pub fn hide(st: &mut VcpuState, exit: &Exit) {
+    let x = st.regs.x;
+    let r = &mut st.regs;
+    r.x = [0; 31];
+    r.pc = 0;
+    r.pstate = 0;
+    r.v = [0; 32];
+    r.fpsr = 0;
+    r.fpcr = 0;
+    st.sys = El1Sysregs::default();
+    st.pac = Default::default();
+    st.vmpidr = 0;
+    st.opt = Default::default();
+    if exit.kind != EXIT_SYNC {
+        return;
+    }
+    let rt = ((exit.esr >> 16) & 0x1f) as usize;
+    let sys_rt = ((exit.esr >> 5) & 0x1f) as usize;
+    let r = &mut st.regs;
+    match exit.esr >> 26 {
+        EC_DABT_LOW if exit.esr & (ISV | WNR) == ISV | WNR && rt < 31 => r.x[rt] = x[rt],
+        // ISS bit 0 (Direction) clear: a write, the host needs Rt's value.
+        EC_SYS64 if exit.esr & 1 == 0 && sys_rt < 31 => r.x[sys_rt] = x[sys_rt],
+        EC_HVC64 | EC_SMC64 => r.x[..4].copy_from_slice(&x[..4]),
+        _ => {}
+    }
+}
+
+/// What the next run may take from the host's edited view.
+struct Input {
+    gic: super::switch::GicCpu,
+    voff: u64,
+    debug: super::switch::DebugSlot,
+    ctr_el0: u64,
+    ctr_reads: u64,
+    x: [u64; 31],
+    pc: u64,
+    esr_el1: u64,
+}
+
+impl Input {
+    fn of(st: &VcpuState) -> Input {
+        Input {
+            gic: st.gic,
+            voff: st.timer.voff,
+            debug: st.debug,
+            ctr_el0: st.regs.ctr_el0,
+            ctr_reads: st.regs.ctr_reads,
+            x: st.regs.x,
+            pc: st.regs.pc,
+            esr_el1: st.sys.esr,
+        }
+    }
+}
+
+/// Merges into the vCPU's real state `st` what the host may set in its
+/// edited view `host` after the exit `last` it was shown.
+fn merge(st: &mut VcpuState, host: &Input, last: Option<Last>) {
+    st.gic = host.gic;
+    st.timer.voff = host.voff;
+    st.debug = host.debug;
+    st.regs.ctr_el0 = host.ctr_el0;
+    st.regs.ctr_reads = host.ctr_reads;
+    let Some(last) = last.filter(|l| l.kind == EXIT_SYNC) else {
+        return;
+    };
+    if host.esr_el1 != 0 {
+        inject(st, host.esr_el1, &last);
+        return;
+    }
+    let ec = last.esr >> 26;
+    if matches!(ec, EC_HVC64 | EC_SMC64) {
+        st.regs.x[..4].copy_from_slice(&host.x[..4]);
+    }
+    let steppable = match ec {
+        EC_DABT_LOW => last.esr & ISV != 0,
+        EC_SYS64 | EC_SMC64 | EC_WFX => true,
+        _ => false,
+    };
+    if !steppable || host.pc != 4 {
+        return;
+    }
+    let rt = ((last.esr >> 16) & 0x1f) as usize;
+    let sys_rt = ((last.esr >> 5) & 0x1f) as usize;
+    match ec {
+        EC_DABT_LOW if last.esr & WNR == 0 && rt < 31 => {
+            st.regs.x[rt] = loaded(last.esr, host.x[rt]);
+        }
+        EC_SYS64 if last.esr & 1 == 1 && sys_rt < 31 => st.regs.x[sys_rt] = host.x[sys_rt],
+        _ => {}
+    }
+    st.regs.pc = st.regs.pc.wrapping_add(4);
+    st.regs.pstate &= !PSTATE_SS;
+}
+
+/// The value an MMIO load with syndrome `esr` leaves in its register:
+/// sized by SAS, sign-extended by SSE, cut to 32 bits unless SF.
+fn loaded(esr: u64, value: u64) -> u64 {
+    let bits = 8u32 << ((esr >> 22) & 3);
+    let mut v = if bits == 64 {
+        value
+    } else {
+        value & ((1u64 << bits) - 1)
+    };
+    if esr & (1 << 21) != 0 && bits < 64 && (v >> (bits - 1)) & 1 == 1 {
+        v |= !0u64 << bits;
+    }
+    if esr & (1 << 15) == 0 {
+        v &= 0xffff_ffff;
+    }
+    v
+}
+
+/// The host's injection request (`ESR_EL1` it set on the view): an UNDEF
+/// (EC 0), or after a stage-2 abort an external abort (an abort class);
+/// anything else is ignored. Done on the real state by the hypervisor.
+fn inject(st: &mut VcpuState, host_esr: u64, last: &Last) {
+    let mut s = El1State {
+        pc: st.regs.pc,
+        pstate: st.regs.pstate,
+        spsr_el1: st.sys.spsr,
+        elr_el1: st.sys.elr,
+        esr_el1: st.sys.esr,
+        vbar_el1: st.sys.vbar,
+        sctlr_el1: st.sys.sctlr,
+    };
+    let abort_exit = matches!(last.esr >> 26, EC_IABT_LOW | EC_DABT_LOW);
+    match host_esr >> 26 {
+        0 => inject_undef(&mut s),
+        0x20 | 0x21 | 0x24 | 0x25 if abort_exit => {
+            let mut syn = host_abort_esr(last.esr);
+            if st.regs.pstate & 0xf == 0 {
+                syn &= !(1 << 26);
+            }
+            inject_sync(&mut s, syn);
+            st.sys.far = last.far;
+        }
+        _ => return,
+    }
+    st.regs.pc = s.pc;
+    st.regs.pstate = s.pstate;
+    st.sys.spsr = s.spsr_el1;
+    st.sys.elr = s.elr_el1;
+    st.sys.esr = s.esr_el1;
+}
