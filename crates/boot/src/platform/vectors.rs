@@ -44,6 +44,47 @@ global_asm!(
     mov     x0, #\kind
     b       __guest_exit
 .endm
+// Store / load the registers x2..x17 at [sp, #16..#144) (x0, x1 at [sp]
+// already): the common part of every EL2 frame below.
+.macro SAVE_X2_X17
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+.endm
+.macro LOAD_X2_X17
+    ldp     x16, x17, [sp, #128]
+    ldp     x14, x15, [sp, #112]
+    ldp     x12, x13, [sp, #96]
+    ldp     x10, x11, [sp, #80]
+    ldp     x8, x9, [sp, #64]
+    ldp     x6, x7, [sp, #48]
+    ldp     x4, x5, [sp, #32]
+    ldp     x2, x3, [sp, #16]
+.endm
+// x18..x30 at [sp, #144..#248) (a full frame of x0..x30).
+.macro SAVE_X18_X30
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    str     x30, [sp, #240]
+.endm
+.macro LOAD_X18_X30
+    ldr     x30, [sp, #240]
+    ldp     x28, x29, [sp, #224]
+    ldp     x26, x27, [sp, #208]
+    ldp     x24, x25, [sp, #192]
+    ldp     x22, x23, [sp, #176]
+    ldp     x20, x21, [sp, #160]
+    ldp     x18, x19, [sp, #144]
+.endm
 
 .section .text.vectors, "ax"
 .balign 2048
@@ -158,21 +199,8 @@ pkvm_el2_lower_not_hvc:
 1:  ldp     x0, x1, [sp], #16
     sub     sp, sp, #{frame}
     stp     x0, x1, [sp, #0]
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
-    str     x30, [sp, #240]
+    SAVE_X2_X17
+    SAVE_X18_X30
     mrs     x0, elr_el2
     mrs     x1, spsr_el2
     stp     x0, x1, [sp, #248]
@@ -181,21 +209,8 @@ pkvm_el2_lower_not_hvc:
     ldp     x0, x1, [sp, #248]
     msr     elr_el2, x0
     msr     spsr_el2, x1
-    ldr     x30, [sp, #240]
-    ldp     x28, x29, [sp, #224]
-    ldp     x26, x27, [sp, #208]
-    ldp     x24, x25, [sp, #192]
-    ldp     x22, x23, [sp, #176]
-    ldp     x20, x21, [sp, #160]
-    ldp     x18, x19, [sp, #144]
-    ldp     x16, x17, [sp, #128]
-    ldp     x14, x15, [sp, #112]
-    ldp     x12, x13, [sp, #96]
-    ldp     x10, x11, [sp, #80]
-    ldp     x8, x9, [sp, #64]
-    ldp     x6, x7, [sp, #48]
-    ldp     x4, x5, [sp, #32]
-    ldp     x2, x3, [sp, #16]
+    LOAD_X18_X30
+    LOAD_X2_X17
     ldp     x0, x1, [sp, #0]
     add     sp, sp, #{frame}
     eret
@@ -204,14 +219,7 @@ pkvm_el2_lower_not_hvc:
 // ELR_EL2 and SPSR_EL2 preserved; the frame's first 64 bytes are the
 // `[u64; 8]` the handler works on. x0, x1 are already at [sp].
 pkvm_el2_hvc_entry:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
+    SAVE_X2_X17
     stp     x18, x29, [sp, #144]
     mrs     x0, elr_el2
     mrs     x1, spsr_el2
@@ -224,34 +232,14 @@ pkvm_el2_hvc_entry:
     msr     spsr_el2, x1
     ldr     x30, [sp, #176]
     ldp     x18, x29, [sp, #144]
-    ldp     x16, x17, [sp, #128]
-    ldp     x14, x15, [sp, #112]
-    ldp     x12, x13, [sp, #96]
-    ldp     x10, x11, [sp, #80]
-    ldp     x8, x9, [sp, #64]
-    ldp     x6, x7, [sp, #48]
-    ldp     x4, x5, [sp, #32]
-    ldp     x2, x3, [sp, #16]
+    LOAD_X2_X17
     ldp     x0, x1, [sp, #0]
     add     sp, sp, #{frame}
     eret
 
 pkvm_el2_self_exception:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
-    str     x30, [sp, #240]
+    SAVE_X2_X17
+    SAVE_X18_X30
     mov     x1, x0
     mov     x0, sp
     bl      pkvm_el2_exception
