@@ -572,6 +572,30 @@ pub struct VcpuState {
 }
 
 impl VcpuState {
+    /// The guest's EL1 exception state, as pkvm-sysreg's injections
+    /// (`inject_undef`, `inject_sync`) take it.
+    pub fn el1_state(&self) -> pkvm_sysreg::El1State {
+        pkvm_sysreg::El1State {
+            pc: self.regs.pc,
+            pstate: self.regs.pstate,
+            spsr_el1: self.sys.spsr,
+            elr_el1: self.sys.elr,
+            esr_el1: self.sys.esr,
+            vbar_el1: self.sys.vbar,
+            sctlr_el1: self.sys.sctlr,
+        }
+    }
+
+    /// Writes back what an injection changed ([`VcpuState::el1_state`]'s
+    /// PC, PSTATE, `SPSR_EL1`, `ELR_EL1`, `ESR_EL1`).
+    pub fn set_el1_state(&mut self, s: &pkvm_sysreg::El1State) {
+        self.regs.pc = s.pc;
+        self.regs.pstate = s.pstate;
+        self.sys.spsr = s.spsr_el1;
+        self.sys.elr = s.elr_el1;
+        self.sys.esr = s.esr_el1;
+    }
+
     /// A vCPU at reset: EL1h, interrupts masked, MMU off, entering at `pc`
     /// with `x0..x3 = args`; `mpidr_aff` is its affinity.
     pub fn new(pc: u64, args: [u64; 4], mpidr_aff: u64) -> Self {

@@ -54,7 +54,7 @@ use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext};
 use pkvm_pgtable::{PageTable, Stage2};
 use pkvm_sync::SpinGuard;
 use pkvm_sysreg::pmu::GuestEl;
-use pkvm_sysreg::{guest_debug, handle_pmu_trap, inject_undef, El1State, Offer, Outcome};
+use pkvm_sysreg::{guest_debug, handle_pmu_trap, inject_undef, Offer, Outcome};
 use pkvm_sysreg::{VcpuSysregs, VirtPmu, PMU_PPI};
 
 use pkvm_host::psci::PsciVm;
@@ -902,25 +902,14 @@ impl<'a> HwBackend<'a> {
     fn inject_dabt(&mut self, far: u64) {
         self.hw.stats.gic_aborts += 1;
         let from_el0 = self.hw.run.st.regs.pstate & pstate::MODE_MASK == pstate::MODE_EL0T;
-        let hw = &mut *self.hw;
-        let (r, s) = (&mut hw.run.st.regs, &mut hw.run.st.sys);
-        let mut el1 = El1State {
-            pc: r.pc,
-            pstate: r.pstate,
-            spsr_el1: s.spsr,
-            elr_el1: s.elr,
-            esr_el1: s.esr,
-            vbar_el1: s.vbar,
-            sctlr_el1: s.sctlr,
-        };
+        let st = &mut self.hw.run.st;
+        let mut el1 = st.el1_state();
         inject_undef(&mut el1);
         let class = if from_el0 { ec::DABT_LOW } else { ec::DABT_CUR };
-        r.pc = el1.pc;
-        r.pstate = el1.pstate;
-        s.spsr = el1.spsr_el1;
-        s.elr = el1.elr_el1;
-        s.esr = ((class as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
-        s.far = far;
+        el1.esr_el1 =
+            ((class as u64) << 26) | (1 << 25) | FaultStatus::ExternalAbort.encode() as u64;
+        st.set_el1_state(&el1);
+        st.sys.far = far;
     }
 
     /// A set/way instruction's answer (pkvm-sysreg's `set_way`, KVM's
@@ -940,31 +929,18 @@ impl<'a> HwBackend<'a> {
     /// and logs it, rate-limited ([`sysregs::undef_logged`]).
     fn undef(&mut self, why: UndefCause) {
         let hw = &mut *self.hw;
-        let (r, s) = (&mut hw.run.st.regs, &mut hw.run.st.sys);
         hw.stats.undefs += 1;
         let n = hw.stats.undefs;
         if sysregs::undef_logged(n) {
             let (name, index) = hw.who;
             println!(
                 "vm {name}: vCPU {index}: UNDEF injected for {why} at PC {:#x} ({n} so far)",
-                r.pc
+                hw.run.st.regs.pc
             );
         }
-        let mut el1 = El1State {
-            pc: r.pc,
-            pstate: r.pstate,
-            spsr_el1: s.spsr,
-            elr_el1: s.elr,
-            esr_el1: s.esr,
-            vbar_el1: s.vbar,
-            sctlr_el1: s.sctlr,
-        };
+        let mut el1 = hw.run.st.el1_state();
         inject_undef(&mut el1);
-        r.pc = el1.pc;
-        r.pstate = el1.pstate;
-        s.spsr = el1.spsr_el1;
-        s.elr = el1.elr_el1;
-        s.esr = el1.esr_el1;
+        hw.run.st.set_el1_state(&el1);
     }
 }
 

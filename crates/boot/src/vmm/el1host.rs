@@ -30,7 +30,7 @@ use pkvm_arch::vtcr::{vtcr, vttbr, VtcrOptions};
 use pkvm_arch::{Pa, Va};
 use pkvm_hyp::{HostAccess, HypError};
 use pkvm_pgtable::{El2, MapFlags, PageCache, PageTable};
-use pkvm_sysreg::{host_abort_esr, inject_sync, El1State};
+use pkvm_sysreg::{host_abort_esr, inject_sync};
 
 use super::platform::{BootHyp, NULL_HVC_CALLS};
 use super::pool;
@@ -505,21 +505,9 @@ pub fn host_psci(func: u32, a1: u64, a2: u64, a3: u64) -> i64 {
 /// (`ELR_EL1`/`SPSR_EL1` from the interrupted PC and PSTATE, the vector
 /// of the host's EL and SP, D, A, I, F masked).
 pub fn inject_abort(st: &mut VcpuState, esr: u64, far: u64) {
-    let mut s = El1State {
-        pc: st.regs.pc,
-        pstate: st.regs.pstate,
-        spsr_el1: st.sys.spsr,
-        elr_el1: st.sys.elr,
-        esr_el1: st.sys.esr,
-        vbar_el1: st.sys.vbar,
-        sctlr_el1: st.sys.sctlr,
-    };
+    let mut s = st.el1_state();
     inject_sync(&mut s, host_abort_esr(esr));
-    st.regs.pc = s.pc;
-    st.regs.pstate = s.pstate;
-    st.sys.spsr = s.spsr_el1;
-    st.sys.elr = s.elr_el1;
-    st.sys.esr = s.esr_el1;
+    st.set_el1_state(&s);
     st.sys.far = far;
 }
 

@@ -46,7 +46,7 @@ use pkvm_hyp::hvc::{id, ret};
 use pkvm_sync::{LockClass, SpinLock};
 
 use pkvm_arch::esr::Esr;
-use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State, HostFeature, VcpuSysregs};
+use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, HostFeature, VcpuSysregs};
 
 use super::a64::{adr, ldr_x, movk, movz, str_x, HVC0};
 use super::el1host::{host_vm_regs, HostCtx};
@@ -437,32 +437,11 @@ fn sysreg(st: &mut VcpuState, g: &Guest, esr: u64) {
     }
 }
 
-/// The guest's EL1 exception state, as pkvm-sysreg's injections take it.
-fn el1_state(st: &VcpuState) -> El1State {
-    El1State {
-        pc: st.regs.pc,
-        pstate: st.regs.pstate,
-        spsr_el1: st.sys.spsr,
-        elr_el1: st.sys.elr,
-        esr_el1: st.sys.esr,
-        vbar_el1: st.sys.vbar,
-        sctlr_el1: st.sys.sctlr,
-    }
-}
-
-fn set_el1_state(st: &mut VcpuState, s: &El1State) {
-    st.regs.pc = s.pc;
-    st.regs.pstate = s.pstate;
-    st.sys.spsr = s.spsr_el1;
-    st.sys.elr = s.elr_el1;
-    st.sys.esr = s.esr_el1;
-}
-
 /// The guest takes an UNDEF at its PC (pkvm-sysreg's [`inject_undef`]).
 fn inject_undef_into(st: &mut VcpuState) {
-    let mut s = el1_state(st);
+    let mut s = st.el1_state();
     inject_undef(&mut s);
-    set_el1_state(st, &s);
+    st.set_el1_state(&s);
 }
 
 /// The guest takes a synchronous external abort for its stage-2 fault
@@ -475,9 +454,9 @@ fn inject_abort_into(st: &mut VcpuState, esr: u64, far: u64) {
     if from_el0 {
         syn &= !(1 << 26);
     }
-    let mut s = el1_state(st);
+    let mut s = st.el1_state();
     inject_sync(&mut s, syn);
-    set_el1_state(st, &s);
+    st.set_el1_state(&s);
     st.sys.far = far;
 }
 
