@@ -40,7 +40,7 @@ use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State};
 
 use super::hostrun::{Refused, RunBlock, FLAG_RESET};
 use super::hypmem;
-use super::switch::{El1Sysregs, Exit, VcpuState, EXIT_SYNC};
+use super::switch::{El1Sysregs, Exit, VcpuState, EXIT_SYNC, PSTATE_EL1H_MASKED, SCTLR_EL1_RESET};
 
 /// Protected vCPUs whose registers `HOST_RUN` holds at once.
 pub const SLOTS: usize = 32;
@@ -68,11 +68,25 @@ struct Last {
     far: u64,
 }
 
+/// Where the guest lets a vCPU (re)start: a PC, x0..x3 and `SCTLR_EL1`
+/// (only its reset value and the endianness bit differ between starts).
+#[derive(Clone, Copy, Debug, Default)]
+struct Start {
+    pc: u64,
+    x: [u64; 4],
+    sctlr: u64,
+}
+
 /// A protected vCPU as `HOST_RUN` holds it.
 #[derive(Debug)]
 pub struct PVcpu {
     st: VcpuState,
     last: Option<Last>,
+    /// Its first run's start (the VM's `SYSTEM_RESET` goes back to it).
+    init: Start,
+    /// A start the guest asked for (a sibling's `CPU_ON` naming this vCPU,
+    /// or a `SYSTEM_RESET` of its VM): the only reset the host may run.
+    pending: Option<Start>,
 }
 
 /// The slots' owners (index = slot).
@@ -100,6 +114,8 @@ pub fn init() -> bool {
                 PVcpu {
                     st: VcpuState::new(0, [0; 4], 0),
                     last: None,
+                    init: Start::default(),
+                    pending: None,
                 },
                 LockClass::Leaf,
             )
@@ -156,7 +172,9 @@ pub struct Held {
 /// host's state whole. Refused (nothing changed) when no slot is free.
 ///
 /// # Errors
-/// [`Refused::Slots`]: every slot is held by another vCPU.
+/// [`Refused::Slots`]: every slot is held by another vCPU;
+/// [`Refused::Reset`]: a reset ([`FLAG_RESET`]) of a vCPU that ran and
+/// whose guest asked for no start of it.
 pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
     let slots = slots().ok_or(Refused::Slots)?;
     let (slot, fresh) = {
@@ -174,9 +192,28 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
         }
     };
     let mut v = slots[slot].lock();
-    if fresh || b.vm.flags & FLAG_RESET != 0 {
-        // The host's state, whole: a first run or a reset.
+    if fresh {
+        // The host's state, whole: the vCPU's first run (as pKVM takes a
+        // protected vCPU's initial state from the host).
         v.last = None;
+        v.pending = None;
+        v.init = Start {
+            pc: b.st.regs.pc,
+            x: [
+                b.st.regs.x[0],
+                b.st.regs.x[1],
+                b.st.regs.x[2],
+                b.st.regs.x[3],
+            ],
+            sctlr: b.st.sys.sctlr,
+        };
+    } else if b.vm.flags & FLAG_RESET != 0 {
+        // A vCPU that ran restarts only where its guest asked.
+        let start = v.pending.ok_or(Refused::Reset)?;
+        v.pending = None;
+        v.last = None;
+        let host = Input::of(&b.st);
+        b.st = reset_state(&start, v.st.vmpidr, &host);
     } else {
         let last = v.last.take();
         let host = Input::of(&b.st);
@@ -201,6 +238,9 @@ pub fn leave(h: Held, b: &mut RunBlock) {
                 far: exit.far,
             });
         }
+        if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_HVC64 | EC_SMC64) {
+            guest_psci(slots, h.key, &b.st);
+        }
     }
     hide(&mut b.st, &exit);
     if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_IABT_LOW | EC_DABT_LOW) {
@@ -208,6 +248,77 @@ pub fn leave(h: Held, b: &mut RunBlock) {
     } else {
         b.exit.far = 0;
     }
+}
+
+/// PSCI function IDs whose starts the hypervisor records.
+mod fnid {
+    pub const CPU_ON_32: u32 = 0x8400_0003;
+    pub const CPU_ON_64: u32 = 0xc400_0003;
+    pub const SYSTEM_RESET: u32 = 0x8400_0009;
+    pub const SYSTEM_RESET2_32: u32 = 0x8400_0012;
+    pub const SYSTEM_RESET2_64: u32 = 0xc400_0012;
+}
+
+/// `MPIDR_EL1`'s affinity fields (Aff3, Aff2..Aff0).
+const MPIDR_AFF: u64 = 0xff_00ff_ffff;
+/// `SCTLR_EL1.EE`: a `CPU_ON` target starts with its caller's endianness.
+const SCTLR_EE: u64 = 1 << 25;
+
+/// The guest's HVC/SMC with registers `st` from the vCPU `key`: a PSCI
+/// `CPU_ON` records a pending start (its entry, its context in x0) for
+/// the target of the VM with that affinity; a `SYSTEM_RESET`/`RESET2`
+/// records for every vCPU of the VM its first run's start. Whether the
+/// host then honours the call is its business; it may restart those
+/// vCPUs only there ([`enter`]).
+fn guest_psci(slots: &[SpinLock<PVcpu>], key: Key, st: &VcpuState) {
+    let x = &st.regs.x;
+    let f = x[0] as u32;
+    let narrow = |v: u64| {
+        if f & 0x4000_0000 == 0 {
+            v & 0xffff_ffff
+        } else {
+            v
+        }
+    };
+    let cpu_on = match f {
+        fnid::CPU_ON_32 | fnid::CPU_ON_64 => Some(Start {
+            pc: narrow(x[2]),
+            x: [narrow(x[3]), 0, 0, 0],
+            sctlr: SCTLR_EL1_RESET | (st.sys.sctlr & SCTLR_EE),
+        }),
+        fnid::SYSTEM_RESET | fnid::SYSTEM_RESET2_32 | fnid::SYSTEM_RESET2_64 => None,
+        _ => return,
+    };
+    let target = narrow(x[1]) & MPIDR_AFF;
+    let mine: [bool; SLOTS] = {
+        let keys = KEYS.lock();
+        core::array::from_fn(|i| keys[i].is_some_and(|k| k.0 == key.0))
+    };
+    for (slot, _) in slots.iter().zip(mine).filter(|(_, m)| *m) {
+        let mut v = slot.lock();
+        match cpu_on {
+            Some(start) if v.st.vmpidr & MPIDR_AFF == target => v.pending = Some(start),
+            Some(_) => {}
+            None => v.pending = Some(v.init),
+        }
+    }
+}
+
+/// A restarted vCPU's state: `start`'s PC, x0..x3 and `SCTLR_EL1`, its
+/// kept `vmpidr`, the host's GIC CPU interface, timer offset, debug slot
+/// and `CTR_EL0` fast value (as every run takes them), EL1h with DAIF
+/// masked and every other register at its reset value.
+fn reset_state(start: &Start, vmpidr: u64, host: &Input) -> VcpuState {
+    let mut st = VcpuState::new(start.pc, start.x, 0);
+    st.vmpidr = vmpidr;
+    st.regs.pstate = PSTATE_EL1H_MASKED;
+    st.sys.sctlr = start.sctlr;
+    st.gic = host.gic;
+    st.timer.voff = host.voff;
+    st.debug = host.debug;
+    st.regs.ctr_el0 = host.ctr_el0;
+    st.regs.ctr_reads = host.ctr_reads;
+    st
 }
 
 /// Turns the vCPU's state `st` after `exit` into what the host sees of

@@ -6,6 +6,10 @@
 //! of its own store), the PC shown is always 0, and what the host writes
 //! to the guest's x5, PC and `SCTLR_EL1` between two runs changes nothing
 //! (the guest stores the three to a device afterwards: its own values).
+//! With those writes the host also asks for a reset of the vCPU
+//! ([`FLAG_RESET`], at the evil PC): the vCPU has run and its guest asked
+//! for no start, so `HOST_RUN` refuses it ([`hostrun::Refused::Reset`])
+//! and the guest goes on unaffected.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -25,7 +29,7 @@ use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
 use super::sysregs::VmPolicy;
 use super::{builtin, check, MIB};
-use crate::platform::hostrun::{self, stage, RunBlock, FLAG_RESET};
+use crate::platform::hostrun::{self, stage, Refused, RunBlock, FLAG_RESET};
 use crate::platform::switch::{VcpuState, EXIT_IRQ, EXIT_SYNC, ICH_HCR_EN};
 use crate::platform::{gic, idregs, start};
 use crate::println;
@@ -115,6 +119,9 @@ struct PviewBackend {
     /// with [`SCTLR_UCI`]) into the next block.
     tamper: bool,
     reset_sctlr: u64,
+    /// What `HOST_RUN` answered the host's reset request at [`EVIL_PC`]
+    /// (with the tampering): `None` if not made, `Some(0)` if accepted.
+    evil_reset: Option<u64>,
     seen: Vec<Seen>,
     failed: Option<String>,
 }
@@ -131,6 +138,7 @@ impl PviewBackend {
             last_call: false,
             tamper: false,
             reset_sctlr: 0,
+            evil_reset: None,
             seen: Vec::new(),
             failed: None,
         }
@@ -155,6 +163,25 @@ impl PviewBackend {
             st.regs.x[5] = EVIL_X5;
             st.regs.pc = EVIL_PC;
             st.sys.sctlr = self.reset_sctlr | SCTLR_UCI;
+            self.evil_reset = Some(self.reset_at_evil_pc());
+        }
+    }
+
+    /// The host's reset request for the vCPU (which ran) at [`EVIL_PC`]:
+    /// the refusal's reason, 0 if `HOST_RUN` accepted it.
+    fn reset_at_evil_pc(&mut self) -> u64 {
+        self.run.vm.flags = FLAG_RESET;
+        let r = hostrun::call(&mut self.run);
+        self.run.vm.flags = 0;
+        match r {
+            Ok(()) => {
+                self.failed = Some(format!(
+                    "the host's reset at PC {EVIL_PC:#x} accepted (exit ESR {:#x})",
+                    self.run.exit.esr
+                ));
+                0
+            }
+            Err((_, why)) => why,
         }
     }
 
@@ -189,6 +216,9 @@ impl VcpuBackend for PviewBackend {
             return GuestExit::GuestCheckFailed;
         }
         self.prepare(ctx);
+        if self.failed.is_some() {
+            return GuestExit::GuestCheckFailed;
+        }
         let r = hostrun::call(&mut self.run);
         self.run.vm.flags = 0;
         if let Err((status, why)) = r {
@@ -331,6 +361,15 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     let x5_elsewhere = be.seen.iter().filter(|s| s.x5 && !own_store(s)).count();
     let pcs_shown = be.seen.iter().filter(|s| s.pc != 0).count();
     let want = [SECRET_X5, be.reset_sctlr, PC_STORED];
+    let reset_why = Refused::Reset as u64;
+    println!(
+        "pview: the host's reset request for the vCPU (which ran) at PC {EVIL_PC:#x}: {} (want refused, reason {reset_why})",
+        match be.evil_reset {
+            None => String::from("not made"),
+            Some(0) => String::from("ACCEPTED"),
+            Some(why) => format!("refused, reason {why}"),
+        }
+    );
     println!(
         "pview: a protected vCPU run by HOST_RUN through pkvm-host's run loop: {} runs; blocks holding a secret of x10..x13/TPIDR_EL1: {secret_runs}; holding x5 outside its own store: {x5_elsewhere}; showing a PC: {pcs_shown}; after the host wrote x5 = {EVIL_X5:#x}, PC = {EVIL_PC:#x}, SCTLR_EL1 = {:#x}: the guest stored x5, SCTLR_EL1, PC = {:x?} (want {want:x?}){}",
         be.seen.len(),
@@ -347,6 +386,9 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     ) & check(
         "pview: no secret register in a block the host got back",
         secret_runs == 0 && x5_elsewhere == 0 && pcs_shown == 0,
+    ) & check(
+        "pview: the host's reset of a vCPU that ran refused",
+        be.evil_reset == Some(reset_why),
     ) & check(
         "pview: the host's writes to x5, PC and SCTLR_EL1 had no effect",
         o.stores == want,
