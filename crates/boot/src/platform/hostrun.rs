@@ -408,6 +408,9 @@ pub enum Refused {
     /// A reset ([`FLAG_RESET`]) of a protected vCPU that ran, and whose
     /// guest asked for no start of it ([`super::pview`]).
     Reset = 14,
+    /// Trap controls for a protected vCPU other than those of its first
+    /// run ([`super::pview`]).
+    TrapsChanged = 15,
 }
 
 /// What the hypervisor answers `HOST_RUN` with in protected mode

@@ -36,6 +36,7 @@
 
 use pkvm_arch::esr::fault_ipa;
 use pkvm_sync::{LockClass, SpinLock};
+use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State};
 
 use super::hostrun::{Refused, RunBlock, FLAG_RESET};
@@ -87,6 +88,9 @@ pub struct PVcpu {
     /// A start the guest asked for (a sibling's `CPU_ON` naming this vCPU,
     /// or a `SYSTEM_RESET` of its VM): the only reset the host may run.
     pending: Option<Start>,
+    /// Its first run's trap controls (`HCR`/`CPTR`/`MDCR`/`CNTHCTL`/
+    /// `MPAM2`): every later run must pass the same.
+    traps: Option<TrapControls>,
 }
 
 /// The slots' owners (index = slot).
@@ -116,6 +120,7 @@ pub fn init() -> bool {
                     last: None,
                     init: Start::default(),
                     pending: None,
+                    traps: None,
                 },
                 LockClass::Leaf,
             )
@@ -174,7 +179,8 @@ pub struct Held {
 /// # Errors
 /// [`Refused::Slots`]: every slot is held by another vCPU;
 /// [`Refused::Reset`]: a reset ([`FLAG_RESET`]) of a vCPU that ran and
-/// whose guest asked for no start of it.
+/// whose guest asked for no start of it; [`Refused::TrapsChanged`]: trap
+/// controls other than its first run's.
 pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
     let slots = slots().ok_or(Refused::Slots)?;
     let (slot, fresh) = {
@@ -192,11 +198,16 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
         }
     };
     let mut v = slots[slot].lock();
+    if !fresh && v.traps != Some(b.vm.traps) {
+        // The host may not weaken (or change) them after the first run.
+        return Err(Refused::TrapsChanged);
+    }
     if fresh {
         // The host's state, whole: the vCPU's first run (as pKVM takes a
         // protected vCPU's initial state from the host).
         v.last = None;
         v.pending = None;
+        v.traps = Some(b.vm.traps);
         v.init = Start {
             pc: b.st.regs.pc,
             x: [

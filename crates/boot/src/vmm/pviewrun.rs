@@ -9,7 +9,9 @@
 //! With those writes the host also asks for a reset of the vCPU
 //! ([`FLAG_RESET`], at the evil PC): the vCPU has run and its guest asked
 //! for no start, so `HOST_RUN` refuses it ([`hostrun::Refused::Reset`])
-//! and the guest goes on unaffected.
+//! and the guest goes on unaffected. So is a run whose trap controls
+//! differ from the first run's (`HCR_EL2.TID3` clear:
+//! [`hostrun::Refused::TrapsChanged`]).
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -33,6 +35,7 @@ use crate::platform::hostrun::{self, stage, Refused, RunBlock, FLAG_RESET};
 use crate::platform::switch::{VcpuState, EXIT_IRQ, EXIT_SYNC, ICH_HCR_EN};
 use crate::platform::{gic, idregs, start};
 use crate::println;
+use pkvm_sysreg::traps::hcr;
 
 /// Guest-physical address of the test device (no memslot: MMIO).
 const DEV_IPA: u64 = 0x0bf0_0000;
@@ -122,6 +125,9 @@ struct PviewBackend {
     /// What `HOST_RUN` answered the host's reset request at [`EVIL_PC`]
     /// (with the tampering): `None` if not made, `Some(0)` if accepted.
     evil_reset: Option<u64>,
+    /// What `HOST_RUN` answered a later run with `HCR_EL2.TID3` clear (the
+    /// guest would read the CPU's real ID registers), as `evil_reset`.
+    weak_hcr: Option<u64>,
     seen: Vec<Seen>,
     failed: Option<String>,
 }
@@ -139,6 +145,7 @@ impl PviewBackend {
             tamper: false,
             reset_sctlr: 0,
             evil_reset: None,
+            weak_hcr: None,
             seen: Vec::new(),
             failed: None,
         }
@@ -163,20 +170,27 @@ impl PviewBackend {
             st.regs.x[5] = EVIL_X5;
             st.regs.pc = EVIL_PC;
             st.sys.sctlr = self.reset_sctlr | SCTLR_UCI;
-            self.evil_reset = Some(self.reset_at_evil_pc());
+            self.evil_reset = Some(self.attempt("the host's reset at the evil PC", |b| {
+                b.vm.flags = FLAG_RESET;
+            }));
+            self.weak_hcr = Some(self.attempt("a run with HCR_EL2.TID3 clear", |b| {
+                b.vm.traps.hcr &= !hcr::TID3;
+            }));
         }
     }
 
-    /// The host's reset request for the vCPU (which ran) at [`EVIL_PC`]:
-    /// the refusal's reason, 0 if `HOST_RUN` accepted it.
-    fn reset_at_evil_pc(&mut self) -> u64 {
-        self.run.vm.flags = FLAG_RESET;
+    /// A run the host asks for with its block changed by `change` (the
+    /// block's VM registers put back after): the refusal's reason, 0 if
+    /// `HOST_RUN` accepted it (then the phase fails: `what` accepted).
+    fn attempt(&mut self, what: &str, change: fn(&mut RunBlock)) -> u64 {
+        let vm = self.run.vm;
+        change(&mut self.run);
         let r = hostrun::call(&mut self.run);
-        self.run.vm.flags = 0;
+        self.run.vm = vm;
         match r {
             Ok(()) => {
                 self.failed = Some(format!(
-                    "the host's reset at PC {EVIL_PC:#x} accepted (exit ESR {:#x})",
+                    "{what} accepted (exit ESR {:#x})",
                     self.run.exit.esr
                 ));
                 0
@@ -361,14 +375,16 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     let x5_elsewhere = be.seen.iter().filter(|s| s.x5 && !own_store(s)).count();
     let pcs_shown = be.seen.iter().filter(|s| s.pc != 0).count();
     let want = [SECRET_X5, be.reset_sctlr, PC_STORED];
-    let reset_why = Refused::Reset as u64;
+    let (reset_why, traps_why) = (Refused::Reset as u64, Refused::TrapsChanged as u64);
+    let answer = |a: Option<u64>| match a {
+        None => String::from("not made"),
+        Some(0) => String::from("ACCEPTED"),
+        Some(why) => format!("refused, reason {why}"),
+    };
     println!(
-        "pview: the host's reset request for the vCPU (which ran) at PC {EVIL_PC:#x}: {} (want refused, reason {reset_why})",
-        match be.evil_reset {
-            None => String::from("not made"),
-            Some(0) => String::from("ACCEPTED"),
-            Some(why) => format!("refused, reason {why}"),
-        }
+        "pview: the host's reset request for the vCPU (which ran) at PC {EVIL_PC:#x}: {} (want refused, reason {reset_why}); a later run with HCR_EL2.TID3 clear: {} (want refused, reason {traps_why})",
+        answer(be.evil_reset),
+        answer(be.weak_hcr),
     );
     println!(
         "pview: a protected vCPU run by HOST_RUN through pkvm-host's run loop: {} runs; blocks holding a secret of x10..x13/TPIDR_EL1: {secret_runs}; holding x5 outside its own store: {x5_elsewhere}; showing a PC: {pcs_shown}; after the host wrote x5 = {EVIL_X5:#x}, PC = {EVIL_PC:#x}, SCTLR_EL1 = {:#x}: the guest stored x5, SCTLR_EL1, PC = {:x?} (want {want:x?}){}",
@@ -389,6 +405,9 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     ) & check(
         "pview: the host's reset of a vCPU that ran refused",
         be.evil_reset == Some(reset_why),
+    ) & check(
+        "pview: a later run with weakened trap controls refused",
+        be.weak_hcr == Some(traps_why),
     ) & check(
         "pview: the host's writes to x5, PC and SCTLR_EL1 had no effect",
         o.stores == want,
