@@ -88,6 +88,13 @@ pub struct PVcpu {
     /// A start the guest asked for (a sibling's `CPU_ON` naming this vCPU,
     /// or a `SYSTEM_RESET` of its VM): the only reset the host may run.
     pending: Option<Start>,
+    /// `pending` came from a `CPU_ON`: dropped if the vCPU runs without
+    /// that reset (it was on: the host did not honour the call).
+    pending_on: bool,
+    /// Off as its guest saw it: since its own `CPU_OFF` or its VM's
+    /// `SYSTEM_RESET`, until its next run. Only then may a `CPU_ON` name
+    /// it (pKVM's power state of a protected vCPU).
+    off: bool,
     /// Its first run's trap controls (`HCR`/`CPTR`/`MDCR`/`CNTHCTL`/
     /// `MPAM2`): every later run must pass the same.
     traps: Option<TrapControls>,
@@ -120,6 +127,8 @@ pub fn init() -> bool {
                     last: None,
                     init: Start::default(),
                     pending: None,
+                    pending_on: false,
+                    off: false,
                     traps: None,
                 },
                 LockClass::Leaf,
@@ -207,6 +216,7 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
         // protected vCPU's initial state from the host).
         v.last = None;
         v.pending = None;
+        v.off = false;
         v.traps = Some(b.vm.traps);
         v.init = Start {
             pc: b.st.regs.pc,
@@ -222,10 +232,15 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
         // A vCPU that ran restarts only where its guest asked.
         let start = v.pending.ok_or(Refused::Reset)?;
         v.pending = None;
+        v.off = false;
         v.last = None;
         let host = Input::of(&b.st);
         b.st = reset_state(&start, v.st.vmpidr, &host);
     } else {
+        v.off = false;
+        if v.pending_on {
+            v.pending = None;
+        }
         let last = v.last.take();
         let host = Input::of(&b.st);
         b.st = v.st;
@@ -263,6 +278,7 @@ pub fn leave(h: Held, b: &mut RunBlock) {
 
 /// PSCI function IDs whose starts the hypervisor records.
 mod fnid {
+    pub const CPU_OFF: u32 = 0x8400_0002;
     pub const CPU_ON_32: u32 = 0x8400_0003;
     pub const CPU_ON_64: u32 = 0xc400_0003;
     pub const SYSTEM_RESET: u32 = 0x8400_0009;
@@ -275,13 +291,18 @@ const MPIDR_AFF: u64 = 0xff_00ff_ffff;
 /// `SCTLR_EL1.EE`: a `CPU_ON` target starts with its caller's endianness.
 const SCTLR_EE: u64 = 1 << 25;
 
-/// The guest's HVC/SMC with registers `st` from the vCPU `key`: a PSCI
-/// `CPU_ON` records a pending start (its entry, its context in x0) for
-/// the target of the VM with that affinity; a `SYSTEM_RESET`/`RESET2`
-/// records for every vCPU of the VM its first run's start. Whether the
-/// host then honours the call is its business; it may restart those
-/// vCPUs only there ([`enter`]).
+/// The guest's HVC/SMC with registers `st` from the vCPU `key`: its
+/// `CPU_OFF` marks it off; a `CPU_ON` records a pending start (its entry,
+/// its context in x0) for the VM's vCPU with that affinity if it is off;
+/// a `SYSTEM_RESET`/`RESET2` marks every vCPU of the VM off with its
+/// first run's start pending. Whether the host then honours the call is
+/// its business; it may restart those vCPUs only there ([`enter`]).
 fn guest_psci(slots: &[SpinLock<PVcpu>], key: Key, st: &VcpuState) {
+    enum Call {
+        Off,
+        On(Start, u64),
+        Reset,
+    }
     let x = &st.regs.x;
     let f = x[0] as u32;
     let narrow = |v: u64| {
@@ -291,26 +312,37 @@ fn guest_psci(slots: &[SpinLock<PVcpu>], key: Key, st: &VcpuState) {
             v
         }
     };
-    let cpu_on = match f {
-        fnid::CPU_ON_32 | fnid::CPU_ON_64 => Some(Start {
-            pc: narrow(x[2]),
-            x: [narrow(x[3]), 0, 0, 0],
-            sctlr: SCTLR_EL1_RESET | (st.sys.sctlr & SCTLR_EE),
-        }),
-        fnid::SYSTEM_RESET | fnid::SYSTEM_RESET2_32 | fnid::SYSTEM_RESET2_64 => None,
+    let call = match f {
+        fnid::CPU_OFF => Call::Off,
+        fnid::CPU_ON_32 | fnid::CPU_ON_64 => Call::On(
+            Start {
+                pc: narrow(x[2]),
+                x: [narrow(x[3]), 0, 0, 0],
+                sctlr: SCTLR_EL1_RESET | (st.sys.sctlr & SCTLR_EE),
+            },
+            narrow(x[1]) & MPIDR_AFF,
+        ),
+        fnid::SYSTEM_RESET | fnid::SYSTEM_RESET2_32 | fnid::SYSTEM_RESET2_64 => Call::Reset,
         _ => return,
     };
-    let target = narrow(x[1]) & MPIDR_AFF;
-    let mine: [bool; SLOTS] = {
-        let keys = KEYS.lock();
-        core::array::from_fn(|i| keys[i].is_some_and(|k| k.0 == key.0))
-    };
-    for (slot, _) in slots.iter().zip(mine).filter(|(_, m)| *m) {
+    let keys: [Option<Key>; SLOTS] = *KEYS.lock();
+    for (slot, k) in slots.iter().zip(keys) {
+        let Some(k) = k.filter(|k| k.0 == key.0) else {
+            continue;
+        };
         let mut v = slot.lock();
-        match cpu_on {
-            Some(start) if v.st.vmpidr & MPIDR_AFF == target => v.pending = Some(start),
-            Some(_) => {}
-            None => v.pending = Some(v.init),
+        match call {
+            Call::Off if k == key => v.off = true,
+            Call::On(start, aff) if v.off && v.st.vmpidr & MPIDR_AFF == aff => {
+                v.pending = Some(start);
+                v.pending_on = true;
+            }
+            Call::Reset => {
+                v.pending = Some(v.init);
+                v.pending_on = false;
+                v.off = true;
+            }
+            _ => {}
         }
     }
 }
