@@ -975,6 +975,19 @@ fn sched_smp_test(name: &'static str, scenario: &str, vm: &str, vcpus: u32, cpus
     if scenario.contains("protected") {
         markers.push("mode: protected (pkvm-hyp owns guest stage-2".to_string());
         markers.push("hyp (after teardown): pool".to_string());
+        // Then a protected VM: its secondaries' second CPU_ON restarts
+        // vCPUs that ran (accepted against the guest's own CPU_ON).
+        for i in 1..vcpus {
+            markers.push(format!(
+                "[guest pvsmp vcpu {i}] secondary vCPU {i}: MPIDR_EL1 {:#x}, reporting in (round 2)",
+                0x8000_0000u32 | i
+            ));
+        }
+        markers.push(format!(
+            "[guest pvsmp vcpu 0] all {} secondaries reported in twice; SYSTEM_OFF",
+            vcpus - 1
+        ));
+        markers.push("vm pvsmp: powered off (PSCI SYSTEM_OFF)".to_string());
     }
     QemuTest {
         name,

@@ -667,7 +667,7 @@ impl<P: HostPlatform, M: ProcessMemory> Vm<P, M> {
 
     /// Initialises the hypervisor VM on first run (protected mode): donates
     /// its memory, then initialises every vCPU. Idempotent.
-    pub(crate) fn ensure_hyp_init(&self, cpu: usize) -> Result<(), VmError> {
+    pub fn ensure_hyp_init(&self, cpu: usize) -> Result<(), VmError> {
         let Some(h) = &self.hyp else { return Ok(()) };
         let mut guard = h.state.lock();
         let state = guard.as_mut().ok_or(VmError::Dead)?;

@@ -405,6 +405,12 @@ pub enum Refused {
     /// A protected vCPU and no free slot for its registers
     /// ([`super::pview`]).
     Slots = 13,
+    /// A reset ([`FLAG_RESET`]) of a protected vCPU that ran, and whose
+    /// guest asked for no start of it ([`super::pview`]).
+    Reset = 14,
+    /// Trap controls for a protected vCPU other than those of its first
+    /// run ([`super::pview`]).
+    TrapsChanged = 15,
 }
 
 /// What the hypervisor answers `HOST_RUN` with in protected mode

@@ -36,11 +36,12 @@
 
 use pkvm_arch::esr::fault_ipa;
 use pkvm_sync::{LockClass, SpinLock};
+use pkvm_sysreg::traps::TrapControls;
 use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State};
 
 use super::hostrun::{Refused, RunBlock, FLAG_RESET};
 use super::hypmem;
-use super::switch::{El1Sysregs, Exit, VcpuState, EXIT_SYNC};
+use super::switch::{El1Sysregs, Exit, VcpuState, EXIT_SYNC, PSTATE_EL1H_MASKED, SCTLR_EL1_RESET};
 
 /// Protected vCPUs whose registers `HOST_RUN` holds at once.
 pub const SLOTS: usize = 32;
@@ -68,11 +69,35 @@ struct Last {
     far: u64,
 }
 
+/// Where the guest lets a vCPU (re)start: a PC, x0..x3 and `SCTLR_EL1`
+/// (only its reset value and the endianness bit differ between starts).
+#[derive(Clone, Copy, Debug, Default)]
+struct Start {
+    pc: u64,
+    x: [u64; 4],
+    sctlr: u64,
+}
+
 /// A protected vCPU as `HOST_RUN` holds it.
 #[derive(Debug)]
 pub struct PVcpu {
     st: VcpuState,
     last: Option<Last>,
+    /// Its first run's start (the VM's `SYSTEM_RESET` goes back to it).
+    init: Start,
+    /// A start the guest asked for (a sibling's `CPU_ON` naming this vCPU,
+    /// or a `SYSTEM_RESET` of its VM): the only reset the host may run.
+    pending: Option<Start>,
+    /// `pending` came from a `CPU_ON`: dropped if the vCPU runs without
+    /// that reset (it was on: the host did not honour the call).
+    pending_on: bool,
+    /// Off as its guest saw it: since its own `CPU_OFF` or its VM's
+    /// `SYSTEM_RESET`, until its next run. Only then may a `CPU_ON` name
+    /// it (pKVM's power state of a protected vCPU).
+    off: bool,
+    /// Its first run's trap controls (`HCR`/`CPTR`/`MDCR`/`CNTHCTL`/
+    /// `MPAM2`): every later run must pass the same.
+    traps: Option<TrapControls>,
 }
 
 /// The slots' owners (index = slot).
@@ -100,6 +125,11 @@ pub fn init() -> bool {
                 PVcpu {
                     st: VcpuState::new(0, [0; 4], 0),
                     last: None,
+                    init: Start::default(),
+                    pending: None,
+                    pending_on: false,
+                    off: false,
+                    traps: None,
                 },
                 LockClass::Leaf,
             )
@@ -156,7 +186,10 @@ pub struct Held {
 /// host's state whole. Refused (nothing changed) when no slot is free.
 ///
 /// # Errors
-/// [`Refused::Slots`]: every slot is held by another vCPU.
+/// [`Refused::Slots`]: every slot is held by another vCPU;
+/// [`Refused::Reset`]: a reset ([`FLAG_RESET`]) of a vCPU that ran and
+/// whose guest asked for no start of it; [`Refused::TrapsChanged`]: trap
+/// controls other than its first run's.
 pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
     let slots = slots().ok_or(Refused::Slots)?;
     let (slot, fresh) = {
@@ -174,10 +207,40 @@ pub fn enter(key: Key, b: &mut RunBlock) -> Result<Held, Refused> {
         }
     };
     let mut v = slots[slot].lock();
-    if fresh || b.vm.flags & FLAG_RESET != 0 {
-        // The host's state, whole: a first run or a reset.
+    if !fresh && v.traps != Some(b.vm.traps) {
+        // The host may not weaken (or change) them after the first run.
+        return Err(Refused::TrapsChanged);
+    }
+    if fresh {
+        // The host's state, whole: the vCPU's first run (as pKVM takes a
+        // protected vCPU's initial state from the host).
         v.last = None;
+        v.pending = None;
+        v.off = false;
+        v.traps = Some(b.vm.traps);
+        v.init = Start {
+            pc: b.st.regs.pc,
+            x: [
+                b.st.regs.x[0],
+                b.st.regs.x[1],
+                b.st.regs.x[2],
+                b.st.regs.x[3],
+            ],
+            sctlr: b.st.sys.sctlr,
+        };
+    } else if b.vm.flags & FLAG_RESET != 0 {
+        // A vCPU that ran restarts only where its guest asked.
+        let start = v.pending.ok_or(Refused::Reset)?;
+        v.pending = None;
+        v.off = false;
+        v.last = None;
+        let host = Input::of(&b.st);
+        b.st = reset_state(&start, v.st.vmpidr, &host);
     } else {
+        v.off = false;
+        if v.pending_on {
+            v.pending = None;
+        }
         let last = v.last.take();
         let host = Input::of(&b.st);
         b.st = v.st;
@@ -201,6 +264,9 @@ pub fn leave(h: Held, b: &mut RunBlock) {
                 far: exit.far,
             });
         }
+        if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_HVC64 | EC_SMC64) {
+            guest_psci(slots, h.key, &b.st);
+        }
     }
     hide(&mut b.st, &exit);
     if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_IABT_LOW | EC_DABT_LOW) {
@@ -208,6 +274,94 @@ pub fn leave(h: Held, b: &mut RunBlock) {
     } else {
         b.exit.far = 0;
     }
+}
+
+/// PSCI function IDs whose starts the hypervisor records.
+mod fnid {
+    pub const CPU_OFF: u32 = 0x8400_0002;
+    pub const CPU_ON_32: u32 = 0x8400_0003;
+    pub const CPU_ON_64: u32 = 0xc400_0003;
+    pub const SYSTEM_RESET: u32 = 0x8400_0009;
+    pub const SYSTEM_RESET2_32: u32 = 0x8400_0012;
+    pub const SYSTEM_RESET2_64: u32 = 0xc400_0012;
+}
+
+/// `MPIDR_EL1`'s affinity fields (Aff3, Aff2..Aff0).
+const MPIDR_AFF: u64 = 0xff_00ff_ffff;
+/// `SCTLR_EL1.EE`: a `CPU_ON` target starts with its caller's endianness.
+const SCTLR_EE: u64 = 1 << 25;
+
+/// The guest's HVC/SMC with registers `st` from the vCPU `key`: its
+/// `CPU_OFF` marks it off; a `CPU_ON` records a pending start (its entry,
+/// its context in x0) for the VM's vCPU with that affinity if it is off;
+/// a `SYSTEM_RESET`/`RESET2` marks every vCPU of the VM off with its
+/// first run's start pending. Whether the host then honours the call is
+/// its business; it may restart those vCPUs only there ([`enter`]).
+fn guest_psci(slots: &[SpinLock<PVcpu>], key: Key, st: &VcpuState) {
+    enum Call {
+        Off,
+        On(Start, u64),
+        Reset,
+    }
+    let x = &st.regs.x;
+    let f = x[0] as u32;
+    let narrow = |v: u64| {
+        if f & 0x4000_0000 == 0 {
+            v & 0xffff_ffff
+        } else {
+            v
+        }
+    };
+    let call = match f {
+        fnid::CPU_OFF => Call::Off,
+        fnid::CPU_ON_32 | fnid::CPU_ON_64 => Call::On(
+            Start {
+                pc: narrow(x[2]),
+                x: [narrow(x[3]), 0, 0, 0],
+                sctlr: SCTLR_EL1_RESET | (st.sys.sctlr & SCTLR_EE),
+            },
+            narrow(x[1]) & MPIDR_AFF,
+        ),
+        fnid::SYSTEM_RESET | fnid::SYSTEM_RESET2_32 | fnid::SYSTEM_RESET2_64 => Call::Reset,
+        _ => return,
+    };
+    let keys: [Option<Key>; SLOTS] = *KEYS.lock();
+    for (slot, k) in slots.iter().zip(keys) {
+        let Some(k) = k.filter(|k| k.0 == key.0) else {
+            continue;
+        };
+        let mut v = slot.lock();
+        match call {
+            Call::Off if k == key => v.off = true,
+            Call::On(start, aff) if v.off && v.st.vmpidr & MPIDR_AFF == aff => {
+                v.pending = Some(start);
+                v.pending_on = true;
+            }
+            Call::Reset => {
+                v.pending = Some(v.init);
+                v.pending_on = false;
+                v.off = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A restarted vCPU's state: `start`'s PC, x0..x3 and `SCTLR_EL1`, its
+/// kept `vmpidr`, the host's GIC CPU interface, timer offset, debug slot
+/// and `CTR_EL0` fast value (as every run takes them), EL1h with DAIF
+/// masked and every other register at its reset value.
+fn reset_state(start: &Start, vmpidr: u64, host: &Input) -> VcpuState {
+    let mut st = VcpuState::new(start.pc, start.x, 0);
+    st.vmpidr = vmpidr;
+    st.regs.pstate = PSTATE_EL1H_MASKED;
+    st.sys.sctlr = start.sctlr;
+    st.gic = host.gic;
+    st.timer.voff = host.voff;
+    st.debug = host.debug;
+    st.regs.ctr_el0 = host.ctr_el0;
+    st.regs.ctr_reads = host.ctr_reads;
+    st
 }
 
 /// Turns the vCPU's state `st` after `exit` into what the host sees of

@@ -788,7 +788,29 @@ pub fn host_attack(lay: &Layout, process: &Arc<BootProcess>) -> bool {
         hyp_pool: addrs.pool,
         victim: vms[0].touch_pa(0).map_or(0, |p| p.0),
     };
-    ok &= super::runblock::host_run_phase(hyp, &ctx, not, u64::from(vms[0].kick_id()));
+    // A protected vCPU that never ran (the victim's did), initialised in
+    // pkvm-hyp: the valid block's reset is its first run, the only one the
+    // hypervisor takes from the host whole (`platform::pview`).
+    let runner = toucher(
+        &plat,
+        process,
+        "runner",
+        128 * MIB,
+        (TOUCH_GPA, TOUCH_BYTES),
+        Backing::Page4K,
+        true,
+    );
+    let Some(runner) = runner.filter(|g| {
+        g.vm.ensure_hyp_init(crate::platform::start::cpu_index())
+            .is_ok()
+    }) else {
+        return check(
+            "host-attack: HOST_RUN: a protected VM that never ran",
+            false,
+        );
+    };
+    ok &= super::runblock::host_run_phase(hyp, &ctx, not, u64::from(runner.kick_id()));
+    runner.destroy();
     let [victim, other] = vms;
     ok &= finish(victim);
     if let Some(sec) = sec {

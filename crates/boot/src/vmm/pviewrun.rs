@@ -6,6 +6,13 @@
 //! of its own store), the PC shown is always 0, and what the host writes
 //! to the guest's x5, PC and `SCTLR_EL1` between two runs changes nothing
 //! (the guest stores the three to a device afterwards: its own values).
+//! With those writes the host also asks for a reset of the vCPU
+//! ([`FLAG_RESET`], at the evil PC): the vCPU has run and its guest asked
+//! for no start, so `HOST_RUN` refuses it ([`hostrun::Refused::Reset`])
+//! and the guest goes on unaffected; so is its request right after the
+//! guest's `CPU_ON` of itself (on: no start pending), and a run whose
+//! trap controls differ from the first run's (`HCR_EL2.TID3` clear:
+//! [`hostrun::Refused::TrapsChanged`]).
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -25,10 +32,11 @@ use super::platform::BootPlatform;
 use super::process::{Backing, BootProcess};
 use super::sysregs::VmPolicy;
 use super::{builtin, check, MIB};
-use crate::platform::hostrun::{self, stage, RunBlock, FLAG_RESET};
+use crate::platform::hostrun::{self, stage, Refused, RunBlock, FLAG_RESET};
 use crate::platform::switch::{VcpuState, EXIT_IRQ, EXIT_SYNC, ICH_HCR_EN};
 use crate::platform::{gic, idregs, start};
 use crate::println;
+use pkvm_sysreg::traps::hcr;
 
 /// Guest-physical address of the test device (no memslot: MMIO).
 const DEV_IPA: u64 = 0x0bf0_0000;
@@ -43,26 +51,34 @@ const SECRET_X5: u64 = 0x5ec5 << 48;
 /// maintenance allowed: harmless to the guest, visible in its stored
 /// value).
 const EVIL_X5: u64 = 0xbad0_0005;
-const EVIL_PC: u64 = GUEST_RAM + 4 * 14;
+const EVIL_PC: u64 = GUEST_RAM + 4 * 20;
 const SCTLR_UCI: u64 = 1 << 26;
 /// Where `adr x9, .` is: the PC the guest stores.
-const PC_STORED: u64 = GUEST_RAM + 4 * 12;
+const PC_STORED: u64 = GUEST_RAM + 4 * 18;
 
 /// `msr tpidr_el1, x10`; `mrs x7, sctlr_el1`; `b .`.
 const MSR_TPIDR_EL1_X10: u32 = 0xd518_d080 | 10;
 const MRS_X7_SCTLR_EL1: u32 = 0xd538_1000 | 7;
 const B_SELF: u32 = 0x1400_0000;
 
-/// The guest: secrets in x10..x13, x5 and `TPIDR_EL1`; the vendor call
-/// [`MARK`]; then stores x5, `SCTLR_EL1` and its PC to the device and
-/// powers off (PSCI `SYSTEM_OFF`).
-const PROGRAM: [u32; 18] = [
+/// The guest: secrets in x10..x13, x5 and `TPIDR_EL1`; a PSCI `CPU_ON`
+/// of itself (on: `ALREADY_ON`) with [`EVIL_PC`] as entry, which must not
+/// let the host restart it there; the vendor call [`MARK`]; then stores
+/// x5, `SCTLR_EL1` and its PC to the device and powers off (PSCI
+/// `SYSTEM_OFF`).
+const PROGRAM: [u32; 24] = [
     movz(10, 0x5ec1, 3),
     movz(11, 0x5ec2, 3),
     movz(12, 0x5ec3, 3),
     movz(13, 0x5ec4, 3),
     movz(5, 0x5ec5, 3),
     MSR_TPIDR_EL1_X10,
+    movz(0, 0x0003, 0),
+    movk(0, 0xc400, 1),
+    movz(1, 0, 0),
+    movz(2, (EVIL_PC & 0xffff) as u32, 0),
+    movk(2, (EVIL_PC >> 16) as u32, 1),
+    HVC0,
     movz(6, (DEV_IPA >> 16) as u32, 1),
     movz(0, MARK >> 16, 1),
     HVC0,
@@ -77,8 +93,8 @@ const PROGRAM: [u32; 18] = [
     B_SELF,
 ];
 
-const fn program_bytes() -> [u8; 72] {
-    let mut b = [0u8; 72];
+const fn program_bytes() -> [u8; 96] {
+    let mut b = [0u8; 96];
     let mut i = 0;
     while i < PROGRAM.len() {
         let w = PROGRAM[i].to_le_bytes();
@@ -92,7 +108,7 @@ const fn program_bytes() -> [u8; 72] {
     b
 }
 
-static PROGRAM_BYTES: [u8; 72] = program_bytes();
+static PROGRAM_BYTES: [u8; 96] = program_bytes();
 
 /// One `HOST_RUN` as the host saw it.
 struct Seen {
@@ -115,6 +131,17 @@ struct PviewBackend {
     /// with [`SCTLR_UCI`]) into the next block.
     tamper: bool,
     reset_sctlr: u64,
+    /// What `HOST_RUN` answered the host's reset request at [`EVIL_PC`]
+    /// (with the tampering): `None` if not made, `Some(0)` if accepted.
+    evil_reset: Option<u64>,
+    /// What `HOST_RUN` answered a later run with `HCR_EL2.TID3` clear (the
+    /// guest would read the CPU's real ID registers), as `evil_reset`.
+    weak_hcr: Option<u64>,
+    /// The guest's last exit was its `CPU_ON` of itself.
+    after_cpu_on: bool,
+    /// What `HOST_RUN` answered the host's reset request right after the
+    /// guest's `CPU_ON` of itself (on), as `evil_reset`.
+    on_reset: Option<u64>,
     seen: Vec<Seen>,
     failed: Option<String>,
 }
@@ -131,6 +158,10 @@ impl PviewBackend {
             last_call: false,
             tamper: false,
             reset_sctlr: 0,
+            evil_reset: None,
+            weak_hcr: None,
+            after_cpu_on: false,
+            on_reset: None,
             seen: Vec::new(),
             failed: None,
         }
@@ -155,6 +186,40 @@ impl PviewBackend {
             st.regs.x[5] = EVIL_X5;
             st.regs.pc = EVIL_PC;
             st.sys.sctlr = self.reset_sctlr | SCTLR_UCI;
+            self.evil_reset = Some(self.attempt("the host's reset at the evil PC", |b| {
+                b.vm.flags = FLAG_RESET;
+            }));
+            self.weak_hcr = Some(self.attempt("a run with HCR_EL2.TID3 clear", |b| {
+                b.vm.traps.hcr &= !hcr::TID3;
+            }));
+        }
+        if core::mem::take(&mut self.after_cpu_on) {
+            self.on_reset = Some(self.attempt(
+                "the host's reset at the guest's CPU_ON entry",
+                |b| {
+                    b.vm.flags = FLAG_RESET;
+                },
+            ));
+        }
+    }
+
+    /// A run the host asks for with its block changed by `change` (the
+    /// block's VM registers put back after): the refusal's reason, 0 if
+    /// `HOST_RUN` accepted it (then the phase fails: `what` accepted).
+    fn attempt(&mut self, what: &str, change: fn(&mut RunBlock)) -> u64 {
+        let vm = self.run.vm;
+        change(&mut self.run);
+        let r = hostrun::call(&mut self.run);
+        self.run.vm = vm;
+        match r {
+            Ok(()) => {
+                self.failed = Some(format!(
+                    "{what} accepted (exit ESR {:#x})",
+                    self.run.exit.esr
+                ));
+                0
+            }
+            Err((_, why)) => why,
         }
     }
 
@@ -172,6 +237,7 @@ impl PviewBackend {
 }
 
 const EC_HVC64: u64 = 0x16;
+const CPU_ON_64: u64 = 0xc400_0003;
 const EC_SMC64: u64 = 0x17;
 const EC_IABT_LOW: u64 = 0x20;
 const EC_DABT_LOW: u64 = 0x24;
@@ -189,6 +255,9 @@ impl VcpuBackend for PviewBackend {
             return GuestExit::GuestCheckFailed;
         }
         self.prepare(ctx);
+        if self.failed.is_some() {
+            return GuestExit::GuestCheckFailed;
+        }
         let r = hostrun::call(&mut self.run);
         self.run.vm.flags = 0;
         if let Err((status, why)) = r {
@@ -220,6 +289,7 @@ impl VcpuBackend for PviewBackend {
             EC_HVC64 | EC_SMC64 => {
                 ctx.gprs.x[..4].copy_from_slice(&x[..4]);
                 self.last_call = true;
+                self.after_cpu_on = x[0] == CPU_ON_64;
                 GuestExit::Call { esr }
             }
             _ => GuestExit::Unhandled { esr },
@@ -331,6 +401,18 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     let x5_elsewhere = be.seen.iter().filter(|s| s.x5 && !own_store(s)).count();
     let pcs_shown = be.seen.iter().filter(|s| s.pc != 0).count();
     let want = [SECRET_X5, be.reset_sctlr, PC_STORED];
+    let (reset_why, traps_why) = (Refused::Reset as u64, Refused::TrapsChanged as u64);
+    let answer = |a: Option<u64>| match a {
+        None => String::from("not made"),
+        Some(0) => String::from("ACCEPTED"),
+        Some(why) => format!("refused, reason {why}"),
+    };
+    println!(
+        "pview: the host's reset request for the vCPU (which ran, and is on) right after its guest's CPU_ON of itself: {}; at PC {EVIL_PC:#x}: {} (want both refused, reason {reset_why}); a later run with HCR_EL2.TID3 clear: {} (want refused, reason {traps_why})",
+        answer(be.on_reset),
+        answer(be.evil_reset),
+        answer(be.weak_hcr),
+    );
     println!(
         "pview: a protected vCPU run by HOST_RUN through pkvm-host's run loop: {} runs; blocks holding a secret of x10..x13/TPIDR_EL1: {secret_runs}; holding x5 outside its own store: {x5_elsewhere}; showing a PC: {pcs_shown}; after the host wrote x5 = {EVIL_X5:#x}, PC = {EVIL_PC:#x}, SCTLR_EL1 = {:#x}: the guest stored x5, SCTLR_EL1, PC = {:x?} (want {want:x?}){}",
         be.seen.len(),
@@ -347,6 +429,12 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     ) & check(
         "pview: no secret register in a block the host got back",
         secret_runs == 0 && x5_elsewhere == 0 && pcs_shown == 0,
+    ) & check(
+        "pview: the host's reset of a vCPU that ran refused",
+        be.evil_reset == Some(reset_why) && be.on_reset == Some(reset_why),
+    ) & check(
+        "pview: a later run with weakened trap controls refused",
+        be.weak_hcr == Some(traps_why),
     ) & check(
         "pview: the host's writes to x5, PC and SCTLR_EL1 had no effect",
         o.stores == want,

@@ -47,7 +47,7 @@ fn create(
     process: &Arc<BootProcess>,
     name: &'static str,
     image: &'static [u8],
-    vcpus: usize,
+    (vcpus, protected): (usize, bool),
 ) -> Option<Arc<GuestVm>> {
     if image.is_empty() {
         println!("vm {name}: guest payload missing (build with `cargo xtask`)");
@@ -62,7 +62,7 @@ fn create(
         vcpus,
         dtb_bootargs: None,
         initrd: None,
-        protected: false,
+        protected,
         touch: None,
         x0: Some(vcpus as u64),
     };
@@ -141,7 +141,9 @@ fn run_and_report(g: &Arc<GuestVm>, want_starts: Option<fn(usize) -> u64>) -> bo
 }
 
 /// `sched-smp` (standard mode) and `sched-smp-protected` (a non-protected
-/// VM under pkvm-hyp).
+/// VM under pkvm-hyp, then a protected one: its secondaries' second
+/// `CPU_ON` restarts vCPUs that ran, which the hypervisor accepts only
+/// against the guest's own `CPU_ON` it saw, `platform::pview`).
 pub fn sched_smp(lay: &Layout, process: &Arc<BootProcess>, p: &Platform, protected: bool) -> bool {
     let vcpus = vcpus_of(p);
     let (plat, name) = if protected {
@@ -154,18 +156,10 @@ pub fn sched_smp(lay: &Layout, process: &Arc<BootProcess>, p: &Platform, protect
         (BootPlatform::new(None), "smp")
     };
     let before = protected.then(|| print_hyp(&plat, "before the VM"));
-    let Some(g) = create(&plat, process, name, GUEST_SMP, vcpus) else {
-        return false;
-    };
-    let mut ok = run_and_report(&g, Some(|i| if i == 0 { 1 } else { 2 }));
-    let powered_off = g.end() == Some(VmEnd::PowerOff);
-    if ok && powered_off {
-        println!(
-            "sched: all {} secondaries were started twice by CPU_ON and turned themselves off",
-            vcpus.saturating_sub(1)
-        );
+    let mut ok = smp_vm(&plat, process, name, (vcpus, false));
+    if protected {
+        ok &= smp_vm(&plat, process, "pvsmp", (vcpus, true));
     }
-    ok &= finish(g);
     if let Some(before) = before {
         let after = print_hyp(&plat, "after teardown");
         ok &= check(
@@ -180,12 +174,34 @@ pub fn sched_smp(lay: &Layout, process: &Arc<BootProcess>, p: &Platform, protect
     ok
 }
 
+/// One SMP guest run to its power-off (its secondaries started twice).
+fn smp_vm(
+    plat: &Arc<BootPlatform>,
+    process: &Arc<BootProcess>,
+    name: &'static str,
+    vcpus: (usize, bool),
+) -> bool {
+    let Some(g) = create(plat, process, name, GUEST_SMP, vcpus) else {
+        return false;
+    };
+    let mut ok = run_and_report(&g, Some(|i| if i == 0 { 1 } else { 2 }));
+    let powered_off = g.end() == Some(VmEnd::PowerOff);
+    if ok && powered_off {
+        println!(
+            "sched: vm {name}: all {} secondaries were started twice by CPU_ON and turned themselves off",
+            vcpus.0.saturating_sub(1)
+        );
+    }
+    ok &= finish(g);
+    ok
+}
+
 /// `sched-spin`: a vCPU that never exits cannot starve the others.
 pub fn sched_spin(process: &Arc<BootProcess>, p: &Platform) -> bool {
     let vcpus = vcpus_of(p);
     println!("mode: standard (the host manages guest stage-2 with pkvm-pgtable)");
     let plat = BootPlatform::new(None);
-    let Some(g) = create(&plat, process, "spin", GUEST_SPIN, vcpus) else {
+    let Some(g) = create(&plat, process, "spin", GUEST_SPIN, (vcpus, false)) else {
         return false;
     };
     let mut ok = run_and_report(&g, None);
