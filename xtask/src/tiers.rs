@@ -404,7 +404,7 @@ fn debug_tests() -> Vec<QemuTest> {
                 "host-attack: HOST_RUN with a host-built stage-2 in protected mode: refused",
                 "host-attack: HOST_RUN with a coalesced-MMIO zone wrapping around the address space: refused",
                 "host-attack: HOST_RUN with more load answers than the block holds: refused",
-                "host-attack: HOST_RUN with the valid block (the victim's vCPU 0 at IPA 0x1000): status 0, exit kind ",
+                "host-attack: HOST_RUN with the valid block (runner's vCPU 0 at IPA 0x1000): status 0, exit kind ",
                 "host-attack: guest run round trip (enter, stage-2 instruction abort, exit; mean of 2000):",
                 "at EL1: all zero",
                 "host-attack: after teardown: 0 live VMs, 0 pages held for VMs",

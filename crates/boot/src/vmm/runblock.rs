@@ -9,8 +9,10 @@
 //! Every block lies in its own host page from the pool, shared with the
 //! hypervisor (`HOST_SHARE_HYP`, as the VMM shares its vCPUs' run pages);
 //! the host issues `HOST_RUN` from EL1 with the page's physical address,
-//! with the victim's vCPU 0 loaded (`VCPU_LOAD`) so that a block for a
-//! hyp-managed stage-2 would run if it were valid. A block in a page not
+//! with vCPU 0 of `runner` loaded (`VCPU_LOAD`: a protected VM set up in
+//! pkvm-hyp that never ran, so the valid block, a reset, is accepted), so
+//! that a block for a hyp-managed stage-2 would run if it were valid. A
+//! block in a page not
 //! shared is refused; the pin `HOST_RUN` holds on a block's page keeps the
 //! host from unsharing it ([`pin_phase`]), and a shared page cannot be
 //! donated to a guest.
@@ -408,7 +410,7 @@ fn run_phase(
         );
     }
     let mut ok = check(
-        "host-attack: HOST_RUN: VCPU_LOAD of the victim's vCPU 0",
+        "host-attack: HOST_RUN: VCPU_LOAD of runner's vCPU 0",
         cmds[0].regs[0] == 0,
     );
     for ((h, b), (c, &page)) in list.iter().zip(&blocks).zip(cmds[1..].iter().zip(pages)) {
@@ -454,7 +456,7 @@ fn valid_ran(c: &Cmd, page: Pa) -> bool {
     let b = read_block(page);
     let ec = b.exit.esr >> 26;
     println!(
-        "host-attack: HOST_RUN with the valid block (the victim's vCPU 0 at IPA {UNMAPPED_PC:#x}): status {}, exit kind {}, ESR_EL2 {:#x} (EC {ec:#x}), fault IPA {:#x}, PC shown {:#x}",
+        "host-attack: HOST_RUN with the valid block (runner's vCPU 0 at IPA {UNMAPPED_PC:#x}): status {}, exit kind {}, ESR_EL2 {:#x} (EC {ec:#x}), fault IPA {:#x}, PC shown {:#x}",
         c.regs[0] as i64, b.exit.kind, b.exit.esr, b.exit.far, b.st.regs.pc
     );
     let at = b.exit.kind != EXIT_SYNC || b.exit.far == UNMAPPED_PC;
@@ -475,7 +477,7 @@ fn call(hyp: &'static BootHyp, func: u32, args: [u64; 2]) -> i64 {
 }
 
 /// The mean round trip in nanoseconds of running the valid block's vCPU
-/// (the victim's vCPU 0, loaded on this CPU) to its stage-2 abort
+/// (runner's vCPU 0, loaded on this CPU) to its stage-2 abort
 /// [`COST_RUNS`] times (an interrupt exit counts too, see
 /// [`valid_exit`]): by the world switch called directly at EL2, by
 /// `HOST_RUN` from the VMM at EL2, by `HOST_RUN` from the host at EL1 (the
