@@ -1,6 +1,7 @@
 //! A64 instruction encoders for the small guests the `host-attack` phases
 //! assemble by hand (`vcpurun`, `vcpuexits`, `vcpuirq`): each is a `const
-//! fn`, so a guest program is a `const` array of words.
+//! fn`, so a guest program is a `const` array of words; and the loop that
+//! drives such a guest to its power-off ([`run_to_event`]).
 
 /// A system register's encoding `(op0, op1, CRn, CRm, op2)`.
 pub type SysReg = (u32, u32, u32, u32, u32);
@@ -86,4 +87,57 @@ const fn put<const N: usize>(b: &mut [u8; N], at: usize, w: u32) {
     b[at + 1] = w[1];
     b[at + 2] = w[2];
     b[at + 3] = w[3];
+}
+
+/// How a hand-assembled guest's run through pkvm-host's run loop ended
+/// ([`run_to_event`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunEnd {
+    /// The guest powered off (PSCI `SYSTEM_OFF`).
+    pub off: bool,
+    /// What went wrong instead, if anything.
+    pub other: Option<&'static str>,
+}
+
+/// Runs `vcpu` over `be` through pkvm-host's run loop, at most 64 exits,
+/// until its guest's PSCI system event: `on_exit` sees every exit other
+/// than an interruption or the event and says whether it expected it;
+/// `failed(be)` ends the run after any exit.
+pub fn run_to_event<B: pkvm_host::VcpuBackend>(
+    vcpu: &mut pkvm_host::Vcpu<super::platform::BootPlatform, super::process::BootProcess>,
+    be: &mut B,
+    failed: impl Fn(&B) -> bool,
+    mut on_exit: impl FnMut(
+        &mut pkvm_host::Vcpu<super::platform::BootPlatform, super::process::BootProcess>,
+        &mut B,
+        pkvm_host::VcpuExit,
+    ) -> bool,
+) -> RunEnd {
+    use pkvm_host::VcpuExit;
+    for _ in 0..64 {
+        match vcpu.run(be) {
+            VcpuExit::Interrupted => {}
+            VcpuExit::SystemEvent(ev) => {
+                return RunEnd {
+                    off: ev.kind == pkvm_host::psci::SystemEventKind::Shutdown,
+                    other: None,
+                };
+            }
+            exit => {
+                if !on_exit(vcpu, be, exit) {
+                    return RunEnd {
+                        off: false,
+                        other: Some("an unexpected exit"),
+                    };
+                }
+            }
+        }
+        if failed(be) {
+            return RunEnd::default();
+        }
+    }
+    RunEnd {
+        off: false,
+        other: Some("no power-off within 64 exits"),
+    }
 }

@@ -320,40 +320,34 @@ impl VcpuBackend for PviewBackend {
 struct Outcome {
     marks: u32,
     stores: Vec<u64>,
-    off: bool,
-    other: Option<&'static str>,
+    end: super::a64::RunEnd,
 }
 
 fn drive(vcpu: &mut pkvm_host::Vcpu<BootPlatform, BootProcess>, be: &mut PviewBackend) -> Outcome {
-    let mut o = Outcome::default();
-    for _ in 0..64 {
-        match vcpu.run(be) {
+    let (mut marks, mut stores) = (0, Vec::new());
+    let end = super::a64::run_to_event(
+        vcpu,
+        be,
+        |b| b.failed.is_some(),
+        |_, be, exit| match exit {
             VcpuExit::Hypercall { func: MARK, .. } => {
-                o.marks += 1;
-                be.tamper = o.marks == 1;
+                marks += 1;
+                be.tamper = marks == 1;
+                true
             }
             VcpuExit::Mmio {
                 addr,
                 write: true,
                 data,
                 ..
-            } if addr.0 & !0xfff == DEV_IPA => o.stores.push(data),
-            VcpuExit::Interrupted => {}
-            VcpuExit::SystemEvent(ev) => {
-                o.off = ev.kind == pkvm_host::psci::SystemEventKind::Shutdown;
-                return o;
+            } if addr.0 & !0xfff == DEV_IPA => {
+                stores.push(data);
+                true
             }
-            _ => {
-                o.other = Some("an unexpected exit");
-                return o;
-            }
-        }
-        if be.failed.is_some() {
-            return o;
-        }
-    }
-    o.other = Some("no power-off within 64 exits");
-    o
+            _ => false,
+        },
+    );
+    Outcome { marks, stores, end }
 }
 
 /// The phase (see the module's doc).
@@ -391,7 +385,10 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
     let o = match g.vm.vcpu(0) {
         Ok(mut vcpu) => drive(&mut vcpu, &mut be),
         Err(_) => Outcome {
-            other: Some("no vCPU 0"),
+            end: super::a64::RunEnd {
+                off: false,
+                other: Some("no vCPU 0"),
+            },
             ..Outcome::default()
         },
     };
@@ -420,12 +417,12 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
         o.stores,
         be.failed
             .as_deref()
-            .or(o.other)
+            .or(o.end.other)
             .map_or(String::new(), |w| format!("; FAILED: {w}")),
     );
     let ok = check(
         "pview: run to power-off",
-        o.off && o.marks == 1 && o.other.is_none() && be.failed.is_none(),
+        o.end.off && o.marks == 1 && o.end.other.is_none() && be.failed.is_none(),
     ) & check(
         "pview: no secret register in a block the host got back",
         secret_runs == 0 && x5_elsewhere == 0 && pcs_shown == 0,

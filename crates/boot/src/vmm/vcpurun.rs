@@ -892,42 +892,33 @@ static PROGRAM_BYTES: [u8; 60] = program_bytes();
 struct Outcome {
     stored: Option<u64>,
     loads: u32,
-    off: bool,
-    other: Option<&'static str>,
+    end: super::a64::RunEnd,
 }
 
 /// Runs the vCPU through pkvm-host's run loop over `be` until it powers
 /// off (or something unexpected).
 fn drive(vcpu: &mut pkvm_host::Vcpu<BootPlatform, BootProcess>, be: &mut El1Backend) -> Outcome {
-    let mut o = Outcome::default();
-    for _ in 0..64 {
-        match vcpu.run(be) {
+    let (mut stored, mut loads) = (None, 0);
+    let end = super::a64::run_to_event(
+        vcpu,
+        be,
+        |b| b.failed.is_some(),
+        |vcpu, _, exit| match exit {
             VcpuExit::Mmio {
                 addr, write, data, ..
             } if addr.0 & !0xfff == DEV_IPA => {
                 if write {
-                    o.stored = Some(data);
+                    stored = Some(data);
                 } else {
-                    o.loads += 1;
+                    loads += 1;
                     vcpu.complete_mmio(ANSWER);
                 }
+                true
             }
-            VcpuExit::Interrupted => {}
-            VcpuExit::SystemEvent(ev) => {
-                o.off = ev.kind == pkvm_host::psci::SystemEventKind::Shutdown;
-                return o;
-            }
-            _ => {
-                o.other = Some("an unexpected exit");
-                return o;
-            }
-        }
-        if be.failed.is_some() {
-            return o;
-        }
-    }
-    o.other = Some("no power-off within 64 exits");
-    o
+            _ => false,
+        },
+    );
+    Outcome { stored, loads, end }
 }
 
 /// A protected VM created by pkvm-host (`INIT_VM`/`INIT_VCPU` on its first
@@ -955,7 +946,10 @@ pub fn el1_run(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &HostC
     let o = match g.vm.vcpu(0) {
         Ok(mut vcpu) => drive(&mut vcpu, &mut be),
         Err(_) => Outcome {
-            other: Some("no vCPU 0"),
+            end: super::a64::RunEnd {
+                off: false,
+                other: Some("no vCPU 0"),
+            },
             ..Outcome::default()
         },
     };
@@ -977,12 +971,12 @@ pub fn el1_run(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>, ctx: &HostC
         be.seen.len(),
         o.stored,
         o.loads,
-        o.off,
-        be.failed.or(o.other).map_or(alloc::string::String::new(), |w| alloc::format!("; FAILED: {w}")),
+        o.end.off,
+        be.failed.or(o.end.other).map_or(alloc::string::String::new(), |w| alloc::format!("; FAILED: {w}")),
     );
     let ok = check(
         "vcpu-run: run to power-off",
-        o.off && o.other.is_none() && be.failed.is_none(),
+        o.end.off && o.end.other.is_none() && be.failed.is_none(),
     ) & check(
         "vcpu-run: the device store seen",
         o.stored == Some(STORED) && o.loads == 1,
