@@ -34,10 +34,11 @@
 //! (the host's PSCI `CPU_ON` or VM reset; pKVM too takes a protected
 //! vCPU's initial state from the host), which replaces everything.
 
-use pkvm_arch::esr::fault_ipa;
+use pkvm_arch::esr::bits::{ISV, WNR};
+use pkvm_arch::esr::{ec, fault_ipa, Esr};
 use pkvm_sync::{LockClass, SpinLock};
 use pkvm_sysreg::traps::TrapControls;
-use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, El1State};
+use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef};
 
 use super::hostrun::{Refused, RunBlock, FLAG_RESET};
 use super::hypmem;
@@ -49,15 +50,6 @@ pub const SLOTS: usize = 32;
 /// (VM handle, vCPU index).
 pub type Key = (u16, u8);
 
-const EC_WFX: u64 = 0x01;
-const EC_HVC64: u64 = 0x16;
-const EC_SMC64: u64 = 0x17;
-const EC_SYS64: u64 = 0x18;
-const EC_IABT_LOW: u64 = 0x20;
-const EC_DABT_LOW: u64 = 0x24;
-/// `ESR_EL2.ISS` of a data abort: a valid syndrome, write.
-const ISV: u64 = 1 << 24;
-const WNR: u64 = 1 << 6;
 /// `PSTATE.SS` (software step), cleared with a PC step.
 const PSTATE_SS: u64 = 1 << 21;
 
@@ -264,12 +256,12 @@ pub fn leave(h: Held, b: &mut RunBlock) {
                 far: exit.far,
             });
         }
-        if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_HVC64 | EC_SMC64) {
+        if exit.kind == EXIT_SYNC && matches!(Esr(exit.esr).ec(), ec::HVC64 | ec::SMC64) {
             guest_psci(slots, h.key, &b.st);
         }
     }
     hide(&mut b.st, &exit);
-    if exit.kind == EXIT_SYNC && matches!(exit.esr >> 26, EC_IABT_LOW | EC_DABT_LOW) {
+    if exit.kind == EXIT_SYNC && matches!(Esr(exit.esr).ec(), ec::IABT_LOW | ec::DABT_LOW) {
         b.exit.far = fault_ipa(exit.hpfar, exit.far).0;
     } else {
         b.exit.far = 0;
@@ -388,11 +380,11 @@ pub fn hide(st: &mut VcpuState, exit: &Exit) {
     let rt = ((exit.esr >> 16) & 0x1f) as usize;
     let sys_rt = ((exit.esr >> 5) & 0x1f) as usize;
     let r = &mut st.regs;
-    match exit.esr >> 26 {
-        EC_DABT_LOW if exit.esr & (ISV | WNR) == ISV | WNR && rt < 31 => r.x[rt] = x[rt],
+    match Esr(exit.esr).ec() {
+        ec::DABT_LOW if exit.esr & (ISV | WNR) == ISV | WNR && rt < 31 => r.x[rt] = x[rt],
         // ISS bit 0 (Direction) clear: a write, the host needs Rt's value.
-        EC_SYS64 if exit.esr & 1 == 0 && sys_rt < 31 => r.x[sys_rt] = x[sys_rt],
-        EC_HVC64 | EC_SMC64 => r.x[..4].copy_from_slice(&x[..4]),
+        ec::SYS64 if exit.esr & 1 == 0 && sys_rt < 31 => r.x[sys_rt] = x[sys_rt],
+        ec::HVC64 | ec::SMC64 => r.x[..4].copy_from_slice(&x[..4]),
         _ => {}
     }
 }
@@ -439,13 +431,13 @@ fn merge(st: &mut VcpuState, host: &Input, last: Option<Last>) {
         inject(st, host.esr_el1, &last);
         return;
     }
-    let ec = last.esr >> 26;
-    if matches!(ec, EC_HVC64 | EC_SMC64) {
+    let class = Esr(last.esr).ec();
+    if matches!(class, ec::HVC64 | ec::SMC64) {
         st.regs.x[..4].copy_from_slice(&host.x[..4]);
     }
-    let steppable = match ec {
-        EC_DABT_LOW => last.esr & ISV != 0,
-        EC_SYS64 | EC_SMC64 | EC_WFX => true,
+    let steppable = match class {
+        ec::DABT_LOW => last.esr & ISV != 0,
+        ec::SYS64 | ec::SMC64 | ec::WFX => true,
         _ => false,
     };
     if !steppable || host.pc != 4 {
@@ -453,11 +445,11 @@ fn merge(st: &mut VcpuState, host: &Input, last: Option<Last>) {
     }
     let rt = ((last.esr >> 16) & 0x1f) as usize;
     let sys_rt = ((last.esr >> 5) & 0x1f) as usize;
-    match ec {
-        EC_DABT_LOW if last.esr & WNR == 0 && rt < 31 => {
+    match class {
+        ec::DABT_LOW if last.esr & WNR == 0 && rt < 31 => {
             st.regs.x[rt] = loaded(last.esr, host.x[rt]);
         }
-        EC_SYS64 if last.esr & 1 == 1 && sys_rt < 31 => st.regs.x[sys_rt] = host.x[sys_rt],
+        ec::SYS64 if last.esr & 1 == 1 && sys_rt < 31 => st.regs.x[sys_rt] = host.x[sys_rt],
         _ => {}
     }
     st.regs.pc = st.regs.pc.wrapping_add(4);
@@ -486,19 +478,11 @@ fn loaded(esr: u64, value: u64) -> u64 {
 /// (EC 0), or after a stage-2 abort an external abort (an abort class);
 /// anything else is ignored. Done on the real state by the hypervisor.
 fn inject(st: &mut VcpuState, host_esr: u64, last: &Last) {
-    let mut s = El1State {
-        pc: st.regs.pc,
-        pstate: st.regs.pstate,
-        spsr_el1: st.sys.spsr,
-        elr_el1: st.sys.elr,
-        esr_el1: st.sys.esr,
-        vbar_el1: st.sys.vbar,
-        sctlr_el1: st.sys.sctlr,
-    };
-    let abort_exit = matches!(last.esr >> 26, EC_IABT_LOW | EC_DABT_LOW);
-    match host_esr >> 26 {
-        0 => inject_undef(&mut s),
-        0x20 | 0x21 | 0x24 | 0x25 if abort_exit => {
+    let mut s = st.el1_state();
+    let abort_exit = matches!(Esr(last.esr).ec(), ec::IABT_LOW | ec::DABT_LOW);
+    match Esr(host_esr).ec() {
+        ec::UNKNOWN => inject_undef(&mut s),
+        ec::IABT_LOW | ec::IABT_CUR | ec::DABT_LOW | ec::DABT_CUR if abort_exit => {
             let mut syn = host_abort_esr(last.esr);
             if st.regs.pstate & 0xf == 0 {
                 syn &= !(1 << 26);
@@ -508,9 +492,5 @@ fn inject(st: &mut VcpuState, host_esr: u64, last: &Last) {
         }
         _ => return,
     }
-    st.regs.pc = s.pc;
-    st.regs.pstate = s.pstate;
-    st.sys.spsr = s.spsr_el1;
-    st.sys.elr = s.elr_el1;
-    st.sys.esr = s.esr_el1;
+    st.set_el1_state(&s);
 }

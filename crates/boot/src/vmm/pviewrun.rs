@@ -36,6 +36,8 @@ use crate::platform::hostrun::{self, stage, Refused, RunBlock, FLAG_RESET};
 use crate::platform::switch::{VcpuState, EXIT_IRQ, EXIT_SYNC, ICH_HCR_EN};
 use crate::platform::{gic, idregs, start};
 use crate::println;
+use pkvm_arch::esr::bits::{ISV, WNR};
+use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::traps::hcr;
 
 /// Guest-physical address of the test device (no memslot: MMIO).
@@ -236,13 +238,7 @@ impl PviewBackend {
     }
 }
 
-const EC_HVC64: u64 = 0x16;
 const CPU_ON_64: u64 = 0xc400_0003;
-const EC_SMC64: u64 = 0x17;
-const EC_IABT_LOW: u64 = 0x20;
-const EC_DABT_LOW: u64 = 0x24;
-const ISV: u64 = 1 << 24;
-const WNR: u64 = 1 << 6;
 
 impl VcpuBackend for PviewBackend {
     fn cpu(&self) -> usize {
@@ -274,8 +270,8 @@ impl VcpuBackend for PviewBackend {
             return GuestExit::Unhandled { esr };
         }
         let x = &self.run.st.regs.x;
-        match esr >> 26 {
-            EC_IABT_LOW | EC_DABT_LOW => {
+        match Esr(esr).ec() {
+            ec::IABT_LOW | ec::DABT_LOW => {
                 let rt = ((esr >> 16) & 0x1f) as usize;
                 if esr & (ISV | WNR) == ISV | WNR && rt < 31 {
                     ctx.gprs.x[rt] = x[rt];
@@ -286,7 +282,7 @@ impl VcpuBackend for PviewBackend {
                     hpfar: self.run.exit.hpfar,
                 }
             }
-            EC_HVC64 | EC_SMC64 => {
+            ec::HVC64 | ec::SMC64 => {
                 ctx.gprs.x[..4].copy_from_slice(&x[..4]);
                 self.last_call = true;
                 self.after_cpu_on = x[0] == CPU_ON_64;
@@ -393,7 +389,7 @@ pub fn pview_phase(plat: &Arc<BootPlatform>, process: &Arc<BootProcess>) -> bool
         },
     };
     let unshared = share_call(hyp, unshare, pfn) == ret::SUCCESS;
-    let own_store = |s: &Seen| s.esr >> 26 == EC_DABT_LOW && (s.esr >> 16) & 0x1f == 5;
+    let own_store = |s: &Seen| Esr(s.esr).ec() == ec::DABT_LOW && (s.esr >> 16) & 0x1f == 5;
     let secret_runs = be.seen.iter().filter(|s| s.secret).count();
     let x5_elsewhere = be.seen.iter().filter(|s| s.x5 && !own_store(s)).count();
     let pcs_shown = be.seen.iter().filter(|s| s.pc != 0).count();

@@ -45,7 +45,8 @@ use pkvm_host::{GuestExit, StageTwo, VcpuBackend, VcpuContext, VcpuExit};
 use pkvm_hyp::hvc::{id, ret};
 use pkvm_sync::{LockClass, SpinLock};
 
-use pkvm_arch::esr::Esr;
+use pkvm_arch::esr::bits::{ISV, WNR};
+use pkvm_arch::esr::{ec, Esr};
 use pkvm_sysreg::{host_abort_esr, inject_sync, inject_undef, HostFeature, VcpuSysregs};
 
 use super::a64::{adr, ldr_x, movk, movz, str_x, HVC0};
@@ -134,15 +135,6 @@ const HANDLED_MAX: usize = 64;
 
 /// Protected vCPUs whose registers the hypervisor holds at once.
 const SLOTS: usize = 16;
-
-const EC_WFX: u64 = 0x01;
-const EC_SYS64: u64 = 0x18;
-const EC_HVC64: u64 = 0x16;
-const EC_SMC64: u64 = 0x17;
-const EC_IABT_LOW: u64 = 0x20;
-const EC_DABT_LOW: u64 = 0x24;
-const ISV: u64 = 1 << 24;
-const WNR: u64 = 1 << 6;
 
 /// What the host must complete before the vCPU goes on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,9 +388,9 @@ fn answer_here(st: &mut VcpuState, g: &Guest, e: &switch::Exit) -> bool {
     if e.kind != EXIT_SYNC {
         return false;
     }
-    match e.esr >> 26 {
-        EC_IABT_LOW | EC_DABT_LOW | EC_HVC64 | EC_SMC64 | EC_WFX => false,
-        EC_SYS64 => {
+    match Esr(e.esr).ec() {
+        ec::IABT_LOW | ec::DABT_LOW | ec::HVC64 | ec::SMC64 | ec::WFX => false,
+        ec::SYS64 => {
             sysreg(st, g, e.esr);
             true
         }
@@ -422,7 +414,7 @@ fn sysreg(st: &mut VcpuState, g: &Guest, esr: u64) {
             let mut file = file.lock();
             sysregs::sysreg_trap(&mut file, g.policy, Esr(esr), &st.regs.x, timer::now())
         }
-        None => Action::Undef(sysregs::UndefCause::Class(EC_SYS64 as u8)),
+        None => Action::Undef(sysregs::UndefCause::Class(ec::SYS64)),
     };
     match action {
         Action::Complete(out) | Action::TimerWrite(out) => {
@@ -563,7 +555,7 @@ fn apply_flags(v: &mut HypVcpu, f: u64, regs: &[u64; 8], vcpu: u8, slot: usize) 
 /// Whether a stage-2 abort's `esr` is an MMIO access the host can
 /// complete: a data abort with a syndrome.
 fn is_mmio(esr: u64) -> bool {
-    esr >> 26 == EC_DABT_LOW && esr & ISV != 0
+    Esr(esr).ec() == ec::DABT_LOW && esr & ISV != 0
 }
 
 /// Completes an MMIO access with syndrome `esr`: a load's register (SRT)
@@ -638,11 +630,11 @@ fn view(st: &mut VcpuState, last: &mut Last, e: &switch::Exit) -> [u64; 8] {
     if e.kind != EXIT_SYNC {
         return out;
     }
-    match e.esr >> 26 {
-        EC_IABT_LOW | EC_DABT_LOW => {
+    match Esr(e.esr).ec() {
+        ec::IABT_LOW | ec::DABT_LOW => {
             out[3] = ((e.hpfar & 0x0000_0fff_ffff_fff0) << 8) | (e.far & 0xfff);
             out[4] = e.hpfar;
-            if e.esr >> 26 == EC_DABT_LOW && e.esr & ISV != 0 {
+            if Esr(e.esr).ec() == ec::DABT_LOW && e.esr & ISV != 0 {
                 let rt = ((e.esr >> 16) & 0x1f) as usize;
                 if e.esr & WNR != 0 {
                     out[5] = st.regs.x.get(rt).copied().unwrap_or(0);
@@ -653,14 +645,14 @@ fn view(st: &mut VcpuState, last: &mut Last, e: &switch::Exit) -> [u64; 8] {
                 far: e.far,
             };
         }
-        EC_HVC64 | EC_SMC64 => {
-            if e.esr >> 26 == EC_SMC64 {
+        ec::HVC64 | ec::SMC64 => {
+            if Esr(e.esr).ec() == ec::SMC64 {
                 st.regs.pc += 4;
             }
             out[4..8].copy_from_slice(&st.regs.x[..4]);
             *last = Last::Call;
         }
-        EC_WFX => {
+        ec::WFX => {
             st.regs.pc += 4;
             out[3] = vtimer_deadline(st);
         }
@@ -794,8 +786,8 @@ impl VcpuBackend for El1Backend<'_> {
         if kind != EXIT_SYNC {
             return GuestExit::Unhandled { esr };
         }
-        match esr >> 26 {
-            EC_IABT_LOW | EC_DABT_LOW => {
+        match Esr(esr).ec() {
+            ec::IABT_LOW | ec::DABT_LOW => {
                 if esr & ISV != 0 && esr & WNR != 0 {
                     let rt = ((esr >> 16) & 0x1f) as usize;
                     if let Some(x) = ctx.gprs.x.get_mut(rt) {
@@ -808,12 +800,12 @@ impl VcpuBackend for El1Backend<'_> {
                     hpfar: r[4],
                 }
             }
-            EC_HVC64 | EC_SMC64 => {
+            ec::HVC64 | ec::SMC64 => {
                 ctx.gprs.x[..4].copy_from_slice(&r[4..8]);
                 self.last_call = true;
                 GuestExit::Call { esr }
             }
-            EC_WFX => {
+            ec::WFX => {
                 self.wake_at = (r[3] != u64::MAX).then_some(r[3]);
                 GuestExit::Wfx
             }
@@ -1033,7 +1025,7 @@ fn run_cost(hyp: &'static BootHyp, ctx: &HostCtx, handle: u16) -> Option<u64> {
     ];
     ctx.run(hyp, &mut cmds).ok()?;
     let r = &cmds[1].regs;
-    let ok = r[0] as i64 == ret::SUCCESS && r[1] == EXIT_SYNC && r[2] >> 26 == EC_HVC64;
+    let ok = r[0] as i64 == ret::SUCCESS && r[1] == EXIT_SYNC && Esr(r[2]).ec() == ec::HVC64;
     if !ok || cmds[2].regs[0] as i64 != ret::SUCCESS {
         return None;
     }
