@@ -90,6 +90,31 @@ pub mod id {
     pub const RECLAIM_GUEST_PAGE: u32 = hyp_id(0x31);
     /// x1 = handle.
     pub const FINALIZE_TEARDOWN: u32 = hyp_id(0x32);
+
+    /// Every function above, in this order (for sweeps and fuzzers).
+    pub const ALL: [u32; 21] = [
+        FINALIZE,
+        GET_SIZES,
+        HOST_SHARE_HYP,
+        HOST_UNSHARE_HYP,
+        RESERVE_VM,
+        UNRESERVE_VM,
+        INIT_VM,
+        INIT_VCPU,
+        TOPUP_MEMCACHE,
+        VCPU_LOAD,
+        VCPU_PUT,
+        HOST_SHARE_GUEST,
+        HOST_UNSHARE_GUEST,
+        HOST_DONATE_GUEST,
+        RELAX_PERMS_GUEST,
+        WRPROTECT_GUEST,
+        TEST_CLEAR_YOUNG_GUEST,
+        MKYOUNG_GUEST,
+        START_TEARDOWN,
+        RECLAIM_GUEST_PAGE,
+        FINALIZE_TEARDOWN,
+    ];
 }
 
 /// Status codes returned in x0.

@@ -1522,29 +1522,7 @@ mod malicious_host {
         },
     }
 
-    pub(super) const FUNCS: &[u32] = &[
-        id::FINALIZE,
-        id::GET_SIZES,
-        id::HOST_SHARE_HYP,
-        id::HOST_UNSHARE_HYP,
-        id::RESERVE_VM,
-        id::UNRESERVE_VM,
-        id::INIT_VM,
-        id::INIT_VCPU,
-        id::TOPUP_MEMCACHE,
-        id::VCPU_LOAD,
-        id::VCPU_PUT,
-        id::HOST_SHARE_GUEST,
-        id::HOST_UNSHARE_GUEST,
-        id::HOST_DONATE_GUEST,
-        id::RELAX_PERMS_GUEST,
-        id::WRPROTECT_GUEST,
-        id::TEST_CLEAR_YOUNG_GUEST,
-        id::MKYOUNG_GUEST,
-        id::START_TEARDOWN,
-        id::RECLAIM_GUEST_PAGE,
-        id::FINALIZE_TEARDOWN,
-    ];
+    pub(super) const FUNCS: &[u32] = &id::ALL;
 
     /// A register value: often plausible (a handle, a pfn of memory, a
     /// small gfn or count, a valid config), sometimes garbage.
