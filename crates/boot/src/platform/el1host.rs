@@ -118,6 +118,19 @@ impl Cmd {
 
 global_asm!(
     r#"
+// x0..x7 from / to the current command's `regs` (x19 = the command).
+.macro CMD_LOAD_X0_X7
+    ldp     x0, x1, [x19, #48]
+    ldp     x2, x3, [x19, #64]
+    ldp     x4, x5, [x19, #80]
+    ldp     x6, x7, [x19, #96]
+.endm
+.macro CMD_STORE_X0_X7
+    stp     x0, x1, [x19, #48]
+    stp     x2, x3, [x19, #64]
+    stp     x4, x5, [x19, #80]
+    stp     x6, x7, [x19, #96]
+.endm
 .macro EL1_UNEXPECTED off
     .balign 128
     mov     x0, #\off
@@ -181,27 +194,15 @@ pkvm_el1host_start:
     b       8f
 3:  cmp     x1, #{op_hvc}
     b.ne    13f
-    ldp     x0, x1, [x19, #48]
-    ldp     x2, x3, [x19, #64]
-    ldp     x4, x5, [x19, #80]
-    ldp     x6, x7, [x19, #96]
+    CMD_LOAD_X0_X7
     hvc     #0
-    stp     x0, x1, [x19, #48]
-    stp     x2, x3, [x19, #64]
-    stp     x4, x5, [x19, #80]
-    stp     x6, x7, [x19, #96]
+    CMD_STORE_X0_X7
     b       8f
 13: cmp     x1, #{op_smc}
     b.ne    4f
-    ldp     x0, x1, [x19, #48]
-    ldp     x2, x3, [x19, #64]
-    ldp     x4, x5, [x19, #80]
-    ldp     x6, x7, [x19, #96]
+    CMD_LOAD_X0_X7
     smc     #0
-    stp     x0, x1, [x19, #48]
-    stp     x2, x3, [x19, #64]
-    stp     x4, x5, [x19, #80]
-    stp     x6, x7, [x19, #96]
+    CMD_STORE_X0_X7
     b       8f
 4:  cmp     x1, #{op_el}
     b.ne    10f
@@ -230,10 +231,7 @@ pkvm_el1host_start:
     mrs     x24, cntpct_el0
     sub     x24, x24, x23
     str     x24, [x19, #24]
-    stp     x0, x1, [x19, #48]
-    stp     x2, x3, [x19, #64]
-    stp     x4, x5, [x19, #80]
-    stp     x6, x7, [x19, #96]
+    CMD_STORE_X0_X7
     b       8f
 5:  cmp     x1, #{op_timer}
     b.ne    8f
